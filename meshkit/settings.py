@@ -1,0 +1,83 @@
+"""Settings: one frozen object per service, built in main() and passed down.
+
+Sources, strongest first: environment variables (``NLPMESH_<SERVICE>_<FIELD>``),
+the TOML file named by ``NLPMESH_CONFIG`` (table ``[<service>]``), then defaults.
+Nothing is read at import time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "NLPMESH_CONFIG"
+
+# The mesh's well-known ports (API.md): the gateway on 50051, the rest after it.
+DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055}
+
+
+def default_home() -> Path:
+    """Where nlpmesh keeps converted models, run state and local traces."""
+    return Path(os.environ.get("NLPMESH_HOME", Path.home() / ".cache" / "nlpmesh"))
+
+
+class ServiceSettings(BaseSettings):
+    """What every service has: where it listens and how it shuts down."""
+
+    service: ClassVar[str] = ""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    grace_s: float = 5.0
+    reflection: bool = True
+    log_level: str = "INFO"
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    def __init_subclass__(cls, service: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if service:
+            cls.service = service
+            cls.model_config = SettingsConfigDict(
+                frozen=True, extra="ignore", env_prefix=f"NLPMESH_{service.upper()}_"
+            )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{CONFIG_ENV} names {path}, which is not a file")
+            sources.append(
+                TomlConfigSettingsSource(settings_cls, toml_file=path, toml_table_header=(cls.service,))
+            )
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, **overrides):
+        """Builds the settings from the environment and the config file."""
+        settings = cls(**overrides)
+        if settings.port == 0 and cls.service in DEFAULT_PORTS and "port" not in overrides:
+            settings = settings.model_copy(update={"port": DEFAULT_PORTS[cls.service]})
+        return settings
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
