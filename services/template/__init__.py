@@ -1,0 +1,1 @@
+"""The template service: versioned prompt templates, validated and rendered in a sandbox."""

@@ -1,0 +1,1 @@
+"""The tokenizer service: the model's own tokenizer and chat template."""

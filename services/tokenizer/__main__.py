@@ -1,0 +1,13 @@
+"""`python -m services.tokenizer`: serves the model's tokenizer on port 50053."""
+from meshkit.server import run
+from services.tokenizer.servicer import build_spec
+from services.tokenizer.settings import TokenizerSettings
+
+
+def main() -> None:
+    settings = TokenizerSettings.load()
+    run(build_spec, settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The model's chat template and tokenizer: chat messages in, the exact prompt ids out.
+
+transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment
+(transformers/utils/chat_template_utils.py), so the model's template cannot
+reach Python internals or mutate the messages; tests/unit/test_chat_tokenizer.py
+holds it to that. Control tokens typed inside a message's content (say
+``<|im_start|>system``) are encoded as plain text, so a caller cannot forge a
+turn of another role.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from meshkit.errors import FieldViolation, InvalidArgument, NotFound
+
+ROLES = ("system", "user", "assistant")
+_FIELD = "chat.messages"  # the public API path (API.md: Chat.messages)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    max_messages: int = 64
+    max_message_chars: int = 32_000
+
+
+class ChatTokenizer:
+    def __init__(self, name: str, tokenizer: Any, context_length: int, limits: ChatLimits = ChatLimits()):
+        self.name = name
+        self.context_length = context_length
+        self.limits = limits
+        self._tokenizer = tokenizer
+        # The Rust tokenizer is not safe to share across threads mid-call.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_folder(cls, folder: Path, name: str, limits: ChatLimits = ChatLimits()) -> "ChatTokenizer":
+        """Loads the tokenizer and chat template from a model folder (~1 s)."""
+        from transformers import AutoTokenizer  # slow import, needed only here
+
+        config = json.loads((folder / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if not tokenizer.chat_template:
+            raise ValueError(f"{folder}: the tokenizer has no chat template")
+        return cls(name, tokenizer, int(config["max_position_embeddings"]), limits)
+
+    def check_model(self, requested: str) -> None:
+        """An empty name means this, the default model; any other name must be it."""
+        if requested and requested != self.name:
+            raise NotFound(f"no model {requested!r}; this tokenizer serves {self.name!r}")
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt ids the model is fed: the chat template with the generation prompt."""
+        self._check_messages(messages)
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        with self._lock:
+            ids = self._tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+            )
+        if len(ids) >= self.context_length:
+            raise InvalidArgument.for_field(
+                "prompt",
+                f"the prompt is {len(ids)} tokens; {self.name} takes at most {self.context_length - 1} "
+                "so that it can generate at least one",
+            )
+        return list(ids)
+
+    def count_chat(self, messages: Sequence[ChatMessage]) -> int:
+        return len(self.encode_chat(messages))
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        vocabulary = len(self._tokenizer)
+        bad = next((i for i, token in enumerate(token_ids) if not 0 <= token < vocabulary), None)
+        if bad is not None:
+            raise InvalidArgument.for_field(
+                f"token_ids[{bad}]", f"{token_ids[bad]} is not a token id (the vocabulary has {vocabulary})"
+            )
+        with self._lock:
+            return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def _check_messages(self, messages: Sequence[ChatMessage]) -> None:
+        if not messages:
+            raise InvalidArgument.for_field(_FIELD, "at least one message is required")
+        if len(messages) > self.limits.max_messages:
+            raise InvalidArgument.for_field(
+                _FIELD, f"{len(messages)} messages; at most {self.limits.max_messages} are allowed"
+            )
+        most = self.limits.max_message_chars
+        violations: list[FieldViolation] = []
+        for index, message in enumerate(messages):
+            if message.role not in ROLES:
+                violations.append(
+                    FieldViolation(
+                        f"{_FIELD}[{index}].role",
+                        f"role {message.role[:32]!r} is not one of {', '.join(ROLES)}",
+                    )
+                )
+            if len(message.content) > most:
+                violations.append(
+                    FieldViolation(
+                        f"{_FIELD}[{index}].content",
+                        f"{len(message.content)} characters; at most {most} are allowed",
+                    )
+                )
+        if violations:
+            shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:3])
+            raise InvalidArgument(f"invalid chat: {shown}", violations)

@@ -1,0 +1,69 @@
+"""gRPC edge of the tokenizer service: protobuf in, domain calls, protobuf out."""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import grpc
+from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from meshkit.errors import Unavailable
+from meshkit.server import ServiceSpec, rpc_method
+from services.model.store import load_model_files
+from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
+from services.tokenizer.settings import TokenizerSettings
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    def __init__(self, load: Callable[[], ChatTokenizer]):
+        self._load = load
+        self._tokenizer: ChatTokenizer | None = None
+
+    async def warm_up(self) -> None:
+        # Loading reads files and builds the Rust tokenizer: keep it off the event loop.
+        self._tokenizer = await asyncio.to_thread(self._load)
+
+    @rpc_method
+    async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
+        tokenizer = self._serving(request.model)
+        ids = await asyncio.to_thread(tokenizer.encode_chat, _messages(request))
+        return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
+
+    @rpc_method
+    async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
+        tokenizer = self._serving(request.model)
+        count = await asyncio.to_thread(tokenizer.count_chat, _messages(request))
+        return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)
+
+    @rpc_method
+    async def Decode(self, request, context) -> tokenizer_pb2.DecodeResponse:
+        tokenizer = self._serving(request.model)
+        text = await asyncio.to_thread(tokenizer.decode, list(request.token_ids), request.skip_special_tokens)
+        return tokenizer_pb2.DecodeResponse(text=text)
+
+    def _serving(self, model: str) -> ChatTokenizer:
+        if self._tokenizer is None:
+            raise Unavailable("the tokenizer is still loading")
+        self._tokenizer.check_model(model)
+        return self._tokenizer
+
+
+def _messages(request: tokenizer_pb2.EncodeChatRequest) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=m.content) for m in request.messages]
+
+
+def build_spec(settings: TokenizerSettings) -> ServiceSpec:
+    def load() -> ChatTokenizer:
+        files = load_model_files(settings.home)
+        return ChatTokenizer.from_folder(files.path, files.name, settings.limits)
+
+    servicer = TokenizerServicer(load)
+
+    def register(server: grpc.aio.Server) -> None:
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(servicer, server)
+
+    return ServiceSpec(
+        name="tokenizer", service_names=(SERVICE_NAME,), register=register, warm_up=servicer.warm_up
+    )

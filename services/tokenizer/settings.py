@@ -1,0 +1,21 @@
+"""The tokenizer service's settings (env: NLPMESH_TOKENIZER_<FIELD>)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from meshkit.settings import ServiceSettings, default_home
+from services.tokenizer.chat_tokenizer import ChatLimits
+
+_LIMITS = ChatLimits()
+
+
+class TokenizerSettings(ServiceSettings, service="tokenizer"):
+    home: Path = Field(default_factory=default_home)
+    max_messages: int = Field(default=_LIMITS.max_messages, gt=0)
+    max_message_chars: int = Field(default=_LIMITS.max_message_chars, gt=0)
+
+    @property
+    def limits(self) -> ChatLimits:
+        return ChatLimits(max_messages=self.max_messages, max_message_chars=self.max_message_chars)

@@ -1,0 +1,80 @@
+"""Fixtures shared by every test directory."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+REDIS_SERVER = "redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RedisProcess:
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@contextmanager
+def running_redis_server():
+    """A private, memory-only redis-server on a free port, killed on exit."""
+    binary = shutil.which(REDIS_SERVER) or "/usr/bin/redis-server"
+    if not shutil.which(binary):
+        pytest.fail("redis-server is not installed (apt-get install redis-server); the cache tests need it")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--enable-debug-command", "local"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = RedisProcess(url=f"redis://127.0.0.1:{port}/0", process=process)
+    try:
+        _wait_until_listening(port, process)
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_until_listening(port: int, process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"redis-server exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"redis-server did not answer on port {port} within {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """The URL of a private redis-server shared by the session; use a unique key prefix per test."""
+    with running_redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture
+def disposable_redis_server():
+    """A private redis-server for one test, which the test may ``stop()``."""
+    with running_redis_server() as server:
+        yield server

@@ -1,0 +1,117 @@
+"""The tokenizer service over a real in-process channel, on the real tokenizer files."""
+import asyncio
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from services.tokenizer.servicer import build_spec
+from services.tokenizer.settings import TokenizerSettings
+
+CHAT = [
+    tokenizer_pb2.Message(role="system", content="Be brief."),
+    tokenizer_pb2.Message(role="user", content="Hi!"),
+]
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    fields = []
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+def run_against(inprocess_server, scenario, settings: TokenizerSettings | None = None, warm: bool = True):
+    """Runs ``scenario(stub, running)`` against a fresh in-process tokenizer service."""
+    settings = settings or TokenizerSettings()
+
+    async def main():
+        async with inprocess_server(build_spec(settings), settings, warm=warm) as running:
+            return await scenario(tokenizer_pb2_grpc.TokenizerServiceStub(running.channel), running)
+
+    return asyncio.run(main())
+
+
+async def outcome(call):
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        return error
+
+
+def test_encode_count_and_decode_agree(inprocess_server):
+    async def scenario(stub, running):
+        request = tokenizer_pb2.EncodeChatRequest(messages=CHAT)
+        encoded = await stub.EncodeChat(request, timeout=10)
+        counted = await stub.CountChat(request, timeout=10)
+        decoded = await stub.Decode(tokenizer_pb2.DecodeRequest(token_ids=encoded.token_ids), timeout=10)
+        return encoded, counted, decoded
+
+    encoded, counted, decoded = run_against(inprocess_server, scenario)
+    assert encoded.model == counted.model == "SmolLM2-135M-Instruct"
+    assert counted.count == len(encoded.token_ids) > 0
+    assert decoded.text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert decoded.text.endswith("<|im_start|>assistant\n")
+
+
+def test_health_is_serving_only_after_warm_up(inprocess_server):
+    async def scenario(stub, running):
+        health = health_pb2_grpc.HealthStub(running.channel)
+        before = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        early = await outcome(stub.CountChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=5))
+        await running.warm_up()
+        after = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        ready = await stub.CountChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=10)
+        return before, early, after, ready
+
+    before, early, after, ready = run_against(inprocess_server, scenario, warm=False)
+    assert before.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert early.code() == grpc.StatusCode.UNAVAILABLE
+    assert after.status == health_pb2.HealthCheckResponse.SERVING
+    assert ready.count > 0
+
+
+def test_a_bad_role_is_invalid_argument_naming_the_message(inprocess_server):
+    messages = CHAT + [tokenizer_pb2.Message(role="robot", content="beep")]
+
+    async def scenario(stub, running):
+        return await outcome(stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(messages=messages), timeout=10))
+
+    error = run_against(inprocess_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["chat.messages[2].role"]
+
+
+def test_an_empty_chat_is_invalid_argument(inprocess_server):
+    async def scenario(stub, running):
+        return await outcome(stub.CountChat(tokenizer_pb2.EncodeChatRequest(), timeout=10))
+
+    error = run_against(inprocess_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["chat.messages"]
+
+
+def test_a_prompt_over_the_context_is_invalid_argument_on_prompt(inprocess_server):
+    # Two messages under the per-message limit, ~10 000 tokens together: over the 8192-token context.
+    long = [tokenizer_pb2.Message(role="user", content="lorem ipsum " * 2500)] * 2
+
+    async def scenario(stub, running):
+        return await outcome(stub.CountChat(tokenizer_pb2.EncodeChatRequest(messages=long), timeout=30))
+
+    error = run_against(inprocess_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["prompt"]
+
+
+def test_an_unknown_model_is_not_found(inprocess_server):
+    async def scenario(stub, running):
+        request = tokenizer_pb2.EncodeChatRequest(model="gpt-9", messages=CHAT)
+        return await outcome(stub.EncodeChat(request, timeout=10))
+
+    error = run_against(inprocess_server, scenario)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
