@@ -16,6 +16,7 @@ class RunningServer:
     spec: ServiceSpec
     channel: grpc.aio.Channel
     health: object  # grpc_health's aio HealthServicer
+    address: str = ""
 
     async def warm_up(self) -> None:
         """What serve() does once the port is open: warm up, then report SERVING."""
@@ -29,7 +30,7 @@ class RunningServer:
 async def _inprocess_server(spec: ServiceSpec, settings: ServiceSettings, *, warm: bool = True):
     server, port, health = await create_server(spec, settings.model_copy(update={"port": 0}))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    running = RunningServer(spec, channel, health)
+    running = RunningServer(spec, channel, health, f"127.0.0.1:{port}")
     try:
         if warm:
             await running.warm_up()

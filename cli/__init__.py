@@ -1,0 +1,1 @@
+"""The `nlpmesh` command line: up, down, ask, health, demo."""

@@ -1,0 +1,204 @@
+"""Runs the docker-compose topology as processes on this machine, without Docker.
+
+Redis: the one at ``REDIS_URL`` if set, else a private ``redis-server`` if
+one is installed, else the mesh runs without a prompt cache (and says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_health(address: str, timeout_s: float = 1.0) -> str:
+    """The service's grpc.health.v1 status name, or UNREACHABLE."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+@dataclass
+class LocalMesh:
+    run_dir: Path
+    free_ports: bool = False
+    redis_url: str | None = None  # None: REDIS_URL, else a private redis-server
+    extra_env: dict[str, str] = field(default_factory=dict)
+    progress: Callable[[str], None] = print
+    detach: bool = False
+    services: list[ServiceDef] = field(default_factory=load_topology)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    _redis: subprocess.Popen | None = None
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway']}"
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.ports[service]}"
+
+    def start(self, ready_timeout_s: float = 600.0) -> "LocalMesh":
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.ports = {s.name: free_port() if self.free_ports else s.port for s in self.services}
+        redis_url = self._start_redis()
+        for service in self.services:
+            self._spawn(service, redis_url)
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def _start_redis(self) -> str:
+        url = self.redis_url if self.redis_url is not None else os.environ.get("REDIS_URL")
+        if url is not None:
+            self.progress(f"redis: using {_redacted(url) or '(none: no prompt cache)'}")
+            return url
+        binary = shutil.which("redis-server")
+        if binary is None:
+            self.progress("redis: no REDIS_URL and no redis-server installed: running WITHOUT a prompt cache")
+            return ""
+        port = free_port()
+        self._redis = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=(self.run_dir / "logs" / "redis.log").open("w"), stderr=subprocess.STDOUT,
+            start_new_session=self.detach,
+        )
+        _wait_for_port(port, 10.0)
+        self.progress(f"redis: private redis-server on 127.0.0.1:{port}")
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _spawn(self, service: ServiceDef, redis_url: str) -> None:
+        env = {**os.environ, **local_environment(service, self.ports, redis_url), **self.extra_env,
+               "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable if part == "python" else part for part in service.command]
+        log = (self.run_dir / "logs" / f"{service.name}.log").open("w")
+        self.processes[service.name] = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=self.detach,
+        )
+        self.progress(f"{service.name}: started (pid {self.processes[service.name].pid}, port {self.ports[service.name]})")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Waits until every service is SERVING, showing progress while the model loads."""
+        deadline = time.monotonic() + timeout_s
+        waiting = [s.name for s in self.services]
+        last_note = 0.0
+        started = time.monotonic()
+        while waiting:
+            for name in list(waiting):
+                if self.processes[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {self.processes[name].returncode}; "
+                                       f"see {self.log_path(name)}:\n{self.log_tail(name)}")
+                if check_health(self.address(name), 0.5) == "SERVING":
+                    waiting.remove(name)
+                    self.progress(f"{name}: SERVING after {time.monotonic() - started:.1f}s")
+            if waiting and time.monotonic() - last_note > 3.0:
+                last_note = time.monotonic()
+                self.progress(f"waiting for {', '.join(waiting)}: {self._latest_line(waiting[-1])}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s:.0f}s: {', '.join(waiting)}")
+            if waiting:
+                time.sleep(0.2)
+
+    def log_path(self, name: str) -> Path:
+        return self.run_dir / "logs" / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_path(name)
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def _latest_line(self, name: str) -> str:
+        tail = self.log_tail(name, 1)
+        return tail[-100:] if tail else "starting"
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in list(self.processes.values()) + ([self._redis] if self._redis else []):
+            if process is self._redis and process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def save_state(self, path: Path) -> None:
+        pids = {name: p.pid for name, p in self.processes.items()}
+        if self._redis is not None:
+            pids["redis"] = self._redis.pid
+        path.write_text(json.dumps({"gateway": self.gateway_address, "pids": pids, "ports": self.ports}))
+
+    def __enter__(self) -> "LocalMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_detached(state_file: Path, grace_s: float = 10.0) -> list[str]:
+    """Stops a mesh started with ``up --detach``; returns the names stopped."""
+    state = json.loads(state_file.read_text())
+    stopped = []
+    for name, pid in reversed(list(state["pids"].items())):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(name)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + grace_s
+    for name, pid in state["pids"].items():
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    state_file.unlink()
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"redis-server did not open port {port}")
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

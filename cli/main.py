@@ -1,0 +1,149 @@
+"""The `nlpmesh` command: up, down, ask, health, demo."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from nlpmesh.gateway.v1 import gateway_pb2
+
+from cli.ask import ask, build_request, timing_table
+from cli.launcher import LocalMesh, check_health, stop_detached
+from meshkit.settings import default_home
+
+DEMO_QUESTION = "What are the applications of real-time AI in the financial industry?"
+
+
+def _state_file() -> Path:
+    return default_home() / "run" / "mesh.json"
+
+
+def _say(line: str) -> None:
+    print(f"[nlpmesh] {line}", flush=True)
+
+
+def cmd_up(args) -> int:
+    if _state_file().exists():
+        _say(f"a mesh is already up (state in {_state_file()}); run `nlpmesh down` first")
+        return 1
+    run_dir = default_home() / "run"
+    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, detach=args.detach)
+    try:
+        mesh.start(ready_timeout_s=args.timeout)
+    except (RuntimeError, TimeoutError) as error:
+        _say(f"failed: {error}")
+        mesh.stop()
+        return 1
+    _say(f"mesh ready: gateway at {mesh.gateway_address}; logs in {run_dir / 'logs'}")
+    if args.detach:
+        mesh.save_state(_state_file())
+        _say("running in the background; `nlpmesh down` stops it")
+        return 0
+    mesh.save_state(_state_file())
+    _say("press Ctrl-C to stop")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        _say("stopping")
+        mesh.stop()
+        _state_file().unlink(missing_ok=True)
+    return 0
+
+
+def cmd_down(args) -> int:
+    if not _state_file().exists():
+        _say("no mesh is up")
+        return 1
+    _say(f"stopped: {', '.join(stop_detached(_state_file()))}")
+    return 0
+
+
+def _gateway_address(args) -> str:
+    if args.addr:
+        return args.addr
+    if _state_file().exists():
+        import json
+        return json.loads(_state_file().read_text())["gateway"]
+    return "127.0.0.1:50051"
+
+
+def cmd_ask(args) -> int:
+    variables = dict(v.split("=", 1) for v in args.var)
+    if not args.template and not args.question:
+        _say("give a question, or --template with --var name=value")
+        return 2
+    cache_mode = {"use": 1, "bypass": 2, "refresh": 3}[args.cache]
+    request = build_request(args.question, args.template, variables, args.max_new_tokens,
+                            args.temperature, args.seed, cache_mode)
+    try:
+        result = ask(_gateway_address(args), request)
+    except grpc.RpcError as error:
+        _say(f"{error.code().name}: {error.details()}")
+        return 1
+    print(timing_table(result))
+    return 0
+
+
+def cmd_health(args) -> int:
+    status = check_health(_gateway_address(args), args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def cmd_demo(args) -> int:
+    """The main job: the mesh up, the finance question answered twice, timings shown."""
+    run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-demo-"))
+    _say("starting the mesh (free local ports, private Redis when REDIS_URL is unset)")
+    with LocalMesh(run_dir, free_ports=True, progress=_say) as mesh:
+        for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
+            _say(f"{label}\n> {DEMO_QUESTION}")
+            request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
+                                    args.max_new_tokens, 0.0, None, mode)
+            started = time.perf_counter()
+            result = ask(mesh.gateway_address, request)
+            print(timing_table(result))
+            _say(f"client-side wall time {1000 * (time.perf_counter() - started):.2f} ms\n")
+        _say("stopping the mesh")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="nlpmesh", description="A gRPC mesh for real-time NLP")
+    sub = root.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the mesh locally (the docker-compose topology as processes)")
+    up.add_argument("--detach", action="store_true", help="return once ready; `nlpmesh down` stops it")
+    up.add_argument("--free-ports", action="store_true", help="pick free ports instead of 50051-50055")
+    up.add_argument("--timeout", type=float, default=600.0)
+    up.set_defaults(run=cmd_up)
+    sub.add_parser("down", help="stop a mesh started with --detach").set_defaults(run=cmd_down)
+    a = sub.add_parser("ask", help="send a prompt, stream the answer, show per-hop timings")
+    a.add_argument("question", nargs="?")
+    a.add_argument("--template", help="template id, e.g. finance_question")
+    a.add_argument("--var", action="append", default=[], metavar="NAME=VALUE")
+    a.add_argument("--max-new-tokens", type=int, default=0)
+    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--seed", type=int)
+    a.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
+    a.add_argument("--addr", help="gateway address (default: the running mesh, else 127.0.0.1:50051)")
+    a.set_defaults(run=cmd_ask)
+    h = sub.add_parser("health", help="grpc.health.v1 status of a service")
+    h.add_argument("--addr")
+    h.add_argument("--timeout", type=float, default=2.0)
+    h.set_defaults(run=cmd_health)
+    d = sub.add_parser("demo", help="the mesh up, the finance question answered twice")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.set_defaults(run=cmd_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The mesh's topology, read from docker-compose.yml so that local processes and
+containers run the same services with the same settings."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+_ADDRESS = re.compile(r"^([a-z][a-z0-9_-]*):(\d+)$")
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    name: str
+    command: tuple[str, ...]
+    environment: dict[str, str]
+    port: int
+    depends_on: tuple[str, ...]
+
+
+def load_topology(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
+    """The mesh's gRPC services in start order (Redis is handled apart)."""
+    document = yaml.safe_load(compose_file.read_text())
+    services = []
+    for name, spec in document["services"].items():
+        if name == "redis":
+            continue
+        environment = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
+        port = int(environment[f"NLPMESH_{name.upper()}_PORT"])
+        services.append(ServiceDef(name, tuple(spec["command"]), environment, port,
+                                   tuple(spec.get("depends_on") or ())))
+    return _start_order(services)
+
+
+def _start_order(services: list[ServiceDef]) -> list[ServiceDef]:
+    ordered: list[ServiceDef] = []
+    pending = list(services)
+    while pending:
+        placed = {s.name for s in ordered} | {"redis"}
+        ready = [s for s in pending if set(s.depends_on) <= placed]
+        if not ready:
+            raise ValueError(f"docker-compose.yml: circular depends_on among {[s.name for s in pending]}")
+        ordered += ready
+        pending = [s for s in pending if s not in ready]
+    return ordered
+
+
+def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str) -> dict[str, str]:
+    """The service's compose environment, rewritten for processes on this machine."""
+    env: dict[str, str] = {}
+    for key, value in service.environment.items():
+        match = _ADDRESS.match(value)
+        if key.endswith("_HOST"):
+            value = "127.0.0.1"
+        elif key == f"NLPMESH_{service.name.upper()}_PORT":
+            value = str(ports[service.name])
+        elif key == "REDIS_URL":
+            value = redis_url
+        elif match and match.group(1) in ports:
+            value = f"127.0.0.1:{ports[match.group(1)]}"
+        env[key] = value
+    return env

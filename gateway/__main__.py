@@ -1,0 +1,82 @@
+"""`python -m gateway`: the public gateway process."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from gateway.answer import Answerer
+from gateway.catalog import TemplateIndex
+from gateway.downstream import Downstream
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+from meshkit.errors import MeshError
+from meshkit.server import ServiceSpec, run
+from meshkit.tracing import configure_tracing
+from services.cache.store import PromptCache, redis_client
+
+log = logging.getLogger("nlpmesh.gateway")
+
+
+def build_spec(settings: GatewaySettings) -> ServiceSpec:
+    downstream = Downstream(settings)
+    templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
+                              settings.catalog_refresh_s)
+    servicer = GatewayServicer(templates, configure_tracing("gateway"), settings)
+    state: dict = {}
+
+    async def warm_up() -> None:
+        await downstream.open()
+        model = await _until_ready("inference", lambda: downstream.model_info(settings.inference_timeout_s),
+                                   settings.ready_timeout_s)
+        await _until_ready("template", templates.refresh, settings.ready_timeout_s)
+        cache = _prompt_cache(settings)
+        state["cache"] = cache
+        state["answerer"] = Answerer(downstream, cache, templates, model, settings)
+        servicer.attach(state["answerer"])
+
+    async def close() -> None:
+        if "answerer" in state:
+            await state["answerer"].drain()
+        if state.get("cache") is not None:
+            await state["cache"].close()
+        await downstream.close()
+
+    return ServiceSpec(
+        name="gateway",
+        service_names=(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,),
+        register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
+        warm_up=warm_up,
+        close=close,
+    )
+
+
+def _prompt_cache(settings: GatewaySettings) -> PromptCache | None:
+    if not settings.redis_url:
+        log.warning("no REDIS_URL: running without a prompt cache")
+        return None
+    return PromptCache(redis_client(settings.redis_url), settings.cache_prefix, ttl_s=3600,
+                       timeout_s=settings.cache_lookup_timeout_s)
+
+
+async def _until_ready(name: str, probe, timeout_s: float):
+    """Retries ``probe`` until the service answers; the gateway stays NOT_SERVING meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await probe()
+        except MeshError as error:
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for %s (%s)", name, type(error).__name__)
+            await asyncio.sleep(0.5)
+
+
+def main() -> None:
+    run(build_spec, GatewaySettings.load())
+
+
+if __name__ == "__main__":
+    main()

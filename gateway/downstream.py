@@ -1,0 +1,180 @@
+"""Clients for the four internal services.
+
+Every call carries a finite deadline and the trace context; a failure comes
+back as the domain error the caller should see (meshkit.errors.from_rpc_error).
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+from google.protobuf import struct_pb2
+from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
+from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from gateway.request import Chat, Sampling, TemplateCall
+from meshkit.errors import from_rpc_error
+from meshkit.server import channel_options
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    version: str
+    messages: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class TemplateEntry:
+    id: str
+    version: str
+    description: str
+    variables: tuple[tuple[str, bool, str], ...]  # (name, required, description)
+    newest: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    revision: str
+    context_length: int
+    default_max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationEnd:
+    finish_reason: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@asynccontextmanager
+async def _hop(name: str):
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error, name) from None
+
+
+class Downstream:
+    """Channels and stubs to template, tokenizer, inference and cache."""
+
+    def __init__(self, settings):
+        self._settings = settings
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def open(self) -> None:
+        s = self._settings
+        self.template = template_pb2_grpc.TemplateServiceStub(self._channel(s.template_addr))
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel(s.tokenizer_addr))
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel(s.inference_addr))
+        self.cache = cache_pb2_grpc.CacheServiceStub(self._channel(s.cache_addr))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address, options=channel_options(self._settings.max_message_bytes))
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def render(self, call: TemplateCall, timeout: float, metadata=()) -> RenderedPrompt:
+        variables = struct_pb2.Struct()
+        variables.update(call.variables)
+        request = template_pb2.RenderRequest(id=call.id, version=call.version, variables=variables)
+        async with _hop("template"):
+            reply = await self.template.Render(request, timeout=timeout, metadata=metadata)
+        return RenderedPrompt(reply.version, tuple((m.role, m.content) for m in reply.messages))
+
+    async def list_templates(self, timeout: float, metadata=()) -> list[TemplateEntry]:
+        async with _hop("template"):
+            reply = await self.template.ListTemplates(
+                template_pb2.ListTemplatesRequest(), timeout=timeout, metadata=metadata
+            )
+        return [
+            TemplateEntry(
+                t.id, t.version, t.description,
+                tuple((v.name, v.required, v.description) for v in t.variables), t.newest,
+            )
+            for t in reply.templates
+        ]
+
+    async def encode_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> list[int]:
+        async with _hop("tokenizer"):
+            reply = await self.tokenizer.EncodeChat(_encode_request(chat, model), timeout=timeout, metadata=metadata)
+        return list(reply.token_ids)
+
+    async def count_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> int:
+        async with _hop("tokenizer"):
+            reply = await self.tokenizer.CountChat(_encode_request(chat, model), timeout=timeout, metadata=metadata)
+        return reply.count
+
+    async def model_info(self, timeout: float) -> ModelInfo:
+        async with _hop("inference"):
+            reply = await self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=timeout)
+        return ModelInfo(reply.model, reply.revision, reply.context_length, reply.default_max_new_tokens)
+
+    async def generate(
+        self, token_ids: list[int], sampling: Sampling, model: str, tenant: str, timeout: float, metadata=()
+    ) -> AsyncIterator[TokenDelta | GenerationEnd]:
+        request = inference_pb2.GenerateRequest(
+            model=model, prompt_token_ids=token_ids, sampling=_sampling_pb(inference_pb2.Sampling, sampling),
+            tenant=tenant,
+        )
+        call = self.inference.Generate(request, timeout=timeout, metadata=metadata)
+        try:
+            async with _hop("inference"):
+                async for chunk in call:
+                    if chunk.delta:
+                        yield TokenDelta(chunk.delta)
+                    if chunk.done:
+                        yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+        finally:
+            # The caller went away or failed: the engine must stop this sequence.
+            call.cancel()
+
+    async def store(self, request: cache_pb2.StoreRequest, timeout: float, metadata=()) -> bool:
+        async with _hop("cache"):
+            reply = await self.cache.Store(request, timeout=timeout, metadata=metadata)
+        return reply.stored
+
+
+def _encode_request(chat: Chat, model: str) -> tokenizer_pb2.EncodeChatRequest:
+    return tokenizer_pb2.EncodeChatRequest(
+        model=model, messages=[tokenizer_pb2.Message(role=r, content=c) for r, c in chat.messages]
+    )
+
+
+def _sampling_pb(message_type, sampling: Sampling):
+    pb = message_type(
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+        top_p=sampling.top_p, top_k=sampling.top_k, stop=list(sampling.stop),
+    )
+    if sampling.seed is not None:
+        pb.seed = sampling.seed
+    return pb
+
+
+def store_request(key_parts: dict, sampling: Sampling, answer: dict) -> cache_pb2.StoreRequest:
+    """The cache service's StoreRequest for one answer (key parts as in keys.py)."""
+    parts = cache_pb2.CacheKeyParts(
+        tenant=key_parts["tenant"], model=key_parts["model"], revision=key_parts["revision"],
+        sampling=_sampling_pb(cache_pb2.Sampling, sampling),
+    )
+    prompt = key_parts["prompt"]
+    if isinstance(prompt, TemplateCall):
+        parts.template.id = prompt.id
+        parts.template.version = prompt.version
+        parts.template.variables.update(prompt.variables)
+    else:
+        parts.chat.messages.extend(cache_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages)
+    return cache_pb2.StoreRequest(key=parts, answer=cache_pb2.CachedAnswer(**answer))

@@ -1,0 +1,84 @@
+"""The caller's request as a domain object, validated at the edge."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from meshkit.errors import FieldViolation, InvalidArgument
+
+MAX_CHAT_MESSAGES = 64
+MAX_STOP_SEQUENCES = 4
+
+
+class CacheMode(enum.IntEnum):
+    # Values match nlpmesh.gateway.v1.CacheMode.
+    UNSPECIFIED = 0
+    USE = 1
+    BYPASS = 2
+    REFRESH = 3
+
+    @property
+    def reads(self) -> bool:
+        return self in (CacheMode.UNSPECIFIED, CacheMode.USE)
+
+    @property
+    def writes(self) -> bool:
+        return self != CacheMode.BYPASS
+
+
+@dataclass(frozen=True)
+class TemplateCall:
+    id: str
+    version: str  # empty = newest
+    variables: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Chat:
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int  # 0 = server default
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+
+    @property
+    def deterministic(self) -> bool:
+        return self.temperature == 0 or self.seed is not None
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    prompt: TemplateCall | Chat
+    model: str
+    sampling: Sampling
+    cache_mode: CacheMode
+    budget_ms: int
+
+
+def validate(request: PromptRequest) -> PromptRequest:
+    """Checks what the gateway can judge alone; the services check the rest."""
+    violations: list[FieldViolation] = []
+    prompt = request.prompt
+    if isinstance(prompt, TemplateCall) and not prompt.id:
+        violations.append(FieldViolation("template.id", "must not be empty"))
+    if isinstance(prompt, Chat) and len(prompt.messages) > MAX_CHAT_MESSAGES:
+        violations.append(FieldViolation("chat.messages", f"at most {MAX_CHAT_MESSAGES} messages"))
+    sampling = request.sampling
+    if sampling.temperature < 0:
+        violations.append(FieldViolation("sampling.temperature", "must be >= 0"))
+    if not 0 <= sampling.top_p <= 1:
+        violations.append(FieldViolation("sampling.top_p", "must be within [0, 1]"))
+    if len(sampling.stop) > MAX_STOP_SEQUENCES:
+        violations.append(FieldViolation("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences"))
+    if any(not stop for stop in sampling.stop):
+        violations.append(FieldViolation("sampling.stop", "stop sequences must not be empty"))
+    if violations:
+        raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+    return request

@@ -1,0 +1,29 @@
+"""Gateway settings: where the internal services are, and the prompt cache."""
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+
+from meshkit.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings, service="gateway"):
+    template_addr: str = "127.0.0.1:50052"
+    tokenizer_addr: str = "127.0.0.1:50053"
+    cache_addr: str = "127.0.0.1:50054"
+    inference_addr: str = "127.0.0.1:50055"
+    # The gateway reads the prompt cache straight from Redis (one hop fewer on a
+    # hit); stores go through the cache service. Empty = no prompt cache.
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("NLPMESH_GATEWAY_REDIS_URL", "REDIS_URL", "redis_url"),
+    )
+    cache_prefix: str = "nlpmesh:pc"
+    cache_lookup_timeout_s: float = 0.05
+    tenant: str = "public"
+    # Finite deadlines for every outbound call; per-hop budgets refine these.
+    template_timeout_s: float = 2.0
+    tokenizer_timeout_s: float = 2.0
+    cache_store_timeout_s: float = 2.0
+    inference_timeout_s: float = 300.0
+    catalog_refresh_s: float = 10.0
+    ready_timeout_s: float = 600.0

@@ -1,0 +1,216 @@
+"""The gateway over real in-process channels: real template and cache services,
+in-process fakes for the tokenizer and inference (unit scope: no model)."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from gateway.__main__ import build_spec as gateway_spec
+from gateway.settings import GatewaySettings
+from meshkit.errors import InvalidArgument
+from meshkit.server import ServiceSpec, rpc_method
+from services.cache.servicer import build_spec as cache_spec
+from services.cache.settings import CacheSettings
+from services.template.servicer import build_spec as template_spec
+from services.template.settings import TemplateSettings
+
+
+class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    def __init__(self):
+        self.calls = 0
+
+    @rpc_method
+    async def EncodeChat(self, request, context):
+        self.calls += 1
+        return tokenizer_pb2.EncodeResponse(token_ids=[1, 2, 3], model=request.model)
+
+    @rpc_method
+    async def CountChat(self, request, context):
+        self.calls += 1
+        return tokenizer_pb2.CountResponse(count=sum(len(m.content) for m in request.messages))
+
+
+class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, deltas=("Hel", "lo", " 世界")):
+        self.calls = 0
+        self.deltas = deltas
+        self.fail_with: Exception | None = None
+
+    @rpc_method
+    async def Generate(self, request, context):
+        self.calls += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        for delta in self.deltas:
+            yield inference_pb2.GenerateChunk(delta=delta)
+        yield inference_pb2.GenerateChunk(done=True, finish_reason=2, prompt_tokens=len(request.prompt_token_ids),
+                                          completion_tokens=len(self.deltas))
+
+    @rpc_method
+    async def ModelInfo(self, request, context):
+        return inference_pb2.ModelInfoResponse(model="SmolLM2-135M-Instruct", revision="r1", context_length=8192,
+                                               default_max_new_tokens=16)
+
+
+def fake_spec(name, servicer, add) -> ServiceSpec:
+    return ServiceSpec(name=name, service_names=(name,), register=lambda server: add(servicer, server))
+
+
+def finance(cache_mode=gateway_pb2.CACHE_MODE_USE, **sampling) -> gateway_pb2.GenerateRequest:
+    variables = struct_pb2.Struct()
+    variables.update({"question": "What is a bond?"})
+    return gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
+                                       sampling=gateway_pb2.SamplingParams(**sampling), cache_mode=cache_mode)
+
+
+def run_mesh(inprocess_server, redis_url, scenario):
+    """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes)."""
+    tokenizer, inference = FakeTokenizer(), FakeInference()
+
+    async def main():
+        async with (
+            inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
+            inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix="test:gw")),
+                             CacheSettings()) as cache,
+            inprocess_server(fake_spec("tok", tokenizer, tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server),
+                             GatewaySettings()) as tok,
+            inprocess_server(fake_spec("inf", inference, inference_pb2_grpc.add_InferenceServiceServicer_to_server),
+                             GatewaySettings()) as inf,
+        ):
+            settings = GatewaySettings(
+                template_addr=_target(template), cache_addr=_target(cache), tokenizer_addr=_target(tok),
+                inference_addr=_target(inf), redis_url=redis_url, cache_prefix="test:gw",
+            )
+            async with inprocess_server(gateway_spec(settings), settings) as gateway:
+                stub = gateway_pb2_grpc.GatewayStub(gateway.channel)
+                return await scenario(stub, tokenizer, inference)
+
+    return asyncio.run(main())
+
+
+def _target(running) -> str:
+    return running.address
+
+
+def bad_request_fields(error) -> list[str]:
+    status = rpc_status.from_call(error)
+    bad = error_details_pb2.BadRequest()
+    assert status.details and status.details[0].Unpack(bad)
+    return [v.field for v in bad.field_violations]
+
+
+def test_a_miss_makes_every_hop_and_a_hit_makes_only_the_cache_hop(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        first = await stub.Generate(finance(max_new_tokens=3), timeout=10)
+        await asyncio.sleep(0.3)  # the store runs after the answer was sent
+        calls_before = (inference.calls, tokenizer.calls)
+        second = await stub.Generate(finance(max_new_tokens=3), timeout=10)
+        return first, second, calls_before, (inference.calls, tokenizer.calls)
+
+    first, second, calls_before, calls_after = run_mesh(inprocess_server, redis_server, scenario)
+    assert first.text == "Hello 世界" and not first.cache_hit
+    assert [t.hop for t in first.timings] == ["cache", "template", "tokenizer", "inference.ttft", "inference", "total"]
+    assert second.cache_hit and second.text == first.text
+    assert [t.hop for t in second.timings] == ["cache", "total"]
+    assert calls_before == calls_after == (1, 1)
+    assert len(second.trace_id) == 32
+
+
+def test_sampled_requests_without_a_seed_are_never_cached(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        for _ in range(3):
+            reply = await stub.Generate(finance(max_new_tokens=4, temperature=0.8), timeout=10)
+            assert not reply.cache_hit
+            await asyncio.sleep(0.05)
+        return inference.calls
+
+    assert run_mesh(inprocess_server, redis_server, scenario) == 3
+
+
+def test_stream_ends_with_a_done_chunk_and_server_timing_trailer(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        call = stub.GenerateStream(finance(max_new_tokens=5), timeout=10, metadata=(("x-request-id", "abc123"),))
+        chunks = [chunk async for chunk in call]
+        return chunks, await call.initial_metadata(), await call.trailing_metadata()
+
+    chunks, initial, trailing = run_mesh(inprocess_server, redis_server, scenario)
+    assert [c.delta for c in chunks[:-1]] == ["Hel", "lo", " 世界"]
+    assert chunks[-1].done and chunks[-1].usage.completion_tokens == 3
+    assert dict(initial)["x-request-id"] == "abc123"
+    assert "template;dur=" in dict(trailing)["server-timing"]
+
+
+def test_a_missing_required_variable_passes_through_with_its_field(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="finance_question")))
+        return caught.value
+
+    error = run_mesh(inprocess_server, redis_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["template.variables.question"]
+
+
+def test_no_prompt_is_invalid_argument_on_prompt(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(gateway_pb2.GenerateRequest())
+        return caught.value
+
+    error = run_mesh(inprocess_server, redis_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["prompt"]
+
+
+def test_an_unknown_model_is_not_found(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        request = finance()
+        request.model = "gpt-9"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(request)
+        return caught.value, inference.calls
+
+    error, calls = run_mesh(inprocess_server, redis_server, scenario)
+    assert error.code() == grpc.StatusCode.NOT_FOUND and calls == 0
+
+
+def test_a_downstream_field_error_keeps_its_details(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        inference.fail_with = InvalidArgument.for_field("sampling.top_k", "too large")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(finance(top_k=10 ** 6, cache_mode=gateway_pb2.CACHE_MODE_BYPASS))
+        return caught.value
+
+    error = run_mesh(inprocess_server, redis_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["sampling.top_k"]
+
+
+def test_a_downstream_bug_is_internal_without_its_message(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        inference.fail_with = RuntimeError("secret path /etc/key leaked")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(finance(cache_mode=gateway_pb2.CACHE_MODE_BYPASS))
+        return caught.value
+
+    error = run_mesh(inprocess_server, redis_server, scenario)
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "/etc/key" not in error.details()
+
+
+def test_count_tokens_renders_then_counts(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        request = gateway_pb2.CountTokensRequest(chat=gateway_pb2.Chat(
+            messages=[gateway_pb2.ChatMessage(role="user", content="abcd")]))
+        return await stub.CountTokens(request), inference.calls
+
+    reply, calls = run_mesh(inprocess_server, redis_server, scenario)
+    assert reply.prompt_tokens == 4 and reply.model == "SmolLM2-135M-Instruct" and calls == 0
