@@ -1,0 +1,1 @@
+"""The inference service: the model, its engine, sampling, stop sequences, streamed text."""

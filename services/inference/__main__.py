@@ -1,0 +1,16 @@
+"""`python -m services.inference`: serves the model on port 50055."""
+import sys
+
+from meshkit.server import run
+from services.inference.servicer import build_spec
+from services.inference.settings import InferenceSettings
+
+
+def main() -> int:
+    settings = InferenceSettings.load()
+    run(build_spec, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""What a caller hands the engine and what comes back: plain values, no protobuf."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.IntEnum):
+    # The values match nlpmesh.inference.v1.FinishReason.
+    STOP = 1  # the model produced an end-of-sequence token
+    LENGTH = 2  # max_new_tokens reached
+    STOP_SEQUENCE = 3  # a caller's stop sequence appeared in the text
+    CANCELLED = 4  # the caller went away
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 0  # 0 = the engine's default
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.0  # 0 = unset (1.0)
+    top_k: int = 0  # 0 = unset
+    seed: int | None = None  # None = a fresh random seed
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text since the previous item; never ends inside a character."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of every stream."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int

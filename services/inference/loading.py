@@ -1,0 +1,57 @@
+"""Loads the model into an engine and warms it up (called off the event loop)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from services.inference.engine import Engine, EngineOptions
+from services.inference.generation import GenerationRequest, SamplingConfig
+from services.inference.settings import InferenceSettings
+from services.model.store import ModelFiles, load_model_files
+
+log = logging.getLogger("nlpmesh.inference")
+
+
+def engine_options(settings: InferenceSettings) -> EngineOptions:
+    return EngineOptions(
+        threads=settings.threads,
+        max_queue=settings.max_queue,
+        max_running=settings.max_running,
+        default_max_new_tokens=settings.default_max_new_tokens,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+        max_stop_sequences=settings.max_stop_sequences,
+        max_stop_chars=settings.max_stop_chars,
+    )
+
+
+def load_model(files: ModelFiles) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (float32, eval mode) and its tokenizer from a converted folder."""
+    log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
+    tokenizer = AutoTokenizer.from_pretrained(files.path)
+    log.info("loading the weights")
+    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def load_engine(settings: InferenceSettings) -> Engine:
+    """The real model in a started engine. Blocking: run it in a thread."""
+    started = time.monotonic()
+    files = load_model_files(settings.home)
+    model, tokenizer = load_model(files)
+    log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
+    options = engine_options(settings)
+    return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision)
+
+
+async def warm_up_engine(engine: Engine) -> None:
+    """One tiny generation, so the first real request does not pay for lazy setup."""
+    started = time.monotonic()
+    prompt = engine.tokenizer.encode("Hello")
+    stream = engine.submit(GenerationRequest(prompt, SamplingConfig(max_new_tokens=2), "warm-up"))
+    async with stream:
+        async for _ in stream:
+            pass
+    log.info("warm-up generation took %.2f s", time.monotonic() - started)

@@ -1,0 +1,117 @@
+"""gRPC edge of the inference service: protobuf in, engine calls, protobuf out."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Callable
+
+import grpc
+from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from meshkit.errors import NotFound, Unavailable
+from meshkit.server import ServiceSpec, rpc_method
+from services.inference.engine import Engine
+from services.inference.generation import Delta, Finished, GenerationRequest, SamplingConfig
+from services.inference.loading import load_engine, warm_up_engine
+from services.inference.settings import InferenceSettings
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+log = logging.getLogger("nlpmesh.inference")
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, load: Callable[[], Engine]):
+        self._load = load
+        self.engine: Engine | None = None
+
+    async def warm_up(self) -> None:
+        log.info("loading the model")
+        engine = await asyncio.to_thread(self._load)
+        log.info("running a warm-up generation")
+        await warm_up_engine(engine)
+        self.engine = engine
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
+
+    @rpc_method
+    async def Generate(self, request, context):
+        engine = self._serving(request.model)
+        stream = engine.submit(_generation_request(request, _request_id(context)))
+        try:
+            async for item in stream:
+                yield _chunk(item)
+        finally:  # the caller went away or the deadline passed: free the slot
+            stream.cancel()
+
+    @rpc_method
+    async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
+        engine = self._serving("")
+        return inference_pb2.ModelInfoResponse(
+            model=engine.model_name,
+            revision=engine.revision,
+            context_length=engine.context_length,
+            default_max_new_tokens=engine.limits.default_max_new_tokens,
+        )
+
+    def _serving(self, model: str) -> Engine:
+        if self.engine is None:
+            raise Unavailable("the model is still loading")
+        if model and model != self.engine.model_name:
+            raise NotFound(f"unknown model {model!r}")
+        return self.engine
+
+
+def _generation_request(request: inference_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
+    sampling = request.sampling
+    return GenerationRequest(
+        prompt_token_ids=list(request.prompt_token_ids),
+        sampling=SamplingConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed if sampling.HasField("seed") else None,
+            stop=tuple(sampling.stop),
+        ),
+        request_id=request_id,
+    )
+
+
+def _chunk(item: Delta | Finished) -> inference_pb2.GenerateChunk:
+    if isinstance(item, Delta):
+        return inference_pb2.GenerateChunk(delta=item.text)
+    return inference_pb2.GenerateChunk(
+        done=True,
+        finish_reason=int(item.finish_reason),
+        prompt_tokens=item.prompt_tokens,
+        completion_tokens=item.completion_tokens,
+    )
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return value
+    return uuid.uuid4().hex
+
+
+def build_spec(
+    settings: InferenceSettings, engine_factory: Callable[[InferenceSettings], Engine] = load_engine
+) -> ServiceSpec:
+    """The inference service; tests pass an ``engine_factory`` that builds a tiny model."""
+    servicer = InferenceServicer(lambda: engine_factory(settings))
+
+    def register(server: grpc.aio.Server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+
+    return ServiceSpec(
+        name="inference",
+        service_names=(SERVICE_NAME,),
+        register=register,
+        warm_up=servicer.warm_up,
+        close=servicer.close,
+    )

@@ -1,0 +1,77 @@
+"""The two sides of one request: the engine's Job and the caller's GenerationStream.
+
+The worker thread delivers items to the Job; they cross to the caller's event
+loop with ``loop.call_soon_threadsafe`` into the Job's ``asyncio.Queue``, which
+the GenerationStream reads.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
+from services.inference.sequence import Sequence
+
+
+class GenerationStream:
+    """An async iterator of Delta items ending with one Finished.
+
+    ``cancel()`` stops the request at its next decode step. Leaving an
+    ``async with`` block cancels too, and so does dropping the stream unfinished,
+    so a consumer that stops early frees its slot.
+    """
+
+    def __init__(self, job: Job, cancel: Callable[[Job], None]):
+        self.request = job.request  # with defaults resolved
+        self._job = job
+        self._cancel = cancel
+        self._done = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Delta | Finished:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._job.queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if isinstance(item, Finished):
+            self._done = True
+        return item
+
+    def cancel(self) -> None:
+        if not self._done and not self._job.cancelled:
+            self._cancel(self._job)
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        # A consumer that dropped the stream unfinished must not keep the model busy.
+        self.cancel()
+
+
+class Job:
+    """A request as the engine holds it: the caller's queue and loop, its sequence."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.queue: asyncio.Queue[Delta | Finished | BaseException] = asyncio.Queue()
+        self.cancelled = False
+        self.sequence: Sequence | None = None  # made and used by the worker thread only
+        self._loop = loop
+
+    def finished(self, reason: FinishReason) -> Finished:
+        generated = len(self.sequence.generated) if self.sequence else 0
+        return Finished(reason, len(self.request.prompt_token_ids), generated)
+
+    def deliver(self, item: Delta | Finished | BaseException) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            self.cancelled = True

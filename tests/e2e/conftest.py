@@ -1,0 +1,30 @@
+"""The whole mesh as real processes: five gRPC services, a private Redis, the real model."""
+from __future__ import annotations
+
+import grpc
+import pytest
+from nlpmesh.gateway.v1 import gateway_pb2_grpc
+
+from cli.launcher import LocalMesh
+from tests.conftest import running_redis_server
+
+
+@pytest.fixture(scope="module")
+def mesh_redis():
+    with running_redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory, mesh_redis):
+    local = LocalMesh(tmp_path_factory.mktemp("mesh"), free_ports=True, redis_url=mesh_redis.url,
+                      progress=lambda line: print(f"[mesh] {line}"))
+    local.start(ready_timeout_s=300)
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh):
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        yield gateway_pb2_grpc.GatewayStub(channel)

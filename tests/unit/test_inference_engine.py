@@ -1,0 +1,190 @@
+"""The engine on a tiny random Llama: determinism, sampling, limits, cancellation."""
+import asyncio
+import time
+
+import pytest
+
+from meshkit.errors import InvalidArgument, ResourceExhausted
+from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest, SamplingConfig
+from tests.tiny_llama import real_tokenizer, tiny_engine, tiny_llama
+
+PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "日本語のテキスト"]
+LONG = 2000  # more tokens than a test ever waits for
+
+
+@pytest.fixture
+def engine():
+    engine = tiny_engine(max_running=4, max_queue=4)
+    yield engine
+    engine.close()
+
+
+def request(prompt: str, **sampling) -> GenerationRequest:
+    return GenerationRequest(real_tokenizer().encode(prompt), SamplingConfig(**sampling), prompt)
+
+
+async def collect(stream) -> tuple[str, Finished]:
+    items = [item async for item in stream]
+    assert all(isinstance(item, Delta) for item in items[:-1])
+    return "".join(item.text for item in items[:-1]), items[-1]
+
+
+async def generate(engine, prompt: str, **sampling) -> tuple[str, Finished]:
+    return await collect(engine.submit(request(prompt, **sampling)))
+
+
+def run(engine, prompt: str, **sampling) -> tuple[str, Finished]:
+    return asyncio.run(generate(engine, prompt, **sampling))
+
+
+async def wait_idle(engine, within_s: float = 1.0) -> None:
+    # Well under the time a LONG request would take to finish by itself.
+    deadline = time.monotonic() + within_s
+    while engine.active_count and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert engine.active_count == 0 and engine.queue_depth == 0
+
+
+def test_greedy_output_is_the_same_alone_and_alongside_other_requests(engine):
+    alone = [run(engine, prompt, max_new_tokens=24)[0] for prompt in PROMPTS]
+
+    async def together():
+        return await asyncio.gather(*(generate(engine, p, max_new_tokens=24) for p in PROMPTS))
+
+    concurrent = [text for text, _ in asyncio.run(together())]
+    assert concurrent == alone
+    assert len(set(alone)) == len(PROMPTS)
+
+
+def test_max_new_tokens_ends_with_length_after_exactly_that_many_tokens(engine):
+    text, finished = run(engine, "Hello there", max_new_tokens=7)
+    assert finished.finish_reason == FinishReason.LENGTH
+    assert finished.completion_tokens == 7
+    assert finished.prompt_tokens == len(real_tokenizer().encode("Hello there"))
+    assert text
+
+
+def test_text_joins_to_the_decode_of_the_generated_tokens():
+    model = tiny_llama()
+    engine = tiny_engine(model)
+    try:
+        text, _ = run(engine, "日本語", max_new_tokens=40)
+    finally:
+        engine.close()
+    prompt = real_tokenizer().encode("日本語", return_tensors="pt")
+    ids = model.generate(prompt, do_sample=False, max_new_tokens=40)[0, prompt.shape[1] :]
+    assert text == real_tokenizer().decode(ids, skip_special_tokens=True)
+
+
+def test_the_end_of_sequence_token_ends_with_stop():
+    model = tiny_llama()
+    prompt = real_tokenizer().encode("Hi", return_tensors="pt")
+    first_token = int(model.generate(prompt, do_sample=False, max_new_tokens=1)[0, -1])
+    model.generation_config.eos_token_id = first_token  # so greedy hits "EOS" at once
+    engine = tiny_engine(model)
+    try:
+        text, finished = run(engine, "Hi", max_new_tokens=10)
+    finally:
+        engine.close()
+    assert (text, finished.finish_reason, finished.completion_tokens) == ("", FinishReason.STOP, 1)
+
+
+def test_a_stop_sequence_cuts_the_text_before_it(engine):
+    full, _ = run(engine, "Hello there", max_new_tokens=24)
+    stop = full[len(full) // 2 : len(full) // 2 + 4]
+    text, finished = run(engine, "Hello there", max_new_tokens=24, stop=("never seen", stop))
+    assert finished.finish_reason == FinishReason.STOP_SEQUENCE
+    assert text == full[: full.index(stop)]
+    assert finished.completion_tokens < 24
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
+    first = run(engine, "Hello there", max_new_tokens=16, temperature=1.0, seed=7)[0]
+    again = run(engine, "Hello there", max_new_tokens=16, temperature=1.0, seed=7)[0]
+    others = {run(engine, "Hello there", max_new_tokens=16, temperature=1.0, seed=s)[0] for s in (1, 2, 3)}
+    assert first == again
+    assert len(others | {first}) > 1
+
+
+def test_seeded_sampling_is_reproducible_alongside_other_requests(engine):
+    alone = run(engine, "Hello there", max_new_tokens=16, temperature=0.8, top_p=0.9, seed=11)[0]
+
+    async def together():
+        others = [generate(engine, p, max_new_tokens=16, temperature=1.0) for p in PROMPTS[1:]]
+        mine = generate(engine, "Hello there", max_new_tokens=16, temperature=0.8, top_p=0.9, seed=11)
+        return (await asyncio.gather(mine, *others))[0][0]
+
+    assert asyncio.run(together()) == alone
+
+
+def test_top_k_one_samples_the_greedy_answer(engine):
+    greedy = run(engine, "Hello there", max_new_tokens=16)[0]
+    assert run(engine, "Hello there", max_new_tokens=16, temperature=1.5, top_k=1)[0] == greedy
+    assert run(engine, "Hello there", max_new_tokens=16, temperature=1.5, top_p=1e-6)[0] == greedy
+
+
+def test_cancel_mid_generation_frees_the_engine(engine):
+    async def main():
+        stream = engine.submit(request("Hello there", max_new_tokens=LONG))
+        first = await anext(stream)
+        assert isinstance(first, Delta) and engine.active_count == 1
+        stream.cancel()
+        _, finished = await collect(stream)
+        assert finished.finish_reason == FinishReason.CANCELLED
+        assert 0 < finished.completion_tokens < LONG
+        await wait_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_leaving_the_stream_early_cancels_it(engine):
+    async def main():
+        async with engine.submit(request("Hello there", max_new_tokens=LONG)) as stream:
+            async for _ in stream:
+                break
+        await wait_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_dropping_an_unfinished_stream_cancels_it(engine):
+    async def main():
+        stream = engine.submit(request("Hello there", max_new_tokens=LONG))
+        await anext(stream)
+        del stream
+        await wait_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_refuses_at_once_and_a_queued_cancel_frees_its_place():
+    engine = tiny_engine(max_running=1, max_queue=1)
+
+    async def main():
+        running = engine.submit(request("Hello there", max_new_tokens=LONG))
+        queued = engine.submit(request("Hello there", max_new_tokens=LONG))
+        with pytest.raises(ResourceExhausted) as refused:
+            engine.submit(request("Hello there", max_new_tokens=4))
+        assert refused.value.retry_after_s > 0
+        await anext(running)  # the first runs, so the second is the one waiting
+        assert (engine.active_count, engine.queue_depth) == (2, 1)
+        queued.cancel()
+        assert (engine.active_count, engine.queue_depth) == (1, 0)
+        assert (await anext(queued)).finish_reason == FinishReason.CANCELLED
+        running.cancel()
+        await wait_idle(engine)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def test_invalid_requests_are_refused_with_the_field_named(engine):
+    with pytest.raises(InvalidArgument) as caught:
+        engine.submit(request("Hello there", top_p=1.5))
+    assert [v.field for v in caught.value.violations] == ["sampling.top_p"]
+    with pytest.raises(InvalidArgument) as caught:
+        engine.submit(request("Hello " * 2100, max_new_tokens=2000))  # context: 4096
+    assert [v.field for v in caught.value.violations] == ["prompt"]
+    assert engine.active_count == 0
