@@ -50,6 +50,7 @@ class LocalMesh:
     services: list[ServiceDef] = field(default_factory=load_topology)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    resolved_redis_url: str = ""  # what the services were given ("" = no prompt cache)
     _redis: subprocess.Popen | None = None
 
     @property
@@ -62,7 +63,7 @@ class LocalMesh:
     def start(self, ready_timeout_s: float = 600.0) -> "LocalMesh":
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.ports = {s.name: free_port() if self.free_ports else s.port for s in self.services}
-        redis_url = self._start_redis()
+        redis_url = self.resolved_redis_url = self._start_redis()
         for service in self.services:
             self._spawn(service, redis_url)
         self.wait_ready(ready_timeout_s)

@@ -15,6 +15,7 @@ from gateway.settings import GatewaySettings
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
 from meshkit.tracing import configure_tracing
+from services.cache.near import NearCache
 from services.cache.store import PromptCache, redis_client
 
 log = logging.getLogger("nlpmesh.gateway")
@@ -53,12 +54,17 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
     )
 
 
-def _prompt_cache(settings: GatewaySettings) -> PromptCache | None:
+def _prompt_cache(settings: GatewaySettings) -> PromptCache | NearCache | None:
     if not settings.redis_url:
         log.warning("no REDIS_URL: running without a prompt cache")
         return None
-    return PromptCache(redis_client(settings.redis_url), settings.cache_prefix, ttl_s=3600,
-                       timeout_s=settings.cache_lookup_timeout_s)
+    cache = PromptCache(redis_client(settings.redis_url), settings.cache_prefix, ttl_s=3600,
+                        timeout_s=settings.cache_lookup_timeout_s)
+    if settings.near_cache_bytes <= 0:
+        return cache
+    near = NearCache(cache, settings.near_cache_bytes, settings.near_cache_max_age_s)
+    near.start()
+    return near
 
 
 async def _until_ready(name: str, probe, timeout_s: float):

@@ -19,6 +19,10 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     )
     cache_prefix: str = "nlpmesh:pc"
     cache_lookup_timeout_s: float = 0.05
+    # The near tier (services/cache/near.py): hot answers kept in this process,
+    # dropped on every announced invalidation. 0 bytes = off.
+    near_cache_bytes: int = 32 * 1024 * 1024
+    near_cache_max_age_s: float = 60.0
     tenant: str = "public"
     # Finite deadlines for every outbound call; per-hop budgets refine these.
     template_timeout_s: float = 2.0

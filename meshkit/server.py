@@ -101,7 +101,12 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
 def run(spec_factory: Callable[[ServiceSettings], ServiceSpec], settings: ServiceSettings) -> None:
     """The body of every service's ``main()``."""
     configure_logging(settings.log_level)
-    asyncio.run(_run(spec_factory, settings))
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_run(spec_factory, settings))
+    else:
+        asyncio.run(_run(spec_factory, settings))
 
 
 async def _run(spec_factory, settings) -> None:

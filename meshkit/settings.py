@@ -39,6 +39,8 @@ class ServiceSettings(BaseSettings):
     reflection: bool = True
     log_level: str = "INFO"
     max_message_bytes: int = 4 * 1024 * 1024
+    # "uvloop" or "asyncio": the event loop the server runs on.
+    event_loop: str = "asyncio"
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 

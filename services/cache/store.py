@@ -160,6 +160,15 @@ class PromptCache:
         hits, misses, stores = (int(count or 0) for count in counts)
         return CacheStats(hits=hits, misses=misses, stores=stores)
 
+    async def add_hits(self, count: int) -> bool:
+        """Counts hits served elsewhere (the near tier); False if Redis didn't take them."""
+        try:
+            await self._bounded(self.redis.hincrby(self._stats_key, "hits", count), max(self.timeout_s, 1.0))
+        except Exception as error:
+            self._warnings.warn("prompt cache stats update failed", error)
+            return False
+        return True
+
     async def ping(self) -> bool:
         try:
             return bool(await self._bounded(self.redis.ping(), max(self.timeout_s, 1.0)))
@@ -210,9 +219,19 @@ class PromptCache:
                 write.delete(*members)
                 write.zrem(index, *members)
         if len(write) == 0:
+            await self._announce_invalidation()
             return 0
         results = await self._admin(write.execute())
+        await self._announce_invalidation()
         return sum(results[0::2])
+
+    @property
+    def invalidations_channel(self) -> str:
+        """Every invalidation is announced here, so near tiers (near.py) drop their copies."""
+        return f"{self.prefix}:invalidations"
+
+    async def _announce_invalidation(self) -> None:
+        await self._admin(self.redis.publish(self.invalidations_channel, b"1"))
 
     async def _recount_as_miss(self) -> None:
         try:

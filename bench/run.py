@@ -1,0 +1,172 @@
+"""`make bench`: the mesh's latency beside baselines measured in the same run.
+
+Rounds interleave the variants (this machine is shared and its idle cores wake
+slowly), and every figure is a median and a p99 over all rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from bench import cache_hits, generation, variants
+from bench.stats import summary_ms
+from cli.launcher import LocalMesh
+from meshkit.settings import default_home
+from services.inference.engine import Engine, EngineOptions
+from services.inference.loading import load_model
+from services.model.store import load_model_files
+
+QUESTION = "What are the applications of real-time AI in the financial industry?"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def say(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
+
+
+# Gateways compared on the same services, rounds interleaved.
+GATEWAY_VARIANTS = {
+    "redis_tier_only": {"NLPMESH_GATEWAY_NEAR_CACHE_BYTES": "0"},
+    "uvloop": {"NLPMESH_GATEWAY_EVENT_LOOP": "uvloop"},
+}
+
+
+def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: int) -> dict:
+    request = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE)
+    extra = [variants.spawn_gateway(mesh, env) for env in GATEWAY_VARIANTS.values()]
+    addresses = {"default": mesh.gateway_address} | {name: address for name, (_, address) in
+                                                      zip(GATEWAY_VARIANTS, extra)}
+    samples: dict[str, list[float]] = {"grpc_empty_rpc_c1": [], "redis_get_c1": [], "cache_hit_c16": []}
+    samples |= {f"cache_hit_c1[{name}]": [] for name in addresses}
+    throughput = []
+    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    try:
+        stubs = {name: gateway_pb2_grpc.GatewayStub(channel) for name, channel in channels.items()}
+        stubs["default"].Generate(cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_REFRESH), timeout=300)
+        for stub in stubs.values():
+            _wait_for_hit(stub, request)
+            cache_hits.hit_c1(stub, request, 200)  # warm connections and tiers
+        for index in range(rounds):
+            say(f"cache hits: round {index + 1}/{rounds}")
+            samples["grpc_empty_rpc_c1"] += cache_hits.empty_rpc_c1(channels["default"], per_round)
+            for name, stub in stubs.items():
+                samples[f"cache_hit_c1[{name}]"] += cache_hits.hit_c1(stub, request, per_round)
+            if redis_url:
+                samples["redis_get_c1"] += cache_hits.redis_get_c1(redis_url, "nlpmesh:bench:probe", per_round)
+            latencies, rate = cache_hits.hit_concurrent(mesh.gateway_address, request, 16, per_round // 16)
+            samples["cache_hit_c16"] += latencies
+            throughput.append(rate)
+    finally:
+        for channel in channels.values():
+            channel.close()
+        for process, _ in extra:
+            process.terminate()
+            process.wait(timeout=10)
+    result = {name: summary_ms(values) for name, values in samples.items() if values}
+    result["cache_hit_c16"]["throughput_rps"] = statistics.median(throughput)
+    base = result["grpc_empty_rpc_c1"]["p50_ms"]
+    for name, row in result.items():
+        if name.startswith("cache_hit_c1"):
+            row["ratio_to_empty_rpc_p50"] = row["p50_ms"] / base
+    return result
+
+
+def _wait_for_hit(stub, request) -> None:
+    for _ in range(100):
+        if stub.Generate(request, timeout=10).cache_hit:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the answer never reached the prompt cache")
+
+
+def bench_generation(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
+    say("loading the same model in-process for the baseline")
+    model, tokenizer = load_model(load_model_files(default_home()))
+    torch.set_num_threads(2)
+    engine = Engine(model, tokenizer, EngineOptions(threads=2))
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+    request = cache_hits.generate_request(QUESTION, max_new_tokens, gateway_pb2.CACHE_MODE_BYPASS)
+    runs = {"mesh": [], "in_process": []}
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        generation.through_gateway(stub, request)
+        generation.in_process(engine, prompt_ids, max_new_tokens)
+        for index in range(rounds):
+            say(f"generation: round {index + 1}/{rounds}")
+            runs["mesh"].append(generation.through_gateway(stub, request))
+            runs["in_process"].append(generation.in_process(engine, prompt_ids, max_new_tokens))
+    engine.close()
+    result = {}
+    for name, samples in runs.items():
+        result[name] = {
+            "prompt_tokens": len(prompt_ids), "completion_tokens": samples[0].tokens,
+            "ttft": summary_ms([s.ttft_s for s in samples]),
+            "decode_tok_s_median": statistics.median(s.decode_tok_s for s in samples),
+            "decode_tok_s_min": min(s.decode_tok_s for s in samples),
+        }
+    result["mesh"]["ttft_ratio_to_in_process"] = result["mesh"]["ttft"]["p50_ms"] / result["in_process"]["ttft"]["p50_ms"]
+    result["mesh"]["decode_ratio_to_in_process"] = (
+        result["mesh"]["decode_tok_s_median"] / result["in_process"]["decode_tok_s_median"])
+    return result
+
+
+def table(results: dict) -> str:
+    lines = [f"{'cache hit (end to end, client side)':<38}{'n':>7}{'p50 ms':>10}{'p99 ms':>10}  notes"]
+    for name, row in results["cache_hits"].items():
+        notes = ""
+        if "ratio_to_empty_rpc_p50" in row:
+            notes = f"{row['ratio_to_empty_rpc_p50']:.2f}x an empty gRPC call"
+        if "throughput_rps" in row:
+            notes = f"{row['throughput_rps']:.0f} req/s"
+        lines.append(f"{name:<38}{row['n']:>7}{row['p50_ms']:>10.3f}{row['p99_ms']:>10.3f}  {notes}")
+    lines.append("")
+    lines.append(f"{'generation (greedy)':<38}{'n':>7}{'ttft p50':>10}{'ttft p99':>10}{'tok/s':>8}  notes")
+    for name, row in results["generation"].items():
+        notes = ""
+        if "ttft_ratio_to_in_process" in row:
+            notes = (f"ttft {row['ttft_ratio_to_in_process']:.2f}x, decode "
+                     f"{row['decode_ratio_to_in_process']:.2f}x in-process")
+        lines.append(f"{name:<38}{row['ttft']['n']:>7}{row['ttft']['p50_ms']:>10.1f}{row['ttft']['p99_ms']:>10.1f}"
+                     f"{row['decode_tok_s_median']:>8.1f}  {notes}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=400)
+    parser.add_argument("--gen-rounds", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-"))
+    mesh = LocalMesh(run_dir, free_ports=True, progress=say)
+    mesh.start()
+    try:
+        redis_url = mesh.resolved_redis_url
+        results = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
+            "cache_hits": bench_cache_hits(mesh, redis_url, args.rounds, args.per_round),
+            "generation": bench_generation(mesh, args.gen_rounds, args.max_new_tokens),
+        }
+    finally:
+        mesh.stop()
+    print(table(results))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    say(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

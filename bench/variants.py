@@ -1,0 +1,28 @@
+"""A second gateway beside a running mesh, with other settings: A/B in one run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from cli.launcher import LocalMesh, check_health, free_port
+from cli.topology import REPO_ROOT, local_environment
+
+
+def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Starts one more gateway on the mesh's services; returns (process, address) once SERVING."""
+    gateway = next(s for s in mesh.services if s.name == "gateway")
+    port = free_port()
+    variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
+                   **env}
+    process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=variant_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while check_health(address) != "SERVING":
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"gateway variant {env} did not start")
+        time.sleep(0.2)
+    return process, address

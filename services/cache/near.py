@@ -1,0 +1,93 @@
+"""The near tier: a small in-process copy of hot answers in front of Redis.
+
+A cache hit that needs no Redis round trip costs the caller only the gateway
+hop. This is safe because an entry's key names everything that made the answer
+(tenant, model revision, template version, variables, sampling): an entry can
+only go stale by an explicit invalidation. The cache service announces each one
+on a Redis channel and every near tier clears itself; if the subscription was
+down (so an announcement may have been missed) the tier is cleared on
+reconnect, and ``max_age_s`` bounds any staleness that slips through.
+
+Hits served here are counted locally and added to the shared Redis stats
+every ``flush_every_s``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cachetools import TTLCache
+
+from services.cache.keys import PromptCacheKey
+from services.cache.store import CachedAnswer, PromptCache
+
+log = logging.getLogger("nlpmesh.cache.near")
+
+_ENTRY_OVERHEAD_BYTES = 256
+_RECONNECT_S = 1.0
+
+
+class NearCache:
+    def __init__(self, backing: PromptCache, max_bytes: int, max_age_s: float, flush_every_s: float = 1.0):
+        self.backing = backing
+        self._entries: TTLCache = TTLCache(
+            maxsize=max_bytes, ttl=max_age_s,
+            getsizeof=lambda answer: len(answer.text.encode()) + _ENTRY_OVERHEAD_BYTES,
+        )
+        self._flush_every_s = flush_every_s
+        self._unflushed_hits = 0
+        self._tasks: list[asyncio.Task] = []
+
+    async def lookup(self, key: PromptCacheKey) -> CachedAnswer | None:
+        entry = key.redis_key(self.backing.prefix)
+        answer = self._entries.get(entry)
+        if answer is not None:
+            self._unflushed_hits += 1
+            return answer
+        answer = await self.backing.lookup(key)
+        if answer is not None and len(answer.text.encode()) + _ENTRY_OVERHEAD_BYTES <= self._entries.maxsize:
+            self._entries[entry] = answer
+        return answer
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def start(self) -> None:
+        """Starts listening for invalidations and flushing hit counts (inside the loop)."""
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._flush_forever())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush()
+        await self.backing.close()  # the near tier owns its backing store
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.backing.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.backing.invalidations_channel)
+                    self.clear()  # announcements made while unsubscribed were missed
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.clear()
+                log.warning("near cache: invalidation channel lost (%s); retrying", type(error).__name__)
+                await asyncio.sleep(_RECONNECT_S)
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_every_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        hits, self._unflushed_hits = self._unflushed_hits, 0
+        if hits and not await self.backing.add_hits(hits):
+            self._unflushed_hits += hits

@@ -1,0 +1,116 @@
+"""The near tier in front of a real private redis-server."""
+import asyncio
+import uuid
+
+from services.cache.keys import PromptCacheKey, Sampling, TemplatePrompt
+from services.cache.near import NearCache
+from services.cache.store import CachedAnswer, PromptCache, redis_client
+from tests.conftest import running_redis_server
+
+ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
+
+
+def key(tenant="acme", country="France") -> PromptCacheKey:
+    return PromptCacheKey(tenant, "m1", "r1", TemplatePrompt("capital", "1", {"country": country}),
+                          Sampling(max_new_tokens=8))
+
+
+def store(url: str, prefix: str) -> PromptCache:
+    return PromptCache(redis_client(url), prefix=prefix, ttl_s=60, timeout_s=0.2)
+
+
+async def until(condition, timeout_s: float = 3.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def test_a_second_hit_is_served_without_redis():
+    with running_redis_server() as server:
+        async def main():
+            near = NearCache(store(server.url, "t:near"), max_bytes=1 << 20, max_age_s=60)
+            assert await near.backing.store(key(), ANSWER)
+            assert await near.lookup(key()) == ANSWER
+            server.stop()
+            assert await near.lookup(key()) == ANSWER  # from memory: Redis is gone
+            assert await near.lookup(key(country="Spain")) is None  # a miss, not an error
+            await near.backing.close()
+
+        asyncio.run(main())
+
+
+def test_tenants_never_share_a_near_entry(redis_server):
+    async def main():
+        near = NearCache(store(redis_server, f"t:{uuid.uuid4().hex}"), max_bytes=1 << 20, max_age_s=60)
+        assert await near.backing.store(key(tenant="acme"), ANSWER)
+        assert await near.lookup(key(tenant="acme")) == ANSWER
+        assert await near.lookup(key(tenant="globex")) is None
+        await near.backing.close()
+
+    asyncio.run(main())
+
+
+def test_an_invalidation_elsewhere_clears_every_near_tier(redis_server):
+    prefix = f"t:{uuid.uuid4().hex}"
+
+    async def main():
+        near = NearCache(store(redis_server, prefix), max_bytes=1 << 20, max_age_s=60)
+        near.start()
+        admin = store(redis_server, prefix)  # the cache service, another client
+        try:
+            assert await admin.store(key(), ANSWER)
+            assert await near.lookup(key()) == ANSWER and len(near) == 1
+            await asyncio.sleep(0.2)  # let the subscription settle
+            assert await admin.invalidate_template("capital") == 1
+            assert await until(lambda: len(near) == 0)
+            assert await near.lookup(key()) is None
+        finally:
+            await near.close()
+            await admin.close()
+
+    asyncio.run(main())
+
+
+def test_near_hits_reach_the_shared_stats(redis_server):
+    prefix = f"t:{uuid.uuid4().hex}"
+
+    async def main():
+        near = NearCache(store(redis_server, prefix), max_bytes=1 << 20, max_age_s=60, flush_every_s=0.05)
+        near.start()
+        admin = store(redis_server, prefix)
+        try:
+            assert await admin.store(key(), ANSWER)
+            for _ in range(5):
+                assert await near.lookup(key()) == ANSWER  # 1 Redis hit, then 4 near hits
+            await asyncio.sleep(0.3)  # a few flushes
+            assert (await admin.stats()).hits == 5
+        finally:
+            await near.close()
+            await admin.close()
+
+    asyncio.run(main())
+
+
+def test_the_subscription_survives_idle_periods_longer_than_the_socket_timeout(redis_server):
+    prefix = f"t:{uuid.uuid4().hex}"
+
+    async def main():
+        client = redis_client(redis_server, admin_timeout_s=0.3)
+        near = NearCache(PromptCache(client, prefix=prefix, ttl_s=60, timeout_s=0.2), max_bytes=1 << 20,
+                         max_age_s=60)
+        near.start()
+        admin = store(redis_server, prefix)
+        try:
+            assert await admin.store(key(), ANSWER)
+            await asyncio.sleep(1.0)  # idle for over three socket timeouts
+            assert await near.lookup(key()) == ANSWER
+            await asyncio.sleep(1.0)
+            assert len(near) == 1, "an idle subscription must not clear the near tier"
+        finally:
+            await near.close()
+            await admin.close()
+
+    asyncio.run(main())
