@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
+# protoc finds its mypy plugins on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup protos model demo test test-fast bench up clean
 

@@ -7,6 +7,7 @@ Redis check), health turns SERVING, and SIGTERM drains in-flight calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -130,34 +131,29 @@ def rpc_method(handler):
 
         @functools.wraps(handler)
         async def streaming(self, request, context):
-            try:
+            async with _statuses(context, handler):
                 async for item in handler(self, request, context):
                     yield item
-            except grpc.aio.AbortError:
-                raise
-            except MeshError as error:
-                await _abort(context, error)
-            except Exception:
-                log.exception("bug in %s", handler.__qualname__)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
         return streaming
 
     @functools.wraps(handler)
     async def unary(self, request, context):
-        try:
+        async with _statuses(context, handler):
             return await handler(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except MeshError as error:
-            await _abort(context, error)
-        except Exception:
-            log.exception("bug in %s", handler.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     return unary
 
 
-async def _abort(context, error: MeshError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+@contextlib.asynccontextmanager
+async def _statuses(context, handler):
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except MeshError as error:
+        status = to_status(error)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    except Exception:
+        log.exception("bug in %s", handler.__qualname__)
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
