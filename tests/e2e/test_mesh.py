@@ -4,6 +4,8 @@ Tests run in file order: the last one stops Redis.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import grpc
@@ -147,6 +149,20 @@ def test_list_templates_shows_the_shipped_templates(gateway):
             "translation"} <= ids
     finance = [t for t in reply.templates if t.id == "finance_question"][0]
     assert any(v.name == "question" and v.required for v in finance.variables)
+
+
+def test_the_cli_streams_an_answer_then_prints_the_timing_table(mesh):
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "ask", "--addr", mesh.gateway_address, "--max-new-tokens", "8",
+         "--cache", "bypass", "Say hello."],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].strip()  # the answer
+    assert any(line.startswith("trace_id=") for line in lines)
+    table = {line.split()[0] for line in lines if line and line.split()[0] in
+             {"tokenizer", "inference.ttft", "inference", "total"}}
+    assert table == {"tokenizer", "inference.ttft", "inference", "total"}
 
 
 def test_with_redis_stopped_the_request_is_still_answered(gateway, mesh_redis):

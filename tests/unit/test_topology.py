@@ -1,0 +1,38 @@
+"""docker-compose.yml is the topology; the local launcher derives its processes from it."""
+import yaml
+
+from cli.topology import COMPOSE_FILE, load_topology, local_environment
+from meshkit.settings import DEFAULT_PORTS
+
+
+def test_the_launcher_starts_every_compose_service_with_the_gateway_last():
+    names = [s.name for s in load_topology()]
+    assert sorted(names) == sorted(DEFAULT_PORTS)
+    assert names[-1] == "gateway"
+
+
+def test_compose_ports_match_the_documented_defaults():
+    assert {s.name: s.port for s in load_topology()} == DEFAULT_PORTS
+
+
+def test_every_compose_service_has_a_grpc_health_check():
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for name in DEFAULT_PORTS:
+        test = services[name]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "nlpmesh", "health"], name
+        assert test[-1].endswith(f":{DEFAULT_PORTS[name]}"), name
+
+
+def test_local_environment_points_service_names_at_local_ports():
+    gateway = next(s for s in load_topology() if s.name == "gateway")
+    ports = {name: port + 1000 for name, port in DEFAULT_PORTS.items()}
+    env = local_environment(gateway, ports, "redis://127.0.0.1:7000/0")
+    assert env["NLPMESH_GATEWAY_HOST"] == "127.0.0.1"
+    assert env["NLPMESH_GATEWAY_PORT"] == "51051"
+    assert env["NLPMESH_GATEWAY_INFERENCE_ADDR"] == "127.0.0.1:51055"
+    assert env["REDIS_URL"] == "redis://127.0.0.1:7000/0"
+
+
+def test_no_redis_means_an_empty_url_so_the_gateway_runs_without_a_cache():
+    gateway = next(s for s in load_topology() if s.name == "gateway")
+    assert local_environment(gateway, dict(DEFAULT_PORTS), "")["REDIS_URL"] == ""
