@@ -107,6 +107,9 @@ def cmd_demo(args) -> int:
             result = ask(mesh.gateway_address, request)
             print(timing_table(result))
             _say(f"client-side wall time {1000 * (time.perf_counter() - started):.2f} ms\n")
+            if mode == 3:
+                _say("the answer is stored after it was sent, off the caller's path; asking again in 0.5 s")
+                time.sleep(0.5)
         _say("stopping the mesh")
     return 0
 

@@ -33,7 +33,10 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         model = await _until_ready("inference", lambda: downstream.model_info(settings.inference_timeout_s),
                                    settings.ready_timeout_s)
         await _until_ready("template", templates.refresh, settings.ready_timeout_s)
+        await downstream.connected(settings.ready_timeout_s)
         cache = _prompt_cache(settings)
+        if cache is not None:
+            await cache.warm_up()
         state["cache"] = cache
         state["answerer"] = Answerer(downstream, cache, templates, model, settings)
         servicer.attach(state["answerer"])

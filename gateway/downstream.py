@@ -5,6 +5,7 @@ back as the domain error the caller should see (meshkit.errors.from_rpc_error).
 """
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -82,6 +83,10 @@ class Downstream:
         channel = grpc.aio.insecure_channel(address, options=channel_options(self._settings.max_message_bytes))
         self._channels.append(channel)
         return channel
+
+    async def connected(self, timeout_s: float) -> None:
+        """Waits until every channel is connected, so the first request pays no handshake."""
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), timeout_s)
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -49,6 +49,9 @@ class NearCache:
             self._entries[entry] = answer
         return answer
 
+    async def warm_up(self) -> None:
+        await self.backing.warm_up()
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -169,6 +169,13 @@ class PromptCache:
             return False
         return True
 
+    async def warm_up(self) -> None:
+        """Opens a connection and loads the lookup script, so the first lookup is a plain one."""
+        try:
+            await self._bounded(self.redis.script_load(_LOOKUP_LUA), 1.0)
+        except Exception as error:
+            self._warnings.warn("prompt cache unreachable at start; lookups are misses until it answers", error)
+
     async def ping(self) -> bool:
         try:
             return bool(await self._bounded(self.redis.ping(), max(self.timeout_s, 1.0)))

@@ -23,7 +23,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def warm_up(self) -> None:
         # Loading reads files and builds the Rust tokenizer: keep it off the event loop.
-        self._tokenizer = await asyncio.to_thread(self._load)
+        tokenizer = await asyncio.to_thread(self._load)
+        # One encode compiles the chat template and starts the worker thread,
+        # so the first caller does not pay for either.
+        await asyncio.to_thread(tokenizer.encode_chat, [ChatMessage("user", "warm-up")])
+        self._tokenizer = tokenizer
 
     @rpc_method
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
