@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
+from meshkit.faults import DelayInterceptor
 from meshkit.settings import ServiceSettings
 
 log = logging.getLogger("nlpmesh.server")
@@ -51,9 +52,11 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
 
     Binding port 0 picks a free port, which is how tests run real servers.
     """
-    server = grpc.aio.server(
-        interceptors=list(spec.interceptors), options=channel_options(settings.max_message_bytes)
-    )
+    interceptors = list(spec.interceptors)
+    if settings.fault_delay_ms > 0:
+        log.warning("%s: fault injection on, every call delayed %.0f ms", spec.name, settings.fault_delay_ms)
+        interceptors.append(DelayInterceptor(settings.fault_delay_ms))
+    server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings.max_message_bytes))
     spec.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
