@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
+from meshkit import metrics, tracing
 from meshkit.faults import DelayInterceptor
 from meshkit.settings import ServiceSettings
 
@@ -52,7 +53,8 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
 
     Binding port 0 picks a free port, which is how tests run real servers.
     """
-    interceptors = list(spec.interceptors)
+    interceptors = [*tracing.server_interceptors(spec.name), *metrics.server_interceptors(spec.name),
+                    *spec.interceptors]
     if settings.fault_delay_ms > 0:
         log.warning("%s: fault injection on, every call delayed %.0f ms", spec.name, settings.fault_delay_ms)
         interceptors.append(DelayInterceptor(settings.fault_delay_ms))
@@ -75,6 +77,7 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
 async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     """Runs one service until SIGTERM or SIGINT, then drains and exits."""
     server, port, health_servicer = await create_server(spec, settings)
+    metrics.start_metrics_server(settings)
     log.info("%s listening on %s:%d (NOT_SERVING until ready)", spec.name, settings.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

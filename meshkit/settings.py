@@ -39,6 +39,8 @@ class ServiceSettings(BaseSettings):
     reflection: bool = True
     log_level: str = "INFO"
     max_message_bytes: int = 4 * 1024 * 1024
+    # Prometheus /metrics on this port; 0 = no endpoint.
+    metrics_port: int = 0
     # Test-only: a delay added to every call this service serves (meshkit/faults.py).
     fault_delay_ms: float = 0.0
     # "uvloop" or "asyncio": the event loop the server runs on.

