@@ -37,6 +37,7 @@ def say(line: str) -> None:
 GATEWAY_VARIANTS = {
     "redis_tier_only": {"NLPMESH_GATEWAY_NEAR_CACHE_BYTES": "0"},
     "uvloop": {"NLPMESH_GATEWAY_EVENT_LOOP": "uvloop"},
+    "tracing_off": {"OTEL_SDK_DISABLED": "true"},
 }
 
 
@@ -77,6 +78,8 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
     for name, row in result.items():
         if name.startswith("cache_hit_c1"):
             row["ratio_to_empty_rpc_p50"] = row["p50_ms"] / base
+    untraced = result["cache_hit_c1[tracing_off]"]["p50_ms"]
+    result["cache_hit_c1[default]"]["tracing_overhead_p50"] = result["cache_hit_c1[default]"]["p50_ms"] / untraced - 1
     return result
 
 
@@ -126,6 +129,8 @@ def table(results: dict) -> str:
         notes = ""
         if "ratio_to_empty_rpc_p50" in row:
             notes = f"{row['ratio_to_empty_rpc_p50']:.2f}x an empty gRPC call"
+        if "tracing_overhead_p50" in row:
+            notes += f"; tracing costs {100 * row['tracing_overhead_p50']:+.1f}% of p50"
         if "throughput_rps" in row:
             notes = f"{row['throughput_rps']:.0f} req/s"
         lines.append(f"{name:<38}{row['n']:>7}{row['p50_ms']:>10.3f}{row['p99_ms']:>10.3f}  {notes}")

@@ -8,13 +8,14 @@ import time
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.answer import Answerer
+from gateway.budgets import BudgetPolicy
 from gateway.catalog import TemplateIndex
 from gateway.downstream import Downstream
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
-from meshkit.tracing import configure_tracing
+from meshkit.tracing import configure_tracing, tracer
 from services.cache.near import NearCache
 from services.cache.store import PromptCache, redis_client
 
@@ -22,10 +23,11 @@ log = logging.getLogger("nlpmesh.gateway")
 
 
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
+    policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
     downstream = Downstream(settings)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
-    servicer = GatewayServicer(templates, configure_tracing("gateway"), settings)
+    servicer = GatewayServicer(templates, tracer("gateway"), settings)
     state: dict = {}
 
     async def warm_up() -> None:
@@ -38,7 +40,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         if cache is not None:
             await cache.warm_up()
         state["cache"] = cache
-        state["answerer"] = Answerer(downstream, cache, templates, model, settings)
+        state["answerer"] = Answerer(downstream, cache, templates, model, policy, settings)
         servicer.attach(state["answerer"])
 
     async def close() -> None:
@@ -84,7 +86,9 @@ async def _until_ready(name: str, probe, timeout_s: float):
 
 
 def main() -> None:
-    run(build_spec, GatewaySettings.load())
+    settings = GatewaySettings.load()
+    configure_tracing("gateway", settings.trace_dir)
+    run(build_spec, settings)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,26 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
+from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from gateway.catalog import TemplateIndex
 from gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta, store_request
 from gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
 from gateway.timings import HopClock, HopTiming
 from meshkit.errors import NotFound
+from meshkit.tracing import outgoing_metadata
 from services.cache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from services.cache.keys import Sampling as KeySampling
-from services.cache.store import PromptCache
+from services.cache.store import CachedAnswer, PromptCache
 
 log = logging.getLogger("nlpmesh.gateway")
 
 # Values match nlpmesh.gateway.v1.FinishReason.
 CANCELLED = 4
+
+# The hops a generated answer needs before its first token, in order.
+_PATH_TO_FIRST_TOKEN = ("template", "tokenizer", "inference.ttft")
 
 
 @dataclass(frozen=True)
@@ -40,17 +45,18 @@ class Outcome:
 @dataclass(frozen=True)
 class CallContext:
     tenant: str
-    metadata: tuple  # trace context for downstream calls
-    time_left: callable  # () -> seconds left of the caller's deadline, or None
+    time_left: Callable[[], float | None]  # seconds left of the caller's deadline, or None
 
 
 class Answerer:
     def __init__(self, downstream: Downstream, cache: PromptCache | None, templates: TemplateIndex,
-                 model: ModelInfo, settings):
+                 model: ModelInfo, policy: BudgetPolicy, settings):
         self._downstream = downstream
         self._cache = cache
         self._templates = templates
         self._model = model
+        self._policy = policy
+        self._observed = ObservedLatency()
         self._settings = settings
         self._background: set[asyncio.Task] = set()
 
@@ -65,70 +71,87 @@ class Answerer:
         return Sampling(self._model.default_max_new_tokens, sampling.temperature, sampling.top_p,
                         sampling.top_k, sampling.seed, sampling.stop)
 
-    def timeout(self, hop_timeout: float, call: CallContext) -> float:
-        left = call.time_left()
-        return hop_timeout if left is None else max(0.0, min(hop_timeout, left))
+    def start_budget(self, prompt: TemplateCall | Chat, budget_ms: int, call: CallContext,
+                     clock: HopClock) -> RequestBudget:
+        """The request's budget, from its start: the shortest of deadline, budget_ms and policy."""
+        template_id = prompt.id if isinstance(prompt, TemplateCall) else None
+        budget = RequestBudget(self._policy.for_template(template_id), self._observed, call.time_left(),
+                               budget_ms, started=clock.started)
+        clock.budget, clock.observed = budget, self._observed
+        return budget
 
     async def stream(self, request: PromptRequest, call: CallContext, clock: HopClock
                      ) -> AsyncIterator[TokenDelta | Outcome]:
         model = self.resolve_model(request.model)
         sampling = self.resolve_sampling(request.sampling)
+        budget = self.start_budget(request.prompt, request.budget_ms, call, clock)
         key = await self._cache_key(request, sampling, model, call.tenant)
         if key is not None and request.cache_mode.reads:
-            with clock.hop("cache"):
-                hit = await self._cache.lookup(key)
+            hit = await self._lookup(key, budget, clock)
             if hit is not None:
                 if hit.text:
                     yield TokenDelta(hit.text)
                 yield Outcome(hit.text, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens,
                               True, model, clock.finish())
                 return
-        prompt, chat = await self.messages(request.prompt, call, clock)
-        with clock.hop("tokenizer"):
+        budget.ensure_can_cover(_PATH_TO_FIRST_TOKEN[0 if isinstance(request.prompt, TemplateCall) else 1:])
+        prompt, chat = await self.messages(request.prompt, budget, clock)
+        budget.ensure_can_cover(_PATH_TO_FIRST_TOKEN[1:])
+        with clock.hop("tokenizer") as span:
             token_ids = await self._downstream.encode_chat(
-                chat, model, self.timeout(self._settings.tokenizer_timeout_s, call), call.metadata)
+                chat, model, budget.deadline_s("tokenizer"), outgoing_metadata(span))
+        budget.ensure_can_cover(_PATH_TO_FIRST_TOKEN[2:])  # no inference for a request already lost
         parts: list[str] = []
         end = None
-        begun = time.perf_counter()
-        async for event in self._downstream.generate(
-            token_ids, sampling, model, call.tenant,
-            self.timeout(self._settings.inference_timeout_s, call), call.metadata,
-        ):
-            if isinstance(event, TokenDelta):
-                if not parts:
-                    clock.record("inference.ttft", begun)
-                parts.append(event.text)
-                yield event
-            else:
-                end = event
-        clock.record("inference", begun)
+        with clock.hop("inference") as span:
+            begun = time.perf_counter()
+            async for event in self._downstream.generate(
+                token_ids, sampling, model, call.tenant, budget.deadline_s("inference"), outgoing_metadata(span),
+            ):
+                if isinstance(event, TokenDelta):
+                    if not parts:
+                        clock.record_span("inference.ttft", begun, time.perf_counter(), span)
+                    parts.append(event.text)
+                    yield event
+                else:
+                    end = event
+            if not parts and end is not None:
+                clock.record_span("inference.ttft", begun, time.perf_counter(), span)
         if end is None or end.finish_reason == CANCELLED:
             return
-        if not parts:
-            clock.record("inference.ttft", begun)
         outcome = Outcome("".join(parts), end.finish_reason, end.prompt_tokens, end.completion_tokens,
                           False, model, clock.finish())
         if key is not None and request.cache_mode.writes:
             self._store_later(prompt, sampling, model, call, outcome)
         yield outcome
 
+    async def _lookup(self, key: PromptCacheKey, budget: RequestBudget, clock: HopClock) -> CachedAnswer | None:
+        """A cache lookup bounded by the cache hop's budget: out of budget is a miss, not a failure."""
+        with clock.hop("cache"):
+            try:
+                async with asyncio.timeout(budget.deadline_s("cache")):
+                    return await self._cache.lookup(key)
+            except TimeoutError:
+                log.info("prompt cache lookup over its %.0f ms budget: a miss", budget.budget_for("cache"))
+                return None
+
     async def count_tokens(self, prompt: TemplateCall | Chat, requested_model: str, call: CallContext,
                            clock: HopClock) -> tuple[int, str]:
         model = self.resolve_model(requested_model)
-        _, chat = await self.messages(prompt, call, clock)
-        with clock.hop("tokenizer"):
-            count = await self._downstream.count_chat(
-                chat, model, self.timeout(self._settings.tokenizer_timeout_s, call), call.metadata)
+        budget = self.start_budget(prompt, 0, call, clock)
+        _, chat = await self.messages(prompt, budget, clock)
+        with clock.hop("tokenizer") as span:
+            count = await self._downstream.count_chat(chat, model, budget.deadline_s("tokenizer"),
+                                                      outgoing_metadata(span))
         return count, model
 
-    async def messages(self, prompt: TemplateCall | Chat, call: CallContext, clock: HopClock
+    async def messages(self, prompt: TemplateCall | Chat, budget: RequestBudget, clock: HopClock
                        ) -> tuple[TemplateCall | Chat, Chat]:
         """The chat messages a prompt stands for (a template is rendered)."""
         if isinstance(prompt, Chat):
             return prompt, prompt
-        with clock.hop("template"):
-            rendered = await self._downstream.render(
-                prompt, self.timeout(self._settings.template_timeout_s, call), call.metadata)
+        with clock.hop("template") as span:
+            rendered = await self._downstream.render(prompt, budget.deadline_s("template"), outgoing_metadata(span))
         resolved = TemplateCall(prompt.id, rendered.version, prompt.variables)
         return resolved, Chat(rendered.messages)
 

@@ -71,6 +71,7 @@ class Downstream:
     def __init__(self, settings):
         self._settings = settings
         self._channels: list[grpc.aio.Channel] = []
+        self._by_address: dict[str, grpc.aio.Channel] = {}
 
     async def open(self) -> None:
         s = self._settings
@@ -82,11 +83,19 @@ class Downstream:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = grpc.aio.insecure_channel(address, options=channel_options(self._settings.max_message_bytes))
         self._channels.append(channel)
+        self._by_address[address] = channel
         return channel
 
     async def connected(self, timeout_s: float) -> None:
-        """Waits until every channel is connected, so the first request pays no handshake."""
-        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), timeout_s)
+        """Waits until the channels a request needs are connected, so the first one pays no handshake.
+
+        The cache service is not waited for: without it answers are not stored, but
+        the mesh still answers.
+        """
+        required = [self._by_address[a] for a in (self._settings.template_addr, self._settings.tokenizer_addr,
+                                                  self._settings.inference_addr)]
+        self._by_address[self._settings.cache_addr].get_state(try_to_connect=True)
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in required)), timeout_s)
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -14,7 +14,7 @@ from gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCa
 from gateway.timings import HopClock, HopTiming, server_timing
 from meshkit.errors import InvalidArgument, Unavailable
 from meshkit.server import rpc_method
-from meshkit.tracing import extract_context, outgoing_metadata, trace_id_hex
+from meshkit.tracing import request_span, trace_id_hex
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID = 128
@@ -93,10 +93,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @contextmanager
     def _request(self, context, name: str):
-        parent = extract_context(context.invocation_metadata())
-        with self._tracer.start_as_current_span(f"gateway.{name}", context=parent) as span:
-            call = CallContext(self._settings.tenant, outgoing_metadata(span), context.time_remaining)
-            yield call, HopClock(), trace_id_hex(span)
+        # The server span the tracing interceptor opened is the request's span: hops hang from it.
+        with request_span(self._tracer, context.invocation_metadata(), f"gateway.{name}") as span:
+            call = CallContext(self._settings.tenant, context.time_remaining)
+            yield call, HopClock(self._tracer, span), trace_id_hex(span)
 
 
 async def _send_request_id(context) -> None:

@@ -1,9 +1,13 @@
 """Gateway settings: where the internal services are, and the prompt cache."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class GatewaySettings(ServiceSettings, service="gateway"):
@@ -24,10 +28,11 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     near_cache_bytes: int = 32 * 1024 * 1024
     near_cache_max_age_s: float = 60.0
     tenant: str = "public"
-    # Finite deadlines for every outbound call; per-hop budgets refine these.
+    # Per-hop budgets and the default total (gateway/budgets.py).
+    budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
+    # Calls made outside any request: warm-up probes, the catalog refresh, stores.
     template_timeout_s: float = 2.0
-    tokenizer_timeout_s: float = 2.0
     cache_store_timeout_s: float = 2.0
-    inference_timeout_s: float = 300.0
+    inference_timeout_s: float = 30.0
     catalog_refresh_s: float = 10.0
     ready_timeout_s: float = 600.0

@@ -10,58 +10,15 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from gateway.__main__ import build_spec as gateway_spec
 from gateway.settings import GatewaySettings
 from meshkit.errors import InvalidArgument
-from meshkit.server import ServiceSpec, rpc_method
 from services.cache.servicer import build_spec as cache_spec
 from services.cache.settings import CacheSettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
-
-
-class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self):
-        self.calls = 0
-
-    @rpc_method
-    async def EncodeChat(self, request, context):
-        self.calls += 1
-        return tokenizer_pb2.EncodeResponse(token_ids=[1, 2, 3], model=request.model)
-
-    @rpc_method
-    async def CountChat(self, request, context):
-        self.calls += 1
-        return tokenizer_pb2.CountResponse(count=sum(len(m.content) for m in request.messages))
-
-
-class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, deltas=("Hel", "lo", " 世界")):
-        self.calls = 0
-        self.deltas = deltas
-        self.fail_with: Exception | None = None
-
-    @rpc_method
-    async def Generate(self, request, context):
-        self.calls += 1
-        if self.fail_with is not None:
-            raise self.fail_with
-        for delta in self.deltas:
-            yield inference_pb2.GenerateChunk(delta=delta)
-        yield inference_pb2.GenerateChunk(done=True, finish_reason=2, prompt_tokens=len(request.prompt_token_ids),
-                                          completion_tokens=len(self.deltas))
-
-    @rpc_method
-    async def ModelInfo(self, request, context):
-        return inference_pb2.ModelInfoResponse(model="SmolLM2-135M-Instruct", revision="r1", context_length=8192,
-                                               default_max_new_tokens=16)
-
-
-def fake_spec(name, servicer, add) -> ServiceSpec:
-    return ServiceSpec(name=name, service_names=(name,), register=lambda server: add(servicer, server))
+from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
 def finance(cache_mode=gateway_pb2.CACHE_MODE_USE, **sampling) -> gateway_pb2.GenerateRequest:
@@ -80,10 +37,8 @@ def run_mesh(inprocess_server, redis_url, scenario):
             inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
             inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix="test:gw")),
                              CacheSettings()) as cache,
-            inprocess_server(fake_spec("tok", tokenizer, tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server),
-                             GatewaySettings()) as tok,
-            inprocess_server(fake_spec("inf", inference, inference_pb2_grpc.add_InferenceServiceServicer_to_server),
-                             GatewaySettings()) as inf,
+            inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
+            inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,
         ):
             settings = GatewaySettings(
                 template_addr=_target(template), cache_addr=_target(cache), tokenizer_addr=_target(tok),

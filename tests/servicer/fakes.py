@@ -1,0 +1,86 @@
+"""In-process fakes of the internal services, for gateway servicer tests (unit scope)."""
+from __future__ import annotations
+
+import asyncio
+
+from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
+from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from meshkit.server import ServiceSpec, rpc_method
+
+
+class Recorder:
+    """Counts calls and keeps the deadline each call arrived with."""
+
+    def __init__(self):
+        self.calls = 0
+        self.deadlines: list[float | None] = []
+
+    def saw(self, context) -> None:
+        self.calls += 1
+        self.deadlines.append(context.time_remaining())
+
+
+class FakeTemplate(template_pb2_grpc.TemplateServiceServicer, Recorder):
+    def __init__(self, delay_s: float = 0.0):
+        Recorder.__init__(self)
+        self.delay_s = delay_s
+
+    @rpc_method
+    async def Render(self, request, context):
+        self.saw(context)
+        await asyncio.sleep(self.delay_s)
+        return template_pb2.RenderResponse(id=request.id, version="1.0.0", messages=[
+            template_pb2.Message(role="user", content=request.variables.fields["question"].string_value)])
+
+    @rpc_method
+    async def ListTemplates(self, request, context):
+        return template_pb2.ListTemplatesResponse(templates=[template_pb2.Template(
+            id="finance_question", version="1.0.0", newest=True,
+            variables=[template_pb2.Variable(name="question", required=True)])])
+
+
+class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer, Recorder):
+    @rpc_method
+    async def EncodeChat(self, request, context):
+        self.saw(context)
+        return tokenizer_pb2.EncodeResponse(token_ids=[1, 2, 3], model=request.model)
+
+    @rpc_method
+    async def CountChat(self, request, context):
+        self.saw(context)
+        return tokenizer_pb2.CountResponse(count=sum(len(m.content) for m in request.messages))
+
+
+class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
+    def __init__(self, deltas=("Hel", "lo", " 世界"), first_token_delay_s: float = 0.0):
+        Recorder.__init__(self)
+        self.deltas = deltas
+        self.first_token_delay_s = first_token_delay_s
+        self.fail_with: Exception | None = None
+
+    @rpc_method
+    async def Generate(self, request, context):
+        self.saw(context)
+        if self.fail_with is not None:
+            raise self.fail_with
+        await asyncio.sleep(self.first_token_delay_s)
+        for delta in self.deltas:
+            yield inference_pb2.GenerateChunk(delta=delta)
+        yield inference_pb2.GenerateChunk(done=True, finish_reason=2, prompt_tokens=len(request.prompt_token_ids),
+                                          completion_tokens=len(self.deltas))
+
+    @rpc_method
+    async def ModelInfo(self, request, context):
+        return inference_pb2.ModelInfoResponse(model="SmolLM2-135M-Instruct", revision="r1", context_length=8192,
+                                               default_max_new_tokens=16)
+
+
+def fake_spec(name: str, servicer) -> ServiceSpec:
+    adders = {
+        FakeTemplate: template_pb2_grpc.add_TemplateServiceServicer_to_server,
+        FakeTokenizer: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server,
+        FakeInference: inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+    }
+    return ServiceSpec(name=name, service_names=(name,), register=lambda server: adders[type(servicer)](servicer, server))
