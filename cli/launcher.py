@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
+from meshkit.settings import TRACE_DIR_ENV
 
 
 def free_port() -> int:
@@ -50,6 +51,7 @@ class LocalMesh:
     services: list[ServiceDef] = field(default_factory=load_topology)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per service
     resolved_redis_url: str = ""  # what the services were given ("" = no prompt cache)
     _redis: subprocess.Popen | None = None
 
@@ -57,12 +59,28 @@ class LocalMesh:
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.ports['gateway']}"
 
+    @property
+    def trace_dir(self) -> Path | None:
+        """Where the services write their spans: the caller's NLPMESH_TRACE_DIR, else <run_dir>/traces.
+
+        An empty NLPMESH_TRACE_DIR writes no span files (None).
+        """
+        chosen = {**os.environ, **self.extra_env}.get(TRACE_DIR_ENV)
+        if chosen is None:
+            return self.run_dir / "traces"
+        return Path(chosen) if chosen else None
+
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def metrics_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
 
     def start(self, ready_timeout_s: float = 600.0) -> "LocalMesh":
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.ports = {s.name: free_port() if self.free_ports else s.port for s in self.services}
+        self.metrics_ports = {s.name: free_port() if self.free_ports else s.metrics_port
+                              for s in self.services if s.metrics_port or self.free_ports}
         redis_url = self.resolved_redis_url = self._start_redis()
         for service in self.services:
             self._spawn(service, redis_url)
@@ -89,8 +107,8 @@ class LocalMesh:
         return f"redis://127.0.0.1:{port}/0"
 
     def _spawn(self, service: ServiceDef, redis_url: str) -> None:
-        env = {**os.environ, **local_environment(service, self.ports, redis_url), **self.extra_env,
-               "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports),
+               **self.extra_env, "PYTHONUNBUFFERED": "1", TRACE_DIR_ENV: str(self.trace_dir or "")}
         command = [sys.executable if part == "python" else part for part in service.command]
         log = (self.run_dir / "logs" / f"{service.name}.log").open("w")
         self.processes[service.name] = subprocess.Popen(
@@ -150,7 +168,8 @@ class LocalMesh:
         pids = {name: p.pid for name, p in self.processes.items()}
         if self._redis is not None:
             pids["redis"] = self._redis.pid
-        path.write_text(json.dumps({"gateway": self.gateway_address, "pids": pids, "ports": self.ports}))
+        path.write_text(json.dumps({"gateway": self.gateway_address, "pids": pids, "ports": self.ports,
+                                    "metrics_ports": self.metrics_ports}))
 
     def __enter__(self) -> "LocalMesh":
         return self.start()

@@ -1,4 +1,4 @@
-"""The `nlpmesh` command: up, down, ask, health, demo."""
+"""The `nlpmesh` command: up, down, ask, health, demo, trace, budgets."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ from nlpmesh.gateway.v1 import gateway_pb2
 
 from cli.ask import ask, build_request, timing_table
 from cli.launcher import LocalMesh, check_health, stop_detached
+from cli.traces import default_trace_dir, show_budgets, show_trace
 from meshkit.settings import default_home
 
 DEMO_QUESTION = "What are the applications of real-time AI in the financial industry?"
@@ -39,6 +40,10 @@ def cmd_up(args) -> int:
         mesh.stop()
         return 1
     _say(f"mesh ready: gateway at {mesh.gateway_address}; logs in {run_dir / 'logs'}")
+    if mesh.trace_dir is not None:
+        _say(f"spans in {mesh.trace_dir}: `nlpmesh trace --last` draws the latest request, `nlpmesh budgets` sums up")
+    for name in mesh.metrics_ports:
+        _say(f"{name} metrics: {mesh.metrics_url(name)}")
     if args.detach:
         mesh.save_state(_state_file())
         _say("running in the background; `nlpmesh down` stops it")
@@ -114,6 +119,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    if (args.trace_id is None) == (not args.last):
+        _say("give a trace id, or --last")
+        return 2
+    code, text = show_trace(Path(args.dir) if args.dir else default_trace_dir(), args.trace_id, args.width)
+    print(text)
+    return code
+
+
+def cmd_budgets(args) -> int:
+    code, text = show_budgets(Path(args.dir) if args.dir else default_trace_dir(), args.last)
+    print(text)
+    return code
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="nlpmesh", description="A gRPC mesh for real-time NLP")
     sub = root.add_subparsers(dest="command", required=True)
@@ -140,6 +160,16 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the mesh up, the finance question answered twice")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.set_defaults(run=cmd_demo)
+    t = sub.add_parser("trace", help="draw one request's spans as a waterfall, with hop budgets and overruns")
+    t.add_argument("trace_id", nargs="?", help="the trace_id a response carries")
+    t.add_argument("--last", action="store_true", help="the most recent request instead")
+    t.add_argument("--dir", help="the span files' folder (default: $NLPMESH_TRACE_DIR, else $NLPMESH_HOME/run/traces)")
+    t.add_argument("--width", type=int, default=40, help="timeline width in characters")
+    t.set_defaults(run=cmd_trace)
+    b = sub.add_parser("budgets", help="per-hop p50/p95/p99 against budget over recent requests")
+    b.add_argument("--last", type=int, default=100, metavar="N", help="how many recent requests (default 100)")
+    b.add_argument("--dir", help="the span files' folder (default as for `trace`)")
+    b.set_defaults(run=cmd_budgets)
     return root
 
 

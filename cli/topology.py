@@ -20,6 +20,7 @@ class ServiceDef:
     environment: dict[str, str]
     port: int
     depends_on: tuple[str, ...]
+    metrics_port: int = 0  # Prometheus /metrics; 0 = none
 
 
 def load_topology(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
@@ -31,8 +32,9 @@ def load_topology(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
             continue
         environment = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
         port = int(environment[f"NLPMESH_{name.upper()}_PORT"])
+        metrics_port = int(environment.get(f"NLPMESH_{name.upper()}_METRICS_PORT", 0))
         services.append(ServiceDef(name, tuple(spec["command"]), environment, port,
-                                   tuple(spec.get("depends_on") or ())))
+                                   tuple(spec.get("depends_on") or ()), metrics_port))
     return _start_order(services)
 
 
@@ -49,8 +51,13 @@ def _start_order(services: list[ServiceDef]) -> list[ServiceDef]:
     return ordered
 
 
-def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str) -> dict[str, str]:
-    """The service's compose environment, rewritten for processes on this machine."""
+def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str,
+                      metrics_ports: dict[str, int] | None = None) -> dict[str, str]:
+    """The service's compose environment, rewritten for processes on this machine.
+
+    Without ``metrics_ports`` the service gets no /metrics endpoint, so an extra
+    process started beside a mesh never fights it for the compose port.
+    """
     env: dict[str, str] = {}
     for key, value in service.environment.items():
         match = _ADDRESS.match(value)
@@ -58,6 +65,8 @@ def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str
             value = "127.0.0.1"
         elif key == f"NLPMESH_{service.name.upper()}_PORT":
             value = str(ports[service.name])
+        elif key == f"NLPMESH_{service.name.upper()}_METRICS_PORT":
+            value = str((metrics_ports or {}).get(service.name, 0))
         elif key == "REDIS_URL":
             value = redis_url
         elif match and match.group(1) in ports:

@@ -17,7 +17,7 @@ from gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta,
 from gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
 from gateway.timings import HopClock, HopTiming
 from meshkit.errors import NotFound
-from meshkit.tracing import outgoing_metadata
+from meshkit.tracing import current_metadata, outgoing_metadata
 from services.cache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from services.cache.keys import Sampling as KeySampling
 from services.cache.store import CachedAnswer, PromptCache
@@ -183,7 +183,8 @@ class Answerer:
 
     async def _store(self, request) -> None:
         try:
-            await self._downstream.store(request, self._settings.cache_store_timeout_s)
+            # The task runs in the request's context: the store joins the request's trace.
+            await self._downstream.store(request, self._settings.cache_store_timeout_s, current_metadata())
         except Exception as error:
             log.warning("prompt cache store failed: %s", error)
 

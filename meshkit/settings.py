@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,6 +19,8 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "NLPMESH_CONFIG"
+# Where every service writes its spans as JSON lines (ServiceSettings.trace_dir).
+TRACE_DIR_ENV = "NLPMESH_TRACE_DIR"
 
 # The mesh's well-known ports (API.md): the gateway on 50051, the rest after it.
 DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055}
@@ -45,6 +48,9 @@ class ServiceSettings(BaseSettings):
     fault_delay_ms: float = 0.0
     # "uvloop" or "asyncio": the event loop the server runs on.
     event_loop: str = "asyncio"
+    # Finished spans go to <trace_dir>/<service>.jsonl as JSON lines; "" = no file.
+    # One variable for every service (the launcher sets it), hence no service prefix.
+    trace_dir: str = Field(default="", validation_alias=AliasChoices(TRACE_DIR_ENV, "trace_dir"))
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 

@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 REDIS_SERVER = "redis-server"
 
@@ -78,3 +82,20 @@ def disposable_redis_server():
     """A private redis-server for one test, which the test may ``stop()``."""
     with running_redis_server() as server:
         yield server
+
+
+@pytest.fixture
+def finished_spans():
+    """The spans this process finishes during the test: ``finished_spans.get_finished_spans()``.
+
+    The tracer provider is process-wide and set once; each test adds its own
+    in-memory exporter to it and shuts that exporter down after.
+    """
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()

@@ -17,7 +17,10 @@ import asyncio
 import logging
 
 from cachetools import TTLCache
+from opentelemetry import trace
 
+from meshkit import span_names
+from services.cache import metrics
 from services.cache.keys import PromptCacheKey
 from services.cache.store import CachedAnswer, PromptCache
 
@@ -43,6 +46,9 @@ class NearCache:
         answer = self._entries.get(entry)
         if answer is not None:
             self._unflushed_hits += 1
+            metrics.record_hit("near")
+            # No span for a hit this cheap: the caller's span (the gateway's cache hop) says where it came from.
+            trace.get_current_span().set_attribute(span_names.CACHE_TIER, "near")
             return answer
         answer = await self.backing.lookup(key)
         if answer is not None and len(answer.text.encode()) + _ENTRY_OVERHEAD_BYTES <= self._entries.maxsize:

@@ -30,10 +30,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from meshkit import span_names
 from meshkit.errors import Unavailable
+from meshkit.tracing import tracer
+from services.cache import metrics
 from services.cache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace, tenant_tag
 
 log = logging.getLogger("nlpmesh.cache")
+_tracer = tracer("cache")
 
 ADMIN_TIMEOUT_S = 5.0
 WARN_EVERY_S = 10.0
@@ -118,42 +122,68 @@ class PromptCache:
         self._warnings = _WarningThrottle(WARN_EVERY_S)
 
     async def lookup(self, key: PromptCacheKey) -> CachedAnswer | None:
+        with _tracer.start_as_current_span(span_names.REDIS_LOOKUP) as span:
+            answer = await self._lookup(key)
+            span.set_attribute(span_names.CACHE_HIT, answer is not None)
+            return answer
+
+    async def _lookup(self, key: PromptCacheKey) -> CachedAnswer | None:
         entry = key.redis_key(self.prefix)
         try:
             raw = await self._bounded(self._lookup_script(keys=[entry, self._stats_key]))
+        except asyncio.CancelledError:  # the caller's budget ran out mid-lookup
+            metrics.record_miss("cancelled")
+            raise
         except Exception as error:  # any failure of the cache is a miss
+            metrics.record_miss_for(error)
             self._warnings.warn("prompt cache lookup failed, treating as a miss", error)
             return None
         if raw is None:
+            metrics.record_miss("absent")
             return None
         try:
-            return CachedAnswer.from_json(raw)
+            answer = CachedAnswer.from_json(raw)
         except (ValueError, TypeError) as error:
+            metrics.record_miss("corrupt")
             self._warnings.warn("corrupt prompt cache entry, treating as a miss", error)
             await self._recount_as_miss()
             return None
+        metrics.record_hit("redis")
+        return answer
 
     async def store(self, key: PromptCacheKey, answer: CachedAnswer, ttl_s: int | None = None) -> bool:
         """Stores a deterministic answer; False if not stored (never raises)."""
+        with _tracer.start_as_current_span(span_names.REDIS_STORE):
+            return await self._store(key, answer, ttl_s)
+
+    async def _store(self, key: PromptCacheKey, answer: CachedAnswer, ttl_s: int | None) -> bool:
         if not key.sampling.is_deterministic:
+            metrics.record_store("skipped")
             return False
         payload = answer.to_json()
         if len(payload.encode("utf-8")) > self.max_answer_bytes:
+            metrics.record_store("skipped")
             log.warning("prompt cache: answer over %d bytes not stored", self.max_answer_bytes)
             return False
         ttl = ttl_s if ttl_s and ttl_s > 0 else self.ttl_s
         try:
             await self._bounded(self._store_transaction(key, payload, ttl))
         except Exception as error:
+            metrics.record_store("failed")
             self._warnings.warn("prompt cache store failed", error)
             return False
+        metrics.record_store("stored")
         return True
 
     async def invalidate_template(self, template_id: str, tenant: str | None = None) -> int:
-        return await self._invalidate(f"ix:tpl:{_short_hash(template_id)}", tenant)
+        removed = await self._invalidate(f"ix:tpl:{_short_hash(template_id)}", tenant)
+        metrics.record_invalidation("template", removed)
+        return removed
 
     async def invalidate_model(self, model: str, tenant: str | None = None) -> int:
-        return await self._invalidate(f"ix:model:{_short_hash(model)}", tenant)
+        removed = await self._invalidate(f"ix:model:{_short_hash(model)}", tenant)
+        metrics.record_invalidation("model", removed)
+        return removed
 
     async def stats(self) -> CacheStats:
         counts = await self._admin(self.redis.hmget(self._stats_key, ["hits", "misses", "stores"]))
@@ -209,6 +239,12 @@ class PromptCache:
         await pipe.execute()
 
     async def _invalidate(self, index_suffix: str, tenant: str | None) -> int:
+        with _tracer.start_as_current_span(span_names.REDIS_INVALIDATE) as span:
+            removed = await self._remove_indexed(index_suffix, tenant)
+            span.set_attribute(span_names.CACHE_REMOVED, removed)
+            return removed
+
+    async def _remove_indexed(self, index_suffix: str, tenant: str | None) -> int:
         if tenant is not None:
             tags = [tenant_tag(tenant)]
         else:

@@ -2,12 +2,14 @@
 import sys
 
 from meshkit.server import run
+from meshkit.tracing import configure_tracing
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
 
 
 def main() -> int:
     settings = InferenceSettings.load()
+    configure_tracing("inference", settings.trace_dir)
     run(build_spec, settings)
     return 0
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.sequence import Sequence
+from services.inference.spans import job_spans
 from services.inference.stream import GenerationStream, Job
 from services.inference.validation import RequestLimits, resolve_request
 
@@ -87,7 +88,7 @@ class Engine:
         when the engine already holds max_running + max_queue requests.
         """
         request = resolve_request(request, self.limits)
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(request, asyncio.get_running_loop(), job_spans(request, self.model_name))
         with self._lock:
             if self._closing:
                 raise Unavailable("the inference engine is shutting down")
@@ -137,8 +138,10 @@ class Engine:
             return
         try:
             if job.sequence is None:
+                job.spans.admitted()
                 job.sequence = Sequence(job.request, self._model, self._text_tokenizer, self._eos_ids)
             text = job.sequence.step()
+            job.spans.stepped(job.sequence.finish_reason is not None)
         except Exception as error:
             log.exception("generation failed for request %s", job.request.request_id)
             self._retire(job, error)
@@ -151,6 +154,7 @@ class Engine:
     def _retire(self, job: Job, last: Finished | BaseException) -> None:
         with self._lock:
             self._running.remove(job)
+        job.spans.finished(last)
         job.sequence = None
         job.deliver(last)
 
@@ -160,7 +164,9 @@ class Engine:
             self._waiting.clear()
             self._running.clear()
         for job in jobs:
-            job.deliver(Unavailable("the inference engine shut down"))
+            error = Unavailable("the inference engine shut down")
+            job.spans.finished(error)
+            job.deliver(error)
 
 
 def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:

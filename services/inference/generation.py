@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from opentelemetry.context import Context
+
 
 class FinishReason(enum.IntEnum):
     # The values match nlpmesh.inference.v1.FinishReason.
@@ -32,6 +34,8 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     request_id: str = ""
+    # The caller's trace context: the engine's spans are its children. None = not traced.
+    trace_context: Context | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ from typing import Callable
 
 import grpc
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from meshkit.errors import NotFound, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from services.inference.engine import Engine
 from services.inference.generation import Delta, Finished, GenerationRequest, SamplingConfig
 from services.inference.loading import load_engine, warm_up_engine
+from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -32,20 +35,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         log.info("running a warm-up generation")
         await warm_up_engine(engine)
         self.engine = engine
+        watch_engine(engine)
 
     async def close(self) -> None:
         if self.engine is not None:
+            unwatch_engine(self.engine)
             await asyncio.to_thread(self.engine.close)
 
     @rpc_method
     async def Generate(self, request, context):
         engine = self._serving(request.model)
         stream = engine.submit(_generation_request(request, _request_id(context)))
+        timer = GenerationTimer()
         try:
             async for item in stream:
+                timer.seen(item)
                 yield _chunk(item)
         finally:  # the caller went away or the deadline passed: free the slot
             stream.cancel()
+            timer.abandoned()
 
     @rpc_method
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
@@ -78,7 +86,13 @@ def _generation_request(request: inference_pb2.GenerateRequest, request_id: str)
             stop=tuple(sampling.stop),
         ),
         request_id=request_id,
+        trace_context=_trace_context(),
     )
+
+
+def _trace_context() -> otel_context.Context | None:
+    """The server span's context, for the engine's spans; None when nothing is recorded."""
+    return otel_context.get_current() if trace.get_current_span().is_recording() else None
 
 
 def _chunk(item: Delta | Finished) -> inference_pb2.GenerateChunk:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.sequence import Sequence
+from services.inference.spans import NO_SPANS
 
 
 class GenerationStream:
@@ -59,8 +60,9 @@ class GenerationStream:
 class Job:
     """A request as the engine holds it: the caller's queue and loop, its sequence."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, spans=NO_SPANS):
         self.request = request
+        self.spans = spans  # services.inference.spans: queue wait, prefill, decode
         self.queue: asyncio.Queue[Delta | Finished | BaseException] = asyncio.Queue()
         self.cancelled = False
         self.sequence: Sequence | None = None  # made and used by the worker thread only

@@ -2,6 +2,7 @@
 import sys
 
 from meshkit.server import run
+from meshkit.tracing import configure_tracing
 from services.template.catalog import TemplateFileError
 from services.template.servicer import build_spec
 from services.template.settings import TemplateSettings
@@ -9,6 +10,7 @@ from services.template.settings import TemplateSettings
 
 def main() -> int:
     settings = TemplateSettings.load()
+    configure_tracing("template", settings.trace_dir)
     try:
         run(build_spec, settings)
     except TemplateFileError as error:

@@ -5,13 +5,17 @@ import grpc
 from google.protobuf import json_format
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 
+from meshkit import span_names
 from meshkit.server import ServiceSpec, rpc_method
+from meshkit.tracing import tracer
 from services.template.catalog import TemplateCatalog
 from services.template.prompt import PromptTemplate
 from services.template.render import render_template
 from services.template.settings import TemplateSettings
 
 SERVICE_NAME = template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name
+
+_tracer = tracer("template")
 
 
 class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
@@ -23,7 +27,10 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
     async def Render(self, request: template_pb2.RenderRequest, context) -> template_pb2.RenderResponse:
         template = self._catalog.resolve(request.id, request.version)
         variables = json_format.MessageToDict(request.variables)
-        messages = render_template(template, variables, max_variables=self._max_variables)
+        with _tracer.start_as_current_span(span_names.TEMPLATE_RENDER, attributes={
+            span_names.TEMPLATE_ID: template.id, span_names.TEMPLATE_VERSION: template.version,
+        }):
+            messages = render_template(template, variables, max_variables=self._max_variables)
         return template_pb2.RenderResponse(
             id=template.id,
             version=template.version,

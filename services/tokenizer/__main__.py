@@ -1,11 +1,13 @@
 """`python -m services.tokenizer`: serves the model's tokenizer on port 50053."""
 from meshkit.server import run
+from meshkit.tracing import configure_tracing
 from services.tokenizer.servicer import build_spec
 from services.tokenizer.settings import TokenizerSettings
 
 
 def main() -> None:
     settings = TokenizerSettings.load()
+    configure_tracing("tokenizer", settings.trace_dir)
     run(build_spec, settings)
 
 

@@ -8,12 +8,16 @@ import grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from meshkit.errors import Unavailable
+from meshkit import span_names
 from meshkit.server import ServiceSpec, rpc_method
+from meshkit.tracing import tracer
 from services.model.store import load_model_files
 from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
 from services.tokenizer.settings import TokenizerSettings
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+
+_tracer = tracer("tokenizer")
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
@@ -32,13 +36,17 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     @rpc_method
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
         tokenizer = self._serving(request.model)
-        ids = await asyncio.to_thread(tokenizer.encode_chat, _messages(request))
+        with _tracer.start_as_current_span(span_names.TOKENIZER_ENCODE) as span:
+            ids = await asyncio.to_thread(tokenizer.encode_chat, _messages(request))
+            span.set_attribute(span_names.TOKEN_COUNT, len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
 
     @rpc_method
     async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
         tokenizer = self._serving(request.model)
-        count = await asyncio.to_thread(tokenizer.count_chat, _messages(request))
+        with _tracer.start_as_current_span(span_names.TOKENIZER_COUNT) as span:
+            count = await asyncio.to_thread(tokenizer.count_chat, _messages(request))
+            span.set_attribute(span_names.TOKEN_COUNT, count)
         return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)
 
     @rpc_method

@@ -36,3 +36,20 @@ def test_local_environment_points_service_names_at_local_ports():
 def test_no_redis_means_an_empty_url_so_the_gateway_runs_without_a_cache():
     gateway = next(s for s in load_topology() if s.name == "gateway")
     assert local_environment(gateway, dict(DEFAULT_PORTS), "")["REDIS_URL"] == ""
+
+
+def test_every_compose_service_publishes_its_own_metrics_port():
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    metrics_ports = {s.name: s.metrics_port for s in load_topology()}
+    assert all(metrics_ports.values()) and len(set(metrics_ports.values())) == len(metrics_ports)
+    assert not set(metrics_ports.values()) & set(DEFAULT_PORTS.values())
+    for name, port in metrics_ports.items():
+        assert f"{port}:{port}" in services[name]["ports"], name
+
+
+def test_local_environment_sets_the_assigned_metrics_port_and_none_without_one():
+    inference = next(s for s in load_topology() if s.name == "inference")
+    ports = dict(DEFAULT_PORTS)
+    assert local_environment(inference, ports, "", {"inference": 19155})["NLPMESH_INFERENCE_METRICS_PORT"] == "19155"
+    # A process started beside a running mesh (bench variants) must not fight it for the port.
+    assert local_environment(inference, ports, "")["NLPMESH_INFERENCE_METRICS_PORT"] == "0"
