@@ -35,17 +35,17 @@ def say(line: str) -> None:
 
 # Gateways compared on the same services, rounds interleaved.
 GATEWAY_VARIANTS = {
+    "default": {},
     "redis_tier_only": {"NLPMESH_GATEWAY_NEAR_CACHE_BYTES": "0"},
     "uvloop": {"NLPMESH_GATEWAY_EVENT_LOOP": "uvloop"},
-    "tracing_off": {"OTEL_SDK_DISABLED": "true"},
+    "tracing_off": {"OTEL_SDK_DISABLED": "true", "NLPMESH_TRACE_DIR": ""},
 }
 
 
 def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: int) -> dict:
     request = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE)
     extra = [variants.spawn_gateway(mesh, env) for env in GATEWAY_VARIANTS.values()]
-    addresses = {"default": mesh.gateway_address} | {name: address for name, (_, address) in
-                                                      zip(GATEWAY_VARIANTS, extra)}
+    addresses = {name: address for name, (_, address) in zip(GATEWAY_VARIANTS, extra)}
     samples: dict[str, list[float]] = {"grpc_empty_rpc_c1": [], "redis_get_c1": [], "cache_hit_c16": []}
     samples |= {f"cache_hit_c1[{name}]": [] for name in addresses}
     throughput = []
@@ -63,7 +63,7 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
                 samples[f"cache_hit_c1[{name}]"] += cache_hits.hit_c1(stub, request, per_round)
             if redis_url:
                 samples["redis_get_c1"] += cache_hits.redis_get_c1(redis_url, "nlpmesh:bench:probe", per_round)
-            latencies, rate = cache_hits.hit_concurrent(mesh.gateway_address, request, 16, per_round // 16)
+            latencies, rate = cache_hits.hit_concurrent(addresses["default"], request, 16, per_round // 16)
             samples["cache_hit_c16"] += latencies
             throughput.append(rate)
     finally:

@@ -8,14 +8,17 @@ import time
 
 from cli.launcher import LocalMesh, check_health, free_port
 from cli.topology import REPO_ROOT, local_environment
+from meshkit.settings import TRACE_DIR_ENV
 
 
 def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
     """Starts one more gateway on the mesh's services; returns (process, address) once SERVING."""
     gateway = next(s for s in mesh.services if s.name == "gateway")
     port = free_port()
+    # The same environment as the mesh's own gateway (span files included), less
+    # its metrics endpoint, plus the variant's settings.
     variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
-                   **env}
+                   TRACE_DIR_ENV: str(mesh.trace_dir or ""), **env}
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=variant_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"

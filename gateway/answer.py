@@ -128,12 +128,7 @@ class Answerer:
     async def _lookup(self, key: PromptCacheKey, budget: RequestBudget, clock: HopClock) -> CachedAnswer | None:
         """A cache lookup bounded by the cache hop's budget: out of budget is a miss, not a failure."""
         with clock.hop("cache"):
-            try:
-                async with asyncio.timeout(budget.deadline_s("cache")):
-                    return await self._cache.lookup(key)
-            except TimeoutError:
-                log.info("prompt cache lookup over its %.0f ms budget: a miss", budget.budget_for("cache"))
-                return None
+            return await self._cache.lookup(key, timeout_s=budget.deadline_s("cache"))
 
     async def count_tokens(self, prompt: TemplateCall | Chat, requested_model: str, call: CallContext,
                            clock: HopClock) -> tuple[int, str]:

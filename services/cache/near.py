@@ -41,7 +41,8 @@ class NearCache:
         self._unflushed_hits = 0
         self._tasks: list[asyncio.Task] = []
 
-    async def lookup(self, key: PromptCacheKey) -> CachedAnswer | None:
+    async def lookup(self, key: PromptCacheKey, timeout_s: float | None = None) -> CachedAnswer | None:
+        """From memory, else from Redis within ``timeout_s`` (a miss when slower)."""
         entry = key.redis_key(self.backing.prefix)
         answer = self._entries.get(entry)
         if answer is not None:
@@ -50,7 +51,7 @@ class NearCache:
             # No span for a hit this cheap: the caller's span (the gateway's cache hop) says where it came from.
             trace.get_current_span().set_attribute(span_names.CACHE_TIER, "near")
             return answer
-        answer = await self.backing.lookup(key)
+        answer = await self.backing.lookup(key, timeout_s)
         if answer is not None and len(answer.text.encode()) + _ENTRY_OVERHEAD_BYTES <= self._entries.maxsize:
             self._entries[entry] = answer
         return answer

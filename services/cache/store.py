@@ -121,16 +121,17 @@ class PromptCache:
         self._lookup_script = redis.register_script(_LOOKUP_LUA)
         self._warnings = _WarningThrottle(WARN_EVERY_S)
 
-    async def lookup(self, key: PromptCacheKey) -> CachedAnswer | None:
+    async def lookup(self, key: PromptCacheKey, timeout_s: float | None = None) -> CachedAnswer | None:
+        """The answer or None; slower than ``timeout_s`` (at most the cache's own) is a miss."""
         with _tracer.start_as_current_span(span_names.REDIS_LOOKUP) as span:
-            answer = await self._lookup(key)
+            answer = await self._lookup(key, self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
             span.set_attribute(span_names.CACHE_HIT, answer is not None)
             return answer
 
-    async def _lookup(self, key: PromptCacheKey) -> CachedAnswer | None:
+    async def _lookup(self, key: PromptCacheKey, timeout_s: float) -> CachedAnswer | None:
         entry = key.redis_key(self.prefix)
         try:
-            raw = await self._bounded(self._lookup_script(keys=[entry, self._stats_key]))
+            raw = await self._bounded(self._lookup_script(keys=[entry, self._stats_key]), timeout_s)
         except asyncio.CancelledError:  # the caller's budget ran out mid-lookup
             metrics.record_miss("cancelled")
             raise
