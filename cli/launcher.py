@@ -109,6 +109,8 @@ class LocalMesh:
     def _spawn(self, service: ServiceDef, redis_url: str) -> None:
         env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports),
                **self.extra_env, "PYTHONUNBUFFERED": "1", TRACE_DIR_ENV: str(self.trace_dir or "")}
+        # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
+        env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
         command = [sys.executable if part == "python" else part for part in service.command]
         log = (self.run_dir / "logs" / f"{service.name}.log").open("w")
         self.processes[service.name] = subprocess.Popen(

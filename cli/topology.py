@@ -11,6 +11,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 _ADDRESS = re.compile(r"^([a-z][a-z0-9_-]*):(\d+)$")
+_URL_HOST = re.compile(r"^[a-z]+://([a-z][a-z0-9_-]*):\d+")
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,17 @@ class ServiceDef:
 
 
 def load_topology(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
-    """The mesh's gRPC services in start order (Redis is handled apart)."""
+    """The mesh's gRPC services in start order.
+
+    Redis is handled apart; the other infrastructure (collector, Jaeger,
+    Prometheus) has no NLPMESH_<NAME>_PORT and is not run locally.
+    """
     document = yaml.safe_load(compose_file.read_text())
     services = []
     for name, spec in document["services"].items():
-        if name == "redis":
-            continue
         environment = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
+        if f"NLPMESH_{name.upper()}_PORT" not in environment:
+            continue
         port = int(environment[f"NLPMESH_{name.upper()}_PORT"])
         metrics_port = int(environment.get(f"NLPMESH_{name.upper()}_METRICS_PORT", 0))
         services.append(ServiceDef(name, tuple(spec["command"]), environment, port,
@@ -60,6 +65,9 @@ def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str
     """
     env: dict[str, str] = {}
     for key, value in service.environment.items():
+        url_host = _URL_HOST.match(value)
+        if key.startswith("OTEL_") and (url_host is None or url_host.group(1) not in ports):
+            continue  # points at compose infrastructure that does not run locally
         match = _ADDRESS.match(value)
         if key.endswith("_HOST"):
             value = "127.0.0.1"

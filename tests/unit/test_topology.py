@@ -53,3 +53,12 @@ def test_local_environment_sets_the_assigned_metrics_port_and_none_without_one()
     assert local_environment(inference, ports, "", {"inference": 19155})["NLPMESH_INFERENCE_METRICS_PORT"] == "19155"
     # A process started beside a running mesh (bench variants) must not fight it for the port.
     assert local_environment(inference, ports, "")["NLPMESH_INFERENCE_METRICS_PORT"] == "0"
+
+
+def test_compose_infrastructure_is_not_run_locally_and_its_otel_settings_are_dropped():
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    assert {"otel-collector", "jaeger", "prometheus"} <= set(services)
+    gateway = next(s for s in load_topology() if s.name == "gateway")
+    assert gateway.environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+    env = local_environment(gateway, dict(DEFAULT_PORTS), "")
+    assert not any(key.startswith("OTEL_") for key in env)
