@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -76,7 +76,7 @@ class LocalMesh:
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
 
-    def start(self, ready_timeout_s: float = 600.0) -> "LocalMesh":
+    def start(self, ready_timeout_s: float = 600.0) -> LocalMesh:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.ports = {s.name: free_port() if self.free_ports else s.port for s in self.services}
         self.metrics_ports = {s.name: free_port() if self.free_ports else s.metrics_port
@@ -117,7 +117,8 @@ class LocalMesh:
             command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=self.detach,
         )
-        self.progress(f"{service.name}: started (pid {self.processes[service.name].pid}, port {self.ports[service.name]})")
+        pid = self.processes[service.name].pid
+        self.progress(f"{service.name}: started (pid {pid}, port {self.ports[service.name]})")
 
     def wait_ready(self, timeout_s: float) -> None:
         """Waits until every service is SERVING, showing progress while the model loads."""
@@ -173,7 +174,7 @@ class LocalMesh:
         path.write_text(json.dumps({"gateway": self.gateway_address, "pids": pids, "ports": self.ports,
                                     "metrics_ports": self.metrics_ports}))
 
-    def __enter__(self) -> "LocalMesh":
+    def __enter__(self) -> LocalMesh:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -191,7 +192,7 @@ def stop_detached(state_file: Path, grace_s: float = 10.0) -> list[str]:
         except ProcessLookupError:
             continue
     deadline = time.monotonic() + grace_s
-    for name, pid in state["pids"].items():
+    for pid in state["pids"].values():
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(pid):

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import grpc
-from nlpmesh.gateway.v1 import gateway_pb2
 
 from cli.ask import ask, build_request, timing_table
 from cli.launcher import LocalMesh, check_health, stop_detached

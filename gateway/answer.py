@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from gateway.catalog import TemplateIndex
@@ -103,20 +103,12 @@ class Answerer:
         budget.ensure_can_cover(_PATH_TO_FIRST_TOKEN[2:])  # no inference for a request already lost
         parts: list[str] = []
         end = None
-        with clock.hop("inference") as span:
-            begun = time.perf_counter()
-            async for event in self._downstream.generate(
-                token_ids, sampling, model, call.tenant, budget.deadline_s("inference"), outgoing_metadata(span),
-            ):
-                if isinstance(event, TokenDelta):
-                    if not parts:
-                        clock.record_span("inference.ttft", begun, time.perf_counter(), span)
-                    parts.append(event.text)
-                    yield event
-                else:
-                    end = event
-            if not parts and end is not None:
-                clock.record_span("inference.ttft", begun, time.perf_counter(), span)
+        async for event in self._generate(token_ids, sampling, model, call, budget, clock):
+            if isinstance(event, TokenDelta):
+                parts.append(event.text)
+                yield event
+            else:
+                end = event
         if end is None or end.finish_reason == CANCELLED:
             return
         outcome = Outcome("".join(parts), end.finish_reason, end.prompt_tokens, end.completion_tokens,
@@ -124,6 +116,19 @@ class Answerer:
         if key is not None and request.cache_mode.writes:
             self._store_later(prompt, sampling, model, call, outcome)
         yield outcome
+
+    async def _generate(self, token_ids: list[int], sampling: Sampling, model: str, call: CallContext,
+                        budget: RequestBudget, clock: HopClock) -> AsyncIterator[TokenDelta | GenerationEnd]:
+        """The inference hop, timing the first token (inference.ttft) inside it."""
+        with clock.hop("inference") as span:
+            begun = time.perf_counter()
+            first_seen = False
+            async for event in self._downstream.generate(token_ids, sampling, model, call.tenant,
+                                                         budget.deadline_s("inference"), outgoing_metadata(span)):
+                if not first_seen:  # the first text, or the end when there is none
+                    first_seen = True
+                    clock.record_span("inference.ttft", begun, time.perf_counter(), span)
+                yield event
 
     async def _lookup(self, key: PromptCacheKey, budget: RequestBudget, clock: HopClock) -> CachedAnswer | None:
         """A cache lookup bounded by the cache hop's budget: out of budget is a miss, not a failure."""

@@ -6,9 +6,9 @@ import statistics
 import time
 import tomllib
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from meshkit.errors import DeadlineExceeded
 
@@ -23,10 +23,10 @@ class BudgetPolicyError(ValueError):
 class BudgetPolicy:
     default_total_ms: float
     hops: Mapping[str, float]
-    templates: Mapping[str, "BudgetPolicy"] = field(default_factory=dict)
+    templates: Mapping[str, BudgetPolicy] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> "BudgetPolicy":
+    def load(cls, path: Path) -> BudgetPolicy:
         try:
             document = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as error:
@@ -38,7 +38,7 @@ class BudgetPolicy:
         }
         return cls(base.default_total_ms, base.hops, overrides)
 
-    def for_template(self, template_id: str | None) -> "BudgetPolicy":
+    def for_template(self, template_id: str | None) -> BudgetPolicy:
         return self.templates.get(template_id or "", self)
 
     def budget_for(self, hop: str) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.downstream import TemplateEntry
 

@@ -6,9 +6,9 @@ back as the domain error the caller should see (meshkit.errors.from_rpc_error).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import grpc
 from google.protobuf import struct_pb2

@@ -50,7 +50,7 @@ class InvalidArgument(MeshError):
         self.violations = list(violations or [])
 
     @classmethod
-    def for_field(cls, field: str, description: str) -> "InvalidArgument":
+    def for_field(cls, field: str, description: str) -> InvalidArgument:
         return cls(f"{field}: {description}", [FieldViolation(field, description)])
 
     def details(self) -> list[any_pb2.Any]:

@@ -71,7 +71,7 @@ def start_metrics_server(settings):
 class _HopSeries:
     """One hop's label children, looked up once (``labels()`` takes a lock per call)."""
 
-    __slots__ = ("latency", "over_budget", "budget_used")
+    __slots__ = ("budget_used", "latency", "over_budget")
 
     def __init__(self, hop: str):
         self.latency = HOP_LATENCY.labels(hop)
@@ -97,7 +97,7 @@ def observe_hop(hop: str, elapsed_ms: float, budget_ms: float, over_budget: bool
 class _MethodSeries:
     """One method's latency child and its per-code counters."""
 
-    __slots__ = ("service", "method", "latency", "_handled")
+    __slots__ = ("_handled", "latency", "method", "service")
 
     def __init__(self, service: str, method: str):
         self.service, self.method = service, method

@@ -12,15 +12,15 @@ import functools
 import inspect
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit import metrics, tracing
+from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
 from meshkit.settings import ServiceSettings
 

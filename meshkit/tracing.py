@@ -22,9 +22,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import TextIO
 
 import grpc
 from opentelemetry import context as otel_context

@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # Part of every digest: bump it when the canonical form changes, and old
 # entries simply stop matching (they expire by TTL).

@@ -5,10 +5,10 @@ import logging
 
 import grpc
 from google.protobuf import json_format
+from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from meshkit.errors import FieldViolation, InvalidArgument
 from meshkit.server import ServiceSpec, rpc_method
-from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from services.cache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt
 from services.cache.settings import CacheSettings
 from services.cache.store import CachedAnswer, PromptCache, redact_url, redis_client

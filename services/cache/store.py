@@ -62,7 +62,7 @@ class CachedAnswer:
         return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "CachedAnswer":
+    def from_json(cls, raw: bytes | str) -> CachedAnswer:
         """Raises ValueError for anything that is not an answer this code wrote."""
         fields = json.loads(raw)
         if not isinstance(fields, dict) or set(fields) != set(cls.__dataclass_fields__):
@@ -292,7 +292,7 @@ class PromptCache:
     async def _admin(self, call):
         try:
             return await asyncio.wait_for(call, ADMIN_TIMEOUT_S)
-        except (aioredis.RedisError, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aioredis.RedisError, OSError) as error:
             log.warning("prompt cache admin call failed: %s", _describe(error))
             raise Unavailable("the prompt cache's Redis is unavailable") from None
 

@@ -53,7 +53,7 @@ def unwatch_engine(engine) -> None:
 class GenerationTimer:
     """Watches one request's stream: ``seen(item)`` for each item the engine yields."""
 
-    __slots__ = ("_submitted", "_first", "_finished")
+    __slots__ = ("_finished", "_first", "_submitted")
 
     def __init__(self):
         self._submitted = time.perf_counter()

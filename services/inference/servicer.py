@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc

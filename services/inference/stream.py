@@ -7,7 +7,7 @@ the GenerationStream reads.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.sequence import Sequence

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import tomllib
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jinja2
 from jinja2 import meta
@@ -40,7 +41,7 @@ class TemplateCatalog:
         self._by_id = dict(sorted(by_id.items()))
 
     @classmethod
-    def from_dir(cls, folder: Path) -> "TemplateCatalog":
+    def from_dir(cls, folder: Path) -> TemplateCatalog:
         if not folder.is_dir():
             raise TemplateFileError(f"{folder}: the templates folder does not exist")
         environment = sandbox_environment()

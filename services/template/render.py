@@ -8,7 +8,7 @@ comes out as those seven characters.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from meshkit.errors import FieldViolation, InvalidArgument, NotFound
 
@@ -43,7 +44,7 @@ class ChatTokenizer:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_folder(cls, folder: Path, name: str, limits: ChatLimits = ChatLimits()) -> "ChatTokenizer":
+    def from_folder(cls, folder: Path, name: str, limits: ChatLimits = ChatLimits()) -> ChatTokenizer:
         """Loads the tokenizer and chat template from a model folder (~1 s)."""
         from transformers import AutoTokenizer  # slow import, needed only here
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
-from meshkit.errors import Unavailable
 from meshkit import span_names
+from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing import tracer
 from services.model.store import load_model_files

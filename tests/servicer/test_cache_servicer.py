@@ -9,9 +9,9 @@ import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from meshkit.server import create_server
-from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from services.cache.servicer import build_spec
 from services.cache.settings import CacheSettings
 

@@ -6,8 +6,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+
 from services.inference.engine import Engine
 from services.inference.generation import Delta, GenerationRequest, SamplingConfig
 from services.inference.servicer import build_spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from pydantic import ValidationError
 
 from meshkit import errors
 from meshkit.settings import ServiceSettings
@@ -63,7 +64,7 @@ def test_settings_env_beats_file_beats_default(tmp_path, monkeypatch):
 
 def test_settings_are_frozen():
     settings = DemoSettings.load()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         settings.threads = 3
 
 

@@ -75,7 +75,7 @@ def test_an_unknown_id_is_not_found(catalog):
 
 
 def test_an_unknown_version_is_not_found(catalog):
-    with pytest.raises(NotFound, match="9.9.9"):
+    with pytest.raises(NotFound, match=r"9\.9\.9"):
         catalog.resolve("finance_question", "9.9.9")
 
 

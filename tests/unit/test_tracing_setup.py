@@ -19,9 +19,8 @@ def test_span_files_hold_one_json_line_per_span_in_the_form_the_cli_reads(tmp_pa
     provider = TracerProvider(resource=Resource.create({names.SERVICE_NAME: "nlpmesh-demo"}))
     provider.add_span_processor(SimpleSpanProcessor(tracing.span_file_exporter(tmp_path / "traces" / "demo.jsonl")))
     tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("outer") as outer:
-        with tracing.hop_span(tracer, "cache", outer, 5.0) as hop:
-            tracing.record_hop(hop, 7.5, 5.0, True)
+    with tracer.start_as_current_span("outer") as outer, tracing.hop_span(tracer, "cache", outer, 5.0) as hop:
+        tracing.record_hop(hop, 7.5, 5.0, True)
     provider.shutdown()
 
     lines = (tmp_path / "traces" / "demo.jsonl").read_text().splitlines()
