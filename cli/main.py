@@ -108,7 +108,11 @@ def cmd_demo(args) -> int:
             request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
                                     args.max_new_tokens, 0.0, None, mode)
             started = time.perf_counter()
-            result = ask(mesh.gateway_address, request)
+            try:
+                result = ask(mesh.gateway_address, request)
+            except grpc.RpcError as error:
+                _say(f"{error.code().name}: {error.details()}")
+                return 1
             print(timing_table(result))
             _say(f"client-side wall time {1000 * (time.perf_counter() - started):.2f} ms\n")
             if mode == 3:
