@@ -23,6 +23,7 @@ from cli.launcher import LocalMesh
 from meshkit.settings import default_home
 from services.inference.engine import Engine, EngineOptions
 from services.inference.loading import load_model
+from services.inference.settings import InferenceSettings
 from services.model.store import load_model_files
 
 QUESTION = "What are the applications of real-time AI in the financial industry?"
@@ -94,7 +95,7 @@ def _wait_for_hit(stub, request) -> None:
 
 def bench_generation(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     say("loading the same model in-process for the baseline")
-    model, tokenizer = load_model(load_model_files(default_home()))
+    model, tokenizer = load_model(load_model_files(default_home()), InferenceSettings().dtype)  # as the service
     torch.set_num_threads(2)
     engine = Engine(model, tokenizer, EngineOptions(threads=2))
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,

@@ -25,9 +25,19 @@ from meshkit.settings import TRACE_DIR_ENV
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return distinct_free_ports(1)[0]
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` free ports, all different: every socket stays bound until all are picked."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def check_health(address: str, timeout_s: float = 1.0) -> str:
@@ -78,8 +88,9 @@ class LocalMesh:
 
     def start(self, ready_timeout_s: float = 600.0) -> LocalMesh:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.ports = {s.name: free_port() if self.free_ports else s.port for s in self.services}
-        self.metrics_ports = {s.name: free_port() if self.free_ports else s.metrics_port
+        picked = iter(distinct_free_ports(2 * len(self.services) if self.free_ports else 0))
+        self.ports = {s.name: next(picked) if self.free_ports else s.port for s in self.services}
+        self.metrics_ports = {s.name: next(picked) if self.free_ports else s.metrics_port
                               for s in self.services if s.metrics_port or self.free_ports}
         redis_url = self.resolved_redis_url = self._start_redis()
         for service in self.services:

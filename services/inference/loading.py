@@ -27,12 +27,12 @@ def engine_options(settings: InferenceSettings) -> EngineOptions:
     )
 
 
-def load_model(files: ModelFiles) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (float32, eval mode) and its tokenizer from a converted folder."""
+def load_model(files: ModelFiles, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (in ``dtype``, eval mode) and its tokenizer from a converted folder."""
     log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
     tokenizer = AutoTokenizer.from_pretrained(files.path)
-    log.info("loading the weights")
-    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
+    log.info("loading the weights in %s", dtype)
+    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=getattr(torch, dtype))
     return model.eval(), tokenizer
 
 
@@ -40,7 +40,7 @@ def load_engine(settings: InferenceSettings) -> Engine:
     """The real model in a started engine. Blocking: run it in a thread."""
     started = time.monotonic()
     files = load_model_files(settings.home)
-    model, tokenizer = load_model(files)
+    model, tokenizer = load_model(files, settings.dtype)
     log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
     options = engine_options(settings)
     return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision)

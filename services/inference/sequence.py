@@ -54,7 +54,7 @@ class Sequence:
         output = self._model(
             input_ids=torch.tensor([input_ids]), cache=self._cache, use_cache=True, logits_to_keep=1
         )
-        return output.logits[:, -1, :]
+        return output.logits[:, -1, :].float()  # sampling works in float32 whatever the weights' precision
 
     def _finish(self, reason: FinishReason, text: str) -> str:
         self.finish_reason = reason

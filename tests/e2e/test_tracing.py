@@ -114,8 +114,14 @@ def finance_request(cache_mode) -> gateway_pb2.GenerateRequest:
 
 
 def has_root(spans: list[ReceivedSpan]) -> bool:
-    """The gateway's request span ends last: until it came, the trace is not all there."""
-    return any(s.name == "nlpmesh.gateway.v1.Gateway/Generate" for s in spans)
+    """The gateway's request span has come, and every other span's parent too.
+
+    Each process exports in batches of its own, so a parent (which ends after
+    its children) can arrive after them: until then the trace is not all there.
+    """
+    ids = {s.span_id for s in spans}
+    root = any(s.name == "nlpmesh.gateway.v1.Gateway/Generate" for s in spans)
+    return root and all(s.parent_id is None or s.parent_id in ids for s in spans)
 
 
 def descends_from(span: ReceivedSpan, ancestor: ReceivedSpan, by_id: dict[str, ReceivedSpan]) -> bool:

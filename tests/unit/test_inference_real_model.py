@@ -16,9 +16,9 @@ pytestmark = pytest.mark.model
 MAX_NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    return load_model(load_model_files(default_home()))
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def model_and_tokenizer(request):
+    return load_model(load_model_files(default_home()), request.param)
 
 
 @pytest.fixture(scope="module")
