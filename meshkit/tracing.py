@@ -150,6 +150,8 @@ def span_line(span: ReadableSpan) -> str:
 
 def extract_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:
     carrier = {key: value for key, value in (metadata or ()) if key in _TRACE_HEADERS and isinstance(value, str)}
+    if not carrier:  # no caller context: a new trace (skips the propagators, on every call)
+        return otel_context.Context()
     return propagate.extract(carrier)
 
 
@@ -311,7 +313,7 @@ def hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, budget_ms: floa
     service's server span then hangs under this hop span.
     """
     span = tracer.start_span(names.HOP_SPAN_PREFIX + hop, context=trace.set_span_in_context(parent),
-                             kind=SpanKind.CLIENT, attributes={names.HOP: hop, names.BUDGET_MS: budget_ms})
+                             kind=SpanKind.CLIENT, attributes={names.HOP: hop})  # budget: record_hop
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
         yield span
