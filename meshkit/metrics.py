@@ -19,6 +19,8 @@ import time
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from meshkit.call_status import final_code, stopped_code
+
 log = logging.getLogger("nlpmesh.metrics")
 
 # From sub-millisecond hops (a near-cache hit) to multi-second inference.
@@ -152,13 +154,13 @@ def _timed_call(behavior, series: _MethodSeries):
         code = grpc.StatusCode.UNKNOWN
         try:
             response = await behavior(request, context)
-            code = _final_code(context, grpc.StatusCode.OK)
+            code = final_code(context, grpc.StatusCode.OK)
             return response
         except asyncio.CancelledError:
-            code = _cancelled_code(context)
+            code = stopped_code(context)
             raise
         except BaseException:
-            code = _final_code(context, grpc.StatusCode.UNKNOWN)
+            code = final_code(context, grpc.StatusCode.UNKNOWN)
             raise
         finally:
             series.record(started, code)
@@ -177,12 +179,12 @@ def _timed_stream(behavior, series: _MethodSeries):
         try:
             async for message in behavior(request, context):
                 yield message
-            code = _final_code(context, grpc.StatusCode.OK)
+            code = final_code(context, grpc.StatusCode.OK)
         except (asyncio.CancelledError, GeneratorExit):
-            code = _cancelled_code(context)
+            code = stopped_code(context)
             raise
         except BaseException:
-            code = _final_code(context, grpc.StatusCode.UNKNOWN)
+            code = final_code(context, grpc.StatusCode.UNKNOWN)
             raise
         finally:
             series.record(started, code)
@@ -190,22 +192,7 @@ def _timed_stream(behavior, series: _MethodSeries):
     return timed
 
 
-def _final_code(context, default: grpc.StatusCode) -> grpc.StatusCode:
-    """The code the handler set (abort or set_code), else ``default``."""
-    code = context.code()
-    if code is None:
-        return default
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return _BY_VALUE.get(code, default)
 
 
-def _cancelled_code(context) -> grpc.StatusCode:
-    """A call stopped from outside: the deadline passed, or the caller cancelled."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
 
 
-_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}

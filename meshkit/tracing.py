@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from meshkit import span_names as names
+from meshkit.call_status import final_code, stopped_code
 
 log = logging.getLogger("nlpmesh.tracing")
 
@@ -47,7 +48,6 @@ _SERVER_ERRORS = frozenset({
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
 })
-_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 _SERVER_ATTRIBUTES = {names.RPC_SYSTEM: "grpc"}
 
 
@@ -246,13 +246,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
-                code = _final_code(context, grpc.StatusCode.OK)
+                code = final_code(context, grpc.StatusCode.OK)
                 return response
             except asyncio.CancelledError:
-                code = _stopped_code(context)
+                code = stopped_code(context)
                 raise
             except BaseException:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+                code = final_code(context, grpc.StatusCode.UNKNOWN)
                 raise
             finally:
                 _end(span, token, code)
@@ -266,12 +266,12 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for message in behavior(request, context):
                     yield message
-                code = _final_code(context, grpc.StatusCode.OK)
+                code = final_code(context, grpc.StatusCode.OK)
             except (asyncio.CancelledError, GeneratorExit):
-                code = _stopped_code(context)
+                code = stopped_code(context)
                 raise
             except BaseException:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+                code = final_code(context, grpc.StatusCode.UNKNOWN)
                 raise
             finally:
                 _end(span, token, code)
@@ -279,22 +279,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         return traced
 
 
-def _final_code(context, default: grpc.StatusCode) -> grpc.StatusCode:
-    """The code the handler set (abort or set_code), else ``default``."""
-    code = context.code()
-    if code is None:
-        return default
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return _CODES_BY_VALUE.get(code, default)
 
 
-def _stopped_code(context) -> grpc.StatusCode:
-    """A call stopped from outside: the deadline passed, or the caller cancelled."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
 
 
 def _end(span: trace.Span, token, code: grpc.StatusCode) -> None:
