@@ -1,5 +1,9 @@
-"""The status a served call ended with, as the tracing and metrics interceptors record it."""
+"""What the tracing and metrics interceptors share: wrapping each served call, and the status it ended with."""
 from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
 
 import grpc
 
@@ -22,3 +26,62 @@ def stopped_code(context) -> grpc.StatusCode:
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+def observed(handler: grpc.RpcMethodHandler, begin: Callable[[object], object],
+             end: Callable[[object, grpc.StatusCode], None]) -> grpc.RpcMethodHandler:
+    """The handler with ``state = begin(context)`` before each call and ``end(state, code)`` after it.
+
+    Used by the server interceptors that trace and time every call; ``code``
+    is the status the call ended with (a cancel or a passed deadline included).
+    """
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=_observed_call(handler.unary_unary, begin, end))
+    if handler.stream_unary is not None:
+        return handler._replace(stream_unary=_observed_call(handler.stream_unary, begin, end))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=_observed_stream(handler.unary_stream, begin, end))
+    return handler._replace(stream_stream=_observed_stream(handler.stream_stream, begin, end))
+
+
+def _observed_call(behavior, begin, end):
+    async def call(request, context):
+        state = begin(context)
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await behavior(request, context)
+            code = final_code(context, grpc.StatusCode.OK)
+            return response
+        except asyncio.CancelledError:
+            code = stopped_code(context)
+            raise
+        except BaseException:
+            code = final_code(context, grpc.StatusCode.UNKNOWN)
+            raise
+        finally:
+            end(state, code)
+
+    return call
+
+
+def _observed_stream(behavior, begin, end):
+    if not inspect.isasyncgenfunction(behavior):
+        return _observed_call(behavior, begin, end)  # a handler that writes with context.write()
+
+    async def stream(request, context):
+        state = begin(context)
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            async for message in behavior(request, context):
+                yield message
+            code = final_code(context, grpc.StatusCode.OK)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = stopped_code(context)
+            raise
+        except BaseException:
+            code = final_code(context, grpc.StatusCode.UNKNOWN)
+            raise
+        finally:
+            end(state, code)
+
+    return stream

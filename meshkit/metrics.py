@@ -11,15 +11,13 @@ The gateway calls ``observe_hop`` once per hop of every request.
 """
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import time
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from meshkit.call_status import final_code, stopped_code
+from meshkit.call_status import observed
 
 log = logging.getLogger("nlpmesh.metrics")
 
@@ -139,57 +137,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap(handler: grpc.RpcMethodHandler, series: _MethodSeries) -> grpc.RpcMethodHandler:
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=_timed_call(handler.unary_unary, series))
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=_timed_call(handler.stream_unary, series))
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=_timed_stream(handler.unary_stream, series))
-    return handler._replace(stream_stream=_timed_stream(handler.stream_stream, series))
-
-
-def _timed_call(behavior, series: _MethodSeries):
-    async def timed(request, context):
-        started = time.perf_counter()
-        code = grpc.StatusCode.UNKNOWN
-        try:
-            response = await behavior(request, context)
-            code = final_code(context, grpc.StatusCode.OK)
-            return response
-        except asyncio.CancelledError:
-            code = stopped_code(context)
-            raise
-        except BaseException:
-            code = final_code(context, grpc.StatusCode.UNKNOWN)
-            raise
-        finally:
-            series.record(started, code)
-
-    return timed
-
-
-def _timed_stream(behavior, series: _MethodSeries):
-    if not inspect.isasyncgenfunction(behavior):
-        # A streaming handler that writes with context.write() and returns.
-        return _timed_call(behavior, series)
-
-    async def timed(request, context):
-        started = time.perf_counter()
-        code = grpc.StatusCode.UNKNOWN
-        try:
-            async for message in behavior(request, context):
-                yield message
-            code = final_code(context, grpc.StatusCode.OK)
-        except (asyncio.CancelledError, GeneratorExit):
-            code = stopped_code(context)
-            raise
-        except BaseException:
-            code = final_code(context, grpc.StatusCode.UNKNOWN)
-            raise
-        finally:
-            series.record(started, code)
-
-    return timed
+    return observed(handler, lambda context: time.perf_counter(), series.record)
 
 
 

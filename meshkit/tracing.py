@@ -16,8 +16,6 @@ Where spans go (``configure_tracing``, once per process, in ``main()``):
 """
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import os
@@ -36,7 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from meshkit import span_names as names
-from meshkit.call_status import final_code, stopped_code
+from meshkit.call_status import observed
 
 log = logging.getLogger("nlpmesh.tracing")
 
@@ -225,13 +223,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         # rpc.method (each a cost on every call) would only repeat it.
         span_name = method.lstrip("/")
         attributes = _SERVER_ATTRIBUTES
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._traced_call(handler.unary_unary, span_name, attributes))
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return handler._replace(unary_stream=self._traced_stream(handler.unary_stream, span_name, attributes))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._traced_call(handler.unary_stream, span_name, attributes))
-        return handler  # client-streaming: the mesh serves none
+        return observed(handler, lambda context: self._start(span_name, attributes, context), _end)
 
     # Spans are started and made current by hand, not with start_as_current_span:
     # this runs on every call, and the cache-hit path is under a millisecond.
@@ -240,50 +232,9 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
-    def _traced_call(self, behavior, span_name: str, attributes: dict):
-        async def traced(request, context):
-            span, token = self._start(span_name, attributes, context)
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = await behavior(request, context)
-                code = final_code(context, grpc.StatusCode.OK)
-                return response
-            except asyncio.CancelledError:
-                code = stopped_code(context)
-                raise
-            except BaseException:
-                code = final_code(context, grpc.StatusCode.UNKNOWN)
-                raise
-            finally:
-                _end(span, token, code)
 
-        return traced
-
-    def _traced_stream(self, behavior, span_name: str, attributes: dict):
-        async def traced(request, context):
-            span, token = self._start(span_name, attributes, context)
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                async for message in behavior(request, context):
-                    yield message
-                code = final_code(context, grpc.StatusCode.OK)
-            except (asyncio.CancelledError, GeneratorExit):
-                code = stopped_code(context)
-                raise
-            except BaseException:
-                code = final_code(context, grpc.StatusCode.UNKNOWN)
-                raise
-            finally:
-                _end(span, token, code)
-
-        return traced
-
-
-
-
-
-
-def _end(span: trace.Span, token, code: grpc.StatusCode) -> None:
+def _end(started: tuple[trace.Span, object], code: grpc.StatusCode) -> None:
+    span, token = started
     span.set_attribute(names.RPC_GRPC_STATUS_CODE, code.value[0])
     if code in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, code.name))
