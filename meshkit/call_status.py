@@ -9,6 +9,35 @@ import grpc
 
 _BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
+# Health checks and reflection are the platform's calls, not a request's.
+PLATFORM_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each registered method's handler once (``wrap``), platform calls left alone.
+
+    Only methods a servicer registered are wrapped, so a caller cannot mint
+    per-method state by calling made-up methods.
+    """
+
+    def __init__(self):
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PLATFORM_METHODS):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
 
 def final_code(context, default: grpc.StatusCode) -> grpc.StatusCode:
     """The code the handler set (abort or set_code), else ``default``."""

@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 
-_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+from meshkit.call_status import PLATFORM_METHODS
 
 
 class DelayInterceptor(grpc.aio.ServerInterceptor):
@@ -16,6 +16,6 @@ class DelayInterceptor(grpc.aio.ServerInterceptor):
         self._delay_s = delay_ms / 1000.0
 
     async def intercept_service(self, continuation, handler_call_details):
-        if not handler_call_details.method.startswith(_EXEMPT):
+        if not handler_call_details.method.startswith(PLATFORM_METHODS):
             await asyncio.sleep(self._delay_s)
         return await continuation(handler_call_details)

@@ -17,7 +17,7 @@ import time
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from meshkit.call_status import observed
+from meshkit.call_status import ObservingInterceptor, observed
 
 log = logging.getLogger("nlpmesh.metrics")
 
@@ -48,7 +48,6 @@ HOP_BUDGET_USED = Histogram(
 )
 
 # Health checks and reflection are the platform's, not the mesh's work.
-_UNRECORDED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def server_interceptors(service: str) -> list:
@@ -112,7 +111,7 @@ class _MethodSeries:
         counter.inc()
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(ObservingInterceptor):
     """Times each served call and counts it by status code.
 
     Only methods a servicer registered are recorded (a client cannot mint label
@@ -120,24 +119,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, service: str):
+        super().__init__()
         self._service = service
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_UNRECORDED):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, _MethodSeries(self._service, method.rsplit("/", 1)[-1]))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        series = _MethodSeries(self._service, method.rsplit("/", 1)[-1])
+        return observed(handler, lambda context: time.perf_counter(), series.record)
 
-
-def _wrap(handler: grpc.RpcMethodHandler, series: _MethodSeries) -> grpc.RpcMethodHandler:
-    return observed(handler, lambda context: time.perf_counter(), series.record)
 
 
 

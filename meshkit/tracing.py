@@ -34,13 +34,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from meshkit import span_names as names
-from meshkit.call_status import observed
+from meshkit.call_status import ObservingInterceptor, observed
 
 log = logging.getLogger("nlpmesh.tracing")
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
-# Health checks and reflection are the platform's, not a request's.
-_UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Server-side codes that mean the service failed (the others are the caller's doing).
 _SERVER_ERRORS = frozenset({
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
@@ -194,7 +192,7 @@ def request_span(service_tracer: trace.Tracer, metadata, name: str):
         yield span
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(ObservingInterceptor):
     """Runs each served call (unary or server-streaming) inside a SERVER span.
 
     The span continues the caller's ``traceparent``; it is named after the
@@ -203,22 +201,10 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, service: str):
+        super().__init__()
         self._tracer = tracer(service)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_UNTRACED):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         # The name is the conventional "package.Service/Method", so rpc.service and
         # rpc.method (each a cost on every call) would only repeat it.
         span_name = method.lstrip("/")
