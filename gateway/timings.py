@@ -80,9 +80,8 @@ class HopClock:
 
     def finish(self) -> list[HopTiming]:
         """The hops so far plus ``total``, the gateway's own wall time against the total budget."""
-        total = self.record("total", self.started)
-        self.hops.pop()
-        return [*self.hops, total]
+        self.record("total", self.started)
+        return list(self.hops)
 
     def _budget_for(self, name: str) -> float:
         return self.budget.budget_for(name) if self.budget is not None else 0.0

@@ -9,16 +9,10 @@ import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh.gateway.v1 import gateway_pb2
 
-from gateway.__main__ import build_spec as gateway_spec
-from gateway.settings import GatewaySettings
 from meshkit.errors import InvalidArgument
-from services.cache.servicer import build_spec as cache_spec
-from services.cache.settings import CacheSettings
-from services.template.servicer import build_spec as template_spec
-from services.template.settings import TemplateSettings
-from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
+from tests.servicer.gateway_mesh import run_mesh
 
 
 def finance(cache_mode=gateway_pb2.CACHE_MODE_USE, **sampling) -> gateway_pb2.GenerateRequest:
@@ -26,33 +20,6 @@ def finance(cache_mode=gateway_pb2.CACHE_MODE_USE, **sampling) -> gateway_pb2.Ge
     variables.update({"question": "What is a bond?"})
     return gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
                                        sampling=gateway_pb2.SamplingParams(**sampling), cache_mode=cache_mode)
-
-
-def run_mesh(inprocess_server, redis_url, scenario):
-    """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes)."""
-    tokenizer, inference = FakeTokenizer(), FakeInference()
-
-    async def main():
-        async with (
-            inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
-            inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix="test:gw")),
-                             CacheSettings()) as cache,
-            inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
-            inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,
-        ):
-            settings = GatewaySettings(
-                template_addr=_target(template), cache_addr=_target(cache), tokenizer_addr=_target(tok),
-                inference_addr=_target(inf), redis_url=redis_url, cache_prefix="test:gw",
-            )
-            async with inprocess_server(gateway_spec(settings), settings) as gateway:
-                stub = gateway_pb2_grpc.GatewayStub(gateway.channel)
-                return await scenario(stub, tokenizer, inference)
-
-    return asyncio.run(main())
-
-
-def _target(running) -> str:
-    return running.address
 
 
 def bad_request_fields(error) -> list[str]:

@@ -8,22 +8,19 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh.gateway.v1 import gateway_pb2
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.__main__ import build_spec as gateway_spec
 from gateway.settings import GatewaySettings
 from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing import tracer
-from services.cache.servicer import build_spec as cache_spec
-from services.cache.settings import CacheSettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
-from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
+from tests.servicer.gateway_mesh import run_mesh
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CALLER_SPAN_ID = 0x00F067AA0BA902B7
@@ -157,36 +154,21 @@ def test_a_stream_that_fails_on_the_service_side_is_an_error_span(inprocess_serv
 def test_downstream_server_spans_hang_under_the_gateways_hop_spans(inprocess_server, redis_server, finished_spans):
     """The gateway's request span is its server span; each hop is its child, and the called
     service's server span is the hop's child, all in the caller's trace."""
-    tokenizer, inference = FakeTokenizer(), FakeInference()
+    async def scenario(stub, tokenizer, inference):
+        finished_spans.clear()  # warm-up calls are traces of their own
+        variables = struct_pb2.Struct()
+        variables.update({"question": "What is a bond?"})
+        request = gateway_pb2.GenerateRequest(
+            template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
+            sampling=gateway_pb2.SamplingParams(max_new_tokens=3), cache_mode=gateway_pb2.CACHE_MODE_REFRESH)
+        reply = await stub.Generate(request, timeout=10, metadata=(("traceparent", TRACEPARENT),))
+        for _ in range(100):  # the store runs after the answer was sent
+            if any(s.name == "nlpmesh.cache.v1.CacheService/Store" for s in finished_spans.get_finished_spans()):
+                break
+            await asyncio.sleep(0.02)
+        return reply
 
-    async def main():
-        async with (
-            inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
-            inprocess_server(cache_spec(CacheSettings(redis_url=redis_server, key_prefix="test:trace")),
-                             CacheSettings()) as cache,
-            inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
-            inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,
-        ):
-            settings = GatewaySettings(
-                template_addr=template.address, cache_addr=cache.address, tokenizer_addr=tok.address,
-                inference_addr=inf.address, redis_url=redis_server, cache_prefix="test:trace",
-            )
-            async with inprocess_server(gateway_spec(settings), settings) as gateway:
-                finished_spans.clear()  # warm-up calls are traces of their own
-                stub = gateway_pb2_grpc.GatewayStub(gateway.channel)
-                variables = struct_pb2.Struct()
-                variables.update({"question": "What is a bond?"})
-                request = gateway_pb2.GenerateRequest(
-                    template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
-                    sampling=gateway_pb2.SamplingParams(max_new_tokens=3), cache_mode=gateway_pb2.CACHE_MODE_REFRESH)
-                reply = await stub.Generate(request, timeout=10, metadata=(("traceparent", TRACEPARENT),))
-                for _ in range(100):  # the store runs after the answer was sent
-                    if any(s.name == "nlpmesh.cache.v1.CacheService/Store" for s in finished_spans.get_finished_spans()):
-                        break
-                    await asyncio.sleep(0.02)
-                return reply
-
-    reply = asyncio.run(main())
+    reply = run_mesh(inprocess_server, redis_server, scenario, key_prefix="test:trace")
     assert reply.trace_id == f"{TRACE_ID:032x}"
     spans = finished_spans.get_finished_spans()
     assert {s.context.trace_id for s in spans} == {TRACE_ID}

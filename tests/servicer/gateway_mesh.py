@@ -1,0 +1,37 @@
+"""The gateway over real in-process channels: real template and cache services,
+in-process fakes for the tokenizer and inference (unit scope: no model)."""
+from __future__ import annotations
+
+import asyncio
+
+from nlpmesh.gateway.v1 import gateway_pb2_grpc
+
+from gateway.__main__ import build_spec as gateway_spec
+from gateway.settings import GatewaySettings
+from services.cache.servicer import build_spec as cache_spec
+from services.cache.settings import CacheSettings
+from services.template.servicer import build_spec as template_spec
+from services.template.settings import TemplateSettings
+from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
+
+
+def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test:gw"):
+    """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes)."""
+    tokenizer, inference = FakeTokenizer(), FakeInference()
+
+    async def main():
+        async with (
+            inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
+            inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix=key_prefix)),
+                             CacheSettings()) as cache,
+            inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
+            inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,
+        ):
+            settings = GatewaySettings(
+                template_addr=template.address, cache_addr=cache.address, tokenizer_addr=tok.address,
+                inference_addr=inf.address, redis_url=redis_url, cache_prefix=key_prefix,
+            )
+            async with inprocess_server(gateway_spec(settings), settings) as gateway:
+                return await scenario(gateway_pb2_grpc.GatewayStub(gateway.channel), tokenizer, inference)
+
+    return asyncio.run(main())
