@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from meshkit.settings import default_home
 from services.inference.engine import Engine, EngineOptions
+from services.inference.prefix import PrefixCache
 from services.model.store import load_model_files
 
 VOCAB_SIZE = 49152  # the real tokenizer's
@@ -40,7 +41,8 @@ def tiny_llama(context_length: int = 4096, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_engine(model: LlamaForCausalLM | None = None, **options) -> Engine:
+def tiny_engine(model: LlamaForCausalLM | None = None, prefix_cache: PrefixCache | None = None,
+                **options) -> Engine:
     """A started engine on the tiny model; close it when done."""
     return Engine(
         model if model is not None else tiny_llama(),
@@ -48,4 +50,5 @@ def tiny_engine(model: LlamaForCausalLM | None = None, **options) -> Engine:
         EngineOptions(**options),
         model_name="tiny-llama",
         revision="test",
+        prefix_cache=prefix_cache,
     )

@@ -6,9 +6,20 @@
         ...
     engine.close()
 
-The worker interleaves the running requests round-robin, one decode step each,
-every request with its own KV cache. Results cross to the caller's event loop
-with ``loop.call_soon_threadsafe`` into a per-request ``asyncio.Queue``.
+Continuous batching: every turn of the worker loop
+1. drops cancelled requests (their KV row is free for the next one);
+2. admits waiting requests, up to ``max_running``: each is prefilled alone
+   (after copying any cached prefix of its prompt into its row) and yields its
+   first token;
+3. runs ONE forward for all running sequences, one new token each.
+A request joins at any step and leaves when it is done, stopped or cancelled,
+while the others go on. Each keeps its own sampler, seed, stop sequences and
+limits. Rows never see each other's tokens, and the KV layout (services/inference/kv.py)
+makes a row's numbers independent of the batch, so greedy output is the same
+alone or together.
+
+Results cross to the caller's event loop with ``loop.call_soon_threadsafe``
+into a per-request ``asyncio.Queue``.
 """
 from __future__ import annotations
 
@@ -22,7 +33,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from meshkit.errors import ResourceExhausted, Unavailable
+from services.inference import metrics
 from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
+from services.inference.kv import SlotKV
+from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
 from services.inference.stream import GenerationStream, Job
@@ -38,7 +52,7 @@ RETRY_AFTER_S = 1.0
 class EngineOptions:
     threads: int = 2
     max_queue: int = 64
-    max_running: int = 8
+    max_running: int = 8  # sequences decoded together (the batch's KV rows)
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 2048
     max_stop_sequences: int = 4
@@ -54,16 +68,22 @@ class Engine:
         *,
         model_name: str = "",
         revision: str = "",
+        prefix_cache: PrefixCache | None = None,
     ):
         self.model_name = model_name
         self.revision = revision
         self.tokenizer = tokenizer
         self.context_length: int = model.config.max_position_embeddings
         self.limits = _limits(model, options)
-        self._model = model.eval()
+        self.model = self._model = model.eval()
         self._options = options
         self._eos_ids = eos_token_ids(model)
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
+        kv_dtype = model.get_input_embeddings().weight.dtype
+        self._kv = SlotKV(model.config, options.max_running, kv_dtype)
+        self._prefix = prefix_cache
+        if prefix_cache is not None:
+            prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype)
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
@@ -72,9 +92,19 @@ class Engine:
         self._worker.start()
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the KV cache and of the activations."""
+        return self._kv.dtype
+
+    @property
     def active_count(self) -> int:
         """Requests queued or running."""
         return len(self._waiting) + len(self._running)
+
+    @property
+    def running_count(self) -> int:
+        """Requests admitted to the running batch."""
+        return len(self._running)
 
     @property
     def queue_depth(self) -> int:
@@ -104,6 +134,8 @@ class Engine:
             self._closing = True
             self._lock.notify()
         self._worker.join(timeout)
+        if self._prefix is not None:
+            self._prefix.close()
 
     def _cancel(self, job: Job) -> None:
         job.cancelled = True
@@ -115,47 +147,101 @@ class Engine:
     def _work(self) -> None:
         torch.set_num_threads(self._options.threads)
         with torch.inference_mode():
-            while (jobs := self._next_round()) is not None:
-                for job in jobs:
-                    self._advance(job)
-        self._fail_remaining()
+            while (admitted := self._next_round()) is not None:
+                self._drop_cancelled()
+                for job in admitted:
+                    if not job.cancelled:
+                        self._start(job)
+                if self._kv.used:
+                    self._decode_step()
+                if not self._running:
+                    self._kv.shrink()
 
     def _next_round(self) -> list[Job] | None:
-        """The running jobs after admitting waiting ones; blocks while idle; None to stop."""
+        """The jobs admitted for this turn (maybe none); blocks while idle; None to stop."""
         with self._lock:
             while not self._closing and not self._waiting and not self._running:
                 self._lock.wait()
             if self._closing:
                 return None
-            while self._waiting and len(self._running) < self._options.max_running:
-                self._running.append(self._waiting.popleft())
-            return list(self._running)
+            free = self._options.max_running - len(self._running)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._running += admitted
+            return admitted
 
-    def _advance(self, job: Job) -> None:
-        """One decode step for one job, or its end if it was cancelled."""
-        if job.cancelled:
+    def _drop_cancelled(self) -> None:
+        for job in [job for job in self._running if job.cancelled]:
             self._retire(job, job.finished(FinishReason.CANCELLED))
-            return
+
+    def _start(self, job: Job) -> None:
+        """Prefills one admitted request into a free row and emits its first token."""
+        job.spans.admitted()
+        prompt = job.request.prompt_token_ids
         try:
-            if job.sequence is None:
-                job.spans.admitted()
-                job.sequence = Sequence(job.request, self._model, self._text_tokenizer, self._eos_ids)
-            text = job.sequence.step()
-            job.spans.stepped(job.sequence.finish_reason is not None)
+            sequence = job.sequence = Sequence(job.request, self._text_tokenizer, self._eos_ids)
+            row = self._kv.allocate(job)
+            keys = self._prefix.keys(job.request.tenant, prompt) if self._prefix else []
+            match = self._prefix.match(keys) if keys else NO_MATCH
+            if match.kv is not None:
+                self._kv.write(row, 0, match.kv)
+            sequence.reused = match.tokens
+            positions, mask = self._kv.prefill(row, match.tokens, len(prompt) - match.tokens)
+            logits = self._forward(prompt[match.tokens :], positions, mask)
+            metrics.PREFILL_TOKENS.inc(len(prompt) - match.tokens)
+            sequence.length = len(prompt)
+            if keys:
+                known = match.tokens // self._prefix.block_tokens
+                self._prefix.remember(keys, known, lambda start, end: self._kv.read(row, start, end))
+            text = sequence.accept(logits[0])
         except Exception as error:
-            log.exception("generation failed for request %s", job.request.request_id)
+            log.exception("prefill failed for request %s", job.request.request_id)
             self._retire(job, error)
             return
+        self._emit(job, text)
+
+    def _decode_step(self) -> None:
+        """One forward for every running sequence (rows 0 .. B - 1), one token each."""
+        jobs: list[Job] = list(self._kv.owners)
+        sequences = [job.sequence for job in jobs]
+        try:
+            positions, mask = self._kv.decode([sequence.length for sequence in sequences])
+            logits = self._forward([[sequence.next_token] for sequence in sequences], positions, mask)
+            metrics.BATCH_SIZE.observe(len(jobs))
+            texts = []
+            for index, sequence in enumerate(sequences):
+                sequence.length += 1
+                texts.append(sequence.accept(logits[index]))
+        except Exception as error:
+            log.exception("a decode step failed for %d requests", len(jobs))
+            for job in jobs:
+                self._retire(job, error)
+            return
+        for job, text in zip(jobs, texts):
+            self._emit(job, text)
+
+    def _forward(self, input_ids: list, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last position's logits, (batch, vocab), for a forward the KV rows were set up for."""
+        ids = torch.tensor(input_ids if isinstance(input_ids[0], list) else [input_ids])
+        output = self._model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1:, :]
+
+    def _emit(self, job: Job, text: str) -> None:
+        sequence = job.sequence
+        job.spans.stepped(sequence.finish_reason is not None)
         if text:
             job.deliver(Delta(text))
-        if job.sequence.finish_reason is not None:
-            self._retire(job, job.finished(job.sequence.finish_reason))
+        if sequence.finish_reason is not None:
+            self._retire(job, job.finished(sequence.finish_reason))
 
     def _retire(self, job: Job, last: Finished | BaseException) -> None:
+        if job in self._kv.owners:
+            self._kv.free(job)
         with self._lock:
             self._running.remove(job)
         job.spans.finished(last)
-        job.sequence = None
         job.deliver(last)
 
     def _fail_remaining(self) -> None:

@@ -34,6 +34,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     request_id: str = ""
+    tenant: str = ""  # whose prompt: prefix KV is never shared across tenants
     # The caller's trace context: the engine's spans are its children. None = not traced.
     trace_context: Context | None = field(default=None, compare=False, repr=False)
 

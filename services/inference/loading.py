@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation import GenerationRequest, SamplingConfig
+from services.inference.precision import apply_precision
+from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
 from services.model.store import ModelFiles, load_model_files
 
@@ -28,12 +30,15 @@ def engine_options(settings: InferenceSettings) -> EngineOptions:
 
 
 def load_model(files: ModelFiles, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (in ``dtype``, eval mode) and its tokenizer from a converted folder."""
+    """The model (eval mode) and its tokenizer from a converted folder.
+
+    ``dtype`` is float32, bfloat16 or int8 (services/inference/precision.py).
+    """
     log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
     tokenizer = AutoTokenizer.from_pretrained(files.path)
     log.info("loading the weights in %s", dtype)
-    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=getattr(torch, dtype))
-    return model.eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
+    return apply_precision(model, dtype).eval(), tokenizer
 
 
 def load_engine(settings: InferenceSettings) -> Engine:
@@ -43,7 +48,32 @@ def load_engine(settings: InferenceSettings) -> Engine:
     model, tokenizer = load_model(files, settings.dtype)
     log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
     options = engine_options(settings)
-    return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision)
+    return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision,
+                  prefix_cache=prefix_cache(settings, files))
+
+
+def prefix_cache(settings: InferenceSettings, files: ModelFiles) -> PrefixCache | None:
+    """The two-tier prefix KV cache the settings ask for; None when it is off."""
+    if settings.prefix_cache_bytes == 0:
+        log.info("prefix KV reuse is off")
+        return None
+    shared = None
+    if settings.redis_url:
+        shared = RedisBlocks(
+            settings.redis_url,
+            budget_s=settings.prefix_redis_budget_ms / 1000,
+            ttl_s=settings.prefix_redis_ttl_s,
+            cooldown_s=settings.prefix_redis_cooldown_s,
+        )
+    log.info("prefix KV reuse: %d-token blocks, %d MiB in process, %s", settings.prefix_block_tokens,
+             settings.prefix_cache_bytes // 2**20, "shared through Redis" if shared else "no Redis tier")
+    return PrefixCache(
+        model=files.name,
+        revision=files.revision,
+        block_tokens=settings.prefix_block_tokens,
+        local_bytes=settings.prefix_cache_bytes,
+        shared=shared,
+    )
 
 
 async def warm_up_engine(engine: Engine) -> None:

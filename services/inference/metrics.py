@@ -86,3 +86,18 @@ class GenerationTimer:
         _finished[item.finish_reason].inc()
         if item.completion_tokens > 1 and self._first is not None and now > self._first:
             TOKENS_PER_SECOND.observe((item.completion_tokens - 1) / (now - self._first))
+
+
+# Recorded by the engine's worker thread.
+BATCH_SIZE = Histogram(
+    "nlpmesh_inference_batch_size", "Sequences in each batched decode step.",
+    buckets=(1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32),
+)
+PREFILL_TOKENS = Counter("nlpmesh_inference_prefill_tokens_total", "Prompt tokens run through the model.")
+PREFIX_LOOKUPS = Counter(
+    "nlpmesh_inference_prefix_lookups_total",
+    "Prefix KV lookups by tier (local, redis) and result (hit, miss, error: Redis failed or cooling down).",
+    ["tier", "result"],
+)
+PREFIX_TOKENS_REUSED = Counter(
+    "nlpmesh_inference_prefix_tokens_reused_total", "Prompt tokens whose prefill was skipped, by tier.", ["tier"])

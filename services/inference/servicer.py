@@ -86,6 +86,7 @@ def _generation_request(request: inference_pb2.GenerateRequest, request_id: str)
             stop=tuple(sampling.stop),
         ),
         request_id=request_id,
+        tenant=request.tenant,
         trace_context=_trace_context(),
     )
 

@@ -1,0 +1,168 @@
+"""The running batch's KV memory: one row per sequence, one forward for all rows.
+
+transformers' model code calls ``cache.update(keys, values, layer_idx)`` in every
+attention layer; ``SlotKV`` answers it from preallocated buffers
+
+    keys[layer]: (rows, kv_heads, capacity, head_dim)     (values alike)
+
+where row ``r`` holds one sequence's tokens in columns ``0 .. length - 1``. Rows
+stay packed (``0 .. used - 1``), so a decode step reads plain views and copies
+no KV: each row writes its new token at its own column and the attention mask
+hides every row's columns past its own length. A forward is one of
+
+- ``prefill(row, start, n)``: ``n`` prompt tokens of one row, after ``start``
+  tokens already in place (a reused prefix);
+- ``decode(lengths)``: one new token for each of the rows ``0 .. B - 1``.
+
+The model is called with our 4-D boolean mask and explicit position ids, which
+transformers uses as given. Freeing a row moves the last row into it, so
+sequences must ask ``row_of`` after each ``free``.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+# Columns are added in steps of this many tokens (grown by doubling past it).
+INITIAL_CAPACITY = 512
+# Attention always spans a multiple of this many columns (the extra ones masked).
+# CPU attention sums in vector lanes, and a width that is not a multiple of the
+# lane count takes a tail path that rounds differently; with aligned widths a
+# row's attention gives the same bits alone or beside longer rows, so greedy
+# output does not depend on what else is running.
+WIDTH_ALIGN = 16
+
+
+def _aligned(width: int) -> int:
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
+
+
+class SlotKV:
+    def __init__(self, config: PretrainedConfig, rows: int, dtype: torch.dtype):
+        self.layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rows = rows
+        self.dtype = dtype
+        self.capacity = 0
+        # keys and values of every layer in one tensor each: (layers, rows, kv_heads, capacity, head_dim)
+        self._keys = torch.empty(0)
+        self._values = torch.empty(0)
+        self._owners: list[object] = []  # row -> its sequence
+        self._forward: _Prefill | _Decode | None = None
+
+    # -- rows ---------------------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        return len(self._owners)
+
+    @property
+    def owners(self) -> tuple[object, ...]:
+        """The sequences in row order."""
+        return tuple(self._owners)
+
+    def shrink(self) -> None:
+        """With no rows in use, drops buffers grown past the initial size (a long prompt's memory)."""
+        if not self._owners and self.capacity > INITIAL_CAPACITY:
+            self._keys = self._values = torch.empty(0)
+            self.capacity = 0
+
+    def allocate(self, owner: object) -> int:
+        if self.used >= self.rows:
+            raise RuntimeError("no free KV row")  # the engine admits at most `rows` sequences
+        self._owners.append(owner)
+        return self.used - 1
+
+    def free(self, owner: object) -> None:
+        """Releases ``owner``'s row; the last row moves into it (its KV too)."""
+        row = self._owners.index(owner)
+        last = self.used - 1
+        if row != last and self.capacity:
+            self._keys[:, row] = self._keys[:, last]
+            self._values[:, row] = self._values[:, last]
+        self._owners[row] = self._owners[last]
+        self._owners.pop()
+
+    def row_of(self, owner: object) -> int:
+        return self._owners.index(owner)
+
+    def reserve(self, length: int) -> None:
+        """Makes room for ``length`` tokens per row (grows by doubling, copying used rows)."""
+        if length <= self.capacity:
+            return
+        capacity = max(INITIAL_CAPACITY, self.capacity)
+        while capacity < length:
+            capacity *= 2
+        shape = (self.layers, self.rows, self.kv_heads, capacity, self.head_dim)
+        keys, values = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        if self.capacity:
+            keys[:, :, :, : self.capacity] = self._keys
+            values[:, :, :, : self.capacity] = self._values
+        self._keys, self._values, self.capacity = keys, values, capacity
+
+    # -- blocks of KV, for prefix reuse ----------------------------------------
+
+    def read(self, row: int, start: int, end: int) -> torch.Tensor:
+        """A copy of one row's KV for tokens ``start .. end - 1``: (2, layers, kv_heads, n, head_dim)."""
+        return torch.stack((self._keys[:, row, :, start:end], self._values[:, row, :, start:end])).clone()
+
+    def write(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Puts KV read by ``read`` (or rebuilt from Redis) at ``start`` in ``row``."""
+        end = start + kv.shape[3]
+        self.reserve(end)
+        self._keys[:, row, :, start:end] = kv[0]
+        self._values[:, row, :, start:end] = kv[1]
+
+    # -- forwards -------------------------------------------------------------
+
+    def prefill(self, row: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sets up a forward of ``count`` tokens for ``row``; returns (position_ids, attention_mask)."""
+        width = _aligned(start + count)
+        self.reserve(width)
+        self._forward = _Prefill(row, start, count, width)
+        positions = torch.arange(start, start + count)
+        mask = torch.arange(width).unsqueeze(0) <= positions.unsqueeze(1)  # (count, width): causal
+        return positions.unsqueeze(0), mask[None, None]
+
+    def decode(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sets up one token for each of rows ``0 .. len(lengths) - 1``, where row ``r`` holds ``lengths[r]``."""
+        width = _aligned(max(lengths) + 1)
+        self.reserve(width)
+        positions = torch.tensor(lengths)
+        self._forward = _Decode(torch.arange(len(lengths)), positions, width)
+        mask = torch.arange(width).unsqueeze(0) <= positions.unsqueeze(1)  # (B, width)
+        return positions.unsqueeze(1), mask[:, None, None, :]
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, **_
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called by each attention layer with the new tokens' (B, kv_heads, n, head_dim)."""
+        all_keys, all_values = self._keys[layer_idx], self._values[layer_idx]
+        forward = self._forward
+        if isinstance(forward, _Prefill):
+            row, start, end = forward.row, forward.start, forward.start + forward.count
+            all_keys[row, :, start:end] = keys[0]
+            all_values[row, :, start:end] = values[0]
+            return all_keys[row : row + 1, :, : forward.width], all_values[row : row + 1, :, : forward.width]
+        batch = forward.rows.shape[0]
+        all_keys[forward.rows, :, forward.positions] = keys[:, :, 0]
+        all_values[forward.rows, :, forward.positions] = values[:, :, 0]
+        return all_keys[:batch, :, : forward.width], all_values[:batch, :, : forward.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # transformers asks when given no position ids
+        raise RuntimeError("SlotKV forwards always pass position ids")
+
+
+class _Prefill:
+    __slots__ = ("count", "row", "start", "width")
+
+    def __init__(self, row: int, start: int, count: int, width: int):
+        self.row, self.start, self.count, self.width = row, start, count, width
+
+
+class _Decode:
+    __slots__ = ("positions", "rows", "width")
+
+    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, width: int):
+        self.rows, self.positions, self.width = rows, positions, width

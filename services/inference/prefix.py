@@ -1,0 +1,235 @@
+"""Prefix KV reuse: blocks of KV state keyed by the token prefix, in two tiers.
+
+A prompt is cut into blocks of ``block_tokens`` tokens. Block ``j``'s key is a
+chained sha256 over the model, its revision, the tenant and every token up to
+the end of block ``j``, so equal keys mean equal prefixes, and one tenant's
+blocks never match another's (the tenant is hashed in, and never appears in a
+key name). A block holds that block's KV for all layers:
+``(2, layers, kv_heads, block_tokens, head_dim)`` in the model's dtype.
+
+- ``local``: an LRU bounded in bytes, in this process.
+- ``redis``: shared by all replicas, with a TTL. Reads take at most
+  ``budget_s``; an error or a timeout counts as a miss and keeps Redis out of
+  the path for ``cooldown_s``, so a slow or dead Redis costs a request at most
+  its budget. Writes go out on a background thread, off the decode loop.
+
+``match`` finds the longest run of cached blocks from the start (local first,
+then one Redis round trip for the rest); at least one prompt token is always
+left to prefill, because the first generated token needs its logits.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+import torch
+from cachetools import LRUCache
+
+from services.inference import metrics
+
+log = logging.getLogger("nlpmesh.inference.prefix")
+
+KEY_FORMAT = 1  # bump when the block layout changes: old entries stop matching
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    tokens: int  # prompt tokens covered by ``kv`` (a multiple of the block size)
+    kv: torch.Tensor | None  # (2, layers, kv_heads, tokens, head_dim), None when tokens == 0
+    local_blocks: int = 0
+    redis_blocks: int = 0
+
+
+NO_MATCH = PrefixMatch(0, None)
+
+
+class _Block:
+    __slots__ = ("kv", "shared")
+
+    def __init__(self, kv: torch.Tensor, shared: bool):
+        self.kv = kv
+        self.shared = shared  # known to be in Redis: no need to write it again
+
+
+class RedisBlocks:
+    """The Redis tier: raw block bytes under ``<prefix>:<hex key>``, with a TTL."""
+
+    def __init__(self, url: str, *, budget_s: float = 0.05, ttl_s: int = 3600, cooldown_s: float = 5.0,
+                 key_prefix: str = "nlpmesh:kv"):
+        self._client = redis.Redis.from_url(url, socket_timeout=budget_s, socket_connect_timeout=budget_s)
+        self._ttl_s = ttl_s
+        self._cooldown_s = cooldown_s
+        self._prefix = key_prefix
+        self._down_until = 0.0
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefix-redis-writer")
+
+    def get(self, keys: list[bytes]) -> list[bytes | None] | None:
+        """The values (None where absent); None when Redis failed or is cooling down."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            return self._client.mget([self._name(key) for key in keys])
+        except redis.RedisError as error:
+            self._failed("read", error)
+            return None
+
+    def put(self, items: list[tuple[bytes, bytes]]) -> concurrent.futures.Future:
+        return self._writer.submit(self._put, items)
+
+    def flush(self) -> None:
+        """Waits for the writes queued so far."""
+        self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._client.close()
+
+    def _put(self, items: list[tuple[bytes, bytes]]) -> None:
+        if time.monotonic() < self._down_until:
+            return
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(self._name(key), value, ex=self._ttl_s)
+                pipe.execute()
+        except redis.RedisError as error:
+            self._failed("write", error)
+
+    def _name(self, key: bytes) -> str:
+        return f"{self._prefix}:{key.hex()}"
+
+    def _failed(self, what: str, error: redis.RedisError) -> None:
+        if time.monotonic() >= self._down_until:  # once per cooldown, not once per request
+            log.warning("prefix KV %s failed (%s); Redis skipped for %.0f s", what, type(error).__name__,
+                        self._cooldown_s)
+        self._down_until = time.monotonic() + self._cooldown_s
+
+
+class PrefixCache:
+    def __init__(
+        self,
+        *,
+        model: str,
+        revision: str,
+        block_tokens: int = 16,
+        local_bytes: int = 256 * 1024 * 1024,
+        shared: RedisBlocks | None = None,
+    ):
+        if block_tokens < 1:
+            raise ValueError("block_tokens must be at least 1")
+        self.block_tokens = block_tokens
+        self._root = hashlib.sha256(f"nlpmesh-kv/{KEY_FORMAT}\0{model}\0{revision}".encode()).digest()
+        self._local: LRUCache[bytes, _Block] = LRUCache(maxsize=max(local_bytes, 1), getsizeof=_block_bytes)
+        self._lock = threading.Lock()  # the worker reads; nothing else writes, but keep the LRU safe
+        self._shared = shared
+        self._block_shape: tuple[int, ...] = ()
+        self._dtype = torch.float32
+        self._block_nbytes = 0
+
+    def keys(self, tenant: str, token_ids: list[int]) -> list[bytes]:
+        """The keys of the prompt's full blocks that may be reused (never its last token)."""
+        count = (len(token_ids) - 1) // self.block_tokens
+        digest = hashlib.sha256(self._root + b"\0tenant\0" + tenant.encode()).digest()
+        keys = []
+        for index in range(count):
+            block = token_ids[index * self.block_tokens : (index + 1) * self.block_tokens]
+            digest = hashlib.sha256(digest + struct.pack(f"<{len(block)}I", *block)).digest()
+            keys.append(digest)
+        return keys
+
+    def match(self, keys: list[bytes]) -> PrefixMatch:
+        if not keys:
+            return NO_MATCH
+        blocks: list[torch.Tensor] = []
+        with self._lock:
+            for key in keys:
+                block = self._local.get(key)
+                if block is None:
+                    break
+                blocks.append(block.kv)
+        local = len(blocks)
+        metrics.PREFIX_LOOKUPS.labels("local", "hit" if local else "miss").inc()
+        fetched = self._fetch(keys[local:]) if local < len(keys) else []
+        blocks += fetched
+        if not blocks:
+            return NO_MATCH
+        kv = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=3)
+        metrics.PREFIX_TOKENS_REUSED.labels("local").inc(local * self.block_tokens)
+        metrics.PREFIX_TOKENS_REUSED.labels("redis").inc(len(fetched) * self.block_tokens)
+        return PrefixMatch(len(blocks) * self.block_tokens, kv, local, len(fetched))
+
+    def remember(self, keys: list[bytes], known: int, read: Callable[[int, int], torch.Tensor]) -> None:
+        """Keeps blocks ``known ..`` of a prefilled prompt; ``read(start, end)`` copies their KV."""
+        to_share: list[tuple[bytes, bytes]] = []
+        with self._lock:
+            for index in range(known, len(keys)):
+                key = keys[index]
+                if key in self._local:
+                    continue
+                kv = read(index * self.block_tokens, (index + 1) * self.block_tokens)
+                self._local[key] = _Block(kv, shared=self._shared is not None)
+                if self._shared is not None:
+                    to_share.append((key, _encode(kv)))
+        if to_share:
+            self._shared.put(to_share)
+
+    @property
+    def local_bytes(self) -> int:
+        """Bytes held by the in-process tier."""
+        return int(self._local.currsize)
+
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+
+    def _fetch(self, keys: list[bytes]) -> list[torch.Tensor]:
+        """The longest run of ``keys`` found in Redis, from the first; each one kept locally too."""
+        if self._shared is None:
+            return []
+        values = self._shared.get(keys)
+        if values is None:
+            metrics.PREFIX_LOOKUPS.labels("redis", "error").inc()
+            return []
+        blocks = []
+        with self._lock:
+            for key, value in zip(keys, values):
+                kv = None if value is None else self._decode(value)
+                if kv is None:
+                    break
+                self._local[key] = _Block(kv, shared=True)
+                blocks.append(kv)
+        metrics.PREFIX_LOOKUPS.labels("redis", "hit" if blocks else "miss").inc()
+        return blocks
+
+    def configure(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """The engine's KV layout, which blocks from Redis must have (called once, by the engine)."""
+        self._block_shape = (2, layers, kv_heads, self.block_tokens, head_dim)
+        self._dtype = dtype
+        self._block_nbytes = _element_count(self._block_shape) * torch.empty(0, dtype=dtype).element_size()
+
+    def _decode(self, value: bytes) -> torch.Tensor | None:
+        if len(value) != self._block_nbytes:  # another layout under the same key: treat as absent
+            return None
+        return torch.frombuffer(bytearray(value), dtype=self._dtype).view(self._block_shape)
+
+
+def _encode(kv: torch.Tensor) -> bytes:
+    return kv.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _element_count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _block_bytes(block: _Block) -> int:
+    return block.kv.nbytes

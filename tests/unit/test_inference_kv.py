@@ -1,0 +1,74 @@
+"""SlotKV: packed rows, aligned attention widths, masks, and moving a row on free."""
+import torch
+from transformers import LlamaConfig
+
+from services.inference.kv import WIDTH_ALIGN, SlotKV
+
+CONFIG = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)
+
+
+def new_kv(rows: int = 3) -> SlotKV:
+    return SlotKV(CONFIG, rows, torch.float32)
+
+
+def filled(kv: SlotKV, owner: str, length: int, value: float) -> int:
+    row = kv.allocate(owner)
+    kv.write(row, 0, torch.full((2, kv.layers, kv.kv_heads, length, kv.head_dim), value))
+    return row
+
+
+def test_decode_masks_each_row_past_its_own_length_over_an_aligned_width():
+    kv = new_kv()
+    filled(kv, "a", 5, 1.0)
+    filled(kv, "b", 20, 2.0)
+    positions, mask = kv.decode([5, 20])
+    assert positions.tolist() == [[5], [20]]
+    assert mask.shape == (2, 1, 1, 2 * WIDTH_ALIGN)  # 21 columns needed, rounded up
+    assert mask[0, 0, 0].nonzero().flatten().tolist() == list(range(6))  # its 5 tokens + the new one
+    assert mask[1, 0, 0].nonzero().flatten().tolist() == list(range(21))
+
+
+def test_update_writes_each_rows_new_token_at_its_own_column():
+    kv = new_kv()
+    filled(kv, "a", 5, 1.0)
+    filled(kv, "b", 9, 2.0)
+    kv.decode([5, 9])
+    new = torch.stack([torch.full((1, 1, 4), 7.0), torch.full((1, 1, 4), 8.0)])  # (B, kv_heads, 1, head_dim)
+    keys, values = kv.update(new, new + 1, layer_idx=1)
+    assert keys.shape == (2, 1, WIDTH_ALIGN, 4)
+    assert keys[0, 0, 5].tolist() == [7.0] * 4 and keys[0, 0, 4].tolist() == [1.0] * 4
+    assert keys[1, 0, 9].tolist() == [8.0] * 4 and values[1, 0, 9].tolist() == [9.0] * 4
+
+
+def test_prefill_after_a_reused_prefix_is_causal_from_its_start():
+    kv = new_kv()
+    row = filled(kv, "a", 16, 1.0)
+    positions, mask = kv.prefill(row, 16, 3)
+    assert positions.tolist() == [[16, 17, 18]]
+    assert mask.shape == (1, 1, 3, 2 * WIDTH_ALIGN)
+    assert [int(m.sum()) for m in mask[0, 0]] == [17, 18, 19]
+
+
+def test_freeing_a_row_moves_the_last_row_and_its_kv_into_it():
+    kv = new_kv()
+    filled(kv, "a", 4, 1.0)
+    filled(kv, "b", 4, 2.0)
+    filled(kv, "c", 4, 3.0)
+    kv.free("a")
+    assert kv.owners == ("c", "b")
+    assert kv.read(kv.row_of("c"), 0, 4).unique().tolist() == [3.0]
+    assert kv.read(kv.row_of("b"), 0, 4).unique().tolist() == [2.0]
+    kv.free("b")
+    kv.free("c")
+    assert kv.used == 0
+
+
+def test_a_long_row_grows_the_buffers_and_keeps_what_was_there():
+    kv = new_kv()
+    row = filled(kv, "a", 10, 5.0)
+    kv.prefill(row, 10, 1000)
+    assert kv.capacity >= 1010
+    assert kv.read(row, 0, 10).unique().tolist() == [5.0]
+    kv.free("a")
+    kv.shrink()
+    assert kv.capacity == 0
