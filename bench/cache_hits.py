@@ -27,6 +27,21 @@ def hit_c1(stub, request, count: int) -> list[float]:
     return timed_sync(once, count)
 
 
+def hit_c1_interleaved(stubs: dict, request, count: int, block: int = 10) -> dict[str, list[float]]:
+    """``count`` hits on each stub, taken in blocks of ``block`` in turn, the order rotating.
+
+    On a shared machine the load moves within seconds: fine-grained turns give
+    every gateway the same conditions, and the rotation no gateway the same place.
+    """
+    names = list(stubs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(count // block):
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name] += hit_c1(stubs[name], request, block)
+    return samples
+
+
 def empty_rpc_c1(channel, count: int) -> list[float]:
     stub = health_pb2_grpc.HealthStub(channel)
     return timed_sync(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10), count)

@@ -1,7 +1,9 @@
 """`make bench`: the mesh's latency beside baselines measured in the same run.
 
 Rounds interleave the variants (this machine is shared and its idle cores wake
-slowly), and every figure is a median and a p99 over all rounds.
+slowly; the gateway variants take turns of 10 hits), and every figure is a
+median and a p99 over all rounds. `python -m bench.run --only cache` runs the
+cache hits alone, the tracing overhead (default against tracing_off) included.
 """
 from __future__ import annotations
 
@@ -61,8 +63,8 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
         for index in range(rounds):
             say(f"cache hits: round {index + 1}/{rounds}")
             samples["grpc_empty_rpc_c1"] += cache_hits.empty_rpc_c1(channels["default"], per_round)
-            for name, stub in stubs.items():
-                samples[f"cache_hit_c1[{name}]"] += cache_hits.hit_c1(stub, request, per_round)
+            for name, hits in cache_hits.hit_c1_interleaved(stubs, request, per_round).items():
+                samples[f"cache_hit_c1[{name}]"] += hits
             if redis_url:
                 samples["redis_get_c1"] += cache_hits.redis_get_c1(redis_url, "nlpmesh:bench:probe", per_round)
             latencies, rate = cache_hits.hit_concurrent(addresses["default"], request, 16, per_round // 16)
@@ -127,8 +129,17 @@ def bench_generation(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
 
 
 def table(results: dict) -> str:
+    lines = []
+    if "cache_hits" in results:
+        lines += cache_hit_lines(results["cache_hits"]) + [""]
+    if "generation" in results:
+        lines += generation_lines(results["generation"])
+    return "\n".join(lines)
+
+
+def cache_hit_lines(cache_hits: dict) -> list[str]:
     lines = [f"{'cache hit (end to end, client side)':<38}{'n':>7}{'p50 ms':>10}{'p99 ms':>10}  notes"]
-    for name, row in results["cache_hits"].items():
+    for name, row in cache_hits.items():
         notes = ""
         if "ratio_to_empty_rpc_p50" in row:
             notes = f"{row['ratio_to_empty_rpc_p50']:.2f}x an empty gRPC call"
@@ -137,16 +148,19 @@ def table(results: dict) -> str:
         if "throughput_rps" in row:
             notes = f"{row['throughput_rps']:.0f} req/s"
         lines.append(f"{name:<38}{row['n']:>7}{row['p50_ms']:>10.3f}{row['p99_ms']:>10.3f}  {notes}")
-    lines.append("")
-    lines.append(f"{'generation (greedy)':<38}{'n':>7}{'ttft p50':>10}{'ttft p99':>10}{'tok/s':>8}  notes")
-    for name, row in results["generation"].items():
+    return lines
+
+
+def generation_lines(generation: dict) -> list[str]:
+    lines = [f"{'generation (greedy)':<38}{'n':>7}{'ttft p50':>10}{'ttft p99':>10}{'tok/s':>8}  notes"]
+    for name, row in generation.items():
         notes = ""
         if "ttft_ratio_to_in_process" in row:
             notes = (f"ttft {row['ttft_ratio_to_in_process']:.2f}x, decode "
                      f"{row['decode_ratio_to_in_process']:.2f}x in-process")
         lines.append(f"{name:<38}{row['ttft']['n']:>7}{row['ttft']['p50_ms']:>10.1f}{row['ttft']['p99_ms']:>10.1f}"
                      f"{row['decode_tok_s_median']:>8.1f}  {notes}")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
@@ -155,17 +169,19 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--gen-rounds", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--only", choices=("cache", "generation"),
+                        help="run one part: cache (the cache-hit variants, tracing overhead included) or generation")
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-"))
     mesh = LocalMesh(run_dir, free_ports=True, progress=say)
     mesh.start()
     try:
         redis_url = mesh.resolved_redis_url
-        results = {
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
-            "cache_hits": bench_cache_hits(mesh, redis_url, args.rounds, args.per_round),
-            "generation": bench_generation(mesh, args.gen_rounds, args.max_new_tokens),
-        }
+        results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
+        if args.only != "generation":
+            results["cache_hits"] = bench_cache_hits(mesh, redis_url, args.rounds, args.per_round)
+        if args.only != "cache":
+            results["generation"] = bench_generation(mesh, args.gen_rounds, args.max_new_tokens)
     finally:
         mesh.stop()
     print(table(results))

@@ -15,10 +15,11 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0)
     """Starts one more gateway on the mesh's services; returns (process, address) once SERVING."""
     gateway = next(s for s in mesh.services if s.name == "gateway")
     port = free_port()
-    # The same environment as the mesh's own gateway (span files included), less
-    # its metrics endpoint, plus the variant's settings.
+    # The same environment as the mesh's own gateway (span files, flushed as often
+    # as the launcher has them), less its metrics endpoint, plus the variant's settings.
     variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
                    TRACE_DIR_ENV: str(mesh.trace_dir or ""), **env}
+    variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=variant_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
