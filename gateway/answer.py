@@ -131,8 +131,12 @@ class Answerer:
                 yield event
 
     async def _lookup(self, key: PromptCacheKey, budget: RequestBudget, clock: HopClock) -> CachedAnswer | None:
-        """A cache lookup bounded by the cache hop's budget: out of budget is a miss, not a failure."""
-        with clock.hop("cache"):
+        """A cache lookup bounded by the cache hop's budget: out of budget is a miss, not a failure.
+
+        The hop's span starts only when the lookup goes to Redis: a near-tier hit
+        stays in this process, and its request span says so (nlpmesh.cache.tier).
+        """
+        with clock.hop("cache", deferred_span=True):
             return await self._cache.lookup(key, timeout_s=budget.deadline_s("cache"))
 
     async def count_tokens(self, prompt: TemplateCall | Chat, requested_model: str, call: CallContext,

@@ -39,14 +39,19 @@ class HopClock:
     hops: list[HopTiming] = field(default_factory=list)
 
     @contextmanager
-    def hop(self, name: str):
-        """Times the block as hop ``name``; yields its span (for the downstream call's metadata)."""
+    def hop(self, name: str, deferred_span: bool = False):
+        """Times the block as hop ``name``; yields its span (for the downstream call's metadata).
+
+        ``deferred_span``: the hop makes a span only if it leaves the process, fails
+        or runs over budget (meshkit.tracing.DeferredHopSpan), as a cache lookup
+        answered from the near tier does not.
+        """
         begun = time.perf_counter()
         budget = self._budget_for(name)
         if self.tracer is None:
             span_context = _no_span()
         else:
-            span_context = hop_span(self.tracer, name, self.parent, budget)
+            span_context = hop_span(self.tracer, name, self.parent, budget, deferred=deferred_span)
         with span_context as span:
             succeeded = False
             try:

@@ -16,6 +16,7 @@ Where spans go (``configure_tracing``, once per process, in ``main()``):
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -44,7 +45,6 @@ _SERVER_ERRORS = frozenset({
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
 })
-_SERVER_ATTRIBUTES = {names.RPC_SYSTEM: "grpc"}
 
 
 def configure_tracing(service: str, trace_dir: str | os.PathLike = "") -> trace.Tracer:
@@ -124,24 +124,21 @@ class SpanFileExporter(SpanExporter):
         self._out.close()
 
 
-_encode_line = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+# The fixed fields are formatted, not encoded: a line costs half as much, on the
+# batch thread that shares the GIL with the requests.
+_LINE = ('{"trace_id":"%032x","span_id":"%016x","parent_id":%s,"name":%s,"service":%s,"kind":"%s",'
+         '"start_ns":%d,"end_ns":%d,"status":"%s","attributes":%s}\n')
 
 
 def span_line(span: ReadableSpan) -> str:
     """One span as one compact JSON line: ids in hex, times in epoch nanoseconds."""
     context, parent = span.context, span.parent
-    return _encode_line({
-        "trace_id": "%032x" % context.trace_id,
-        "span_id": "%016x" % context.span_id,
-        "parent_id": "%016x" % parent.span_id if parent is not None else None,
-        "name": span.name,
-        "service": span.resource.attributes.get(names.SERVICE_NAME, ""),
-        "kind": span.kind.name,
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "status": span.status.status_code.name,
-        "attributes": dict(span.attributes or {}),
-    }) + "\n"
+    return _LINE % (
+        context.trace_id, context.span_id, '"%016x"' % parent.span_id if parent is not None else "null",
+        _encode(span.name), _encode(span.resource.attributes.get(names.SERVICE_NAME, "")), span.kind.name,
+        span.start_time, span.end_time, span.status.status_code.name, _encode(dict(span.attributes or {})),
+    )
 
 
 def extract_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:
@@ -182,10 +179,10 @@ def request_span(service_tracer: trace.Tracer, metadata, name: str):
     """The span a request's work hangs from: the server span the interceptor opened.
 
     A handler called without the interceptor opens its own span, continuing
-    the trace context in ``metadata``.
+    the trace context in ``metadata``. With tracing off there is none to open.
     """
     current = trace.get_current_span()
-    if current.get_span_context().is_valid:
+    if current.get_span_context().is_valid or isinstance(service_tracer, trace.NoOpTracer):
         yield current
         return
     with service_tracer.start_as_current_span(name, context=extract_context(metadata), kind=SpanKind.SERVER) as span:
@@ -208,44 +205,191 @@ class TracingInterceptor(ObservingInterceptor):
         # The name is the conventional "package.Service/Method", so rpc.service and
         # rpc.method (each a cost on every call) would only repeat it.
         span_name = method.lstrip("/")
-        attributes = _SERVER_ATTRIBUTES
-        return observed(handler, lambda context: self._start(span_name, attributes, context), _end)
+        return observed(handler, lambda context: self._start(span_name, context), _end)
 
     # Spans are started and made current by hand, not with start_as_current_span:
-    # this runs on every call, and the cache-hit path is under a millisecond.
-    def _start(self, span_name: str, attributes: dict, context) -> tuple[trace.Span, object]:
+    # this runs on every call, and the cache-hit path is about a millisecond.
+    def _start(self, span_name: str, context) -> _ServedCall:
         parent = extract_context(context.invocation_metadata())
-        span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+        span = self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER)
+        call = _ServedCall(span)
+        call.token = otel_context.attach(
+            otel_context.set_value(_SERVED_CALL, call, trace.set_span_in_context(span, parent)))
+        return call
 
 
-def _end(started: tuple[trace.Span, object], code: grpc.StatusCode) -> None:
-    span, token = started
-    span.set_attribute(names.RPC_GRPC_STATUS_CODE, code.value[0])
-    if code in _SERVER_ERRORS:
-        span.set_status(Status(StatusCode.ERROR, code.name))
-    span.end()
-    otel_context.detach(token)
+def _end(call: _ServedCall, code: grpc.StatusCode) -> None:
+    otel_context.detach(call.token)
+    call.attributes[names.RPC_GRPC_STATUS_CODE] = code.value[0]
+    _after_reply(call.finish, code.name if code in _SERVER_ERRORS else None, time.time_ns())
 
 
-@contextmanager
-def hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, budget_ms: float):
-    """A span for one of the gateway's hops, child of the request's span.
+_SERVED_CALL = otel_context.create_key("nlpmesh.served_call")
+
+
+class _ServedCall:
+    """A served call's SERVER span, and the attributes it gets when it ends.
+
+    Its attributes are set once, with the status code, after the reply: each
+    SDK update costs microseconds on the request's path.
+    """
+
+    __slots__ = ("attributes", "span", "token")
+
+    def __init__(self, span: trace.Span):
+        self.span = span
+        self.attributes: dict = {names.RPC_SYSTEM: "grpc"}
+        self.token = None
+
+    def finish(self, error: str | None, end_ns: int) -> None:
+        self.span.set_attributes(self.attributes)
+        if error:
+            self.span.set_status(Status(StatusCode.ERROR, error))
+        self.span.end(end_time=end_ns)
+
+
+def _set_when_it_ends(span: trace.Span, attributes: dict) -> None:
+    """Sets ``attributes`` on ``span``: with the status code if it is the served call's span, else now."""
+    call = otel_context.get_value(_SERVED_CALL)
+    if isinstance(call, _ServedCall) and call.span is span:
+        call.attributes.update(attributes)
+    else:
+        span.set_attributes(attributes)
+
+
+def _after_reply(work, *args) -> None:
+    """Runs ``work(*args)`` on the event loop's next turn, once the reply is on its way; at once outside a loop.
+
+    Ending an SDK span and setting its last attributes take tens of microseconds,
+    a few percent of a cache hit: the caller need not wait for them. The span's
+    times are taken before, so they are exact.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        work(*args)
+    else:
+        loop.call_soon(work, *args)
+
+
+def hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, budget_ms: float, *,
+             deferred: bool = False) -> HopSpanScope:
+    """A span for one of the gateway's hops, child of the request's span, current inside the block.
 
     Pass ``outgoing_metadata(span)`` on the hop's downstream call: the called
-    service's server span then hangs under this hop span.
+    service's server span then hangs under this hop span. The budget goes on
+    the span with ``record_hop``. ``deferred``: the span starts only if the hop
+    turns out to need one (``DeferredHopSpan``). Under a parent that records
+    nothing (tracing off, or a trace sampled out) the block runs in the parent's
+    span: downstream calls still carry its context, and no span is made.
     """
-    span = tracer.start_span(names.HOP_SPAN_PREFIX + hop, context=trace.set_span_in_context(parent),
-                             kind=SpanKind.CLIENT, attributes={names.HOP: hop})  # budget: record_hop
-    token = otel_context.attach(trace.set_span_in_context(span))
-    try:
-        yield span
-    except BaseException as error:
-        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        raise
-    finally:
-        span.end()
-        otel_context.detach(token)
+    return HopSpanScope(tracer, hop, parent, deferred)
+
+
+class HopSpanScope:
+    """The context manager ``hop_span`` returns; a failure in the block marks the span as an error."""
+
+    __slots__ = ("_deferred", "_hop", "_parent", "_span", "_token", "_tracer")
+
+    def __init__(self, tracer: trace.Tracer, hop: str, parent: trace.Span, deferred: bool):
+        self._tracer, self._hop, self._parent, self._deferred = tracer, hop, parent, deferred
+        self._span: trace.Span = parent
+        self._token = None
+
+    def __enter__(self) -> trace.Span:
+        if not self._parent.is_recording():
+            return self._parent
+        if self._deferred:
+            self._span = DeferredHopSpan(self._tracer, self._hop, self._parent)
+        else:
+            self._span = _start_hop_span(self._tracer, self._hop, self._parent)
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if self._token is None:
+            return
+        if error_type is not None:
+            self._span.set_status(Status(StatusCode.ERROR, error_type.__name__))
+        self._span.end()
+        otel_context.detach(self._token)
+
+
+def _start_hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, start_ns: int | None = None) -> trace.Span:
+    return tracer.start_span(names.HOP_SPAN_PREFIX + hop, context=trace.set_span_in_context(parent),
+                             kind=SpanKind.CLIENT, attributes={names.HOP: hop}, start_time=start_ns)
+
+
+class DeferredHopSpan(trace.Span):
+    """A hop's span that exists only if the hop leaves the process, fails or runs over budget.
+
+    The gateway's cache hop is mostly answered from its own memory (the near
+    tier): no network, and a span of its own would cost that hit a few percent.
+    This span starts for real, dated from the hop's start, the first time
+    anything needs its context (a child span such as the Redis lookup, or a
+    downstream call's metadata) or its status, or when it ends over budget.
+    Otherwise it never exists: the attributes set on it (the tier that answered)
+    go to the request span, and the hop is in the response's timings and the
+    hop metrics only.
+    """
+
+    def __init__(self, tracer: trace.Tracer, hop: str, parent: trace.Span):
+        self._tracer, self._hop, self._parent = tracer, hop, parent
+        self._start_ns = time.time_ns()
+        self._span: trace.Span | None = None
+        self._attributes: dict = {}
+
+    def _started(self) -> trace.Span:
+        if self._span is None:
+            self._span = _start_hop_span(self._tracer, self._hop, self._parent, self._start_ns)
+            if self._attributes:
+                self._span.set_attributes(self._attributes)
+        return self._span
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self._started().get_span_context()
+
+    def is_recording(self) -> bool:
+        return True  # made only under a recording parent
+
+    def set_attribute(self, key: str, value) -> None:
+        if self._span is None:
+            self._attributes[key] = value
+        else:
+            self._span.set_attribute(key, value)
+
+    def set_attributes(self, attributes) -> None:
+        if self._span is None:
+            self._attributes.update(attributes)
+        else:
+            self._span.set_attributes(attributes)
+
+    def add_event(self, name: str, attributes=None, timestamp: int | None = None) -> None:
+        self._started().add_event(name, attributes, timestamp)
+
+    def add_link(self, context: trace.SpanContext, attributes=None) -> None:
+        self._started().add_link(context, attributes)
+
+    def update_name(self, name: str) -> None:
+        self._started().update_name(name)
+
+    def set_status(self, status, description: str | None = None) -> None:
+        self._started().set_status(status, description)
+
+    def record_exception(self, exception: BaseException, attributes=None, timestamp: int | None = None,
+                         escaped: bool = False) -> None:
+        self._started().record_exception(exception, attributes, timestamp, escaped)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._span is None and self._attributes.get(names.OVER_BUDGET) is not True:
+            kept = {k: v for k, v in self._attributes.items() if k not in _HOP_BUDGET_KEYS}
+            if kept:
+                _set_when_it_ends(self._parent, kept)
+            return
+        self._started().end(end_time)
+
+
+_HOP_BUDGET_KEYS = frozenset({names.ELAPSED_MS, names.BUDGET_MS, names.OVER_BUDGET})
 
 
 def record_hop(span: trace.Span, elapsed_ms: float, budget_ms: float, over_budget: bool) -> None:

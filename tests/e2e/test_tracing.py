@@ -208,6 +208,23 @@ def test_a_cache_hit_traces_its_redis_lookup_under_the_cache_hop(gateway, collec
     assert by_id[lookup.parent_id].name == "hop cache"
 
 
+def test_a_hit_from_the_gateways_memory_is_one_span_that_names_the_tier(gateway, collector, generated):
+    """The near tier answers in the gateway's process: no hop leaves it, so no hop span."""
+    hits = []
+    for _ in range(50):  # once Redis has the answer, the first hit fills the near tier
+        hits.append(gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_USE), timeout=30))
+        if len(hits) >= 2 and hits[-2].cache_hit and hits[-1].cache_hit:
+            break
+        time.sleep(0.1)
+    near = hits[-1]
+    assert near.cache_hit and {t.hop for t in near.timings} == {"cache", "total"}
+    collector.wait_for(near.trace_id, has_root)
+    time.sleep(0.5)  # a stray span would come in the same batches
+    spans = collector.trace(near.trace_id)
+    assert [(s.service, s.name) for s in spans] == [("nlpmesh-gateway", "nlpmesh.gateway.v1.Gateway/Generate")]
+    assert spans[0].attributes[names.CACHE_TIER] == "near"
+
+
 def test_a_malformed_traceparent_is_ignored_and_the_request_gets_a_new_trace(gateway, collector):
     reply = gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_BYPASS), timeout=120,
                              metadata=(("traceparent", "00-zz-bad"),))

@@ -184,3 +184,43 @@ def test_downstream_server_spans_hang_under_the_gateways_hop_spans(inprocess_ser
     store = named(spans, "nlpmesh.cache.v1.CacheService/Store")
     assert store.parent.span_id == request_span.context.span_id
     assert named(spans, span_names.REDIS_STORE).parent.span_id == store.context.span_id
+
+
+def test_a_near_tier_hit_is_its_request_span_alone_and_a_redis_tier_hit_keeps_its_cache_hop(
+        inprocess_server, redis_server, finished_spans):
+    """The cache hop's span exists only when the lookup leaves the gateway (Redis); a hit from
+    the gateway's own memory (the near tier) is told by its request span."""
+    async def scenario(stub, tokenizer, inference):
+        request = gateway_pb2.GenerateRequest(
+            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content="What is a bond?")]),
+            sampling=gateway_pb2.SamplingParams(max_new_tokens=3), cache_mode=gateway_pb2.CACHE_MODE_USE)
+        await stub.Generate(request, timeout=10)
+        for _ in range(100):  # the store runs after the answer was sent
+            if any(s.name == "nlpmesh.cache.v1.CacheService/Store" for s in finished_spans.get_finished_spans()):
+                break
+            await asyncio.sleep(0.02)
+        from_redis = await stub.Generate(request, timeout=10)
+        from_memory = await stub.Generate(request, timeout=10)
+        return from_redis, from_memory
+
+    from_redis, from_memory = run_mesh(inprocess_server, redis_server, scenario, key_prefix="test:trace-tiers")
+    assert from_redis.cache_hit and from_memory.cache_hit
+    spans = finished_spans.get_finished_spans()
+
+    def trace_of(reply):
+        return [s for s in spans if format(s.context.trace_id, "032x") == reply.trace_id]
+
+    [request_span] = trace_of(from_memory)
+    assert request_span.name == "nlpmesh.gateway.v1.Gateway/Generate"
+    assert request_span.attributes[span_names.CACHE_TIER] == "near"
+    assert request_span.attributes[span_names.RPC_GRPC_STATUS_CODE] == 0
+    assert {t.hop for t in from_memory.timings} == {"cache", "total"}  # the hop is still timed and budgeted
+
+    redis_trace = trace_of(from_redis)
+    request_span = named(redis_trace, "nlpmesh.gateway.v1.Gateway/Generate")
+    cache_hop = named(redis_trace, "hop cache")
+    assert cache_hop.parent.span_id == request_span.context.span_id
+    assert cache_hop.attributes[span_names.BUDGET_MS] == next(t.budget_ms for t in from_redis.timings
+                                                             if t.hop == "cache")
+    assert named(redis_trace, span_names.REDIS_LOOKUP).parent.span_id == cache_hop.context.span_id
+    assert span_names.CACHE_TIER not in request_span.attributes

@@ -4,9 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from cli.launcher import LocalMesh
 from cli.traces import read_spans
@@ -65,3 +68,83 @@ def test_the_launcher_keeps_traces_in_its_run_folder_unless_told_otherwise(tmp_p
     assert LocalMesh(tmp_path, extra_env={"NLPMESH_TRACE_DIR": ""}).trace_dir is None  # no files
     monkeypatch.setenv("NLPMESH_TRACE_DIR", "/from/env")
     assert LocalMesh(tmp_path).trace_dir == Path("/from/env")
+
+
+@pytest.fixture
+def recorded():
+    """A tracer of its own and the spans it finished: ``tracer, finished()``."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider.get_tracer("test"), lambda: {s.name: s for s in exporter.get_finished_spans()}
+    provider.shutdown()
+
+
+def test_a_deferred_hop_that_stays_in_the_process_makes_no_span_and_names_its_tier_on_the_request_span(recorded):
+    tracer, finished = recorded
+    with (tracer.start_as_current_span("request") as request,
+          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+        trace.get_current_span().set_attribute(names.CACHE_TIER, "near")  # as the near tier does
+        tracing.record_hop(hop, 0.02, 10.0, False)
+    spans = finished()
+    assert set(spans) == {"request"}
+    assert spans["request"].attributes[names.CACHE_TIER] == "near"
+    assert names.BUDGET_MS not in spans["request"].attributes  # the hop's budget is not the request's
+
+
+def test_a_deferred_hop_starts_its_span_from_the_hops_start_once_a_child_needs_it(recorded):
+    tracer, finished = recorded
+    with (tracer.start_as_current_span("request") as request,
+          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+        hop.set_attribute(names.CACHE_TIER, "redis")
+        with tracer.start_as_current_span(names.REDIS_LOOKUP):  # as the Redis tier does
+            pass
+        tracing.record_hop(hop, 0.4, 10.0, False)
+    spans = finished()
+    hop_span, lookup = spans["hop cache"], spans[names.REDIS_LOOKUP]
+    assert lookup.parent.span_id == hop_span.context.span_id
+    assert hop_span.parent.span_id == spans["request"].context.span_id
+    assert hop_span.start_time < lookup.start_time <= lookup.end_time <= hop_span.end_time
+    assert hop_span.attributes[names.HOP] == "cache" and hop_span.attributes[names.CACHE_TIER] == "redis"
+    assert (hop_span.attributes[names.ELAPSED_MS], hop_span.attributes[names.BUDGET_MS]) == (0.4, 10.0)
+    assert names.CACHE_TIER not in spans["request"].attributes
+
+
+def test_a_deferred_hop_carries_the_trace_context_to_a_downstream_call(recorded):
+    tracer, finished = recorded
+    with (tracer.start_as_current_span("request") as request,
+          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+        metadata = dict(tracing.outgoing_metadata(hop))
+    hop_span = finished()["hop cache"]
+    assert metadata["traceparent"].startswith(f"00-{hop_span.context.trace_id:032x}-{hop_span.context.span_id:016x}-")
+
+
+def test_a_deferred_hop_over_its_budget_shows_as_a_span(recorded):
+    tracer, finished = recorded
+    with (tracer.start_as_current_span("request") as request,
+          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+        tracing.record_hop(hop, 12.5, 10.0, True)
+    hop_span = finished()["hop cache"]
+    assert hop_span.attributes[names.OVER_BUDGET] is True and hop_span.attributes[names.ELAPSED_MS] == 12.5
+    assert hop_span.parent.span_id == finished()["request"].context.span_id
+
+
+def test_a_deferred_hop_that_fails_shows_as_an_error_span(recorded):
+    tracer, finished = recorded
+    with (tracer.start_as_current_span("request") as request, pytest.raises(TimeoutError),
+          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True)):
+        raise TimeoutError
+    hop_span = finished()["hop cache"]
+    assert hop_span.status.status_code == StatusCode.ERROR and hop_span.status.description == "TimeoutError"
+
+
+def test_a_hop_under_a_parent_that_records_nothing_makes_no_span_and_passes_the_parents_context_on(recorded):
+    tracer, finished = recorded
+    sampled_out = trace.NonRecordingSpan(trace.SpanContext(
+        0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True, trace_flags=trace.TraceFlags(0)))
+    for deferred in (False, True):
+        with tracing.hop_span(tracer, "template", sampled_out, 100.0, deferred=deferred) as hop:
+            assert hop is sampled_out
+            assert dict(tracing.outgoing_metadata(hop))["traceparent"] == (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+    assert finished() == {}
