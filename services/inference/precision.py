@@ -25,13 +25,33 @@ for about 50 s.
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # Decode steps have at most this many rows (InferenceSettings caps max_running);
-# a forward with more is a prefill, and takes the float32 GEMM.
+# a forward with more rows, or any forward under ``prefill_phase()``, takes the
+# float32 GEMM.
 MAX_DECODE_ROWS = 16
+_phase = threading.local()
+
+
+@contextmanager
+def prefill_phase() -> Iterator[None]:
+    """Forwards in this block (on this thread) take the float32 GEMM, whatever their row count.
+
+    The engine prefills in fixed chunks under it, so a prompt's tail is computed
+    the same way whether the part before it came from the prefix cache or not.
+    """
+    _phase.prefill = True
+    try:
+        yield
+    finally:
+        _phase.prefill = False
 PRECISIONS = ("int8", "bfloat16", "float32")
 
 
@@ -59,7 +79,7 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= self.gemm_rows:
+        if rows >= self.gemm_rows or getattr(_phase, "prefill", False):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight_float32, bias).to(x.dtype)
         if self.precision == "bfloat16":

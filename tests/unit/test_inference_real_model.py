@@ -13,6 +13,7 @@ from meshkit.settings import default_home
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation import Delta, FinishReason, GenerationRequest, SamplingConfig
 from services.inference.loading import load_model
+from services.inference.prefix import PrefixCache
 from services.model.store import load_model_files
 
 pytestmark = pytest.mark.model
@@ -31,9 +32,13 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "int8"])
-def engine(request):
-    model, tokenizer = load_model(load_model_files(default_home()), request.param)
-    engine = Engine(model, tokenizer, EngineOptions(max_running=8))
+def model_and_tokenizer(request):
+    return load_model(load_model_files(default_home()), request.param)
+
+
+@pytest.fixture(scope="module")
+def engine(model_and_tokenizer):
+    engine = Engine(*model_and_tokenizer, EngineOptions(max_running=8))
     yield engine
     engine.close()
 
@@ -77,3 +82,22 @@ def test_eight_concurrent_greedy_requests_equal_eight_sequential_ones(engine):
     together = asyncio.run(concurrent())
     assert together == alone
     assert len({text for text, _, _ in alone}) == len(QUESTIONS)
+
+
+def test_a_prefix_cache_hit_gives_the_same_greedy_answer_as_a_cold_prefill(model_and_tokenizer, engine):
+    model, tokenizer = model_and_tokenizer
+    reusing = Engine(model, tokenizer, EngineOptions(), prefix_cache=PrefixCache(model="m", revision="r"))
+    try:
+        # A long shared instruction, then the question: 2+ prefill chunks, most of them reusable.
+        system = "You are a patient tutor. " * 20
+        prompts = [
+            list(tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                add_generation_prompt=True, tokenize=True, return_dict=False))
+            for question in QUESTIONS[:3]
+        ]
+        cold = [asyncio.run(generate(engine, prompt)) for prompt in prompts]
+        assert [asyncio.run(generate(reusing, prompt)) for prompt in prompts] == cold  # 2nd and 3rd reuse
+        assert [asyncio.run(generate(reusing, prompt)) for prompt in prompts] == cold  # all reuse
+    finally:
+        reusing.close()
