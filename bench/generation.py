@@ -1,54 +1,265 @@
-"""Time to first token and decode rate: through the mesh, and the same engine in-process."""
+"""Generation speed: decode tok/s at 1, 4 and 8 streams, and time to first token with prefix reuse.
+
+Every figure stands beside its baseline, measured in the same run, rounds
+interleaved:
+- decode: N concurrent streams through the gateway (the mesh's inference
+  service, continuous batching) against transformers' ``generate`` in this
+  process on the same N prompts padded into one batch, in the same precision;
+- time to first token for a 300-token prompt, in this process: cold, with 270
+  tokens cached in the engine's own prefix tier, and with those 270 tokens
+  cached in Redis by another engine (a second replica); beside ``generate``
+  with one new token on the same prompt.
+"""
 from __future__ import annotations
 
 import asyncio
+import statistics
+import threading
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
+import torch
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from bench.stats import percentile, summary_ms
+from cli.launcher import LocalMesh
+from meshkit.settings import default_home
 from services.inference.engine import Engine
-from services.inference.generation import Delta, Finished, GenerationRequest, SamplingConfig
+from services.inference.generation import Delta, GenerationRequest, SamplingConfig
+from services.inference.loading import engine_options, load_model
+from services.inference.prefix import PrefixCache, RedisBlocks
+from services.inference.settings import InferenceSettings
+from services.model.store import load_model_files
+
+STREAMS = (1, 4, 8)
+# Questions that draw long answers, so that streams decode for their whole max_new_tokens.
+TOPICS = [
+    "the history of the printing press", "how vaccines train the immune system", "the water cycle",
+    "how a bill becomes law in a parliament", "the causes of the first world war", "how compilers work",
+    "photosynthesis in plants", "the economics of inflation",
+]
+PROMPT_TOKENS, SHARED_TOKENS = 300, 270
+# About 1,300 tokens of public-domain prose: the 300-token prompts are windows into it.
+LONG_TEXT = (Path(__file__).resolve().parent.parent / "tests" / "data" / "perplexity.txt").read_text()
+
+
+def say(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
 
 
 @dataclass(frozen=True)
-class GenerationSample:
-    ttft_s: float
+class StreamTimes:
+    first: float  # perf_counter of the first text
+    last: float  # ... of the last text
     tokens: int
-    decode_tok_s: float  # tokens after the first, over the time after the first
 
 
-def through_gateway(stub, request) -> GenerationSample:
-    started = time.perf_counter()
-    first = last = None
-    final = None
-    for chunk in stub.GenerateStream(request, timeout=300):
-        now = time.perf_counter()
-        if chunk.delta:
-            first = first or now
-            last = now
-        if chunk.done:
-            final = chunk
-    return _sample(started, first, last, final.usage.completion_tokens)
+def question(index: int) -> str:
+    return f"Write a long, detailed essay about {TOPICS[index % len(TOPICS)]}."
 
 
-def in_process(engine: Engine, prompt_ids: list[int], max_new_tokens: int) -> GenerationSample:
-    async def run():
-        started = time.perf_counter()
+def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
+    settings = InferenceSettings()
+    say(f"loading the model in-process ({settings.dtype}) for the baselines and the prefix runs")
+    torch.set_num_threads(settings.threads)
+    model, tokenizer = load_model(load_model_files(default_home()), settings.dtype)
+    return {
+        "precision": settings.dtype,
+        "decode": bench_decode(mesh, model, tokenizer, rounds, max_new_tokens),
+        "ttft_300": bench_prefix_ttft(mesh.resolved_redis_url, model, tokenizer, max(5, rounds + 2), settings),
+    }
+
+
+# -- decode -------------------------------------------------------------------
+
+
+def bench_decode(mesh: LocalMesh, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
+    prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
+    samples: dict[str, list[float]] = {}
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        gateway_streams(stub, 1, max_new_tokens)  # warm
+        for index in range(rounds):
+            for streams in STREAMS:
+                say(f"decode: round {index + 1}/{rounds}, {streams} streams")
+                times = gateway_streams(stub, streams, max_new_tokens)
+                samples.setdefault(f"gateway_{streams}", []).append(aggregate_tok_s(times))
+                samples.setdefault(f"gateway_{streams}_per_stream", []).extend(per_stream_tok_s(times))
+                samples.setdefault(f"hf_generate_{streams}", []).append(
+                    hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+    result = {}
+    for streams in STREAMS:
+        gateway, baseline = samples[f"gateway_{streams}"], samples[f"hf_generate_{streams}"]
+        result[f"{streams}_streams"] = {
+            "gateway_tok_s": rate_summary(gateway),
+            "gateway_per_stream_tok_s": rate_summary(samples[f"gateway_{streams}_per_stream"]),
+            "hf_generate_tok_s": rate_summary(baseline),
+            "ratio_to_hf_generate": statistics.median(gateway) / statistics.median(baseline),
+        }
+    return result
+
+
+def gateway_streams(stub, streams: int, max_new_tokens: int) -> list[StreamTimes]:
+    """``streams`` concurrent GenerateStream calls (cache bypassed), one thread each."""
+    times: list[StreamTimes | None] = [None] * streams
+    barrier = threading.Barrier(streams)
+
+    def run(index: int) -> None:
+        request = gateway_pb2.GenerateRequest(
+            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(index))]),
+            sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+            cache_mode=gateway_pb2.CACHE_MODE_BYPASS,
+        )
+        barrier.wait()
         first = last = None
         tokens = 0
-        stream = engine.submit(GenerationRequest(prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens)))
+        for chunk in stub.GenerateStream(request, timeout=600):
+            now = time.perf_counter()
+            if chunk.delta:
+                first = first or now
+                last = now
+            if chunk.done:
+                tokens = chunk.usage.completion_tokens
+        times[index] = StreamTimes(first, last, tokens)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return times
+
+
+def aggregate_tok_s(times: list[StreamTimes]) -> float:
+    """Tokens after each stream's first, over the time from the first stream's first token to the end."""
+    window = max(t.last for t in times) - min(t.first for t in times)
+    return sum(t.tokens - 1 for t in times) / window
+
+
+def per_stream_tok_s(times: list[StreamTimes]) -> list[float]:
+    return [(t.tokens - 1) / (t.last - t.first) for t in times if t.tokens > 1 and t.last > t.first]
+
+
+def hf_decode_tok_s(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                    max_new_tokens: int) -> float:
+    """transformers' generate on the prompts left-padded into one batch: decode tokens over decode time."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def generate(new_tokens: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=pad)
+        return time.perf_counter() - started
+
+    prefill = generate(1)
+    whole = generate(max_new_tokens)
+    return len(prompts) * (max_new_tokens - 1) / max(whole - prefill, 1e-9)
+
+
+# -- time to first token with prefix reuse ----------------------------------------
+
+
+def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: InferenceSettings) -> dict:
+    if not redis_url:
+        raise RuntimeError("the prefix TTFT bench needs Redis: set REDIS_URL or install redis-server")
+    namespace = f"nlpmesh:bench:kv:{uuid.uuid4().hex}"
+
+    tiers: dict[Engine, RedisBlocks] = {}
+
+    def replica() -> Engine:
+        """An engine with a prefix cache of its own and the shared Redis tier, as another process would have."""
+        shared = RedisBlocks(redis_url, key_prefix=namespace, ttl_s=300,
+                             budget_s=settings.prefix_redis_budget_ms / 1000)
+        prefix = PrefixCache(model="bench", revision="bench", block_tokens=settings.prefill_chunk_tokens,
+                             shared=shared)
+        engine = Engine(model, tokenizer, engine_options(settings), prefix_cache=prefix)
+        tiers[engine] = shared
+        return engine
+
+    text_ids = tokenizer.encode(LONG_TEXT)
+    samples: dict[str, list[float]] = {"cold": [], "local_prefix_hit": [], "redis_prefix_hit": [], "hf_generate": []}
+    first = replica()
+    try:
+        first_token_ms(first, text_ids[-PROMPT_TOKENS:])  # warm the code paths
+        for index in range(rounds):
+            say(f"time to first token, {PROMPT_TOKENS}-token prompt: round {index + 1}/{rounds}")
+            shared = text_ids[index * 7 : index * 7 + SHARED_TOKENS]  # a new prefix each round: cold is cold
+            tails = [text_ids[-(k + 1) * 40 : -(k + 1) * 40 + PROMPT_TOKENS - SHARED_TOKENS] for k in range(3)]
+            samples["cold"].append(first_token_ms(first, shared + tails[0]))
+            samples["local_prefix_hit"].append(first_token_ms(first, shared + tails[1]))
+            tiers[first].flush()  # the first replica's blocks are in Redis
+            second = replica()  # a replica that never saw the prompt, warmed up on another one
+            try:
+                first_token_ms(second, text_ids[-PROMPT_TOKENS:])
+                samples["redis_prefix_hit"].append(first_token_ms(second, shared + tails[2]))
+            finally:
+                second.close()
+            samples["hf_generate"].append(hf_first_token_ms(model, shared + tails[0]))
+    finally:
+        first.close()
+    cold = statistics.median(samples["cold"])
+    result = {name: ms_summary(values) for name, values in samples.items()}
+    for name in ("local_prefix_hit", "redis_prefix_hit", "hf_generate"):
+        result[name]["ratio_to_cold_p50"] = result[name]["p50_ms"] / cold
+    return result
+
+
+def first_token_ms(engine: Engine, prompt: list[int]) -> float:
+    async def run() -> float:
+        started = time.perf_counter()
+        stream = engine.submit(GenerationRequest(prompt, SamplingConfig(max_new_tokens=1), tenant="bench"))
         async with stream:
             async for item in stream:
-                now = time.perf_counter()
-                if isinstance(item, Delta) and item.text:
-                    first = first or now
-                    last = now
-                elif isinstance(item, Finished):
-                    tokens = item.completion_tokens
-        return _sample(started, first, last, tokens)
+                if not isinstance(item, Delta) or item.text:
+                    break
+        return (time.perf_counter() - started) * 1000
 
     return asyncio.run(run())
 
 
-def _sample(started: float, first: float, last: float, tokens: int) -> GenerationSample:
-    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
-    return GenerationSample(first - started, tokens, decode)
+def hf_first_token_ms(model: PreTrainedModel, prompt: list[int]) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=1)
+    return (time.perf_counter() - started) * 1000
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def rate_summary(values: list[float]) -> dict:
+    # For rates the bad tail is the low end: "p99" is the rate 99% of samples beat.
+    return {"n": len(values), "p50": statistics.median(values), "p99_low": percentile(values, 1)}
+
+
+def ms_summary(values_ms: list[float]) -> dict:
+    return summary_ms([value / 1000 for value in values_ms])
+
+
+def lines(result: dict) -> list[str]:
+    out = [f"decode, greedy, {result['precision']}: aggregate tok/s (p50 / p99-low)"]
+    out.append(f"{'streams':<10}{'gateway':>18}{'per stream':>18}{'HF generate':>18}{'ratio':>8}")
+    for name, row in result["decode"].items():
+        cells = [row["gateway_tok_s"], row["gateway_per_stream_tok_s"], row["hf_generate_tok_s"]]
+        out.append(f"{name.split('_')[0]:<10}" + "".join(f"{c['p50']:>10.1f} / {c['p99_low']:<5.1f}" for c in cells)
+                   + f"{row['ratio_to_hf_generate']:>7.2f}x")
+    out.append("")
+    out.append(f"time to first token, {PROMPT_TOKENS}-token prompt ({SHARED_TOKENS} shared)   p50 ms   p99 ms  notes")
+    for name, row in result["ttft_300"].items():
+        notes = f"{row['ratio_to_cold_p50']:.2f}x cold" if "ratio_to_cold_p50" in row else ""
+        out.append(f"{name:<50}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}  {notes}")
+    return out
+

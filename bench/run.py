@@ -16,17 +16,11 @@ import time
 from pathlib import Path
 
 import grpc
-import torch
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench import cache_hits, generation, variants
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
-from meshkit.settings import default_home
-from services.inference.engine import Engine, EngineOptions
-from services.inference.loading import load_model
-from services.inference.settings import InferenceSettings
-from services.model.store import load_model_files
 
 QUESTION = "What are the applications of real-time AI in the financial industry?"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,45 +89,12 @@ def _wait_for_hit(stub, request) -> None:
     raise RuntimeError("the answer never reached the prompt cache")
 
 
-def bench_generation(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
-    say("loading the same model in-process for the baseline")
-    model, tokenizer = load_model(load_model_files(default_home()), InferenceSettings().dtype)  # as the service
-    torch.set_num_threads(2)
-    engine = Engine(model, tokenizer, EngineOptions(threads=2))
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"]
-    request = cache_hits.generate_request(QUESTION, max_new_tokens, gateway_pb2.CACHE_MODE_BYPASS)
-    runs = {"mesh": [], "in_process": []}
-    with grpc.insecure_channel(mesh.gateway_address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        generation.through_gateway(stub, request)
-        generation.in_process(engine, prompt_ids, max_new_tokens)
-        for index in range(rounds):
-            say(f"generation: round {index + 1}/{rounds}")
-            runs["mesh"].append(generation.through_gateway(stub, request))
-            runs["in_process"].append(generation.in_process(engine, prompt_ids, max_new_tokens))
-    engine.close()
-    result = {}
-    for name, samples in runs.items():
-        result[name] = {
-            "prompt_tokens": len(prompt_ids), "completion_tokens": samples[0].tokens,
-            "ttft": summary_ms([s.ttft_s for s in samples]),
-            "decode_tok_s_median": statistics.median(s.decode_tok_s for s in samples),
-            "decode_tok_s_min": min(s.decode_tok_s for s in samples),
-        }
-    in_process_ttft = result["in_process"]["ttft"]["p50_ms"]
-    result["mesh"]["ttft_ratio_to_in_process"] = result["mesh"]["ttft"]["p50_ms"] / in_process_ttft
-    result["mesh"]["decode_ratio_to_in_process"] = (
-        result["mesh"]["decode_tok_s_median"] / result["in_process"]["decode_tok_s_median"])
-    return result
-
-
 def table(results: dict) -> str:
     lines = []
     if "cache_hits" in results:
         lines += cache_hit_lines(results["cache_hits"]) + [""]
     if "generation" in results:
-        lines += generation_lines(results["generation"])
+        lines += generation.lines(results["generation"])
     return "\n".join(lines)
 
 
@@ -151,23 +112,11 @@ def cache_hit_lines(cache_hits: dict) -> list[str]:
     return lines
 
 
-def generation_lines(generation: dict) -> list[str]:
-    lines = [f"{'generation (greedy)':<38}{'n':>7}{'ttft p50':>10}{'ttft p99':>10}{'tok/s':>8}  notes"]
-    for name, row in generation.items():
-        notes = ""
-        if "ttft_ratio_to_in_process" in row:
-            notes = (f"ttft {row['ttft_ratio_to_in_process']:.2f}x, decode "
-                     f"{row['decode_ratio_to_in_process']:.2f}x in-process")
-        lines.append(f"{name:<38}{row['ttft']['n']:>7}{row['ttft']['p50_ms']:>10.1f}{row['ttft']['p99_ms']:>10.1f}"
-                     f"{row['decode_tok_s_median']:>8.1f}  {notes}")
-    return lines
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=400)
-    parser.add_argument("--gen-rounds", type=int, default=4)
+    parser.add_argument("--gen-rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--only", choices=("cache", "generation"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included) or generation")
@@ -181,7 +130,7 @@ def main() -> int:
         if args.only != "generation":
             results["cache_hits"] = bench_cache_hits(mesh, redis_url, args.rounds, args.per_round)
         if args.only != "cache":
-            results["generation"] = bench_generation(mesh, args.gen_rounds, args.max_new_tokens)
+            results["generation"] = generation.bench(mesh, args.gen_rounds, args.max_new_tokens)
     finally:
         mesh.stop()
     print(table(results))
