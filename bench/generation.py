@@ -178,7 +178,7 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
         """An engine with a prefix cache of its own and the shared Redis tier, as another process would have."""
         shared = RedisBlocks(redis_url, key_prefix=namespace, ttl_s=300,
                              budget_s=settings.prefix_redis_budget_ms / 1000)
-        prefix = PrefixCache(model="bench", revision="bench", block_tokens=settings.prefill_chunk_tokens,
+        prefix = PrefixCache(model="bench", revision="bench", block_tokens=settings.prefix_block_tokens,
                              shared=shared)
         engine = Engine(model, tokenizer, engine_options(settings), prefix_cache=prefix)
         tiers[engine] = shared

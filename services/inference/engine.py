@@ -54,10 +54,6 @@ class EngineOptions:
     threads: int = 2
     max_queue: int = 64
     max_running: int = 8  # sequences decoded together (the batch's KV rows)
-    # Prompts are prefilled in chunks that start at multiples of this many tokens,
-    # the prefix cache's block size: a tail after a reused prefix is computed as it
-    # would be without the cache, so greedy output does not depend on the cache.
-    prefill_chunk_tokens: int = 32
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 2048
     max_stop_sequences: int = 4
@@ -87,8 +83,6 @@ class Engine:
         kv_dtype = model.get_input_embeddings().weight.dtype
         self._kv = SlotKV(model.config, options.max_running, kv_dtype)
         self._prefix = prefix_cache
-        if prefix_cache is not None and prefix_cache.block_tokens % options.prefill_chunk_tokens:
-            raise ValueError("the prefix cache's block size must be a multiple of prefill_chunk_tokens")
         if prefix_cache is not None:
             prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype)
         self._lock = threading.Condition()
@@ -206,16 +200,15 @@ class Engine:
         self._emit(job, text)
 
     def _prefill(self, row: int, prompt: list[int], start: int) -> torch.Tensor:
-        """Runs prompt[start:] into ``row`` in aligned chunks; the last position's logits."""
-        chunk = self._options.prefill_chunk_tokens
+        """Runs prompt[start:] into ``row`` in one forward; the last position's logits.
+
+        Under ``prefill_phase`` every layer takes the float32 GEMM, whose rows do not
+        depend on how many there are: the tail after a reused prefix comes out as it
+        would in a cold prefill, so the prefix cache never changes a greedy answer.
+        """
+        positions, mask = self._kv.prefill(row, start, len(prompt) - start)
         with prefill_phase():
-            while True:
-                end = min(len(prompt), (start // chunk + 1) * chunk)
-                positions, mask = self._kv.prefill(row, start, end - start)
-                logits = self._forward(prompt[start:end], positions, mask)
-                if end == len(prompt):
-                    return logits
-                start = end
+            return self._forward(prompt[start:], positions, mask)
 
     def _decode_step(self) -> None:
         """One forward for every running sequence (rows 0 .. B - 1), one token each."""

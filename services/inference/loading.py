@@ -26,7 +26,6 @@ def engine_options(settings: InferenceSettings) -> EngineOptions:
         max_new_tokens_limit=settings.max_new_tokens_limit,
         max_stop_sequences=settings.max_stop_sequences,
         max_stop_chars=settings.max_stop_chars,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
 
 
@@ -66,12 +65,12 @@ def prefix_cache(settings: InferenceSettings, files: ModelFiles) -> PrefixCache 
             ttl_s=settings.prefix_redis_ttl_s,
             cooldown_s=settings.prefix_redis_cooldown_s,
         )
-    log.info("prefix KV reuse: %d-token blocks, %d MiB in process, %s", settings.prefill_chunk_tokens,
+    log.info("prefix KV reuse: %d-token blocks, %d MiB in process, %s", settings.prefix_block_tokens,
              settings.prefix_cache_bytes // 2**20, "shared through Redis" if shared else "no Redis tier")
     return PrefixCache(
         model=files.name,
         revision=files.revision,
-        block_tokens=settings.prefill_chunk_tokens,
+        block_tokens=settings.prefix_block_tokens,
         local_bytes=settings.prefix_cache_bytes,
         shared=shared,
     )

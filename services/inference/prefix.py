@@ -118,7 +118,7 @@ class PrefixCache:
         *,
         model: str,
         revision: str,
-        block_tokens: int = 32,
+        block_tokens: int = 16,
         local_bytes: int = 256 * 1024 * 1024,
         shared: RedisBlocks | None = None,
     ):

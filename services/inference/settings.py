@@ -23,11 +23,10 @@ class InferenceSettings(ServiceSettings, service="inference"):
     # decodes fastest here, and its perplexity is within 3% of float32
     # (tests/unit/test_inference_precision.py: -0.09%; bfloat16 +0.07%).
     dtype: Literal["int8", "bfloat16", "float32"] = "int8"
-    # Prompts are prefilled in chunks of this many tokens, which are also the
-    # blocks of prefix KV reuse (services/inference/prefix.py): kept in an
-    # in-process LRU of prefix_cache_bytes (0 = off) and shared with other
-    # replicas through Redis ("" = no Redis tier).
-    prefill_chunk_tokens: int = Field(default=32, ge=1, le=1024)
+    # Prefix KV reuse (services/inference/prefix.py): blocks of this many prompt
+    # tokens, kept in an in-process LRU of this many bytes (0 = off) and shared
+    # with other replicas through Redis ("" = no Redis tier).
+    prefix_block_tokens: int = Field(default=16, ge=1, le=1024)
     prefix_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",

@@ -14,7 +14,7 @@ from torch import nn
 
 from meshkit.settings import default_home
 from services.inference.loading import load_model
-from services.inference.precision import DecodeLinear, apply_precision, set_gemm_rows
+from services.inference.precision import DecodeLinear, apply_precision, prefill_phase, set_gemm_rows
 from services.inference.settings import InferenceSettings
 from services.model.store import load_model_files
 
@@ -69,3 +69,14 @@ def test_prefill_uses_float32_gemm_on_the_same_weights(precision):
     assert torch.allclose(gemm, kernel, atol=0.05, rtol=0.02)
     tolerance = 0.02 if precision == "bfloat16" else 0.05
     assert (gemm - exact).abs().max() < tolerance * exact.abs().max()
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision):
+    torch.manual_seed(0)
+    layer = apply_precision(nn.Sequential(nn.Linear(64, 96)), precision)[0]
+    rows = torch.randn(300, 64).to(torch.bfloat16)
+    with torch.inference_mode(), prefill_phase():
+        whole = layer(rows)
+        for count in (1, 2, 3, 17, 44, 299):  # a tail after a reused prefix, of any length
+            assert torch.equal(layer(rows[-count:]), whole[-count:]), count

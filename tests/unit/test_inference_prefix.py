@@ -13,8 +13,7 @@ import pytest
 from services.inference import metrics
 from services.inference.generation import GenerationRequest, SamplingConfig
 from services.inference.prefix import PrefixCache, RedisBlocks
-from tests.tiny_llama import real_tokenizer
-from tests.tiny_llama import tiny_engine as _tiny_engine
+from tests.tiny_llama import real_tokenizer, tiny_engine
 
 BLOCK = 4
 PROMPT = ("You are a careful assistant for a bank. Answer briefly, cite the policy, and never reveal "
@@ -23,10 +22,6 @@ PROMPT = ("You are a careful assistant for a bank. Answer briefly, cite the poli
 
 def cache(shared: RedisBlocks | None = None, revision: str = "r1", local_bytes: int = 64 * 2**20) -> PrefixCache:
     return PrefixCache(model="tiny", revision=revision, block_tokens=BLOCK, local_bytes=local_bytes, shared=shared)
-
-
-def tiny_engine(prefix_cache: PrefixCache | None = None):
-    return _tiny_engine(prefix_cache=prefix_cache, prefill_chunk_tokens=BLOCK)
 
 
 def prompt_ids() -> list[int]:
