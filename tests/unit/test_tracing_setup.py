@@ -9,7 +9,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind, StatusCode
 
 from cli.launcher import LocalMesh
 from cli.traces import read_spans
@@ -148,3 +149,46 @@ def test_a_hop_under_a_parent_that_records_nothing_makes_no_span_and_passes_the_
             assert dict(tracing.outgoing_metadata(hop))["traceparent"] == (
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
     assert finished() == {}
+
+
+def _chosen_ids_tracer(sampler=None):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=tracing.ChosenIds(), **({"sampler": sampler} if sampler else {}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+def test_chosen_ids_are_random_except_inside_chosen():
+    ids = tracing.ChosenIds()
+    assert ids.generate_span_id() != ids.generate_span_id()
+    with ids.chosen(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7):
+        assert (ids.generate_trace_id(), ids.generate_span_id()) == (0x4BF92F3577B34DA6A3CE929D0E0E4736,
+                                                                     0x00F067AA0BA902B7)
+    assert ids.generate_span_id() != 0x00F067AA0BA902B7
+
+
+def test_a_server_span_is_exported_when_it_ends_with_the_ids_and_start_it_had_from_the_first():
+    tracer, exporter = _chosen_ids_tracer()
+    server = tracing.ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
+    assert server.is_recording() and exporter.get_finished_spans() == ()
+    with tracer.start_as_current_span("child", context=trace.set_span_in_context(server)):
+        pass
+    server.set_attribute(names.CACHE_TIER, "near")
+    server.add_event("answered")
+    server.set_status(StatusCode.ERROR, "it broke")
+    server.end()
+    child, exported = exporter.get_finished_spans()
+    assert exported.context == server.get_span_context() and exported.parent is None
+    assert exported.kind == SpanKind.SERVER and exported.attributes[names.CACHE_TIER] == "near"
+    assert child.parent.span_id == exported.context.span_id
+    assert exported.start_time <= child.start_time <= child.end_time <= exported.end_time
+    assert [e.name for e in exported.events] == ["answered"] and exported.status.description == "it broke"
+
+
+def test_a_server_span_the_sampler_drops_records_nothing_and_its_children_see_it_unsampled():
+    tracer, exporter = _chosen_ids_tracer(ALWAYS_OFF)
+    server = tracing.ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
+    assert not server.is_recording() and not server.get_span_context().trace_flags.sampled
+    assert dict(tracing.outgoing_metadata(server))["traceparent"].endswith("-02")  # random id, not sampled
+    server.end()
+    assert exporter.get_finished_spans() == ()
