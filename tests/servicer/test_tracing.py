@@ -224,3 +224,14 @@ def test_a_near_tier_hit_is_its_request_span_alone_and_a_redis_tier_hit_keeps_it
                                                              if t.hop == "cache")
     assert named(redis_trace, span_names.REDIS_LOOKUP).parent.span_id == cache_hop.context.span_id
     assert span_names.CACHE_TIER not in request_span.attributes
+
+
+def test_a_call_in_a_trace_the_caller_sampled_out_exports_no_span_and_nor_do_its_children(
+        inprocess_server, finished_spans):
+    async def render(channel):
+        stub = template_pb2_grpc.TemplateServiceStub(channel)
+        traceparent = f"00-{TRACE_ID:032x}-{CALLER_SPAN_ID:016x}-00"
+        return await stub.Render(render_request(), timeout=5, metadata=(("traceparent", traceparent),))
+
+    assert call_template(inprocess_server, render).messages
+    assert finished_spans.get_finished_spans() == ()
