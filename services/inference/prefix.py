@@ -70,9 +70,14 @@ class RedisBlocks:
         self._down_until = 0.0
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefix-redis-writer")
 
+    @property
+    def cooling_down(self) -> bool:
+        """True for cooldown_s after a failure: Redis is skipped meanwhile."""
+        return time.monotonic() < self._down_until
+
     def get(self, keys: list[bytes]) -> list[bytes | None] | None:
         """The values (None where absent); None when Redis failed or is cooling down."""
-        if time.monotonic() < self._down_until:
+        if self.cooling_down:
             return None
         try:
             return self._client.mget([self._name(key) for key in keys])
@@ -92,7 +97,7 @@ class RedisBlocks:
         self._client.close()
 
     def _put(self, items: list[tuple[bytes, bytes]]) -> None:
-        if time.monotonic() < self._down_until:
+        if self.cooling_down:
             return
         try:
             with self._client.pipeline(transaction=False) as pipe:
@@ -166,17 +171,23 @@ class PrefixCache:
         return PrefixMatch(len(blocks) * self.block_tokens, kv, local, len(fetched))
 
     def remember(self, keys: list[bytes], known: int, read: Callable[[int, int], torch.Tensor]) -> None:
-        """Keeps blocks ``known ..`` of a prefilled prompt; ``read(start, end)`` copies their KV."""
+        """Keeps the prompt's blocks from ``known`` on; ``read(start, end)`` copies their KV.
+
+        Blocks not yet in Redis (Redis was down when they were made) go there now.
+        """
         to_share: list[tuple[bytes, bytes]] = []
+        share = self._shared is not None and not self._shared.cooling_down  # no encoding for a dead Redis
         with self._lock:
-            for index in range(known, len(keys)):
-                key = keys[index]
-                if key in self._local:
-                    continue
-                kv = read(index * self.block_tokens, (index + 1) * self.block_tokens)
-                self._local[key] = _Block(kv, shared=self._shared is not None)
-                if self._shared is not None:
-                    to_share.append((key, _encode(kv)))
+            for index, key in enumerate(keys):
+                block = self._local.get(key)
+                if block is None:
+                    if index < known:  # matched, then evicted meanwhile: nothing to add
+                        continue
+                    block = _Block(read(index * self.block_tokens, (index + 1) * self.block_tokens), shared=False)
+                    self._local[key] = block
+                if share and not block.shared:
+                    to_share.append((key, _encode(block.kv)))
+                    block.shared = True
         if to_share:
             self._shared.put(to_share)
 

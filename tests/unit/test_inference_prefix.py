@@ -155,3 +155,25 @@ def test_a_redis_that_never_answers_costs_one_budget_then_is_skipped():
             assert counter(metrics.PREFIX_LOOKUPS, "redis", "error") > errors
         finally:
             engine.close()
+
+
+def test_blocks_made_while_redis_was_down_reach_it_once_it_is_back(redis_blocks):
+    ids = prompt_ids()
+    shared = redis_blocks()
+    engine = tiny_engine(prefix_cache=cache(shared))
+    try:
+        shared._down_until = time.monotonic() + 60  # as after a failure: cooling down
+        generate(engine, ids)
+        shared._down_until = 0.0  # Redis is back
+        generate(engine, ids)  # a local hit: its blocks go to Redis now
+        shared.flush()
+        second_shared = redis_blocks()
+        second = tiny_engine(prefix_cache=cache(second_shared))
+        reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
+        try:
+            generate(second, ids)
+        finally:
+            second.close()
+        assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == (len(ids) - 1) // BLOCK * BLOCK
+    finally:
+        engine.close()
