@@ -157,6 +157,7 @@ class Engine:
                     self._decode_step()
                 if not self._running:
                     self._kv.shrink()
+        self._fail_remaining()
 
     def _next_round(self) -> list[Job] | None:
         """The jobs admitted for this turn (maybe none); blocks while idle; None to stop."""

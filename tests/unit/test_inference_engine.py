@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from meshkit.errors import InvalidArgument, ResourceExhausted
+from meshkit.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest, SamplingConfig
 from tests.tiny_llama import real_tokenizer, tiny_engine, tiny_llama
 
@@ -188,3 +188,22 @@ def test_invalid_requests_are_refused_with_the_field_named(engine):
         engine.submit(request("Hello " * 2100, max_new_tokens=2000))  # context: 4096
     assert [v.field for v in caught.value.violations] == ["prompt"]
     assert engine.active_count == 0
+
+
+def test_closing_the_engine_ends_running_and_queued_requests_with_unavailable():
+    engine = tiny_engine(max_running=1, max_queue=1)
+
+    async def main():
+        running = engine.submit(request("Hello there", max_new_tokens=LONG))
+        queued = engine.submit(request("Hello there", max_new_tokens=LONG))
+        await anext(running)
+        await asyncio.to_thread(engine.close)
+        for stream in (running, queued):
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(drain(stream), timeout=10)  # a hang here is the failure
+
+    async def drain(stream):
+        async for _ in stream:
+            pass
+
+    asyncio.run(main())
