@@ -76,7 +76,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.context_length: int = model.config.max_position_embeddings
         self.limits = _limits(model, options)
-        self.model = self._model = model.eval()
+        self.model = model.eval()
         self._options = options
         self._eos_ids = eos_token_ids(model)
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
@@ -91,11 +91,6 @@ class Engine:
         self._closing = False
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The precision of the KV cache and of the activations."""
-        return self._kv.dtype
 
     @property
     def active_count(self) -> int:
@@ -186,7 +181,6 @@ class Engine:
             match = self._prefix.match(keys) if keys else NO_MATCH
             if match.kv is not None:
                 self._kv.write(row, 0, match.kv)
-            sequence.reused = match.tokens
             logits = self._prefill(row, prompt, match.tokens)
             metrics.PREFILL_TOKENS.inc(len(prompt) - match.tokens)
             sequence.length = len(prompt)
@@ -209,7 +203,7 @@ class Engine:
         """
         positions, mask = self._kv.prefill(row, start, len(prompt) - start)
         with prefill_phase():
-            return self._forward(prompt[start:], positions, mask)
+            return self._forward([prompt[start:]], positions, mask)
 
     def _decode_step(self) -> None:
         """One forward for every running sequence (rows 0 .. B - 1), one token each."""
@@ -231,11 +225,10 @@ class Engine:
         for job, text in zip(jobs, texts):
             self._emit(job, text)
 
-    def _forward(self, input_ids: list, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The last position's logits, (batch, vocab), for a forward the KV rows were set up for."""
-        ids = torch.tensor(input_ids if isinstance(input_ids[0], list) else [input_ids])
-        output = self._model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
+    def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""
+        output = self.model(
+            input_ids=torch.tensor(rows), position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
             logits_to_keep=1,
         )
         return output.logits[:, -1:, :]

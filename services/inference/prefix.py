@@ -22,8 +22,8 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import math
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +43,6 @@ KEY_FORMAT = 1  # bump when the block layout changes: old entries stop matching
 class PrefixMatch:
     tokens: int  # prompt tokens covered by ``kv`` (a multiple of the block size)
     kv: torch.Tensor | None  # (2, layers, kv_heads, tokens, head_dim), None when tokens == 0
-    local_blocks: int = 0
-    redis_blocks: int = 0
 
 
 NO_MATCH = PrefixMatch(0, None)
@@ -118,6 +116,8 @@ class RedisBlocks:
 
 
 class PrefixCache:
+    """Both tiers, used by the engine's worker thread only (the LRU takes no lock)."""
+
     def __init__(
         self,
         *,
@@ -132,7 +132,6 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self._root = hashlib.sha256(f"nlpmesh-kv/{KEY_FORMAT}\0{model}\0{revision}".encode()).digest()
         self._local: LRUCache[bytes, _Block] = LRUCache(maxsize=max(local_bytes, 1), getsizeof=_block_bytes)
-        self._lock = threading.Lock()  # the worker reads; nothing else writes, but keep the LRU safe
         self._shared = shared
         self._block_shape: tuple[int, ...] = ()
         self._dtype = torch.float32
@@ -153,12 +152,11 @@ class PrefixCache:
         if not keys:
             return NO_MATCH
         blocks: list[torch.Tensor] = []
-        with self._lock:
-            for key in keys:
-                block = self._local.get(key)
-                if block is None:
-                    break
-                blocks.append(block.kv)
+        for key in keys:
+            block = self._local.get(key)
+            if block is None:
+                break
+            blocks.append(block.kv)
         local = len(blocks)
         metrics.PREFIX_LOOKUPS.labels("local", "hit" if local else "miss").inc()
         fetched = self._fetch(keys[local:]) if local < len(keys) else []
@@ -168,7 +166,7 @@ class PrefixCache:
         kv = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=3)
         metrics.PREFIX_TOKENS_REUSED.labels("local").inc(local * self.block_tokens)
         metrics.PREFIX_TOKENS_REUSED.labels("redis").inc(len(fetched) * self.block_tokens)
-        return PrefixMatch(len(blocks) * self.block_tokens, kv, local, len(fetched))
+        return PrefixMatch(len(blocks) * self.block_tokens, kv)
 
     def remember(self, keys: list[bytes], known: int, read: Callable[[int, int], torch.Tensor]) -> None:
         """Keeps the prompt's blocks from ``known`` on; ``read(start, end)`` copies their KV.
@@ -177,17 +175,16 @@ class PrefixCache:
         """
         to_share: list[tuple[bytes, bytes]] = []
         share = self._shared is not None and not self._shared.cooling_down  # no encoding for a dead Redis
-        with self._lock:
-            for index, key in enumerate(keys):
-                block = self._local.get(key)
-                if block is None:
-                    if index < known:  # matched, then evicted meanwhile: nothing to add
-                        continue
-                    block = _Block(read(index * self.block_tokens, (index + 1) * self.block_tokens), shared=False)
-                    self._local[key] = block
-                if share and not block.shared:
-                    to_share.append((key, _encode(block.kv)))
-                    block.shared = True
+        for index, key in enumerate(keys):
+            block = self._local.get(key)
+            if block is None:
+                if index < known:  # matched, then evicted meanwhile: nothing to add
+                    continue
+                block = _Block(read(index * self.block_tokens, (index + 1) * self.block_tokens), shared=False)
+                self._local[key] = block
+            if share and not block.shared:
+                to_share.append((key, _encode(block.kv)))
+                block.shared = True
         if to_share:
             self._shared.put(to_share)
 
@@ -209,13 +206,12 @@ class PrefixCache:
             metrics.PREFIX_LOOKUPS.labels("redis", "error").inc()
             return []
         blocks = []
-        with self._lock:
-            for key, value in zip(keys, values):
-                kv = None if value is None else self._decode(value)
-                if kv is None:
-                    break
-                self._local[key] = _Block(kv, shared=True)
-                blocks.append(kv)
+        for key, value in zip(keys, values):
+            kv = None if value is None else self._decode(value)
+            if kv is None:
+                break
+            self._local[key] = _Block(kv, shared=True)
+            blocks.append(kv)
         metrics.PREFIX_LOOKUPS.labels("redis", "hit" if blocks else "miss").inc()
         return blocks
 
@@ -223,7 +219,7 @@ class PrefixCache:
         """The engine's KV layout, which blocks from Redis must have (called once, by the engine)."""
         self._block_shape = (2, layers, kv_heads, self.block_tokens, head_dim)
         self._dtype = dtype
-        self._block_nbytes = _element_count(self._block_shape) * torch.empty(0, dtype=dtype).element_size()
+        self._block_nbytes = math.prod(self._block_shape) * dtype.itemsize
 
     def _decode(self, value: bytes) -> torch.Tensor | None:
         if len(value) != self._block_nbytes:  # another layout under the same key: treat as absent
@@ -233,13 +229,6 @@ class PrefixCache:
 
 def _encode(kv: torch.Tensor) -> bytes:
     return kv.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _element_count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _block_bytes(block: _Block) -> int:

@@ -21,7 +21,6 @@ class Sequence:
         self.generated: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.length = 0  # tokens held in the KV row
-        self.reused = 0  # prompt tokens whose KV came from the prefix cache
         self._eos_ids = eos_ids
         self._sampler = TokenSampler(request.sampling)
         self._text = TextStream(tokenizer, request.sampling.stop)

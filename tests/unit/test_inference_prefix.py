@@ -41,6 +41,25 @@ def counter(metric, *labels) -> float:
     return metric.labels(*labels)._value.get() if labels else metric._value.get()
 
 
+def reusable(ids: list[int]) -> int:
+    """Prompt tokens the prefix cache can cover: whole blocks, never the last token."""
+    return (len(ids) - 1) // BLOCK * BLOCK
+
+
+@pytest.fixture
+def engines():
+    """Makes tiny engines (with the given prefix cache) and closes them after the test."""
+    made = []
+
+    def make(prefix_cache: PrefixCache | None = None):
+        made.append(tiny_engine(prefix_cache=prefix_cache))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
 @pytest.fixture
 def redis_blocks(redis_server):
     """Makes Redis tiers that share one namespace of their own, as replicas of one deployment do."""
@@ -65,76 +84,57 @@ def test_keys_are_chained_and_carry_tenant_and_revision():
     assert all(b"acme" not in key for key in keys)
 
 
-def test_a_repeated_prompt_skips_the_cached_prefix_with_the_same_greedy_output():
+def test_a_repeated_prompt_skips_the_cached_prefix_with_the_same_greedy_output(engines):
     ids = prompt_ids()
-    plain = tiny_engine()
-    reusing = tiny_engine(prefix_cache=cache())
-    try:
-        expected = generate(plain, ids)
-        assert generate(reusing, ids) == expected  # fills the cache
-        prefilled = counter(metrics.PREFILL_TOKENS)
-        reused = counter(metrics.PREFIX_TOKENS_REUSED, "local")
-        assert generate(reusing, ids) == expected
-        skipped = (len(ids) - 1) // BLOCK * BLOCK
-        assert counter(metrics.PREFIX_TOKENS_REUSED, "local") - reused == skipped
-        assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - skipped
-    finally:
-        plain.close()
-        reusing.close()
+    plain, reusing = engines(), engines(cache())
+    expected = generate(plain, ids)
+    assert generate(reusing, ids) == expected  # fills the cache
+    prefilled = counter(metrics.PREFILL_TOKENS)
+    reused = counter(metrics.PREFIX_TOKENS_REUSED, "local")
+    assert generate(reusing, ids) == expected
+    assert counter(metrics.PREFIX_TOKENS_REUSED, "local") - reused == reusable(ids)
+    assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - reusable(ids)
 
 
-def test_the_local_tier_stays_within_its_byte_bound():
+def test_the_local_tier_stays_within_its_byte_bound(engines):
     prefix = cache(local_bytes=10_000)
-    engine = tiny_engine(prefix_cache=prefix)
-    try:
-        generate(engine, prompt_ids())
-        assert 0 < prefix.local_bytes <= 10_000
-    finally:
-        engine.close()
+    generate(engines(prefix), prompt_ids())
+    assert 0 < prefix.local_bytes <= 10_000
 
 
-def test_a_second_replica_reuses_a_prefix_the_first_computed_through_redis(redis_blocks):
+def test_a_second_replica_reuses_a_prefix_the_first_computed_through_redis(engines, redis_blocks):
     ids = prompt_ids()
     first_tier = redis_blocks()
-    plain, first = tiny_engine(), tiny_engine(prefix_cache=cache(first_tier))
-    second = tiny_engine(prefix_cache=cache(redis_blocks()))
-    try:
-        expected = generate(plain, ids)
-        assert generate(first, ids) == expected
-        first_tier.flush()  # its writes go out on a background thread
-        reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
-        prefilled = counter(metrics.PREFILL_TOKENS)
-        assert generate(second, ids) == expected
-        skipped = (len(ids) - 1) // BLOCK * BLOCK
-        assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == skipped
-        assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - skipped
-    finally:
-        for engine in (plain, first, second):
-            engine.close()
+    plain, first, second = engines(), engines(cache(first_tier)), engines(cache(redis_blocks()))
+    expected = generate(plain, ids)
+    assert generate(first, ids) == expected
+    first_tier.flush()  # its writes go out on a background thread
+    reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
+    prefilled = counter(metrics.PREFILL_TOKENS)
+    assert generate(second, ids) == expected
+    assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == reusable(ids)
+    assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - reusable(ids)
 
 
-def test_two_tenants_with_the_same_prompt_never_share_a_prefix_entry(redis_blocks):
+def test_two_tenants_with_the_same_prompt_never_share_a_prefix_entry(engines, redis_blocks):
     ids = prompt_ids()
     shared = redis_blocks()
-    engine = tiny_engine(prefix_cache=cache(shared))
-    try:
-        generate(engine, ids, tenant="acme")
-        shared.flush()
-        local_hits, redis_hits = counter(metrics.PREFIX_LOOKUPS, "local", "hit"), counter(
-            metrics.PREFIX_LOOKUPS, "redis", "hit")
-        reused = counter(metrics.PREFIX_TOKENS_REUSED, "local") + counter(metrics.PREFIX_TOKENS_REUSED, "redis")
-        generate(engine, ids, tenant="globex")
-        assert counter(metrics.PREFIX_LOOKUPS, "local", "hit") == local_hits
-        assert counter(metrics.PREFIX_LOOKUPS, "redis", "hit") == redis_hits
-        assert counter(metrics.PREFIX_TOKENS_REUSED, "local") + counter(
-            metrics.PREFIX_TOKENS_REUSED, "redis") == reused
-        generate(engine, ids, tenant="acme")  # while the first tenant's own entry is still there
-        assert counter(metrics.PREFIX_LOOKUPS, "local", "hit") == local_hits + 1
-    finally:
-        engine.close()
+    engine = engines(cache(shared))
+    generate(engine, ids, tenant="acme")
+    shared.flush()
+    local_hits, redis_hits = counter(metrics.PREFIX_LOOKUPS, "local", "hit"), counter(
+        metrics.PREFIX_LOOKUPS, "redis", "hit")
+    reused = counter(metrics.PREFIX_TOKENS_REUSED, "local") + counter(metrics.PREFIX_TOKENS_REUSED, "redis")
+    generate(engine, ids, tenant="globex")
+    assert counter(metrics.PREFIX_LOOKUPS, "local", "hit") == local_hits
+    assert counter(metrics.PREFIX_LOOKUPS, "redis", "hit") == redis_hits
+    assert counter(metrics.PREFIX_TOKENS_REUSED, "local") + counter(
+        metrics.PREFIX_TOKENS_REUSED, "redis") == reused
+    generate(engine, ids, tenant="acme")  # while the first tenant's own entry is still there
+    assert counter(metrics.PREFIX_LOOKUPS, "local", "hit") == local_hits + 1
 
 
-def test_a_redis_that_never_answers_costs_one_budget_then_is_skipped():
+def test_a_redis_that_never_answers_costs_one_budget_then_is_skipped(engines):
     with socket.socket() as listener:  # accepts connections, never replies
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -142,38 +142,27 @@ def test_a_redis_that_never_answers_costs_one_budget_then_is_skipped():
         accepted = []
         threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
         blocks = RedisBlocks(f"redis://127.0.0.1:{port}/0", budget_s=0.2, cooldown_s=60)
-        engine = tiny_engine(prefix_cache=cache(blocks))
-        try:
-            errors = counter(metrics.PREFIX_LOOKUPS, "redis", "error")
-            started = time.monotonic()
-            assert blocks.get([b"k"]) is None
-            assert time.monotonic() - started < 2.0  # the 0.2 s budget, not a hang
-            started = time.monotonic()
-            assert blocks.get([b"k"]) is None  # cooling down: not even tried
-            assert time.monotonic() - started < 0.05
-            assert generate(engine, prompt_ids())  # the request is answered, as a miss
-            assert counter(metrics.PREFIX_LOOKUPS, "redis", "error") > errors
-        finally:
-            engine.close()
+        engine = engines(cache(blocks))
+        errors = counter(metrics.PREFIX_LOOKUPS, "redis", "error")
+        started = time.monotonic()
+        assert blocks.get([b"k"]) is None
+        assert time.monotonic() - started < 2.0  # the 0.2 s budget, not a hang
+        started = time.monotonic()
+        assert blocks.get([b"k"]) is None  # cooling down: not even tried
+        assert time.monotonic() - started < 0.05
+        assert generate(engine, prompt_ids())  # the request is answered, as a miss
+        assert counter(metrics.PREFIX_LOOKUPS, "redis", "error") > errors
 
 
-def test_blocks_made_while_redis_was_down_reach_it_once_it_is_back(redis_blocks):
+def test_blocks_made_while_redis_was_down_reach_it_once_it_is_back(engines, redis_blocks):
     ids = prompt_ids()
     shared = redis_blocks()
-    engine = tiny_engine(prefix_cache=cache(shared))
-    try:
-        shared._down_until = time.monotonic() + 60  # as after a failure: cooling down
-        generate(engine, ids)
-        shared._down_until = 0.0  # Redis is back
-        generate(engine, ids)  # a local hit: its blocks go to Redis now
-        shared.flush()
-        second_shared = redis_blocks()
-        second = tiny_engine(prefix_cache=cache(second_shared))
-        reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
-        try:
-            generate(second, ids)
-        finally:
-            second.close()
-        assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == (len(ids) - 1) // BLOCK * BLOCK
-    finally:
-        engine.close()
+    engine = engines(cache(shared))
+    shared._down_until = time.monotonic() + 60  # as after a failure: cooling down
+    generate(engine, ids)
+    shared._down_until = 0.0  # Redis is back
+    generate(engine, ids)  # a local hit: its blocks go to Redis now
+    shared.flush()
+    reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
+    generate(engines(cache(redis_blocks())), ids)
+    assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == reusable(ids)
