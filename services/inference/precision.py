@@ -5,7 +5,7 @@ Measured on this machine's CPU (AVX2, no AVX-512), torch 2.13, a 576 -> 1536 lay
     rows (tokens)          1        8        300
     float32 F.linear     0.08 ms  0.29 ms   4 ms     (MKL sgemm: batches well)
     bfloat16 F.linear    0.10 ms  0.78 ms  32 ms     (one GEMV per row)
-    int8 weight-only     0.03 ms  0.29 ms  ~25 ms    (torch._weight_int8pack_mm, one pass per row)
+    int8 weight-only     0.09 ms  0.27 ms  10 ms     (torch._weight_int8pack_mm, one pass per row)
 
 Decode is bound by reading the weights, so it wants the fewest bytes per weight;
 prefill is bound by arithmetic, and only float32 sgemm is fast at it here. So
@@ -56,6 +56,8 @@ def prefill_phase() -> Iterator[None]:
         yield
     finally:
         _phase.prefill = False
+
+
 PRECISIONS = ("int8", "bfloat16", "float32")
 
 
@@ -91,7 +93,6 @@ class DecodeLinear(nn.Module):
         if self.bias is not None:
             flat = flat + self.bias
         return flat.reshape(*x.shape[:-1], self.out_features)
-
 
     def _gemm(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         flat = x.reshape(rows, self.in_features).float()
