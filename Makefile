@@ -29,7 +29,7 @@ gen/.stamp: $(PROTOS) $(STAMP)
 	touch gen/.stamp
 
 model: $(STAMP)
-	$(PY) -m services.model convert
+	$(PY) -m modelfiles convert
 
 demo: setup
 	$(VENV)/bin/nlpmesh demo

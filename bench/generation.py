@@ -29,11 +29,11 @@ from bench.stats import percentile, summary_ms
 from cli.launcher import LocalMesh
 from meshkit.settings import default_home
 from services.inference.engine import Engine
-from services.inference.generation import Delta, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, GenerationRequest, SamplingConfig
 from services.inference.loading import engine_options, load_model
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from services.model.store import load_model_files
+from modelfiles.convert import load_model_files
 
 STREAMS = (1, 4, 8)
 # Questions that draw long answers, so that streams decode for their whole max_new_tokens.

@@ -20,7 +20,7 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0)
     variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
                    TRACE_DIR_ENV: str(mesh.trace_dir or ""), **env}
     variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
-    process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=variant_env,
+    process = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=REPO_ROOT, env=variant_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 
-from meshkit.call_status import PLATFORM_METHODS
+from meshkit.interceptor import PLATFORM_METHODS
 
 
 class DelayInterceptor(grpc.aio.ServerInterceptor):

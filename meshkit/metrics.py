@@ -1,7 +1,7 @@
 """Prometheus metrics for every service: served RPCs, the gateway's hops, /metrics.
 
 Every metric lives in the process's default registry and is created once, at
-import, by the module that records it (this one, services/cache/metrics.py,
+import, by the module that records it (this one, promptcache/metrics.py,
 services/inference/metrics.py), so any number of in-process servers share them.
 Names carry the ``nlpmesh_`` prefix and base units; labels take only values
 from a fixed set (service, method, status code, hop, tier, reason), never
@@ -17,7 +17,7 @@ import time
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from meshkit.call_status import ObservingInterceptor, observed
+from meshkit.interceptor import ObservingInterceptor, observed
 
 log = logging.getLogger("nlpmesh.metrics")
 

@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 
 from meshkit import span_names as names
-from meshkit.call_status import ObservingInterceptor, observed
+from meshkit.interceptor import ObservingInterceptor, observed
 
 log = logging.getLogger("nlpmesh.tracing")
 

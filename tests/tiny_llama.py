@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from meshkit.settings import default_home
 from services.inference.engine import Engine, EngineOptions
 from services.inference.prefix import PrefixCache
-from services.model.store import load_model_files
+from modelfiles.convert import load_model_files
 
 VOCAB_SIZE = 49152  # the real tokenizer's
 EOS_ID = 2  # <|im_end|>

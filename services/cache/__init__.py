@@ -1,5 +1,1 @@
-"""The exact-match prompt cache: key derivation (keys.py), the Redis store (store.py), the service.
-
-Nothing heavy is imported here: the gateway imports ``services.cache.keys`` and
-``services.cache.store`` directly.
-"""
+"""The cache service: stores, invalidation and stats over the promptcache library."""

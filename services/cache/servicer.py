@@ -9,9 +9,9 @@ from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from meshkit.errors import FieldViolation, InvalidArgument
 from meshkit.server import ServiceSpec, rpc_method
-from services.cache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt
+from promptcache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt
 from services.cache.settings import CacheSettings
-from services.cache.store import CachedAnswer, PromptCache, redact_url, redis_client
+from promptcache.redis_tier import CachedAnswer, PromptCache, redact_url, redis_client
 
 log = logging.getLogger("nlpmesh.cache")
 

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference import metrics
-from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
+from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import SlotKV
 from services.inference.precision import prefill_phase
 from services.inference.prefix import NO_MATCH, PrefixCache

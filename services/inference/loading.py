@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from services.inference.engine import Engine, EngineOptions
-from services.inference.generation import GenerationRequest, SamplingConfig
+from services.inference.generation_types import GenerationRequest, SamplingConfig
 from services.inference.precision import apply_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from services.model.store import ModelFiles, load_model_files
+from modelfiles.convert import ModelFiles, load_model_files
 
 log = logging.getLogger("nlpmesh.inference")
 

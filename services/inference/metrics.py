@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.inference.generation import Delta, Finished, FinishReason
+from services.inference.generation_types import Delta, Finished, FinishReason
 
 QUEUE_DEPTH = Gauge("nlpmesh_inference_queue_depth", "Requests waiting for a decode slot.")
 ACTIVE_SEQUENCES = Gauge("nlpmesh_inference_active_sequences", "Requests queued or generating.")

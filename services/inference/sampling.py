@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from services.inference.generation import SamplingConfig
+from services.inference.generation_types import SamplingConfig
 
 
 class TokenSampler:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from services.inference.generation import FinishReason, GenerationRequest
+from services.inference.generation_types import FinishReason, GenerationRequest
 from services.inference.sampling import TokenSampler
 from services.inference.text_stream import TextStream
 

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from meshkit.errors import NotFound, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from services.inference.engine import Engine
-from services.inference.generation import Delta, Finished, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, Finished, GenerationRequest, SamplingConfig
 from services.inference.loading import load_engine, warm_up_engine
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings

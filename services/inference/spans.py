@@ -15,7 +15,7 @@ from opentelemetry import trace
 
 from meshkit import span_names as names
 from meshkit.tracing import tracer
-from services.inference.generation import Finished, GenerationRequest
+from services.inference.generation_types import Finished, GenerationRequest
 
 _tracer = tracer("inference")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest
+from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.sequence import Sequence
 from services.inference.spans import NO_SPANS
 

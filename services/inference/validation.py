@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from meshkit.errors import FieldViolation, InvalidArgument
-from services.inference.generation import GenerationRequest, SamplingConfig
+from services.inference.generation_types import GenerationRequest, SamplingConfig
 
 
 @dataclass(frozen=True)

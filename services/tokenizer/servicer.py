@@ -11,7 +11,7 @@ from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing import tracer
-from services.model.store import load_model_files
+from modelfiles.convert import load_model_files
 from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
 from services.tokenizer.settings import TokenizerSettings
 

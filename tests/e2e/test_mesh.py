@@ -19,7 +19,7 @@ from nlpmesh.gateway.v1 import gateway_pb2
 from transformers import AutoTokenizer
 
 from meshkit.settings import default_home
-from services.model.store import load_model_files
+from modelfiles.convert import load_model_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 

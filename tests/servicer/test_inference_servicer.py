@@ -9,7 +9,7 @@ from grpc_status import rpc_status
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.inference.engine import Engine
-from services.inference.generation import Delta, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, GenerationRequest, SamplingConfig
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
 from tests.tiny_llama import real_tokenizer, tiny_engine

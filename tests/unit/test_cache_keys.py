@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from services.cache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt, tenant_tag
+from promptcache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt, tenant_tag
 
 PREFIX = "nlpmesh:pc"
 

@@ -2,9 +2,9 @@
 import asyncio
 import uuid
 
-from services.cache.keys import PromptCacheKey, Sampling, TemplatePrompt
-from services.cache.near import NearCache
-from services.cache.store import CachedAnswer, PromptCache, redis_client
+from promptcache.keys import PromptCacheKey, Sampling, TemplatePrompt
+from promptcache.near_tier import NearCache
+from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 from tests.conftest import running_redis_server
 
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")

@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from meshkit.errors import Unavailable
-from services.cache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt, tenant_namespace
-from services.cache.store import CachedAnswer, PromptCache, redis_client
+from promptcache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt, tenant_namespace
+from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 
 GREEDY = Sampling(max_new_tokens=32, temperature=0.0)
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")

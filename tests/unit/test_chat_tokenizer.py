@@ -6,7 +6,7 @@ from jinja2.exceptions import SecurityError
 
 from meshkit.errors import InvalidArgument, NotFound
 from meshkit.settings import default_home
-from services.model.store import load_model_files
+from modelfiles.convert import load_model_files
 from services.tokenizer.chat_tokenizer import ChatLimits, ChatMessage, ChatTokenizer
 
 CHAT = [ChatMessage("system", "You answer briefly."), ChatMessage("user", "What is a bond?")]

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from services.inference import metrics
-from services.inference.generation import Delta, FinishReason, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, FinishReason, GenerationRequest, SamplingConfig
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
 

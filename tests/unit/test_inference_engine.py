@@ -5,7 +5,7 @@ import time
 import pytest
 
 from meshkit.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.inference.generation import Delta, Finished, FinishReason, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest, SamplingConfig
 from tests.tiny_llama import real_tokenizer, tiny_engine, tiny_llama
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "日本語のテキスト"]

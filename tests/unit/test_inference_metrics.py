@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from prometheus_client import REGISTRY
 
-from services.inference.generation import Delta, Finished, FinishReason
+from services.inference.generation_types import Delta, Finished, FinishReason
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from services.inference import metrics
-from services.inference.generation import GenerationRequest, SamplingConfig
+from services.inference.generation_types import GenerationRequest, SamplingConfig
 from services.inference.prefix import PrefixCache, RedisBlocks
 from tests.tiny_llama import real_tokenizer, tiny_engine
 

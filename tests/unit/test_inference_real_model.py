@@ -11,10 +11,10 @@ import torch
 
 from meshkit.settings import default_home
 from services.inference.engine import Engine, EngineOptions
-from services.inference.generation import Delta, FinishReason, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, FinishReason, GenerationRequest, SamplingConfig
 from services.inference.loading import load_model
 from services.inference.prefix import PrefixCache
-from services.model.store import load_model_files
+from modelfiles.convert import load_model_files
 
 pytestmark = pytest.mark.model
 

@@ -9,7 +9,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from meshkit import span_names as names
-from services.inference.generation import FinishReason, GenerationRequest, SamplingConfig
+from services.inference.generation_types import FinishReason, GenerationRequest, SamplingConfig
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
 ENGINE_SPANS = (names.INFERENCE_QUEUE_WAIT, names.INFERENCE_PREFILL, names.INFERENCE_DECODE)

@@ -2,7 +2,7 @@
 import pytest
 
 from meshkit.errors import InvalidArgument
-from services.inference.generation import GenerationRequest, SamplingConfig
+from services.inference.generation_types import GenerationRequest, SamplingConfig
 from services.inference.validation import RequestLimits, resolve_request
 
 LIMITS = RequestLimits(

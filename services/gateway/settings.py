@@ -7,7 +7,7 @@ from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class GatewaySettings(ServiceSettings, service="gateway"):
@@ -23,12 +23,12 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     )
     cache_prefix: str = "nlpmesh:pc"
     cache_lookup_timeout_s: float = 0.05
-    # The near tier (services/cache/near.py): hot answers kept in this process,
+    # The near tier (promptcache/near_tier.py): hot answers kept in this process,
     # dropped on every announced invalidation. 0 bytes = off.
     near_cache_bytes: int = 32 * 1024 * 1024
     near_cache_max_age_s: float = 60.0
     tenant: str = "public"
-    # Per-hop budgets and the default total (gateway/budgets.py).
+    # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.
     template_timeout_s: float = 2.0

@@ -20,9 +20,9 @@ from cachetools import TTLCache
 from opentelemetry import trace
 
 from meshkit import span_names
-from services.cache import metrics
-from services.cache.keys import PromptCacheKey
-from services.cache.store import CachedAnswer, PromptCache
+from promptcache import metrics
+from promptcache.keys import PromptCacheKey
+from promptcache.redis_tier import CachedAnswer, PromptCache
 
 log = logging.getLogger("nlpmesh.cache.near")
 

@@ -63,7 +63,7 @@ def load_model_files(home: Path, name: str = DEFAULT_MODEL) -> ModelFiles:
     if not manifest.is_file():
         raise FileNotFoundError(
             f"the model is not converted yet ({folder}); run `make setup` "
-            "or `python -m services.model convert`"
+            "or `python -m modelfiles convert`"
         )
     revision = json.loads(manifest.read_text())["revision"]
     return ModelFiles(name=name, path=folder, revision=revision)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from gateway.budgets import ObservedLatency, RequestBudget
+from services.gateway.budgets import ObservedLatency, RequestBudget
 from meshkit import metrics
 from meshkit.tracing import hop_span, record_hop
 

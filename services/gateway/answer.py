@@ -11,16 +11,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
-from gateway.catalog import TemplateIndex
-from gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta, store_request
-from gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
-from gateway.timings import HopClock, HopTiming
+from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
+from services.gateway.template_index import TemplateIndex
+from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta, store_request
+from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
+from services.gateway.timings import HopClock, HopTiming
 from meshkit.errors import NotFound
 from meshkit.tracing import current_metadata, outgoing_metadata
-from services.cache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
-from services.cache.keys import Sampling as KeySampling
-from services.cache.store import CachedAnswer, PromptCache
+from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
+from promptcache.keys import Sampling as KeySampling
+from promptcache.redis_tier import CachedAnswer, PromptCache
 
 log = logging.getLogger("nlpmesh.gateway")
 

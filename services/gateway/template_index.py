@@ -10,9 +10,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.downstream import TemplateEntry
+from services.gateway.downstream import TemplateEntry
 
-log = logging.getLogger("nlpmesh.gateway.catalog")
+log = logging.getLogger("nlpmesh.gateway.template_index")
 
 # A template unknown to this view triggers at most one refresh per interval.
 _MISS_REFRESH_S = 1.0

@@ -1,4 +1,4 @@
-"""`python -m gateway`: the public gateway process."""
+"""`python -m services.gateway`: the public gateway process."""
 from __future__ import annotations
 
 import asyncio
@@ -7,17 +7,17 @@ import time
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from gateway.answer import Answerer
-from gateway.budgets import BudgetPolicy
-from gateway.catalog import TemplateIndex
-from gateway.downstream import Downstream
-from gateway.servicer import GatewayServicer
-from gateway.settings import GatewaySettings
+from services.gateway.answer import Answerer
+from services.gateway.budgets import BudgetPolicy
+from services.gateway.template_index import TemplateIndex
+from services.gateway.downstream import Downstream
+from services.gateway.servicer import GatewayServicer
+from services.gateway.settings import GatewaySettings
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
 from meshkit.tracing import configure_tracing, tracer
-from services.cache.near import NearCache
-from services.cache.store import PromptCache, redis_client
+from promptcache.near_tier import NearCache
+from promptcache.redis_tier import PromptCache, redis_client
 
 log = logging.getLogger("nlpmesh.gateway")
 

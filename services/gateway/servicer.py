@@ -7,11 +7,11 @@ from contextlib import contextmanager
 from google.protobuf import json_format
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from gateway.answer import Answerer, CallContext, Outcome
-from gateway.catalog import TemplateIndex
-from gateway.downstream import TokenDelta
-from gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall, validate
-from gateway.timings import HopClock, HopTiming, server_timing
+from services.gateway.answer import Answerer, CallContext, Outcome
+from services.gateway.template_index import TemplateIndex
+from services.gateway.downstream import TokenDelta
+from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall, validate
+from services.gateway.timings import HopClock, HopTiming, server_timing
 from meshkit.errors import InvalidArgument, Unavailable
 from meshkit.server import rpc_method
 from meshkit.tracing import request_span, trace_id_hex

@@ -33,8 +33,8 @@ from redis.backoff import NoBackoff
 from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.tracing import tracer
-from services.cache import metrics
-from services.cache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace, tenant_tag
+from promptcache import metrics
+from promptcache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace, tenant_tag
 
 log = logging.getLogger("nlpmesh.cache")
 _tracer = tracer("cache")

@@ -1,13 +1,13 @@
-"""`python -m services.model convert`: the one-time model conversion (make setup)."""
+"""`python -m modelfiles convert`: the one-time model conversion (make setup)."""
 import argparse
 import sys
 
 from meshkit.settings import default_home
-from services.model.store import ensure_converted
+from modelfiles.convert import ensure_converted
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.model")
+    parser = argparse.ArgumentParser(prog="python -m modelfiles")
     parser.add_argument("command", choices=["convert"])
     parser.parse_args()
     files = ensure_converted(default_home(), progress=lambda line: print(f"[model] {line}", flush=True))
