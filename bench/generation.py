@@ -27,13 +27,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.stats import percentile, summary_ms
 from cli.launcher import LocalMesh
+from meshkit.sampling import Sampling
 from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
 from services.inference.engine import Engine
-from services.inference.generation_types import Delta, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import engine_options, load_model
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from modelfiles.convert import load_model_files
 
 STREAMS = (1, 4, 8)
 # Questions that draw long answers, so that streams decode for their whole max_new_tokens.
@@ -215,7 +216,7 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
 def first_token_ms(engine: Engine, prompt: list[int]) -> float:
     async def run() -> float:
         started = time.perf_counter()
-        stream = engine.submit(GenerationRequest(prompt, SamplingConfig(max_new_tokens=1), tenant="bench"))
+        stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=1), tenant="bench"))
         async with stream:
             async for item in stream:
                 if not isinstance(item, Delta) or item.text:

@@ -1,8 +1,9 @@
 """The exact-match prompt cache key, derived in this one place.
 
-The gateway builds a ``PromptCacheKey`` itself (after resolving defaults such
-as ``max_new_tokens`` 0 and the template's newest version) and so does the
-cache service; both must get the same Redis key for the same request:
+The gateway derives a ``PromptCacheKey`` once per request (after resolving
+defaults such as ``max_new_tokens`` 0 and the template's newest version), looks
+it up, and hands the same key to the cache service to store the answer
+(``to_pb`` / ``from_pb``): the key a hit looks up is the key the miss stored.
 
     key = PromptCacheKey(tenant, model, revision,
                          TemplatePrompt(id, version, variables) | ChatPrompt(messages),
@@ -29,6 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import json_format
+from nlpmesh.cache.v1 import cache_pb2
+
+from meshkit.errors import FieldViolation, InvalidArgument
+from meshkit.sampling import Sampling
+
 # Part of every digest: bump it when the canonical form changes, and old
 # entries simply stop matching (they expire by TTL).
 KEY_FORMAT = 1
@@ -54,36 +61,6 @@ class ChatPrompt:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def is_deterministic(self) -> bool:
-        """Whether the same request always gives the same answer (worth caching)."""
-        return self.is_greedy or self.seed is not None
-
-    def canonical(self) -> dict:
-        fields = {"max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
-        if self.is_greedy:
-            return fields | {"temperature": 0}
-        return fields | {
-            "temperature": _round(self.temperature),
-            "top_p": _round(self.top_p),
-            "top_k": self.top_k,
-            "seed": self.seed,
-        }
-
-
-@dataclass(frozen=True)
 class PromptCacheKey:
     tenant: str
     model: str
@@ -98,7 +75,7 @@ class PromptCacheKey:
             "model": self.model,
             "revision": self.revision,
             "prompt": self.prompt.canonical(),
-            "sampling": self.sampling.canonical(),
+            "sampling": _canonical_sampling(self.sampling),
         }
         return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -107,6 +84,63 @@ class PromptCacheKey:
 
     def redis_key(self, prefix: str) -> str:
         return f"{tenant_namespace(prefix, self.tenant)}:e:{self.digest()}"
+
+    def to_pb(self) -> cache_pb2.PromptCacheKey:
+        pb = cache_pb2.PromptCacheKey(tenant=self.tenant, model=self.model, revision=self.revision,
+                                      sampling=self.sampling.to_pb(cache_pb2.Sampling))
+        if isinstance(self.prompt, TemplatePrompt):
+            pb.template.id = self.prompt.id
+            pb.template.version = self.prompt.version
+            pb.template.variables.update(self.prompt.variables)
+        else:
+            pb.chat.messages.extend(cache_pb2.ChatMessage(role=r, content=c) for r, c in self.prompt.messages)
+        return pb
+
+    @classmethod
+    def from_pb(cls, pb: cache_pb2.PromptCacheKey, path: str = "key") -> PromptCacheKey:
+        """The key, or InvalidArgument naming every bad field under ``path``."""
+        violations: list[FieldViolation] = []
+        _require(violations, pb.model, f"{path}.model")
+        _require(violations, pb.revision, f"{path}.revision")
+        prompt = _prompt_from_pb(pb, path, violations)
+        if violations:
+            raise InvalidArgument("invalid cache key", violations)
+        return cls(pb.tenant, pb.model, pb.revision, prompt, Sampling.from_pb(pb.sampling))
+
+
+def _prompt_from_pb(pb: cache_pb2.PromptCacheKey, path: str, violations: list[FieldViolation]
+                    ) -> TemplatePrompt | ChatPrompt | None:
+    kind = pb.WhichOneof("prompt")
+    if kind == "template":
+        _require(violations, pb.template.id, f"{path}.template.id")
+        _require(violations, pb.template.version, f"{path}.template.version")
+        return TemplatePrompt(pb.template.id, pb.template.version, json_format.MessageToDict(pb.template.variables))
+    if kind == "chat":
+        messages = pb.chat.messages
+        if not messages:
+            violations.append(FieldViolation(f"{path}.chat.messages", "must not be empty"))
+        for i, message in enumerate(messages):
+            _require(violations, message.role, f"{path}.chat.messages[{i}].role")
+        return ChatPrompt(tuple((m.role, m.content) for m in messages))
+    violations.append(FieldViolation(f"{path}.prompt", "set template or chat"))
+    return None
+
+
+def _require(violations: list[FieldViolation], value: str, field: str) -> None:
+    if not value:
+        violations.append(FieldViolation(field, "must not be empty"))
+
+
+def _canonical_sampling(sampling: Sampling) -> dict:
+    fields = {"max_new_tokens": sampling.max_new_tokens, "stop": list(sampling.stop)}
+    if sampling.greedy:
+        return fields | {"temperature": 0}
+    return fields | {
+        "temperature": _round(sampling.temperature),
+        "top_p": _round(sampling.top_p),
+        "top_k": sampling.top_k,
+        "seed": sampling.seed,
+    }
 
 
 def tenant_tag(tenant: str) -> str:

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
+from nlpmesh.cache.v1 import cache_pb2
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -73,6 +74,13 @@ class CachedAnswer:
         if not all(isinstance(v, t) for v, t in types) or not all(isinstance(n, int) for n in counts):
             raise ValueError("a cached answer field has the wrong type")
         return answer
+
+    def to_pb(self) -> cache_pb2.CachedAnswer:
+        return cache_pb2.CachedAnswer(**asdict(self))
+
+    @classmethod
+    def from_pb(cls, pb: cache_pb2.CachedAnswer) -> CachedAnswer:
+        return cls(pb.text, pb.finish_reason, pb.prompt_tokens, pb.completion_tokens, pb.model)
 
 
 @dataclass(frozen=True)
@@ -158,7 +166,7 @@ class PromptCache:
             return await self._store(key, answer, ttl_s)
 
     async def _store(self, key: PromptCacheKey, answer: CachedAnswer, ttl_s: int | None) -> bool:
-        if not key.sampling.is_deterministic:
+        if not key.sampling.deterministic:
             metrics.record_store("skipped")
             return False
         payload = answer.to_json()

@@ -7,17 +7,18 @@ import time
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.gateway.answer import Answerer
-from services.gateway.budgets import BudgetPolicy
-from services.gateway.template_index import TemplateIndex
-from services.gateway.downstream import Downstream
-from services.gateway.servicer import GatewayServicer
-from services.gateway.settings import GatewaySettings
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
 from meshkit.tracing import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
+from services.gateway.answer import Answerer
+from services.gateway.budgets import BudgetPolicy
+from services.gateway.downstream import Downstream
+from services.gateway.scope import RequestScopes
+from services.gateway.servicer import GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.template_index import TemplateIndex
 
 log = logging.getLogger("nlpmesh.gateway")
 
@@ -27,7 +28,8 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
     downstream = Downstream(settings)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
-    servicer = GatewayServicer(templates, tracer("gateway"), settings)
+    gateway_tracer = tracer("gateway")
+    servicer = GatewayServicer(templates, RequestScopes(policy, gateway_tracer, settings.tenant), gateway_tracer)
     state: dict = {}
 
     async def warm_up() -> None:
@@ -40,7 +42,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         if cache is not None:
             await cache.warm_up()
         state["cache"] = cache
-        state["answerer"] = Answerer(downstream, cache, templates, model, policy, settings)
+        state["answerer"] = Answerer(downstream, cache, templates, model, settings)
         servicer.attach(state["answerer"])
 
     async def close() -> None:
@@ -63,7 +65,7 @@ def _prompt_cache(settings: GatewaySettings) -> PromptCache | NearCache | None:
     if not settings.redis_url:
         log.warning("no REDIS_URL: running without a prompt cache")
         return None
-    cache = PromptCache(redis_client(settings.redis_url), settings.cache_prefix, ttl_s=3600,
+    cache = PromptCache(redis_client(settings.redis_url), settings.key_prefix, ttl_s=3600,
                         timeout_s=settings.cache_lookup_timeout_s)
     if settings.near_cache_bytes <= 0:
         return cache

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshkit.errors import DeadlineExceeded
+from services.gateway.hop import BUDGETED, Hop
 
-HOPS = ("cache", "template", "tokenizer", "inference.ttft", "inference")
+# The names a policy file uses for the hops.
+HOPS = tuple(str(hop) for hop in BUDGETED)
 
 
 class BudgetPolicyError(ValueError):
@@ -41,8 +43,8 @@ class BudgetPolicy:
     def for_template(self, template_id: str | None) -> BudgetPolicy:
         return self.templates.get(template_id or "", self)
 
-    def budget_for(self, hop: str) -> float:
-        if hop == "total":
+    def budget_for(self, hop: Hop) -> float:
+        if hop == Hop.TOTAL:
             return self.default_total_ms
         return self.hops[hop]
 
@@ -98,17 +100,17 @@ class RequestBudget:
     def left_ms(self) -> float:
         return self.total_ms - (time.perf_counter() - self.started) * 1000.0
 
-    def budget_for(self, hop: str) -> float:
-        return self.total_ms if hop == "total" else self.policy.budget_for(hop)
+    def budget_for(self, hop: Hop) -> float:
+        return self.total_ms if hop == Hop.TOTAL else self.policy.budget_for(hop)
 
-    def deadline_s(self, hop: str) -> float:
+    def deadline_s(self, hop: Hop) -> float:
         """The deadline for the hop's call: min(hop budget, time left); never unbounded."""
         left = self.left_ms()
         if left <= 0:
             raise DeadlineExceeded(f"the request's {self.total_ms:.0f} ms budget ran out before {hop}", hop=hop)
         return min(self.policy.budget_for(hop), left) / 1000.0
 
-    def ensure_can_cover(self, hops: Iterable[str]) -> None:
+    def ensure_can_cover(self, hops: Iterable[Hop]) -> None:
         """Fails at once when the time left cannot cover the hops ahead, as observed lately."""
         left = self.left_ms()
         needed = 0.0
@@ -118,5 +120,5 @@ class RequestBudget:
                 raise DeadlineExceeded(
                     f"{max(left, 0):.1f} ms left cannot cover the {hop} hop "
                     f"(the hops up to it typically take {needed:.1f} ms)",
-                    hop=hop.split(".")[0],
+                    hop=str(Hop.INFERENCE if hop == Hop.INFERENCE_TTFT else hop),
                 )

@@ -17,9 +17,13 @@ from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
-from services.gateway.request import Chat, Sampling, TemplateCall
 from meshkit.errors import from_rpc_error
+from meshkit.sampling import Sampling
 from meshkit.server import channel_options
+from promptcache.keys import PromptCacheKey
+from promptcache.redis_tier import CachedAnswer
+from services.gateway.hop import Hop
+from services.gateway.request import Chat, TemplateCall
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,11 @@ class GenerationEnd:
 
 
 @asynccontextmanager
-async def _hop(name: str):
+async def _hop(hop: Hop):
     try:
         yield
     except grpc.aio.AioRpcError as error:
-        raise from_rpc_error(error, name) from None
+        raise from_rpc_error(error, hop) from None
 
 
 class Downstream:
@@ -105,12 +109,12 @@ class Downstream:
         variables = struct_pb2.Struct()
         variables.update(call.variables)
         request = template_pb2.RenderRequest(id=call.id, version=call.version, variables=variables)
-        async with _hop("template"):
+        async with _hop(Hop.TEMPLATE):
             reply = await self.template.Render(request, timeout=timeout, metadata=metadata)
         return RenderedPrompt(reply.version, tuple((m.role, m.content) for m in reply.messages))
 
     async def list_templates(self, timeout: float, metadata=()) -> list[TemplateEntry]:
-        async with _hop("template"):
+        async with _hop(Hop.TEMPLATE):
             reply = await self.template.ListTemplates(
                 template_pb2.ListTemplatesRequest(), timeout=timeout, metadata=metadata
             )
@@ -123,17 +127,17 @@ class Downstream:
         ]
 
     async def encode_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> list[int]:
-        async with _hop("tokenizer"):
+        async with _hop(Hop.TOKENIZER):
             reply = await self.tokenizer.EncodeChat(_encode_request(chat, model), timeout=timeout, metadata=metadata)
         return list(reply.token_ids)
 
     async def count_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> int:
-        async with _hop("tokenizer"):
+        async with _hop(Hop.TOKENIZER):
             reply = await self.tokenizer.CountChat(_encode_request(chat, model), timeout=timeout, metadata=metadata)
         return reply.count
 
     async def model_info(self, timeout: float) -> ModelInfo:
-        async with _hop("inference"):
+        async with _hop(Hop.INFERENCE):
             reply = await self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=timeout)
         return ModelInfo(reply.model, reply.revision, reply.context_length, reply.default_max_new_tokens)
 
@@ -141,12 +145,12 @@ class Downstream:
         self, token_ids: list[int], sampling: Sampling, model: str, tenant: str, timeout: float, metadata=()
     ) -> AsyncIterator[TokenDelta | GenerationEnd]:
         request = inference_pb2.GenerateRequest(
-            model=model, prompt_token_ids=token_ids, sampling=_sampling_pb(inference_pb2.Sampling, sampling),
+            model=model, prompt_token_ids=token_ids, sampling=sampling.to_pb(inference_pb2.Sampling),
             tenant=tenant,
         )
         call = self.inference.Generate(request, timeout=timeout, metadata=metadata)
         try:
-            async with _hop("inference"):
+            async with _hop(Hop.INFERENCE):
                 async for chunk in call:
                     if chunk.delta:
                         yield TokenDelta(chunk.delta)
@@ -156,8 +160,9 @@ class Downstream:
             # The caller went away or failed: the engine must stop this sequence.
             call.cancel()
 
-    async def store(self, request: cache_pb2.StoreRequest, timeout: float, metadata=()) -> bool:
-        async with _hop("cache"):
+    async def store(self, key: PromptCacheKey, answer: CachedAnswer, timeout: float, metadata=()) -> bool:
+        request = cache_pb2.StoreRequest(key=key.to_pb(), answer=answer.to_pb())
+        async with _hop(Hop.CACHE):
             reply = await self.cache.Store(request, timeout=timeout, metadata=metadata)
         return reply.stored
 
@@ -166,29 +171,3 @@ def _encode_request(chat: Chat, model: str) -> tokenizer_pb2.EncodeChatRequest:
     return tokenizer_pb2.EncodeChatRequest(
         model=model, messages=[tokenizer_pb2.Message(role=r, content=c) for r, c in chat.messages]
     )
-
-
-def _sampling_pb(message_type, sampling: Sampling):
-    pb = message_type(
-        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-        top_p=sampling.top_p, top_k=sampling.top_k, stop=list(sampling.stop),
-    )
-    if sampling.seed is not None:
-        pb.seed = sampling.seed
-    return pb
-
-
-def store_request(key_parts: dict, sampling: Sampling, answer: dict) -> cache_pb2.StoreRequest:
-    """The cache service's StoreRequest for one answer (key parts as in keys.py)."""
-    parts = cache_pb2.CacheKeyParts(
-        tenant=key_parts["tenant"], model=key_parts["model"], revision=key_parts["revision"],
-        sampling=_sampling_pb(cache_pb2.Sampling, sampling),
-    )
-    prompt = key_parts["prompt"]
-    if isinstance(prompt, TemplateCall):
-        parts.template.id = prompt.id
-        parts.template.version = prompt.version
-        parts.template.variables.update(prompt.variables)
-    else:
-        parts.chat.messages.extend(cache_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages)
-    return cache_pb2.StoreRequest(key=parts, answer=cache_pb2.CachedAnswer(**answer))

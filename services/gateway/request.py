@@ -5,7 +5,10 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf import json_format
+
 from meshkit.errors import FieldViolation, InvalidArgument
+from meshkit.sampling import Sampling
 
 MAX_CHAT_MESSAGES = 64
 MAX_STOP_SEQUENCES = 4
@@ -40,26 +43,37 @@ class Chat:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int  # 0 = server default
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-
-    @property
-    def deterministic(self) -> bool:
-        return self.temperature == 0 or self.seed is not None
-
-
-@dataclass(frozen=True)
 class PromptRequest:
     prompt: TemplateCall | Chat
     model: str
     sampling: Sampling
     cache_mode: CacheMode
     budget_ms: int
+
+    @property
+    def template_id(self) -> str | None:
+        return self.prompt.id if isinstance(self.prompt, TemplateCall) else None
+
+    @classmethod
+    def from_pb(cls, request) -> PromptRequest:
+        """From a public ``GenerateRequest``, validated (InvalidArgument names every bad field)."""
+        if request.cache_mode not in CacheMode._value2member_map_:
+            raise InvalidArgument.for_field("cache_mode", f"unknown value {request.cache_mode}")
+        return validate(cls(prompt_from_pb(request), request.model, Sampling.from_pb(request.sampling),
+                            CacheMode(request.cache_mode), request.budget_ms))
+
+
+def prompt_from_pb(request) -> TemplateCall | Chat:
+    """The ``prompt`` oneof of a public ``GenerateRequest`` or ``CountTokensRequest``."""
+    which = request.WhichOneof("prompt")
+    if which == "template":
+        variables = json_format.MessageToDict(request.template.variables)
+        return TemplateCall(request.template.id, request.template.version, variables)
+    if which == "chat":
+        if not request.chat.messages:
+            raise InvalidArgument.for_field("chat.messages", "must hold at least one message")
+        return Chat(tuple((m.role, m.content) for m in request.chat.messages))
+    raise InvalidArgument.for_field("prompt", "set either template or chat")
 
 
 def validate(request: PromptRequest) -> PromptRequest:

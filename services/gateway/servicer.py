@@ -1,31 +1,31 @@
 """The public gateway servicer: protobuf at the edge, the Answerer inside."""
 from __future__ import annotations
 
+import time
 import uuid
 from contextlib import contextmanager
 
-from google.protobuf import json_format
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.gateway.answer import Answerer, CallContext, Outcome
-from services.gateway.template_index import TemplateIndex
-from services.gateway.downstream import TokenDelta
-from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall, validate
-from services.gateway.timings import HopClock, HopTiming, server_timing
-from meshkit.errors import InvalidArgument, Unavailable
+from meshkit.errors import Unavailable
 from meshkit.server import rpc_method
 from meshkit.tracing import request_span, trace_id_hex
+from services.gateway.answer import Answerer, Outcome
+from services.gateway.downstream import TokenDelta
+from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
+from services.gateway.scope import REQUEST_ID, RequestScope, RequestScopes
+from services.gateway.template_index import TemplateIndex
+from services.gateway.timings import HopTiming, server_timing
 
-REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID = 128
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, templates: TemplateIndex, tracer, settings):
+    def __init__(self, templates: TemplateIndex, scopes: RequestScopes, tracer):
         self._answerer: Answerer | None = None
         self._templates = templates
+        self._scopes = scopes
         self._tracer = tracer
-        self._settings = settings
 
     def attach(self, answerer: Answerer) -> None:
         """Called once the internal services answer (the gateway's warm-up)."""
@@ -39,11 +39,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_method
     async def Generate(self, request, context):
-        with self._request(context, "Generate") as (call, clock, trace_id):
-            prompt_request = prompt_request_from_pb(request)
-            await _send_request_id(context)
+        started = time.perf_counter()
+        prompt_request = PromptRequest.from_pb(request)
+        with self._scope(context, "Generate", prompt_request.template_id, prompt_request.budget_ms,
+                         started) as scope:
+            await _send_request_id(context, scope)
+            trace_id = trace_id_hex(scope.span)
             parts: list[str] = []
-            async for event in self.answerer.stream(prompt_request, call, clock):
+            async for event in self.answerer.stream(prompt_request, scope):
                 if isinstance(event, TokenDelta):
                     parts.append(event.text)
                 else:
@@ -53,14 +56,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
                         timings=_timings_pb(event.timings),
                     )
-        return gateway_pb2.GenerateResponse(trace_id=trace_id)
+            return gateway_pb2.GenerateResponse(trace_id=trace_id)
 
     @rpc_method
     async def GenerateStream(self, request, context):
-        with self._request(context, "GenerateStream") as (call, clock, trace_id):
-            prompt_request = prompt_request_from_pb(request)
-            await _send_request_id(context)
-            async for event in self.answerer.stream(prompt_request, call, clock):
+        started = time.perf_counter()
+        prompt_request = PromptRequest.from_pb(request)
+        with self._scope(context, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
+                         started) as scope:
+            await _send_request_id(context, scope)
+            trace_id = trace_id_hex(scope.span)
+            async for event in self.answerer.stream(prompt_request, scope):
                 if isinstance(event, TokenDelta):
                     yield gateway_pb2.GenerateChunk(delta=event.text)
                 elif isinstance(event, Outcome):
@@ -73,8 +79,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_method
     async def CountTokens(self, request, context):
-        with self._request(context, "CountTokens") as (call, clock, _):
-            count, model = await self.answerer.count_tokens(prompt_from_pb(request), request.model, call, clock)
+        started = time.perf_counter()
+        prompt = prompt_from_pb(request)
+        template_id = prompt.id if isinstance(prompt, TemplateCall) else None
+        with self._scope(context, "CountTokens", template_id, 0, started) as scope:
+            count, model = await self.answerer.count_tokens(prompt, request.model, scope)
             return gateway_pb2.CountTokensResponse(prompt_tokens=count, model=model)
 
     @rpc_method
@@ -92,41 +101,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
     @contextmanager
-    def _request(self, context, name: str):
+    def _scope(self, context, name: str, template_id: str | None, budget_ms: int, started: float):
         # The server span the tracing interceptor opened is the request's span: hops hang from it.
-        with request_span(self._tracer, context.invocation_metadata(), f"gateway.{name}") as span:
-            call = CallContext(self._settings.tenant, context.time_remaining)
-            yield call, HopClock(self._tracer, span), trace_id_hex(span)
+        metadata = context.invocation_metadata()
+        with request_span(self._tracer, metadata, f"gateway.{name}") as span:
+            yield self._scopes.open(span=span, request_id=_request_id(metadata), template_id=template_id,
+                                    budget_ms=budget_ms, time_left=context.time_remaining, started=started)
 
 
-async def _send_request_id(context) -> None:
-    incoming = dict(context.invocation_metadata() or ()).get(REQUEST_ID)
-    request_id = incoming if isinstance(incoming, str) and 0 < len(incoming) <= _MAX_REQUEST_ID else uuid.uuid4().hex
-    await context.send_initial_metadata(((REQUEST_ID, request_id),))
+def _request_id(metadata) -> str:
+    incoming = dict(metadata or ()).get(REQUEST_ID)
+    return incoming if isinstance(incoming, str) and 0 < len(incoming) <= _MAX_REQUEST_ID else uuid.uuid4().hex
 
 
-def prompt_from_pb(request) -> TemplateCall | Chat:
-    which = request.WhichOneof("prompt")
-    if which == "template":
-        variables = json_format.MessageToDict(request.template.variables)
-        return TemplateCall(request.template.id, request.template.version, variables)
-    if which == "chat":
-        if not request.chat.messages:
-            raise InvalidArgument.for_field("chat.messages", "must hold at least one message")
-        return Chat(tuple((m.role, m.content) for m in request.chat.messages))
-    raise InvalidArgument.for_field("prompt", "set either template or chat")
-
-
-def prompt_request_from_pb(request: gateway_pb2.GenerateRequest) -> PromptRequest:
-    s = request.sampling
-    sampling = Sampling(
-        max_new_tokens=s.max_new_tokens, temperature=round(s.temperature, 6), top_p=round(s.top_p, 6),
-        top_k=s.top_k, seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
-    )
-    if request.cache_mode not in CacheMode._value2member_map_:
-        raise InvalidArgument.for_field("cache_mode", f"unknown value {request.cache_mode}")
-    return validate(PromptRequest(prompt_from_pb(request), request.model, sampling,
-                                  CacheMode(request.cache_mode), request.budget_ms))
+async def _send_request_id(context, scope: RequestScope) -> None:
+    await context.send_initial_metadata(((REQUEST_ID, scope.request_id),))
 
 
 def _usage(outcome: Outcome) -> gateway_pb2.Usage:

@@ -21,7 +21,8 @@ class GatewaySettings(ServiceSettings, service="gateway"):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("NLPMESH_GATEWAY_REDIS_URL", "REDIS_URL", "redis_url"),
     )
-    cache_prefix: str = "nlpmesh:pc"
+    # Redis keys of the prompt cache start with this; the cache service must use the same.
+    key_prefix: str = "nlpmesh:pc"
     cache_lookup_timeout_s: float = 0.05
     # The near tier (promptcache/near_tier.py): hot answers kept in this process,
     # dropped on every announced invalidation. 0 bytes = off.

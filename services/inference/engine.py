@@ -1,7 +1,7 @@
 """The inference engine: one worker thread owns the model; callers get async streams.
 
     engine = Engine(model, tokenizer, EngineOptions())
-    stream = engine.submit(GenerationRequest(prompt_ids, SamplingConfig(max_new_tokens=32)))
+    stream = engine.submit(GenerationRequest(prompt_ids, Sampling(max_new_tokens=32)))
     async for item in stream:    # Delta(text)..., then Finished(reason, prompt, completion)
         ...
     engine.close()

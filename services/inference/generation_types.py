@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
 
+from meshkit.sampling import Sampling
+
 
 class FinishReason(enum.IntEnum):
     # The values match nlpmesh.inference.v1.FinishReason.
@@ -16,23 +18,9 @@ class FinishReason(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 0  # 0 = the engine's default
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 0.0  # 0 = unset (1.0)
-    top_k: int = 0  # 0 = unset
-    seed: int | None = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     prompt_token_ids: list[int]
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: Sampling = field(default_factory=Sampling)
     request_id: str = ""
     tenant: str = ""  # whose prompt: prefix KV is never shared across tenants
     # The caller's trace context: the engine's spans are its children. None = not traced.

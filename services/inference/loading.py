@@ -7,12 +7,13 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from meshkit.sampling import Sampling
+from modelfiles.convert import ModelFiles, load_model_files
 from services.inference.engine import Engine, EngineOptions
-from services.inference.generation_types import GenerationRequest, SamplingConfig
+from services.inference.generation_types import GenerationRequest
 from services.inference.precision import apply_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from modelfiles.convert import ModelFiles, load_model_files
 
 log = logging.getLogger("nlpmesh.inference")
 
@@ -61,6 +62,7 @@ def prefix_cache(settings: InferenceSettings, files: ModelFiles) -> PrefixCache 
     if settings.redis_url:
         shared = RedisBlocks(
             settings.redis_url,
+            key_prefix=settings.key_prefix,
             budget_s=settings.prefix_redis_budget_ms / 1000,
             ttl_s=settings.prefix_redis_ttl_s,
             cooldown_s=settings.prefix_redis_cooldown_s,
@@ -80,7 +82,7 @@ async def warm_up_engine(engine: Engine) -> None:
     """One tiny generation, so the first real request does not pay for lazy setup."""
     started = time.monotonic()
     prompt = engine.tokenizer.encode("Hello")
-    stream = engine.submit(GenerationRequest(prompt, SamplingConfig(max_new_tokens=2), "warm-up"))
+    stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=2), "warm-up"))
     async with stream:
         async for _ in stream:
             pass

@@ -13,11 +13,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from services.inference.generation_types import SamplingConfig
+from meshkit.sampling import Sampling
 
 
 class TokenSampler:
-    def __init__(self, sampling: SamplingConfig):
+    def __init__(self, sampling: Sampling):
         self._greedy = sampling.greedy
         self._warpers = _warpers(sampling)
         # One generator per request: a seeded request draws the same tokens
@@ -37,7 +37,7 @@ class TokenSampler:
         return int(torch.multinomial(probs, num_samples=1, generator=self._generator)[0, 0])
 
 
-def _warpers(sampling: SamplingConfig) -> LogitsProcessorList:
+def _warpers(sampling: Sampling) -> LogitsProcessorList:
     if sampling.greedy:
         return LogitsProcessorList()
     warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])

@@ -12,9 +12,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from meshkit.errors import NotFound, Unavailable
+from meshkit.sampling import Sampling
 from meshkit.server import ServiceSpec, rpc_method
 from services.inference.engine import Engine
-from services.inference.generation_types import Delta, Finished, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, Finished, GenerationRequest
 from services.inference.loading import load_engine, warm_up_engine
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings
@@ -74,17 +75,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 def _generation_request(request: inference_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
-    sampling = request.sampling
     return GenerationRequest(
         prompt_token_ids=list(request.prompt_token_ids),
-        sampling=SamplingConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            seed=sampling.seed if sampling.HasField("seed") else None,
-            stop=tuple(sampling.stop),
-        ),
+        sampling=Sampling.from_pb(request.sampling),
         request_id=request_id,
         tenant=request.tenant,
         trace_context=_trace_context(),

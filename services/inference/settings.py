@@ -32,6 +32,8 @@ class InferenceSettings(ServiceSettings, service="inference"):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("NLPMESH_INFERENCE_REDIS_URL", "REDIS_URL", "redis_url"),
     )
+    # Redis keys of the prefix-KV tier start with this.
+    key_prefix: str = "nlpmesh:kv"
     # A Redis read slower than this (per socket operation) is a miss; Redis is
     # then skipped for prefix_redis_cooldown_s.
     prefix_redis_budget_ms: float = Field(default=100.0, gt=0)

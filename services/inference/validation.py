@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 from meshkit.errors import FieldViolation, InvalidArgument
-from services.inference.generation_types import GenerationRequest, SamplingConfig
+from meshkit.sampling import Sampling
+from services.inference.generation_types import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def _default_max_new_tokens(request: GenerationRequest, limits: RequestLimits) -
     return max(1, min(limits.default_max_new_tokens, room))
 
 
-def _sampling_violations(sampling: SamplingConfig, limits: RequestLimits) -> list[FieldViolation]:
+def _sampling_violations(sampling: Sampling, limits: RequestLimits) -> list[FieldViolation]:
     found = []
     if not (sampling.temperature >= 0 and math.isfinite(sampling.temperature)):
         found.append(FieldViolation("sampling.temperature", "must be a finite number >= 0"))

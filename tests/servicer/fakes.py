@@ -41,6 +41,34 @@ class FakeTemplate(template_pb2_grpc.TemplateServiceServicer, Recorder):
             variables=[template_pb2.Variable(name="question", required=True)])])
 
 
+class PublishingTemplate(template_pb2_grpc.TemplateServiceServicer, Recorder):
+    """A template service whose catalog gains versions while it runs (``publish``)."""
+
+    def __init__(self, template_id: str, versions: list[str]):
+        Recorder.__init__(self)
+        self.template_id = template_id
+        self.versions = list(versions)
+        self.rendered: list[str] = []  # the version each Render call asked for
+
+    def publish(self, version: str) -> None:
+        self.versions.append(version)
+
+    @rpc_method
+    async def Render(self, request, context):
+        self.saw(context)
+        self.rendered.append(request.version)
+        version = request.version or self.versions[-1]
+        return template_pb2.RenderResponse(id=request.id, version=version, messages=[
+            template_pb2.Message(role="user", content=f"v{version}: {request.variables.fields['question'].string_value}")])
+
+    @rpc_method
+    async def ListTemplates(self, request, context):
+        return template_pb2.ListTemplatesResponse(templates=[
+            template_pb2.Template(id=self.template_id, version=v, newest=v == self.versions[-1],
+                                  variables=[template_pb2.Variable(name="question", required=True)])
+            for v in self.versions])
+
+
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer, Recorder):
     @rpc_method
     async def EncodeChat(self, request, context):
@@ -80,6 +108,7 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
 def fake_spec(name: str, servicer) -> ServiceSpec:
     adders = {
         FakeTemplate: template_pb2_grpc.add_TemplateServiceServicer_to_server,
+        PublishingTemplate: template_pb2_grpc.add_TemplateServiceServicer_to_server,
         FakeTokenizer: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server,
         FakeInference: inference_pb2_grpc.add_InferenceServiceServicer_to_server,
     }

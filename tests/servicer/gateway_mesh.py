@@ -6,22 +6,27 @@ import asyncio
 
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
-from services.gateway.__main__ import build_spec as gateway_spec
-from services.gateway.settings import GatewaySettings
 from services.cache.servicer import build_spec as cache_spec
 from services.cache.settings import CacheSettings
+from services.gateway.__main__ import build_spec as gateway_spec
+from services.gateway.settings import GatewaySettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
 from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
-def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test:gw"):
-    """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes)."""
+def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test:gw", template=None,
+             **gateway_settings):
+    """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
+
+    ``template``: a fake template servicer instead of the real service.
+    """
     tokenizer, inference = FakeTokenizer(), FakeInference()
+    template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
 
     async def main():
         async with (
-            inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
+            inprocess_server(template_service, TemplateSettings()) as template,
             inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix=key_prefix)),
                              CacheSettings()) as cache,
             inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
@@ -29,7 +34,7 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test
         ):
             settings = GatewaySettings(
                 template_addr=template.address, cache_addr=cache.address, tokenizer_addr=tok.address,
-                inference_addr=inf.address, redis_url=redis_url, cache_prefix=key_prefix,
+                inference_addr=inf.address, redis_url=redis_url, key_prefix=key_prefix, **gateway_settings,
             )
             async with inprocess_server(gateway_spec(settings), settings) as gateway:
                 return await scenario(gateway_pb2_grpc.GatewayStub(gateway.channel), tokenizer, inference)

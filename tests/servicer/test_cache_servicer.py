@@ -34,10 +34,10 @@ def run_with_stub(settings: CacheSettings, body):
     return asyncio.run(main())
 
 
-def template_key(tenant="acme", temperature=0.0, **variables) -> cache_pb2.CacheKeyParts:
+def template_key(tenant="acme", temperature=0.0, **variables) -> cache_pb2.PromptCacheKey:
     struct = struct_pb2.Struct()
     struct.update(variables or {"country": "France"})
-    return cache_pb2.CacheKeyParts(
+    return cache_pb2.PromptCacheKey(
         tenant=tenant,
         model="m1",
         revision="r1",
@@ -72,7 +72,7 @@ def test_store_lookup_invalidate_and_stats_round_trip(redis_server):
 
 
 def test_chat_key_and_model_invalidation(redis_server):
-    chat = cache_pb2.CacheKeyParts(
+    chat = cache_pb2.PromptCacheKey(
         tenant="acme", model="m1", revision="r1",
         chat=cache_pb2.ChatList(messages=[cache_pb2.ChatMessage(role="user", content="hi")]),
         sampling=cache_pb2.Sampling(temperature=0.7, seed=5),
@@ -109,10 +109,10 @@ def _violations(error: grpc.RpcError) -> set[str]:
 @pytest.mark.parametrize(
     "request_, fields",
     [
-        (cache_pb2.LookupRequest(key=cache_pb2.CacheKeyParts(revision="r1")), {"key.model", "key.prompt"}),
+        (cache_pb2.LookupRequest(key=cache_pb2.PromptCacheKey(revision="r1")), {"key.model", "key.prompt"}),
         (
             cache_pb2.LookupRequest(
-                key=cache_pb2.CacheKeyParts(
+                key=cache_pb2.PromptCacheKey(
                     model="m1", revision="r1", template=cache_pb2.TemplatePrompt(id="t")
                 )
             ),
@@ -120,7 +120,7 @@ def _violations(error: grpc.RpcError) -> set[str]:
         ),
         (
             cache_pb2.LookupRequest(
-                key=cache_pb2.CacheKeyParts(model="m1", revision="", chat=cache_pb2.ChatList())
+                key=cache_pb2.PromptCacheKey(model="m1", revision="", chat=cache_pb2.ChatList())
             ),
             {"key.revision", "key.chat.messages"},
         ),

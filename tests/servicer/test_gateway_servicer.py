@@ -3,6 +3,7 @@ in-process fakes for the tokenizer and inference (unit scope: no model)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 import pytest
@@ -10,8 +11,10 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2
+from redis import asyncio as aioredis
 
 from meshkit.errors import InvalidArgument
+from tests.servicer.fakes import PublishingTemplate
 from tests.servicer.gateway_mesh import run_mesh
 
 
@@ -136,3 +139,41 @@ def test_count_tokens_renders_then_counts(inprocess_server, redis_server):
 
     reply, calls = run_mesh(inprocess_server, redis_server, scenario)
     assert reply.prompt_tokens == 4 and reply.model == "SmolLM2-135M-Instruct" and calls == 0
+
+
+async def until(predicate, timeout_s: float = 5.0, every_s: float = 0.02):
+    """Polls an async predicate until it holds; fails the test past the bound."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(every_s)
+
+
+def test_a_version_published_while_the_catalog_is_stale_keeps_the_stored_key_the_looked_up_key(
+        inprocess_server, redis_server):
+    template = PublishingTemplate("finance_question", ["1.0.0"])
+    prefix = f"test:stale-{uuid.uuid4().hex}"
+
+    async def scenario(stub, tokenizer, inference):
+        template.publish("1.1.0")  # the gateway's view still says 1.0.0 is the newest
+        miss = await stub.Generate(finance(max_new_tokens=3), timeout=10)
+        redis = aioredis.from_url(redis_server)
+        try:
+            await until(lambda: _entries(redis, prefix))
+            stored = await redis.keys(f"{prefix}:*:e:*")
+        finally:
+            await redis.aclose()
+        hit = await stub.Generate(finance(max_new_tokens=3), timeout=10)
+        return miss, hit, stored, inference.calls
+
+    miss, hit, stored, inference_calls = run_mesh(inprocess_server, redis_server, scenario, key_prefix=prefix,
+                                                  template=template, catalog_refresh_s=3600)
+    assert not miss.cache_hit and hit.cache_hit and hit.text == miss.text
+    assert inference_calls == 1
+    assert len(stored) == 1
+    # The miss rendered the version its key names, not the one published after the view was taken.
+    assert template.rendered == ["1.0.0"]
+
+
+async def _entries(redis, prefix: str) -> bool:
+    return bool(await redis.keys(f"{prefix}:*:e:*"))

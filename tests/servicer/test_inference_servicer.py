@@ -8,8 +8,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
+from meshkit.sampling import Sampling
 from services.inference.engine import Engine
-from services.inference.generation_types import Delta, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
 from tests.tiny_llama import real_tokenizer, tiny_engine
@@ -40,7 +41,7 @@ def generate_request(max_new_tokens=8, **sampling) -> inference_pb2.GenerateRequ
 
 
 async def engine_text(engine: Engine, max_new_tokens: int) -> str:
-    stream = engine.submit(GenerationRequest(PROMPT, SamplingConfig(max_new_tokens=max_new_tokens)))
+    stream = engine.submit(GenerationRequest(PROMPT, Sampling(max_new_tokens=max_new_tokens)))
     return "".join([item.text async for item in stream if isinstance(item, Delta)])
 
 

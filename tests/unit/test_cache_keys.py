@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from promptcache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt, tenant_tag
+from meshkit.sampling import Sampling
+from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_tag
 
 PREFIX = "nlpmesh:pc"
 
@@ -150,6 +151,6 @@ def test_float32_rounding_is_stable_for_many_values():
 
 
 def test_determinism_is_greedy_or_seeded():
-    assert Sampling(temperature=0.0).is_deterministic
-    assert Sampling(temperature=0.8, seed=1).is_deterministic
-    assert not Sampling(temperature=0.8).is_deterministic
+    assert Sampling(temperature=0.0).deterministic
+    assert Sampling(temperature=0.8, seed=1).deterministic
+    assert not Sampling(temperature=0.8).deterministic

@@ -6,7 +6,8 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
-from promptcache.keys import PromptCacheKey, Sampling, TemplatePrompt
+from meshkit.sampling import Sampling
+from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 

@@ -2,7 +2,8 @@
 import asyncio
 import uuid
 
-from promptcache.keys import PromptCacheKey, Sampling, TemplatePrompt
+from meshkit.sampling import Sampling
+from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 from tests.conftest import running_redis_server

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from meshkit.errors import Unavailable
-from promptcache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt, tenant_namespace
+from meshkit.sampling import Sampling
+from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_namespace
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 
 GREEDY = Sampling(max_new_tokens=32, temperature=0.0)

@@ -3,8 +3,9 @@ import asyncio
 
 import pytest
 
+from meshkit.sampling import Sampling
 from services.inference import metrics
-from services.inference.generation_types import Delta, FinishReason, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
 
@@ -16,7 +17,7 @@ def engine():
 
 
 def request(prompt: str, max_new_tokens: int, **sampling) -> GenerationRequest:
-    return GenerationRequest(real_tokenizer().encode(prompt), SamplingConfig(max_new_tokens=max_new_tokens, **sampling))
+    return GenerationRequest(real_tokenizer().encode(prompt), Sampling(max_new_tokens=max_new_tokens, **sampling))
 
 
 async def texts(stream) -> tuple[list[str], object]:

@@ -5,7 +5,8 @@ import time
 import pytest
 
 from meshkit.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest, SamplingConfig
+from meshkit.sampling import Sampling
+from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from tests.tiny_llama import real_tokenizer, tiny_engine, tiny_llama
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "日本語のテキスト"]
@@ -20,7 +21,7 @@ def engine():
 
 
 def request(prompt: str, **sampling) -> GenerationRequest:
-    return GenerationRequest(real_tokenizer().encode(prompt), SamplingConfig(**sampling), prompt)
+    return GenerationRequest(real_tokenizer().encode(prompt), Sampling(**sampling), prompt)
 
 
 async def collect(stream) -> tuple[str, Finished]:

@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 
+from meshkit.sampling import Sampling
 from services.inference import metrics
-from services.inference.generation_types import GenerationRequest, SamplingConfig
+from services.inference.generation_types import GenerationRequest
 from services.inference.prefix import PrefixCache, RedisBlocks
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
@@ -30,7 +31,7 @@ def prompt_ids() -> list[int]:
 
 def generate(engine, ids: list[int], tenant: str = "acme") -> str:
     async def run():
-        stream = engine.submit(GenerationRequest(ids, SamplingConfig(max_new_tokens=12), tenant=tenant))
+        stream = engine.submit(GenerationRequest(ids, Sampling(max_new_tokens=12), tenant=tenant))
         items = [item async for item in stream]
         return "".join(item.text for item in items[:-1])
 

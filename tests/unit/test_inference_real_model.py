@@ -9,12 +9,13 @@ import asyncio
 import pytest
 import torch
 
+from meshkit.sampling import Sampling
 from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
-from services.inference.generation_types import Delta, FinishReason, GenerationRequest, SamplingConfig
+from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.prefix import PrefixCache
-from modelfiles.convert import load_model_files
 
 pytestmark = pytest.mark.model
 
@@ -49,7 +50,7 @@ def question_ids(tokenizer, question: str) -> list[int]:
 
 
 async def generate(engine: Engine, prompt: list[int]) -> tuple[str, int, FinishReason]:
-    stream = engine.submit(GenerationRequest(prompt, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS)))
+    stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=MAX_NEW_TOKENS)))
     items = [item async for item in stream]
     assert all(isinstance(item, Delta) for item in items[:-1])
     return "".join(item.text for item in items[:-1]), items[-1].completion_tokens, items[-1].finish_reason

@@ -9,7 +9,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from meshkit import span_names as names
-from services.inference.generation_types import FinishReason, GenerationRequest, SamplingConfig
+from meshkit.sampling import Sampling
+from services.inference.generation_types import FinishReason, GenerationRequest
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
 ENGINE_SPANS = (names.INFERENCE_QUEUE_WAIT, names.INFERENCE_PREFILL, names.INFERENCE_DECODE)
@@ -29,7 +30,7 @@ def generate(engine, traced: bool, max_new_tokens: int, **sampling):
     async def main():
         with trace.get_tracer("test").start_as_current_span("caller") as parent:
             context = otel_context.get_current() if traced else None
-            request = GenerationRequest(prompt, SamplingConfig(max_new_tokens=max_new_tokens, **sampling),
+            request = GenerationRequest(prompt, Sampling(max_new_tokens=max_new_tokens, **sampling),
                                         trace_context=context)
             items = [item async for item in engine.submit(request)]
         return parent, items[-1]

@@ -2,7 +2,8 @@
 import pytest
 
 from meshkit.errors import InvalidArgument
-from services.inference.generation_types import GenerationRequest, SamplingConfig
+from meshkit.sampling import Sampling
+from services.inference.generation_types import GenerationRequest
 from services.inference.validation import RequestLimits, resolve_request
 
 LIMITS = RequestLimits(
@@ -11,7 +12,7 @@ LIMITS = RequestLimits(
 
 
 def request(prompt=(5, 6, 7), **sampling):
-    return GenerationRequest(list(prompt), SamplingConfig(**sampling), "r1")
+    return GenerationRequest(list(prompt), Sampling(**sampling), "r1")
 
 
 def violated_fields(req):
