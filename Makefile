@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # protoc finds its mypy plugins on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup protos model demo test test-fast bench up clean
+.PHONY: setup protos model demo test test-fast lint bench up clean
 
 setup: $(STAMP) protos model
 
@@ -42,6 +42,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not model and not e2e"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) -m bench.run
