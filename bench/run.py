@@ -39,10 +39,15 @@ GATEWAY_VARIANTS = {
 }
 
 
-def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: int) -> dict:
+def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: int,
+                     baseline: Path | None = None) -> dict:
     request = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE)
+    names = list(GATEWAY_VARIANTS)
     extra = [variants.spawn_gateway(mesh, env) for env in GATEWAY_VARIANTS.values()]
-    addresses = {name: address for name, (_, address) in zip(GATEWAY_VARIANTS, extra)}
+    if baseline is not None:  # the default gateway as another checkout has it, taking the same turns
+        names.append("baseline")
+        extra.append(variants.spawn_gateway(mesh, {}, source=baseline))
+    addresses = {name: address for name, (_, address) in zip(names, extra)}
     samples: dict[str, list[float]] = {"grpc_empty_rpc_c1": [], "redis_get_c1": [], "cache_hit_c16": []}
     samples |= {f"cache_hit_c1[{name}]": [] for name in addresses}
     throughput = []
@@ -78,6 +83,10 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
             row["ratio_to_empty_rpc_p50"] = row["p50_ms"] / base
     untraced = result["cache_hit_c1[tracing_off]"]["p50_ms"]
     result["cache_hit_c1[default]"]["tracing_overhead_p50"] = result["cache_hit_c1[default]"]["p50_ms"] / untraced - 1
+    if baseline is not None:
+        before, after = result["cache_hit_c1[baseline]"], result["cache_hit_c1[default]"]
+        before["source"] = str(baseline)
+        after["ratio_to_baseline_p50"] = after["p50_ms"] / before["p50_ms"]
     return result
 
 
@@ -106,6 +115,8 @@ def cache_hit_lines(cache_hits: dict) -> list[str]:
             notes = f"{row['ratio_to_empty_rpc_p50']:.2f}x an empty gRPC call"
         if "tracing_overhead_p50" in row:
             notes += f"; tracing costs {100 * row['tracing_overhead_p50']:+.1f}% of p50"
+        if "ratio_to_baseline_p50" in row:
+            notes += f"; {row['ratio_to_baseline_p50']:.3f}x the baseline checkout's p50"
         if "throughput_rps" in row:
             notes = f"{row['throughput_rps']:.0f} req/s"
         lines.append(f"{name:<38}{row['n']:>7}{row['p50_ms']:>10.3f}{row['p99_ms']:>10.3f}  {notes}")
@@ -120,6 +131,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--only", choices=("cache", "generation"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included) or generation")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="another checkout (e.g. a worktree of the parent commit, after its `make protos`) whose "
+                             "gateway takes turns with this one's on the same services: before/after in one run")
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-"))
     mesh = LocalMesh(run_dir, free_ports=True, progress=say)
@@ -128,7 +142,7 @@ def main() -> int:
         redis_url = mesh.resolved_redis_url
         results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
         if args.only != "generation":
-            results["cache_hits"] = bench_cache_hits(mesh, redis_url, args.rounds, args.per_round)
+            results["cache_hits"] = bench_cache_hits(mesh, redis_url, args.rounds, args.per_round, args.baseline_tree)
         if args.only != "cache":
             results["generation"] = generation.bench(mesh, args.gen_rounds, args.max_new_tokens)
     finally:

@@ -5,14 +5,21 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from cli.launcher import LocalMesh, check_health, free_port
 from cli.topology import REPO_ROOT, local_environment
 from meshkit.settings import TRACE_DIR_ENV
 
 
-def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Starts one more gateway on the mesh's services; returns (process, address) once SERVING."""
+def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
+                  source: Path = REPO_ROOT) -> tuple[subprocess.Popen, str]:
+    """Starts one more gateway on the mesh's services; returns (process, address) once SERVING.
+
+    ``source``: the checkout the gateway's code comes from (another commit's
+    worktree, with its own ``make protos``), to compare a change against its
+    parent in one run.
+    """
     gateway = next(s for s in mesh.services if s.name == "gateway")
     port = free_port()
     # The same environment as the mesh's own gateway (span files, flushed as often
@@ -20,7 +27,9 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0)
     variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
                    TRACE_DIR_ENV: str(mesh.trace_dir or ""), **env}
     variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
-    process = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=REPO_ROOT, env=variant_env,
+    if source != REPO_ROOT:
+        variant_env["PYTHONPATH"] = os.pathsep.join((str(source), str(source / "gen")))
+    process = subprocess.Popen([sys.executable, "-m", _gateway_module(source)], cwd=source, env=variant_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -30,3 +39,8 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0)
             raise RuntimeError(f"gateway variant {env} did not start")
         time.sleep(0.2)
     return process, address
+
+
+def _gateway_module(source: Path) -> str:
+    # Before the gateway moved under services/, it was the top-level package ``gateway``.
+    return "services.gateway" if (source / "services" / "gateway").is_dir() else "gateway"

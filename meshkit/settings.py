@@ -22,7 +22,7 @@ CONFIG_ENV = "NLPMESH_CONFIG"
 # Where every service writes its spans as JSON lines (ServiceSettings.trace_dir).
 TRACE_DIR_ENV = "NLPMESH_TRACE_DIR"
 
-# The mesh's well-known ports (API.md): the gateway on 50051, the rest after it.
+# The mesh's well-known ports (docs/api.md): the gateway on 50051, the rest after it.
 DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055}
 
 

@@ -1,1 +1,1 @@
-"""The gateway: the public API (shared/API.md), the order of hops, streaming to the caller."""
+"""The gateway: the public API (docs/api.md), the order of hops, streaming to the caller."""

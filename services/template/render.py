@@ -16,7 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from meshkit.errors import FieldViolation, InvalidArgument
 from services.template.prompt import Message, PromptTemplate
 
-# The public API path of a variable (API.md: TemplateCall.variables).
+# The public API path of a variable (docs/api.md: TemplateCall.variables).
 FIELD_PREFIX = "template.variables"
 DEFAULT_MAX_VARIABLES = 32
 # A caller's unknown variable name is echoed back; keep the error detail small

@@ -19,7 +19,7 @@ from typing import Any
 from meshkit.errors import FieldViolation, InvalidArgument, NotFound
 
 ROLES = ("system", "user", "assistant")
-_FIELD = "chat.messages"  # the public API path (API.md: Chat.messages)
+_FIELD = "chat.messages"  # the public API path (docs/api.md: Chat.messages)
 
 
 @dataclass(frozen=True)
