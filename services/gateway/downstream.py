@@ -128,12 +128,12 @@ class Downstream:
 
     async def encode_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> list[int]:
         async with _hop(Hop.TOKENIZER):
-            reply = await self.tokenizer.EncodeChat(_encode_request(chat, model), timeout=timeout, metadata=metadata)
+            reply = await self.tokenizer.EncodeChat(_chat_to_pb(chat, model), timeout=timeout, metadata=metadata)
         return list(reply.token_ids)
 
     async def count_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> int:
         async with _hop(Hop.TOKENIZER):
-            reply = await self.tokenizer.CountChat(_encode_request(chat, model), timeout=timeout, metadata=metadata)
+            reply = await self.tokenizer.CountChat(_chat_to_pb(chat, model), timeout=timeout, metadata=metadata)
         return reply.count
 
     async def model_info(self, timeout: float) -> ModelInfo:
@@ -167,7 +167,7 @@ class Downstream:
         return reply.stored
 
 
-def _encode_request(chat: Chat, model: str) -> tokenizer_pb2.EncodeChatRequest:
+def _chat_to_pb(chat: Chat, model: str) -> tokenizer_pb2.EncodeChatRequest:
     return tokenizer_pb2.EncodeChatRequest(
         model=model, messages=[tokenizer_pb2.Message(role=r, content=c) for r, c in chat.messages]
     )

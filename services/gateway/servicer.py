@@ -13,7 +13,7 @@ from meshkit.tracing import request_span, trace_id_hex
 from services.gateway.answer import Answerer, Outcome
 from services.gateway.downstream import TokenDelta
 from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
-from services.gateway.scope import REQUEST_ID, RequestScope, RequestScopes
+from services.gateway.scope import REQUEST_ID, RequestScopes
 from services.gateway.template_index import TemplateIndex
 from services.gateway.timings import HopTiming, server_timing
 
@@ -43,7 +43,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         prompt_request = PromptRequest.from_pb(request)
         with self._scope(context, "Generate", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
-            await _send_request_id(context, scope)
+            await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
             parts: list[str] = []
             async for event in self.answerer.stream(prompt_request, scope):
@@ -52,9 +52,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 else:
                     context.set_trailing_metadata((("server-timing", server_timing(event.timings)),))
                     return gateway_pb2.GenerateResponse(
-                        text="".join(parts), finish_reason=event.finish_reason, usage=_usage(event),
+                        text="".join(parts), finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_pb(event.timings),
+                        timings=_timings_to_pb(event.timings),
                     )
             return gateway_pb2.GenerateResponse(trace_id=trace_id)
 
@@ -64,7 +64,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         prompt_request = PromptRequest.from_pb(request)
         with self._scope(context, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
-            await _send_request_id(context, scope)
+            await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
             async for event in self.answerer.stream(prompt_request, scope):
                 if isinstance(event, TokenDelta):
@@ -72,9 +72,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 elif isinstance(event, Outcome):
                     context.set_trailing_metadata((("server-timing", server_timing(event.timings)),))
                     yield gateway_pb2.GenerateChunk(
-                        done=True, finish_reason=event.finish_reason, usage=_usage(event),
+                        done=True, finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_pb(event.timings),
+                        timings=_timings_to_pb(event.timings),
                     )
 
     @rpc_method
@@ -83,11 +83,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         prompt = prompt_from_pb(request)
         template_id = prompt.id if isinstance(prompt, TemplateCall) else None
         with self._scope(context, "CountTokens", template_id, 0, started) as scope:
+            await _send_request_id(context, scope.request_id)
             count, model = await self.answerer.count_tokens(prompt, request.model, scope)
             return gateway_pb2.CountTokensResponse(prompt_tokens=count, model=model)
 
     @rpc_method
     async def ListTemplates(self, request, context):
+        await _send_request_id(context, _request_id(context.invocation_metadata()))
         await self._templates.refresh()
         return gateway_pb2.ListTemplatesResponse(
             templates=[
@@ -114,15 +116,15 @@ def _request_id(metadata) -> str:
     return incoming if isinstance(incoming, str) and 0 < len(incoming) <= _MAX_REQUEST_ID else uuid.uuid4().hex
 
 
-async def _send_request_id(context, scope: RequestScope) -> None:
-    await context.send_initial_metadata(((REQUEST_ID, scope.request_id),))
+async def _send_request_id(context, request_id: str) -> None:
+    await context.send_initial_metadata(((REQUEST_ID, request_id),))
 
 
-def _usage(outcome: Outcome) -> gateway_pb2.Usage:
+def _usage_to_pb(outcome: Outcome) -> gateway_pb2.Usage:
     return gateway_pb2.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
 
 
-def _timings_pb(timings: list[HopTiming]) -> list[gateway_pb2.HopTiming]:
+def _timings_to_pb(timings: list[HopTiming]) -> list[gateway_pb2.HopTiming]:
     return [
         gateway_pb2.HopTiming(hop=t.hop, elapsed_ms=t.elapsed_ms, budget_ms=t.budget_ms, over_budget=t.over_budget)
         for t in timings

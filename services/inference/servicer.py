@@ -46,12 +46,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @rpc_method
     async def Generate(self, request, context):
         engine = self._serving(request.model)
-        stream = engine.submit(_generation_request(request, _request_id(context)))
+        stream = engine.submit(_generation_request_from_pb(request, _request_id(context)))
         timer = GenerationTimer()
         try:
             async for item in stream:
                 timer.seen(item)
-                yield _chunk(item)
+                yield _chunk_to_pb(item)
         finally:  # the caller went away or the deadline passed: free the slot
             stream.cancel()
             timer.abandoned()
@@ -74,7 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return self.engine
 
 
-def _generation_request(request: inference_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
+def _generation_request_from_pb(request: inference_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
     return GenerationRequest(
         prompt_token_ids=list(request.prompt_token_ids),
         sampling=Sampling.from_pb(request.sampling),
@@ -89,7 +89,7 @@ def _trace_context() -> otel_context.Context | None:
     return otel_context.get_current() if trace.get_current_span().is_recording() else None
 
 
-def _chunk(item: Delta | Finished) -> inference_pb2.GenerateChunk:
+def _chunk_to_pb(item: Delta | Finished) -> inference_pb2.GenerateChunk:
     if isinstance(item, Delta):
         return inference_pb2.GenerateChunk(delta=item.text)
     return inference_pb2.GenerateChunk(

@@ -37,7 +37,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
         tokenizer = self._serving(request.model)
         with _tracer.start_as_current_span(span_names.TOKENIZER_ENCODE) as span:
-            ids = await asyncio.to_thread(tokenizer.encode_chat, _messages(request))
+            ids = await asyncio.to_thread(tokenizer.encode_chat, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
 
@@ -45,7 +45,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
         tokenizer = self._serving(request.model)
         with _tracer.start_as_current_span(span_names.TOKENIZER_COUNT) as span:
-            count = await asyncio.to_thread(tokenizer.count_chat, _messages(request))
+            count = await asyncio.to_thread(tokenizer.count_chat, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, count)
         return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)
 
@@ -62,7 +62,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return self._tokenizer
 
 
-def _messages(request: tokenizer_pb2.EncodeChatRequest) -> list[ChatMessage]:
+def _messages_from_pb(request: tokenizer_pb2.EncodeChatRequest) -> list[ChatMessage]:
     return [ChatMessage(role=m.role, content=m.content) for m in request.messages]
 
 

@@ -11,15 +11,17 @@ from meshkit.server import ServiceSpec, rpc_method
 
 
 class Recorder:
-    """Counts calls and keeps the deadline each call arrived with."""
+    """Counts calls and keeps the deadline and x-request-id each call arrived with."""
 
     def __init__(self):
         self.calls = 0
         self.deadlines: list[float | None] = []
+        self.request_ids: list[str | None] = []
 
     def saw(self, context) -> None:
         self.calls += 1
         self.deadlines.append(context.time_remaining())
+        self.request_ids.append(dict(context.invocation_metadata()).get("x-request-id"))
 
 
 class FakeTemplate(template_pb2_grpc.TemplateServiceServicer, Recorder):

@@ -177,3 +177,38 @@ def test_a_version_published_while_the_catalog_is_stale_keeps_the_stored_key_the
 
 async def _entries(redis, prefix: str) -> bool:
     return bool(await redis.keys(f"{prefix}:*:e:*"))
+
+
+def test_the_callers_request_id_goes_to_every_hop_and_back_on_every_rpc(inprocess_server, redis_server):
+    template = PublishingTemplate("finance_question", ["1.0.0"])
+    sent = (("x-request-id", "req-42"),)
+
+    async def scenario(stub, tokenizer, inference):
+        call = stub.Generate(finance(max_new_tokens=3), timeout=10, metadata=sent)
+        await call
+        echoed = [dict(await call.initial_metadata())["x-request-id"]]
+        count = stub.CountTokens(gateway_pb2.CountTokensRequest(template=finance().template), timeout=10,
+                                 metadata=(("x-request-id", "req-43"),))
+        await count
+        echoed.append(dict(await count.initial_metadata())["x-request-id"])
+        listing = stub.ListTemplates(gateway_pb2.ListTemplatesRequest(), timeout=10, metadata=(("x-request-id", "req-44"),))
+        await listing
+        echoed.append(dict(await listing.initial_metadata())["x-request-id"])
+        return echoed, tokenizer.request_ids, inference.request_ids
+
+    echoed, at_tokenizer, at_inference = run_mesh(inprocess_server, redis_server, scenario, template=template)
+    assert echoed == ["req-42", "req-43", "req-44"]
+    assert template.request_ids == ["req-42", "req-43"]
+    assert at_tokenizer == ["req-42", "req-43"] and at_inference == ["req-42"]
+
+
+def test_a_caller_without_a_request_id_gets_one_that_every_hop_sees(inprocess_server, redis_server):
+    template = PublishingTemplate("finance_question", ["1.0.0"])
+
+    async def scenario(stub, tokenizer, inference):
+        call = stub.Generate(finance(max_new_tokens=3, temperature=0.5), timeout=10)
+        await call
+        return dict(await call.initial_metadata())["x-request-id"], tokenizer.request_ids, inference.request_ids
+
+    made, at_tokenizer, at_inference = run_mesh(inprocess_server, redis_server, scenario, template=template)
+    assert len(made) == 32 and template.request_ids == at_tokenizer == at_inference == [made]
