@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from meshkit import metrics, tracing
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
-from meshkit.request_log import LogFormat, log_handler
+from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
 
 log = logging.getLogger("nlpmesh.server")
@@ -132,21 +132,24 @@ def rpc_method(handler):
     Works for unary (``async def``) and server-streaming (async generator)
     handlers. A MeshError becomes its rich status; anything else is a bug:
     INTERNAL with a fixed message, and the traceback goes to the log only.
+    Lines logged during the call carry the caller's ``x-request-id``.
     """
     if inspect.isasyncgenfunction(handler):
 
         @functools.wraps(handler)
         async def streaming(self, request, context):
-            async with _statuses(context, handler):
-                async for item in handler(self, request, context):
-                    yield item
+            with served_call_scope(context.invocation_metadata()):
+                async with _statuses(context, handler):
+                    async for item in handler(self, request, context):
+                        yield item
 
         return streaming
 
     @functools.wraps(handler)
     async def unary(self, request, context):
-        async with _statuses(context, handler):
-            return await handler(self, request, context)
+        with served_call_scope(context.invocation_metadata()):
+            async with _statuses(context, handler):
+                return await handler(self, request, context)
 
     return unary
 
