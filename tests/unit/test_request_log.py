@@ -1,6 +1,7 @@
 """Request identity in log lines: the filter, the two formats, the id's bounds, the setting."""
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -207,3 +208,11 @@ def test_configure_logging_puts_the_ids_on_the_root_handler():
     [line] = done.stderr.splitlines()
     record = json.loads(line)
     assert (record["logger"], record["request_id"], record["trace_id"]) == ("grpc.somewhere", "req-9", NO_ID)
+
+
+def test_a_scope_closed_in_another_context_leaves_that_context_alone():
+    # As when the loop's generator finaliser closes an abandoned streaming handler.
+    scope = bind_request_id("abandoned")
+    contextvars.copy_context().run(scope.__enter__)
+    scope.__exit__(None, None, None)
+    assert current_request_id() == NO_ID
