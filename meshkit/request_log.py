@@ -55,6 +55,12 @@ def current_request_id() -> str:
     return _request_id.get()
 
 
+def request_id_metadata() -> tuple[tuple[str, str], ...]:
+    """The bound id as gRPC metadata for a downstream call; none when no id is bound."""
+    request_id = _request_id.get()
+    return () if request_id == NO_ID else ((REQUEST_ID_HEADER, request_id),)
+
+
 class RequestIdScope:
     """Binds a request id for the length of a ``with`` block, then restores the one before."""
 

@@ -23,6 +23,7 @@ from meshkit.request_log import (
     incoming_request_id,
     log_handler,
     request_id_from,
+    request_id_metadata,
     served_call_scope,
 )
 from meshkit.settings import ServiceSettings
@@ -172,6 +173,12 @@ def test_a_missing_or_invalid_id_gets_a_fresh_one():
     assert given == "mine"
     assert len(fresh) == 2
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in fresh)
+
+
+def test_the_bound_id_goes_downstream_as_metadata_and_none_without_one():
+    with bind_request_id("req-5"):
+        assert request_id_metadata() == (("x-request-id", "req-5"),)
+    assert request_id_metadata() == ()
 
 
 def test_a_served_call_without_an_id_does_not_inherit_one():
