@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from meshkit import metrics, tracing
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
+from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
 
 log = logging.getLogger("nlpmesh.server")
@@ -107,7 +108,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
 
 def run(spec_factory: Callable[[ServiceSettings], ServiceSpec], settings: ServiceSettings) -> None:
     """The body of every service's ``main()``."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.event_loop == "uvloop":
         import uvloop
 
@@ -120,10 +121,9 @@ async def _run(spec_factory, settings) -> None:
     await serve(spec_factory(settings), settings)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, fmt: LogFormat = "text") -> None:
+    """Logs to stderr in ``fmt`` ("text" or "json"), each line with its request and trace ids."""
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(fmt)])
 
 
 def rpc_method(handler):
@@ -132,21 +132,24 @@ def rpc_method(handler):
     Works for unary (``async def``) and server-streaming (async generator)
     handlers. A MeshError becomes its rich status; anything else is a bug:
     INTERNAL with a fixed message, and the traceback goes to the log only.
+    Lines logged during the call carry the caller's ``x-request-id``.
     """
     if inspect.isasyncgenfunction(handler):
 
         @functools.wraps(handler)
         async def streaming(self, request, context):
-            async with _statuses(context, handler):
-                async for item in handler(self, request, context):
-                    yield item
+            with served_call_scope(context.invocation_metadata()):
+                async with _statuses(context, handler):
+                    async for item in handler(self, request, context):
+                        yield item
 
         return streaming
 
     @functools.wraps(handler)
     async def unary(self, request, context):
-        async with _statuses(context, handler):
-            return await handler(self, request, context)
+        with served_call_scope(context.invocation_metadata()):
+            async with _statuses(context, handler):
+                return await handler(self, request, context)
 
     return unary
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import (
@@ -41,6 +41,8 @@ class ServiceSettings(BaseSettings):
     grace_s: float = 5.0
     reflection: bool = True
     log_level: str = "INFO"
+    # "text" for people, "json" (one object per line) for log shippers; both carry request and trace ids.
+    log_format: Literal["text", "json"] = "text"
     max_message_bytes: int = 4 * 1024 * 1024
     # Prometheus /metrics on this port; 0 = no endpoint.
     metrics_port: int = 0
