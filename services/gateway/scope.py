@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 
 from meshkit import metrics
+from meshkit.request_log import REQUEST_ID_HEADER
 from meshkit.tracing import hop_span, outgoing_metadata, record_hop
 from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from services.gateway.hop import Hop
 from services.gateway.timings import HopTiming
-
-REQUEST_ID = "x-request-id"
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class RequestScope:
         return self._metadata(trace.get_current_span())
 
     def _metadata(self, span: trace.Span) -> tuple[tuple[str, str], ...]:
-        return (*outgoing_metadata(span), (REQUEST_ID, self.request_id))
+        return (*outgoing_metadata(span), (REQUEST_ID_HEADER, self.request_id))
 
     def _record(self, hop: Hop, begun: float, ended: float, span: trace.Span | None = None,
                 succeeded: bool = True) -> HopTiming:

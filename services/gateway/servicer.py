@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import time
-import uuid
 from contextlib import contextmanager
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from meshkit.errors import Unavailable
+from meshkit.request_log import REQUEST_ID_HEADER, bind_request_id, request_id_from
 from meshkit.server import rpc_method
 from meshkit.tracing import request_span, trace_id_hex
 from services.gateway.answer import Answerer, Outcome
 from services.gateway.downstream import TokenDelta
 from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
-from services.gateway.scope import REQUEST_ID, RequestScopes
+from services.gateway.scope import RequestScopes
 from services.gateway.template_index import TemplateIndex
 from services.gateway.timings import HopTiming, server_timing
-
-_MAX_REQUEST_ID = 128
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -89,7 +87,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_method
     async def ListTemplates(self, request, context):
-        await _send_request_id(context, _request_id(context.invocation_metadata()))
+        await _send_request_id(context, request_id_from(context.invocation_metadata()))
         await self._templates.refresh()
         return gateway_pb2.ListTemplatesResponse(
             templates=[
@@ -106,18 +104,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _scope(self, context, name: str, template_id: str | None, budget_ms: int, started: float):
         # The server span the tracing interceptor opened is the request's span: hops hang from it.
         metadata = context.invocation_metadata()
-        with request_span(self._tracer, metadata, f"gateway.{name}") as span:
-            yield self._scopes.open(span=span, request_id=_request_id(metadata), template_id=template_id,
+        request_id = request_id_from(metadata)
+        with bind_request_id(request_id), request_span(self._tracer, metadata, f"gateway.{name}") as span:
+            yield self._scopes.open(span=span, request_id=request_id, template_id=template_id,
                                     budget_ms=budget_ms, time_left=context.time_remaining, started=started)
 
 
-def _request_id(metadata) -> str:
-    incoming = dict(metadata or ()).get(REQUEST_ID)
-    return incoming if isinstance(incoming, str) and 0 < len(incoming) <= _MAX_REQUEST_ID else uuid.uuid4().hex
-
-
 async def _send_request_id(context, request_id: str) -> None:
-    await context.send_initial_metadata(((REQUEST_ID, request_id),))
+    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
 
 
 def _usage_to_pb(outcome: Outcome) -> gateway_pb2.Usage:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 
 import grpc
@@ -12,6 +11,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from meshkit.errors import NotFound, Unavailable
+from meshkit.request_log import request_id_from
 from meshkit.sampling import Sampling
 from meshkit.server import ServiceSpec, rpc_method
 from services.inference.engine import Engine
@@ -46,7 +46,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @rpc_method
     async def Generate(self, request, context):
         engine = self._serving(request.model)
-        stream = engine.submit(_generation_request_from_pb(request, _request_id(context)))
+        stream = engine.submit(_generation_request_from_pb(request, request_id_from(context.invocation_metadata())))
         timer = GenerationTimer()
         try:
             async for item in stream:
@@ -98,13 +98,6 @@ def _chunk_to_pb(item: Delta | Finished) -> inference_pb2.GenerateChunk:
         prompt_tokens=item.prompt_tokens,
         completion_tokens=item.completion_tokens,
     )
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            return value
-    return uuid.uuid4().hex
 
 
 def build_spec(
