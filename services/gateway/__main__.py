@@ -15,7 +15,7 @@ from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
-from meshkit.tracing import configure_tracing, tracer
+from meshkit.tracing.provider import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
 

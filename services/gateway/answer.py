@@ -17,7 +17,7 @@ from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, To
 from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
 from services.gateway.timings import HopClock, HopTiming
 from meshkit.errors import NotFound
-from meshkit.tracing import current_metadata, outgoing_metadata
+from meshkit.tracing.propagation import current_metadata, outgoing_metadata
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.keys import Sampling as KeySampling
 from promptcache.redis_tier import CachedAnswer, PromptCache

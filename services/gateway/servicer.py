@@ -14,7 +14,8 @@ from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, T
 from services.gateway.timings import HopClock, HopTiming, server_timing
 from meshkit.errors import InvalidArgument, Unavailable
 from meshkit.server import rpc_method
-from meshkit.tracing import request_span, trace_id_hex
+from meshkit.tracing.propagation import trace_id_hex
+from meshkit.tracing.server_span import request_span
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID = 128

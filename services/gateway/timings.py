@@ -9,7 +9,7 @@ from opentelemetry import trace
 
 from services.gateway.budgets import ObservedLatency, RequestBudget
 from meshkit import metrics
-from meshkit.tracing import hop_span, record_hop
+from services.gateway.hop_spans import hop_span, record_hop
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from services.gateway.settings import GatewaySettings
 from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
-from meshkit.tracing import tracer
+from meshkit.tracing.provider import tracer
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
 from tests.servicer.gateway_mesh import run_mesh
