@@ -5,7 +5,8 @@ Every service appends its finished spans to ``<trace dir>/<service>.jsonl``
 one request as a waterfall: one line per span, indented by nesting, with its
 service, duration, a bar on the request's timeline, the hop's budget and OVER
 where the hop ran past it.
-``budgets`` gives each hop's p50/p95/p99 against its budget over recent requests.
+``budgets`` gives each hop's p50/p95/p99 (meshkit/percentile.py) against its
+budget over recent requests.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshkit import span_names as names
+from meshkit.percentile import percentile
 from meshkit.settings import TRACE_DIR_ENV, default_home
 from meshkit.tracing.span_file import SpanRecord, read_spans
 
@@ -113,13 +115,6 @@ def _bar(start_ns: int, end_ns: int, total_ns: int, width: int, fill: str) -> st
     first = min(width - 1, int(start_ns / total_ns * width))
     last = max(first + 1, min(width, math.ceil(end_ns / total_ns * width)))
     return " " * first + fill * (last - first) + " " * (width - last)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """The nearest-rank percentile: the smallest value with at least p% of values at or below it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 @dataclass(frozen=True)
