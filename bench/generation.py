@@ -29,12 +29,12 @@ from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 from meshkit.percentile import percentile
 from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest, SamplingConfig
 from services.inference.loading import engine_options, load_model
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from modelfiles.convert import load_model_files
 
 STREAMS = (1, 4, 8)
 # Questions that draw long answers, so that streams decode for their whole max_new_tokens.

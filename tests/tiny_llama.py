@@ -11,9 +11,9 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.prefix import PrefixCache
-from modelfiles.convert import load_model_files
 
 VOCAB_SIZE = 49152  # the real tokenizer's
 EOS_ID = 2  # <|im_end|>

@@ -10,8 +10,8 @@ from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from meshkit.errors import FieldViolation, InvalidArgument
 from meshkit.server import ServiceSpec, rpc_method
 from promptcache.keys import ChatPrompt, PromptCacheKey, Sampling, TemplatePrompt
-from services.cache.settings import CacheSettings
 from promptcache.redis_tier import CachedAnswer, PromptCache, redact_url, redis_client
+from services.cache.settings import CacheSettings
 
 log = logging.getLogger("nlpmesh.cache")
 

@@ -7,17 +7,17 @@ import time
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.gateway.answer import Answerer
-from services.gateway.budgets import BudgetPolicy
-from services.gateway.template_index import TemplateIndex
-from services.gateway.downstream import Downstream
-from services.gateway.servicer import GatewayServicer
-from services.gateway.settings import GatewaySettings
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
 from meshkit.tracing.provider import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
+from services.gateway.answer import Answerer
+from services.gateway.budgets import BudgetPolicy
+from services.gateway.downstream import Downstream
+from services.gateway.servicer import GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.template_index import TemplateIndex
 
 log = logging.getLogger("nlpmesh.gateway")
 

@@ -11,16 +11,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
-from services.gateway.template_index import TemplateIndex
-from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta, store_request
-from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
-from services.gateway.timings import HopClock, HopTiming
 from meshkit.errors import NotFound
 from meshkit.tracing.propagation import current_metadata, outgoing_metadata
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.keys import Sampling as KeySampling
 from promptcache.redis_tier import CachedAnswer, PromptCache
+from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
+from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta, store_request
+from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall
+from services.gateway.template_index import TemplateIndex
+from services.gateway.timings import HopClock, HopTiming
 
 log = logging.getLogger("nlpmesh.gateway")
 

@@ -17,9 +17,9 @@ from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
-from services.gateway.request import Chat, Sampling, TemplateCall
 from meshkit.errors import from_rpc_error
 from meshkit.server import channel_options
+from services.gateway.request import Chat, Sampling, TemplateCall
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,15 @@ from contextlib import contextmanager
 from google.protobuf import json_format
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.gateway.answer import Answerer, CallContext, Outcome
-from services.gateway.template_index import TemplateIndex
-from services.gateway.downstream import TokenDelta
-from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall, validate
-from services.gateway.timings import HopClock, HopTiming, server_timing
 from meshkit.errors import InvalidArgument, Unavailable
 from meshkit.server import rpc_method
 from meshkit.tracing.propagation import trace_id_hex
 from meshkit.tracing.server_span import request_span
+from services.gateway.answer import Answerer, CallContext, Outcome
+from services.gateway.downstream import TokenDelta
+from services.gateway.request import CacheMode, Chat, PromptRequest, Sampling, TemplateCall, validate
+from services.gateway.template_index import TemplateIndex
+from services.gateway.timings import HopClock, HopTiming, server_timing
 
 REQUEST_ID = "x-request-id"
 _MAX_REQUEST_ID = 128

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from services.gateway.budgets import ObservedLatency, RequestBudget
 from services.gateway import hop_metrics as metrics
+from services.gateway.budgets import ObservedLatency, RequestBudget
 from services.gateway.hop_spans import hop_span, record_hop
 
 

@@ -7,12 +7,12 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from modelfiles.convert import ModelFiles, load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import GenerationRequest, SamplingConfig
 from services.inference.precision import apply_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from modelfiles.convert import ModelFiles, load_model_files
 
 log = logging.getLogger("nlpmesh.inference")
 

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
 from services.inference.loading import load_model
 from services.inference.precision import DecodeLinear, apply_precision, prefill_phase, set_gemm_rows
 from services.inference.settings import InferenceSettings
-from modelfiles.convert import load_model_files
 
 # Openings of public-domain novels (Austen, Dickens, Melville, Tolstoy, Fitzgerald, Carroll).
 TEXT = Path(__file__).resolve().parent.parent / "data" / "perplexity.txt"

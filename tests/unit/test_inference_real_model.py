@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest, SamplingConfig
 from services.inference.loading import load_model
 from services.inference.prefix import PrefixCache
-from modelfiles.convert import load_model_files
 
 pytestmark = pytest.mark.model
 
