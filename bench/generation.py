@@ -25,8 +25,9 @@ import torch
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.stats import percentile, summary_ms
+from bench.stats import summary_ms
 from cli.launcher import LocalMesh
+from meshkit.percentile import percentile
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files

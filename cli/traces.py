@@ -1,14 +1,15 @@
 """`nlpmesh trace` and `nlpmesh budgets`: the span files the services write, drawn for an SRE.
 
 Every service appends its finished spans to ``<trace dir>/<service>.jsonl``
-(meshkit.tracing.span_line). ``trace`` draws one request as a waterfall: one
-line per span, indented by nesting, with its service, duration, a bar on the
-request's timeline, the hop's budget and OVER where the hop ran past it.
-``budgets`` gives each hop's p50/p95/p99 against its budget over recent requests.
+(meshkit/tracing/span_file.py writes and reads that format). ``trace`` draws
+one request as a waterfall: one line per span, indented by nesting, with its
+service, duration, a bar on the request's timeline, the hop's budget and OVER
+where the hop ran past it.
+``budgets`` gives each hop's p50/p95/p99 (meshkit/percentile.py) against its
+budget over recent requests.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshkit import span_names as names
+from meshkit.percentile import percentile
 from meshkit.settings import TRACE_DIR_ENV, default_home
+from meshkit.tracing.span_file import SpanRecord, read_spans
 
 GATEWAY_SERVICE = names.SERVICE_PREFIX + "gateway"
 
@@ -25,71 +28,6 @@ def default_trace_dir() -> Path:
     """NLPMESH_TRACE_DIR, else where `nlpmesh up` keeps them: $NLPMESH_HOME/run/traces."""
     chosen = os.environ.get(TRACE_DIR_ENV)
     return Path(chosen) if chosen else default_home() / "run" / "traces"
-
-
-@dataclass(frozen=True)
-class SpanRecord:
-    trace_id: str
-    span_id: str
-    parent_id: str | None
-    name: str
-    service: str
-    kind: str
-    start_ns: int
-    end_ns: int
-    status: str
-    attributes: dict
-
-    @property
-    def duration_ms(self) -> float:
-        return (self.end_ns - self.start_ns) / 1e6
-
-    @property
-    def hop(self) -> str | None:
-        return self.attributes.get(names.HOP)
-
-    @property
-    def budget_ms(self) -> float:
-        return float(self.attributes.get(names.BUDGET_MS) or 0.0)
-
-    @property
-    def elapsed_ms(self) -> float:
-        """The hop's own measure of itself, else the span's duration."""
-        elapsed = self.attributes.get(names.ELAPSED_MS)
-        return float(elapsed) if elapsed is not None else self.duration_ms
-
-    @property
-    def over_budget(self) -> bool:
-        return self.attributes.get(names.OVER_BUDGET) is True
-
-    @property
-    def short_service(self) -> str:
-        return self.service.removeprefix(names.SERVICE_PREFIX)
-
-
-def read_spans(trace_dir: Path) -> list[SpanRecord]:
-    """Every span in the directory's ``*.jsonl`` files; a torn or foreign line is skipped."""
-    spans = []
-    for path in sorted(trace_dir.glob("*.jsonl")):
-        with path.open(encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                span = _parse(line)
-                if span is not None:
-                    spans.append(span)
-    return spans
-
-
-def _parse(line: str) -> SpanRecord | None:
-    try:
-        raw = json.loads(line)
-        return SpanRecord(
-            trace_id=str(raw["trace_id"]), span_id=str(raw["span_id"]), parent_id=raw.get("parent_id"),
-            name=str(raw["name"]), service=str(raw.get("service", "")), kind=str(raw.get("kind", "")),
-            start_ns=int(raw["start_ns"]), end_ns=int(raw["end_ns"]), status=str(raw.get("status", "")),
-            attributes=dict(raw.get("attributes") or {}),
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def by_trace(spans: list[SpanRecord]) -> dict[str, list[SpanRecord]]:
@@ -177,13 +115,6 @@ def _bar(start_ns: int, end_ns: int, total_ns: int, width: int, fill: str) -> st
     first = min(width - 1, int(start_ns / total_ns * width))
     last = max(first + 1, min(width, math.ceil(end_ns / total_ns * width)))
     return " " * first + fill * (last - first) + " " * (width - last)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """The nearest-rank percentile: the smallest value with at least p% of values at or below it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,11 @@
-"""Prometheus metrics for every service: served RPCs, the gateway's hops, /metrics.
+"""Prometheus metrics for every service: served RPCs and /metrics.
 
 Every metric lives in the process's default registry and is created once, at
 import, by the module that records it (this one, promptcache/metrics.py,
-services/inference/metrics.py), so any number of in-process servers share them.
-Names carry the ``nlpmesh_`` prefix and base units; labels take only values
-from a fixed set (service, method, status code, hop, tier, reason), never
-request ids, tenants or template variables.
-
-The gateway calls ``observe_hop`` once per hop of every request.
+services/gateway/hop_metrics.py, services/inference/metrics.py), so any number
+of in-process servers share them. Names carry the ``nlpmesh_`` prefix and base
+units; labels take only values from a fixed set (service, method, status code,
+hop, tier, reason), never request ids, tenants or template variables.
 """
 from __future__ import annotations
 
@@ -24,8 +22,6 @@ log = logging.getLogger("nlpmesh.metrics")
 # From sub-millisecond hops (a near-cache hit) to multi-second inference.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Elapsed over budget: 1.0 is exactly on budget.
-BUDGET_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)
 
 RPC_LATENCY = Histogram(
     "nlpmesh_rpc_duration_seconds",
@@ -34,17 +30,6 @@ RPC_LATENCY = Histogram(
 )
 RPC_HANDLED = Counter(
     "nlpmesh_rpc_handled_total", "Served RPCs by final status code.", ["service", "method", "code"],
-)
-HOP_LATENCY = Histogram(
-    "nlpmesh_hop_latency_seconds", "Time one hop of a gateway request took.", ["hop"],
-    buckets=LATENCY_BUCKETS_S,
-)
-HOP_OVER_BUDGET = Counter(
-    "nlpmesh_hop_over_budget_total", "Gateway hops that took longer than their budget.", ["hop"],
-)
-HOP_BUDGET_USED = Histogram(
-    "nlpmesh_hop_budget_used_ratio", "A hop's elapsed time over its budget (1 = exactly on budget).",
-    ["hop"], buckets=BUDGET_RATIO_BUCKETS,
 )
 
 # Health checks and reflection are the platform's, not the mesh's work.
@@ -65,32 +50,6 @@ def start_metrics_server(settings):
     server, _thread = start_http_server(settings.metrics_port, addr=settings.host)
     log.info("metrics at http://%s:%d/metrics", settings.host, settings.metrics_port)
     return server
-
-
-class _HopSeries:
-    """One hop's label children, looked up once (``labels()`` takes a lock per call)."""
-
-    __slots__ = ("budget_used", "latency", "over_budget")
-
-    def __init__(self, hop: str):
-        self.latency = HOP_LATENCY.labels(hop)
-        self.over_budget = HOP_OVER_BUDGET.labels(hop)  # exported at 0 until the first overrun
-        self.budget_used = HOP_BUDGET_USED.labels(hop)
-
-
-_hops: dict[str, _HopSeries] = {}
-
-
-def observe_hop(hop: str, elapsed_ms: float, budget_ms: float, over_budget: bool) -> None:
-    """One hop of one gateway request: latency histogram and over-budget counter."""
-    series = _hops.get(hop)
-    if series is None:
-        series = _hops.setdefault(hop, _HopSeries(hop))
-    series.latency.observe(elapsed_ms / 1000.0)
-    if budget_ms > 0:
-        series.budget_used.observe(elapsed_ms / budget_ms)
-    if over_budget:
-        series.over_budget.inc()
 
 
 class _MethodSeries:
@@ -125,10 +84,3 @@ class RpcMetricsInterceptor(ObservingInterceptor):
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         series = _MethodSeries(self._service, method.rsplit("/", 1)[-1])
         return observed(handler, lambda context: time.perf_counter(), series.record)
-
-
-
-
-
-
-

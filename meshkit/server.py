@@ -19,11 +19,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshkit import metrics, tracing
+from meshkit import metrics
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
+from meshkit.tracing import server_span
 
 log = logging.getLogger("nlpmesh.server")
 
@@ -54,7 +55,7 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
 
     Binding port 0 picks a free port, which is how tests run real servers.
     """
-    interceptors = [*tracing.server_interceptors(spec.name), *metrics.server_interceptors(spec.name),
+    interceptors = [*server_span.server_interceptors(spec.name), *metrics.server_interceptors(spec.name),
                     *spec.interceptors]
     if settings.fault_delay_ms > 0:
         log.warning("%s: fault injection on, every call delayed %.0f ms", spec.name, settings.fault_delay_ms)

@@ -9,14 +9,14 @@ from __future__ import annotations
 SERVICE_NAME = "service.name"
 SERVICE_PREFIX = "nlpmesh-"
 
-# Gateway hops (meshkit.tracing.hop_span / record_hop).
+# Gateway hops (services/gateway/hop_spans.py: hop_span / record_hop).
 HOP_SPAN_PREFIX = "hop "
 HOP = "nlpmesh.hop"
 BUDGET_MS = "nlpmesh.budget_ms"
 ELAPSED_MS = "nlpmesh.elapsed_ms"
 OVER_BUDGET = "nlpmesh.over_budget"
 
-# Server spans, one per served RPC (meshkit.tracing.server_interceptors).
+# Server spans, one per served RPC (meshkit.tracing.server_span.server_interceptors).
 RPC_SYSTEM = "rpc.system"
 RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
 

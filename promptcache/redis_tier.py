@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 
 from meshkit import span_names
 from meshkit.errors import Unavailable
-from meshkit.tracing import tracer
+from meshkit.tracing.provider import tracer
 from promptcache import metrics
 from promptcache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace, tenant_tag
 

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from meshkit.tracing import ChosenIds
+from meshkit.tracing.provider import ChosenIds
 
 REDIS_SERVER = "redis-server"
 

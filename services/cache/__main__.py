@@ -1,6 +1,6 @@
 """`python -m services.cache`: the prompt cache service (default port 50054)."""
 from meshkit.server import run
-from meshkit.tracing import configure_tracing
+from meshkit.tracing.provider import configure_tracing
 from services.cache.servicer import build_spec
 from services.cache.settings import CacheSettings
 

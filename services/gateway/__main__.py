@@ -9,7 +9,7 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
-from meshkit.tracing import configure_tracing, tracer
+from meshkit.tracing.provider import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
 from services.gateway.answer import Answerer

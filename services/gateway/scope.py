@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from meshkit import metrics
 from meshkit.request_log import REQUEST_ID_HEADER
-from meshkit.tracing import hop_span, outgoing_metadata, record_hop
+from meshkit.tracing.propagation import outgoing_metadata
+from services.gateway import hop_metrics
 from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from services.gateway.hop import Hop
+from services.gateway.hop_spans import hop_span, record_hop, record_measured_hop
 from services.gateway.timings import HopTiming
 
 
@@ -72,10 +73,8 @@ class RequestScope:
         """The time to first token, measured inside the inference hop, with a span of its own."""
         timing = self._record(Hop.INFERENCE_TTFT, begun, ended)
         if parent.is_recording():
-            span = self.tracer.start_span(f"hop {Hop.INFERENCE_TTFT}", context=trace.set_span_in_context(parent),
-                                          start_time=_wall_ns(begun), attributes={"nlpmesh.hop": Hop.INFERENCE_TTFT})
-            record_hop(span, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
-            span.end(end_time=_wall_ns(ended))
+            record_measured_hop(self.tracer, Hop.INFERENCE_TTFT, parent, _wall_ns(begun), _wall_ns(ended),
+                                timing.elapsed_ms, timing.budget_ms, timing.over_budget)
 
     def finish(self) -> list[HopTiming]:
         """The hops so far plus ``total``, the gateway's own wall time against the total budget."""
@@ -93,7 +92,7 @@ class RequestScope:
                 succeeded: bool = True) -> HopTiming:
         timing = HopTiming(hop, (ended - begun) * 1000.0, self.budget.budget_for(hop))
         self.hops.append(timing)
-        metrics.observe_hop(hop, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
+        hop_metrics.observe_hop(hop, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
         if span is not None:
             record_hop(span, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
         if succeeded:

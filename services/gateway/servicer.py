@@ -9,7 +9,8 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from meshkit.errors import Unavailable
 from meshkit.request_log import REQUEST_ID_HEADER, bind_request_id, request_id_from
 from meshkit.server import rpc_method
-from meshkit.tracing import request_span, trace_id_hex
+from meshkit.tracing.propagation import trace_id_hex
+from meshkit.tracing.server_span import request_span
 from services.gateway.answer import Answerer, Outcome
 from services.gateway.downstream import TokenDelta
 from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb

@@ -2,7 +2,7 @@
 import sys
 
 from meshkit.server import run
-from meshkit.tracing import configure_tracing
+from meshkit.tracing.provider import configure_tracing
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
 

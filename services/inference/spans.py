@@ -14,7 +14,7 @@ import time
 from opentelemetry import trace
 
 from meshkit import span_names as names
-from meshkit.tracing import tracer
+from meshkit.tracing.provider import tracer
 from services.inference.generation_types import Finished, GenerationRequest
 
 _tracer = tracer("inference")

@@ -2,7 +2,7 @@
 import sys
 
 from meshkit.server import run
-from meshkit.tracing import configure_tracing
+from meshkit.tracing.provider import configure_tracing
 from services.template.catalog import TemplateFileError
 from services.template.servicer import build_spec
 from services.template.settings import TemplateSettings

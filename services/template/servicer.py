@@ -7,7 +7,7 @@ from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 
 from meshkit import span_names
 from meshkit.server import ServiceSpec, rpc_method
-from meshkit.tracing import tracer
+from meshkit.tracing.provider import tracer
 from services.template.catalog import TemplateCatalog
 from services.template.prompt import PromptTemplate
 from services.template.render import render_template

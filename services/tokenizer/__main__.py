@@ -1,6 +1,6 @@
 """`python -m services.tokenizer`: serves the model's tokenizer on port 50053."""
 from meshkit.server import run
-from meshkit.tracing import configure_tracing
+from meshkit.tracing.provider import configure_tracing
 from services.tokenizer.servicer import build_spec
 from services.tokenizer.settings import TokenizerSettings
 

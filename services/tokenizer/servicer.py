@@ -10,7 +10,7 @@ from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
-from meshkit.tracing import tracer
+from meshkit.tracing.provider import tracer
 from modelfiles.convert import load_model_files
 from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
 from services.tokenizer.settings import TokenizerSettings

@@ -12,7 +12,8 @@ from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from cli.launcher import LocalMesh
-from cli.traces import find_trace, read_spans
+from cli.traces import find_trace
+from meshkit.tracing.span_file import read_spans
 from tests.conftest import running_redis_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]

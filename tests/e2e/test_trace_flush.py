@@ -14,7 +14,7 @@ from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 
 from cli.launcher import check_health, free_port
 from cli.topology import REPO_ROOT
-from cli.traces import read_spans
+from meshkit.tracing.span_file import read_spans
 
 pytestmark = pytest.mark.e2e
 

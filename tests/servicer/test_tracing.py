@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
-from meshkit.tracing import tracer
+from meshkit.tracing.provider import tracer
 from services.gateway.settings import GatewaySettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings

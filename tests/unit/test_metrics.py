@@ -1,10 +1,11 @@
-"""meshkit/metrics.py: hop metrics and the /metrics endpoint (values read from the default registry)."""
+"""The gateway's hop metrics and the /metrics endpoint (values read from the default registry)."""
 import urllib.request
 
 from prometheus_client import REGISTRY
 
-from meshkit.metrics import observe_hop, start_metrics_server
+from meshkit.metrics import start_metrics_server
 from meshkit.settings import ServiceSettings
+from services.gateway.hop_metrics import observe_hop
 from tests.conftest import free_port
 
 

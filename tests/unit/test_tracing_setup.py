@@ -13,18 +13,21 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cli.launcher import LocalMesh
-from cli.traces import read_spans
 from meshkit import span_names as names
-from meshkit import tracing
 from meshkit.settings import ServiceSettings
+from meshkit.tracing.propagation import outgoing_metadata
+from meshkit.tracing.provider import ChosenIds, _otlp_wanted
+from meshkit.tracing.server_span import ServerSpan
+from meshkit.tracing.span_file import read_spans, span_file_exporter
+from services.gateway import hop_spans
 
 
 def test_span_files_hold_one_json_line_per_span_in_the_form_the_cli_reads(tmp_path):
     provider = TracerProvider(resource=Resource.create({names.SERVICE_NAME: "nlpmesh-demo"}))
-    provider.add_span_processor(SimpleSpanProcessor(tracing.span_file_exporter(tmp_path / "traces" / "demo.jsonl")))
+    provider.add_span_processor(SimpleSpanProcessor(span_file_exporter(tmp_path / "traces" / "demo.jsonl")))
     tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("outer") as outer, tracing.hop_span(tracer, "cache", outer, 5.0) as hop:
-        tracing.record_hop(hop, 7.5, 5.0, True)
+    with tracer.start_as_current_span("outer") as outer, hop_spans.hop_span(tracer, "cache", outer, 5.0) as hop:
+        hop_spans.record_hop(hop, 7.5, 5.0, True)
     provider.shutdown()
 
     lines = (tmp_path / "traces" / "demo.jsonl").read_text().splitlines()
@@ -50,7 +53,7 @@ def test_otlp_export_follows_the_standard_variables(monkeypatch, env, wanted):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert tracing._otlp_wanted() is wanted
+    assert _otlp_wanted() is wanted
 
 
 def test_every_service_reads_the_one_trace_dir_variable(monkeypatch):
@@ -84,9 +87,9 @@ def recorded():
 def test_a_deferred_hop_that_stays_in_the_process_makes_no_span_and_names_its_tier_on_the_request_span(recorded):
     tracer, finished = recorded
     with (tracer.start_as_current_span("request") as request,
-          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+          hop_spans.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
         trace.get_current_span().set_attribute(names.CACHE_TIER, "near")  # as the near tier does
-        tracing.record_hop(hop, 0.02, 10.0, False)
+        hop_spans.record_hop(hop, 0.02, 10.0, False)
     spans = finished()
     assert set(spans) == {"request"}
     assert spans["request"].attributes[names.CACHE_TIER] == "near"
@@ -96,11 +99,11 @@ def test_a_deferred_hop_that_stays_in_the_process_makes_no_span_and_names_its_ti
 def test_a_deferred_hop_starts_its_span_from_the_hops_start_once_a_child_needs_it(recorded):
     tracer, finished = recorded
     with (tracer.start_as_current_span("request") as request,
-          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+          hop_spans.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
         hop.set_attribute(names.CACHE_TIER, "redis")
         with tracer.start_as_current_span(names.REDIS_LOOKUP):  # as the Redis tier does
             pass
-        tracing.record_hop(hop, 0.4, 10.0, False)
+        hop_spans.record_hop(hop, 0.4, 10.0, False)
     spans = finished()
     hop_span, lookup = spans["hop cache"], spans[names.REDIS_LOOKUP]
     assert lookup.parent.span_id == hop_span.context.span_id
@@ -114,8 +117,8 @@ def test_a_deferred_hop_starts_its_span_from_the_hops_start_once_a_child_needs_i
 def test_a_deferred_hop_carries_the_trace_context_to_a_downstream_call(recorded):
     tracer, finished = recorded
     with (tracer.start_as_current_span("request") as request,
-          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
-        metadata = dict(tracing.outgoing_metadata(hop))
+          hop_spans.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+        metadata = dict(outgoing_metadata(hop))
     hop_span = finished()["hop cache"]
     assert metadata["traceparent"].startswith(f"00-{hop_span.context.trace_id:032x}-{hop_span.context.span_id:016x}-")
 
@@ -123,8 +126,8 @@ def test_a_deferred_hop_carries_the_trace_context_to_a_downstream_call(recorded)
 def test_a_deferred_hop_over_its_budget_shows_as_a_span(recorded):
     tracer, finished = recorded
     with (tracer.start_as_current_span("request") as request,
-          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
-        tracing.record_hop(hop, 12.5, 10.0, True)
+          hop_spans.hop_span(tracer, "cache", request, 10.0, deferred=True) as hop):
+        hop_spans.record_hop(hop, 12.5, 10.0, True)
     hop_span = finished()["hop cache"]
     assert hop_span.attributes[names.OVER_BUDGET] is True and hop_span.attributes[names.ELAPSED_MS] == 12.5
     assert hop_span.parent.span_id == finished()["request"].context.span_id
@@ -133,7 +136,7 @@ def test_a_deferred_hop_over_its_budget_shows_as_a_span(recorded):
 def test_a_deferred_hop_that_fails_shows_as_an_error_span(recorded):
     tracer, finished = recorded
     with (tracer.start_as_current_span("request") as request, pytest.raises(TimeoutError),
-          tracing.hop_span(tracer, "cache", request, 10.0, deferred=True)):
+          hop_spans.hop_span(tracer, "cache", request, 10.0, deferred=True)):
         raise TimeoutError
     hop_span = finished()["hop cache"]
     assert hop_span.status.status_code == StatusCode.ERROR and hop_span.status.description == "TimeoutError"
@@ -144,22 +147,22 @@ def test_a_hop_under_a_parent_that_records_nothing_makes_no_span_and_passes_the_
     sampled_out = trace.NonRecordingSpan(trace.SpanContext(
         0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=True, trace_flags=trace.TraceFlags(0)))
     for deferred in (False, True):
-        with tracing.hop_span(tracer, "template", sampled_out, 100.0, deferred=deferred) as hop:
+        with hop_spans.hop_span(tracer, "template", sampled_out, 100.0, deferred=deferred) as hop:
             assert hop is sampled_out
-            assert dict(tracing.outgoing_metadata(hop))["traceparent"] == (
+            assert dict(outgoing_metadata(hop))["traceparent"] == (
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
     assert finished() == {}
 
 
 def _chosen_ids_tracer(sampler=None):
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(id_generator=tracing.ChosenIds(), **({"sampler": sampler} if sampler else {}))
+    provider = TracerProvider(id_generator=ChosenIds(), **({"sampler": sampler} if sampler else {}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider.get_tracer("test"), exporter
 
 
 def test_chosen_ids_are_random_except_inside_chosen():
-    ids = tracing.ChosenIds()
+    ids = ChosenIds()
     assert ids.generate_span_id() != ids.generate_span_id()
     with ids.chosen(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7):
         assert (ids.generate_trace_id(), ids.generate_span_id()) == (0x4BF92F3577B34DA6A3CE929D0E0E4736,
@@ -169,7 +172,7 @@ def test_chosen_ids_are_random_except_inside_chosen():
 
 def test_a_server_span_is_exported_when_it_ends_with_the_ids_and_start_it_had_from_the_first():
     tracer, exporter = _chosen_ids_tracer()
-    server = tracing.ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
+    server = ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
     assert server.is_recording() and exporter.get_finished_spans() == ()
     with tracer.start_as_current_span("child", context=trace.set_span_in_context(server)):
         pass
@@ -187,8 +190,8 @@ def test_a_server_span_is_exported_when_it_ends_with_the_ids_and_start_it_had_fr
 
 def test_a_server_span_the_sampler_drops_records_nothing_and_its_children_see_it_unsampled():
     tracer, exporter = _chosen_ids_tracer(ALWAYS_OFF)
-    server = tracing.ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
+    server = ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
     assert not server.is_recording() and not server.get_span_context().trace_flags.sampled
-    assert dict(tracing.outgoing_metadata(server))["traceparent"].endswith("-02")  # random id, not sampled
+    assert dict(outgoing_metadata(server))["traceparent"].endswith("-02")  # random id, not sampled
     server.end()
     assert exporter.get_finished_spans() == ()
