@@ -1,6 +1,7 @@
 """The public gateway servicer: protobuf at the edge, the Answerer inside."""
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
@@ -17,6 +18,8 @@ from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
 from services.gateway.scope import RequestScopes
 from services.gateway.template_index import TemplateIndex
 from services.gateway.timings import HopTiming, server_timing
+
+log = logging.getLogger("nlpmesh.gateway")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -107,8 +110,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
         with bind_request_id(request_id), request_span(self._tracer, metadata, f"gateway.{name}") as span:
-            yield self._scopes.open(span=span, request_id=request_id, template_id=template_id,
-                                    budget_ms=budget_ms, time_left=context.time_remaining, started=started)
+            try:
+                yield self._scopes.open(span=span, request_id=request_id, template_id=template_id,
+                                        budget_ms=budget_ms, time_left=context.time_remaining, started=started)
+            finally:
+                log.debug("%s ended after %.1f ms", name, (time.perf_counter() - started) * 1000)
 
 
 async def _send_request_id(context, request_id: str) -> None:

@@ -6,6 +6,7 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
 from modelfiles.convert import ModelFiles, load_model_files
@@ -38,6 +39,8 @@ def load_model(files: ModelFiles, dtype: str = "float32") -> tuple[PreTrainedMod
     log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
     tokenizer = AutoTokenizer.from_pretrained(files.path)
     log.info("loading the weights in %s", dtype)
+    # Its progress bar would be the one line of the service's log that is not a log record.
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
     return apply_precision(model, dtype).eval(), tokenizer
 

@@ -46,6 +46,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @rpc_method
     async def Generate(self, request, context):
         engine = self._serving(request.model)
+        log.debug("generation requested: %d prompt tokens", len(request.prompt_token_ids))
         stream = engine.submit(_generation_request_from_pb(request, request_id_from(context.invocation_metadata())))
         timer = GenerationTimer()
         try:
