@@ -4,10 +4,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from cli.connect import GatewayAccess
 
 
 def timed_sync(call, count: int) -> list[float]:
@@ -57,11 +58,11 @@ def redis_get_c1(url: str, key: str, count: int) -> list[float]:
         client.close()
 
 
-def hit_concurrent(address: str, request, workers: int, per_worker: int) -> tuple[list[float], float]:
+def hit_concurrent(access: GatewayAccess, request, workers: int, per_worker: int) -> tuple[list[float], float]:
     """Latencies of ``workers`` concurrent callers on one channel, and the throughput (req/s)."""
 
     async def main():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with access.aio_channel() as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             await stub.Generate(request, timeout=10)
             samples: list[float] = []

@@ -20,7 +20,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -82,7 +81,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
 def bench_decode(mesh: LocalMesh, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
     prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
     samples: dict[str, list[float]] = {}
-    with grpc.insecure_channel(mesh.gateway_address) as channel:
+    with mesh.gateway_access().channel() as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         gateway_streams(stub, 1, max_new_tokens)  # warm
         for index in range(rounds):

@@ -8,6 +8,7 @@ cache hits alone, the tracing overhead (default against tracing_off) included.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -15,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench import cache_hits, generation, variants
@@ -48,10 +48,11 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
         names.append("baseline")
         extra.append(variants.spawn_gateway(mesh, {}, source=baseline))
     addresses = {name: address for name, (_, address) in zip(names, extra)}
+    access = {name: dataclasses.replace(mesh.gateway_access(), address=address) for name, address in addresses.items()}
     samples: dict[str, list[float]] = {"grpc_empty_rpc_c1": [], "redis_get_c1": [], "cache_hit_c16": []}
     samples |= {f"cache_hit_c1[{name}]": [] for name in addresses}
     throughput = []
-    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    channels = {name: access[name].channel() for name in addresses}
     try:
         stubs = {name: gateway_pb2_grpc.GatewayStub(channel) for name, channel in channels.items()}
         refresh = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_REFRESH)
@@ -66,7 +67,7 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
                 samples[f"cache_hit_c1[{name}]"] += hits
             if redis_url:
                 samples["redis_get_c1"] += cache_hits.redis_get_c1(redis_url, "nlpmesh:bench:probe", per_round)
-            latencies, rate = cache_hits.hit_concurrent(addresses["default"], request, 16, per_round // 16)
+            latencies, rate = cache_hits.hit_concurrent(access["default"], request, 16, per_round // 16)
             samples["cache_hit_c16"] += latencies
             throughput.append(rate)
     finally:

@@ -5,9 +5,10 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-import grpc
 from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from cli.connect import GatewayAccess
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ def build_request(question: str | None, template: str | None, variables: dict[st
     return request
 
 
-def ask(address: str, request: gateway_pb2.GenerateRequest, out: TextIO = sys.stdout,
+def ask(access: GatewayAccess, request: gateway_pb2.GenerateRequest, out: TextIO = sys.stdout,
         timeout_s: float = 300.0) -> AskResult:
-    with grpc.insecure_channel(address) as channel:
+    with access.channel() as channel:
         call = gateway_pb2_grpc.GatewayStub(channel).GenerateStream(request, timeout=timeout_s)
         parts, final = [], None
         for chunk in call:

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli.connect import GatewayAccess
 from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
 from meshkit.settings import TRACE_DIR_ENV
 
@@ -68,6 +69,10 @@ class LocalMesh:
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.ports['gateway']}"
+
+    def gateway_access(self) -> GatewayAccess:
+        """How a client of this mesh reaches its gateway."""
+        return GatewayAccess(self.gateway_address)
 
     @property
     def trace_dir(self) -> Path | None:

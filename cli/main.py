@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from cli.ask import ask, build_request, timing_table
+from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh, check_health, stop_detached
 from cli.traces import default_trace_dir, show_budgets, show_trace
 from meshkit.settings import default_home
@@ -75,6 +76,10 @@ def _gateway_address(args) -> str:
     return "127.0.0.1:50051"
 
 
+def _gateway_access(args) -> GatewayAccess:
+    return GatewayAccess(_gateway_address(args))
+
+
 def cmd_ask(args) -> int:
     variables = dict(v.split("=", 1) for v in args.var)
     if not args.template and not args.question:
@@ -84,7 +89,7 @@ def cmd_ask(args) -> int:
     request = build_request(args.question, args.template, variables, args.max_new_tokens,
                             args.temperature, args.seed, cache_mode)
     try:
-        result = ask(_gateway_address(args), request)
+        result = ask(_gateway_access(args), request)
     except grpc.RpcError as error:
         _say(f"{error.code().name}: {error.details()}")
         return 1
@@ -109,7 +114,7 @@ def cmd_demo(args) -> int:
                                     args.max_new_tokens, 0.0, None, mode)
             started = time.perf_counter()
             try:
-                result = ask(mesh.gateway_address, request)
+                result = ask(mesh.gateway_access(), request)
             except grpc.RpcError as error:
                 _say(f"{error.code().name}: {error.details()}")
                 return 1
