@@ -47,6 +47,8 @@ def test_a_miss_makes_every_hop_and_a_hit_makes_only_the_cache_hop(inprocess_ser
     assert first.text == "Hello 世界" and not first.cache_hit
     assert [t.hop for t in first.timings] == ["cache", "template", "tokenizer", "inference.ttft", "inference", "total"]
     assert second.cache_hit and second.text == first.text
+    assert second.usage == first.usage and second.finish_reason == first.finish_reason
+    assert first.usage.completion_tokens == 3 and first.finish_reason == gateway_pb2.FINISH_REASON_LENGTH
     assert [t.hop for t in second.timings] == ["cache", "total"]
     assert calls_before == calls_after == (1, 1)
     assert len(second.trace_id) == 32
