@@ -15,11 +15,23 @@ def mesh_redis():
         yield server
 
 
+def started_mesh(run_dir, redis_url: str) -> LocalMesh:
+    local = LocalMesh(run_dir, free_ports=True, redis_url=redis_url, progress=lambda line: print(f"[mesh] {line}"))
+    local.start(ready_timeout_s=300)
+    return local
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, mesh_redis):
-    local = LocalMesh(tmp_path_factory.mktemp("mesh"), free_ports=True, redis_url=mesh_redis.url,
-                      progress=lambda line: print(f"[mesh] {line}"))
-    local.start(ready_timeout_s=300)
+    local = started_mesh(tmp_path_factory.mktemp("mesh"), mesh_redis.url)
+    yield local
+    local.stop()
+
+
+@pytest.fixture
+def own_mesh(tmp_path, disposable_redis_server):
+    """A mesh and a Redis (``disposable_redis_server``) for one test, which may stop either."""
+    local = started_mesh(tmp_path / "mesh", disposable_redis_server.url)
     yield local
     local.stop()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+import uuid
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from cli.launcher import LocalMesh
 from cli.traces import find_trace
 from meshkit.tracing.span_file import read_spans
 from tests.conftest import running_redis_server
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -57,12 +59,14 @@ def stub(slow_mesh):
 
 
 def spans_of(mesh: LocalMesh, trace_id: str, wanted: int, timeout_s: float = 10.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
+    """The trace's spans once the span files hold ``wanted`` of them (each process flushes in batches)."""
+    def found():
         spans = find_trace(read_spans(mesh.trace_dir), trace_id)
-        if len(spans) >= wanted or time.monotonic() > deadline:
-            return spans
-        time.sleep(0.2)
+        return spans if len(spans) >= wanted else None
+
+    return wait_until(found, timeout_s=timeout_s, every_s=0.2, what=lambda: (
+        f"{wanted} spans of trace {trace_id} in the span files, found "
+        f"{[s.name for s in find_trace(read_spans(mesh.trace_dir), trace_id)]}"))
 
 
 def inference_generate_calls(mesh: LocalMesh) -> float:
@@ -78,6 +82,8 @@ def test_a_hop_slowed_by_fault_injection_is_over_budget_in_the_response_and_its_
     reply = stub.Generate(request, timeout=60)
     timings = {t.hop: t for t in reply.timings}
     assert reply.text.strip()
+    if reply.finish_reason == gateway_pb2.FINISH_REASON_LENGTH:
+        assert reply.usage.completion_tokens == 4
     ttft = timings["inference.ttft"]
     assert ttft.over_budget and ttft.budget_ms == 250 and ttft.elapsed_ms >= INFERENCE_DELAY_MS
     assert not timings["tokenizer"].over_budget
@@ -94,7 +100,7 @@ def test_a_budget_too_small_for_a_hop_fails_naming_it_and_inference_never_sees_i
     request = gateway_pb2.GenerateRequest(
         template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
         sampling=gateway_pb2.SamplingParams(max_new_tokens=4), cache_mode=gateway_pb2.CACHE_MODE_BYPASS)
-    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    trace_id = uuid.uuid4().hex  # a trace of this test's own
     calls_before = inference_generate_calls(slow_mesh)
     started = time.perf_counter()
     with pytest.raises(grpc.RpcError) as caught:
@@ -108,7 +114,7 @@ def test_a_budget_too_small_for_a_hop_fails_naming_it_and_inference_never_sees_i
 
     spans = spans_of(slow_mesh, trace_id, wanted=2)
     assert any(s.hop == "template" for s in spans)
-    time.sleep(0.5)
+    time.sleep(0.5)  # not a wait for state: inference spans, had there been any, would have been flushed by now
     spans = find_trace(read_spans(slow_mesh.trace_dir), trace_id)
     assert not any(s.short_service == "inference" for s in spans)
     assert inference_generate_calls(slow_mesh) == calls_before

@@ -1,12 +1,16 @@
 """End to end over real processes, real Redis and the real model.
 
-Tests run in file order: the last one stops Redis.
+The tests share one mesh and run in any order: each asks a question of its own
+(``unique``) where the cache matters, and those that stop Redis or the mesh get
+meshes of their own.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
 
 import grpc
 import pytest
@@ -15,11 +19,13 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-from nlpmesh.gateway.v1 import gateway_pb2
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -27,11 +33,20 @@ FINANCE = "What are the applications of real-time AI in the financial industry?"
 MAX_NEW_TOKENS = 24
 
 
-def finance_request(cache_mode=gateway_pb2.CACHE_MODE_USE, max_new_tokens=MAX_NEW_TOKENS):
+def unique(question: str) -> str:
+    """The question with a tag of this test's own: no other test has its answer cached."""
+    return f"{question} (ref {uuid.uuid4().hex[:8]})"
+
+
+def finance_call(question: str) -> gateway_pb2.TemplateCall:
     variables = struct_pb2.Struct()
-    variables.update({"question": FINANCE})
+    variables.update({"question": question})
+    return gateway_pb2.TemplateCall(id="finance_question", variables=variables)
+
+
+def finance_request(question: str, cache_mode=gateway_pb2.CACHE_MODE_USE, max_new_tokens=MAX_NEW_TOKENS):
     return gateway_pb2.GenerateRequest(
-        template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
+        template=finance_call(question),
         sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
         cache_mode=cache_mode,
     )
@@ -49,6 +64,39 @@ def hops(response):
     return {t.hop: t for t in response.timings}
 
 
+def timed(call):
+    started = time.perf_counter()
+    reply = call()
+    return reply, time.perf_counter() - started
+
+
+def answers_stored(mesh) -> float:
+    """The cache service's count of answers stored so far."""
+    with urllib.request.urlopen(mesh.metrics_url("cache"), timeout=5) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    return sum(s.value for family in families for s in family.samples
+               if s.name == "nlpmesh_cache_stores_total" and s.labels.get("result") == "stored")
+
+
+def answer_and_store(mesh, gateway, question: str):
+    """The question answered (REFRESH: no cache read) and, once the store after it has landed, the answer."""
+    before = answers_stored(mesh)
+    reply, seconds = timed(lambda: gateway.Generate(finance_request(question, gateway_pb2.CACHE_MODE_REFRESH),
+                                                    timeout=120))
+    # Polled on the cache's count, not by asking again: a miss would answer anew and store that answer.
+    wait_until(lambda: answers_stored(mesh) > before, what="the answer to be stored (off the caller's path)")
+    return reply, seconds
+
+
+def assert_usage_fits_the_finish(reply, max_new_tokens=MAX_NEW_TOKENS):
+    """All the tokens asked for when cut at the length, no more than that when the model stopped."""
+    if reply.finish_reason == gateway_pb2.FINISH_REASON_LENGTH:
+        assert reply.usage.completion_tokens == max_new_tokens
+    else:
+        assert reply.finish_reason == gateway_pb2.FINISH_REASON_STOP, reply.finish_reason
+        assert 0 < reply.usage.completion_tokens <= max_new_tokens
+
+
 def test_every_service_is_serving_with_reflection(mesh):
     for name in ("template", "tokenizer", "cache", "inference", "gateway"):
         with grpc.insecure_channel(mesh.address(name)) as channel:
@@ -60,37 +108,35 @@ def test_every_service_is_serving_with_reflection(mesh):
             assert f"nlpmesh.{name}.v1" in " ".join(names), names
 
 
-def test_finance_question_is_answered_then_served_from_the_cache(gateway):
-    started = time.perf_counter()
-    first = gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_REFRESH), timeout=120)
-    first_s = time.perf_counter() - started
+def test_finance_question_is_answered_then_served_from_the_cache(mesh, gateway):
+    question = unique(FINANCE)
+    first, first_s = answer_and_store(mesh, gateway, question)
     assert first.text.strip()
     assert not first.cache_hit
-    assert first.usage.completion_tokens > 0 and first.usage.prompt_tokens > 0
-    assert {"template", "tokenizer", "inference.ttft", "inference", "total"} <= set(hops(first))
+    assert_usage_fits_the_finish(first)
+    counted = gateway.CountTokens(gateway_pb2.CountTokensRequest(template=finance_call(question)), timeout=30)
+    assert first.usage.prompt_tokens == counted.prompt_tokens
+    # REFRESH reads no cache: no cache hop.
+    assert [t.hop for t in first.timings] == ["template", "tokenizer", "inference.ttft", "inference", "total"]
     assert len(first.trace_id) == 32 and int(first.trace_id, 16) != 0
 
-    second, second_s = None, None
-    for _ in range(50):  # the store happens after the first answer was sent
-        started = time.perf_counter()
-        second = gateway.Generate(finance_request(), timeout=30)
-        second_s = time.perf_counter() - started
-        if second.cache_hit:
-            break
-        time.sleep(0.05)
+    second, second_s = timed(lambda: gateway.Generate(finance_request(question), timeout=30))
     assert second.cache_hit
     assert second.text == first.text
     assert second.usage == first.usage
-    assert set(hops(second)) == {"cache", "total"}
+    assert second.finish_reason == first.finish_reason
+    assert [t.hop for t in second.timings] == ["cache", "total"]
     assert first_s >= 10 * second_s, (first_s, second_s)
 
 
-def test_a_cache_hit_streams_too(gateway):
-    gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_REFRESH), timeout=120)
-    time.sleep(0.3)
-    chunks = list(gateway.GenerateStream(finance_request(), timeout=30))
+def test_a_cache_hit_streams_too(mesh, gateway):
+    question = unique(FINANCE)
+    answer, _ = answer_and_store(mesh, gateway, question)
+    chunks = list(gateway.GenerateStream(finance_request(question), timeout=30))
     assert chunks[-1].done and chunks[-1].cache_hit
-    assert "".join(c.delta for c in chunks).strip()
+    assert "".join(c.delta for c in chunks) == answer.text
+    assert chunks[-1].usage == answer.usage
+    assert chunks[-1].finish_reason == answer.finish_reason
 
 
 def test_streamed_deltas_join_to_the_unary_answer(gateway):
@@ -165,16 +211,20 @@ def test_the_cli_streams_an_answer_then_prints_the_timing_table(mesh):
     assert table == {"tokenizer", "inference.ttft", "inference", "total"}
 
 
-def test_with_redis_stopped_the_request_is_still_answered(gateway, mesh_redis):
-    mesh_redis.stop()
+def test_with_redis_stopped_the_request_is_still_answered(own_mesh, disposable_redis_server):
+    disposable_redis_server.stop()
     request = chat_request("Give one use of AI in insurance.", cache_mode=gateway_pb2.CACHE_MODE_USE)
-    reply = gateway.Generate(request, timeout=120)  # lookup fails: a miss; the store after fails quietly
+    with grpc.insecure_channel(own_mesh.gateway_address) as channel:
+        # The lookup fails: a miss; the store after it fails quietly.
+        reply = gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120)
     assert reply.text.strip()
     assert not reply.cache_hit
-    assert "cache" in hops(reply)
+    assert_usage_fits_the_finish(reply)
+    assert [t.hop for t in reply.timings] == ["cache", "tokenizer", "inference.ttft", "inference", "total"]
 
 
-def test_services_drain_and_exit_cleanly_on_sigterm(mesh):
-    mesh.stop()
-    codes = {name: process.returncode for name, process in mesh.processes.items()}
+def test_services_drain_and_exit_cleanly_on_sigterm(own_mesh):
+    own_mesh.stop()
+    codes = {name: process.returncode for name, process in own_mesh.processes.items()}
+    assert sorted(codes) == ["cache", "gateway", "inference", "template", "tokenizer"]
     assert all(code == 0 for code in codes.values()), codes

@@ -1,18 +1,21 @@
 """Prometheus /metrics from every service, scraped over HTTP from real processes."""
 from __future__ import annotations
 
-import time
 import urllib.request
+import uuid
+from dataclasses import dataclass
 
 import pytest
 from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.polling import wait_until
+
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 SERVICES = ("gateway", "template", "tokenizer", "cache", "inference")
-QUESTION = "What does a central bank do? (metrics test)"
+QUESTION = f"What does a central bank do? (metrics test {uuid.uuid4().hex[:8]})"  # answered by no other test
 
 
 def question_request() -> gateway_pb2.GenerateRequest:
@@ -48,18 +51,43 @@ def scrape(mesh, service: str) -> Scrape:
     return Scrape(mesh.metrics_url(service))
 
 
+def scrape_all(mesh) -> dict[str, Scrape]:
+    return {name: scrape(mesh, name) for name in SERVICES}
+
+
+@dataclass
+class Served:
+    """Every service's metrics before and after the requests, and the first reply."""
+    before: dict[str, Scrape]
+    after: dict[str, Scrape]
+    first: gateway_pb2.GenerateResponse
+
+    def added(self, service: str, name: str, /, **labels) -> float:
+        """What the requests added to a counter (summed over the series the labels select)."""
+        return self.after[service].total(name, **labels) - self.before[service].total(name, **labels)
+
+
+def added(mesh, before: dict[str, Scrape], service: str, name: str, /, **labels) -> float:
+    return scrape(mesh, service).total(name, **labels) - before[service].total(name, **labels)
+
+
 @pytest.fixture(scope="module")
 def served(mesh, gateway):
-    """One generated answer, then the same question twice from the cache (Redis, then the near tier)."""
+    """One generated answer, then the same question twice from the cache (Redis, then the near tier).
+
+    Counters are read as what these requests added, whatever the mesh served before.
+    """
+    before = scrape_all(mesh)
     first = gateway.Generate(question_request(), timeout=120)
     assert not first.cache_hit
-    deadline = time.monotonic() + 10
-    while scrape(mesh, "cache").total("nlpmesh_cache_stores_total", result="stored") < 1:  # stored off-path
-        assert time.monotonic() < deadline, "the answer was never stored"
-        time.sleep(0.1)
+    wait_until(lambda: added(mesh, before, "cache", "nlpmesh_cache_stores_total", result="stored") >= 1,
+               what="the answer to be stored (off the caller's path)")
     assert gateway.Generate(question_request(), timeout=30).cache_hit
     assert gateway.Generate(question_request(), timeout=30).cache_hit
-    return {name: scrape(mesh, name) for name in SERVICES}
+    # A server records a call after its caller has the answer.
+    wait_until(lambda: added(mesh, before, "gateway", "nlpmesh_rpc_handled_total", method="Generate") >= 3,
+               what="the gateway to record its three Generate calls")
+    return Served(before, scrape_all(mesh), first)
 
 
 def test_the_launcher_gives_every_service_its_own_metrics_port(mesh):
@@ -69,41 +97,38 @@ def test_the_launcher_gives_every_service_its_own_metrics_port(mesh):
 
 
 def test_every_service_exports_its_rpc_latency_histogram(served):
-    for name, metrics in served.items():
-        assert metrics.total("nlpmesh_rpc_duration_seconds_count", service=name) >= 1, name
-        assert metrics.total("nlpmesh_rpc_handled_total", service=name, code="OK") >= 1, name
-    gateway = served["gateway"]
-    assert gateway.value("nlpmesh_rpc_handled_total", service="gateway", method="Generate", code="OK") == 3
-    assert served["template"].value("nlpmesh_rpc_duration_seconds_count", service="template", method="Render") == 1
+    for name in SERVICES:
+        assert served.added(name, "nlpmesh_rpc_duration_seconds_count", service=name) >= 1, name
+        assert served.added(name, "nlpmesh_rpc_handled_total", service=name, code="OK") >= 1, name
+    assert served.added("gateway", "nlpmesh_rpc_handled_total", service="gateway", method="Generate", code="OK") == 3
+    assert served.added("template", "nlpmesh_rpc_duration_seconds_count", service="template", method="Render") == 1
 
 
 def test_the_gateway_exports_a_latency_histogram_for_each_hop_it_made(served):
-    gateway = served["gateway"]
     for hop in ("template", "tokenizer", "inference", "inference.ttft"):
-        assert gateway.value("nlpmesh_hop_latency_seconds_count", hop=hop) == 1, hop
-    assert gateway.value("nlpmesh_hop_latency_seconds_count", hop="cache") == 3
+        assert served.added("gateway", "nlpmesh_hop_latency_seconds_count", hop=hop) == 1, hop
+    assert served.added("gateway", "nlpmesh_hop_latency_seconds_count", hop="cache") == 3
     for hop in ("cache", "template", "tokenizer", "inference"):
-        assert gateway.value("nlpmesh_hop_over_budget_total", hop=hop) is not None, hop
+        assert served.after["gateway"].value("nlpmesh_hop_over_budget_total", hop=hop) is not None, hop
 
 
 def test_cache_hits_are_counted_by_tier_and_the_miss_by_reason(served):
-    gateway = served["gateway"]
-    assert gateway.value("nlpmesh_cache_misses_total", reason="absent") == 1
-    assert gateway.value("nlpmesh_cache_hits_total", tier="redis") == 1
-    assert gateway.value("nlpmesh_cache_hits_total", tier="near") == 1
-    assert served["cache"].value("nlpmesh_cache_stores_total", result="stored") == 1
+    assert served.added("gateway", "nlpmesh_cache_misses_total", reason="absent") == 1
+    assert served.added("gateway", "nlpmesh_cache_hits_total", tier="redis") == 1
+    assert served.added("gateway", "nlpmesh_cache_hits_total", tier="near") == 1
+    assert served.added("cache", "nlpmesh_cache_stores_total", result="stored") == 1
 
 
 def test_inference_exports_ttft_rate_tokens_and_load_gauges(served):
-    inference = served["inference"]
-    assert inference.value("nlpmesh_inference_time_to_first_token_seconds_count") >= 1
-    assert inference.value("nlpmesh_inference_tokens_per_second_count") >= 1
-    assert inference.value("nlpmesh_inference_completion_tokens_total") >= 2
+    assert served.added("inference", "nlpmesh_inference_time_to_first_token_seconds_count") == 1
+    assert served.added("inference", "nlpmesh_inference_tokens_per_second_count") == 1
+    assert served.added("inference", "nlpmesh_inference_completion_tokens_total") == served.first.usage.completion_tokens
+    inference = served.after["inference"]
     assert inference.value("nlpmesh_inference_queue_depth") == 0
     assert inference.value("nlpmesh_inference_active_sequences") == 0
 
 
 def test_no_label_carries_request_content(served):
-    for name, metrics in served.items():
+    for name, metrics in served.after.items():
         assert QUESTION not in metrics.text, name
         assert "finance_question" not in metrics.text, name

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from cli.launcher import check_health, free_port
 from cli.topology import REPO_ROOT
 from meshkit.tracing.span_file import read_spans
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -27,10 +27,11 @@ def test_spans_held_in_the_batch_are_written_when_the_service_stops(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "services.template"], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while check_health(f"127.0.0.1:{port}", 0.5) != "SERVING":
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        def serving() -> bool:
+            assert process.poll() is None, f"the template service exited with {process.returncode}"
+            return check_health(f"127.0.0.1:{port}", 0.5) == "SERVING"
+
+        wait_until(serving, timeout_s=60, every_s=0.1, what="the template service to report SERVING")
         variables = struct_pb2.Struct()
         variables.update({"question": "What is a bond?"})
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

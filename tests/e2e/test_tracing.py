@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from cli.launcher import LocalMesh
 from cli.traces import show_trace
 from meshkit import span_names as names
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -69,13 +71,13 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
             return [s for s in self._spans if s.trace_id == trace_id]
 
     def wait_for(self, trace_id: str, done, timeout_s: float = 20.0) -> list[ReceivedSpan]:
-        """The trace's spans once ``done(spans)`` holds (spans arrive in batches), else what came."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+        """The trace's spans once ``done(spans)`` holds (spans arrive in batches); fails naming what came."""
+        def arrived():
             spans = self.trace(trace_id)
-            if done(spans) or time.monotonic() > deadline:
-                return spans
-            time.sleep(0.1)
+            return spans if done(spans) else None
+
+        return wait_until(arrived, timeout_s=timeout_s, every_s=0.1, what=lambda: (
+            f"trace {trace_id} to be complete, got {sorted((s.service, s.name) for s in self.trace(trace_id))}"))
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,9 @@ def mesh(tmp_path_factory, mesh_redis, collector):
     local.stop()
 
 
-def finance_request(cache_mode) -> gateway_pb2.GenerateRequest:
+def finance_request(cache_mode, question: str = "What is a bond?") -> gateway_pb2.GenerateRequest:
     variables = struct_pb2.Struct()
-    variables.update({"question": "What is a bond?"})
+    variables.update({"question": question})
     return gateway_pb2.GenerateRequest(
         template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
         sampling=gateway_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS), cache_mode=cache_mode,
@@ -122,6 +124,14 @@ def has_root(spans: list[ReceivedSpan]) -> bool:
     ids = {s.span_id for s in spans}
     root = any(s.name == "nlpmesh.gateway.v1.Gateway/Generate" for s in spans)
     return root and all(s.parent_id is None or s.parent_id in ids for s in spans)
+
+
+def stored_answer(gateway, collector: Collector) -> tuple[gateway_pb2.GenerateRequest, gateway_pb2.GenerateResponse]:
+    """A question no other test asked, answered (REFRESH) and stored: its Redis store span has come."""
+    question = f"What is a bond? (ref {uuid.uuid4().hex[:8]})"
+    reply = gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_REFRESH, question), timeout=120)
+    collector.wait_for(reply.trace_id, lambda spans: any(s.name == names.REDIS_STORE for s in spans))
+    return finance_request(gateway_pb2.CACHE_MODE_USE, question), reply
 
 
 def descends_from(span: ReceivedSpan, ancestor: ReceivedSpan, by_id: dict[str, ReceivedSpan]) -> bool:
@@ -144,6 +154,7 @@ def generated(gateway, collector):
 def test_one_request_makes_one_trace_with_spans_from_all_five_services(generated):
     reply, spans = generated
     assert reply.text and not reply.cache_hit
+    assert [t.hop for t in reply.timings] == ["template", "tokenizer", "inference.ttft", "inference", "total"]
     assert {s.service for s in spans} == SERVICES
     names_seen = {s.name for s in spans}
     for inner in (names.TEMPLATE_RENDER, names.TOKENIZER_ENCODE, names.INFERENCE_QUEUE_WAIT,
@@ -192,14 +203,10 @@ def test_hop_spans_carry_their_budget(generated):
         assert attributes[names.ELAPSED_MS] == pytest.approx(timings[hop].elapsed_ms)
 
 
-def test_a_cache_hit_traces_its_redis_lookup_under_the_cache_hop(gateway, collector, generated):
-    hit = None
-    for _ in range(50):  # the store of the generated answer may still be on its way
-        hit = gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_USE), timeout=30)
-        if hit.cache_hit:
-            break
-        time.sleep(0.1)
-    assert hit.cache_hit
+def test_a_cache_hit_traces_its_redis_lookup_under_the_cache_hop(gateway, collector):
+    request, answer = stored_answer(gateway, collector)
+    hit = gateway.Generate(request, timeout=30)  # the first hit: from Redis
+    assert hit.cache_hit and hit.text == answer.text
     spans = collector.wait_for(hit.trace_id, lambda spans: has_root(spans)
                                and any(s.name == names.REDIS_LOOKUP for s in spans))
     by_id = {s.span_id: s for s in spans}
@@ -208,18 +215,15 @@ def test_a_cache_hit_traces_its_redis_lookup_under_the_cache_hop(gateway, collec
     assert by_id[lookup.parent_id].name == "hop cache"
 
 
-def test_a_hit_from_the_gateways_memory_is_one_span_that_names_the_tier(gateway, collector, generated):
+def test_a_hit_from_the_gateways_memory_is_one_span_that_names_the_tier(gateway, collector):
     """The near tier answers in the gateway's process: no hop leaves it, so no hop span."""
-    hits = []
-    for _ in range(50):  # once Redis has the answer, the first hit fills the near tier
-        hits.append(gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_USE), timeout=30))
-        if len(hits) >= 2 and hits[-2].cache_hit and hits[-1].cache_hit:
-            break
-        time.sleep(0.1)
-    near = hits[-1]
-    assert near.cache_hit and {t.hop for t in near.timings} == {"cache", "total"}
+    request, answer = stored_answer(gateway, collector)
+    assert gateway.Generate(request, timeout=30).cache_hit  # from Redis, which fills the near tier
+    near = gateway.Generate(request, timeout=30)
+    assert near.cache_hit and near.text == answer.text
+    assert [t.hop for t in near.timings] == ["cache", "total"]
     collector.wait_for(near.trace_id, has_root)
-    time.sleep(0.5)  # a stray span would come in the same batches
+    time.sleep(0.5)  # not a wait for state: a stray span would have come in the same batches by now
     spans = collector.trace(near.trace_id)
     assert [(s.service, s.name) for s in spans] == [("nlpmesh-gateway", "nlpmesh.gateway.v1.Gateway/Generate")]
     assert spans[0].attributes[names.CACHE_TIER] == "near"
@@ -229,6 +233,7 @@ def test_a_malformed_traceparent_is_ignored_and_the_request_gets_a_new_trace(gat
     reply = gateway.Generate(finance_request(gateway_pb2.CACHE_MODE_BYPASS), timeout=120,
                              metadata=(("traceparent", "00-zz-bad"),))
     assert reply.text
+    assert [t.hop for t in reply.timings] == ["template", "tokenizer", "inference.ttft", "inference", "total"]
     assert len(reply.trace_id) == 32 and int(reply.trace_id, 16) != 0
     served = SERVICES - {"nlpmesh-cache"}  # BYPASS: no store
     spans = collector.wait_for(reply.trace_id, lambda spans: has_root(spans) and {s.service for s in spans} >= served)
@@ -241,12 +246,12 @@ def test_a_malformed_traceparent_is_ignored_and_the_request_gets_a_new_trace(gat
 
 def test_the_local_span_files_draw_the_same_request(mesh, generated):
     reply, _ = generated
-    deadline = time.monotonic() + 20
-    while True:
+
+    def drawn():
         code, text = show_trace(mesh.trace_dir, reply.trace_id)
-        if code == 0 and all(f" {s.removeprefix('nlpmesh-')} " in text for s in SERVICES):
-            break
-        assert time.monotonic() < deadline, text
-        time.sleep(0.2)
+        return text if code == 0 and all(f" {s.removeprefix('nlpmesh-')} " in text for s in SERVICES) else None
+
+    text = wait_until(drawn, timeout_s=20, every_s=0.2, what=lambda: (
+        f"the span files to draw every service: {show_trace(mesh.trace_dir, reply.trace_id)[1]}"))
     assert text.startswith(f"trace {reply.trace_id}")
     assert "hop inference" in text and names.INFERENCE_DECODE in text

@@ -3,6 +3,7 @@ in-process fakes for the tokenizer and inference (unit scope: no model)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
@@ -15,12 +16,15 @@ from services.template.settings import TemplateSettings
 from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
-def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test:gw", template=None,
+def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None = None, template=None,
              **gateway_settings):
     """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
 
-    ``template``: a fake template servicer instead of the real service.
+    ``key_prefix``: where answers are cached; by default one of this call's own, so no test
+    finds another's answers in the shared Redis. ``template``: a fake template servicer
+    instead of the real service.
     """
+    key_prefix = key_prefix or f"test:gw-{uuid.uuid4().hex}"
     tokenizer, inference = FakeTokenizer(), FakeInference()
     template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
 

@@ -14,6 +14,7 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.gateway.__main__ import build_spec as gateway_spec
 from services.gateway.settings import GatewaySettings
+from tests.polling import until
 from tests.servicer.fakes import FakeInference, FakeTemplate, FakeTokenizer, fake_spec
 
 POLICY = """
@@ -188,10 +189,8 @@ def test_cancelling_a_stream_frees_the_engines_sequence(inprocess_server, tmp_pa
                         break
                 busy = engine.active_count
                 call.cancel()
-                for _ in range(100):
-                    if engine.active_count == 0:
-                        break
-                    await asyncio.sleep(0.01)
+                await until(lambda: engine.active_count == 0, timeout_s=1.0,
+                            what="the engine to drop the cancelled sequence")
                 return busy, engine.active_count
 
     try:

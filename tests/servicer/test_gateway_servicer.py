@@ -14,6 +14,7 @@ from nlpmesh.gateway.v1 import gateway_pb2
 from redis import asyncio as aioredis
 
 from meshkit.errors import InvalidArgument
+from tests.polling import until
 from tests.servicer.fakes import PublishingTemplate
 from tests.servicer.gateway_mesh import run_mesh
 
@@ -33,17 +34,21 @@ def bad_request_fields(error) -> list[str]:
 
 
 def test_a_miss_makes_every_hop_and_a_hit_makes_only_the_cache_hop(inprocess_server, redis_server):
+    prefix = f"test:gw-{uuid.uuid4().hex}"
+
     async def scenario(stub, tokenizer, inference):
         first = await stub.Generate(finance(max_new_tokens=3), timeout=10)
-        await asyncio.sleep(0.3)  # the store runs after the answer was sent
+        await stored(redis_server, prefix)  # the store runs after the answer was sent
         calls_before = (inference.calls, tokenizer.calls)
         second = await stub.Generate(finance(max_new_tokens=3), timeout=10)
         return first, second, calls_before, (inference.calls, tokenizer.calls)
 
-    first, second, calls_before, calls_after = run_mesh(inprocess_server, redis_server, scenario)
+    first, second, calls_before, calls_after = run_mesh(inprocess_server, redis_server, scenario, key_prefix=prefix)
     assert first.text == "Hello 世界" and not first.cache_hit
     assert [t.hop for t in first.timings] == ["cache", "template", "tokenizer", "inference.ttft", "inference", "total"]
     assert second.cache_hit and second.text == first.text
+    assert second.usage == first.usage and second.finish_reason == first.finish_reason
+    assert first.usage.completion_tokens == 3 and first.finish_reason == gateway_pb2.FINISH_REASON_LENGTH
     assert [t.hop for t in second.timings] == ["cache", "total"]
     assert calls_before == calls_after == (1, 1)
     assert len(second.trace_id) == 32
@@ -54,7 +59,7 @@ def test_sampled_requests_without_a_seed_are_never_cached(inprocess_server, redi
         for _ in range(3):
             reply = await stub.Generate(finance(max_new_tokens=4, temperature=0.8), timeout=10)
             assert not reply.cache_hit
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # time for a wrongful store to land before the next lookup
         return inference.calls
 
     assert run_mesh(inprocess_server, redis_server, scenario) == 3
@@ -141,14 +146,6 @@ def test_count_tokens_renders_then_counts(inprocess_server, redis_server):
     assert reply.prompt_tokens == 4 and reply.model == "SmolLM2-135M-Instruct" and calls == 0
 
 
-async def until(predicate, timeout_s: float = 5.0, every_s: float = 0.02):
-    """Polls an async predicate until it holds; fails the test past the bound."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(every_s)
-
-
 def test_a_version_published_while_the_catalog_is_stale_keeps_the_stored_key_the_looked_up_key(
         inprocess_server, redis_server):
     template = PublishingTemplate("finance_question", ["1.0.0"])
@@ -157,26 +154,26 @@ def test_a_version_published_while_the_catalog_is_stale_keeps_the_stored_key_the
     async def scenario(stub, tokenizer, inference):
         template.publish("1.1.0")  # the gateway's view still says 1.0.0 is the newest
         miss = await stub.Generate(finance(max_new_tokens=3), timeout=10)
-        redis = aioredis.from_url(redis_server)
-        try:
-            await until(lambda: _entries(redis, prefix))
-            stored = await redis.keys(f"{prefix}:*:e:*")
-        finally:
-            await redis.aclose()
+        entries = await stored(redis_server, prefix)
         hit = await stub.Generate(finance(max_new_tokens=3), timeout=10)
-        return miss, hit, stored, inference.calls
+        return miss, hit, entries, inference.calls
 
-    miss, hit, stored, inference_calls = run_mesh(inprocess_server, redis_server, scenario, key_prefix=prefix,
+    miss, hit, entries, inference_calls = run_mesh(inprocess_server, redis_server, scenario, key_prefix=prefix,
                                                   template=template, catalog_refresh_s=3600)
     assert not miss.cache_hit and hit.cache_hit and hit.text == miss.text
     assert inference_calls == 1
-    assert len(stored) == 1
+    assert len(entries) == 1
     # The miss rendered the version its key names, not the one published after the view was taken.
     assert template.rendered == ["1.0.0"]
 
 
-async def _entries(redis, prefix: str) -> bool:
-    return bool(await redis.keys(f"{prefix}:*:e:*"))
+async def stored(redis_url: str, prefix: str) -> list[bytes]:
+    """The answer entries under ``prefix`` once there is one (answers are stored off the caller's path)."""
+    redis = aioredis.from_url(redis_url)
+    try:
+        return await until(lambda: redis.keys(f"{prefix}:*:e:*"), what=f"an answer stored under {prefix}")
+    finally:
+        await redis.aclose()
 
 
 def test_the_callers_request_id_goes_to_every_hop_and_back_on_every_rpc(inprocess_server, redis_server):

@@ -1,6 +1,5 @@
 """The inference service over a real in-process grpc.aio server, on a tiny random Llama."""
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -13,6 +12,7 @@ from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
+from tests.polling import until
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
 PROMPT = real_tokenizer().encode("Hello there")
@@ -47,10 +47,8 @@ async def engine_text(engine: Engine, max_new_tokens: int) -> str:
 
 async def wait_idle(engine: Engine, within_s: float = 1.0) -> None:
     # Well under the time the 2000-token requests below would take to finish by themselves.
-    deadline = time.monotonic() + within_s
-    while engine.active_count and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert engine.active_count == 0
+    await until(lambda: engine.active_count == 0, timeout_s=within_s,
+                what=lambda: f"the engine to be idle ({engine.active_count} still active)")
 
 
 def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:

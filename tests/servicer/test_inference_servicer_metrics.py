@@ -6,6 +6,7 @@ from prometheus_client import REGISTRY
 
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
+from tests.polling import until
 from tests.tiny_llama import real_tokenizer, tiny_engine
 
 
@@ -34,9 +35,8 @@ def test_a_streamed_generation_records_ttft_rate_tokens_and_the_engine_gauges(in
             long = stub.Generate(request(2000))  # holds the only slot
             await long.read()
             queued = stub.Generate(request(4))
-            await asyncio.sleep(0.2)
-            # Read at scrape time from the engine: one running, one waiting for the slot.
-            assert sample("nlpmesh_inference_queue_depth") == 1
+            # Read at scrape time from the engine: one running, one waiting for the slot once it arrives.
+            await until(lambda: sample("nlpmesh_inference_queue_depth") == 1, what="the second request to queue")
             assert sample("nlpmesh_inference_active_sequences") == 2
             long.cancel()
             assert [chunk async for chunk in queued][-1].done

@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 from meshkit.errors import NotFound
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.settings import ServiceSettings
+from tests.polling import until
 
 PROBE = "nlpmesh.test.v1.Probe"
 
@@ -35,7 +36,7 @@ class Probe:
 
     @rpc_method
     async def Slow(self, request, context):
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # longer than any caller's deadline
         return request
 
     @rpc_method
@@ -81,14 +82,6 @@ def calls(service: str, method: str) -> float:
     return sample("nlpmesh_rpc_duration_seconds_count", service=service, method=method)
 
 
-async def until(condition, timeout_s: float = 3.0) -> None:
-    """Server-side recording ends after the client has its answer: wait for it."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "the metric never moved"
-        await asyncio.sleep(0.01)
-
-
 def test_unary_calls_are_timed_and_counted_by_status_code(inprocess_server):
     async def scenario(channel, service):
         await channel.unary_unary(f"/{PROBE}/Echo")(b"hi")
@@ -121,11 +114,12 @@ def test_a_cancelled_stream_and_a_missed_deadline_are_told_apart(inprocess_serve
         call = channel.unary_stream(f"/{PROBE}/Forever")(b"")
         await call.read()
         call.cancel()
-        await until(lambda: handled(service, "Forever", "CANCELLED") == 1)
+        # Server-side recording ends after the client has its answer: wait for it.
+        await until(lambda: handled(service, "Forever", "CANCELLED") == 1, what="the cancelled call's count")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await channel.unary_unary(f"/{PROBE}/Slow")(b"", timeout=0.1)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await until(lambda: handled(service, "Slow", "DEADLINE_EXCEEDED") == 1)
+        await until(lambda: handled(service, "Slow", "DEADLINE_EXCEEDED") == 1, what="the missed deadline's count")
 
     service = with_probe(inprocess_server, scenario)
     assert calls(service, "Forever") == 1 and calls(service, "Slow") == 1

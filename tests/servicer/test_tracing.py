@@ -20,6 +20,7 @@ from meshkit.tracing.provider import tracer
 from services.gateway.settings import GatewaySettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
+from tests.polling import until
 from tests.servicer.gateway_mesh import run_mesh
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -109,7 +110,7 @@ class CountingStream(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request, context):
         for i in range(3):
             with tracer("inference").start_as_current_span(f"chunk {i}"):
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # a chunk that takes time, so its span lies inside the call's
             yield inference_pb2.GenerateChunk(delta=str(i))
         if self.fail:
             raise Unavailable("the model went away")
@@ -151,6 +152,12 @@ def test_a_stream_that_fails_on_the_service_side_is_an_error_span(inprocess_serv
     assert server.status.status_code == StatusCode.ERROR
 
 
+async def store_finished(finished_spans) -> None:
+    """The store runs after the answer was sent: wait for its server span."""
+    await until(lambda: any(s.name == "nlpmesh.cache.v1.CacheService/Store" for s in finished_spans.get_finished_spans()),
+                what="the cache Store span")
+
+
 def test_downstream_server_spans_hang_under_the_gateways_hop_spans(inprocess_server, redis_server, finished_spans):
     """The gateway's request span is its server span; each hop is its child, and the called
     service's server span is the hop's child, all in the caller's trace."""
@@ -162,13 +169,10 @@ def test_downstream_server_spans_hang_under_the_gateways_hop_spans(inprocess_ser
             template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
             sampling=gateway_pb2.SamplingParams(max_new_tokens=3), cache_mode=gateway_pb2.CACHE_MODE_REFRESH)
         reply = await stub.Generate(request, timeout=10, metadata=(("traceparent", TRACEPARENT),))
-        for _ in range(100):  # the store runs after the answer was sent
-            if any(s.name == "nlpmesh.cache.v1.CacheService/Store" for s in finished_spans.get_finished_spans()):
-                break
-            await asyncio.sleep(0.02)
+        await store_finished(finished_spans)
         return reply
 
-    reply = run_mesh(inprocess_server, redis_server, scenario, key_prefix="test:trace")
+    reply = run_mesh(inprocess_server, redis_server, scenario)
     assert reply.trace_id == f"{TRACE_ID:032x}"
     spans = finished_spans.get_finished_spans()
     assert {s.context.trace_id for s in spans} == {TRACE_ID}
@@ -195,15 +199,12 @@ def test_a_near_tier_hit_is_its_request_span_alone_and_a_redis_tier_hit_keeps_it
             chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content="What is a bond?")]),
             sampling=gateway_pb2.SamplingParams(max_new_tokens=3), cache_mode=gateway_pb2.CACHE_MODE_USE)
         await stub.Generate(request, timeout=10)
-        for _ in range(100):  # the store runs after the answer was sent
-            if any(s.name == "nlpmesh.cache.v1.CacheService/Store" for s in finished_spans.get_finished_spans()):
-                break
-            await asyncio.sleep(0.02)
+        await store_finished(finished_spans)
         from_redis = await stub.Generate(request, timeout=10)
         from_memory = await stub.Generate(request, timeout=10)
         return from_redis, from_memory
 
-    from_redis, from_memory = run_mesh(inprocess_server, redis_server, scenario, key_prefix="test:trace-tiers")
+    from_redis, from_memory = run_mesh(inprocess_server, redis_server, scenario)
     assert from_redis.cache_hit and from_memory.cache_hit
     spans = finished_spans.get_finished_spans()
 
