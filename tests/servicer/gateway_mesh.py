@@ -19,8 +19,10 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test
              **gateway_settings):
     """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
 
-    ``template``: a fake template servicer instead of the real service.
+    ``template``: a fake template servicer instead of the real service. Auth is off
+    unless ``auth="on"`` (with ``auth_keys_file``) is given.
     """
+    gateway_settings.setdefault("auth", "off")
     tokenizer, inference = FakeTokenizer(), FakeInference()
     template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
 
