@@ -25,7 +25,7 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
     # The same environment as the mesh's own gateway (span files, flushed as often
     # as the launcher has them), less its metrics endpoint, plus the variant's settings.
     variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
-                   TRACE_DIR_ENV: str(mesh.trace_dir or ""), **env}
+                   TRACE_DIR_ENV: str(mesh.trace_dir or ""), **mesh.gateway_auth_env(), **env}
     variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
     if source != REPO_ROOT:
         variant_env["PYTHONPATH"] = os.pathsep.join((str(source), str(source / "gen")))

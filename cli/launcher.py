@@ -64,6 +64,10 @@ class LocalMesh:
     ports: dict[str, int] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per service
     resolved_redis_url: str = ""  # what the services were given ("" = no prompt cache)
+    # Auth: with a keys file the gateway checks API keys and gateway_access() sends
+    # ``api_key``; without one (tests, bench) the gateway runs with auth off, explicitly.
+    keys_file: Path | None = None
+    api_key: str | None = None
     _redis: subprocess.Popen | None = None
 
     @property
@@ -72,7 +76,13 @@ class LocalMesh:
 
     def gateway_access(self) -> GatewayAccess:
         """How a client of this mesh reaches its gateway."""
-        return GatewayAccess(self.gateway_address)
+        return GatewayAccess(self.gateway_address, api_key=self.api_key)
+
+    def gateway_auth_env(self) -> dict[str, str]:
+        """The gateway's auth settings (for this mesh's gateway and any started beside it)."""
+        if self.keys_file is None:
+            return {"NLPMESH_GATEWAY_AUTH": "off"}
+        return {"NLPMESH_GATEWAY_AUTH": "on", "NLPMESH_GATEWAY_AUTH_KEYS_FILE": str(self.keys_file)}
 
     @property
     def trace_dir(self) -> Path | None:
@@ -123,7 +133,8 @@ class LocalMesh:
         return f"redis://127.0.0.1:{port}/0"
 
     def _spawn(self, service: ServiceDef, redis_url: str) -> None:
-        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports),
+        auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
+        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports), **auth_env,
                **self.extra_env, "PYTHONUNBUFFERED": "1", TRACE_DIR_ENV: str(self.trace_dir or "")}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")

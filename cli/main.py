@@ -1,4 +1,4 @@
-"""The `nlpmesh` command: up, down, ask, health, demo, trace, budgets."""
+"""The `nlpmesh` command: up, down, ask, health, demo, trace, budgets, keys, cache."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from cli import invalidate, keys
 from cli.ask import ask, build_request, timing_table
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh, check_health, stop_detached
@@ -32,7 +33,8 @@ def cmd_up(args) -> int:
         _say(f"a mesh is already up (state in {_state_file()}); run `nlpmesh down` first")
         return 1
     run_dir = default_home() / "run"
-    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, detach=args.detach)
+    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, detach=args.detach,
+                     keys_file=keys.default_keys_file(), api_key=keys.local_key())
     try:
         mesh.start(ready_timeout_s=args.timeout)
     except (RuntimeError, TimeoutError) as error:
@@ -40,6 +42,7 @@ def cmd_up(args) -> int:
         mesh.stop()
         return 1
     _say(f"mesh ready: gateway at {mesh.gateway_address}; logs in {run_dir / 'logs'}")
+    _say(f"auth on: keys in {mesh.keys_file}; `nlpmesh ask` sends the local key ({keys.local_key_file()})")
     if mesh.trace_dir is not None:
         _say(f"spans in {mesh.trace_dir}: `nlpmesh trace --last` draws the latest request, `nlpmesh budgets` sums up")
     for name in mesh.metrics_ports:
@@ -77,7 +80,16 @@ def _gateway_address(args) -> str:
 
 
 def _gateway_access(args) -> GatewayAccess:
-    return GatewayAccess(_gateway_address(args))
+    return GatewayAccess(_gateway_address(args), api_key=keys.saved_api_key())
+
+
+def _cache_address(args) -> str:
+    if args.addr:
+        return args.addr
+    if _state_file().exists():
+        import json
+        return f"127.0.0.1:{json.loads(_state_file().read_text())['ports']['cache']}"
+    return "127.0.0.1:50054"
 
 
 def cmd_ask(args) -> int:
@@ -107,7 +119,8 @@ def cmd_demo(args) -> int:
     """The main job: the mesh up, the finance question answered twice, timings shown."""
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-demo-"))
     _say("starting the mesh (free local ports, private Redis when REDIS_URL is unset)")
-    with LocalMesh(run_dir, free_ports=True, progress=_say) as mesh:
+    with LocalMesh(run_dir, free_ports=True, progress=_say, keys_file=keys.default_keys_file(),
+                   api_key=keys.local_key()) as mesh:
         for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
             _say(f"{label}\n> {DEMO_QUESTION}")
             request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
@@ -178,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--last", type=int, default=100, metavar="N", help="how many recent requests (default 100)")
     b.add_argument("--dir", help="the span files' folder (default as for `trace`)")
     b.set_defaults(run=cmd_budgets)
+    keys.add_parser(sub)
+    invalidate.add_parser(sub, run=lambda args: invalidate.cmd_invalidate(args, _cache_address(args)))
     return root
 
 

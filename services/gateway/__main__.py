@@ -13,6 +13,7 @@ from meshkit.tracing.provider import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
 from services.gateway.answer import Answerer
+from services.gateway.auth import authenticator
 from services.gateway.budgets import BudgetPolicy
 from services.gateway.downstream import Downstream
 from services.gateway.scope import RequestScopes
@@ -29,10 +30,12 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")
-    servicer = GatewayServicer(templates, RequestScopes(policy, gateway_tracer, settings.tenant), gateway_tracer)
+    auth = authenticator(settings)
+    servicer = GatewayServicer(templates, RequestScopes(policy, gateway_tracer), gateway_tracer, auth)
     state: dict = {}
 
     async def warm_up() -> None:
+        auth.start()  # the keys file is watched from now on, while the services warm up
         await downstream.open()
         model = await _until_ready("inference", lambda: downstream.model_info(settings.inference_timeout_s),
                                    settings.ready_timeout_s)
@@ -46,6 +49,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         servicer.attach(state["answerer"])
 
     async def close() -> None:
+        await auth.close()
         if "answerer" in state:
             await state["answerer"].drain()
         if state.get("cache") is not None:

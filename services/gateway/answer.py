@@ -20,6 +20,7 @@ from services.gateway.hop import Hop
 from services.gateway.request import CacheMode, Chat, PromptRequest, TemplateCall
 from services.gateway.scope import RequestScope
 from services.gateway.template_index import TemplateIndex
+from services.gateway.tenant import Tenant
 from services.gateway.timings import HopTiming
 
 log = logging.getLogger("nlpmesh.gateway")
@@ -104,7 +105,7 @@ class Answerer:
         with scope.hop(Hop.INFERENCE) as hop:
             begun = time.perf_counter()
             first_seen = False
-            async for event in self._downstream.generate(token_ids, sampling, model, scope.tenant,
+            async for event in self._downstream.generate(token_ids, sampling, model, scope.tenant.id,
                                                          hop.timeout_s, hop.metadata):
                 if not first_seen:  # the first text, or the end when there is none
                     first_seen = True
@@ -137,9 +138,14 @@ class Answerer:
         return Chat(rendered.messages)
 
     async def _cache_key(self, request: PromptRequest, sampling: Sampling, model: str,
-                         tenant: str) -> PromptCacheKey | None:
-        """The request's one prompt-cache key, or None when its answer may not be cached."""
-        if self._cache is None or request.cache_mode == CacheMode.BYPASS or not sampling.deterministic:
+                         tenant: Tenant) -> PromptCacheKey | None:
+        """The request's one prompt-cache key, or None when its answer may not be cached.
+
+        The tenant salts the key: one tenant never reads another's answer. A tenant
+        without the prompt cache gets no key, so it neither reads nor writes.
+        """
+        if (self._cache is None or not tenant.prompt_cache or request.cache_mode == CacheMode.BYPASS
+                or not sampling.deterministic):
             return None
         prompt = request.prompt
         if isinstance(prompt, TemplateCall):
@@ -149,7 +155,7 @@ class Answerer:
             key_prompt = TemplatePrompt(prompt.id, version, prompt.variables)
         else:
             key_prompt = ChatPrompt(prompt.messages)
-        return PromptCacheKey(tenant, model, self._model.revision, key_prompt, sampling)
+        return PromptCacheKey(tenant.id, model, self._model.revision, key_prompt, sampling)
 
     def _store_later(self, key: PromptCacheKey, outcome: Outcome, scope: RequestScope) -> None:
         """Stores the answer off the caller's path; a failure is logged, never raised."""

@@ -20,7 +20,11 @@ from services.gateway import hop_metrics
 from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from services.gateway.hop import Hop
 from services.gateway.hop_spans import hop_span, record_hop, record_measured_hop
+from services.gateway.tenant import Tenant
 from services.gateway.timings import HopTiming
+
+# The caller's tenant on every hop (the inference request also carries it in a field).
+TENANT_HEADER = "x-nlpmesh-tenant"
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class HopCall:
 
 @dataclass
 class RequestScope:
-    tenant: str
+    tenant: Tenant  # who calls, from the API key: salts the cache keys, travels on every hop
     request_id: str
     budget: RequestBudget
     span: trace.Span  # the request's span: every hop's span hangs from it
@@ -86,7 +90,7 @@ class RequestScope:
         return self._metadata(trace.get_current_span())
 
     def _metadata(self, span: trace.Span) -> tuple[tuple[str, str], ...]:
-        return (*outgoing_metadata(span), (REQUEST_ID_HEADER, self.request_id))
+        return (*outgoing_metadata(span), (REQUEST_ID_HEADER, self.request_id), (TENANT_HEADER, self.tenant.id))
 
     def _record(self, hop: Hop, begun: float, ended: float, span: trace.Span | None = None,
                 succeeded: bool = True) -> HopTiming:
@@ -103,17 +107,16 @@ class RequestScope:
 class RequestScopes:
     """Makes each request's scope: the budget policy, recent hop latencies and the tracer it shares."""
 
-    def __init__(self, policy: BudgetPolicy, tracer: trace.Tracer, tenant: str):
+    def __init__(self, policy: BudgetPolicy, tracer: trace.Tracer):
         self._policy = policy
         self._tracer = tracer
-        self._tenant = tenant
         self.observed = ObservedLatency()
 
-    def open(self, *, span: trace.Span, request_id: str, template_id: str | None, budget_ms: int,
+    def open(self, *, tenant: Tenant, span: trace.Span, request_id: str, template_id: str | None, budget_ms: int,
              time_left: Callable[[], float | None], started: float) -> RequestScope:
         budget = RequestBudget(self._policy.for_template(template_id), self.observed, time_left(), budget_ms,
                                started=started)
-        return RequestScope(self._tenant, request_id, budget, span, self._tracer, self.observed)
+        return RequestScope(tenant, request_id, budget, span, self._tracer, self.observed)
 
 
 def _wall_ns(perf: float) -> int:

@@ -1,4 +1,9 @@
-"""The public gateway servicer: protobuf at the edge, the Answerer inside."""
+"""The public gateway servicer: protobuf at the edge, the Answerer inside.
+
+Every RPC first learns who calls (``_tenant``: the API key, before the request is
+even read, so a caller without a key learns nothing else), then opens the
+request's one scope with that tenant.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,21 +18,24 @@ from meshkit.server import rpc_method
 from meshkit.tracing.propagation import trace_id_hex
 from meshkit.tracing.server_span import request_span
 from services.gateway.answer import Answerer, Outcome
+from services.gateway.auth import KeyFileAuth, OpenAccess
 from services.gateway.downstream import TokenDelta
 from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
 from services.gateway.scope import RequestScopes
 from services.gateway.template_index import TemplateIndex
+from services.gateway.tenant import Tenant
 from services.gateway.timings import HopTiming, server_timing
 
 log = logging.getLogger("nlpmesh.gateway")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, templates: TemplateIndex, scopes: RequestScopes, tracer):
+    def __init__(self, templates: TemplateIndex, scopes: RequestScopes, tracer, auth: KeyFileAuth | OpenAccess):
         self._answerer: Answerer | None = None
         self._templates = templates
         self._scopes = scopes
         self._tracer = tracer
+        self._auth = auth
 
     def attach(self, answerer: Answerer) -> None:
         """Called once the internal services answer (the gateway's warm-up)."""
@@ -42,8 +50,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc_method
     async def Generate(self, request, context):
         started = time.perf_counter()
+        tenant = self._tenant(context)
         prompt_request = PromptRequest.from_pb(request)
-        with self._scope(context, "Generate", prompt_request.template_id, prompt_request.budget_ms,
+        with self._scope(context, tenant, "Generate", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
             await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
@@ -63,8 +72,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc_method
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
+        tenant = self._tenant(context)
         prompt_request = PromptRequest.from_pb(request)
-        with self._scope(context, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
+        with self._scope(context, tenant, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
             await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
@@ -82,15 +92,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc_method
     async def CountTokens(self, request, context):
         started = time.perf_counter()
+        tenant = self._tenant(context)
         prompt = prompt_from_pb(request)
         template_id = prompt.id if isinstance(prompt, TemplateCall) else None
-        with self._scope(context, "CountTokens", template_id, 0, started) as scope:
+        with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope:
             await _send_request_id(context, scope.request_id)
             count, model = await self.answerer.count_tokens(prompt, request.model, scope)
             return gateway_pb2.CountTokensResponse(prompt_tokens=count, model=model)
 
     @rpc_method
     async def ListTemplates(self, request, context):
+        self._tenant(context)
         await _send_request_id(context, request_id_from(context.invocation_metadata()))
         await self._templates.refresh()
         return gateway_pb2.ListTemplatesResponse(
@@ -104,14 +116,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ]
         )
 
+    def _tenant(self, context) -> Tenant:
+        """The caller's tenant, from its API key; UNAUTHENTICATED without a valid one.
+
+        Health and reflection are other gRPC services, never gated here.
+        """
+        return self._auth.tenant_for(context.invocation_metadata())
+
     @contextmanager
-    def _scope(self, context, name: str, template_id: str | None, budget_ms: int, started: float):
+    def _scope(self, context, tenant: Tenant, name: str, template_id: str | None, budget_ms: int,
+               started: float):
         # The server span the tracing interceptor opened is the request's span: hops hang from it.
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
         with bind_request_id(request_id), request_span(self._tracer, metadata, f"gateway.{name}") as span:
+            # Admission (the tenant's quotas, services/gateway/quotas.py) belongs here: once per
+            # request, after the key named the tenant and before any hop.
             try:
-                yield self._scopes.open(span=span, request_id=request_id, template_id=template_id,
+                yield self._scopes.open(tenant=tenant, span=span, request_id=request_id, template_id=template_id,
                                         budget_ms=budget_ms, time_left=context.time_remaining, started=started)
             finally:
                 log.debug("%s ended after %.1f ms", name, (time.perf_counter() - started) * 1000)

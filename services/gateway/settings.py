@@ -1,11 +1,12 @@
-"""Gateway settings: where the internal services are, and the prompt cache."""
+"""Gateway settings: where the internal services are, the prompt cache, and who may call."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from meshkit.settings import ServiceSettings
+from meshkit.settings import ServiceSettings, default_home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,13 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     # dropped on every announced invalidation. 0 bytes = off.
     near_cache_bytes: int = 32 * 1024 * 1024
     near_cache_max_age_s: float = 60.0
-    tenant: str = "public"
+    # API keys (services/gateway/auth.py): "on" refuses a call without a key of the
+    # keys file; "off" (logged as a WARNING at start) serves every caller as `tenant`.
+    auth: Literal["on", "off"] = "on"
+    auth_keys_file: Path = Field(default_factory=lambda: default_home() / "keys.toml")
+    auth_reload_s: float = 1.0  # how often the keys file is checked for changes
+    auth_cache_size: int = 10_000  # verified keys remembered, so a known key costs no sha256
+    tenant: str = "public"  # every caller's tenant when auth is off
     # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.

@@ -11,17 +11,20 @@ from meshkit.server import ServiceSpec, rpc_method
 
 
 class Recorder:
-    """Counts calls and keeps the deadline and x-request-id each call arrived with."""
+    """Counts calls and keeps the deadline, x-request-id and x-nlpmesh-tenant each call arrived with."""
 
     def __init__(self):
         self.calls = 0
         self.deadlines: list[float | None] = []
         self.request_ids: list[str | None] = []
+        self.tenants: list[str | None] = []
 
     def saw(self, context) -> None:
         self.calls += 1
         self.deadlines.append(context.time_remaining())
-        self.request_ids.append(dict(context.invocation_metadata()).get("x-request-id"))
+        metadata = dict(context.invocation_metadata())
+        self.request_ids.append(metadata.get("x-request-id"))
+        self.tenants.append(metadata.get("x-nlpmesh-tenant"))
 
 
 class FakeTemplate(template_pb2_grpc.TemplateServiceServicer, Recorder):
@@ -89,10 +92,12 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
         self.deltas = deltas
         self.first_token_delay_s = first_token_delay_s
         self.fail_with: Exception | None = None
+        self.request_tenants: list[str] = []  # the GenerateRequest.tenant field of each call
 
     @rpc_method
     async def Generate(self, request, context):
         self.saw(context)
+        self.request_tenants.append(request.tenant)
         if self.fail_with is not None:
             raise self.fail_with
         await asyncio.sleep(self.first_token_delay_s)

@@ -17,14 +17,17 @@ from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
 def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None = None, template=None,
-             **gateway_settings):
+             pass_channel: bool = False, **gateway_settings):
     """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
 
     ``key_prefix``: where answers are cached; by default one of this call's own, so no test
     finds another's answers in the shared Redis. ``template``: a fake template servicer
-    instead of the real service.
+    instead of the real service. Auth is off unless ``auth="on"`` (with ``auth_keys_file``)
+    is given. ``pass_channel``: the scenario gets the gateway's channel in place of a stub
+    (to call it with metadata of its own).
     """
     key_prefix = key_prefix or f"test:gw-{uuid.uuid4().hex}"
+    gateway_settings.setdefault("auth", "off")
     tokenizer, inference = FakeTokenizer(), FakeInference()
     template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
 
@@ -41,6 +44,7 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None 
                 inference_addr=inf.address, redis_url=redis_url, key_prefix=key_prefix, **gateway_settings,
             )
             async with inprocess_server(gateway_spec(settings), settings) as gateway:
-                return await scenario(gateway_pb2_grpc.GatewayStub(gateway.channel), tokenizer, inference)
+                first = gateway.channel if pass_channel else gateway_pb2_grpc.GatewayStub(gateway.channel)
+                return await scenario(first, tokenizer, inference)
 
     return asyncio.run(main())

@@ -52,7 +52,7 @@ def run(inprocess_server, tmp_path, scenario, template=None, inference=None, red
             settings = GatewaySettings(
                 template_addr=tpl.address, tokenizer_addr=tok.address, inference_addr=inf.address,
                 cache_addr="127.0.0.1:1", redis_url=redis_url, budgets_file=policy, near_cache_bytes=0,
-                cache_lookup_timeout_s=5.0,
+                cache_lookup_timeout_s=5.0, auth="off",
             )
             async with inprocess_server(gateway_spec(settings), settings) as gateway:
                 return await scenario(gateway_pb2_grpc.GatewayStub(gateway.channel), template, tokenizer, inference)
@@ -176,7 +176,7 @@ def test_cancelling_a_stream_frees_the_engines_sequence(inprocess_server, tmp_pa
         ):
             gateway_settings = GatewaySettings(
                 template_addr=tpl.address, tokenizer_addr=tok.address, inference_addr=inf.address,
-                cache_addr="127.0.0.1:1", redis_url="", budgets_file=policy)
+                cache_addr="127.0.0.1:1", redis_url="", budgets_file=policy, auth="off")
             async with inprocess_server(gateway_spec(gateway_settings), gateway_settings) as gateway:
                 stub = gateway_pb2_grpc.GatewayStub(gateway.channel)
                 long = request()

@@ -1,4 +1,6 @@
 """docker-compose.yml is the topology; the local launcher derives its processes from it."""
+from pathlib import Path
+
 import yaml
 
 from cli.topology import COMPOSE_FILE, load_topology, local_environment
@@ -62,3 +64,18 @@ def test_compose_infrastructure_is_not_run_locally_and_its_otel_settings_are_dro
     assert gateway.environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     env = local_environment(gateway, dict(DEFAULT_PORTS), "")
     assert not any(key.startswith("OTEL_") for key in env)
+
+
+def test_the_compose_gateway_checks_keys_from_a_mounted_folder_and_the_launcher_overrides_it(tmp_path):
+    from cli.launcher import LocalMesh
+
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    gateway = next(s for s in load_topology() if s.name == "gateway")
+    assert gateway.environment["NLPMESH_GATEWAY_AUTH"] == "on"
+    keys_file = gateway.environment["NLPMESH_GATEWAY_AUTH_KEYS_FILE"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in services["gateway"]["volumes"] if m.startswith("./")}
+    assert str(Path(keys_file).parent) in mounts  # the folder: a replaced file stays visible
+    assert "models:/root/.cache/nlpmesh" in services["gateway"]["volumes"]
+    assert LocalMesh(tmp_path).gateway_auth_env() == {"NLPMESH_GATEWAY_AUTH": "off"}
+    local = LocalMesh(tmp_path, keys_file=tmp_path / "keys.toml").gateway_auth_env()
+    assert local["NLPMESH_GATEWAY_AUTH_KEYS_FILE"] == str(tmp_path / "keys.toml")
