@@ -281,6 +281,9 @@ class Quotas:
             await self._renew_once()
 
     async def _renew_once(self) -> None:
+        now = self._clock()  # releases owed past a lease are moot: those leases ran out
+        self._unreleased = {key: live for key, owed in self._unreleased.items()
+                            if (live := {i: give_up_at for i, give_up_at in owed.items() if give_up_at > now})}
         lease_ms = int(self.settings.stream_lease_s * 1000)
         batch = {key: list(ids) for key, ids in self._held.items()}
         for key, ids in batch.items():
@@ -289,12 +292,10 @@ class Quotas:
         # A release whose ZREM overtook this renewal would leave its lease behind: drop it again.
         for key, ids in batch.items():
             self._owe_release(key, [i for i in ids if i not in self._held.get(key, ())])
-        now = self._clock()
-        for key, owed in list(self._unreleased.items()):
-            live = [i for i, give_up_at in owed.items() if give_up_at > now]
-            del self._unreleased[key]
-            if live and _failed(await self._shared(self.redis.zrem, key, *live)):
-                self._unreleased.setdefault(key, {}).update({i: owed[i] for i in live})
+        for key in list(self._unreleased):
+            owed = self._unreleased.pop(key)
+            if _failed(await self._shared(self.redis.zrem, key, *owed)):
+                self._unreleased.setdefault(key, {}).update(owed)
 
     def _owe_release(self, key: str, ids: list[str]) -> None:
         if ids:

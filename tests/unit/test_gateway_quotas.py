@@ -332,3 +332,26 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_release_redis_missed_is_made_good_before_the_lease_runs_out(disposable_redis_server):
+    who = tenant(max_streams=2)
+    lease_s = 6.0  # renewals (and owed releases) every 2 s
+
+    async def body(quotas):
+        admission = await quotas.admit(who)
+        admitted_at = time.monotonic()
+        blocker = redis_client(disposable_redis_server.url)
+        sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.5"))
+        await asyncio.sleep(0.1)
+        await quotas.record_tokens(tenant(tokens_per_min=10), 1)  # times out: Redis skipped for fallback_s
+        await admission.release()  # skipped: Redis still counts the stream
+        await sleeping
+        await blocker.aclose()
+        streams = f"{quotas.settings.key_prefix}:t:{{{tenant_tag(TENANT_ID)}}}:streams"
+        while await quotas.redis.zcard(streams) > 0 and time.monotonic() - admitted_at < lease_s * 0.75:
+            await asyncio.sleep(0.1)
+        return await quotas.redis.zcard(streams)
+
+    assert run_replicas(disposable_redis_server.url, body, count=1, timeout_s=0.05, fallback_s=0.5,
+                        stream_lease_s=lease_s) == 0
