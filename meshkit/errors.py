@@ -5,7 +5,8 @@
     ├── NotFound             NOT_FOUND
     ├── Unauthenticated      UNAUTHENTICATED
     ├── PermissionDenied     PERMISSION_DENIED
-    ├── ResourceExhausted    RESOURCE_EXHAUSTED google.rpc.RetryInfo when a retry can help
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED google.rpc.QuotaFailure naming each limit (if a quota),
+    │                                           google.rpc.RetryInfo when a retry can help
     ├── DeadlineExceeded     DEADLINE_EXCEEDED  google.rpc.ErrorInfo naming the hop
     └── Unavailable          UNAVAILABLE
 
@@ -14,6 +15,7 @@ fixed message, the log gets the traceback.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +30,12 @@ INTERNAL_MESSAGE = "internal error"
 @dataclass(frozen=True)
 class FieldViolation:
     field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    subject: str  # which limit, e.g. "tenant:requests_per_s"; never a tenant's raw id
     description: str
 
 
@@ -78,16 +86,27 @@ class PermissionDenied(MeshError):
 class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, retry_after_s: float | None = None):
+    def __init__(self, message: str, retry_after_s: float | None = None,
+                 violations: list[QuotaViolation] | None = None):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.violations = list(violations or [])
 
     def details(self) -> list[any_pb2.Any]:
-        if self.retry_after_s is None:
-            return []
-        delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(self.retry_after_s * 1000))
-        return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
+        details = []
+        if self.violations:
+            failure = error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                    for v in self.violations
+                ]
+            )
+            details.append(_pack(failure))
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(math.ceil(round(self.retry_after_s * 1000, 3)))  # never too early
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        return details
 
 
 class DeadlineExceeded(MeshError):
@@ -136,7 +155,8 @@ def from_rpc_error(error: grpc.RpcError, hop: str) -> MeshError:
     """Maps a downstream service's failure to the domain error the caller should see.
 
     Caller-facing errors (bad input, unknown template, ...) keep their code,
-    message and details; a downstream bug stays INTERNAL without its message.
+    message and details (BadRequest, QuotaFailure, RetryInfo); a downstream bug
+    stays INTERNAL without its message.
     """
     code = error.code()
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -148,7 +168,11 @@ def from_rpc_error(error: grpc.RpcError, hop: str) -> MeshError:
         return InternalFault(f"the {hop} hop failed with {code.name}")
     mapped = cls(error.details() or code.name.lower())
     if isinstance(mapped, InvalidArgument):
-        mapped.violations = _violations_of(error)
+        mapped.violations = _field_violations(_details_of(error))
+    elif isinstance(mapped, ResourceExhausted):
+        details = _details_of(error)
+        mapped.violations = _quota_violations(details)
+        mapped.retry_after_s = _retry_after_s(details)
     return mapped
 
 
@@ -158,12 +182,35 @@ class InternalFault(MeshError):
     code = grpc.StatusCode.INTERNAL
 
 
-def _violations_of(error: grpc.RpcError) -> list[FieldViolation]:
+def _details_of(error: grpc.RpcError) -> list[any_pb2.Any]:
     status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    return list(status.details) if status else []
+
+
+def _field_violations(details: list[any_pb2.Any]) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
-    for detail in status.details if status else []:
+    for detail in details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
     return violations
+
+
+def _quota_violations(details: list[any_pb2.Any]) -> list[QuotaViolation]:
+    violations: list[QuotaViolation] = []
+    for detail in details:
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            violations += [QuotaViolation(v.subject, v.description) for v in failure.violations]
+    return violations
+
+
+def _retry_after_s(details: list[any_pb2.Any]) -> float | None:
+    for detail in details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToMilliseconds() / 1000.0
+    return None

@@ -29,11 +29,19 @@ def free_port() -> int:
 class RedisProcess:
     url: str
     process: subprocess.Popen
+    command: tuple[str, ...] = ()
+    port: int = 0
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """The same server, empty, on the same port again: a Redis that came back."""
+        self.stop()
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_until_listening(self.port, self.process)
 
 
 @contextmanager
@@ -43,13 +51,10 @@ def running_redis_server():
     if not shutil.which(binary):
         pytest.fail("redis-server is not installed (apt-get install redis-server); the cache tests need it")
     port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--enable-debug-command", "local"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = RedisProcess(url=f"redis://127.0.0.1:{port}/0", process=process)
+    command = (binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--daemonize", "no", "--enable-debug-command", "local")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisProcess(url=f"redis://127.0.0.1:{port}/0", process=process, command=command, port=port)
     try:
         _wait_until_listening(port, process)
         yield server
