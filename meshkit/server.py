@@ -24,6 +24,7 @@ from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
+from meshkit.tls import TlsConfig
 from meshkit.tracing import server_span
 
 log = logging.getLogger("nlpmesh.server")
@@ -67,7 +68,13 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     names = spec.service_names + (health.SERVICE_NAME,)
     if settings.reflection:
         reflection.enable_server_reflection(names + (reflection.SERVICE_NAME,), server)
-    port = server.add_insecure_port(settings.address)
+    tls = TlsConfig.from_settings(settings)
+    credentials = tls.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(settings.address)
+    else:
+        port = server.add_secure_port(settings.address, credentials)
+    log.info("%s: %s", spec.name, tls.describe())
     if port == 0:
         raise OSError(f"{spec.name}: cannot bind {settings.address}")
     await server.start()
