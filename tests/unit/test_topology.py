@@ -62,3 +62,11 @@ def test_compose_infrastructure_is_not_run_locally_and_its_otel_settings_are_dro
     assert gateway.environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     env = local_environment(gateway, dict(DEFAULT_PORTS), "")
     assert not any(key.startswith("OTEL_") for key in env)
+
+
+def test_every_compose_service_reads_the_mounted_certificates_and_the_launcher_sets_its_own():
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for service in load_topology():
+        folder = service.environment["NLPMESH_TLS_DIR"]
+        assert any(v.endswith(f":{folder}:ro") for v in services[service.name]["volumes"]), service.name
+        assert "NLPMESH_TLS_DIR" not in local_environment(service, dict(DEFAULT_PORTS), "")
