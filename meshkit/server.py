@@ -74,7 +74,6 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
         port = server.add_insecure_port(settings.address)
     else:
         port = server.add_secure_port(settings.address, credentials)
-    log.info("%s: %s", spec.name, tls.describe())
     if port == 0:
         raise OSError(f"{spec.name}: cannot bind {settings.address}")
     await server.start()
@@ -87,7 +86,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     """Runs one service until SIGTERM or SIGINT, then drains and exits."""
     server, port, health_servicer = await create_server(spec, settings)
     metrics.start_metrics_server(settings)
-    log.info("%s listening on %s:%d (NOT_SERVING until ready)", spec.name, settings.host, port)
+    log.info("%s listening on %s:%d, %s (NOT_SERVING until ready)", spec.name, settings.host, port,
+             TlsConfig.from_settings(settings).describe())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
