@@ -3,7 +3,8 @@
 Rounds interleave the variants (this machine is shared and its idle cores wake
 slowly; the gateway variants take turns of 10 hits), and every figure is a
 median and a p99 over all rounds. `python -m bench.run --only cache` runs the
-cache hits alone, the tracing overhead (default against tracing_off) included.
+cache hits alone, the tracing overhead (default against tracing_off) and the cost of
+TLS at the gateway's edge (default against tls_edge) included.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench import cache_hits, generation, variants
 from bench.stats import summary_ms
+from cli.certs import init_certs
 from cli.launcher import LocalMesh
+from meshkit.tls import CA_FILE
 
 QUESTION = "What are the applications of real-time AI in the financial industry?"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,16 +43,31 @@ GATEWAY_VARIANTS = {
 }
 
 
+def tls_edge_variant(certs: Path) -> tuple[dict[str, str], Path]:
+    """The default gateway, serving TLS to its callers with the mesh's certificate (the CA is
+    not given, so it calls the mesh's plaintext services as the default gateway does):
+    the environment, and the CA a client verifies it with."""
+    init_certs(certs)
+    env = {"NLPMESH_GATEWAY_TLS_CERT_FILE": str(certs / "gateway.crt"),
+           "NLPMESH_GATEWAY_TLS_KEY_FILE": str(certs / "gateway.key")}
+    return env, certs / CA_FILE
+
+
 def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: int,
                      baseline: Path | None = None) -> dict:
     request = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE)
     names = list(GATEWAY_VARIANTS)
     extra = [variants.spawn_gateway(mesh, env) for env in GATEWAY_VARIANTS.values()]
+    tls_env, tls_ca = tls_edge_variant(mesh.run_dir / "certs")
+    names.append("tls_edge")
+    extra.append(variants.spawn_gateway(
+        mesh, tls_env, health_credentials=grpc.ssl_channel_credentials(tls_ca.read_bytes())))
     if baseline is not None:  # the default gateway as another checkout has it, taking the same turns
         names.append("baseline")
         extra.append(variants.spawn_gateway(mesh, {}, source=baseline))
     addresses = {name: address for name, (_, address) in zip(names, extra)}
     access = {name: dataclasses.replace(mesh.gateway_access(), address=address) for name, address in addresses.items()}
+    access["tls_edge"] = dataclasses.replace(access["tls_edge"], ca_file=tls_ca)
     samples: dict[str, list[float]] = {"grpc_empty_rpc_c1": [], "redis_get_c1": [], "cache_hit_c16": []}
     samples |= {f"cache_hit_c1[{name}]": [] for name in addresses}
     throughput = []
@@ -84,6 +103,10 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
             row["ratio_to_empty_rpc_p50"] = row["p50_ms"] / base
     untraced = result["cache_hit_c1[tracing_off]"]["p50_ms"]
     result["cache_hit_c1[default]"]["tracing_overhead_p50"] = result["cache_hit_c1[default]"]["p50_ms"] / untraced - 1
+    # The same gateway on the same services, TLS at its edge or not (channels already
+    # connected: the per-call cost, not the handshake).
+    plain = result["cache_hit_c1[default]"]["p50_ms"]
+    result["cache_hit_c1[tls_edge]"]["tls_overhead_p50"] = result["cache_hit_c1[tls_edge]"]["p50_ms"] / plain - 1
     if baseline is not None:
         before, after = result["cache_hit_c1[baseline]"], result["cache_hit_c1[default]"]
         before["source"] = str(baseline)
@@ -116,6 +139,8 @@ def cache_hit_lines(cache_hits: dict) -> list[str]:
             notes = f"{row['ratio_to_empty_rpc_p50']:.2f}x an empty gRPC call"
         if "tracing_overhead_p50" in row:
             notes += f"; tracing costs {100 * row['tracing_overhead_p50']:+.1f}% of p50"
+        if "tls_overhead_p50" in row:
+            notes += f"; TLS at the edge costs {100 * row['tls_overhead_p50']:+.1f}% of [default]'s p50"
         if "ratio_to_baseline_p50" in row:
             notes += f"; {row['ratio_to_baseline_p50']:.3f}x the baseline checkout's p50"
         if "throughput_rps" in row:

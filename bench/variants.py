@@ -13,19 +13,20 @@ from meshkit.settings import TRACE_DIR_ENV
 
 
 def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
-                  source: Path = REPO_ROOT) -> tuple[subprocess.Popen, str]:
+                  source: Path = REPO_ROOT, health_credentials=None) -> tuple[subprocess.Popen, str]:
     """Starts one more gateway on the mesh's services; returns (process, address) once SERVING.
 
     ``source``: the checkout the gateway's code comes from (another commit's
     worktree, with its own ``make protos``), to compare a change against its
-    parent in one run.
+    parent in one run. ``health_credentials``: what the readiness check presents to a
+    gateway that serves TLS (default: the mesh's probe certificate, or plaintext).
     """
     gateway = next(s for s in mesh.services if s.name == "gateway")
     port = free_port()
     # The same environment as the mesh's own gateway (span files, flushed as often
     # as the launcher has them), less its metrics endpoint, plus the variant's settings.
     variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
-                   TRACE_DIR_ENV: str(mesh.trace_dir or ""), **mesh.gateway_auth_env(), **env}
+                   **mesh.tls_environment(), TRACE_DIR_ENV: str(mesh.trace_dir or ""), **mesh.gateway_auth_env(), **env}
     variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
     if source != REPO_ROOT:
         variant_env["PYTHONPATH"] = os.pathsep.join((str(source), str(source / "gen")))
@@ -33,7 +34,8 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    while check_health(address) != "SERVING":
+    credentials = health_credentials or mesh.probe_credentials()
+    while check_health(address, 1.0, credentials) != "SERVING":
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"gateway variant {env} did not start")

@@ -20,9 +20,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli.certs import init_certs
 from cli.connect import GatewayAccess
 from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
-from meshkit.settings import TRACE_DIR_ENV
+from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
+from meshkit.tls import CA_FILE, probe_credentials
 
 
 def free_port() -> int:
@@ -41,9 +43,14 @@ def distinct_free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def check_health(address: str, timeout_s: float = 1.0) -> str:
-    """The service's grpc.health.v1 status name, or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+def check_health(address: str, timeout_s: float = 1.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> str:
+    """The service's grpc.health.v1 status name, or UNREACHABLE.
+
+    ``credentials``: for a TLS mesh, what the probe presents (meshkit.tls.probe_credentials).
+    """
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError:
@@ -59,6 +66,10 @@ class LocalMesh:
     extra_env: dict[str, str] = field(default_factory=dict)
     progress: Callable[[str], None] = print
     detach: bool = False
+    # TLS at the gateway, mTLS inside, with the certificates in certs_dir (made on start if
+    # missing; default $NLPMESH_HOME/certs). Off = plaintext everywhere.
+    tls: bool = False
+    certs_dir: Path | None = None
     services: list[ServiceDef] = field(default_factory=load_topology)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
@@ -76,13 +87,28 @@ class LocalMesh:
 
     def gateway_access(self) -> GatewayAccess:
         """How a client of this mesh reaches its gateway."""
-        return GatewayAccess(self.gateway_address, api_key=self.api_key)
+        return GatewayAccess(self.gateway_address, ca_file=self.tls_dir / CA_FILE if self.tls_dir else None,
+                             api_key=self.api_key)
 
     def gateway_auth_env(self) -> dict[str, str]:
         """The gateway's auth settings (for this mesh's gateway and any started beside it)."""
         if self.keys_file is None:
             return {"NLPMESH_GATEWAY_AUTH": "off"}
         return {"NLPMESH_GATEWAY_AUTH": "on", "NLPMESH_GATEWAY_AUTH_KEYS_FILE": str(self.keys_file)}
+
+    @property
+    def tls_dir(self) -> Path | None:
+        """The mesh's certificates (NLPMESH_TLS_DIR of every service), or None when it runs plaintext."""
+        if not self.tls:
+            return None
+        return self.certs_dir or default_home() / "certs"
+
+    def tls_environment(self) -> dict[str, str]:
+        """What points a process at this mesh's certificates; empty values turn TLS off."""
+        return {TLS_DIR_ENV: str(self.tls_dir or "")}
+
+    def probe_credentials(self) -> grpc.ChannelCredentials | None:
+        return probe_credentials(self.tls_dir)
 
     @property
     def trace_dir(self) -> Path | None:
@@ -107,6 +133,10 @@ class LocalMesh:
         self.ports = {s.name: next(picked) if self.free_ports else s.port for s in self.services}
         self.metrics_ports = {s.name: next(picked) if self.free_ports else s.metrics_port
                               for s in self.services if s.metrics_port or self.free_ports}
+        if self.tls_dir is not None:
+            report = init_certs(self.tls_dir)
+            self.progress(f"tls: certificates in {self.tls_dir}" + (f" (made {', '.join(report.made)})"
+                                                                    if report.made else ""))
         redis_url = self.resolved_redis_url = self._start_redis()
         for service in self.services:
             self._spawn(service, redis_url)
@@ -134,8 +164,9 @@ class LocalMesh:
 
     def _spawn(self, service: ServiceDef, redis_url: str) -> None:
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
-        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports), **auth_env,
-               **self.extra_env, "PYTHONUNBUFFERED": "1", TRACE_DIR_ENV: str(self.trace_dir or "")}
+        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports),
+               **self.tls_environment(), **auth_env, **self.extra_env, "PYTHONUNBUFFERED": "1",
+               TRACE_DIR_ENV: str(self.trace_dir or "")}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
         command = [sys.executable if part == "python" else part for part in service.command]
@@ -153,12 +184,13 @@ class LocalMesh:
         waiting = [s.name for s in self.services]
         last_note = 0.0
         started = time.monotonic()
+        credentials = self.probe_credentials()
         while waiting:
             for name in list(waiting):
                 if self.processes[name].poll() is not None:
                     raise RuntimeError(f"{name} exited with code {self.processes[name].returncode}; "
                                        f"see {self.log_path(name)}:\n{self.log_tail(name)}")
-                if check_health(self.address(name), 0.5) == "SERVING":
+                if check_health(self.address(name), 0.5, credentials) == "SERVING":
                     waiting.remove(name)
                     self.progress(f"{name}: SERVING after {time.monotonic() - started:.1f}s")
             if waiting and time.monotonic() - last_note > 3.0:
@@ -199,7 +231,8 @@ class LocalMesh:
         if self._redis is not None:
             pids["redis"] = self._redis.pid
         path.write_text(json.dumps({"gateway": self.gateway_address, "pids": pids, "ports": self.ports,
-                                    "metrics_ports": self.metrics_ports}))
+                                    "metrics_ports": self.metrics_ports,
+                                    "tls_dir": str(self.tls_dir) if self.tls_dir else None}))
 
     def __enter__(self) -> LocalMesh:
         return self.start()

@@ -1,7 +1,9 @@
-"""The `nlpmesh` command: up, down, ask, health, demo, trace, budgets, keys, cache."""
+"""The `nlpmesh` command: up, down, ask, health, demo, certs, trace, budgets, keys, cache."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 import tempfile
@@ -12,10 +14,12 @@ import grpc
 
 from cli import invalidate, keys
 from cli.ask import ask, build_request, timing_table
+from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh, check_health, stop_detached
 from cli.traces import default_trace_dir, show_budgets, show_trace
-from meshkit.settings import default_home
+from meshkit.settings import TLS_DIR_ENV, default_home
+from meshkit.tls import CA_FILE, probe_credentials
 
 DEMO_QUESTION = "What are the applications of real-time AI in the financial industry?"
 
@@ -33,7 +37,7 @@ def cmd_up(args) -> int:
         _say(f"a mesh is already up (state in {_state_file()}); run `nlpmesh down` first")
         return 1
     run_dir = default_home() / "run"
-    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, detach=args.detach,
+    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, detach=args.detach, tls=not args.plaintext,
                      keys_file=keys.default_keys_file(), api_key=keys.local_key())
     try:
         mesh.start(ready_timeout_s=args.timeout)
@@ -74,13 +78,25 @@ def _gateway_address(args) -> str:
     if args.addr:
         return args.addr
     if _state_file().exists():
-        import json
         return json.loads(_state_file().read_text())["gateway"]
     return "127.0.0.1:50051"
 
 
+def _tls_dir(args) -> Path | None:
+    """The mesh's certificates: --tls-dir, else NLPMESH_TLS_DIR (as in the containers), else the running
+    mesh's; None = plaintext."""
+    if args.plaintext:
+        return None
+    chosen = args.tls_dir or os.environ.get(TLS_DIR_ENV)
+    if not chosen and _state_file().exists():
+        chosen = json.loads(_state_file().read_text()).get("tls_dir")
+    return Path(chosen) if chosen else None
+
+
 def _gateway_access(args) -> GatewayAccess:
-    return GatewayAccess(_gateway_address(args), api_key=keys.saved_api_key())
+    tls_dir = _tls_dir(args)
+    return GatewayAccess(_gateway_address(args), ca_file=tls_dir / CA_FILE if tls_dir else None,
+                         api_key=keys.saved_api_key())
 
 
 def _cache_address(args) -> str:
@@ -110,7 +126,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_health(args) -> int:
-    status = check_health(_gateway_address(args), args.timeout)
+    status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)))
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -119,8 +135,8 @@ def cmd_demo(args) -> int:
     """The main job: the mesh up, the finance question answered twice, timings shown."""
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-demo-"))
     _say("starting the mesh (free local ports, private Redis when REDIS_URL is unset)")
-    with LocalMesh(run_dir, free_ports=True, progress=_say, keys_file=keys.default_keys_file(),
-                   api_key=keys.local_key()) as mesh:
+    with LocalMesh(run_dir, free_ports=True, progress=_say, tls=not args.plaintext,
+                   keys_file=keys.default_keys_file(), api_key=keys.local_key()) as mesh:
         for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
             _say(f"{label}\n> {DEMO_QUESTION}")
             request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
@@ -138,6 +154,24 @@ def cmd_demo(args) -> int:
                 time.sleep(0.5)
         _say("stopping the mesh")
     return 0
+
+
+def cmd_certs(args) -> int:
+    directory = Path(args.dir) if args.dir else default_home() / "certs"
+    try:
+        report = init_certs(directory, args.namespace, args.force)
+    except FileExistsError as error:
+        _say(str(error))
+        return 1
+    _say(f"certificates in {directory}: made {', '.join(report.made) or 'none'}; "
+         f"kept {', '.join(report.kept) or 'none'}")
+    return 0
+
+
+def _tls_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--tls-dir",
+                         help="the mesh's certificates (default: $NLPMESH_TLS_DIR, else the running mesh's)")
+    command.add_argument("--plaintext", action="store_true", help="no TLS")
 
 
 def cmd_trace(args) -> int:
@@ -162,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="return once ready; `nlpmesh down` stops it")
     up.add_argument("--free-ports", action="store_true", help="pick free ports instead of 50051-50055")
     up.add_argument("--timeout", type=float, default=600.0)
+    up.add_argument("--plaintext", action="store_true",
+                    help="no TLS (default: TLS at the gateway, mTLS inside, certificates in $NLPMESH_HOME/certs)")
     up.set_defaults(run=cmd_up)
     sub.add_parser("down", help="stop a mesh started with --detach").set_defaults(run=cmd_down)
     a = sub.add_parser("ask", help="send a prompt, stream the answer, show per-hop timings")
@@ -173,14 +209,24 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int)
     a.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
     a.add_argument("--addr", help="gateway address (default: the running mesh, else 127.0.0.1:50051)")
+    _tls_arguments(a)
     a.set_defaults(run=cmd_ask)
     h = sub.add_parser("health", help="grpc.health.v1 status of a service")
     h.add_argument("--addr")
     h.add_argument("--timeout", type=float, default=2.0)
+    _tls_arguments(h)
     h.set_defaults(run=cmd_health)
     d = sub.add_parser("demo", help="the mesh up, the finance question answered twice")
     d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS at the gateway, mTLS inside)")
     d.set_defaults(run=cmd_demo)
+    c = sub.add_parser("certs", help="development certificates for TLS at the gateway and mTLS inside")
+    c_sub = c.add_subparsers(dest="certs_command", required=True)
+    init = c_sub.add_parser("init", help="a CA and one certificate per service (kept if present)")
+    init.add_argument("--dir", help="where (default: $NLPMESH_HOME/certs)")
+    init.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Kubernetes namespace in the names")
+    init.add_argument("--force", action="store_true", help="replace every certificate and the CA")
+    init.set_defaults(run=cmd_certs)
     t = sub.add_parser("trace", help="draw one request's spans as a waterfall, with hop budgets and overruns")
     t.add_argument("trace_id", nargs="?", help="the trace_id a response carries")
     t.add_argument("--last", action="store_true", help="the most recent request instead")

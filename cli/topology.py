@@ -68,6 +68,8 @@ def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str
         url_host = _URL_HOST.match(value)
         if key.startswith("OTEL_") and (url_host is None or url_host.group(1) not in ports):
             continue  # points at compose infrastructure that does not run locally
+        if key == "NLPMESH_TLS_DIR":
+            continue  # a path inside the containers; the launcher sets its own (LocalMesh.tls_environment)
         match = _ADDRESS.match(value)
         if key.endswith("_HOST"):
             value = "127.0.0.1"

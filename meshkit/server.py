@@ -24,6 +24,7 @@ from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
+from meshkit.tls import TlsConfig
 from meshkit.tracing import server_span
 
 log = logging.getLogger("nlpmesh.server")
@@ -67,7 +68,12 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     names = spec.service_names + (health.SERVICE_NAME,)
     if settings.reflection:
         reflection.enable_server_reflection(names + (reflection.SERVICE_NAME,), server)
-    port = server.add_insecure_port(settings.address)
+    tls = TlsConfig.from_settings(settings)
+    credentials = tls.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(settings.address)
+    else:
+        port = server.add_secure_port(settings.address, credentials)
     if port == 0:
         raise OSError(f"{spec.name}: cannot bind {settings.address}")
     await server.start()
@@ -80,7 +86,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     """Runs one service until SIGTERM or SIGINT, then drains and exits."""
     server, port, health_servicer = await create_server(spec, settings)
     metrics.start_metrics_server(settings)
-    log.info("%s listening on %s:%d (NOT_SERVING until ready)", spec.name, settings.host, port)
+    log.info("%s listening on %s:%d, %s (NOT_SERVING until ready)", spec.name, settings.host, port,
+             TlsConfig.from_settings(settings).describe())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,8 @@ from pydantic_settings import (
 CONFIG_ENV = "NLPMESH_CONFIG"
 # Where every service writes its spans as JSON lines (ServiceSettings.trace_dir).
 TRACE_DIR_ENV = "NLPMESH_TRACE_DIR"
+# One folder of certificates for the whole mesh (ServiceSettings.tls_dir, meshkit/tls.py).
+TLS_DIR_ENV = "NLPMESH_TLS_DIR"
 
 # The mesh's well-known ports (docs/api.md): the gateway on 50051, the rest after it.
 DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055}
@@ -53,6 +55,17 @@ class ServiceSettings(BaseSettings):
     # Finished spans go to <trace_dir>/<service>.jsonl as JSON lines; "" = no file.
     # One variable for every service (the launcher sets it), hence no service prefix.
     trace_dir: str = Field(default="", validation_alias=AliasChoices(TRACE_DIR_ENV, "trace_dir"))
+    # TLS (meshkit/tls.py); empty = plaintext. The certificate this server presents (the
+    # gateway presents it to the internal services too), and the mesh CA: clients must
+    # present a certificate it signed (tls_require_client_cert), and the gateway verifies
+    # the internal services against it.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    tls_require_client_cert: bool = True
+    # <tls_dir>/<service>.crt, <service>.key and ca.crt, for whatever the fields above leave
+    # empty. One variable for every service, like trace_dir.
+    tls_dir: str = Field(default="", validation_alias=AliasChoices(TLS_DIR_ENV, "tls_dir"))
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 

@@ -20,6 +20,7 @@ from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from meshkit.errors import from_rpc_error
 from meshkit.sampling import Sampling
 from meshkit.server import channel_options
+from meshkit.tls import TlsConfig
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
 from services.gateway.hop import Hop
@@ -76,6 +77,8 @@ class Downstream:
         self._settings = settings
         self._channels: list[grpc.aio.Channel] = []
         self._by_address: dict[str, grpc.aio.Channel] = {}
+        # mTLS to the internal services when the mesh CA is configured.
+        self._credentials = TlsConfig.from_settings(settings).channel_credentials()
 
     async def open(self) -> None:
         s = self._settings
@@ -85,7 +88,9 @@ class Downstream:
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channel(s.cache_addr))
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address, options=channel_options(self._settings.max_message_bytes))
+        options = channel_options(self._settings.max_message_bytes)
+        channel = (grpc.aio.secure_channel(address, self._credentials, options=options) if self._credentials
+                   else grpc.aio.insecure_channel(address, options=options))
         self._channels.append(channel)
         self._by_address[address] = channel
         return channel

@@ -44,3 +44,6 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     inference_timeout_s: float = 30.0
     catalog_refresh_s: float = 10.0
     ready_timeout_s: float = 600.0
+    # The edge: callers are not asked for a certificate (API keys name them); the
+    # internal services do ask the gateway for one.
+    tls_require_client_cert: bool = False

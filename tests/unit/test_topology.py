@@ -79,3 +79,11 @@ def test_the_compose_gateway_checks_keys_from_a_mounted_folder_and_the_launcher_
     assert LocalMesh(tmp_path).gateway_auth_env() == {"NLPMESH_GATEWAY_AUTH": "off"}
     local = LocalMesh(tmp_path, keys_file=tmp_path / "keys.toml").gateway_auth_env()
     assert local["NLPMESH_GATEWAY_AUTH_KEYS_FILE"] == str(tmp_path / "keys.toml")
+
+
+def test_every_compose_service_reads_the_mounted_certificates_and_the_launcher_sets_its_own():
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for service in load_topology():
+        folder = service.environment["NLPMESH_TLS_DIR"]
+        assert any(v.endswith(f":{folder}:ro") for v in services[service.name]["volumes"]), service.name
+        assert "NLPMESH_TLS_DIR" not in local_environment(service, dict(DEFAULT_PORTS), "")
