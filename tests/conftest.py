@@ -29,6 +29,7 @@ def free_port() -> int:
 class RedisProcess:
     url: str
     process: subprocess.Popen
+    port: int = 0
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -37,19 +38,23 @@ class RedisProcess:
 
 
 @contextmanager
-def running_redis_server():
-    """A private, memory-only redis-server on a free port, killed on exit."""
+def running_redis_server(*extra_args: str):
+    """A private, memory-only redis-server on a free port, killed on exit.
+
+    ``extra_args`` go to redis-server (``--aclfile``, ``--tls-port``...); ``url``
+    then names no user, so with the default user off each test builds its own.
+    """
     binary = shutil.which(REDIS_SERVER) or "/usr/bin/redis-server"
     if not shutil.which(binary):
         pytest.fail("redis-server is not installed (apt-get install redis-server); the cache tests need it")
     port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--enable-debug-command", "local"],
+         "--daemonize", "no", "--enable-debug-command", "local", *extra_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    server = RedisProcess(url=f"redis://127.0.0.1:{port}/0", process=process)
+    server = RedisProcess(url=f"redis://127.0.0.1:{port}/0", process=process, port=port)
     try:
         _wait_until_listening(port, process)
         yield server
@@ -65,7 +70,7 @@ def _wait_until_listening(port: int, process: subprocess.Popen, timeout_s: float
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, default user off
                     return
         except OSError:
             time.sleep(0.05)
