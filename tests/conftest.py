@@ -9,11 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
+import redis
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cli.redis_acl import RedisUsers, write
 from meshkit.tracing.provider import ChosenIds
 
 REDIS_SERVER = "redis-server"
@@ -89,6 +91,41 @@ def disposable_redis_server():
     """A private redis-server for one test, which the test may ``stop()``."""
     with running_redis_server() as server:
         yield server
+
+
+@dataclass
+class AclRedis:
+    """A private redis-server run with deploy/redis/users.acl, and each user's password."""
+
+    server: RedisProcess
+    users: RedisUsers
+
+    def url(self, user: str) -> str:
+        return self.users.url(user, "127.0.0.1", self.server.port)
+
+    def client(self, user: str) -> redis.Redis:
+        return redis.Redis.from_url(self.url(user), socket_timeout=5)
+
+    def refused(self) -> list[tuple[str, str]]:
+        """(user, command or key) for each refusal in the server's ACL LOG since the test began."""
+        with self.client("admin") as admin:
+            return [(entry["username"], entry["object"]) for entry in admin.acl_log()]
+
+
+@pytest.fixture(scope="module")
+def acl_redis_server(tmp_path_factory):
+    users = RedisUsers.make()
+    acl_file, _ = write(tmp_path_factory.mktemp("redis-acl"), users, "127.0.0.1", 0)
+    with running_redis_server("--aclfile", str(acl_file)) as server:
+        yield AclRedis(server, users)
+
+
+@pytest.fixture
+def acl_redis(acl_redis_server):
+    """The module's redis-server with the shipped ACL users, its ACL LOG emptied for this test."""
+    with acl_redis_server.client("admin") as admin:
+        admin.acl_log_reset()
+    return acl_redis_server
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
 def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test:gw", template=None,
-             **gateway_settings):
+             cache_redis_url: str | None = None, **gateway_settings):
     """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
 
     ``template``: a fake template servicer instead of the real service.
+    ``cache_redis_url``: the cache service's own Redis URL (default: ``redis_url``, the gateway's).
     """
     tokenizer, inference = FakeTokenizer(), FakeInference()
     template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
@@ -27,7 +28,7 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str = "test
     async def main():
         async with (
             inprocess_server(template_service, TemplateSettings()) as template,
-            inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix=key_prefix)),
+            inprocess_server(cache_spec(CacheSettings(redis_url=cache_redis_url or redis_url, key_prefix=key_prefix)),
                              CacheSettings()) as cache,
             inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
             inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,

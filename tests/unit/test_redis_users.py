@@ -8,20 +8,19 @@ holds no refusal.
 import asyncio
 import subprocess
 import uuid
-from dataclasses import dataclass
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from cli.redis_acl import TEMPLATE, RedisUsers, write
+from cli.redis_acl import TEMPLATE
 from meshkit.errors import Unavailable
 from meshkit.sampling import Sampling
 from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import _LOOKUP_LUA, CachedAnswer, PromptCache, redis_client
 from services.inference.prefix import RedisBlocks
-from tests.conftest import REDIS_SERVER, RedisProcess, free_port, running_redis_server
+from tests.conftest import REDIS_SERVER, free_port
 
 PREFIX = "nlpmesh:pc"  # the prefixes the ACL names: the services' defaults
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
@@ -32,38 +31,6 @@ local used = redis.call('INCRBY', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return used
 """
-
-
-@dataclass
-class AclRedis:
-    server: RedisProcess
-    users: RedisUsers
-
-    def url(self, user: str) -> str:
-        return self.users.url(user, "127.0.0.1", self.server.port)
-
-    def client(self, user: str) -> redis.Redis:
-        return redis.Redis.from_url(self.url(user), socket_timeout=5)
-
-    def refused(self) -> list[tuple[str, str]]:
-        """(user, what) for each refusal since the test began."""
-        with self.client("admin") as admin:
-            return [(entry["username"], entry["object"]) for entry in admin.acl_log()]
-
-
-@pytest.fixture(scope="module")
-def acl_server(tmp_path_factory):
-    users = RedisUsers.make()
-    acl_file, _ = write(tmp_path_factory.mktemp("redis-acl"), users, "127.0.0.1", 0)
-    with running_redis_server("--aclfile", str(acl_file)) as server:
-        yield AclRedis(server, users)
-
-
-@pytest.fixture
-def acl(acl_server):
-    with acl_server.client("admin") as admin:
-        admin.acl_log_reset()
-    return acl_server
 
 
 def key(tenant: str, template: str = "capital") -> PromptCacheKey:
@@ -84,13 +51,13 @@ async def until(condition, timeout_s: float = 5.0) -> bool:
     return True
 
 
-def test_the_gateway_and_cache_users_run_the_prompt_cache_as_the_services_split_it(acl):
+def test_the_gateway_and_cache_users_run_the_prompt_cache_as_the_services_split_it(acl_redis):
     tenant = uuid.uuid4().hex
-    admin = aioredis.Redis.from_url(acl.url("admin"))
+    admin = aioredis.Redis.from_url(acl_redis.url("admin"))
 
     async def main():
-        cache = prompt_cache(acl.url("cache"))  # the cache service: stores, lookups, invalidation, stats
-        gateway = NearCache(prompt_cache(acl.url("gateway")), 1 << 20, 60, flush_every_s=0.05)
+        cache = prompt_cache(acl_redis.url("cache"))  # the cache service: stores, lookups, invalidation, stats
+        gateway = NearCache(prompt_cache(acl_redis.url("gateway")), 1 << 20, 60, flush_every_s=0.05)
         await gateway.warm_up()
         gateway.start()
         before = await cache.stats()
@@ -120,38 +87,38 @@ def test_the_gateway_and_cache_users_run_the_prompt_cache_as_the_services_split_
         await admin.aclose()
 
     asyncio.run(main())
-    assert acl.refused() == []
+    assert acl_redis.refused() == []
 
 
-def test_a_corrupt_entry_is_recounted_as_a_miss_under_the_gateway_user(acl):
+def test_a_corrupt_entry_is_recounted_as_a_miss_under_the_gateway_user(acl_redis):
     tenant = uuid.uuid4().hex
-    with acl.client("admin") as admin:
+    with acl_redis.client("admin") as admin:
         admin.set(key(tenant).redis_key(PREFIX), b"not json")
 
     async def main():
-        gateway = prompt_cache(acl.url("gateway"))
+        gateway = prompt_cache(acl_redis.url("gateway"))
         assert await gateway.lookup(key(tenant)) is None
         await gateway.close()
 
     asyncio.run(main())
-    assert acl.refused() == []
+    assert acl_redis.refused() == []
 
 
-def test_the_gateway_user_reads_answers_but_cannot_write_them_or_announce_invalidations(acl):
+def test_the_gateway_user_reads_answers_but_cannot_write_them_or_announce_invalidations(acl_redis):
     tenant = uuid.uuid4().hex
     entry = key(tenant).redis_key(PREFIX)
 
     async def main():
-        gateway = prompt_cache(acl.url("gateway"))
+        gateway = prompt_cache(acl_redis.url("gateway"))
         assert not await gateway.store(key(tenant), ANSWER)  # a failed store, never an exception
         with pytest.raises(Unavailable):
             await gateway.invalidate_template("capital", tenant)
         await gateway.close()
 
     asyncio.run(main())
-    refused = {what for user, what in acl.refused() if user == "gateway"}
+    refused = {what for user, what in acl_redis.refused() if user == "gateway"}
     assert {"multi", "set", "zadd", "zrange"} <= refused  # the store's transaction, the invalidation's read
-    with acl.client("gateway") as gateway:
+    with acl_redis.client("gateway") as gateway:
         lookup = gateway.script_load(_LOOKUP_LUA)
         for call in (
             lambda: gateway.set(entry, "{}"),
@@ -169,15 +136,15 @@ def test_the_gateway_user_reads_answers_but_cannot_write_them_or_announce_invali
                 call()
 
 
-def test_the_gateway_user_runs_the_quota_script_on_quota_keys_only(acl):
+def test_the_gateway_user_runs_the_quota_script_on_quota_keys_only(acl_redis):
     window = f"nlpmesh:q:{uuid.uuid4().hex}:minute"
-    with acl.client("gateway") as gateway:
+    with acl_redis.client("gateway") as gateway:
         assert gateway.eval(QUOTA_LUA, 1, window, 1, 60_000) == 1
         quota = gateway.script_load(QUOTA_LUA)
         assert gateway.evalsha(quota, 1, window, 2, 60_000) == 3
         assert 0 < gateway.pttl(window) <= 60_000
-    assert acl.refused() == []
-    with acl.client("gateway") as gateway:
+    assert acl_redis.refused() == []
+    with acl_redis.client("gateway") as gateway:
         for call in (
             lambda: gateway.eval(QUOTA_LUA, 1, f"{PREFIX}:stats", 1, 60_000),  # outside nlpmesh:q
             lambda: gateway.eval("return redis.call('DEL', KEYS[1])", 1, window),  # not a quota command
@@ -187,8 +154,8 @@ def test_the_gateway_user_runs_the_quota_script_on_quota_keys_only(acl):
                 call()
 
 
-def test_the_cache_user_keeps_to_the_prompt_cache(acl):
-    with acl.client("cache") as cache:
+def test_the_cache_user_keeps_to_the_prompt_cache(acl_redis):
+    with acl_redis.client("cache") as cache:
         for call in (
             lambda: cache.get("nlpmesh:kv:anything"),
             lambda: cache.set("nlpmesh:q:anything", 1),
@@ -203,15 +170,15 @@ def test_the_cache_user_keeps_to_the_prompt_cache(acl):
                 call()
 
 
-def test_the_inference_user_reads_and_writes_prefix_blocks_only(acl):
-    blocks = RedisBlocks(acl.url("inference"), budget_s=1.0, key_prefix="nlpmesh:kv")
+def test_the_inference_user_reads_and_writes_prefix_blocks_only(acl_redis):
+    blocks = RedisBlocks(acl_redis.url("inference"), budget_s=1.0, key_prefix="nlpmesh:kv")
     keys = [uuid.uuid4().bytes, uuid.uuid4().bytes]
     blocks.put([(keys[0], b"kv-block")]).result()
     assert blocks.get(keys) == [b"kv-block", None]
     assert not blocks.cooling_down
     blocks.close()
-    assert acl.refused() == []
-    with acl.client("inference") as inference:
+    assert acl_redis.refused() == []
+    with acl_redis.client("inference") as inference:
         for call in (
             lambda: inference.mget([f"nlpmesh:kv:{keys[0].hex()}", f"{PREFIX}:stats"]),
             lambda: inference.get(f"{PREFIX}:stats"),
@@ -225,10 +192,10 @@ def test_the_inference_user_reads_and_writes_prefix_blocks_only(acl):
                 call()
 
 
-def test_the_default_user_is_off_and_a_wrong_password_is_refused(acl):
-    with redis.Redis.from_url(acl.server.url) as anonymous, pytest.raises(redis.AuthenticationError):
+def test_the_default_user_is_off_and_a_wrong_password_is_refused(acl_redis):
+    with redis.Redis.from_url(acl_redis.server.url) as anonymous, pytest.raises(redis.AuthenticationError):
         anonymous.ping()
-    wrong = acl.url("cache").replace(acl.users.passwords["cache"], "not-the-password-at-all")
+    wrong = acl_redis.url("cache").replace(acl_redis.users.passwords["cache"], "not-the-password-at-all")
     with redis.Redis.from_url(wrong) as client, pytest.raises(redis.AuthenticationError):
         client.ping()
 
