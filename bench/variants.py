@@ -25,7 +25,8 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
     port = free_port()
     # The same environment as the mesh's own gateway (span files, flushed as often
     # as the launcher has them), less its metrics endpoint, plus the variant's settings.
-    variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port), mesh.resolved_redis_url),
+    variant_env = {**os.environ, **local_environment(gateway, dict(mesh.ports, gateway=port),
+                                                        mesh.redis_url_for(gateway.name)),
                    **mesh.tls_environment(), TRACE_DIR_ENV: str(mesh.trace_dir or ""), **mesh.gateway_auth_env(), **env}
     variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
     if source != REPO_ROOT:

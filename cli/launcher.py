@@ -1,7 +1,9 @@
 """Runs the docker-compose topology as processes on this machine, without Docker.
 
-Redis: the one at ``REDIS_URL`` if set, else a private ``redis-server`` if
-one is installed, else the mesh runs without a prompt cache (and says so).
+Redis: the one at ``REDIS_URL`` if set (every service gets that URL), else a
+private ``redis-server`` if one is installed, started with deploy/redis/users.acl
+so that each service connects as its own user, as in docker-compose; else the
+mesh runs without a prompt cache (and says so).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli import redis_acl
 from cli.certs import init_certs
 from cli.connect import GatewayAccess
 from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
+from meshkit.redis_connect import redact_url
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 
@@ -74,7 +78,10 @@ class LocalMesh:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per service
-    resolved_redis_url: str = ""  # what the services were given ("" = no prompt cache)
+    # Full access to the mesh's Redis, for tools and tests ("" = no prompt cache):
+    # REDIS_URL, or the private server's admin user. No service gets it.
+    resolved_redis_url: str = ""
+    redis_urls: dict[str, str] = field(default_factory=dict)  # each Redis-using service's own
     # Auth: with a keys file the gateway checks API keys and gateway_access() sends
     # ``api_key``; without one (tests, bench) the gateway runs with auth off, explicitly.
     keys_file: Path | None = None
@@ -137,30 +144,43 @@ class LocalMesh:
             report = init_certs(self.tls_dir)
             self.progress(f"tls: certificates in {self.tls_dir}" + (f" (made {', '.join(report.made)})"
                                                                     if report.made else ""))
-        redis_url = self.resolved_redis_url = self._start_redis()
+        self._start_redis()
         for service in self.services:
-            self._spawn(service, redis_url)
+            self._spawn(service, self.redis_url_for(service.name))
         self.wait_ready(ready_timeout_s)
         return self
 
-    def _start_redis(self) -> str:
+    def redis_url_for(self, service: str) -> str:
+        """The Redis URL ``service`` connects with ("" for none)."""
+        return self.redis_urls.get(service, "")
+
+    def _start_redis(self) -> None:
         url = self.redis_url if self.redis_url is not None else os.environ.get("REDIS_URL")
         if url is not None:
-            self.progress(f"redis: using {_redacted(url) or '(none: no prompt cache)'}")
-            return url
+            self.progress(f"redis: using {redact_url(url) or '(none: no prompt cache)'}")
+            self.resolved_redis_url = url
+            self.redis_urls = dict.fromkeys(redis_acl.SERVICE_USERS, url)
+            return
         binary = shutil.which("redis-server")
         if binary is None:
             self.progress("redis: no REDIS_URL and no redis-server installed: running WITHOUT a prompt cache")
-            return ""
+            return
         port = free_port()
+        users = redis_acl.RedisUsers.make()  # new passwords each run, known only to this mesh
+        redis_dir = self.run_dir / "redis"
+        redis_dir.mkdir(mode=0o700, exist_ok=True)
+        acl_file, _ = redis_acl.write(redis_dir, users, "127.0.0.1", port)
         self._redis = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--aclfile", str(acl_file)],
             stdout=(self.run_dir / "logs" / "redis.log").open("w"), stderr=subprocess.STDOUT,
             start_new_session=self.detach,
         )
         _wait_for_port(port, 10.0)
-        self.progress(f"redis: private redis-server on 127.0.0.1:{port}")
-        return f"redis://127.0.0.1:{port}/0"
+        self.resolved_redis_url = users.url("admin", "127.0.0.1", port)
+        self.redis_urls = {user: users.url(user, "127.0.0.1", port) for user in redis_acl.SERVICE_USERS}
+        self.progress(f"redis: private redis-server on 127.0.0.1:{port}, one ACL user per service "
+                      f"({acl_file}; passwords in {redis_dir / redis_acl.ENV_FILE})")
 
     def _spawn(self, service: ServiceDef, redis_url: str) -> None:
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
@@ -278,10 +298,3 @@ def _wait_for_port(port: int, timeout_s: float) -> None:
         time.sleep(0.05)
     raise TimeoutError(f"redis-server did not open port {port}")
 
-
-def _redacted(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -1,4 +1,4 @@
-"""The `nlpmesh` command: up, down, ask, health, demo, certs, trace, budgets, keys, cache."""
+"""The `nlpmesh` command: up, down, ask, health, demo, certs, keys, cache, redis-acl, trace, budgets."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from cli import invalidate, keys
+from cli import invalidate, keys, redis_acl
 from cli.ask import ask, build_request, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
@@ -189,6 +189,17 @@ def cmd_budgets(args) -> int:
     return code
 
 
+def cmd_redis_acl(args) -> int:
+    try:
+        acl, env = redis_acl.generate(Path(args.out), args.host, args.port, rotate=args.rotate)
+    except ValueError as error:
+        _say(f"failed: {error}")
+        return 1
+    _say(f"{acl}: the Redis users, passwords as sha256 hashes (redis-server --aclfile {acl})")
+    _say(f"{env}: their passwords and URLs (secret, mode 0600); for docker compose: cp {env} .env")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="nlpmesh", description="A gRPC mesh for real-time NLP")
     sub = root.add_subparsers(dest="command", required=True)
@@ -239,6 +250,12 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=cmd_budgets)
     keys.add_parser(sub)
     invalidate.add_parser(sub, run=lambda args: invalidate.cmd_invalidate(args, _cache_address(args)))
+    r = sub.add_parser("redis-acl", help="write the Redis users (users.acl, hashed) and their passwords (redis.env)")
+    r.add_argument("--out", required=True, help="the folder to write into, e.g. .redis (docker-compose.yml mounts it)")
+    r.add_argument("--host", default="redis", help="Redis host in the URLs written (default: redis, as in compose)")
+    r.add_argument("--port", type=int, default=6379)
+    r.add_argument("--rotate", action="store_true", help="new passwords, even where OUT/redis.env has some")
+    r.set_defaults(run=cmd_redis_acl)
     return root
 
 

@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -33,6 +32,7 @@ from redis.backoff import NoBackoff
 
 from meshkit import span_names
 from meshkit.errors import Unavailable
+from meshkit.redis_connect import redact_url, redis_from_url
 from meshkit.tracing.provider import tracer
 from promptcache import metrics
 from promptcache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace, tenant_tag
@@ -96,18 +96,15 @@ def redis_client(url: str, admin_timeout_s: float = ADMIN_TIMEOUT_S) -> aioredis
     The socket timeouts bound admin calls; the hot path is bounded tighter by
     ``PromptCache.timeout_s``. One quick retry covers a pooled connection that
     a Redis restart left dead; backoff would only spend the caller's budget.
+    Raises RedisUrlError for a URL the mesh does not accept (meshkit/redis_connect.py).
     """
-    return aioredis.Redis.from_url(
+    return redis_from_url(
+        aioredis.Redis,
         url,
         socket_timeout=admin_timeout_s,
         socket_connect_timeout=min(admin_timeout_s, 1.0),
         retry=Retry(NoBackoff(), retries=1),
     )
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for a log line."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 class PromptCache:

@@ -9,11 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
+import redis
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cli.redis_acl import RedisUsers, write
 from meshkit.tracing.provider import ChosenIds
 
 REDIS_SERVER = "redis-server"
@@ -45,14 +47,18 @@ class RedisProcess:
 
 
 @contextmanager
-def running_redis_server():
-    """A private, memory-only redis-server on a free port, killed on exit."""
+def running_redis_server(*extra_args: str):
+    """A private, memory-only redis-server on a free port, killed on exit.
+
+    ``extra_args`` go to redis-server (``--aclfile``, ``--tls-port``...); ``url``
+    then names no user, so with the default user off each test builds its own.
+    """
     binary = shutil.which(REDIS_SERVER) or "/usr/bin/redis-server"
     if not shutil.which(binary):
         pytest.fail("redis-server is not installed (apt-get install redis-server); the cache tests need it")
     port = free_port()
     command = (binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--daemonize", "no", "--enable-debug-command", "local")
+               "--daemonize", "no", "--enable-debug-command", "local", *extra_args)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisProcess(url=f"redis://127.0.0.1:{port}/0", process=process, command=command, port=port)
     try:
@@ -70,7 +76,7 @@ def _wait_until_listening(port: int, process: subprocess.Popen, timeout_s: float
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, default user off
                     return
         except OSError:
             time.sleep(0.05)
@@ -89,6 +95,41 @@ def disposable_redis_server():
     """A private redis-server for one test, which the test may ``stop()``."""
     with running_redis_server() as server:
         yield server
+
+
+@dataclass
+class AclRedis:
+    """A private redis-server run with deploy/redis/users.acl, and each user's password."""
+
+    server: RedisProcess
+    users: RedisUsers
+
+    def url(self, user: str) -> str:
+        return self.users.url(user, "127.0.0.1", self.server.port)
+
+    def client(self, user: str) -> redis.Redis:
+        return redis.Redis.from_url(self.url(user), socket_timeout=5)
+
+    def refused(self) -> list[tuple[str, str]]:
+        """(user, command or key) for each refusal in the server's ACL LOG since the test began."""
+        with self.client("admin") as admin:
+            return [(entry["username"], entry["object"]) for entry in admin.acl_log()]
+
+
+@pytest.fixture(scope="module")
+def acl_redis_server(tmp_path_factory):
+    users = RedisUsers.make()
+    acl_file, _ = write(tmp_path_factory.mktemp("redis-acl"), users, "127.0.0.1", 0)
+    with running_redis_server("--aclfile", str(acl_file)) as server:
+        yield AclRedis(server, users)
+
+
+@pytest.fixture
+def acl_redis(acl_redis_server):
+    """The module's redis-server with the shipped ACL users, its ACL LOG emptied for this test."""
+    with acl_redis_server.client("admin") as admin:
+        admin.acl_log_reset()
+    return acl_redis_server
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ import grpc
 from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from meshkit.errors import InvalidArgument
+from meshkit.redis_connect import redact_url
 from meshkit.server import ServiceSpec, rpc_method
 from promptcache.keys import PromptCacheKey
-from promptcache.redis_tier import CachedAnswer, PromptCache, redact_url, redis_client
+from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 from services.cache.settings import CacheSettings
 
 log = logging.getLogger("nlpmesh.cache")

@@ -32,6 +32,7 @@ import redis
 import torch
 from cachetools import LRUCache
 
+from meshkit.redis_connect import redis_from_url
 from services.inference import metrics
 
 log = logging.getLogger("nlpmesh.inference.prefix")
@@ -61,7 +62,7 @@ class RedisBlocks:
 
     def __init__(self, url: str, *, budget_s: float = 0.05, ttl_s: int = 3600, cooldown_s: float = 5.0,
                  key_prefix: str = "nlpmesh:kv"):
-        self._client = redis.Redis.from_url(url, socket_timeout=budget_s, socket_connect_timeout=budget_s)
+        self._client = redis_from_url(redis.Redis, url, socket_timeout=budget_s, socket_connect_timeout=budget_s)
         self._ttl_s = ttl_s
         self._cooldown_s = cooldown_s
         self._prefix = key_prefix

@@ -17,14 +17,15 @@ from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
 def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None = None, template=None,
-             pass_channel: bool = False, **gateway_settings):
+             pass_channel: bool = False, cache_redis_url: str | None = None, **gateway_settings):
     """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
 
     ``key_prefix``: where answers are cached; by default one of this call's own, so no test
     finds another's answers in the shared Redis. ``template``: a fake template servicer
     instead of the real service. Auth is off unless ``auth="on"`` (with ``auth_keys_file``)
     is given. ``pass_channel``: the scenario gets the gateway's channel in place of a stub
-    (to call it with metadata of its own).
+    (to call it with metadata of its own). ``cache_redis_url``: the cache service's own
+    Redis URL (default: ``redis_url``, the gateway's).
     """
     key_prefix = key_prefix or f"test:gw-{uuid.uuid4().hex}"
     gateway_settings.setdefault("auth", "off")
@@ -34,7 +35,7 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None 
     async def main():
         async with (
             inprocess_server(template_service, TemplateSettings()) as template,
-            inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix=key_prefix)),
+            inprocess_server(cache_spec(CacheSettings(redis_url=cache_redis_url or redis_url, key_prefix=key_prefix)),
                              CacheSettings()) as cache,
             inprocess_server(fake_spec("tok", tokenizer), GatewaySettings()) as tok,
             inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,
