@@ -16,6 +16,7 @@ from services.gateway.answer import Answerer
 from services.gateway.auth import authenticator
 from services.gateway.budgets import BudgetPolicy
 from services.gateway.downstream import Downstream
+from services.gateway.quotas import Quotas
 from services.gateway.scope import RequestScopes
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -45,11 +46,15 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         if cache is not None:
             await cache.warm_up()
         state["cache"] = cache
+        state["quotas"] = _quotas(settings)
+        await state["quotas"].warm_up()
         state["answerer"] = Answerer(downstream, cache, templates, model, settings)
-        servicer.attach(state["answerer"])
+        servicer.attach(state["answerer"], state["quotas"])
 
     async def close() -> None:
         await auth.close()
+        if "quotas" in state:
+            await state["quotas"].close()
         if "answerer" in state:
             await state["answerer"].drain()
         if state.get("cache") is not None:
@@ -63,6 +68,13 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         warm_up=warm_up,
         close=close,
     )
+
+
+def _quotas(settings: GatewaySettings) -> Quotas:
+    if not settings.redis_url:
+        log.warning("no REDIS_URL: tenant quotas are enforced per replica (limit / %d)", settings.quota_replicas)
+        return Quotas(None, settings.quota_settings())
+    return Quotas(redis_client(settings.redis_url), settings.quota_settings())
 
 
 def _prompt_cache(settings: GatewaySettings) -> PromptCache | NearCache | None:

@@ -91,6 +91,8 @@ class Answerer:
                 yield event
             else:
                 end = event
+        if end is not None:
+            await scope.admission.record_tokens(end.completion_tokens)
         if end is None or end.finish_reason == CANCELLED:
             return
         outcome = Outcome("".join(parts), end.finish_reason, end.prompt_tokens, end.completion_tokens,

@@ -164,18 +164,19 @@ class Quotas:
     ``clock`` (monotonic seconds) drives the local shares and the fallback period.
     """
 
-    def __init__(self, redis: aioredis.Redis, settings: QuotaSettings = QuotaSettings(),
+    def __init__(self, redis: aioredis.Redis | None, settings: QuotaSettings = QuotaSettings(),
                  clock: Callable[[], float] = time.monotonic):
+        """``redis`` None: no shared state, each replica holds every tenant to its local share."""
         self.redis = redis
         self.settings = settings
         self._clock = clock
-        self._admit_script = redis.register_script(_ADMIT_LUA)
-        self._record_script = redis.register_script(_RECORD_TOKENS_LUA)
-        self._renew_script = redis.register_script(_RENEW_LUA)
+        scripts = (_ADMIT_LUA, _RECORD_TOKENS_LUA, _RENEW_LUA)
+        self._admit_script, self._record_script, self._renew_script = (
+            (None,) * 3 if redis is None else (redis.register_script(script) for script in scripts))
         self._local: dict[str, _LocalShare] = {}
         self._held: dict[str, set[str]] = {}  # streams key -> ids this replica holds
         self._unreleased: dict[str, dict[str, float]] = {}  # streams key -> id -> give up at
-        self._local_until = -math.inf
+        self._local_until = math.inf if redis is None else -math.inf
         self._last_warning = -math.inf
         self._renewer: asyncio.Task | None = None
 
@@ -214,6 +215,8 @@ class Quotas:
 
     async def warm_up(self) -> None:
         """Loads the scripts, so the first admission is a plain EVALSHA; Redis failing is only logged."""
+        if self.redis is None:
+            return
         for script in (self._admit_script, self._record_script, self._renew_script):
             if _failed(await self._shared(self.redis.script_load, script.script)):
                 return
@@ -232,6 +235,8 @@ class Quotas:
             held.discard(stream_id)
             if not held:
                 del self._held[keys.streams]
+        if self.redis is None:
+            return
         removed = await self._shared(self.redis.zrem, keys.streams, stream_id)
         if _failed(removed):  # on the next renewal, or the lease runs out
             self._owe_release(keys.streams, [stream_id])

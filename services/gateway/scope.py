@@ -20,6 +20,7 @@ from services.gateway import hop_metrics
 from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from services.gateway.hop import Hop
 from services.gateway.hop_spans import hop_span, record_hop, record_measured_hop
+from services.gateway.quotas import Admission
 from services.gateway.tenant import Tenant
 from services.gateway.timings import HopTiming
 
@@ -44,6 +45,7 @@ class RequestScope:
     span: trace.Span  # the request's span: every hop's span hangs from it
     tracer: trace.Tracer
     observed: ObservedLatency
+    admission: Admission  # the tenant's quotas: generated tokens are counted on it
     hops: list[HopTiming] = field(default_factory=list)
 
     @property
@@ -112,11 +114,11 @@ class RequestScopes:
         self._tracer = tracer
         self.observed = ObservedLatency()
 
-    def open(self, *, tenant: Tenant, span: trace.Span, request_id: str, template_id: str | None, budget_ms: int,
-             time_left: Callable[[], float | None], started: float) -> RequestScope:
+    def open(self, *, admission: Admission, span: trace.Span, request_id: str, template_id: str | None,
+             budget_ms: int, time_left: Callable[[], float | None], started: float) -> RequestScope:
         budget = RequestBudget(self._policy.for_template(template_id), self.observed, time_left(), budget_ms,
                                started=started)
-        return RequestScope(tenant, request_id, budget, span, self._tracer, self.observed)
+        return RequestScope(admission.tenant, request_id, budget, span, self._tracer, self.observed, admission)
 
 
 def _wall_ns(perf: float) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -20,6 +20,7 @@ from meshkit.tracing.server_span import request_span
 from services.gateway.answer import Answerer, Outcome
 from services.gateway.auth import KeyFileAuth, OpenAccess
 from services.gateway.downstream import TokenDelta
+from services.gateway.quotas import Quotas
 from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
 from services.gateway.scope import RequestScopes
 from services.gateway.template_index import TemplateIndex
@@ -32,14 +33,15 @@ log = logging.getLogger("nlpmesh.gateway")
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, templates: TemplateIndex, scopes: RequestScopes, tracer, auth: KeyFileAuth | OpenAccess):
         self._answerer: Answerer | None = None
+        self._quotas: Quotas | None = None
         self._templates = templates
         self._scopes = scopes
         self._tracer = tracer
         self._auth = auth
 
-    def attach(self, answerer: Answerer) -> None:
+    def attach(self, answerer: Answerer, quotas: Quotas) -> None:
         """Called once the internal services answer (the gateway's warm-up)."""
-        self._answerer = answerer
+        self._answerer, self._quotas = answerer, quotas
 
     @property
     def answerer(self) -> Answerer:
@@ -52,7 +54,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         started = time.perf_counter()
         tenant = self._tenant(context)
         prompt_request = PromptRequest.from_pb(request)
-        with self._scope(context, tenant, "Generate", prompt_request.template_id, prompt_request.budget_ms,
+        async with self._scope(context, tenant, "Generate", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
             await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
@@ -74,7 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         started = time.perf_counter()
         tenant = self._tenant(context)
         prompt_request = PromptRequest.from_pb(request)
-        with self._scope(context, tenant, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
+        async with self._scope(context, tenant, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
             await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
@@ -95,7 +97,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tenant = self._tenant(context)
         prompt = prompt_from_pb(request)
         template_id = prompt.id if isinstance(prompt, TemplateCall) else None
-        with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope:
+        async with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope:
             await _send_request_id(context, scope.request_id)
             count, model = await self.answerer.count_tokens(prompt, request.model, scope)
             return gateway_pb2.CountTokensResponse(prompt_tokens=count, model=model)
@@ -123,18 +125,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """
         return self._auth.tenant_for(context.invocation_metadata())
 
-    @contextmanager
-    def _scope(self, context, tenant: Tenant, name: str, template_id: str | None, budget_ms: int,
-               started: float):
+    @asynccontextmanager
+    async def _scope(self, context, tenant: Tenant, name: str, template_id: str | None, budget_ms: int,
+                     started: float):
         # The server span the tracing interceptor opened is the request's span: hops hang from it.
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
         with bind_request_id(request_id), request_span(self._tracer, metadata, f"gateway.{name}") as span:
-            # Admission (the tenant's quotas, services/gateway/quotas.py) belongs here: once per
-            # request, after the key named the tenant and before any hop.
+            if self._quotas is None:
+                raise Unavailable("the gateway is starting")
+            # Once per request, after the key named the tenant and before any hop; RESOURCE_EXHAUSTED
+            # with QuotaFailure and RetryInfo when the tenant is over a limit.
             try:
-                yield self._scopes.open(tenant=tenant, span=span, request_id=request_id, template_id=template_id,
-                                        budget_ms=budget_ms, time_left=context.time_remaining, started=started)
+                async with await self._quotas.admit(tenant) as admission:
+                    yield self._scopes.open(admission=admission, span=span, request_id=request_id,
+                                            template_id=template_id, budget_ms=budget_ms,
+                                            time_left=context.time_remaining, started=started)
             finally:
                 log.debug("%s ended after %.1f ms", name, (time.perf_counter() - started) * 1000)
 

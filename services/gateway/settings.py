@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings, default_home
+from services.gateway.quotas import QuotaSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +37,18 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     auth_reload_s: float = 1.0  # how often the keys file is checked for changes
     auth_cache_size: int = 10_000  # verified keys remembered, so a known key costs no sha256
     tenant: str = "public"  # every caller's tenant when auth is off
+    # Per-tenant quotas (services/gateway/quotas.py), shared by the replicas through Redis.
+    # With Redis failing, or no REDIS_URL, each replica holds a tenant to limit / quota_replicas.
+    quota_key_prefix: str = "nlpmesh:q"
+    quota_timeout_s: float = 0.05
+    quota_replicas: int = Field(default=1, ge=1)
+    quota_fallback_s: float = 5.0
+    quota_stream_lease_s: float = 30.0
+
+    def quota_settings(self) -> QuotaSettings:
+        return QuotaSettings(key_prefix=self.quota_key_prefix, timeout_s=self.quota_timeout_s,
+                             replicas=self.quota_replicas, fallback_s=self.quota_fallback_s,
+                             stream_lease_s=self.quota_stream_lease_s)
     # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.
