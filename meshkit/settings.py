@@ -53,6 +53,9 @@ class ServiceSettings(BaseSettings):
     # Finished spans go to <trace_dir>/<service>.jsonl as JSON lines; "" = no file.
     # One variable for every service (the launcher sets it), hence no service prefix.
     trace_dir: str = Field(default="", validation_alias=AliasChoices(TRACE_DIR_ENV, "trace_dir"))
+    # Debugging only: prompts, answers and exception messages in logs and spans
+    # (meshkit/content_capture.py). Off, they never leave the process; on, a WARNING at start.
+    capture_content: bool = False
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
