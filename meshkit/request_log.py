@@ -121,7 +121,7 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
         self.capture_content = capture_content
 
-    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+    def formatException(self, ei) -> str:
         return super().formatException(ei) if self.capture_content else content_free_traceback(ei[1])
 
 
@@ -135,7 +135,7 @@ class JsonLineFormatter(logging.Formatter):
         super().__init__()
         self.capture_content = capture_content
 
-    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+    def formatException(self, ei) -> str:
         return super().formatException(ei) if self.capture_content else content_free_traceback(ei[1])
 
     def format(self, record: logging.LogRecord) -> str:

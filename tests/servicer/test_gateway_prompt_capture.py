@@ -35,7 +35,7 @@ def spans_of_a_miss_and_a_hit(inprocess_server, redis_server, finished_spans, ca
 
 def test_off_no_span_carries_the_prompt_or_the_answer(inprocess_server, redis_server, finished_spans):
     canary = f"canary-{uuid.uuid4().hex}"
-    replies, spans = spans_of_a_miss_and_a_hit(inprocess_server, redis_server, finished_spans, canary)
+    _, spans = spans_of_a_miss_and_a_hit(inprocess_server, redis_server, finished_spans, canary)
     for span in spans:
         assert canary not in span.to_json(), span.name
         assert span_names.GEN_AI_PROMPT not in span.attributes and span_names.GEN_AI_COMPLETION not in span.attributes
