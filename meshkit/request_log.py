@@ -9,7 +9,9 @@ Code that logs from a thread of its own (the inference engine's worker), where
 context variables do not follow, passes the id itself:
 ``log.warning(..., extra={"request_id": request.request_id})``.
 
-Only ids are added: nothing here reads or logs a request's text.
+Only ids are added: nothing here reads or logs a request's text. A logged
+traceback keeps its frames and exception types but not their messages, unless
+``capture_content`` is on (``meshkit.content_capture``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from datetime import UTC, datetime
 from typing import Literal, TextIO
 
 from opentelemetry import trace
+
+from meshkit.content_capture import content_free_traceback
 
 REQUEST_ID_HEADER = "x-request-id"
 NO_ID = "-"
@@ -110,8 +114,29 @@ class RequestIdentityFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``; a traceback without exception messages unless ``capture_content``."""
+
+    def __init__(self, capture_content: bool = False):
+        super().__init__(TEXT_FORMAT)
+        self.capture_content = capture_content
+
+    def formatException(self, ei) -> str:
+        return super().formatException(ei) if self.capture_content else content_free_traceback(ei[1])
+
+
 class JsonLineFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers: ts, level, logger, message, request_id, trace_id, exc."""
+    """One JSON object per line, for log shippers: ts, level, logger, message, request_id, trace_id, exc.
+
+    ``exc`` is a traceback without exception messages unless ``capture_content``.
+    """
+
+    def __init__(self, capture_content: bool = False):
+        super().__init__()
+        self.capture_content = capture_content
+
+    def formatException(self, ei) -> str:
+        return super().formatException(ei) if self.capture_content else content_free_traceback(ei[1])
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -131,14 +156,14 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def log_handler(log_format: LogFormat, stream: TextIO | None = None) -> logging.Handler:
+def log_handler(log_format: LogFormat, stream: TextIO | None = None, capture_content: bool = False) -> logging.Handler:
     """A handler writing to ``stream`` (stderr) in ``log_format``, every record stamped with its ids."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdentityFilter())
     if log_format == "json":
-        handler.setFormatter(JsonLineFormatter())
+        handler.setFormatter(JsonLineFormatter(capture_content))
     elif log_format == "text":
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(capture_content))
     else:
         raise ValueError(f"log format {log_format!r}: use 'text' or 'json'")
     return handler

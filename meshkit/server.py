@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshkit import metrics
+from meshkit.content_capture import warn_if_capturing
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
@@ -88,6 +89,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     metrics.start_metrics_server(settings)
     log.info("%s listening on %s:%d, %s (NOT_SERVING until ready)", spec.name, settings.host, port,
              TlsConfig.from_settings(settings).describe())
+    warn_if_capturing(spec.name, settings.capture_content)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,7 +118,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
 
 def run(spec_factory: Callable[[ServiceSettings], ServiceSpec], settings: ServiceSettings) -> None:
     """The body of every service's ``main()``."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.capture_content)
     if settings.event_loop == "uvloop":
         import uvloop
 
@@ -129,9 +131,9 @@ async def _run(spec_factory, settings) -> None:
     await serve(spec_factory(settings), settings)
 
 
-def configure_logging(level: str, fmt: LogFormat = "text") -> None:
+def configure_logging(level: str, fmt: LogFormat = "text", capture_content: bool = False) -> None:
     """Logs to stderr in ``fmt`` ("text" or "json"), each line with its request and trace ids."""
-    logging.basicConfig(level=level.upper(), handlers=[log_handler(fmt)])
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(fmt, capture_content=capture_content)])
 
 
 def rpc_method(handler):

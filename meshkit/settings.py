@@ -66,6 +66,9 @@ class ServiceSettings(BaseSettings):
     # <tls_dir>/<service>.crt, <service>.key and ca.crt, for whatever the fields above leave
     # empty. One variable for every service, like trace_dir.
     tls_dir: str = Field(default="", validation_alias=AliasChoices(TLS_DIR_ENV, "tls_dir"))
+    # Debugging only: prompts, answers and exception messages in logs and spans
+    # (meshkit/content_capture.py). Off, they never leave the process; on, a WARNING at start.
+    capture_content: bool = False
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 

@@ -50,6 +50,9 @@ GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
 GEN_AI_REQUEST_TOP_K = "gen_ai.request.top_k"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+# Request text: only with capture_content on (meshkit/content_capture.py), on the gateway's request span.
+GEN_AI_PROMPT = "gen_ai.prompt"
+GEN_AI_COMPLETION = "gen_ai.completion"
 # No registered value fits a self-hosted model; the conventions allow our own.
 GEN_AI_SYSTEM_VALUE = "nlpmesh"
 GEN_AI_OPERATION_VALUE = "text_completion"

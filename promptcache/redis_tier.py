@@ -315,7 +315,8 @@ def _short_hash(text: str) -> str:
 
 
 def _describe(error: BaseException) -> str:
-    text = redact_url(str(error))[:200]
+    # Only a connection failure's text (where, why) is shown: a reply error's or a decode error's may quote a payload.
+    text = redact_url(str(error))[:200] if isinstance(error, (OSError, aioredis.ConnectionError)) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

@@ -24,11 +24,15 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
 from meshkit import span_names as names
+from meshkit.tracing.content_free import ContentFreeExporter
 from meshkit.tracing.span_file import span_file_exporter
 
 
-def configure_tracing(service: str, trace_dir: str | os.PathLike = "") -> trace.Tracer:
+def configure_tracing(service: str, trace_dir: str | os.PathLike = "", capture_content: bool = False) -> trace.Tracer:
     """Installs the SDK tracer provider for this process and returns the service's tracer.
+
+    Spans leave without exception messages unless ``capture_content``
+    (meshkit/tracing/content_free.py).
 
     Call once, from ``main()``: the provider is process-wide, and a second
     call keeps the first one's. The provider flushes its exporters at exit.
@@ -38,6 +42,7 @@ def configure_tracing(service: str, trace_dir: str | os.PathLike = "") -> trace.
                                   id_generator=None if _sdk_disabled() else ChosenIds())
         if not _sdk_disabled():
             for exporter in _exporters(service, trace_dir):
+                exporter = exporter if capture_content else ContentFreeExporter(exporter)
                 provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
     return tracer(service)

@@ -7,7 +7,7 @@ from services.cache.settings import CacheSettings
 
 def main() -> None:
     settings = CacheSettings.load()
-    configure_tracing("cache", settings.trace_dir)
+    configure_tracing("cache", settings.trace_dir, settings.capture_content)
     run(build_spec, settings)
 
 

@@ -105,7 +105,7 @@ async def _until_ready(name: str, probe, timeout_s: float):
 
 def main() -> None:
     settings = GatewaySettings.load()
-    configure_tracing("gateway", settings.trace_dir)
+    configure_tracing("gateway", settings.trace_dir, settings.capture_content)
     run(build_spec, settings)
 
 

@@ -17,6 +17,7 @@ from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.redis_tier import CachedAnswer, PromptCache
 from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta
 from services.gateway.hop import Hop
+from services.gateway.prompt_capture import record_completion, record_prompt
 from services.gateway.request import CacheMode, Chat, PromptRequest, TemplateCall
 from services.gateway.scope import RequestScope
 from services.gateway.template_index import TemplateIndex
@@ -59,6 +60,9 @@ class Answerer:
         return self._model.model
 
     async def stream(self, request: PromptRequest, scope: RequestScope) -> AsyncIterator[TokenDelta | Outcome]:
+        capture = self._settings.capture_content
+        if capture:
+            record_prompt(scope.span, request.prompt)
         model = self.resolve_model(request.model)
         sampling = request.sampling
         if not sampling.max_new_tokens:
@@ -69,6 +73,8 @@ class Answerer:
             if hit is not None:
                 if hit.text:
                     yield TokenDelta(hit.text)
+                if capture:
+                    record_completion(scope.span, hit.text)
                 yield Outcome(hit.text, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens,
                               True, model, scope.finish())
                 return
@@ -99,6 +105,8 @@ class Answerer:
                           False, model, scope.finish())
         if key is not None and request.cache_mode.writes:
             self._store_later(key, outcome, scope)
+        if capture:
+            record_completion(scope.span, outcome.text)
         yield outcome
 
     async def _generate(self, token_ids: list[int], sampling: Sampling, model: str, scope: RequestScope

@@ -9,7 +9,7 @@ from services.inference.settings import InferenceSettings
 
 def main() -> int:
     settings = InferenceSettings.load()
-    configure_tracing("inference", settings.trace_dir)
+    configure_tracing("inference", settings.trace_dir, settings.capture_content)
     run(build_spec, settings)
     return 0
 

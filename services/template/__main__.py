@@ -10,7 +10,7 @@ from services.template.settings import TemplateSettings
 
 def main() -> int:
     settings = TemplateSettings.load()
-    configure_tracing("template", settings.trace_dir)
+    configure_tracing("template", settings.trace_dir, settings.capture_content)
     try:
         run(build_spec, settings)
     except TemplateFileError as error:

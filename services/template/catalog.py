@@ -4,12 +4,16 @@ Layout: ``<templates_dir>/<id>/<version>.toml``. A version is immutable once
 published; an empty version resolves to the highest by semantic-version order.
 Any malformed file stops the service at start, naming the file: a template
 silently missing in production is worse than a service that will not start.
+A template's size is bounded here (``TemplateLimits``), and its render at
+request time (``render.RenderLimits``). Template source only ever comes from
+these files: no request field carries any.
 """
 from __future__ import annotations
 
 import tomllib
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,14 @@ class TemplateFileError(ValueError):
     """A template file that cannot be published as it is."""
 
 
+@dataclass(frozen=True)
+class TemplateLimits:
+    """How big a published template may be: its messages' source, and its variables' max_chars summed."""
+
+    max_source_chars: int = 32_000
+    max_variables_chars: int = 64_000
+
+
 class TemplateCatalog:
     def __init__(self, templates: Iterable[PromptTemplate]):
         by_id: dict[str, list[PromptTemplate]] = defaultdict(list)
@@ -41,7 +53,7 @@ class TemplateCatalog:
         self._by_id = dict(sorted(by_id.items()))
 
     @classmethod
-    def from_dir(cls, folder: Path) -> TemplateCatalog:
+    def from_dir(cls, folder: Path, limits: TemplateLimits = TemplateLimits()) -> TemplateCatalog:
         if not folder.is_dir():
             raise TemplateFileError(f"{folder}: the templates folder does not exist")
         environment = sandbox_environment()
@@ -51,7 +63,7 @@ class TemplateCatalog:
         paths = sorted(folder.glob("*/*.toml"))
         if not paths:
             raise TemplateFileError(f"{folder}: no template files (<id>/<version>.toml)")
-        return cls(load_template_file(path, environment) for path in paths)
+        return cls(load_template_file(path, environment, limits) for path in paths)
 
     def resolve(self, template_id: str, version: str = "") -> PromptTemplate:
         """The template ``id`` at ``version``; an empty version means the newest."""
@@ -75,12 +87,14 @@ class TemplateCatalog:
         return self._by_id[template.id][-1] is template
 
 
-def load_template_file(path: Path, environment: jinja2.Environment) -> PromptTemplate:
+def load_template_file(
+    path: Path, environment: jinja2.Environment, limits: TemplateLimits = TemplateLimits()
+) -> PromptTemplate:
     """One template version, checked and compiled; TemplateFileError names the file."""
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
-        return _template_from(data, path, environment)
+        return _check_size(_template_from(data, path, environment), path, limits)
     except TemplateFileError:
         raise
     except (OSError, ValueError, jinja2.TemplateSyntaxError) as error:  # TOMLDecodeError is a ValueError
@@ -106,6 +120,20 @@ def _template_from(data: dict[str, Any], path: Path, environment: jinja2.Environ
     if not messages:
         raise TemplateFileError(f"{path}: a template needs at least one [[messages]] entry")
     return PromptTemplate(template_id, version, _text(data, "description", path), variables, messages)
+
+
+def _check_size(template: PromptTemplate, path: Path, limits: TemplateLimits) -> PromptTemplate:
+    source = sum(len(m.source) for m in template.messages)
+    if source > limits.max_source_chars:
+        raise TemplateFileError(
+            f"{path}: the messages are {source} characters; at most {limits.max_source_chars} are allowed"
+        )
+    variables = sum(v.max_chars for v in template.variables)
+    if variables > limits.max_variables_chars:
+        raise TemplateFileError(
+            f"{path}: the variables' max_chars add up to {variables}; at most {limits.max_variables_chars} are allowed"
+        )
+    return template
 
 
 def _variable_from(data: dict[str, Any], path: Path) -> Variable:

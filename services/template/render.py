@@ -4,16 +4,26 @@ Templates run in Jinja's ImmutableSandboxedEnvironment: a template cannot
 reach Python internals or mutate what it is given. A caller's value is only
 ever data passed into the render, never compiled, so ``{{7*7}}`` in a value
 comes out as those seven characters.
+
+A render is bounded (``RenderLimits``): it runs through ``Template.generate()``
+and checks the characters written and the time spent after every chunk. Jinja
+cannot be interrupted inside a render, and a worker thread cannot be killed,
+so checking between the chunks the render yields anyway is the one bound that
+costs next to nothing on a normal render (README: "Render limits"). A loop that
+writes nothing yields no chunk and is not checked: the sandbox caps each
+``range()`` at 100,000 items and each variable has ``max_chars``.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from meshkit.errors import FieldViolation, InvalidArgument
+from meshkit.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.template.prompt import Message, PromptTemplate
 
 # The public API path of a variable (docs/api.md: TemplateCall.variables).
@@ -25,6 +35,16 @@ _SHOWN_NAME_CHARS = 64
 _SHOWN_VIOLATIONS = 3
 
 Value = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """What one render may cost: wall time and characters written, all messages together."""
+
+    timeout_ms: float = 200.0
+    # Above a template's source limit plus its variables' (catalog.TemplateLimits),
+    # so a template that only writes its text and its variables always fits.
+    max_chars: int = 200_000
 
 
 def sandbox_environment() -> ImmutableSandboxedEnvironment:
@@ -42,15 +62,44 @@ def render_template(
     variables: Mapping[str, object],
     *,
     max_variables: int = DEFAULT_MAX_VARIABLES,
+    limits: RenderLimits = RenderLimits(),
 ) -> list[Message]:
     """The template's chat messages with ``variables`` filled in.
 
-    Raises InvalidArgument naming every bad variable at once. A template
-    that breaks the sandbox raises jinja2's SecurityError: that is a bug in
-    the template, not the caller's fault.
+    Raises InvalidArgument naming every bad variable at once, or naming
+    ``template.variables`` when the rendered messages would exceed
+    ``limits.max_chars``; ResourceExhausted when the render runs past
+    ``limits.timeout_ms``. A template that breaks the sandbox raises
+    jinja2's SecurityError: that is a bug in the template, not the caller's fault.
     """
     context = validate_variables(template, variables, max_variables=max_variables)
-    return [Message(m.role, m.compiled.render(context).strip()) for m in template.messages]
+    budget = _RenderBudget(template, limits)
+    return [Message(m.role, budget.render(m.compiled, context).strip()) for m in template.messages]
+
+
+class _RenderBudget:
+    """The characters and time a render has left, spent chunk by chunk across its messages."""
+
+    def __init__(self, template: PromptTemplate, limits: RenderLimits):
+        self._template, self._limits = template, limits
+        self._chars_left = limits.max_chars
+        self._deadline = time.perf_counter() + limits.timeout_ms / 1000
+
+    def render(self, compiled: jinja2.Template, context: dict[str, Value]) -> str:
+        parts = []
+        for chunk in compiled.generate(context):
+            parts.append(chunk)
+            self._chars_left -= len(chunk)
+            if self._chars_left < 0:
+                raise InvalidArgument.for_field(
+                    FIELD_PREFIX,
+                    f"the rendered messages of {self._template.ref} exceed {self._limits.max_chars} characters",
+                )
+            if time.perf_counter() > self._deadline:
+                raise ResourceExhausted(
+                    f"rendering {self._template.ref} took longer than its {self._limits.timeout_ms:.0f} ms limit"
+                )
+        return "".join(parts)
 
 
 def validate_variables(

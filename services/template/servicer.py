@@ -10,7 +10,7 @@ from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing.provider import tracer
 from services.template.catalog import TemplateCatalog
 from services.template.prompt import PromptTemplate
-from services.template.render import render_template
+from services.template.render import RenderLimits, render_template
 from services.template.settings import TemplateSettings
 
 SERVICE_NAME = template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name
@@ -19,9 +19,10 @@ _tracer = tracer("template")
 
 
 class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
-    def __init__(self, catalog: TemplateCatalog, max_variables: int):
+    def __init__(self, catalog: TemplateCatalog, max_variables: int, limits: RenderLimits):
         self._catalog = catalog
         self._max_variables = max_variables
+        self._limits = limits
 
     @rpc_method
     async def Render(self, request: template_pb2.RenderRequest, context) -> template_pb2.RenderResponse:
@@ -30,7 +31,8 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
         with _tracer.start_as_current_span(span_names.TEMPLATE_RENDER, attributes={
             span_names.TEMPLATE_ID: template.id, span_names.TEMPLATE_VERSION: template.version,
         }):
-            messages = render_template(template, variables, max_variables=self._max_variables)
+            messages = render_template(template, variables, max_variables=self._max_variables,
+                                       limits=self._limits)
         return template_pb2.RenderResponse(
             id=template.id,
             version=template.version,
@@ -61,7 +63,8 @@ def _template_to_pb(template: PromptTemplate, newest: bool) -> template_pb2.Temp
 
 def build_spec(settings: TemplateSettings) -> ServiceSpec:
     """Loads the catalog now, so a malformed template stops the service at start."""
-    servicer = TemplateServicer(TemplateCatalog.from_dir(settings.templates_dir), settings.max_variables)
+    catalog = TemplateCatalog.from_dir(settings.templates_dir, settings.template_limits)
+    servicer = TemplateServicer(catalog, settings.max_variables, settings.render_limits)
 
     def register(server: grpc.aio.Server) -> None:
         template_pb2_grpc.add_TemplateServiceServicer_to_server(servicer, server)

@@ -7,7 +7,7 @@ from services.tokenizer.settings import TokenizerSettings
 
 def main() -> None:
     settings = TokenizerSettings.load()
-    configure_tracing("tokenizer", settings.trace_dir)
+    configure_tracing("tokenizer", settings.trace_dir, settings.capture_content)
     run(build_spec, settings)
 
 

@@ -32,6 +32,10 @@ class ChatMessage:
 class ChatLimits:
     max_messages: int = 64
     max_message_chars: int = 32_000
+    # All messages' content together: what the chat template gets to work on.
+    max_chat_chars: int = 128_000
+    # The chat template's render and the encode, together (the servicer's deadline).
+    render_timeout_ms: float = 1000.0
 
 
 class ChatTokenizer:
@@ -102,7 +106,7 @@ class ChatTokenizer:
                 violations.append(
                     FieldViolation(
                         f"{_FIELD}[{index}].role",
-                        f"role {message.role[:32]!r} is not one of {', '.join(ROLES)}",
+                        f"the role is not one of {', '.join(ROLES)}",
                     )
                 )
             if len(message.content) > most:
@@ -112,6 +116,11 @@ class ChatTokenizer:
                         f"{len(message.content)} characters; at most {most} are allowed",
                     )
                 )
+        total = sum(len(message.content) for message in messages)
+        if total > self.limits.max_chat_chars:
+            violations.append(
+                FieldViolation(_FIELD, f"{total} characters in all; at most {self.limits.max_chat_chars} are allowed")
+            )
         if violations:
             shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:3])
             raise InvalidArgument(f"invalid chat: {shown}", violations)

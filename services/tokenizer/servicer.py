@@ -8,7 +8,7 @@ import grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from meshkit import span_names
-from meshkit.errors import Unavailable
+from meshkit.errors import ResourceExhausted, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing.provider import tracer
 from modelfiles.convert import load_model_files
@@ -37,7 +37,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
         tokenizer = self._serving(request.model)
         with _tracer.start_as_current_span(span_names.TOKENIZER_ENCODE) as span:
-            ids = await asyncio.to_thread(tokenizer.encode_chat, _messages_from_pb(request))
+            ids = await _within_limit(tokenizer, tokenizer.encode_chat, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
 
@@ -45,7 +45,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
         tokenizer = self._serving(request.model)
         with _tracer.start_as_current_span(span_names.TOKENIZER_COUNT) as span:
-            count = await asyncio.to_thread(tokenizer.count_chat, _messages_from_pb(request))
+            count = await _within_limit(tokenizer, tokenizer.count_chat, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, count)
         return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)
 
@@ -60,6 +60,24 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             raise Unavailable("the tokenizer is still loading")
         self._tokenizer.check_model(model)
         return self._tokenizer
+
+
+async def _within_limit(tokenizer: ChatTokenizer, work, messages: list[ChatMessage]):
+    """``work(messages)`` on a worker thread, answered RESOURCE_EXHAUSTED once past the render limit.
+
+    A deadline rather than checks between chunks (as the template service does):
+    transformers renders the chat template with ``Template.render()`` inside
+    ``apply_chat_template``, where it also marks control tokens for encoding as
+    text, and splitting that up would mean reaching into its internals. The
+    template is the model's, vetted with it, and its input is bounded
+    (ChatLimits); the deadline bounds what a caller waits. A thread cannot be
+    stopped, so a runaway render still finishes in the background.
+    """
+    limit_ms = tokenizer.limits.render_timeout_ms
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(work, messages), limit_ms / 1000)
+    except TimeoutError:
+        raise ResourceExhausted(f"the chat template took longer than its {limit_ms:.0f} ms limit") from None
 
 
 def _messages_from_pb(request: tokenizer_pb2.EncodeChatRequest) -> list[ChatMessage]:

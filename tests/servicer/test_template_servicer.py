@@ -1,5 +1,6 @@
 """The template service over a real in-process channel."""
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -119,3 +120,72 @@ def test_a_malformed_template_stops_the_service_at_build(tmp_path):
     bad.write_text("id = ")
     with pytest.raises(TemplateFileError, match=str(bad)):
         build_spec(TemplateSettings(templates_dir=tmp_path))
+
+
+def write_probe(folder, content: str, max_chars: int = 4000):
+    """A legal template: it passes the sandbox and the load limits, and renders as written."""
+    path = folder / "probe" / "1.0.0.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text('id = "probe"\nversion = "1.0.0"\ndescription = "d"\n'
+                    f'[[variables]]\nname = "word"\nrequired = true\ndescription = "d"\nmax_chars = {max_chars}\n'
+                    f'[[messages]]\nrole = "user"\ncontent = """{content}"""\n')
+
+
+# Within the sandbox's range limit (100,000 per range), legal, and 10^10 writes long.
+NESTED_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{{ word }}{% endfor %}{% endfor %}"
+
+
+def test_a_render_over_the_size_limit_is_invalid_argument_naming_the_variables(inprocess_server, tmp_path):
+    write_probe(tmp_path, NESTED_LOOP)
+    settings = TemplateSettings(templates_dir=tmp_path)
+    request = template_pb2.RenderRequest(id="probe", variables=struct(word="w" * 4000))
+    error = call(inprocess_server, "Render", request, settings)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    described = bad_request_fields(error)["template.variables"]
+    assert f"exceed {settings.max_render_chars} characters" in described
+    assert "w" * 20 not in error.details()
+
+
+def test_a_render_over_the_time_limit_is_resource_exhausted(inprocess_server, tmp_path):
+    write_probe(tmp_path, NESTED_LOOP)
+    settings = TemplateSettings(templates_dir=tmp_path, render_timeout_ms=50, max_render_chars=10**12)
+    started = time.perf_counter()
+    error = call(inprocess_server, "Render", template_pb2.RenderRequest(id="probe", variables=struct(word="w")),
+                 settings)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "50 ms limit" in error.details()
+    assert time.perf_counter() - started < 5  # stopped, not run to its 10^10 writes
+
+
+def test_the_size_limit_counts_every_message_of_a_render(inprocess_server, tmp_path):
+    write_probe(tmp_path, "{{ word }}{{ word }}")
+    settings = TemplateSettings(templates_dir=tmp_path, max_render_chars=7000)
+    fits = call(inprocess_server, "Render", template_pb2.RenderRequest(id="probe", variables=struct(word="w" * 3500)),
+                settings)
+    assert len(fits.messages[0].content) == 7000
+    over = call(inprocess_server, "Render", template_pb2.RenderRequest(id="probe", variables=struct(word="w" * 3501)),
+                settings)
+    assert over.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_template_over_the_source_limit_stops_the_service_at_build(tmp_path):
+    write_probe(tmp_path, "x" * 101)
+    with pytest.raises(TemplateFileError, match="at most 100"):
+        build_spec(TemplateSettings(templates_dir=tmp_path, max_template_chars=100))
+
+
+def test_a_template_whose_variables_may_be_too_big_stops_the_service_at_build(tmp_path):
+    write_probe(tmp_path, "{{ word }}", max_chars=5000)
+    with pytest.raises(TemplateFileError, match="add up to 5000"):
+        build_spec(TemplateSettings(templates_dir=tmp_path, max_template_variables_chars=4999))
+
+
+def test_no_request_field_carries_template_source():
+    """A caller names a template and gives values; the source is only ever the published file."""
+    from nlpmesh.gateway.v1 import gateway_pb2
+
+    render = template_pb2.RenderRequest.DESCRIPTOR
+    call_ = gateway_pb2.TemplateCall.DESCRIPTOR
+    for descriptor in (render, call_):
+        assert {f.name for f in descriptor.fields} == {"id", "version", "variables"}
+        assert descriptor.fields_by_name["variables"].message_type.full_name == "google.protobuf.Struct"

@@ -115,3 +115,40 @@ def test_an_unknown_model_is_not_found(inprocess_server):
 
     error = run_against(inprocess_server, scenario)
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Legal in the sandbox, and seconds long. Finite: a render cannot be stopped, and the
+# loop's shutdown waits for the thread it runs on.
+SLOW_CHAT_TEMPLATE = "{% for i in range(100000) %}{% for j in range(5) %}{{ i }}{% endfor %}{% endfor %}"
+
+
+def test_a_chat_template_over_the_time_limit_is_resource_exhausted(inprocess_server):
+    from transformers import AutoTokenizer
+
+    from meshkit.server import ServiceSpec
+    from meshkit.settings import default_home
+    from modelfiles.convert import load_model_files
+    from services.tokenizer.chat_tokenizer import ChatLimits, ChatTokenizer
+    from services.tokenizer.servicer import SERVICE_NAME, TokenizerServicer
+
+    files = load_model_files(default_home())
+    hf_tokenizer = AutoTokenizer.from_pretrained(files.path)
+    slow = ChatTokenizer(files.name, hf_tokenizer, 2048, ChatLimits(render_timeout_ms=100))
+    servicer = TokenizerServicer(lambda: slow)
+
+    async def scenario(stub, running):
+        hf_tokenizer.chat_template = SLOW_CHAT_TEMPLATE  # after the warm-up's encode
+        return await outcome(stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=10))
+
+    settings = TokenizerSettings()
+
+    async def main():
+        spec = ServiceSpec(name="tokenizer", service_names=(SERVICE_NAME,), warm_up=servicer.warm_up,
+                           register=lambda server: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
+                               servicer, server))
+        async with inprocess_server(spec, settings) as running:
+            return await scenario(tokenizer_pb2_grpc.TokenizerServiceStub(running.channel), running)
+
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "100 ms limit" in error.details()

@@ -130,3 +130,18 @@ def test_the_chat_template_cannot_mutate_the_messages(hf_tokenizer):
     mutate = hostile(hf_tokenizer, "{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}hi")
     with pytest.raises(SecurityError):
         mutate.encode_chat(CHAT)
+
+
+def test_a_chat_over_the_total_size_is_invalid_argument_without_its_text(hf_tokenizer):
+    tokenizer = ChatTokenizer("m", hf_tokenizer, 4096, ChatLimits(max_message_chars=100, max_chat_chars=150))
+    with pytest.raises(InvalidArgument) as raised:
+        tokenizer.encode_chat([ChatMessage("user", "a" * 80), ChatMessage("user", "b" * 80)])
+    assert field_of(raised) == ["chat.messages"]
+    assert "at most 150" in raised.value.message and "aaaa" not in raised.value.message
+
+
+def test_a_bad_role_is_named_by_its_field_not_echoed(chat_tokenizer):
+    with pytest.raises(InvalidArgument) as raised:
+        chat_tokenizer.encode_chat([ChatMessage("canary-role", "hi")])
+    assert field_of(raised) == ["chat.messages[0].role"]
+    assert "canary" not in raised.value.message

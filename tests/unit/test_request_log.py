@@ -54,10 +54,10 @@ def captured():
         logger.removeHandler(handler)
 
 
-def logging_to(log_format: str) -> tuple[logging.Logger, io.StringIO]:
+def logging_to(log_format: str, capture_content: bool = False) -> tuple[logging.Logger, io.StringIO]:
     out = io.StringIO()
     logger = logging.getLogger(f"test.request_log.{log_format}.{id(out)}")
-    logger.addHandler(log_handler(log_format, out))
+    logger.addHandler(log_handler(log_format, out, capture_content=capture_content))
     logger.setLevel(logging.INFO)
     logger.propagate = False
     return logger, out
@@ -145,7 +145,29 @@ def test_an_exception_s_traceback_is_in_exc_on_the_same_line():
     record = json.loads(line)
     assert record["message"] == "bug in handler"
     assert record["exc"].startswith("Traceback (most recent call last):")
-    assert "RuntimeError: boom" in record["exc"]
+    assert "builtins.RuntimeError" in record["exc"] and "raise RuntimeError" in record["exc"]
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_traceback_keeps_no_exception_message_unless_content_is_captured(log_format):
+    secret = "-".join(("canary", "value"))  # built, so that no source line in the traceback holds it
+
+    def fail():
+        try:
+            {}[secret]
+        except KeyError as error:
+            raise ValueError(secret) from error
+
+    withheld, captured = logging_to(log_format), logging_to(log_format, capture_content=True)
+    for logger, _ in (withheld, captured):
+        try:
+            fail()
+        except ValueError:
+            logger.exception("bug in handler")
+    for (_, out), shown in ((withheld, False), (captured, True)):
+        text = out.getvalue()
+        assert ("canary-value" in text) is shown, text
+        assert "KeyError" in text and "ValueError" in text and "direct cause" in text
 
 
 def test_an_unknown_format_is_refused():

@@ -1,0 +1,111 @@
+"""No request text in telemetry: a canary sent every way a prompt can travel (chat and template,
+unary and stream, a miss, a cache hit, requests that fail validation) reaches no log line, no span
+file, no /metrics page, and no error a caller gets back. tests/servicer/test_gateway_prompt_capture.py
+shows the same search finding it with capture_content on."""
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from cli.launcher import LocalMesh
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+SERVICES = ("gateway", "template", "tokenizer", "cache", "inference")
+# The most a service writes: JSON lines at DEBUG.
+VERBOSE = {f"NLPMESH_{name.upper()}_{key}": value for name in SERVICES
+           for key, value in (("LOG_FORMAT", "json"), ("LOG_LEVEL", "DEBUG"))}
+CANARY = f"canary{uuid.uuid4().hex}"
+# What the search looks for: a prefix, so that a value cut short (say to 32 characters) is found too.
+NEEDLE = CANARY[:16]
+SAMPLING = gateway_pb2.SamplingParams(max_new_tokens=4)
+
+
+def template(**variables) -> gateway_pb2.TemplateCall:
+    struct = struct_pb2.Struct()
+    struct.update(variables)
+    return gateway_pb2.TemplateCall(id="finance_question", variables=struct)
+
+
+def chat(text: str) -> gateway_pb2.Chat:
+    return gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=text)])
+
+
+# Each fails validation with the canary in it; the field each error must name.
+FAILING = [
+    ("an unknown variable's value", gateway_pb2.GenerateRequest(
+        template=template(question="q", colour=CANARY), sampling=SAMPLING), "template.variables.colour"),
+    ("a variable over its max_chars", gateway_pb2.GenerateRequest(
+        template=template(question=CANARY * 200), sampling=SAMPLING), "template.variables.question"),
+    ("a stop sequence over its limit", gateway_pb2.GenerateRequest(
+        chat=chat(CANARY), sampling=gateway_pb2.SamplingParams(max_new_tokens=4, stop=[CANARY * 3])),
+     "sampling.stop"),
+    ("a role that is no role", gateway_pb2.GenerateRequest(
+        chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role=CANARY, content=CANARY)]), sampling=SAMPLING),
+     "chat.messages[0].role"),
+]
+
+
+@pytest.fixture(scope="module")
+def verbose_mesh(tmp_path_factory, mesh_redis):
+    local = LocalMesh(tmp_path_factory.mktemp("mesh"), free_ports=True, redis_url=mesh_redis.url,
+                      extra_env=VERBOSE, progress=lambda line: print(f"[mesh] {line}"))
+    local.start(ready_timeout_s=300)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def send_everything(stub: gateway_pb2_grpc.GatewayStub) -> list[grpc.RpcError]:
+    """Every way the canary travels; the errors the failing requests got back."""
+    metadata = (("x-request-id", f"canary-run-{uuid.uuid4().hex}"),)
+    by_chat = gateway_pb2.GenerateRequest(chat=chat(f"Say the word {CANARY}."), sampling=SAMPLING)
+    by_template = gateway_pb2.GenerateRequest(template=template(question=f"What is {CANARY}?"), sampling=SAMPLING)
+    stub.Generate(by_chat, timeout=120, metadata=metadata)
+    list(stub.GenerateStream(by_chat, timeout=120, metadata=metadata))
+    assert not stub.Generate(by_template, timeout=120, metadata=metadata).cache_hit
+    deadline = time.monotonic() + 30  # the store lands after the answer was sent
+    while not stub.Generate(by_template, timeout=120, metadata=metadata).cache_hit:
+        assert time.monotonic() < deadline, "no cache hit"
+        time.sleep(0.1)
+    assert [c for c in stub.GenerateStream(by_template, timeout=120, metadata=metadata) if c.done][0].cache_hit
+    errors = []
+    for what, request, field in FAILING:
+        for method in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+            with pytest.raises(grpc.RpcError) as raised:
+                method(request, timeout=120, metadata=metadata)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            errors.append((what, field, raised.value))
+    return errors
+
+
+def test_the_canary_reaches_no_log_span_metric_or_error(verbose_mesh):
+    with grpc.insecure_channel(verbose_mesh.gateway_address) as channel:
+        errors = send_everything(gateway_pb2_grpc.GatewayStub(channel))
+    for what, field, error in errors:
+        assert field in error.details(), what  # named by its field...
+        assert NEEDLE not in error.details(), what  # ...never by its value
+        for key, value in error.trailing_metadata() or ():
+            raw = value if isinstance(value, bytes) else value.encode()
+            assert NEEDLE.encode() not in raw, f"{what}: {key}"
+    for name in SERVICES:
+        with urllib.request.urlopen(verbose_mesh.metrics_url(name), timeout=10) as page:
+            assert NEEDLE not in page.read().decode(), f"{name} /metrics"
+    verbose_mesh.stop()  # flushes every service's spans to its file
+    logs = {name: verbose_mesh.log_path(name).read_text() for name in SERVICES}
+    spans = {path.name: path.read_text() for path in sorted(verbose_mesh.trace_dir.glob("*.jsonl"))}
+    # The search sees real telemetry: the run's request ids and the template it rendered.
+    assert "canary-run-" in logs["gateway"] and "canary-run-" in logs["inference"]
+    assert set(spans) == {f"{name}.jsonl" for name in SERVICES}
+    assert '"nlpmesh.template.id":"finance_question"' in spans["template.jsonl"]
+    for name, text in logs.items():
+        assert NEEDLE not in text, f"request text in the {name} log"
+    for name, text in spans.items():
+        assert NEEDLE not in text, f"request text in {name}"
