@@ -13,6 +13,7 @@ interleaved:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import threading
 import time
@@ -20,11 +21,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bench import variants
 from bench.stats import summary_ms
+from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh
 from meshkit.percentile import percentile
 from meshkit.sampling import Sampling
@@ -68,9 +72,18 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     say(f"loading the model in-process ({settings.dtype}) for the baselines and the prefix runs")
     torch.set_num_threads(settings.threads)
     model, tokenizer = load_model(load_model_files(default_home()), settings.dtype)
+    tls_env, tls_ca = variants.tls_edge_variant(mesh.run_dir / "certs")
+    process, address = variants.spawn_gateway(mesh, tls_env,
+                                              health_credentials=grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+    tls_edge = dataclasses.replace(mesh.gateway_access(), address=address, ca_file=tls_ca)
+    try:
+        decode = bench_decode(mesh, model, tokenizer, rounds, max_new_tokens, tls_edge)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
     return {
         "precision": settings.dtype,
-        "decode": bench_decode(mesh, model, tokenizer, rounds, max_new_tokens),
+        "decode": decode,
         "ttft_300": bench_prefix_ttft(mesh.resolved_redis_url, model, tokenizer, max(5, rounds + 2), settings),
     }
 
@@ -78,28 +91,37 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
 # -- decode -------------------------------------------------------------------
 
 
-def bench_decode(mesh: LocalMesh, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
+def bench_decode(mesh: LocalMesh, model, tokenizer, rounds: int, max_new_tokens: int,
+                 tls_edge: GatewayAccess) -> dict:
+    """Decode tok/s through the gateway, through a gateway serving TLS to its caller (the same
+    services), and in transformers' ``generate`` on the same weights, rounds interleaved."""
     prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
     samples: dict[str, list[float]] = {}
-    with mesh.gateway_access().channel() as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
+    with mesh.gateway_access().channel() as channel, tls_edge.channel() as tls_channel:
+        stub, tls_stub = gateway_pb2_grpc.GatewayStub(channel), gateway_pb2_grpc.GatewayStub(tls_channel)
         gateway_streams(stub, 1, max_new_tokens)  # warm
+        gateway_streams(tls_stub, 1, max_new_tokens)
         for index in range(rounds):
             for streams in STREAMS:
                 say(f"decode: round {index + 1}/{rounds}, {streams} streams")
                 times = gateway_streams(stub, streams, max_new_tokens)
                 samples.setdefault(f"gateway_{streams}", []).append(aggregate_tok_s(times))
                 samples.setdefault(f"gateway_{streams}_per_stream", []).extend(per_stream_tok_s(times))
+                samples.setdefault(f"tls_edge_{streams}", []).append(
+                    aggregate_tok_s(gateway_streams(tls_stub, streams, max_new_tokens)))
                 samples.setdefault(f"hf_generate_{streams}", []).append(
                     hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
     result = {}
     for streams in STREAMS:
         gateway, baseline = samples[f"gateway_{streams}"], samples[f"hf_generate_{streams}"]
+        tls = samples[f"tls_edge_{streams}"]
         result[f"{streams}_streams"] = {
             "gateway_tok_s": rate_summary(gateway),
             "gateway_per_stream_tok_s": rate_summary(samples[f"gateway_{streams}_per_stream"]),
             "hf_generate_tok_s": rate_summary(baseline),
             "ratio_to_hf_generate": statistics.median(gateway) / statistics.median(baseline),
+            "tls_edge_tok_s": rate_summary(tls),
+            "tls_edge_ratio_to_plaintext": statistics.median(tls) / statistics.median(gateway),
         }
     return result
 
@@ -252,11 +274,14 @@ def ms_summary(values_ms: list[float]) -> dict:
 
 def lines(result: dict) -> list[str]:
     out = [f"decode, greedy, {result['precision']}: aggregate tok/s (p50 / p99-low)"]
-    out.append(f"{'streams':<10}{'gateway':>18}{'per stream':>18}{'HF generate':>18}{'ratio':>8}")
+    out.append(f"{'streams':<10}{'gateway':>18}{'per stream':>18}{'HF generate':>18}{'ratio':>8}"
+               f"{'TLS edge':>18}{'vs plain':>9}")
     for name, row in result["decode"].items():
         cells = [row["gateway_tok_s"], row["gateway_per_stream_tok_s"], row["hf_generate_tok_s"]]
         out.append(f"{name.split('_')[0]:<10}" + "".join(f"{c['p50']:>10.1f} / {c['p99_low']:<5.1f}" for c in cells)
-                   + f"{row['ratio_to_hf_generate']:>7.2f}x")
+                   + f"{row['ratio_to_hf_generate']:>7.2f}x"
+                   + f"{row['tls_edge_tok_s']['p50']:>10.1f} / {row['tls_edge_tok_s']['p99_low']:<5.1f}"
+                   + f"{row['tls_edge_ratio_to_plaintext']:>8.2f}x")
     out.append("")
     out.append(f"time to first token, {PROMPT_TOKENS}-token prompt ({SHARED_TOKENS} shared)   p50 ms   p99 ms  notes")
     for name, row in result["ttft_300"].items():

@@ -22,9 +22,7 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench import cache_hits, generation, variants
 from bench.stats import summary_ms
-from cli.certs import init_certs
 from cli.launcher import LocalMesh
-from meshkit.tls import CA_FILE
 
 QUESTION = "What are the applications of real-time AI in the financial industry?"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,22 +41,12 @@ GATEWAY_VARIANTS = {
 }
 
 
-def tls_edge_variant(certs: Path) -> tuple[dict[str, str], Path]:
-    """The default gateway, serving TLS to its callers with the mesh's certificate (the CA is
-    not given, so it calls the mesh's plaintext services as the default gateway does):
-    the environment, and the CA a client verifies it with."""
-    init_certs(certs)
-    env = {"NLPMESH_GATEWAY_TLS_CERT_FILE": str(certs / "gateway.crt"),
-           "NLPMESH_GATEWAY_TLS_KEY_FILE": str(certs / "gateway.key")}
-    return env, certs / CA_FILE
-
-
 def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: int,
                      baseline: Path | None = None) -> dict:
     request = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE)
     names = list(GATEWAY_VARIANTS)
     extra = [variants.spawn_gateway(mesh, env) for env in GATEWAY_VARIANTS.values()]
-    tls_env, tls_ca = tls_edge_variant(mesh.run_dir / "certs")
+    tls_env, tls_ca = variants.tls_edge_variant(mesh.run_dir / "certs")
     names.append("tls_edge")
     extra.append(variants.spawn_gateway(
         mesh, tls_env, health_credentials=grpc.ssl_channel_credentials(tls_ca.read_bytes())))

@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from cli.certs import init_certs
 from cli.launcher import LocalMesh, check_health, free_port
 from cli.topology import REPO_ROOT, local_environment
 from meshkit.settings import TRACE_DIR_ENV
+from meshkit.tls import CA_FILE
 
 
 def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
@@ -47,3 +49,13 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
 def _gateway_module(source: Path) -> str:
     # Before the gateway moved under services/, it was the top-level package ``gateway``.
     return "services.gateway" if (source / "services" / "gateway").is_dir() else "gateway"
+
+
+def tls_edge_variant(certs: Path) -> tuple[dict[str, str], Path]:
+    """The default gateway, serving TLS to its callers with the mesh's certificate (the CA is
+    not given, so it calls the mesh's plaintext services as the default gateway does):
+    the environment, and the CA a client verifies it with."""
+    init_certs(certs)
+    env = {"NLPMESH_GATEWAY_TLS_CERT_FILE": str(certs / "gateway.crt"),
+           "NLPMESH_GATEWAY_TLS_KEY_FILE": str(certs / "gateway.key")}
+    return env, certs / CA_FILE
