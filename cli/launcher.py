@@ -2,18 +2,24 @@
 
 Redis: the one at ``REDIS_URL`` if set (every service gets that URL), else a
 private ``redis-server`` if one is installed, started with deploy/redis/users.acl
-so that each service connects as its own user, as in docker-compose; else the
-mesh runs without a prompt cache (and says so).
+so that each service connects as its own user, as in docker-compose, and bounded
+to ``NLPMESH_REDIS_MAXMEMORY`` with LRU eviction; else the mesh runs without a
+prompt cache (and says so).
+
+Every process the mesh starts gets SIGTERM when the thread that started it ends
+(Linux's parent-death signal), so a launcher killed outright leaves nothing
+behind. With a ``restart`` policy, ``supervise()`` restarts a process that exited,
+with backoff, as compose's ``restart: unless-stopped`` does.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cli import redis_acl
 from cli.certs import init_certs
 from cli.connect import GatewayAccess
+from cli.processes import die_with_this_thread, start_time
+from cli.restarts import Backoff, RestartPolicy
 from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
 from meshkit.redis_connect import redact_url
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
@@ -47,18 +55,23 @@ def distinct_free_ports(count: int) -> list[int]:
             sock.close()
 
 
+DEFAULT_REDIS_MAXMEMORY = "256mb"
+
+
 def check_health(address: str, timeout_s: float = 1.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> str:
-    """The service's grpc.health.v1 status name, or UNREACHABLE.
+                 credentials: grpc.ChannelCredentials | None = None, service: str = "") -> str:
+    """The grpc.health.v1 status name of ``service`` ("" = the server as a whole) at ``address``,
+    UNREACHABLE, or UNKNOWN_SERVICE_NAME when the server does not know that name.
 
     ``credentials``: for a TLS mesh, what the probe presents (meshkit.tls.probe_credentials).
     """
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return "UNREACHABLE"
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout_s)
+        except grpc.RpcError as error:
+            return "UNKNOWN_SERVICE_NAME" if error.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
@@ -69,7 +82,13 @@ class LocalMesh:
     redis_url: str | None = None  # None: REDIS_URL, else a private redis-server
     extra_env: dict[str, str] = field(default_factory=dict)
     progress: Callable[[str], None] = print
-    detach: bool = False
+    # None: a process that exits stays down (tests that stop one on purpose); else supervise() restarts it.
+    restart: RestartPolicy | None = None
+    # Called after every process start or restart, e.g. to rewrite the state file with the new pid.
+    on_change: Callable[[], None] | None = None
+    # The private redis-server's maxmemory (redis-server syntax: 256mb, 2gb); evicts least recently used keys.
+    redis_maxmemory: str = field(
+        default_factory=lambda: os.environ.get("NLPMESH_REDIS_MAXMEMORY") or DEFAULT_REDIS_MAXMEMORY)
     # TLS at the gateway, mTLS inside, with the certificates in certs_dir (made on start if
     # missing; default $NLPMESH_HOME/certs). Off = plaintext everywhere.
     tls: bool = False
@@ -87,6 +106,14 @@ class LocalMesh:
     keys_file: Path | None = None
     api_key: str | None = None
     _redis: subprocess.Popen | None = None
+    _redis_command: list[str] = field(default_factory=list)
+    _started_at: dict[str, float] = field(default_factory=dict)  # monotonic, per process name
+    _backoff: dict[str, Backoff] = field(default_factory=dict)
+    _restart_due: dict[str, float] = field(default_factory=dict)
+    _awaiting_serving: dict[str, float] = field(default_factory=dict)  # restarted, not yet SERVING again
+    _stopping: bool = False
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _supervisor: threading.Thread | None = None
 
     @property
     def gateway_address(self) -> str:
@@ -170,19 +197,39 @@ class LocalMesh:
         redis_dir = self.run_dir / "redis"
         redis_dir.mkdir(mode=0o700, exist_ok=True)
         acl_file, _ = redis_acl.write(redis_dir, users, "127.0.0.1", port)
-        self._redis = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--aclfile", str(acl_file)],
-            stdout=(self.run_dir / "logs" / "redis.log").open("w"), stderr=subprocess.STDOUT,
-            start_new_session=self.detach,
-        )
+        self._redis_command = [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--aclfile", str(acl_file), "--maxmemory", self.redis_maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        self._spawn_redis()
         _wait_for_port(port, 10.0)
         self.resolved_redis_url = users.url("admin", "127.0.0.1", port)
         self.redis_urls = {user: users.url(user, "127.0.0.1", port) for user in redis_acl.SERVICE_USERS}
         self.progress(f"redis: private redis-server on 127.0.0.1:{port}, one ACL user per service "
-                      f"({acl_file}; passwords in {redis_dir / redis_acl.ENV_FILE})")
+                      f"({acl_file}; passwords in {redis_dir / redis_acl.ENV_FILE}), "
+                      f"maxmemory {self.redis_maxmemory} (allkeys-lru)")
 
-    def _spawn(self, service: ServiceDef, redis_url: str) -> None:
+    def _spawn_redis(self, restarted: bool = False) -> None:
+        self._redis = subprocess.Popen(
+            self._redis_command, stdout=self._log_file("redis", restarted), stderr=subprocess.STDOUT,
+            preexec_fn=die_with_this_thread(),
+        )
+        self._started("redis", self._redis)
+
+    def _log_file(self, name: str, restarted: bool):
+        """The process's log: new at the mesh's start, appended to on a restart so the crash stays readable."""
+        if not restarted:
+            return self.log_path(name).open("w")
+        log = self.log_path(name).open("a")
+        log.write(f"--- restarted by the launcher at {time.strftime('%H:%M:%S')} ---\n")
+        log.flush()
+        return log
+
+    def _started(self, name: str, process: subprocess.Popen) -> None:
+        self._started_at[name] = time.monotonic()
+        if self.on_change is not None:
+            self.on_change()
+
+    def _spawn(self, service: ServiceDef, redis_url: str, restarted: bool = False) -> None:
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
         env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports),
                **self.tls_environment(), **auth_env, **self.extra_env, "PYTHONUNBUFFERED": "1",
@@ -190,13 +237,13 @@ class LocalMesh:
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
         command = [sys.executable if part == "python" else part for part in service.command]
-        log = (self.run_dir / "logs" / f"{service.name}.log").open("w")
-        self.processes[service.name] = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=self.detach,
+        self.processes[service.name] = process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=self._log_file(service.name, restarted),
+            stderr=subprocess.STDOUT, preexec_fn=die_with_this_thread(),
         )
-        pid = self.processes[service.name].pid
-        self.progress(f"{service.name}: started (pid {pid}, port {self.ports[service.name]})")
+        self.progress(f"{service.name}: {'restarted' if restarted else 'started'} "
+                      f"(pid {process.pid}, port {self.ports[service.name]})")
+        self._started(service.name, process)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Waits until every service is SERVING, showing progress while the model loads."""
@@ -232,27 +279,92 @@ class LocalMesh:
         tail = self.log_tail(name, 1)
         return tail[-100:] if tail else "starting"
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        for name in reversed(list(self.processes)):
-            process = self.processes[name]
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in list(self.processes.values()) + ([self._redis] if self._redis else []):
-            if process is self._redis and process.poll() is None:
-                process.terminate()
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    def supervise(self) -> None:
+        """One round of `restart: unless-stopped`: a process that exited is restarted after its backoff.
 
-    def save_state(self, path: Path) -> None:
-        pids = {name: p.pid for name, p in self.processes.items()}
-        if self._redis is not None:
-            pids["redis"] = self._redis.pid
-        path.write_text(json.dumps({"gateway": self.gateway_address, "pids": pids, "ports": self.ports,
-                                    "metrics_ports": self.metrics_ports,
-                                    "tls_dir": str(self.tls_dir) if self.tls_dir else None}))
+        Call it every fraction of a second (``supervise_in_background`` does), from a thread
+        that lives as long as the mesh: the processes it restarts die with that thread.
+        """
+        if self.restart is None:
+            return
+        with self._lock:
+            if self._stopping:
+                return
+            now = time.monotonic()
+            for name, process in self._supervised().items():
+                due = self._restart_due.get(name)
+                if due is not None:
+                    if now >= due:
+                        del self._restart_due[name]
+                        self._restart(name)
+                elif process.poll() is not None:
+                    ran_s = now - self._started_at[name]
+                    backoff = self._backoff.setdefault(name, Backoff(self.restart))
+                    delay = backoff.delay_after(ran_s)
+                    self._restart_due[name] = now + delay
+                    self.progress(f"{name}: exited ({_exit_reason(process.returncode)}) after {ran_s:.1f}s; "
+                                  f"restart #{backoff.restarts} in {delay:.1f}s (log: {self.log_path(name)})")
+            self._announce_serving_again()
+
+    def supervise_in_background(self, every_s: float = 0.2) -> None:
+        """``supervise`` on a thread of its own until ``stop``."""
+        def loop() -> None:
+            while not self._stopping:
+                self.supervise()
+                time.sleep(every_s)
+
+        self._supervisor = threading.Thread(target=loop, name="mesh-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervised(self) -> dict[str, subprocess.Popen]:
+        return {**({"redis": self._redis} if self._redis is not None else {}), **self.processes}
+
+    def _restart(self, name: str) -> None:
+        if name == "redis":
+            self._spawn_redis(restarted=True)
+            self.progress(f"redis: restarted (pid {self._redis.pid}), empty: the caches start cold")
+            return
+        service = next(s for s in self.services if s.name == name)
+        self._spawn(service, self.redis_url_for(name), restarted=True)
+        self._awaiting_serving[name] = 0.0
+
+    def _announce_serving_again(self) -> None:
+        now = time.monotonic()
+        for name, checked in list(self._awaiting_serving.items()):
+            if now - checked < 0.5:
+                continue
+            self._awaiting_serving[name] = now
+            if check_health(self.address(name), 0.3, self.probe_credentials()) == "SERVING":
+                del self._awaiting_serving[name]
+                self.progress(f"{name}: SERVING again, {now - self._started_at[name]:.1f}s after its restart")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to every process (the gateway first, Redis last); SIGKILL to any still running after ``grace_s``."""
+        with self._lock:
+            self._stopping = True
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=5.0)
+        services = [self.processes[name] for name in reversed(list(self.processes))]
+        for group in (services, [self._redis] if self._redis else []):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for process in group:
+                try:
+                    process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def state(self) -> dict:
+        """What `nlpmesh` records of this mesh in its state file (cli/run_state.py)."""
+        processes = self._supervised()
+        return {"gateway": self.gateway_address if "gateway" in self.ports else None,
+                "pids": {name: p.pid for name, p in processes.items()},
+                "started": {name: start_time(p.pid) or "" for name, p in processes.items()},
+                "ports": self.ports, "metrics_ports": self.metrics_ports,
+                "tls_dir": str(self.tls_dir) if self.tls_dir else None}
 
     def __enter__(self) -> LocalMesh:
         return self.start()
@@ -261,32 +373,13 @@ class LocalMesh:
         self.stop()
 
 
-def stop_detached(state_file: Path, grace_s: float = 10.0) -> list[str]:
-    """Stops a mesh started with ``up --detach``; returns the names stopped."""
-    state = json.loads(state_file.read_text())
-    stopped = []
-    for name, pid in reversed(list(state["pids"].items())):
+def _exit_reason(code: int) -> str:
+    if code < 0:
         try:
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(name)
-        except ProcessLookupError:
-            continue
-    deadline = time.monotonic() + grace_s
-    for pid in state["pids"].values():
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    state_file.unlink()
-    return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _wait_for_port(port: int, timeout_s: float) -> None:

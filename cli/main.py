@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -12,11 +12,13 @@ from pathlib import Path
 
 import grpc
 
-from cli import invalidate, keys, redis_acl
+from cli import invalidate, keys, redis_acl, run_state
 from cli.ask import ask, build_request, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
-from cli.launcher import LocalMesh, check_health, stop_detached
+from cli.launcher import LocalMesh, check_health
+from cli.restarts import RestartPolicy
+from cli.topology import REPO_ROOT
 from cli.traces import default_trace_dir, show_budgets, show_trace
 from meshkit.settings import TLS_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
@@ -32,54 +34,133 @@ def _say(line: str) -> None:
     print(f"[nlpmesh] {line}", flush=True)
 
 
+class _Stop(Exception):
+    """A signal asked the launcher to stop."""
+
+
+def _stop_on(signum, _frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def cmd_up(args) -> int:
-    if _state_file().exists():
-        _say(f"a mesh is already up (state in {_state_file()}); run `nlpmesh down` first")
+    if args.detach:
+        return _up_detached(args)
+    # Before anything starts: a SIGTERM (systemd, `timeout`, CI) or a closed terminal then runs
+    # the same cleanup as Ctrl-C, at any point, model loading included.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_on)
+    try:
+        return _launch(args)
+    except _Stop:  # arrived before the mesh existed
+        return 130
+
+
+def _launch(args) -> int:
+    """The launcher: the mesh up, then supervised until a signal (from Ctrl-C, `nlpmesh down`, ...)."""
+    state_file = _state_file()
+    if not run_state.clear_if_stale(state_file, _say):
+        _say(f"a mesh is already up ({run_state.describe(run_state.read(state_file) or {})}); "
+             "run `nlpmesh down` first")
         return 1
     run_dir = default_home() / "run"
-    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, detach=args.detach, tls=not args.plaintext,
-                     keys_file=keys.default_keys_file(), api_key=keys.local_key())
+    mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, tls=not args.plaintext,
+                     keys_file=keys.default_keys_file(), api_key=keys.local_key(), restart=RestartPolicy())
+    launcher = {"launcher": run_state.this_launcher(), "ready": False}
+    mesh.on_change = lambda: run_state.write(state_file, {**mesh.state(), **launcher})
+    run_state.write(state_file, launcher)  # claimed: a second `up` now refuses, `down` can stop this one
+    stopped_by = None
     try:
         mesh.start(ready_timeout_s=args.timeout)
+        launcher["ready"] = True
+        mesh.on_change()
+        _announce(mesh, run_dir, args)
+        while True:
+            mesh.supervise()
+            time.sleep(0.2)
+    except _Stop as signal_name:
+        stopped_by = signal_name
     except (RuntimeError, TimeoutError) as error:
         _say(f"failed: {error}")
-        mesh.stop()
         return 1
+    finally:
+        for sig in STOP_SIGNALS:  # the cleanup is bounded (grace, then SIGKILL): let it finish
+            signal.signal(sig, signal.SIG_IGN)
+        _say(f"stopping ({stopped_by})" if stopped_by else "stopping")
+        mesh.stop()
+        if run_state.written_by_me(run_state.read(state_file)):
+            state_file.unlink(missing_ok=True)
+        _say("stopped")
+    return 0
+
+
+def _announce(mesh: LocalMesh, run_dir: Path, args) -> None:
     _say(f"mesh ready: gateway at {mesh.gateway_address}; logs in {run_dir / 'logs'}")
     _say(f"auth on: keys in {mesh.keys_file}; `nlpmesh ask` sends the local key ({keys.local_key_file()})")
     if mesh.trace_dir is not None:
         _say(f"spans in {mesh.trace_dir}: `nlpmesh trace --last` draws the latest request, `nlpmesh budgets` sums up")
     for name in mesh.metrics_ports:
         _say(f"{name} metrics: {mesh.metrics_url(name)}")
-    if args.detach:
-        mesh.save_state(_state_file())
-        _say("running in the background; `nlpmesh down` stops it")
-        return 0
-    mesh.save_state(_state_file())
-    _say("press Ctrl-C to stop")
+    _say("a service that exits is restarted (backoff 0.5 s doubling to 30 s)")
+    _say("running in the background; `nlpmesh down` stops it" if args.launcher_of_detached
+         else "press Ctrl-C to stop")
+
+
+def _up_detached(args) -> int:
+    """Starts the launcher as a background process of its own session, shows its progress until the mesh is
+    ready, and leaves it running: it supervises the mesh until `nlpmesh down` signals it."""
+    state_file = _state_file()
+    if not run_state.clear_if_stale(state_file, _say):
+        _say(f"a mesh is already up ({run_state.describe(run_state.read(state_file) or {})}); "
+             "run `nlpmesh down` first")
+        return 1
+    log_path = default_home() / "run" / "launcher.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "cli.main", "up", "--launcher-of-detached", "--timeout", str(args.timeout)]
+    command += ["--free-ports"] * args.free_ports + ["--plaintext"] * args.plaintext
+    with log_path.open("w") as log:
+        launcher = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    shown = 0
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        _say("stopping")
-        mesh.stop()
-        _state_file().unlink(missing_ok=True)
-    return 0
+        while True:
+            text = log_path.read_text(errors="replace")
+            complete = text[:text.rfind("\n") + 1]
+            sys.stdout.write(complete[shown:])
+            sys.stdout.flush()
+            shown = len(complete)
+            state = run_state.read(state_file) or {}
+            if state.get("ready") and (state.get("launcher") or {}).get("pid") == launcher.pid:
+                _say(f"running in the background (launcher pid {launcher.pid}, its log {log_path}); "
+                     "`nlpmesh down` stops it")
+                return 0
+            if launcher.poll() is not None:
+                sys.stdout.write(log_path.read_text(errors="replace")[shown:])
+                _say(f"the launcher exited with code {launcher.returncode}")
+                return 1
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        _say("interrupted: stopping the launcher")
+        launcher.terminate()
+        launcher.wait(timeout=30)
+        return 130
 
 
 def cmd_down(args) -> int:
-    if not _state_file().exists():
+    if run_state.read(_state_file()) is None:
         _say("no mesh is up")
-        return 1
-    _say(f"stopped: {', '.join(stop_detached(_state_file()))}")
+        return 0
+    stopped = run_state.stop(_state_file(), _say)
+    _say(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     return 0
 
 
 def _gateway_address(args) -> str:
     if args.addr:
         return args.addr
-    if _state_file().exists():
-        return json.loads(_state_file().read_text())["gateway"]
-    return "127.0.0.1:50051"
+    return (run_state.read(_state_file()) or {}).get("gateway") or "127.0.0.1:50051"
 
 
 def _tls_dir(args) -> Path | None:
@@ -87,9 +168,7 @@ def _tls_dir(args) -> Path | None:
     mesh's; None = plaintext."""
     if args.plaintext:
         return None
-    chosen = args.tls_dir or os.environ.get(TLS_DIR_ENV)
-    if not chosen and _state_file().exists():
-        chosen = json.loads(_state_file().read_text()).get("tls_dir")
+    chosen = args.tls_dir or os.environ.get(TLS_DIR_ENV) or (run_state.read(_state_file()) or {}).get("tls_dir")
     return Path(chosen) if chosen else None
 
 
@@ -102,10 +181,8 @@ def _gateway_access(args) -> GatewayAccess:
 def _cache_address(args) -> str:
     if args.addr:
         return args.addr
-    if _state_file().exists():
-        import json
-        return f"127.0.0.1:{json.loads(_state_file().read_text())['ports']['cache']}"
-    return "127.0.0.1:50054"
+    port = ((run_state.read(_state_file()) or {}).get("ports") or {}).get("cache")
+    return f"127.0.0.1:{port}" if port else "127.0.0.1:50054"
 
 
 def cmd_ask(args) -> int:
@@ -126,7 +203,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_health(args) -> int:
-    status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)))
+    status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)), args.service)
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -136,7 +213,8 @@ def cmd_demo(args) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-demo-"))
     _say("starting the mesh (free local ports, private Redis when REDIS_URL is unset)")
     with LocalMesh(run_dir, free_ports=True, progress=_say, tls=not args.plaintext,
-                   keys_file=keys.default_keys_file(), api_key=keys.local_key()) as mesh:
+                   keys_file=keys.default_keys_file(), api_key=keys.local_key(), restart=RestartPolicy()) as mesh:
+        mesh.supervise_in_background()
         for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
             _say(f"{label}\n> {DEMO_QUESTION}")
             request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
@@ -204,13 +282,16 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="nlpmesh", description="A gRPC mesh for real-time NLP")
     sub = root.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the mesh locally (the docker-compose topology as processes)")
-    up.add_argument("--detach", action="store_true", help="return once ready; `nlpmesh down` stops it")
+    up.add_argument("--detach", action="store_true",
+                    help="return once ready, the launcher left running in the background; `nlpmesh down` stops it")
+    up.add_argument("--launcher-of-detached", action="store_true", help=argparse.SUPPRESS)
     up.add_argument("--free-ports", action="store_true", help="pick free ports instead of 50051-50055")
     up.add_argument("--timeout", type=float, default=600.0)
     up.add_argument("--plaintext", action="store_true",
                     help="no TLS (default: TLS at the gateway, mTLS inside, certificates in $NLPMESH_HOME/certs)")
     up.set_defaults(run=cmd_up)
-    sub.add_parser("down", help="stop a mesh started with --detach").set_defaults(run=cmd_down)
+    sub.add_parser("down", help="stop the running mesh (detached or not), or clear a stale state file"
+                   ).set_defaults(run=cmd_down)
     a = sub.add_parser("ask", help="send a prompt, stream the answer, show per-hop timings")
     a.add_argument("question", nargs="?")
     a.add_argument("--template", help="template id, e.g. finance_question")
@@ -224,6 +305,8 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(run=cmd_ask)
     h = sub.add_parser("health", help="grpc.health.v1 status of a service")
     h.add_argument("--addr")
+    h.add_argument("--service", default="",
+                   help="a health name, e.g. nlpmesh.gateway.v1.Gateway/cache (default: the server as a whole)")
     h.add_argument("--timeout", type=float, default=2.0)
     _tls_arguments(h)
     h.set_defaults(run=cmd_health)
