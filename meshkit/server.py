@@ -2,7 +2,8 @@
 
 A service describes itself as a ``ServiceSpec``; ``serve`` does the rest:
 the port opens at once with health NOT_SERVING, ``warm_up`` runs (model load,
-Redis check), health turns SERVING, and SIGTERM drains in-flight calls.
+Redis check), health turns SERVING, ``watch_health`` (if any) keeps it honest
+from then on, and SIGTERM drains in-flight calls.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ class ServiceSpec:
     warm_up: Callable[[], Awaitable[None]] | None = None
     close: Callable[[], Awaitable[None]] | None = None
     interceptors: tuple = field(default=())
+    # Health names beside "" and the service names (e.g. one per path a service can serve on its own):
+    # NOT_SERVING until ready, SERVING after, like the others.
+    health_names: tuple[str, ...] = field(default=())
+    # Runs once the service is ready, until it stops; may set any health name through the servicer
+    # (e.g. NOT_SERVING while something the service needs is down).
+    watch_health: Callable[[health.aio.HealthServicer], Awaitable[None]] | None = None
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -78,7 +85,7 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     if port == 0:
         raise OSError(f"{spec.name}: cannot bind {settings.address}")
     await server.start()
-    for name in ("",) + spec.service_names:
+    for name in ("", *spec.service_names, *spec.health_names):
         await health_servicer.set(name, NOT_SERVING)
     return server, port, health_servicer
 
@@ -94,6 +101,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
     try:
         if spec.warm_up is not None:
             warm = asyncio.create_task(spec.warm_up())
@@ -103,11 +111,17 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
             else:
                 warm.result()
         if not stop.is_set():
-            for name in ("",) + spec.service_names:
+            for name in ("", *spec.service_names, *spec.health_names):
                 await health_servicer.set(name, SERVING)
             log.info("%s ready", spec.name)
+            if spec.watch_health is not None:
+                watcher = asyncio.create_task(spec.watch_health(health_servicer))
             await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         log.info("%s draining (grace %.1fs)", spec.name, settings.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_s)

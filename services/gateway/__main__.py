@@ -16,6 +16,7 @@ from services.gateway.answer import Answerer
 from services.gateway.auth import authenticator
 from services.gateway.budgets import BudgetPolicy
 from services.gateway.downstream import Downstream
+from services.gateway.downstream_health import CACHE_PATH, DownstreamHealth
 from services.gateway.quotas import Quotas
 from services.gateway.scope import RequestScopes
 from services.gateway.servicer import GatewayServicer
@@ -67,6 +68,9 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         warm_up=warm_up,
         close=close,
+        health_names=(CACHE_PATH,),
+        watch_health=lambda health: DownstreamHealth(downstream.required_channels(), settings.health_checks())
+        .watch(health),
     )
 
 

@@ -88,23 +88,29 @@ class Downstream:
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channel(s.cache_addr))
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        options = channel_options(self._settings.max_message_bytes)
+        # A restarted service is reached again within seconds: gRPC's own reconnect backoff grows to 120 s.
+        options = [*channel_options(self._settings.max_message_bytes),
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         channel = (grpc.aio.secure_channel(address, self._credentials, options=options) if self._credentials
                    else grpc.aio.insecure_channel(address, options=options))
         self._channels.append(channel)
         self._by_address[address] = channel
         return channel
 
-    async def connected(self, timeout_s: float) -> None:
-        """Waits until the channels a request needs are connected, so the first one pays no handshake.
+    def required_channels(self) -> dict[str, grpc.aio.Channel]:
+        """The channels a generation needs, by service name.
 
-        The cache service is not waited for: without it answers are not stored, but
-        the mesh still answers.
+        Not the cache service: without it answers are not stored, but the mesh still answers.
         """
-        required = [self._by_address[a] for a in (self._settings.template_addr, self._settings.tokenizer_addr,
-                                                  self._settings.inference_addr)]
+        s = self._settings
+        return {"template": self._by_address[s.template_addr], "tokenizer": self._by_address[s.tokenizer_addr],
+                "inference": self._by_address[s.inference_addr]}
+
+    async def connected(self, timeout_s: float) -> None:
+        """Waits until the channels a request needs are connected, so the first one pays no handshake."""
         self._by_address[self._settings.cache_addr].get_state(try_to_connect=True)
-        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in required)), timeout_s)
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.required_channels().values())),
+                               timeout_s)
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings, default_home
+from services.gateway.downstream_health import HealthChecks
 from services.gateway.quotas import QuotaSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +50,10 @@ class GatewaySettings(ServiceSettings, service="gateway"):
         return QuotaSettings(key_prefix=self.quota_key_prefix, timeout_s=self.quota_timeout_s,
                              replicas=self.quota_replicas, fallback_s=self.quota_fallback_s,
                              stream_lease_s=self.quota_stream_lease_s)
+    def health_checks(self) -> HealthChecks:
+        return HealthChecks(self.downstream_health_interval_s, self.downstream_health_timeout_s,
+                            self.downstream_health_failures)
+
     # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.
@@ -57,6 +62,11 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     inference_timeout_s: float = 30.0
     catalog_refresh_s: float = 10.0
     ready_timeout_s: float = 600.0
+    # Once ready, template, tokenizer and inference are checked (grpc.health.v1) every interval; after
+    # `failures` failed checks in a row the generation path turns NOT_SERVING (services/gateway/downstream_health.py).
+    downstream_health_interval_s: float = Field(default=1.0, gt=0)
+    downstream_health_timeout_s: float = Field(default=1.0, gt=0)
+    downstream_health_failures: int = Field(default=2, ge=1)
     # The edge: callers are not asked for a certificate (API keys name them); the
     # internal services do ask the gateway for one.
     tls_require_client_cert: bool = False

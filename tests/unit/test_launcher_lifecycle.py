@@ -1,0 +1,82 @@
+"""The launcher's restart backoff, its state file, and the bounds of its private Redis, without starting a mesh."""
+import subprocess
+import sys
+
+import redis
+import yaml
+
+from cli import run_state
+from cli.launcher import LocalMesh
+from cli.processes import same_process, start_time
+from cli.restarts import Backoff, RestartPolicy
+from cli.topology import COMPOSE_FILE
+
+
+def test_restart_delays_double_up_to_the_bound_and_reset_after_a_long_run():
+    backoff = Backoff(RestartPolicy(first_delay_s=0.5, max_delay_s=4.0, reset_after_s=30.0))
+    assert [backoff.delay_after(1.0) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert backoff.delay_after(31.0) == 0.5
+    assert backoff.delay_after(1.0) == 1.0
+    assert backoff.restarts == 8
+
+
+def test_a_pid_is_the_same_process_only_with_the_same_start_time():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = start_time(child.pid)
+        assert started and same_process(child.pid, started)
+        assert not same_process(child.pid, str(int(started) + 1))  # a later process under a reused pid
+    finally:
+        child.kill()
+        child.wait()
+    assert start_time(child.pid) is None and not same_process(child.pid, started)
+
+
+def test_a_state_file_whose_launcher_is_gone_is_stale_and_what_it_left_is_stopped(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = tmp_path / "mesh.json"
+    run_state.write(path, {"launcher": {"pid": gone.pid, "started": "1"}, "gateway": "127.0.0.1:1",
+                           "pids": {"gateway": leftover.pid}, "started": {"gateway": start_time(leftover.pid)}})
+    said = []
+    try:
+        assert run_state.clear_if_stale(path, said.append, grace_s=5.0)
+        assert leftover.wait(timeout=10) != 0
+    finally:
+        leftover.kill()
+    assert not path.exists()
+    assert "stale" in said[0] and f"gateway (pid {leftover.pid})" in said[0]
+
+
+def test_a_state_file_of_a_running_launcher_is_not_stale(tmp_path):
+    path = tmp_path / "mesh.json"
+    run_state.write(path, {"launcher": run_state.this_launcher(), "pids": {}})
+    assert not run_state.clear_if_stale(path, print)
+    assert path.exists() and run_state.written_by_me(run_state.read(path))
+
+
+def test_a_state_file_that_does_not_parse_is_stale(tmp_path):
+    path = tmp_path / "mesh.json"
+    path.write_text("{half")
+    assert run_state.clear_if_stale(path, lambda line: None) and not path.exists()
+
+
+def test_the_private_redis_is_bounded_and_evicts_least_recently_used(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("NLPMESH_REDIS_MAXMEMORY", "64mb")
+    mesh = LocalMesh(tmp_path, free_ports=True, services=[], progress=lambda line: None)
+    mesh.start(ready_timeout_s=5)
+    try:
+        with redis.Redis.from_url(mesh.resolved_redis_url) as admin:
+            assert admin.config_get("maxmemory")["maxmemory"] == str(64 * 1024 * 1024)
+            assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+    finally:
+        mesh.stop()
+
+
+def test_the_compose_redis_is_bounded_the_same_way():
+    command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["redis"]["command"]
+    assert command[command.index("--maxmemory") + 1] == "${NLPMESH_REDIS_MAXMEMORY:-256mb}"
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+
