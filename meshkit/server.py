@@ -178,7 +178,9 @@ async def _statuses(context, handler):
         raise
     except MeshError as error:
         status = to_status(error)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        # Trailing metadata the handler set before it failed travels with the status.
+        trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
+        await context.abort(status.code, status.details, trailing)
     except Exception:
         log.exception("bug in %s", handler.__qualname__)
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings, default_home
+from services.gateway.admission import AdmissionSettings
 from services.gateway.quotas import QuotaSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +50,19 @@ class GatewaySettings(ServiceSettings, service="gateway"):
         return QuotaSettings(key_prefix=self.quota_key_prefix, timeout_s=self.quota_timeout_s,
                              replicas=self.quota_replicas, fallback_s=self.quota_fallback_s,
                              stream_lease_s=self.quota_stream_lease_s)
+    # Admission control (services/gateway/admission.py): a cache miss is refused with
+    # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many
+    # generations in flight as the inference service holds (its reported max_running +
+    # max_queue, or admission_max_in_flight when set), or while the inference service's
+    # latest report, younger than admission_full_hold_s, said it was full.
+    admission: Literal["on", "off"] = "on"
+    admission_max_in_flight: int = Field(default=0, ge=0)
+    admission_full_hold_s: float = Field(default=0.5, ge=0)
+    admission_retry_after_s: float = Field(default=1.0, gt=0)
+
+    def admission_settings(self) -> AdmissionSettings:
+        return AdmissionSettings(enabled=self.admission == "on", max_in_flight=self.admission_max_in_flight,
+                                 full_hold_s=self.admission_full_hold_s, retry_after_s=self.admission_retry_after_s)
     # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.
