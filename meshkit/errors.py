@@ -5,10 +5,14 @@
     ├── NotFound             NOT_FOUND
     ├── Unauthenticated      UNAUTHENTICATED
     ├── PermissionDenied     PERMISSION_DENIED
-    ├── ResourceExhausted    RESOURCE_EXHAUSTED google.rpc.QuotaFailure naming each limit (if a quota),
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED google.rpc.ErrorInfo naming the resource (if a reason),
+    │                                           google.rpc.QuotaFailure naming each limit (if a quota),
     │                                           google.rpc.RetryInfo when a retry can help
     ├── DeadlineExceeded     DEADLINE_EXCEEDED  google.rpc.ErrorInfo naming the hop
     └── Unavailable          UNAVAILABLE
+
+An error received from a downstream service (``from_rpc_error``) relays the
+downstream's details to the caller unchanged.
 
 Anything else raised inside a handler is a bug: the caller sees INTERNAL with a
 fixed message, the log gets the traceback.
@@ -41,6 +45,8 @@ class QuotaViolation:
 
 class MeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # A downstream's details as it sent them (from_rpc_error): the caller gets these, not re-derived ones.
+    relayed: tuple[any_pb2.Any, ...] | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -48,6 +54,10 @@ class MeshError(Exception):
 
     def details(self) -> list[any_pb2.Any]:
         return []
+
+    def status_details(self) -> list[any_pb2.Any]:
+        """What the caller's status carries: this error's own details, then any it relays."""
+        return self.details() if self.relayed is None else list(self.relayed)
 
 
 class InvalidArgument(MeshError):
@@ -87,13 +97,16 @@ class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, retry_after_s: float | None = None,
-                 violations: list[QuotaViolation] | None = None):
+                 violations: list[QuotaViolation] | None = None, reason: str | None = None):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.violations = list(violations or [])
+        self.reason = reason  # which resource, as a google.rpc.ErrorInfo reason (e.g. GATEWAY_AT_CAPACITY)
 
     def details(self) -> list[any_pb2.Any]:
         details = []
+        if self.reason:
+            details.append(_pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)))
         if self.violations:
             failure = error_details_pb2.QuotaFailure(
                 violations=[
@@ -122,6 +135,9 @@ class DeadlineExceeded(MeshError):
         )
         return [_pack(info)]
 
+    def status_details(self) -> list[any_pb2.Any]:
+        return [*self.details(), *(self.relayed or ())]  # this hop first, then what the downstream said
+
 
 class Unavailable(MeshError):
     code = grpc.StatusCode.UNAVAILABLE
@@ -136,7 +152,7 @@ def _pack(message) -> any_pb2.Any:
 def to_status(error: MeshError) -> grpc.Status:
     """The rich gRPC status a caller sees for a domain error."""
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=error.details()
+        code=getattr(code_pb2, error.code.name), message=error.message, details=error.status_details()
     )
     return rpc_status.to_status(status)
 
@@ -154,25 +170,30 @@ _BY_CODE = {
 def from_rpc_error(error: grpc.RpcError, hop: str) -> MeshError:
     """Maps a downstream service's failure to the domain error the caller should see.
 
-    Caller-facing errors (bad input, unknown template, ...) keep their code,
-    message and details (BadRequest, QuotaFailure, RetryInfo); a downstream bug
-    stays INTERNAL without its message.
+    Caller-facing errors (bad input, unknown template, over quota, ...) keep their
+    code and message, and every ``google.rpc`` detail the downstream sent reaches
+    the caller as it was sent (RetryInfo, ErrorInfo, QuotaFailure, BadRequest, ...);
+    the typed fields (violations, retry_after_s) are read from them for the
+    gateway's own use. A DEADLINE_EXCEEDED names this hop in an ErrorInfo ahead of
+    the downstream's details. A downstream bug stays INTERNAL without its message
+    or details; DebugInfo (stack entries) never crosses a hop.
     """
     code = error.code()
+    details = _details_of(error)
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return DeadlineExceeded(f"the {hop} hop ran out of time", hop=hop)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"the {hop} service is unavailable")
-    cls = _BY_CODE.get(code)
-    if cls is None:
+        mapped = DeadlineExceeded(f"the {hop} hop ran out of time", hop=hop)
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        mapped = Unavailable(f"the {hop} service is unavailable")
+    elif code in _BY_CODE:
+        mapped = _BY_CODE[code](error.details() or code.name.lower())
+    else:
         return InternalFault(f"the {hop} hop failed with {code.name}")
-    mapped = cls(error.details() or code.name.lower())
     if isinstance(mapped, InvalidArgument):
-        mapped.violations = _field_violations(_details_of(error))
+        mapped.violations = _field_violations(details)
     elif isinstance(mapped, ResourceExhausted):
-        details = _details_of(error)
         mapped.violations = _quota_violations(details)
         mapped.retry_after_s = _retry_after_s(details)
+    mapped.relayed = tuple(d for d in details if not d.Is(error_details_pb2.DebugInfo.DESCRIPTOR))
     return mapped
 
 

@@ -3,14 +3,39 @@
 The gateway takes it from the public ``SamplingParams``, the prompt-cache key
 digests it, the engine samples by it. The three protos' sampling messages share
 their field names, so one ``from_pb`` / ``to_pb`` pair serves them all.
+
+The ranges every field must be in are written here once (``SamplingLimits``,
+``Sampling.violations``): the gateway holds callers to the public API's
+ranges, the inference service to the same ranges narrowed by its settings.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+from meshkit.errors import FieldViolation
 
 # float32 on the wire: 0.7 arrives as 0.699999988; rounding gives back the caller's literal.
 _FLOAT_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """The upper ends of the sampling ranges; the defaults are the public API's (docs/api.md)."""
+
+    # Past 2 the distribution over a 49k vocabulary is close to uniform: text, not
+    # language. OpenAI's API stops at 2 as well, so callers' settings carry over.
+    max_temperature: float = 2.0
+    # Beyond a few hundred candidates top-k no longer changes what is sampled; 1000
+    # bounds the sort the sampler pays for and stays well under any vocabulary.
+    max_top_k: int = 1000
+    max_new_tokens: int = 2048
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 64
+
+
+API_LIMITS = SamplingLimits()
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,30 @@ class Sampling:
     def deterministic(self) -> bool:
         """The one rule for what may be cached: the same request always gives the same answer."""
         return self.greedy or self.seed is not None
+
+    def violations(self, limits: SamplingLimits = API_LIMITS) -> list[FieldViolation]:
+        """Every field out of its range, named as the public API names it (``sampling.top_p``)."""
+        found = []
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= limits.max_temperature):
+            found.append(FieldViolation("sampling.temperature",
+                                        f"must be a number in [0, {limits.max_temperature:g}] (0 = greedy)"))
+        if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            found.append(FieldViolation("sampling.top_p", "must be a number in [0, 1] (0 = unset, the same as 1)"))
+        if not 0 <= self.top_k <= limits.max_top_k:
+            found.append(FieldViolation("sampling.top_k", f"must be in [0, {limits.max_top_k}] (0 = unset)"))
+        if not 0 <= self.max_new_tokens <= limits.max_new_tokens:
+            found.append(FieldViolation("sampling.max_new_tokens",
+                                        f"must be in [0, {limits.max_new_tokens}] (0 = the server's default)"))
+        return found + self._stop_violations(limits)
+
+    def _stop_violations(self, limits: SamplingLimits) -> list[FieldViolation]:
+        if len(self.stop) > limits.max_stop_sequences:
+            return [FieldViolation("sampling.stop", f"at most {limits.max_stop_sequences} stop sequences")]
+        if any(not text for text in self.stop):
+            return [FieldViolation("sampling.stop", "a stop sequence must not be empty")]
+        if any(len(text) > limits.max_stop_chars for text in self.stop):
+            return [FieldViolation("sampling.stop", f"a stop sequence has at most {limits.max_stop_chars} characters")]
+        return []
 
     def with_max_new_tokens(self, max_new_tokens: int) -> Sampling:
         return dataclasses.replace(self, max_new_tokens=max_new_tokens)

@@ -1,5 +1,8 @@
 """Server creation, health, reflection, error mapping and shutdown, for every service.
 
+Every service also answers a request that is not valid protobuf with
+INVALID_ARGUMENT (meshkit/request_decoding.py).
+
 A service describes itself as a ``ServiceSpec``; ``serve`` does the rest:
 the port opens at once with health NOT_SERVING, ``warm_up`` runs (model load,
 Redis check), health turns SERVING, ``watch_health`` (if any) keeps it honest
@@ -24,6 +27,7 @@ from meshkit import metrics
 from meshkit.content_capture import warn_if_capturing
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
+from meshkit.request_decoding import RequestDecodingInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
 from meshkit.tls import TlsConfig
@@ -69,6 +73,8 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     if settings.fault_delay_ms > 0:
         log.warning("%s: fault injection on, every call delayed %.0f ms", spec.name, settings.fault_delay_ms)
         interceptors.append(DelayInterceptor(settings.fault_delay_ms))
+    # Last, so innermost: the tracing and metrics interceptors see a malformed request's INVALID_ARGUMENT.
+    interceptors.append(RequestDecodingInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings.max_message_bytes))
     spec.register(server)
     health_servicer = health.aio.HealthServicer()
@@ -186,7 +192,9 @@ async def _statuses(context, handler):
         raise
     except MeshError as error:
         status = to_status(error)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        # Trailing metadata the handler set before it failed travels with the status.
+        trailing = (*(context.trailing_metadata() or ()), *status.trailing_metadata)
+        await context.abort(status.code, status.details, trailing)
     except Exception:
         log.exception("bug in %s", handler.__qualname__)
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -12,6 +12,7 @@ from meshkit.server import ServiceSpec, run
 from meshkit.tracing.provider import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
+from services.gateway.admission import InferenceAdmission
 from services.gateway.answer import Answerer
 from services.gateway.auth import authenticator
 from services.gateway.budgets import BudgetPolicy
@@ -28,7 +29,8 @@ log = logging.getLogger("nlpmesh.gateway")
 
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
     policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
-    downstream = Downstream(settings)
+    admission = InferenceAdmission(settings.admission_settings())
+    downstream = Downstream(settings, on_inference_load=admission.observe)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")
@@ -49,7 +51,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         state["cache"] = cache
         state["quotas"] = _quotas(settings)
         await state["quotas"].warm_up()
-        state["answerer"] = Answerer(downstream, cache, templates, model, settings)
+        state["answerer"] = Answerer(downstream, cache, templates, model, settings, admission)
         servicer.attach(state["answerer"], state["quotas"])
 
     async def close() -> None:

@@ -15,6 +15,7 @@ from meshkit.errors import NotFound
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.redis_tier import CachedAnswer, PromptCache
+from services.gateway.admission import InferenceAdmission
 from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta
 from services.gateway.hop import Hop
 from services.gateway.prompt_capture import record_completion, record_prompt
@@ -46,8 +47,9 @@ class Outcome:
 
 class Answerer:
     def __init__(self, downstream: Downstream, cache: PromptCache | None, templates: TemplateIndex,
-                 model: ModelInfo, settings):
+                 model: ModelInfo, settings, admission: InferenceAdmission):
         self._downstream = downstream
+        self._admission = admission
         self._cache = cache
         self._templates = templates
         self._model = model
@@ -78,6 +80,15 @@ class Answerer:
                 yield Outcome(hit.text, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens,
                               True, model, scope.finish())
                 return
+        # A miss: admitted, or refused with RetryInfo, before any hop is spent on it.
+        with self._admission.generation():
+            async for event in self._generated(request, key, sampling, model, scope):
+                yield event
+
+    async def _generated(self, request: PromptRequest, key: PromptCacheKey | None, sampling: Sampling, model: str,
+                         scope: RequestScope) -> AsyncIterator[TokenDelta | Outcome]:
+        """A miss's answer: template, tokenizer and inference hops; the answer is stored for next time."""
+        capture = self._settings.capture_content
         # A key names the template version it was derived with: render exactly that
         # one, so the answer stored under the key is the answer to the key.
         prompt = request.prompt

@@ -6,7 +6,7 @@ back as the domain error the caller should see (meshkit.errors.from_rpc_error).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
 from services.gateway.hop import Hop
 from services.gateway.request import Chat, TemplateCall
+from services.inference.load_report import InferenceLoad
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,15 @@ async def _hop(hop: Hop):
 
 
 class Downstream:
-    """Channels and stubs to template, tokenizer, inference and cache."""
+    """Channels and stubs to template, tokenizer, inference and cache.
 
-    def __init__(self, settings):
+    ``on_inference_load`` gets the load report of every inference call
+    (services/inference/load_report.py; None when a call carried none).
+    """
+
+    def __init__(self, settings, on_inference_load: Callable[[InferenceLoad | None], None] = lambda load: None):
         self._settings = settings
+        self._on_inference_load = on_inference_load
         self._channels: list[grpc.aio.Channel] = []
         self._by_address: dict[str, grpc.aio.Channel] = {}
         # mTLS to the internal services when the mesh CA is configured.
@@ -149,7 +155,9 @@ class Downstream:
 
     async def model_info(self, timeout: float) -> ModelInfo:
         async with _hop(Hop.INFERENCE):
-            reply = await self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=timeout)
+            call = self.inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=timeout)
+            reply = await call
+            self._on_inference_load(InferenceLoad.from_metadata(await call.initial_metadata()))
         return ModelInfo(reply.model, reply.revision, reply.context_length, reply.default_max_new_tokens)
 
     async def generate(
@@ -162,11 +170,17 @@ class Downstream:
         call = self.inference.Generate(request, timeout=timeout, metadata=metadata)
         try:
             async with _hop(Hop.INFERENCE):
-                async for chunk in call:
-                    if chunk.delta:
-                        yield TokenDelta(chunk.delta)
-                    if chunk.done:
-                        yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+                try:
+                    self._on_inference_load(InferenceLoad.from_metadata(await call.initial_metadata()))
+                    async for chunk in call:
+                        if chunk.delta:
+                            yield TokenDelta(chunk.delta)
+                        if chunk.done:
+                            yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+                    self._on_inference_load(InferenceLoad.from_metadata(await call.trailing_metadata()))
+                except grpc.aio.AioRpcError as error:  # a refusal reports the load too
+                    self._on_inference_load(InferenceLoad.from_metadata(error.trailing_metadata()))
+                    raise
         finally:
             # The caller went away or failed: the engine must stop this sequence.
             call.cancel()

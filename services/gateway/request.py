@@ -11,7 +11,6 @@ from meshkit.errors import FieldViolation, InvalidArgument
 from meshkit.sampling import Sampling
 
 MAX_CHAT_MESSAGES = 64
-MAX_STOP_SEQUENCES = 4
 
 
 class CacheMode(enum.IntEnum):
@@ -84,15 +83,7 @@ def validate(request: PromptRequest) -> PromptRequest:
         violations.append(FieldViolation("template.id", "must not be empty"))
     if isinstance(prompt, Chat) and len(prompt.messages) > MAX_CHAT_MESSAGES:
         violations.append(FieldViolation("chat.messages", f"at most {MAX_CHAT_MESSAGES} messages"))
-    sampling = request.sampling
-    if sampling.temperature < 0:
-        violations.append(FieldViolation("sampling.temperature", "must be >= 0"))
-    if not 0 <= sampling.top_p <= 1:
-        violations.append(FieldViolation("sampling.top_p", "must be within [0, 1]"))
-    if len(sampling.stop) > MAX_STOP_SEQUENCES:
-        violations.append(FieldViolation("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences"))
-    if any(not stop for stop in sampling.stop):
-        violations.append(FieldViolation("sampling.stop", "stop sequences must not be empty"))
+    violations += request.sampling.violations()  # the public API's ranges (meshkit/sampling.py)
     if violations:
         raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
     return request

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings, default_home
+from services.gateway.admission import AdmissionSettings
 from services.gateway.downstream_health import HealthChecks
 from services.gateway.quotas import QuotaSettings
 
@@ -45,15 +46,15 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     quota_replicas: int = Field(default=1, ge=1)
     quota_fallback_s: float = 5.0
     quota_stream_lease_s: float = 30.0
-
-    def quota_settings(self) -> QuotaSettings:
-        return QuotaSettings(key_prefix=self.quota_key_prefix, timeout_s=self.quota_timeout_s,
-                             replicas=self.quota_replicas, fallback_s=self.quota_fallback_s,
-                             stream_lease_s=self.quota_stream_lease_s)
-    def health_checks(self) -> HealthChecks:
-        return HealthChecks(self.downstream_health_interval_s, self.downstream_health_timeout_s,
-                            self.downstream_health_failures)
-
+    # Admission control (services/gateway/admission.py): a cache miss is refused with
+    # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many
+    # generations in flight as the inference service holds (its reported max_running +
+    # max_queue, or admission_max_in_flight when set), or while the inference service's
+    # latest report, younger than admission_full_hold_s, said it was full.
+    admission: Literal["on", "off"] = "on"
+    admission_max_in_flight: int = Field(default=0, ge=0)
+    admission_full_hold_s: float = Field(default=0.5, ge=0)
+    admission_retry_after_s: float = Field(default=1.0, gt=0)
     # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.
@@ -70,3 +71,16 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     # The edge: callers are not asked for a certificate (API keys name them); the
     # internal services do ask the gateway for one.
     tls_require_client_cert: bool = False
+
+    def quota_settings(self) -> QuotaSettings:
+        return QuotaSettings(key_prefix=self.quota_key_prefix, timeout_s=self.quota_timeout_s,
+                             replicas=self.quota_replicas, fallback_s=self.quota_fallback_s,
+                             stream_lease_s=self.quota_stream_lease_s)
+
+    def health_checks(self) -> HealthChecks:
+        return HealthChecks(self.downstream_health_interval_s, self.downstream_health_timeout_s,
+                            self.downstream_health_failures)
+
+    def admission_settings(self) -> AdmissionSettings:
+        return AdmissionSettings(enabled=self.admission == "on", max_in_flight=self.admission_max_in_flight,
+                                 full_hold_s=self.admission_full_hold_s, retry_after_s=self.admission_retry_after_s)

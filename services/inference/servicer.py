@@ -16,6 +16,7 @@ from meshkit.sampling import Sampling
 from meshkit.server import ServiceSpec, rpc_method
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, Finished, GenerationRequest
+from services.inference.load_report import InferenceLoad
 from services.inference.loading import load_engine, warm_up_engine
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings
@@ -26,8 +27,9 @@ log = logging.getLogger("nlpmesh.inference")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, load: Callable[[], Engine]):
+    def __init__(self, load: Callable[[], Engine], capacity: int):
         self._load = load
+        self._capacity = capacity  # max_running + max_queue: what the engine holds before it refuses
         self.engine: Engine | None = None
 
     async def warm_up(self) -> None:
@@ -47,7 +49,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request, context):
         engine = self._serving(request.model)
         log.debug("generation requested: %d prompt tokens", len(request.prompt_token_ids))
-        stream = engine.submit(_generation_request_from_pb(request, request_id_from(context.invocation_metadata())))
+        try:
+            stream = engine.submit(_generation_request_from_pb(request, request_id_from(context.invocation_metadata())))
+        finally:  # a refusal (queue full) reports the load too
+            context.set_trailing_metadata(self._load_report(engine))
+        await context.send_initial_metadata(self._load_report(engine))
         timer = GenerationTimer()
         try:
             async for item in stream:
@@ -56,16 +62,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:  # the caller went away or the deadline passed: free the slot
             stream.cancel()
             timer.abandoned()
+            context.set_trailing_metadata(self._load_report(engine))
 
     @rpc_method
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         engine = self._serving("")
+        await context.send_initial_metadata(self._load_report(engine))
         return inference_pb2.ModelInfoResponse(
             model=engine.model_name,
             revision=engine.revision,
             context_length=engine.context_length,
             default_max_new_tokens=engine.limits.default_max_new_tokens,
         )
+
+    def _load_report(self, engine: Engine) -> tuple[tuple[str, str], ...]:
+        """x-nlpmesh-inference-load, read by the gateway's admission control."""
+        return InferenceLoad(engine.active_count, self._capacity).to_metadata()
 
     def _serving(self, model: str) -> Engine:
         if self.engine is None:
@@ -105,7 +117,7 @@ def build_spec(
     settings: InferenceSettings, engine_factory: Callable[[InferenceSettings], Engine] = load_engine
 ) -> ServiceSpec:
     """The inference service; tests pass an ``engine_factory`` that builds a tiny model."""
-    servicer = InferenceServicer(lambda: engine_factory(settings))
+    servicer = InferenceServicer(lambda: engine_factory(settings), settings.max_running + settings.max_queue)
 
     def register(server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)

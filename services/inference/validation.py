@@ -6,11 +6,10 @@ gateway can pass the violations through to its caller unchanged.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from meshkit.errors import FieldViolation, InvalidArgument
-from meshkit.sampling import Sampling
+from meshkit.sampling import API_LIMITS, SamplingLimits
 from services.inference.generation_types import GenerationRequest
 
 
@@ -23,10 +22,16 @@ class RequestLimits:
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
 
+    @property
+    def sampling(self) -> SamplingLimits:
+        """The public API's sampling ranges, with this service's own limits on length and stops."""
+        return dataclasses.replace(API_LIMITS, max_new_tokens=self.max_new_tokens_limit,
+                                   max_stop_sequences=self.max_stop_sequences, max_stop_chars=self.max_stop_chars)
+
 
 def resolve_request(request: GenerationRequest, limits: RequestLimits) -> GenerationRequest:
     """The request with defaults filled in, or InvalidArgument naming every bad field."""
-    violations = _sampling_violations(request.sampling, limits) + _prompt_violations(request, limits)
+    violations = request.sampling.violations(limits.sampling) + _prompt_violations(request, limits)
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise InvalidArgument(summary, violations)
@@ -47,35 +52,6 @@ def _default_max_new_tokens(request: GenerationRequest, limits: RequestLimits) -
     # A caller who did not ask for a length gets what fits, up to the default.
     room = limits.context_length - len(request.prompt_token_ids)
     return max(1, min(limits.default_max_new_tokens, room))
-
-
-def _sampling_violations(sampling: Sampling, limits: RequestLimits) -> list[FieldViolation]:
-    found = []
-    if not (sampling.temperature >= 0 and math.isfinite(sampling.temperature)):
-        found.append(FieldViolation("sampling.temperature", "must be a finite number >= 0"))
-    if not (0 <= sampling.top_p <= 1):
-        found.append(FieldViolation("sampling.top_p", "must be in (0, 1] (0 = unset)"))
-    if sampling.top_k < 0:
-        found.append(FieldViolation("sampling.top_k", "must be >= 0 (0 = unset)"))
-    if not 0 <= sampling.max_new_tokens <= limits.max_new_tokens_limit:
-        found.append(
-            FieldViolation(
-                "sampling.max_new_tokens", f"must be between 0 and {limits.max_new_tokens_limit}"
-            )
-        )
-    found += _stop_violations(sampling.stop, limits)
-    return found
-
-
-def _stop_violations(stop: tuple[str, ...], limits: RequestLimits) -> list[FieldViolation]:
-    if len(stop) > limits.max_stop_sequences:
-        return [FieldViolation("sampling.stop", f"at most {limits.max_stop_sequences} stop sequences")]
-    if any(not text for text in stop):
-        return [FieldViolation("sampling.stop", "a stop sequence must not be empty")]
-    if any(len(text) > limits.max_stop_chars for text in stop):
-        too_long = f"a stop sequence has at most {limits.max_stop_chars} characters"
-        return [FieldViolation("sampling.stop", too_long)]
-    return []
 
 
 def _prompt_violations(request: GenerationRequest, limits: RequestLimits) -> list[FieldViolation]:

@@ -8,6 +8,7 @@ from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from meshkit.server import ServiceSpec, rpc_method
+from services.inference.load_report import InferenceLoad
 
 
 class Recorder:
@@ -87,12 +88,20 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer, Recorder):
 
 
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
-    def __init__(self, deltas=("Hel", "lo", " 世界"), first_token_delay_s: float = 0.0):
+    """``capacity``: report the load (x-nlpmesh-inference-load) as the real service does, with that capacity."""
+
+    def __init__(self, deltas=("Hel", "lo", " 世界"), first_token_delay_s: float = 0.0, capacity: int | None = None):
         Recorder.__init__(self)
         self.deltas = deltas
         self.first_token_delay_s = first_token_delay_s
         self.fail_with: Exception | None = None
         self.request_tenants: list[str] = []  # the GenerateRequest.tenant field of each call
+        self.capacity = capacity
+        self.active = 0
+
+    async def _report_load(self, context) -> None:
+        if self.capacity is not None:
+            await context.send_initial_metadata(InferenceLoad(self.active, self.capacity).to_metadata())
 
     @rpc_method
     async def Generate(self, request, context):
@@ -100,14 +109,23 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
         self.request_tenants.append(request.tenant)
         if self.fail_with is not None:
             raise self.fail_with
-        await asyncio.sleep(self.first_token_delay_s)
-        for delta in self.deltas:
-            yield inference_pb2.GenerateChunk(delta=delta)
-        yield inference_pb2.GenerateChunk(done=True, finish_reason=2, prompt_tokens=len(request.prompt_token_ids),
-                                          completion_tokens=len(self.deltas))
+        self.active += 1
+        try:
+            await self._report_load(context)
+            await asyncio.sleep(self.first_token_delay_s)
+            for delta in self.deltas:
+                yield inference_pb2.GenerateChunk(delta=delta)
+            yield inference_pb2.GenerateChunk(done=True, finish_reason=2,
+                                              prompt_tokens=len(request.prompt_token_ids),
+                                              completion_tokens=len(self.deltas))
+        finally:
+            self.active -= 1
+            if self.capacity is not None:
+                context.set_trailing_metadata(InferenceLoad(self.active, self.capacity).to_metadata())
 
     @rpc_method
     async def ModelInfo(self, request, context):
+        await self._report_load(context)
         return inference_pb2.ModelInfoResponse(model="SmolLM2-135M-Instruct", revision="r1", context_length=8192,
                                                default_max_new_tokens=16)
 

@@ -17,7 +17,8 @@ from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
 def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None = None, template=None,
-             pass_channel: bool = False, cache_redis_url: str | None = None, **gateway_settings):
+             pass_channel: bool = False, cache_redis_url: str | None = None, inference: FakeInference | None = None,
+             **gateway_settings):
     """Starts template, cache, fake tokenizer and inference, then the gateway; runs scenario(stub, fakes).
 
     ``key_prefix``: where answers are cached; by default one of this call's own, so no test
@@ -25,11 +26,12 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None 
     instead of the real service. Auth is off unless ``auth="on"`` (with ``auth_keys_file``)
     is given. ``pass_channel``: the scenario gets the gateway's channel in place of a stub
     (to call it with metadata of its own). ``cache_redis_url``: the cache service's own
-    Redis URL (default: ``redis_url``, the gateway's).
+    Redis URL (default: ``redis_url``, the gateway's). ``inference``: a fake inference of the
+    test's own (e.g. one that reports a capacity) in place of a plain ``FakeInference()``.
     """
     key_prefix = key_prefix or f"test:gw-{uuid.uuid4().hex}"
     gateway_settings.setdefault("auth", "off")
-    tokenizer, inference = FakeTokenizer(), FakeInference()
+    tokenizer, inference = FakeTokenizer(), inference or FakeInference()
     template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
 
     async def main():

@@ -100,6 +100,25 @@ def test_no_prompt_is_invalid_argument_on_prompt(inprocess_server, redis_server)
     assert bad_request_fields(error) == ["prompt"]
 
 
+@pytest.mark.parametrize("sampling, field", [
+    ({"temperature": 1e9}, "sampling.temperature"),
+    ({"temperature": float("nan")}, "sampling.temperature"),
+    ({"top_p": float("inf")}, "sampling.top_p"),
+    ({"top_k": 10 ** 6}, "sampling.top_k"),
+    ({"max_new_tokens": 10 ** 6}, "sampling.max_new_tokens"),
+    ({"stop": ["x" * 65]}, "sampling.stop"),
+])
+def test_sampling_out_of_its_range_is_refused_at_the_gateway(inprocess_server, redis_server, sampling, field):
+    async def scenario(stub, tokenizer, inference):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(finance(**sampling))
+        return caught.value, tokenizer.calls + inference.calls
+
+    error, calls = run_mesh(inprocess_server, redis_server, scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == [field] and calls == 0
+
+
 def test_an_unknown_model_is_not_found(inprocess_server, redis_server):
     async def scenario(stub, tokenizer, inference):
         request = finance()
@@ -116,7 +135,7 @@ def test_a_downstream_field_error_keeps_its_details(inprocess_server, redis_serv
     async def scenario(stub, tokenizer, inference):
         inference.fail_with = InvalidArgument.for_field("sampling.top_k", "too large")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Generate(finance(top_k=10 ** 6, cache_mode=gateway_pb2.CACHE_MODE_BYPASS))
+            await stub.Generate(finance(top_k=5, cache_mode=gateway_pb2.CACHE_MODE_BYPASS))
         return caught.value
 
     error = run_mesh(inprocess_server, redis_server, scenario)

@@ -10,6 +10,7 @@ from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshkit.sampling import Sampling
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest
+from services.inference.load_report import InferenceLoad
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
 from tests.polling import until
@@ -20,7 +21,8 @@ PROMPT = real_tokenizer().encode("Hello there")
 
 def run_with_stub(inprocess_server, body, warm=True, **options):
     engine = tiny_engine(**options)
-    settings = InferenceSettings(port=0)
+    # The service reports its capacity from its settings: the same as the engine's.
+    settings = InferenceSettings(port=0, **{k: v for k, v in options.items() if k in ("max_running", "max_queue")})
     spec = build_spec(settings, engine_factory=lambda _: engine)
 
     async def main():
@@ -179,3 +181,28 @@ def test_a_full_queue_is_resource_exhausted_with_retry_info(inprocess_server):
         await wait_idle(engine)
 
     run_with_stub(inprocess_server, body, max_running=1, max_queue=0)
+
+
+def test_every_generate_and_model_info_reports_the_load(inprocess_server):
+    async def body(stub, engine):
+        info = stub.ModelInfo(inference_pb2.ModelInfoRequest())
+        await info
+        assert InferenceLoad.from_metadata(await info.initial_metadata()) == InferenceLoad(0, 2)
+        running = stub.Generate(generate_request(max_new_tokens=2000))
+        await running.read()
+        assert InferenceLoad.from_metadata(await running.initial_metadata()) == InferenceLoad(1, 2)
+        second = stub.Generate(generate_request(max_new_tokens=2000))  # queued behind the first: no chunk yet
+        assert InferenceLoad.from_metadata(await second.initial_metadata()) == InferenceLoad(2, 2)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [chunk async for chunk in stub.Generate(generate_request())]
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert InferenceLoad.from_metadata(caught.value.trailing_metadata()) == InferenceLoad(2, 2)
+        assert rpc_status.from_call(caught.value) is not None  # the rich status travels beside it
+        second.cancel()
+        running.cancel()
+        await wait_idle(engine)
+        short = stub.Generate(generate_request(max_new_tokens=2))
+        _ = [chunk async for chunk in short]
+        assert InferenceLoad.from_metadata(await short.trailing_metadata()) == InferenceLoad(0, 2)
+
+    run_with_stub(inprocess_server, body, max_running=1, max_queue=1)

@@ -26,6 +26,8 @@ def violated_fields(req):
     [
         ({"temperature": -0.1}, "sampling.temperature"),
         ({"temperature": float("nan")}, "sampling.temperature"),
+        ({"temperature": 1e9}, "sampling.temperature"),
+        ({"top_k": 1001}, "sampling.top_k"),
         ({"top_p": 1.5}, "sampling.top_p"),
         ({"top_p": -0.2}, "sampling.top_p"),
         ({"top_k": -1}, "sampling.top_k"),

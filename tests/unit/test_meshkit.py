@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from meshkit import errors
@@ -103,6 +105,63 @@ def test_deadline_exceeded_names_the_hop_in_error_info():
     info = error_details_pb2.ErrorInfo()
     assert details_of(errors.to_status(errors.DeadlineExceeded("late", hop="inference"))).details[0].Unpack(info)
     assert info.metadata["hop"] == "inference"
+
+
+def failed_call(code: grpc.StatusCode, message: str, *details) -> FailedCall:
+    """A downstream's failure carrying exactly ``details`` (google.rpc messages)."""
+    packed = []
+    for detail in details:
+        packed.append(any_pb2.Any())
+        packed[-1].Pack(detail)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=packed)
+    return FailedCall(rpc_status.to_status(status))
+
+
+def retry_in(ms: int) -> error_details_pb2.RetryInfo:
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromMilliseconds(ms)
+    return info
+
+
+def test_every_detail_of_a_refusal_reaches_the_caller_as_sent():
+    sent = [retry_in(250), error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="x.dev", metadata={"depth": "9"}),
+            error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(subject="s")])]
+    received = errors.from_rpc_error(failed_call(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", *sent), hop="inference")
+    assert isinstance(received, errors.ResourceExhausted) and received.retry_after_s == 0.25
+    relayed = details_of(errors.to_status(received)).details
+    assert [d.TypeName() for d in relayed] == [type(m).DESCRIPTOR.full_name for m in sent]
+    for detail, message in zip(relayed, sent):
+        assert detail.value == message.SerializeToString()
+
+
+def test_a_downstream_bug_relays_neither_message_nor_details():
+    call = failed_call(grpc.StatusCode.INTERNAL, "Traceback ...", error_details_pb2.ErrorInfo(reason="BUG"))
+    received = errors.from_rpc_error(call, hop="tokenizer")
+    status = errors.to_status(received)
+    assert status.code == grpc.StatusCode.INTERNAL and "Traceback" not in status.details
+    assert details_of(status).details == []
+
+
+def test_debug_info_never_crosses_a_hop():
+    call = failed_call(grpc.StatusCode.NOT_FOUND, "no such template",
+                       error_details_pb2.DebugInfo(stack_entries=["File x.py"]), error_details_pb2.ErrorInfo(reason="R"))
+    relayed = details_of(errors.to_status(errors.from_rpc_error(call, hop="template"))).details
+    assert [d.TypeName() for d in relayed] == ["google.rpc.ErrorInfo"]
+
+
+def test_a_downstream_deadline_names_this_hop_first_and_keeps_the_downstreams_details():
+    call = failed_call(grpc.StatusCode.DEADLINE_EXCEEDED, "late", retry_in(100))
+    details = details_of(errors.to_status(errors.from_rpc_error(call, hop="tokenizer"))).details
+    info = error_details_pb2.ErrorInfo()
+    assert details[0].Unpack(info) and info.metadata["hop"] == "tokenizer"
+    assert [d.TypeName() for d in details[1:]] == ["google.rpc.RetryInfo"]
+
+
+def test_a_resource_exhausted_reason_is_an_error_info():
+    status = errors.to_status(errors.ResourceExhausted("busy", retry_after_s=1, reason="GATEWAY_AT_CAPACITY"))
+    info = error_details_pb2.ErrorInfo()
+    assert details_of(status).details[0].Unpack(info)
+    assert (info.reason, info.domain) == ("GATEWAY_AT_CAPACITY", errors.ERROR_DOMAIN)
 
 
 def test_settings_env_beats_file_beats_default(tmp_path, monkeypatch):
