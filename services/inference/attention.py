@@ -46,8 +46,8 @@ def tiled_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     heads, dim, width = query.shape[1], query.shape[3], key.shape[2]
-    offset = tile_offset()
-    tiles = tile_count(offset, rows)
+    offset = tile_offset(TILE_ROWS)
+    tiles = tile_count(offset, rows, TILE_ROWS)
     total = tiles * TILE_ROWS
     padded = query.new_zeros(1, heads, total, dim)
     padded[:, :, offset : offset + rows] = query

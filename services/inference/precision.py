@@ -20,11 +20,16 @@ goes through the float32 GEMM too: MKL picks its sgemm kernel from the row
 count, so there is no float32 kernel whose rows are independent of the batch;
 one fixed 16-row tile per step is.
 
-Every float32 GEMM runs in fixed tiles of ``TILE_ROWS`` rows, all tiles one
+Every prefill GEMM runs in fixed tiles of ``GEMM_TILE_ROWS`` rows, all tiles one
 batched call (services/inference/tiles.py): a row's bits then do not depend on
 how many rows come with it, so a prompt's tail after a reused prefix comes out
-as in a cold prefill. Prefill attention is tiled the same way
-(services/inference/attention.py).
+as in a cold prefill. This costs prefill some speed (MKL reads the weights once
+per tile rather than once per call); a single GEMM over all rows does not keep
+rows independent, as MKL picks kernel and threading from the row count and
+CPUs differ in where that changes the rounding. Prefill attention is tiled the
+same way (services/inference/attention.py). The output layer is the exception:
+in prefill it sees the last position only, one row whether or not a prefix was
+reused, so it takes the decode kernel.
 
 Machines differ: an AVX2-only CPU and one with AVX-512 BF16/VNNI and AMX run
 different code inside the same torch call (services/inference/cpu_features.py).
@@ -45,14 +50,14 @@ from torch import nn
 
 from services.inference.attention import use_tiled_attention
 from services.inference.cpu_features import CpuFeatures
-from services.inference.tiles import TILE_ROWS, in_prefill, prefill_phase, tile_count, tile_offset
+from services.inference.tiles import GEMM_TILE_ROWS, TILE_ROWS, in_prefill, prefill_phase, tile_count, tile_offset
 
 __all__ = ["MAX_DECODE_ROWS", "PRECISIONS", "TILE_ROWS", "DecodeLinear", "RowDependence", "apply_precision",
            "check_row_independence", "kernel_paths", "prefill_phase", "set_gemm_rows"]
 
 # Decode steps have at most this many rows (InferenceSettings caps max_running):
-# one tile. A forward with more rows, or any forward under ``prefill_phase()``,
-# takes the tiled float32 GEMM.
+# in float32, one tile. A forward with more rows, or any forward under
+# ``prefill_phase()``, takes the tiled float32 GEMM.
 MAX_DECODE_ROWS = TILE_ROWS
 
 PRECISIONS = ("int8", "bfloat16", "float32")
@@ -74,6 +79,9 @@ class DecodeLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.precision = precision
         self.gemm_rows = MAX_DECODE_ROWS + 1
+        # False for the output layer: in prefill it sees the last position only, one row in a
+        # cold prefill as after a prefix hit, so the decode kernel serves it.
+        self.tiled_prefill = True
         if precision == "float32":
             wide = linear.weight.detach().float()  # shares a tied weight's storage
         else:
@@ -101,8 +109,10 @@ class DecodeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
-        if self.precision == "float32" or rows >= self.gemm_rows or in_prefill():
-            out = tiled_gemm(flat, self.weight_float32, self.bias, tile_offset()).to(x.dtype)
+        if rows >= self.gemm_rows or (in_prefill() and self.tiled_prefill):
+            out = tiled_gemm(flat, self.weight_float32, self.bias, GEMM_TILE_ROWS).to(x.dtype)
+        elif self.precision == "float32":  # a decode step: one tile
+            out = tiled_gemm(flat, self.weight_float32, self.bias, TILE_ROWS)
         elif self.precision == "bfloat16":
             out = F.linear(flat, self.weight, self.bias)
         else:
@@ -112,16 +122,17 @@ class DecodeLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:
     """``x @ weight.T + bias`` in float32, (rows, in) -> (rows, out), as one batched multiply of
-    ``TILE_ROWS``-row tiles; row ``i`` of ``x`` sits at row ``offset + i`` of the tiles."""
+    ``tile_rows``-row tiles, the rows placed by absolute position (``tiles.tile_offset``)."""
     rows, columns = x.shape
-    tiles = tile_count(offset, rows)
-    padded = x.new_zeros(tiles * TILE_ROWS, columns, dtype=torch.float32)
+    offset = tile_offset(tile_rows)
+    tiles = tile_count(offset, rows, tile_rows)
+    padded = x.new_zeros(tiles * tile_rows, columns, dtype=torch.float32)
     padded[offset : offset + rows] = x
     transposed = weight.t()
-    out = torch.bmm(padded.view(tiles, TILE_ROWS, columns), transposed.expand(tiles, *transposed.shape))
-    out = out.view(tiles * TILE_ROWS, -1)[offset : offset + rows]
+    out = torch.bmm(padded.view(tiles, tile_rows, columns), transposed.expand(tiles, *transposed.shape))
+    out = out.view(tiles * tile_rows, -1)[offset : offset + rows]
     return out if bias is None else out + bias.float()
 
 
@@ -143,6 +154,9 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
             if not isinstance(module, DecodeLinear):
                 for parameter in module.parameters(recurse=False):
                     parameter.data = parameter.data.to(torch.bfloat16)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(output, DecodeLinear):
+        output.tiled_prefill = False
     use_tiled_attention(model)
     return model
 
@@ -173,7 +187,7 @@ def kernel_paths(model: nn.Module) -> str:
     precision = model_precision(model)
     if precision is None:
         return "the model's own linear layers (no DecodeLinear)"
-    return (f"{precision}: decode {_DECODE_KERNELS[precision]}; prefill float32 GEMM in {TILE_ROWS}-row tiles; "
+    return (f"{precision}: decode {_DECODE_KERNELS[precision]}; prefill float32 GEMM in {GEMM_TILE_ROWS}-row tiles; "
             f"prefill attention in {TILE_ROWS}-query tiles")
 
 
@@ -181,7 +195,8 @@ def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatu
     """Raises ``RowDependence`` unless, on this CPU, each distinct layer shape of ``model`` gives a row
 
     - the same bits in a decode step of ``batch_rows`` rows (and of 2) as alone, and
-    - the same bits in a prefill whatever rows precede it (a tail after a reused prefix).
+    - the same bits in a prefill whatever rows precede it (a tail after a reused prefix);
+      the output layer, which sees one row in any prefill, is exempt.
 
     Runs on random inputs, in a fraction of a second for SmolLM2-135M.
     """
@@ -189,7 +204,7 @@ def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatu
     with torch.inference_mode():
         for layer in _layers_by_shape(model):
             name = f"{layer.in_features}->{layer.out_features}"
-            x = torch.randn(3 * TILE_ROWS, layer.in_features, generator=generator).to(layer.activation_dtype)
+            x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=generator).to(layer.activation_dtype)
             alone = torch.cat([layer(x[row : row + 1]) for row in range(batch_rows)])
             for count in sorted({2, batch_rows}):
                 if count <= batch_rows and not torch.equal(layer(x[:count]), alone[:count]):
@@ -198,9 +213,11 @@ def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatu
                         f"({features.summary()}): its decode kernel ({_DECODE_KERNELS[layer.precision]}) gives a "
                         f"{name} layer's rows different bits in a batch of {count} than alone; choose another "
                         f"NLPMESH_INFERENCE_DTYPE")
+            if not layer.tiled_prefill:  # the output layer: one row in any prefill
+                continue
             with prefill_phase(0):
                 whole = layer(x)
-            for start in (TILE_ROWS, 3 * TILE_ROWS // 2 + 3, x.shape[0] - 1):
+            for start in (TILE_ROWS, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS // 2 + 3, x.shape[0] - 1):
                 with prefill_phase(start):
                     if not torch.equal(layer(x[start:]), whole[start:]):
                         raise RowDependence(
