@@ -10,7 +10,7 @@ position, services/inference/tiles.py), the tiles go as the batch of one
 ``scaled_dot_product_attention`` call over the same keys, and every tile is the
 same computation however many there are.
 
-Decode (one query per sequence) takes transformers' own SDPA path: each
+Decode (one query per sequence, outside ``prefill_phase``) takes transformers' own SDPA path: each
 sequence is its own batch item there, and KV widths aligned to 16 columns
 (services/inference/kv.py) keep a row's bits the same alone or in a batch.
 """
@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from services.inference.tiles import TILE_ROWS, tile_count, tile_offset
+from services.inference.tiles import TILE_ROWS, in_prefill, tile_count, tile_offset
 
 NAME = "nlpmesh_tiled_sdpa"
 
@@ -41,7 +41,8 @@ def tiled_sdpa_attention(
     """transformers' attention interface: query (1, heads, n, dim), key and value (1, kv_heads, width, dim),
     a 4-D boolean mask (1, 1, n, width); returns (1, n, heads, dim). Other calls go to plain SDPA."""
     rows = query.shape[2]
-    if rows == 1 or query.shape[0] != 1 or attention_mask is None or attention_mask.dim() != 4 \
+    tiled = in_prefill() or rows > 1  # a one-token tail after a reused prefix is a prefill too
+    if not tiled or query.shape[0] != 1 or attention_mask is None or attention_mask.dim() != 4 \
             or attention_mask.shape[1] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
