@@ -34,9 +34,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference import metrics
+from services.inference.cpu_features import read_cpu_features
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import SlotKV
-from services.inference.precision import prefill_phase
+from services.inference.precision import check_row_independence, kernel_paths, prefill_phase
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
@@ -78,6 +79,7 @@ class Engine:
         self.limits = _limits(model, options)
         self.model = model.eval()
         self._options = options
+        _check_kernels(model, options)
         self._eos_ids = eos_token_ids(model)
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
         kv_dtype = model.get_input_embeddings().weight.dtype
@@ -197,12 +199,13 @@ class Engine:
     def _prefill(self, row: int, prompt: list[int], start: int) -> torch.Tensor:
         """Runs prompt[start:] into ``row`` in one forward; the last position's logits.
 
-        Under ``prefill_phase`` every layer takes the float32 GEMM, whose rows do not
-        depend on how many there are: the tail after a reused prefix comes out as it
-        would in a cold prefill, so the prefix cache never changes a greedy answer.
+        Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
+        16-row tiles placed by absolute position, so a row's bits do not depend on how
+        many rows there are: the tail after a reused prefix comes out as it would in a
+        cold prefill, and the prefix cache never changes a greedy answer.
         """
         positions, mask = self._kv.prefill(row, start, len(prompt) - start)
-        with prefill_phase():
+        with prefill_phase(start):
             return self._forward([prompt[start:]], positions, mask)
 
     def _decode_step(self) -> None:
@@ -258,6 +261,19 @@ class Engine:
             error = Unavailable("the inference engine shut down")
             job.spans.finished(error)
             job.deliver(error)
+
+
+def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
+    """Logs the CPU and the kernels; raises ValueError (RowDependence) when the model's precision
+    cannot give a row the same bits whatever the batch on this CPU."""
+    features = read_cpu_features()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)  # as the worker will run
+    try:
+        check_row_independence(model, options.max_running, features)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("CPU %s; kernels: %s", features.summary(), kernel_paths(model))
 
 
 def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:

@@ -1,124 +1,163 @@
-"""Weights for fast CPU decode: bfloat16 or int8, with a float32 GEMM for prefill.
+"""Weights and kernels for CPU inference, chosen so that a row's bits never depend on the batch.
 
-Measured on this machine's CPU (AVX2, no AVX-512), torch 2.13, a 576 -> 1536 layer:
+Decode computes one token per running sequence: a few rows against every weight
+of the model, so it is bound by reading the weights and wants the fewest bytes
+per weight. Prefill computes a whole prompt, many rows against the same weights,
+so it is bound by arithmetic and wants a blocked GEMM that reuses each weight
+across rows. Hence each ``nn.Linear`` becomes a ``DecodeLinear`` holding
 
-    rows (tokens)          1        8        300
-    float32 F.linear     0.08 ms  0.29 ms   4 ms     (MKL sgemm: batches well)
-    bfloat16 F.linear    0.10 ms  0.78 ms  32 ms     (one GEMV per row)
-    int8 weight-only     0.09 ms  0.27 ms  10 ms     (torch._weight_int8pack_mm, one pass per row)
+- the decode weights: int8 with one scale per output channel (symmetric,
+  absmax / 127), read by ``torch._weight_int8pack_mm``, or bfloat16, read by
+  ``F.linear``; both with bfloat16 activations. These kernels compute each row
+  on its own, so a row gives the same bits alone or in a batch;
+- the same weights widened exactly to float32, for prefill: float32 GEMM
+  (MKL sgemm) is the one that blocks well on every x86 CPU torch runs on, while
+  a bfloat16 GEMM is fast only where the CPU has AVX-512 BF16 or AMX. The
+  float32 copy holds the very values the decode kernel reads.
 
-Decode is bound by reading the weights, so it wants the fewest bytes per weight;
-prefill is bound by arithmetic, and only float32 sgemm is fast at it here. So
-each ``nn.Linear`` becomes a ``DecodeLinear`` holding:
-- the decode weights: bfloat16, or int8 with one scale per output channel
-  (symmetric, absmax / 127), read by torch's own kernels with bfloat16 activations;
-- the same weights widened exactly to float32, for forwards of more than
-  ``MAX_DECODE_ROWS`` rows (prefill): the float32 copy holds the very values the decode kernel uses.
+In ``float32`` (the reference precision) the weights stay as loaded, and decode
+goes through the float32 GEMM too: MKL picks its sgemm kernel from the row
+count, so there is no float32 kernel whose rows are independent of the batch;
+one fixed 16-row tile per step is.
 
-Both decode kernels compute every row on its own, so a row's result does not
-depend on how many other rows share the step (tests/unit/test_inference_precision.py).
+Every prefill GEMM runs in fixed tiles of ``GEMM_TILE_ROWS`` rows, all tiles one
+batched call (services/inference/tiles.py): a row's bits then do not depend on
+how many rows come with it, so a prompt's tail after a reused prefix comes out
+as in a cold prefill. This costs prefill some speed (MKL reads the weights once
+per tile rather than once per call); a single GEMM over all rows does not keep
+rows independent, as MKL picks kernel and threading from the row count and
+CPUs differ in where that changes the rounding. Prefill attention is tiled the
+same way (services/inference/attention.py). The output layer is the exception:
+in prefill it sees the last position only, one row whether or not a prefix was
+reused, so it takes the decode kernel.
+
+Machines differ: an AVX2-only CPU and one with AVX-512 BF16/VNNI and AMX run
+different code inside the same torch call (services/inference/cpu_features.py).
+So the engine does not take row independence on trust: at start,
+``check_row_independence`` runs the model's own layer shapes through the decode
+kernels and the tiled GEMM, and a precision whose kernels fail it on this CPU is
+refused with a ValueError that names it.
 
 Why not torchao for int8: its weight-only tensor subclass calls the same kernel,
-but its dispatch in eager mode costs more than the matmul at one row (14.5 tok/s
-against 23 for bfloat16), and under ``torch.compile`` every batch shape compiles
-for about 50 s.
+but its eager dispatch costs more than the multiply itself at one row, and under
+``torch.compile`` every batch shape compiles anew.
 """
 from __future__ import annotations
-
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Decode steps have at most this many rows (InferenceSettings caps max_running);
-# a forward with more rows, or any forward under ``prefill_phase()``, takes the
-# float32 GEMM.
-MAX_DECODE_ROWS = 16
-MIN_GEMM_ROWS = 8
-_phase = threading.local()
+from services.inference.attention import use_tiled_attention
+from services.inference.cpu_features import CpuFeatures
+from services.inference.tiles import GEMM_TILE_ROWS, TILE_ROWS, in_prefill, prefill_phase, tile_count, tile_offset
 
+__all__ = ["MAX_DECODE_ROWS", "PRECISIONS", "TILE_ROWS", "DecodeLinear", "RowDependence", "apply_precision",
+           "check_row_independence", "kernel_paths", "prefill_phase", "set_gemm_rows"]
 
-@contextmanager
-def prefill_phase() -> Iterator[None]:
-    """Forwards in this block (on this thread) take the float32 GEMM, whatever their row count.
-
-    The engine prefills under it, so a prompt's tail takes the same path whether
-    the part before it came from the prefix cache or not. MKL's sgemm gives a row
-    the same bits whatever the row count from 4 rows up (measured for every layer
-    shape here: 1 and 2 rows take another kernel), so the GEMM never runs on fewer
-    than ``MIN_GEMM_ROWS`` rows: shorter inputs are padded with zero rows.
-    """
-    _phase.prefill = True
-    try:
-        yield
-    finally:
-        _phase.prefill = False
-
+# Decode steps have at most this many rows (InferenceSettings caps max_running):
+# in float32, one tile. A forward with more rows, or any forward under
+# ``prefill_phase()``, takes the tiled float32 GEMM.
+MAX_DECODE_ROWS = TILE_ROWS
 
 PRECISIONS = ("int8", "bfloat16", "float32")
+
+_DECODE_KERNELS = {
+    "int8": "torch._weight_int8pack_mm per row",
+    "bfloat16": "bfloat16 F.linear per row",
+    "float32": f"float32 GEMM in one {TILE_ROWS}-row tile",
+}
+
+
+class RowDependence(ValueError):
+    """A precision's kernels give a row different bits depending on the rows beside it, on this CPU."""
 
 
 class DecodeLinear(nn.Module):
     def __init__(self, linear: nn.Linear, precision: str):
         super().__init__()
-        weight = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.precision = precision
         self.gemm_rows = MAX_DECODE_ROWS + 1
-        if precision == "int8":
-            scales = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127).to(torch.bfloat16)
-            self.register_buffer("weight_int8", torch.round(weight / scales.float()[:, None]).clamp(-127, 127)
-                                 .to(torch.int8))
-            self.register_buffer("scales", scales)
-            wide = self.weight_int8.float() * scales.float()[:, None]
-        elif precision == "bfloat16":
-            self.register_buffer("weight", weight.to(torch.bfloat16))
-            wide = self.weight.float()
+        # False for the output layer: in prefill it sees the last position only, one row in a
+        # cold prefill as after a prefix hit, so the decode kernel serves it.
+        self.tiled_prefill = True
+        if precision == "float32":
+            wide = linear.weight.detach().float()  # shares a tied weight's storage
         else:
-            raise ValueError(f"unknown decode precision {precision!r}")
+            weight = linear.weight.detach().float()
+            if precision == "int8":
+                scales = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127).to(torch.bfloat16)
+                self.register_buffer("weight_int8", torch.round(weight / scales.float()[:, None]).clamp(-127, 127)
+                                     .to(torch.int8))
+                self.register_buffer("scales", scales)
+                wide = self.weight_int8.float() * scales.float()[:, None]
+            elif precision == "bfloat16":
+                self.register_buffer("weight", weight.to(torch.bfloat16))
+                wide = self.weight.float()
+            else:
+                raise ValueError(f"unknown decode precision {precision!r}")
         self.register_buffer("weight_float32", wide, persistent=False)
         bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        bias_dtype = torch.float32 if precision == "float32" else torch.bfloat16
+        self.register_buffer("bias", None if bias is None else bias.detach().to(bias_dtype))
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "float32" else torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= self.gemm_rows or getattr(_phase, "prefill", False):
-            return self._gemm(x, rows)
-        if self.precision == "bfloat16":
-            return F.linear(x, self.weight, self.bias)
-        flat = torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.weight_int8, self.scales)
-        if self.bias is not None:
-            flat = flat + self.bias
-        return flat.reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(rows, self.in_features)
+        if rows >= self.gemm_rows or (in_prefill() and self.tiled_prefill):
+            out = tiled_gemm(flat, self.weight_float32, self.bias, GEMM_TILE_ROWS).to(x.dtype)
+        elif self.precision == "float32":  # a decode step: one tile
+            out = tiled_gemm(flat, self.weight_float32, self.bias, TILE_ROWS)
+        elif self.precision == "bfloat16":
+            out = F.linear(flat, self.weight, self.bias)
+        else:
+            out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _gemm(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        flat = x.reshape(rows, self.in_features).float()
-        if rows < MIN_GEMM_ROWS:
-            flat = torch.cat((flat, flat.new_zeros(MIN_GEMM_ROWS - rows, self.in_features)))
-        bias = None if self.bias is None else self.bias.float()
-        out = F.linear(flat, self.weight_float32, bias)[:rows]
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float32, (rows, in) -> (rows, out), as one batched multiply of
+    ``tile_rows``-row tiles, the rows placed by absolute position (``tiles.tile_offset``)."""
+    rows, columns = x.shape
+    offset = tile_offset(tile_rows)
+    tiles = tile_count(offset, rows, tile_rows)
+    padded = x.new_zeros(tiles * tile_rows, columns, dtype=torch.float32)
+    padded[offset : offset + rows] = x
+    transposed = weight.t()
+    out = torch.bmm(padded.view(tiles, tile_rows, columns), transposed.expand(tiles, *transposed.shape))
+    out = out.view(tiles * tile_rows, -1)[offset : offset + rows]
+    return out if bias is None else out + bias.float()
 
 
 def apply_precision(model: nn.Module, precision: str) -> nn.Module:
-    """Puts ``model`` in ``precision``: float32 leaves it as it is; bfloat16 and int8
-    replace every ``nn.Linear`` (lm_head included) by a ``DecodeLinear`` and keep
-    the rest (embeddings, norms, activations, KV cache) in bfloat16."""
+    """Puts ``model`` in ``precision``: every ``nn.Linear`` (lm_head included) becomes a
+    ``DecodeLinear``; in bfloat16 and int8 the rest (embeddings, norms, activations,
+    KV cache) goes to bfloat16, in float32 it stays float32. A transformers model
+    also gets the tiled prefill attention."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "float32":
-        return model.float()
+        model = model.float()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, DecodeLinear(child, precision))
-    for module in model.modules():  # the other weights; buffers (RoPE frequencies) stay as they are
-        if not isinstance(module, DecodeLinear):
-            for parameter in module.parameters(recurse=False):
-                parameter.data = parameter.data.to(torch.bfloat16)
+    if precision != "float32":
+        for module in model.modules():  # the other weights; buffers (RoPE frequencies) stay as they are
+            if not isinstance(module, DecodeLinear):
+                for parameter in module.parameters(recurse=False):
+                    parameter.data = parameter.data.to(torch.bfloat16)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(output, DecodeLinear):
+        output.tiled_prefill = False
+    use_tiled_attention(model)
     return model
 
 
@@ -127,3 +166,61 @@ def set_gemm_rows(model: nn.Module, rows: int) -> None:
     for module in model.modules():
         if isinstance(module, DecodeLinear):
             module.gemm_rows = rows
+
+
+def _layers_by_shape(model: nn.Module) -> list[DecodeLinear]:
+    layers: dict[tuple[int, int], DecodeLinear] = {}
+    for module in model.modules():
+        if isinstance(module, DecodeLinear):
+            layers.setdefault((module.in_features, module.out_features), module)
+    return list(layers.values())
+
+
+def model_precision(model: nn.Module) -> str | None:
+    """The precision ``apply_precision`` gave ``model``; None for a model it did not touch."""
+    layers = _layers_by_shape(model)
+    return layers[0].precision if layers else None
+
+
+def kernel_paths(model: nn.Module) -> str:
+    """One line naming the kernels ``model`` runs (for the engine's start-up log)."""
+    precision = model_precision(model)
+    if precision is None:
+        return "the model's own linear layers (no DecodeLinear)"
+    return (f"{precision}: decode {_DECODE_KERNELS[precision]}; prefill float32 GEMM in {GEMM_TILE_ROWS}-row tiles; "
+            f"prefill attention in {TILE_ROWS}-query tiles")
+
+
+def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatures) -> None:
+    """Raises ``RowDependence`` unless, on this CPU, each distinct layer shape of ``model`` gives a row
+
+    - the same bits in a decode step of ``batch_rows`` rows (and of 2) as alone, and
+    - the same bits in a prefill whatever rows precede it (a tail after a reused prefix);
+      the output layer, which sees one row in any prefill, is exempt.
+
+    Runs on random inputs, in a fraction of a second for SmolLM2-135M.
+    """
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for layer in _layers_by_shape(model):
+            name = f"{layer.in_features}->{layer.out_features}"
+            x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=generator).to(layer.activation_dtype)
+            alone = torch.cat([layer(x[row : row + 1]) for row in range(batch_rows)])
+            for count in sorted({2, batch_rows}):
+                if count <= batch_rows and not torch.equal(layer(x[:count]), alone[:count]):
+                    raise RowDependence(
+                        f"precision {layer.precision} cannot keep greedy output independent of the batch on this CPU "
+                        f"({features.summary()}): its decode kernel ({_DECODE_KERNELS[layer.precision]}) gives a "
+                        f"{name} layer's rows different bits in a batch of {count} than alone; choose another "
+                        f"NLPMESH_INFERENCE_DTYPE")
+            if not layer.tiled_prefill:  # the output layer: one row in any prefill
+                continue
+            with prefill_phase(0):
+                whole = layer(x)
+            for start in (TILE_ROWS, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS // 2 + 3, x.shape[0] - 1):
+                with prefill_phase(start):
+                    if not torch.equal(layer(x[start:]), whole[start:]):
+                        raise RowDependence(
+                            f"precision {layer.precision} cannot keep a prefix-cache hit equal to a cold prefill on "
+                            f"this CPU ({features.summary()}): the tiled float32 GEMM gives a {name} layer's rows "
+                            f"from {start} on different bits than in the whole prompt")

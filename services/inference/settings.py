@@ -19,9 +19,11 @@ class InferenceSettings(ServiceSettings, service="inference"):
     max_new_tokens_limit: int = 2048
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
-    # Decode precision (services/inference/precision.py). int8 is the default: it
-    # decodes fastest here, and its perplexity is within 3% of float32
-    # (tests/unit/test_inference_precision.py: -0.09%; bfloat16 +0.07%).
+    # Decode precision (services/inference/precision.py). int8 is the default:
+    # decode is bound by reading the weights and int8 reads the fewest bytes, and
+    # a test keeps its perplexity within 3% of float32's
+    # (tests/unit/test_inference_precision.py). The engine refuses a precision
+    # whose kernels cannot keep greedy output batch-independent on this CPU.
     dtype: Literal["int8", "bfloat16", "float32"] = "int8"
     # Prefix KV reuse (services/inference/prefix.py): blocks of this many prompt
     # tokens, kept in an in-process LRU of this many bytes (0 = off) and shared

@@ -1,4 +1,5 @@
-"""The perplexity guard and the decode kernels' batch invariance.
+"""The perplexity guard, and the kernels' row independence: in decode (alone or in a batch)
+and in prefill (a tail after a reused prefix, or the whole prompt).
 
 The default precision must be a faster one than float32 whose perplexity, on a
 fixed text, stays within 3% of float32. The perplexity is measured through the
@@ -14,8 +15,18 @@ from torch import nn
 
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
+from services.inference.attention import tiled_sdpa_attention
+from services.inference.cpu_features import read_cpu_features
 from services.inference.loading import load_model
-from services.inference.precision import DecodeLinear, apply_precision, prefill_phase, set_gemm_rows
+from services.inference.precision import (
+    DecodeLinear,
+    RowDependence,
+    apply_precision,
+    check_row_independence,
+    kernel_paths,
+    prefill_phase,
+    set_gemm_rows,
+)
 from services.inference.settings import InferenceSettings
 
 # Openings of public-domain novels (Austen, Dickens, Melville, Tolstoy, Fitzgerald, Carroll).
@@ -42,15 +53,24 @@ def test_the_default_precision_stays_within_three_percent_of_float32():
     assert increase <= MAX_RELATIVE_INCREASE
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
-def test_decode_kernels_give_a_row_the_same_bits_whatever_shares_its_batch(precision):
+# The model's layer shapes (SmolLM2-135M): MKL picks kernels and threading by shape.
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+
+
+def activation_dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "float32" else torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_kernels_give_a_row_the_same_bits_whatever_shares_its_batch(precision, shape):
     torch.manual_seed(0)
-    model = apply_precision(nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32)), precision)
-    rows = torch.randn(8, 64).to(torch.bfloat16)
+    layer = apply_precision(nn.Sequential(nn.Linear(*shape)), precision)[0]
+    rows = torch.randn(16, shape[0]).to(activation_dtype(precision))
     with torch.inference_mode():
-        together = model(rows)
-        alone = torch.cat([model(rows[index : index + 1]) for index in range(8)])
-    assert torch.equal(together, alone)
+        alone = torch.cat([layer(rows[index : index + 1]) for index in range(16)])
+        for count in range(2, 17):
+            assert torch.equal(layer(rows[:count]), alone[:count]), count
 
 
 @pytest.mark.parametrize("precision", ["int8", "bfloat16"])
@@ -71,12 +91,61 @@ def test_prefill_uses_float32_gemm_on_the_same_weights(precision):
     assert (gemm - exact).abs().max() < tolerance * exact.abs().max()
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
-def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision):
+@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision, shape):
     torch.manual_seed(0)
-    layer = apply_precision(nn.Sequential(nn.Linear(64, 96)), precision)[0]
-    rows = torch.randn(300, 64).to(torch.bfloat16)
-    with torch.inference_mode(), prefill_phase():
-        whole = layer(rows)
-        for count in (1, 2, 3, 17, 44, 299):  # a tail after a reused prefix, of any length
-            assert torch.equal(layer(rows[-count:]), whole[-count:]), count
+    layer = apply_precision(nn.Sequential(nn.Linear(*shape)), precision)[0]
+    rows = torch.randn(300, shape[0]).to(activation_dtype(precision))
+    with torch.inference_mode():
+        with prefill_phase(0):
+            whole = layer(rows)
+        for start in (1, 16, 32, 100, 160, 237, 256, 283, 297, 298, 299):  # a tail after a reused prefix
+            with prefill_phase(start):
+                assert torch.equal(layer(rows[start:]), whole[start:]), start
+        with prefill_phase(0):  # and a shorter prompt sharing the beginning
+            assert torch.equal(layer(rows[:77]), whole[:77])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_attention_gives_a_query_row_the_same_bits_whatever_the_prompts_length(dtype):
+    torch.manual_seed(0)
+    heads, kv_heads, dim, count = 9, 3, 64, 300
+    width = 304  # aligned, as services/inference/kv.py gives it
+    query = torch.randn(1, heads, count, dim).to(dtype)
+    key, value = (torch.randn(1, kv_heads, width, dim).to(dtype) for _ in range(2))
+    mask = (torch.arange(width)[None] <= torch.arange(count)[:, None])[None, None]
+    module = nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    with torch.inference_mode():
+        with prefill_phase(0):
+            whole, _ = tiled_sdpa_attention(module, query, key, value, mask, scaling=dim**-0.5)
+        for start in (16, 48, 64, 112, 200, 240, 256, 272, 283, 299):
+            with prefill_phase(start):
+                tail, _ = tiled_sdpa_attention(module, query[:, :, start:], key, value, mask[:, :, start:],
+                                               scaling=dim**-0.5)
+            assert torch.equal(tail, whole[:, start:]), start
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float().repeat_interleave(3, 1), value.float().repeat_interleave(3, 1), attn_mask=mask)
+    assert torch.allclose(whole.float(), exact.transpose(1, 2), atol=0.02)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+def test_the_start_up_check_passes_for_the_kernels_in_use_and_names_them(precision):
+    model = apply_precision(nn.Sequential(*(nn.Linear(*shape) for shape in [(576, 1536), (1536, 576)])), precision)
+    check_row_independence(model, 8, read_cpu_features())
+    assert kernel_paths(model).startswith(f"{precision}: decode ")
+
+
+def test_the_start_up_check_refuses_a_decode_kernel_whose_rows_depend_on_the_batch(monkeypatch):
+    model = apply_precision(nn.Sequential(nn.Linear(64, 96)), "int8")
+    real = torch._weight_int8pack_mm
+
+    def batch_dependent(x, weight, scales):  # what a kernel blocking rows together may do
+        out = real(x, weight, scales)
+        return out + 1e-2 if x.shape[0] > 1 else out
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", batch_dependent)
+    with pytest.raises(RowDependence, match=r"precision int8 .* batch of 2 than alone"):
+        check_row_independence(model, 8, read_cpu_features())
+    assert issubclass(RowDependence, ValueError)
