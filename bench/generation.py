@@ -36,7 +36,7 @@ from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest
-from services.inference.loading import engine_options, load_model
+from services.inference.loading import load_model
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
 
@@ -203,7 +203,7 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
                              budget_s=settings.prefix_redis_budget_ms / 1000)
         prefix = PrefixCache(model="bench", revision="bench", block_tokens=settings.prefix_block_tokens,
                              shared=shared)
-        engine = Engine(model, tokenizer, engine_options(settings), prefix_cache=prefix)
+        engine = Engine(model, tokenizer, settings.engine_options(), prefix_cache=prefix)
         tiers[engine] = shared
         return engine
 

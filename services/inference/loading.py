@@ -10,25 +10,13 @@ from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
 from modelfiles.convert import ModelFiles, load_model_files
-from services.inference.engine import Engine, EngineOptions
+from services.inference.engine import Engine
 from services.inference.generation_types import GenerationRequest
 from services.inference.precision import apply_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("nlpmesh.inference")
-
-
-def engine_options(settings: InferenceSettings) -> EngineOptions:
-    return EngineOptions(
-        threads=settings.threads,
-        max_queue=settings.max_queue,
-        max_running=settings.max_running,
-        default_max_new_tokens=settings.default_max_new_tokens,
-        max_new_tokens_limit=settings.max_new_tokens_limit,
-        max_stop_sequences=settings.max_stop_sequences,
-        max_stop_chars=settings.max_stop_chars,
-    )
 
 
 def load_model(files: ModelFiles, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -51,7 +39,7 @@ def load_engine(settings: InferenceSettings) -> Engine:
     files = load_model_files(settings.home)
     model, tokenizer = load_model(files, settings.dtype)
     log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
-    options = engine_options(settings)
+    options = settings.engine_options()
     return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision,
                   prefix_cache=prefix_cache(settings, files))
 

@@ -1,24 +1,29 @@
 """The inference service's settings (env NLPMESH_INFERENCE_<FIELD>)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field
 
 from meshkit.settings import ServiceSettings, default_home
+from services.inference.engine import EngineOptions
 from services.inference.precision import MAX_DECODE_ROWS
+
+_ENGINE = EngineOptions()  # the engine's defaults, written once there
 
 
 class InferenceSettings(ServiceSettings, service="inference"):
     home: Path = Field(default_factory=default_home)
-    threads: int = 2  # torch intra-op threads for the model's one worker thread
-    max_queue: int = 64  # requests waiting for a slot; beyond this, RESOURCE_EXHAUSTED
-    max_running: int = Field(default=8, ge=1, le=MAX_DECODE_ROWS)  # requests decoded together, one batch
-    default_max_new_tokens: int = 256
-    max_new_tokens_limit: int = 2048
-    max_stop_sequences: int = 4
-    max_stop_chars: int = 64
+    # The engine's options (services/inference/engine.py EngineOptions), by the same names.
+    threads: int = _ENGINE.threads  # torch intra-op threads for the model's one worker thread
+    max_queue: int = _ENGINE.max_queue  # requests waiting for a slot; beyond this, RESOURCE_EXHAUSTED
+    max_running: int = Field(default=_ENGINE.max_running, ge=1, le=MAX_DECODE_ROWS)  # decoded together, one batch
+    default_max_new_tokens: int = _ENGINE.default_max_new_tokens
+    max_new_tokens_limit: int = _ENGINE.max_new_tokens_limit
+    max_stop_sequences: int = _ENGINE.max_stop_sequences
+    max_stop_chars: int = _ENGINE.max_stop_chars
     # Decode precision (services/inference/precision.py). int8 is the default:
     # decode is bound by reading the weights and int8 reads the fewest bytes, and
     # a test keeps its perplexity within 3% of float32's
@@ -41,3 +46,7 @@ class InferenceSettings(ServiceSettings, service="inference"):
     prefix_redis_budget_ms: float = Field(default=100.0, gt=0)
     prefix_redis_cooldown_s: float = Field(default=5.0, ge=0)
     prefix_redis_ttl_s: int = Field(default=3600, ge=1)
+
+    def engine_options(self) -> EngineOptions:
+        names = (option.name for option in dataclasses.fields(EngineOptions))
+        return EngineOptions(**{name: getattr(self, name) for name in names})

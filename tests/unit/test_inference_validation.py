@@ -65,3 +65,16 @@ def test_defaults_are_filled_in():
 def test_the_default_length_shrinks_to_fit_the_context():
     resolved = resolve_request(request(prompt=range(90)), LIMITS).sampling
     assert resolved.max_new_tokens == 10
+
+
+def test_the_engine_options_are_the_settings_of_the_same_names(monkeypatch):
+    import dataclasses
+
+    from services.inference.engine import EngineOptions
+    from services.inference.settings import InferenceSettings
+
+    monkeypatch.delenv("NLPMESH_INFERENCE_MAX_QUEUE", raising=False)
+    assert InferenceSettings().engine_options() == EngineOptions()  # one set of defaults
+    monkeypatch.setenv("NLPMESH_INFERENCE_MAX_QUEUE", "5")
+    options = InferenceSettings(max_running=3).engine_options()
+    assert options == dataclasses.replace(EngineOptions(), max_running=3, max_queue=5)
