@@ -191,7 +191,8 @@ class Engine:
                 self._prefix.remember(keys, known, lambda start, end: self._kv.read(row, start, end))
             text = sequence.accept(logits[0])
         except Exception as error:
-            log.exception("prefill failed for request %s", job.request.request_id)
+            # The worker thread has no request context: the line names its request itself.
+            log.exception("prefill failed", extra={"request_id": job.request.request_id})
             self._retire(job, error)
             return
         self._emit(job, text)
