@@ -5,14 +5,17 @@ characters included, which is what the streaming-text tests want.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from meshkit.settings import default_home
+from meshkit.sampling import Sampling
 from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
+from services.inference.generation_types import GenerationRequest
 from services.inference.prefix import PrefixCache
 
 VOCAB_SIZE = 49152  # the real tokenizer's
@@ -52,3 +55,14 @@ def tiny_engine(model: LlamaForCausalLM | None = None, prefix_cache: PrefixCache
         revision="test",
         prefix_cache=prefix_cache,
     )
+
+
+def greedy_text(engine: Engine, ids: list[int], tenant: str = "acme", max_new_tokens: int = 12) -> str:
+    """The engine's greedy continuation of ``ids`` (called outside any event loop)."""
+
+    async def run():
+        stream = engine.submit(GenerationRequest(ids, Sampling(max_new_tokens=max_new_tokens), tenant=tenant))
+        items = [item async for item in stream]
+        return "".join(item.text for item in items[:-1])
+
+    return asyncio.run(run())

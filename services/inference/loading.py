@@ -57,15 +57,19 @@ def prefix_cache(settings: InferenceSettings, files: ModelFiles) -> PrefixCache 
             budget_s=settings.prefix_redis_budget_ms / 1000,
             ttl_s=settings.prefix_redis_ttl_s,
             cooldown_s=settings.prefix_redis_cooldown_s,
+            seen_ttl_s=settings.prefix_redis_seen_ttl_s,
         )
     log.info("prefix KV reuse: %d-token blocks, %d MiB in process, %s", settings.prefix_block_tokens,
-             settings.prefix_cache_bytes // 2**20, "shared through Redis" if shared else "no Redis tier")
+             settings.prefix_cache_bytes // 2**20,
+             f"shared through Redis once seen {settings.prefix_redis_min_sightings} time(s)" if shared
+             else "no Redis tier")
     return PrefixCache(
         model=files.name,
         revision=files.revision,
         block_tokens=settings.prefix_block_tokens,
         local_bytes=settings.prefix_cache_bytes,
         shared=shared,
+        redis_min_sightings=settings.prefix_redis_min_sightings,
     )
 
 

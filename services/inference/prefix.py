@@ -11,7 +11,18 @@ key name). A block holds that block's KV for all layers:
 - ``redis``: shared by all replicas, with a TTL. Reads take at most
   ``budget_s``; an error or a timeout counts as a miss and keeps Redis out of
   the path for ``cooldown_s``, so a slow or dead Redis costs a request at most
-  its budget. Writes go out on a background thread, off the decode loop.
+  its budget. Writes go out on a background thread, off the decode loop; a
+  write Redis refuses (out of memory under ``noeviction``) pauses writes only.
+
+Admission to Redis: a block is written there only once it has been seen
+``min_sightings`` times (1 or 2). Most prompts are one-offs whose blocks would
+only push reusable ones out of a bounded Redis; the blocks seen twice are the
+shared heads (system prompts, templates) that replicas reuse. A block counts
+its sightings on this replica while the local tier holds it; a sighting on
+another replica (or one this replica has forgotten) is a small marker key in
+Redis, set with ``SET NX`` by a block's first offer, so a prompt sent once to
+each of two replicas is written by the second. Any key may be evicted: a
+missing block or marker is a miss or one more sighting needed, never an error.
 
 ``match`` finds the longest run of cached blocks from the start (local first,
 then one Redis round trip for the rest); at least one prompt token is always
@@ -20,12 +31,13 @@ left to prefill, because the first generated token needs its logits.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import math
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -50,29 +62,46 @@ NO_MATCH = PrefixMatch(0, None)
 
 
 class _Block:
-    __slots__ = ("kv", "shared")
+    __slots__ = ("kv", "shared", "sightings")
 
     def __init__(self, kv: torch.Tensor, shared: bool):
         self.kv = kv
-        self.shared = shared  # known to be in Redis: no need to write it again
+        # Known to be in Redis: no need to write it again. Set by the writer
+        # thread once written; a stale False only costs a duplicate write.
+        self.shared = shared
+        self.sightings = 1  # prompts that held it on this replica while the local tier kept it
+
+
+Outgoing = Sequence[tuple[bytes, torch.Tensor]]  # (key, block KV), encoded on the writer thread
 
 
 class RedisBlocks:
-    """The Redis tier: raw block bytes under ``<prefix>:<hex key>``, with a TTL."""
+    """The Redis tier: raw block bytes under ``<prefix>:<hex key>``, with a TTL.
+
+    A block's first sighting leaves an empty marker ``<prefix>:seen:<hex key>``
+    for ``seen_ttl_s`` instead (see ``put``).
+    """
 
     def __init__(self, url: str, *, budget_s: float = 0.05, ttl_s: int = 3600, cooldown_s: float = 5.0,
-                 key_prefix: str = "nlpmesh:kv"):
+                 key_prefix: str = "nlpmesh:kv", seen_ttl_s: int = 600):
         self._client = redis_from_url(redis.Redis, url, socket_timeout=budget_s, socket_connect_timeout=budget_s)
         self._ttl_s = ttl_s
+        self._seen_ttl_s = seen_ttl_s
         self._cooldown_s = cooldown_s
         self._prefix = key_prefix
         self._down_until = 0.0
+        self._writes_down_until = 0.0  # Redis answered but refused a write (out of memory)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefix-redis-writer")
 
     @property
     def cooling_down(self) -> bool:
         """True for cooldown_s after a failure: Redis is skipped meanwhile."""
         return time.monotonic() < self._down_until
+
+    @property
+    def writable(self) -> bool:
+        """False while cooling down, or for cooldown_s after Redis refused a write."""
+        return time.monotonic() >= max(self._down_until, self._writes_down_until)
 
     def get(self, keys: list[bytes]) -> list[bytes | None] | None:
         """The values (None where absent); None when Redis failed or is cooling down."""
@@ -84,8 +113,12 @@ class RedisBlocks:
             self._failed("read", error)
             return None
 
-    def put(self, items: list[tuple[bytes, bytes]]) -> concurrent.futures.Future:
-        return self._writer.submit(self._put, items)
+    def put(self, items: Outgoing, *, if_seen: Outgoing = ()) -> concurrent.futures.Future:
+        """Writes ``items``, and those of ``if_seen`` whose marker says they were seen before.
+
+        The rest of ``if_seen`` get a marker now. The future's result: the keys written.
+        """
+        return self._writer.submit(self._put, items, if_seen)
 
     def flush(self) -> None:
         """Waits for the writes queued so far."""
@@ -95,25 +128,49 @@ class RedisBlocks:
         self._writer.shutdown(wait=True)
         self._client.close()
 
-    def _put(self, items: list[tuple[bytes, bytes]]) -> None:
-        if self.cooling_down:
-            return
+    def _put(self, items: Outgoing, if_seen: Outgoing) -> list[bytes]:
+        if not self.writable:
+            return []
         try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for key, value in items:
-                    pipe.set(self._name(key), value, ex=self._ttl_s)
-                pipe.execute()
+            items = list(items) + self._seen_before(if_seen)
+            if items:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for key, kv in items:
+                        pipe.set(self._name(key), _encode(kv), ex=self._ttl_s)
+                    pipe.execute()
         except redis.RedisError as error:
             self._failed("write", error)
+            return []
+        return [key for key, _ in items]
+
+    def _seen_before(self, blocks: Outgoing) -> list[tuple[bytes, torch.Tensor]]:
+        """The blocks whose marker was already there; the others get one (one round trip)."""
+        if not blocks:
+            return []
+        with self._client.pipeline(transaction=False) as pipe:
+            for key, _ in blocks:
+                pipe.set(self._seen_name(key), b"", nx=True, ex=self._seen_ttl_s)
+            first_sighting = pipe.execute()  # True: set now; None: already there
+        return [block for block, first in zip(blocks, first_sighting) if not first]
 
     def _name(self, key: bytes) -> str:
         return f"{self._prefix}:{key.hex()}"
 
+    def _seen_name(self, key: bytes) -> str:
+        return f"{self._prefix}:seen:{key.hex()}"
+
     def _failed(self, what: str, error: redis.RedisError) -> None:
-        if time.monotonic() >= self._down_until:  # once per cooldown, not once per request
+        now = time.monotonic()
+        if isinstance(error, redis.ResponseError):  # Redis answered (out of memory, say): reads still work
+            if now >= self._writes_down_until:
+                log.warning("prefix KV %s refused (%s); writes skipped for %.0f s", what, type(error).__name__,
+                            self._cooldown_s)
+            self._writes_down_until = now + self._cooldown_s
+            return
+        if now >= self._down_until:  # once per cooldown, not once per request
             log.warning("prefix KV %s failed (%s); Redis skipped for %.0f s", what, type(error).__name__,
                         self._cooldown_s)
-        self._down_until = time.monotonic() + self._cooldown_s
+        self._down_until = now + self._cooldown_s
 
 
 class PrefixCache:
@@ -127,10 +184,14 @@ class PrefixCache:
         block_tokens: int = 16,
         local_bytes: int = 256 * 1024 * 1024,
         shared: RedisBlocks | None = None,
+        redis_min_sightings: int = 2,
     ):
         if block_tokens < 1:
             raise ValueError("block_tokens must be at least 1")
+        if redis_min_sightings not in (1, 2):  # a marker records one earlier sighting, not a count
+            raise ValueError("redis_min_sightings must be 1 or 2")
         self.block_tokens = block_tokens
+        self._min_sightings = redis_min_sightings
         self._root = hashlib.sha256(f"nlpmesh-kv/{KEY_FORMAT}\0{model}\0{revision}".encode()).digest()
         self._local: LRUCache[bytes, _Block] = LRUCache(maxsize=max(local_bytes, 1), getsizeof=_block_bytes)
         self._shared = shared
@@ -172,10 +233,14 @@ class PrefixCache:
     def remember(self, keys: list[bytes], known: int, read: Callable[[int, int], torch.Tensor]) -> None:
         """Keeps the prompt's blocks from ``known`` on; ``read(start, end)`` copies their KV.
 
-        Blocks not yet in Redis (Redis was down when they were made) go there now.
+        Each block held already counts one more sighting. Blocks seen
+        ``min_sightings`` times and not yet in Redis (first seen here, or made
+        while Redis was down) go there now; a block seen once goes there only if
+        its marker says another sighting came first.
         """
-        to_share: list[tuple[bytes, bytes]] = []
-        share = self._shared is not None and not self._shared.cooling_down  # no encoding for a dead Redis
+        sure: list[tuple[bytes, _Block]] = []
+        if_seen: list[tuple[bytes, _Block]] = []
+        share = self._shared is not None and self._shared.writable
         for index, key in enumerate(keys):
             block = self._local.get(key)
             if block is None:
@@ -183,11 +248,14 @@ class PrefixCache:
                     continue
                 block = _Block(read(index * self.block_tokens, (index + 1) * self.block_tokens), shared=False)
                 self._local[key] = block
+            else:
+                block.sightings += 1
             if share and not block.shared:
-                to_share.append((key, _encode(block.kv)))
-                block.shared = True
-        if to_share:
-            self._shared.put(to_share)
+                (sure if block.sightings >= self._min_sightings else if_seen).append((key, block))
+        if sure or if_seen:
+            written = self._shared.put([(key, block.kv) for key, block in sure],
+                                       if_seen=[(key, block.kv) for key, block in if_seen])
+            written.add_done_callback(functools.partial(_mark_shared, dict(sure + if_seen)))
 
     @property
     def local_bytes(self) -> int:
@@ -226,6 +294,15 @@ class PrefixCache:
         if len(value) != self._block_nbytes:  # another layout under the same key: treat as absent
             return None
         return torch.frombuffer(bytearray(value), dtype=self._dtype).view(self._block_shape)
+
+
+def _mark_shared(blocks: dict[bytes, _Block], written: concurrent.futures.Future) -> None:
+    """On the writer thread: the blocks now in Redis are not offered again."""
+    if written.exception() is not None:  # a bug: Redis errors are caught in _put
+        log.error("prefix KV write failed", exc_info=written.exception())
+        return
+    for key in written.result():
+        blocks[key].shared = True
 
 
 def _encode(kv: torch.Tensor) -> bytes:

@@ -46,6 +46,11 @@ class InferenceSettings(ServiceSettings, service="inference"):
     prefix_redis_budget_ms: float = Field(default=100.0, gt=0)
     prefix_redis_cooldown_s: float = Field(default=5.0, ge=0)
     prefix_redis_ttl_s: int = Field(default=3600, ge=1)
+    # A block goes to Redis once seen this many times (2: prompts sent once
+    # never fill Redis; 1: every block, as before). A sighting on another
+    # replica is a marker key kept prefix_redis_seen_ttl_s.
+    prefix_redis_min_sightings: int = Field(default=2, ge=1, le=2)
+    prefix_redis_seen_ttl_s: int = Field(default=600, ge=1)
 
     def engine_options(self) -> EngineOptions:
         names = (option.name for option in dataclasses.fields(EngineOptions))

@@ -2,40 +2,32 @@
 
 The engines run the tiny model; Redis is a private redis-server (tests/conftest.py).
 """
-import asyncio
+import random
 import socket
 import threading
 import time
 import uuid
 
 import pytest
+import redis
 
-from meshkit.sampling import Sampling
 from services.inference import metrics
-from services.inference.generation_types import GenerationRequest
 from services.inference.prefix import PrefixCache, RedisBlocks
-from tests.tiny_llama import real_tokenizer, tiny_engine
+from tests.tiny_llama import greedy_text, real_tokenizer, tiny_engine
 
 BLOCK = 4
 PROMPT = ("You are a careful assistant for a bank. Answer briefly, cite the policy, and never reveal "
           "account numbers. Question: what is the fee for a late payment?")
 
 
-def cache(shared: RedisBlocks | None = None, revision: str = "r1", local_bytes: int = 64 * 2**20) -> PrefixCache:
-    return PrefixCache(model="tiny", revision=revision, block_tokens=BLOCK, local_bytes=local_bytes, shared=shared)
+def cache(shared: RedisBlocks | None = None, revision: str = "r1", local_bytes: int = 64 * 2**20,
+          min_sightings: int = 2) -> PrefixCache:
+    return PrefixCache(model="tiny", revision=revision, block_tokens=BLOCK, local_bytes=local_bytes, shared=shared,
+                       redis_min_sightings=min_sightings)
 
 
 def prompt_ids() -> list[int]:
     return real_tokenizer().encode(PROMPT)
-
-
-def generate(engine, ids: list[int], tenant: str = "acme") -> str:
-    async def run():
-        stream = engine.submit(GenerationRequest(ids, Sampling(max_new_tokens=12), tenant=tenant))
-        items = [item async for item in stream]
-        return "".join(item.text for item in items[:-1])
-
-    return asyncio.run(run())
 
 
 def counter(metric, *labels) -> float:
@@ -45,6 +37,20 @@ def counter(metric, *labels) -> float:
 def reusable(ids: list[int]) -> int:
     """Prompt tokens the prefix cache can cover: whole blocks, never the last token."""
     return (len(ids) - 1) // BLOCK * BLOCK
+
+
+def one_off_prompts(count: int, tokens: int = 30, seed: int = 0) -> list[list[int]]:
+    """Prompts that share no block, not even the first."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 40000) for _ in range(tokens)] for _ in range(count)]
+
+
+def in_redis(url: str, namespace: str) -> tuple[int, int]:
+    """(blocks, first-sighting markers) in Redis under the namespace."""
+    with redis.Redis.from_url(url) as client:
+        names = [name.decode() for name in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    markers = sum(name.startswith(f"{namespace}:seen:") for name in names)
+    return len(names) - markers, markers
 
 
 @pytest.fixture
@@ -62,10 +68,18 @@ def engines():
 
 
 @pytest.fixture
-def redis_blocks(redis_server):
-    """Makes Redis tiers that share one namespace of their own, as replicas of one deployment do."""
-    namespace = f"test:kv:{uuid.uuid4().hex}"
-    return lambda: RedisBlocks(redis_server, key_prefix=namespace)
+def namespace() -> str:
+    return f"test:kv:{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def redis_blocks(redis_server, namespace):
+    """Makes Redis tiers that share one namespace of their own, as replicas of one deployment do.
+
+    Their budget is generous: these tests count what was written, and the shared
+    test machine is sometimes slower than a production budget.
+    """
+    return lambda: RedisBlocks(redis_server, key_prefix=namespace, budget_s=1.0)
 
 
 def test_keys_cover_full_blocks_and_never_the_last_token():
@@ -88,18 +102,18 @@ def test_keys_are_chained_and_carry_tenant_and_revision():
 def test_a_repeated_prompt_skips_the_cached_prefix_with_the_same_greedy_output(engines):
     ids = prompt_ids()
     plain, reusing = engines(), engines(cache())
-    expected = generate(plain, ids)
-    assert generate(reusing, ids) == expected  # fills the cache
+    expected = greedy_text(plain, ids)
+    assert greedy_text(reusing, ids) == expected  # fills the cache
     prefilled = counter(metrics.PREFILL_TOKENS)
     reused = counter(metrics.PREFIX_TOKENS_REUSED, "local")
-    assert generate(reusing, ids) == expected
+    assert greedy_text(reusing, ids) == expected
     assert counter(metrics.PREFIX_TOKENS_REUSED, "local") - reused == reusable(ids)
     assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - reusable(ids)
 
 
 def test_the_local_tier_stays_within_its_byte_bound(engines):
     prefix = cache(local_bytes=10_000)
-    generate(engines(prefix), prompt_ids())
+    greedy_text(engines(prefix), prompt_ids())
     assert 0 < prefix.local_bytes <= 10_000
 
 
@@ -107,12 +121,13 @@ def test_a_second_replica_reuses_a_prefix_the_first_computed_through_redis(engin
     ids = prompt_ids()
     first_tier = redis_blocks()
     plain, first, second = engines(), engines(cache(first_tier)), engines(cache(redis_blocks()))
-    expected = generate(plain, ids)
-    assert generate(first, ids) == expected
+    expected = greedy_text(plain, ids)
+    assert greedy_text(first, ids) == expected
+    assert greedy_text(first, ids) == expected  # its second sighting: now its blocks go to Redis
     first_tier.flush()  # its writes go out on a background thread
     reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
     prefilled = counter(metrics.PREFILL_TOKENS)
-    assert generate(second, ids) == expected
+    assert greedy_text(second, ids) == expected
     assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == reusable(ids)
     assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - reusable(ids)
 
@@ -121,17 +136,17 @@ def test_two_tenants_with_the_same_prompt_never_share_a_prefix_entry(engines, re
     ids = prompt_ids()
     shared = redis_blocks()
     engine = engines(cache(shared))
-    generate(engine, ids, tenant="acme")
+    greedy_text(engine, ids, tenant="acme")
     shared.flush()
     local_hits, redis_hits = counter(metrics.PREFIX_LOOKUPS, "local", "hit"), counter(
         metrics.PREFIX_LOOKUPS, "redis", "hit")
     reused = counter(metrics.PREFIX_TOKENS_REUSED, "local") + counter(metrics.PREFIX_TOKENS_REUSED, "redis")
-    generate(engine, ids, tenant="globex")
+    greedy_text(engine, ids, tenant="globex")
     assert counter(metrics.PREFIX_LOOKUPS, "local", "hit") == local_hits
     assert counter(metrics.PREFIX_LOOKUPS, "redis", "hit") == redis_hits
     assert counter(metrics.PREFIX_TOKENS_REUSED, "local") + counter(
         metrics.PREFIX_TOKENS_REUSED, "redis") == reused
-    generate(engine, ids, tenant="acme")  # while the first tenant's own entry is still there
+    greedy_text(engine, ids, tenant="acme")  # while the first tenant's own entry is still there
     assert counter(metrics.PREFIX_LOOKUPS, "local", "hit") == local_hits + 1
 
 
@@ -151,7 +166,7 @@ def test_a_redis_that_never_answers_costs_one_budget_then_is_skipped(engines):
         started = time.monotonic()
         assert blocks.get([b"k"]) is None  # cooling down: not even tried
         assert time.monotonic() - started < 0.05
-        assert generate(engine, prompt_ids())  # the request is answered, as a miss
+        assert greedy_text(engine, prompt_ids())  # the request is answered, as a miss
         assert counter(metrics.PREFIX_LOOKUPS, "redis", "error") > errors
 
 
@@ -160,10 +175,74 @@ def test_blocks_made_while_redis_was_down_reach_it_once_it_is_back(engines, redi
     shared = redis_blocks()
     engine = engines(cache(shared))
     shared._down_until = time.monotonic() + 60  # as after a failure: cooling down
-    generate(engine, ids)
+    greedy_text(engine, ids)
     shared._down_until = 0.0  # Redis is back
-    generate(engine, ids)  # a local hit: its blocks go to Redis now
+    greedy_text(engine, ids)  # a local hit: its blocks go to Redis now
     shared.flush()
     reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
-    generate(engines(cache(redis_blocks())), ids)
+    greedy_text(engines(cache(redis_blocks())), ids)
     assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == reusable(ids)
+
+
+def test_one_off_prompts_write_only_markers_and_a_prompt_sent_twice_writes_its_blocks(
+        engines, redis_blocks, redis_server, namespace):
+    shared = redis_blocks()
+    engine = engines(cache(shared))
+    prompts = one_off_prompts(20)
+    for ids in prompts:
+        greedy_text(engine, ids)
+    shared.flush()
+    blocks_per_prompt = reusable(prompts[0]) // BLOCK
+    assert in_redis(redis_server, namespace) == (0, 20 * blocks_per_prompt)
+    greedy_text(engine, prompts[0])  # its second sighting
+    shared.flush()
+    assert in_redis(redis_server, namespace) == (blocks_per_prompt, 20 * blocks_per_prompt)
+
+
+def test_a_shared_head_reaches_redis_while_the_one_off_tails_do_not(engines, redis_blocks, redis_server, namespace):
+    head = prompt_ids()[: 6 * BLOCK]  # a system prompt of 6 whole blocks
+    shared = redis_blocks()
+    engine = engines(cache(shared))
+    for tail in one_off_prompts(10, tokens=2 * BLOCK + 1):
+        greedy_text(engine, head + tail)
+    shared.flush()
+    assert in_redis(redis_server, namespace)[0] == 6
+
+
+def test_a_prompt_sent_once_to_each_of_two_replicas_is_written_by_the_second(engines, redis_blocks):
+    ids = prompt_ids()
+    first_tier, second_tier = redis_blocks(), redis_blocks()
+    plain, first, second, third = (engines(), engines(cache(first_tier)), engines(cache(second_tier)),
+                                   engines(cache(redis_blocks())))
+    expected = greedy_text(plain, ids)
+    assert greedy_text(first, ids) == expected  # leaves first-sighting markers
+    first_tier.flush()
+    assert greedy_text(second, ids) == expected  # finds them: writes the blocks
+    second_tier.flush()
+    reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")
+    assert greedy_text(third, ids) == expected
+    assert counter(metrics.PREFIX_TOKENS_REUSED, "redis") - reused == reusable(ids)
+
+
+def test_min_sightings_1_writes_every_block_at_once_as_before(engines, redis_blocks, redis_server, namespace):
+    ids = prompt_ids()
+    shared = redis_blocks()
+    greedy_text(engines(cache(shared, min_sightings=1)), ids)
+    shared.flush()
+    assert in_redis(redis_server, namespace) == (reusable(ids) // BLOCK, 0)
+
+
+def test_an_evicted_marker_costs_one_more_sighting(engines, redis_blocks, redis_server, namespace):
+    ids = prompt_ids()
+    first_tier, second_tier = redis_blocks(), redis_blocks()
+    greedy_text(engines(cache(first_tier)), ids)
+    first_tier.flush()
+    with redis.Redis.from_url(redis_server) as client:
+        client.delete(*client.scan_iter(match=f"{namespace}:seen:*"))  # as eviction would
+    second = engines(cache(second_tier))
+    greedy_text(second, ids)  # a first sighting again, as far as Redis knows
+    second_tier.flush()
+    assert in_redis(redis_server, namespace)[0] == 0
+    greedy_text(second, ids)
+    second_tier.flush()
+    assert in_redis(redis_server, namespace)[0] == reusable(ids) // BLOCK

@@ -13,6 +13,7 @@ import uuid
 import pytest
 import redis
 import redis.asyncio as aioredis
+import torch
 
 from cli.redis_acl import TEMPLATE
 from meshkit.errors import ResourceExhausted, Unavailable
@@ -192,9 +193,12 @@ def test_the_cache_user_keeps_to_the_prompt_cache(acl_redis):
 def test_the_inference_user_reads_and_writes_prefix_blocks_only(acl_redis):
     blocks = RedisBlocks(acl_redis.url("inference"), budget_s=1.0, key_prefix="nlpmesh:kv")
     keys = [uuid.uuid4().bytes, uuid.uuid4().bytes]
-    blocks.put([(keys[0], b"kv-block")]).result()
-    assert blocks.get(keys) == [b"kv-block", None]
-    assert not blocks.cooling_down
+    kv = torch.arange(4, dtype=torch.uint8)
+    assert blocks.put([(keys[0], kv)]).result() == [keys[0]]
+    assert blocks.put([], if_seen=[(keys[1], kv)]).result() == []  # a first sighting: only its marker
+    assert blocks.put([], if_seen=[(keys[1], kv)]).result() == [keys[1]]  # seen before: written
+    assert blocks.get(keys) == [bytes(kv.numpy()), bytes(kv.numpy())]
+    assert not blocks.cooling_down and blocks.writable
     blocks.close()
     assert acl_redis.refused() == []
     with acl_redis.client("inference") as inference:
