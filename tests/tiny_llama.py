@@ -11,8 +11,8 @@ import functools
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from meshkit.settings import default_home
 from meshkit.sampling import Sampling
+from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import GenerationRequest
