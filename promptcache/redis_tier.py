@@ -44,9 +44,11 @@ ADMIN_TIMEOUT_S = 5.0
 WARN_EVERY_S = 10.0
 
 # One round trip on the hot path: read the entry and count the hit or miss.
+# pcall: a Redis that refuses writes (full under noeviction) still serves the
+# answer; only the count is lost.
 _LOOKUP_LUA = """
 local answer = redis.call('GET', KEYS[1])
-redis.call('HINCRBY', KEYS[2], answer and 'hits' or 'misses', 1)
+redis.pcall('HINCRBY', KEYS[2], answer and 'hits' or 'misses', 1)
 return answer
 """
 
