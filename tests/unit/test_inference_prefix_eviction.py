@@ -64,11 +64,13 @@ def tiers():
 
 
 def fill_until_refused(url: str) -> None:
+    """Writes until Redis refuses, then keeps it over its bound (freed client buffers would let writes in)."""
     with redis.Redis.from_url(url) as client:
         for index in itertools.count():
             try:
                 client.set(f"filler:{index}", b"x" * 16384)
             except redis.OutOfMemoryError:
+                client.config_set("maxmemory", "1mb")
                 return
 
 
