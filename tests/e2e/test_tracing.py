@@ -205,7 +205,13 @@ def test_hop_spans_carry_their_budget(generated):
 
 def test_a_cache_hit_traces_its_redis_lookup_under_the_cache_hop(gateway, collector):
     request, answer = stored_answer(gateway, collector)
-    hit = gateway.Generate(request, timeout=30)  # the first hit: from Redis
+    # The first hit comes from Redis. A lookup over the cache hop's 10 ms budget is a miss by
+    # design (a loaded machine can make one): then the answer is generated again, and asked for
+    # again, at most three times.
+    for _ in range(3):
+        hit = gateway.Generate(request, timeout=60)
+        if hit.cache_hit:
+            break
     assert hit.cache_hit and hit.text == answer.text
     spans = collector.wait_for(hit.trace_id, lambda spans: has_root(spans)
                                and any(s.name == names.REDIS_LOOKUP for s in spans))
@@ -218,7 +224,8 @@ def test_a_cache_hit_traces_its_redis_lookup_under_the_cache_hop(gateway, collec
 def test_a_hit_from_the_gateways_memory_is_one_span_that_names_the_tier(gateway, collector):
     """The near tier answers in the gateway's process: no hop leaves it, so no hop span."""
     request, answer = stored_answer(gateway, collector)
-    assert gateway.Generate(request, timeout=30).cache_hit  # from Redis, which fills the near tier
+    # From Redis, which fills the near tier (a lookup over its 10 ms budget is a miss: ask again).
+    assert any(gateway.Generate(request, timeout=60).cache_hit for _ in range(3))
     near = gateway.Generate(request, timeout=30)
     assert near.cache_hit and near.text == answer.text
     assert [t.hop for t in near.timings] == ["cache", "total"]
