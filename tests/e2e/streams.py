@@ -9,6 +9,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -47,7 +48,7 @@ def finance_request(max_new_tokens: int, question: str | None = None,
 
 
 def stream_once(stub, request, timeout_s: float, cancel_after_chunks: int | None = None,
-                cancel_after_s: float | None = None) -> Outcome:
+                cancel_after_s: float | None = None, on_first_chunk: Callable[[], None] | None = None) -> Outcome:
     """One GenerateStream to its end, or cancelled by this client after so many chunks or seconds."""
     began, started = time.monotonic(), time.perf_counter()
     call = stub.GenerateStream(request, timeout=timeout_s)
@@ -62,6 +63,8 @@ def stream_once(stub, request, timeout_s: float, cancel_after_chunks: int | None
             chunks += 1
             if first_chunk_s is None:
                 first_chunk_s = time.perf_counter() - started
+                if on_first_chunk is not None:
+                    on_first_chunk()
             if cancel_after_chunks is not None and chunks >= cancel_after_chunks:
                 call.cancel()
         return Outcome(OK, began, time.perf_counter() - started, chunks, first_chunk_s)
@@ -103,6 +106,8 @@ class Load:
     max_calls: int = 40
     max_s: float = 60.0
     outcomes: list[Outcome] = field(default_factory=list)
+    streaming: int = 0  # calls between their first chunk and their end, now
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -114,7 +119,10 @@ class Load:
             for _ in range(self.max_calls):
                 if self._stop.is_set() or time.monotonic() > deadline:
                     return
-                outcome = stream_once(stub, finance_request(self.max_new_tokens), self.timeout_s)
+                outcome = stream_once(stub, finance_request(self.max_new_tokens), self.timeout_s,
+                                      on_first_chunk=lambda: self._count_streaming(1))
+                if outcome.first_chunk_s is not None:
+                    self._count_streaming(-1)
                 self.outcomes.append(outcome)
                 if outcome.code != OK:
                     self._stop.wait(0.2)
@@ -123,6 +131,16 @@ class Load:
         for thread in self._threads:
             thread.start()
         return self
+
+    def _count_streaming(self, change: int) -> None:
+        with self._lock:
+            self.streaming += change
+
+    def wait_for_streaming(self, timeout_s: float = 60.0) -> None:
+        """Until a call is receiving tokens, bounded in time."""
+        deadline = time.monotonic() + timeout_s
+        while self.streaming == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def wait_for_calls(self, count: int, timeout_s: float = 60.0) -> None:
         """Until ``count`` calls have ended (the load is under way), bounded in time."""

@@ -253,6 +253,9 @@ def test_a_storm_of_cancelled_streams_leaves_no_sequence_or_place_behind(chaos_m
     for thread in threads:
         thread.join(timeout=240)
     storm_s = time.monotonic() - started
+    say(f"cancel storm: {len(outcomes)} of {len(points)} streams ({CAPACITY} at a time) in {storm_s:.1f}s: "
+        f"{codes(outcomes)}, chunks before the end p50 {percentile([o.chunks for o in outcomes], 50):.0f}; "
+        f"{len(refusals)} refusals on the way ({sorted({o.reason for o in refusals})})")
     assert len(outcomes) == len(points)
     assert_codes(outcomes + refusals, {OK, C.CANCELLED, C.RESOURCE_EXHAUSTED})
     assert_codes(outcomes, {OK, C.CANCELLED})
@@ -267,22 +270,21 @@ def test_a_storm_of_cancelled_streams_leaves_no_sequence_or_place_behind(chaos_m
     # No place leaked in the gateway's admission or the inference queue: a full house is served.
     time.sleep(1.0)  # past the admission's full hold (0.5 s) of a report sent during the storm
     full_house = concurrent_streams(gateway, CAPACITY, max_new_tokens=4, timeout_s=60)
-    say(f"cancel storm: {len(points)} streams ({CAPACITY} at a time) in {storm_s:.1f}s: {codes(outcomes)}, "
-        f"chunks before the end p50 {percentile([o.chunks for o in outcomes], 50):.0f}; "
-        f"{len(refusals)} refusals on the way ({sorted({o.reason for o in refusals})}); "
-        f"active sequences 0 {active_zero_s:.2f}s after the last; then {CAPACITY} at once: {codes(full_house)}")
+    say(f"  active sequences 0 {active_zero_s:.2f}s after the last; then {CAPACITY} at once: {codes(full_house)}")
     assert codes(full_house) == {"OK": CAPACITY}
 
 
 # --- processes killed, stopped, drained ----------------------------------------------------------
 
-def under_load(mesh: LocalMesh, channel, act, settle) -> tuple[list[Outcome], float]:
-    """Two callers streaming; ``act()`` once they are under way, ``settle()`` before they stop.
+def under_load(channel, act, settle, max_new_tokens: int = 6) -> tuple[list[Outcome], float]:
+    """Two callers streaming; ``act()`` once they are under way and one is receiving tokens,
+    ``settle()`` before they stop.
 
     Returns every call's outcome and the moment (monotonic) ``act`` ran.
     """
-    with Load(channel, workers=2, max_new_tokens=6, timeout_s=15, max_calls=200, max_s=240) as load:
+    with Load(channel, workers=2, max_new_tokens=max_new_tokens, timeout_s=15, max_calls=200, max_s=240) as load:
         load.wait_for_calls(2)
+        load.wait_for_streaming()
         acted_at = time.monotonic()
         act()
         settle()
@@ -302,7 +304,7 @@ def test_sigkill_during_load_is_restarted_and_answered_again(chaos_mesh, channel
     victim = chaos_mesh.processes[service]
     back: dict[str, float] = {}
     outcomes, killed_at = under_load(
-        chaos_mesh, channel, victim.kill,
+        channel, victim.kill,
         lambda: back.setdefault("restart", restarted(chaos_mesh, service, victim, RECOVERY_S[service])))
     assert victim.wait(timeout=5) == -signal.SIGKILL
     answered = answered_again(gateway, RECOVERY_S[service])
@@ -323,7 +325,7 @@ def test_sigstop_during_load_fails_calls_in_time_and_sigcont_recovers(chaos_mesh
         os.kill(victim.pid, signal.SIGCONT)
 
     try:
-        outcomes, stopped_at = under_load(chaos_mesh, channel, pause, lambda: None)
+        outcomes, stopped_at = under_load(channel, pause, lambda: None)
     finally:
         _signal(victim, signal.SIGCONT)
     answered = answered_again(gateway, 60)
@@ -345,8 +347,9 @@ def test_sigterm_drains_in_flight_streams_then_the_launcher_restarts_it(chaos_me
         exited["after"] = time.monotonic() - started
 
     outcomes, termed_at = under_load(
-        chaos_mesh, channel, drain,
-        lambda: exited.setdefault("restart", restarted(chaos_mesh, service, victim, RECOVERY_S[service])))
+        channel, drain,
+        lambda: exited.setdefault("restart", restarted(chaos_mesh, service, victim, RECOVERY_S[service])),
+        max_new_tokens=12)  # long enough to be decoding when the signal comes
     answered = answered_again(gateway, RECOVERY_S[service])
     in_flight = [o for o in outcomes if o.started < termed_at <= o.started + o.seconds]
     # Past the template and tokenizer hops and inside the inference one when the signal came.
@@ -361,6 +364,7 @@ def test_sigterm_drains_in_flight_streams_then_the_launcher_restarts_it(chaos_me
     # A call that had not reached the draining service yet is refused there (UNAVAILABLE);
     # one that was streaming finishes.
     assert_codes(in_flight, {OK, C.UNAVAILABLE})
+    assert streaming, "no stream was receiving tokens at the signal: the drain went untested"
     assert all(o.code == OK for o in streaming), f"streams cut by the drain: {codes(streaming)}"
 
 
@@ -374,7 +378,7 @@ def test_redis_killed_and_restarted_loses_no_call_and_the_cache_works_again(chao
     def redis_back() -> None:
         wait_until(lambda: chaos_mesh._redis is not redis_process, 15, 0.1, what="redis restarted")
 
-    outcomes, killed_at = under_load(chaos_mesh, channel, redis_process.kill, redis_back)
+    outcomes, killed_at = under_load(channel, redis_process.kill, redis_back)
     report("SIGKILL redis", outcomes, killed_at)
     assert_codes(outcomes, {OK})
 
