@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import redis
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench.cache_hits import generate_request
@@ -40,6 +41,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HIT_QUESTIONS = [f"In one sentence, what is {topic}?" for topic in (
     "a bond", "a stock", "inflation", "a ledger", "an index fund", "liquidity", "a dividend", "a hedge",
     "credit risk", "an audit", "a budget", "interest", "a mortgage", "an option", "a futures contract", "a yield")]
+# A miss: a tag of its own first, so that every prefix-KV block of the question is new (about
+# five blocks of 16 tokens), and the prefix LRU and Redis fill up during the warm-up.
+MISS_QUESTION = ("A regional bank wants to use machine learning for three things: flagging card fraud as "
+                 "payments arrive, forecasting cash demand at its branches, and answering routine customer "
+                 "questions in its app. Which one should it build first, and why?")
 # Small enough to fill during the warm-up, so that what follows is the steady state.
 SOAK_ENV = {"NLPMESH_INFERENCE_PREFIX_CACHE_BYTES": str(32 * 1024 * 1024)}
 SOAK_REDIS_MAXMEMORY = "48mb"
@@ -60,6 +66,8 @@ class Window:
     errors: int = 0
     rss: dict[str, int] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
+    redis_used: int = 0  # Redis's used_memory, bytes
+    redis_evicted: int = 0  # keys Redis evicted at maxmemory so far
 
 
 def processes_of(mesh: LocalMesh) -> dict[str, psutil.Process]:
@@ -69,10 +77,14 @@ def processes_of(mesh: LocalMesh) -> dict[str, psutil.Process]:
     return {name: psutil.Process(pid) for name, pid in pids.items()}
 
 
-def sample(window: Window, processes: dict[str, psutil.Process]) -> None:
+def sample(window: Window, processes: dict[str, psutil.Process], redis_client: redis.Redis | None) -> None:
     for name, process in processes.items():
         window.rss[name] = process.memory_info().rss
         window.fds[name] = process.num_fds()
+    if redis_client is not None:  # how full Redis is: its maxmemory bounds the prefix blocks and answers
+        memory, stats = redis_client.info("memory"), redis_client.info("stats")
+        window.redis_used = memory["used_memory"]
+        window.redis_evicted = stats["evicted_keys"]
 
 
 class Soak:
@@ -83,6 +95,7 @@ class Soak:
         self.error_kinds: dict[str, int] = {}
         self.in_flight = 0
         self.processes = processes_of(mesh)
+        self.redis = redis.Redis.from_url(mesh.resolved_redis_url) if mesh.resolved_redis_url else None
 
     async def prime(self, stub) -> None:
         """Every hit question answered and stored before the clock starts (a failure is tried again)."""
@@ -108,8 +121,7 @@ class Soak:
                 raise RuntimeError(f"{question!r} never became a cache hit: is the prompt cache up?")
 
     async def one(self, stub, hit: bool) -> None:
-        question = (self.choose.choice(HIT_QUESTIONS) if hit
-                    else f"Name one use of AI in banking ({uuid.uuid4().hex[:8]}).")
+        question = self.choose.choice(HIT_QUESTIONS) if hit else f"({uuid.uuid4().hex[:8]}) {MISS_QUESTION}"
         request = generate_request(question, self.args.max_new_tokens, gateway_pb2.CACHE_MODE_USE)
         window = self.windows[-1]
         started = time.perf_counter()
@@ -165,13 +177,13 @@ class Soak:
     def close_window(self, start: float) -> None:
         done = self.windows[-1]
         done.at_s = time.monotonic() - start
-        sample(done, self.processes)
+        sample(done, self.processes, self.redis)
         self.windows.append(Window())
         hits = f"hit p50 {percentile(done.hit_ms, 50):.1f} ms" if done.hit_ms else "no hits"
         misses = f"miss p50 {percentile(done.miss_ms, 50):.0f} ms" if done.miss_ms else "no misses"
         rss = " ".join(f"{name} {rss / 2**20:.0f}" for name, rss in done.rss.items())
         say(f"{done.at_s:6.0f}s  {hits}, {misses}, errors {done.errors}, in flight {self.in_flight}; "
-            f"RSS MiB {rss}")
+            f"RSS MiB {rss}; redis used {done.redis_used / 2**20:.0f} MiB, evicted {done.redis_evicted}")
 
 
 def summarize(soak: Soak, args: argparse.Namespace) -> dict:
@@ -202,8 +214,10 @@ def summarize(soak: Soak, args: argparse.Namespace) -> dict:
         "hit_ms": _latency(hits), "miss_ms": _latency(misses), "timeout_ms": args.timeout_s * 1000,
         "processes": per_process,
         "passed": errors == 0 and all(r["rss_ok"] and r["fds_ok"] for r in per_process.values()),
+        "redis_used_mib_last": windows[-1].redis_used / 2**20, "redis_evicted_keys": windows[-1].redis_evicted,
         "windows": [{"at_s": w.at_s, "hit_ms": _latency(w.hit_ms), "miss_ms": _latency(w.miss_ms),
-                     "errors": w.errors, "rss": w.rss, "fds": w.fds} for w in windows],
+                     "errors": w.errors, "rss": w.rss, "fds": w.fds, "redis_used": w.redis_used,
+                     "redis_evicted": w.redis_evicted} for w in windows],
     }
 
 
@@ -229,6 +243,8 @@ def summary_lines(result: dict) -> list[str]:
                      f"{100 * row['rss_change']:>+8.1f}%{row['rss_peak_after_warmup_mib']:>10.1f}"
                      f"{row['fd_min']:>7}-{row['fd_max']:<5}{row['fd_min_after_warmup']:>9}-"
                      f"{row['fd_max_after_warmup']:<5}{mark}")
+    lines.append(f"redis used_memory at the end {result['redis_used_mib_last']:.1f} MiB "
+                 f"(maxmemory {SOAK_REDIS_MAXMEMORY}), {result['redis_evicted_keys']} keys evicted")
     lines.append("PASSED" if result["passed"] else "FAILED")
     return lines
 
@@ -261,6 +277,9 @@ def plot(result: dict, path: Path, warmup_s: float) -> None:
         first = result["processes"][name]["rss_first_after_warmup_mib"]
         change.plot(minutes, [100 * (w["rss"][name] / 2**20 / first - 1) for w in windows], label=name)
         fds.plot(minutes, [w["fds"][name] for w in windows], label=name)
+    if any(w["redis_used"] for w in windows):
+        rss.plot(minutes, [w["redis_used"] / 2**20 for w in windows], "--", color="0.4",
+                 label=f"redis used_memory\n(maxmemory {SOAK_REDIS_MAXMEMORY})")
     rss.set_yscale("log")
     rss.set_ylabel("RSS, MiB (log)")
     rss.set_title("resident memory per process")
