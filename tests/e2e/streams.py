@@ -32,6 +32,7 @@ class Outcome:
     first_chunk_s: float | None = None  # from the call to its first message, if any came
     retry_after_s: float | None = None  # RetryInfo's delay, when the status carried one
     reason: str = ""  # ErrorInfo's reason, when the status carried one
+    hop: str = ""  # ErrorInfo's metadata "hop": where a DEADLINE_EXCEEDED ran out of time
 
 
 def finance_request(max_new_tokens: int, question: str | None = None,
@@ -77,7 +78,7 @@ def stream_once(stub, request, timeout_s: float, cancel_after_chunks: int | None
 
 def failed(error: grpc.RpcError, started: float, seconds: float, chunks: int = 0,
            first_chunk_s: float | None = None) -> Outcome:
-    retry_after, reason = None, ""
+    retry_after, reason, hop = None, "", ""
     status = rpc_status.from_call(error) if error.code() != grpc.StatusCode.CANCELLED else None
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
@@ -87,8 +88,8 @@ def failed(error: grpc.RpcError, started: float, seconds: float, chunks: int = 0
         elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason = info.reason
-    return Outcome(error.code(), started, seconds, chunks, first_chunk_s, retry_after, reason)
+            reason, hop = reason or info.reason, hop or info.metadata.get("hop", "")
+    return Outcome(error.code(), started, seconds, chunks, first_chunk_s, retry_after, reason, hop)
 
 
 @dataclass
