@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # protoc finds its mypy plugins on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup protos model demo test test-fast lint bench up clean
+.PHONY: setup protos model demo test test-fast lint bench soak up clean
 
 setup: $(STAMP) protos model
 
@@ -48,6 +48,11 @@ lint: $(STAMP)
 
 bench: setup
 	$(PY) -m bench.run
+
+# On demand, not in CI: 10 minutes of steady mixed load, checking RSS and fds stay flat (MINUTES=4 for a shorter run).
+MINUTES ?= 10
+soak: setup
+	$(PY) -m bench.soak --minutes $(MINUTES)
 
 clean:
 	rm -rf gen $(VENV)
