@@ -25,6 +25,7 @@ from services.gateway.quotas import Quotas, QuotaSettings
 from services.gateway.tenant import Tenant, TenantLimits
 from services.inference.prefix import RedisBlocks
 from tests.conftest import REDIS_SERVER, free_port
+from tests.polling import until
 
 PREFIX = "nlpmesh:pc"  # the prefixes the ACL names: the services' defaults
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
@@ -44,15 +45,6 @@ def key(tenant: str, template: str = "capital") -> PromptCacheKey:
 
 def prompt_cache(url: str) -> PromptCache:
     return PromptCache(redis_client(url), prefix=PREFIX, ttl_s=60, timeout_s=1.0)
-
-
-async def until(condition, timeout_s: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await condition():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def test_the_gateway_and_cache_users_run_the_prompt_cache_as_the_services_split_it(acl_redis):
@@ -83,7 +75,7 @@ def test_the_gateway_and_cache_users_run_the_prompt_cache_as_the_services_split_
             return (await admin.pubsub_numsub(f"{PREFIX}:invalidations"))[0][1] >= 1
         assert await until(subscribed)
         assert await cache.invalidate_template("capital", tenant) == 1
-        assert await until(lambda: asyncio.sleep(0, len(gateway) == 0))  # the announcement reached it
+        assert await until(lambda: len(gateway) == 0)  # the announcement reached it
         assert await gateway.lookup(key(tenant)) is None
         assert await cache.invalidate_model("m1") == 0  # every tenant: the tenants index, no announcement lost
         await gateway.close()
