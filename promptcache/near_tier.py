@@ -9,7 +9,10 @@ down (so an announcement may have been missed) the tier is cleared on
 reconnect, and ``max_age_s`` bounds any staleness that slips through.
 
 Hits served here are counted locally and added to the shared Redis stats
-every ``flush_every_s``.
+every ``flush_every_s``. The same flush TOUCHes the Redis keys of the answers
+served here since the last one (at most ``_MAX_TOUCHED`` of them): Redis never
+sees those reads, and without the touch its LRU eviction (maxmemory with
+allkeys-lru) would take the hottest answers first.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ log = logging.getLogger("nlpmesh.cache.near")
 
 _ENTRY_OVERHEAD_BYTES = 256
 _RECONNECT_S = 1.0
+_MAX_TOUCHED = 1024  # keys touched per flush; a hotter set is touched in part, the rest next time
 
 
 class NearCache:
@@ -39,6 +43,7 @@ class NearCache:
         )
         self._flush_every_s = flush_every_s
         self._unflushed_hits = 0
+        self._touched: set[str] = set()
         self._tasks: list[asyncio.Task] = []
 
     async def lookup(self, key: PromptCacheKey, timeout_s: float | None = None) -> CachedAnswer | None:
@@ -47,6 +52,8 @@ class NearCache:
         answer = self._entries.get(entry)
         if answer is not None:
             self._unflushed_hits += 1
+            if len(self._touched) < _MAX_TOUCHED:
+                self._touched.add(entry)
             metrics.record_hit("near")
             # No span for a hit this cheap: the caller's span (the gateway's cache hop) says where it came from.
             trace.get_current_span().set_attribute(span_names.CACHE_TIER, "near")
@@ -101,3 +108,16 @@ class NearCache:
         hits, self._unflushed_hits = self._unflushed_hits, 0
         if hits and not await self.backing.add_hits(hits):
             self._unflushed_hits += hits
+        touched, self._touched = self._touched, set()
+        if touched:
+            await self._touch(touched)
+
+    async def _touch(self, keys: set[str]) -> None:
+        """Marks ``keys`` used in Redis's LRU: one pipelined TOUCH per key (a cluster splits it by node)."""
+        try:
+            async with self.backing.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.touch(key)
+                await asyncio.wait_for(pipe.execute(), self._flush_every_s)
+        except Exception as error:  # a missed touch only ages an entry sooner
+            log.warning("near cache: touching served keys failed (%s)", type(error).__name__)

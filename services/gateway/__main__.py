@@ -30,7 +30,7 @@ log = logging.getLogger("nlpmesh.gateway")
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
     policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
     admission = InferenceAdmission(settings.admission_settings())
-    downstream = Downstream(settings, on_inference_load=admission.observe)
+    downstream = Downstream(settings, on_inference_load=admission.observe, on_inference_cancel=admission.cancelled)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")

@@ -14,7 +14,10 @@ ResourceExhausted with RetryInfo and an ErrorInfo reason:
   ``max_in_flight`` when that is set;
 - ``INFERENCE_AT_CAPACITY``: the latest report, younger than ``full_hold_s``,
   said the inference service was full (other gateways fill it too). The next
-  report, sent when any generation starts or ends, lifts it.
+  report, sent when any generation starts or ends, lifts it. A generation this
+  gateway cancels (its caller went away) sends no end report: the place it
+  frees is taken off the held report at once (``cancelled``), so a cancel does
+  not leave new requests refused for ``full_hold_s``.
 
 Before the first report, and with ``enabled`` off, every generation is admitted.
 """
@@ -49,6 +52,12 @@ class InferenceAdmission:
         """Keeps the inference service's latest report (None: the call carried none)."""
         if load is not None:
             self._load, self._seen_at = load, self._clock()
+
+    def cancelled(self) -> None:
+        """One of this gateway's generations was cancelled before the inference service reported its end."""
+        load = self._load
+        if load is not None and load.active > 0:
+            self._load = InferenceLoad(load.active - 1, load.capacity)
 
     @property
     def limit(self) -> int | None:

@@ -75,12 +75,15 @@ class Downstream:
     """Channels and stubs to template, tokenizer, inference and cache.
 
     ``on_inference_load`` gets the load report of every inference call
-    (services/inference/load_report.py; None when a call carried none).
+    (services/inference/load_report.py; None when a call carried none);
+    ``on_inference_cancel`` is called when this side cancels a generation before its end report.
     """
 
-    def __init__(self, settings, on_inference_load: Callable[[InferenceLoad | None], None] = lambda load: None):
+    def __init__(self, settings, on_inference_load: Callable[[InferenceLoad | None], None] = lambda load: None,
+                 on_inference_cancel: Callable[[], None] = lambda: None):
         self._settings = settings
         self._on_inference_load = on_inference_load
+        self._on_inference_cancel = on_inference_cancel
         self._channels: list[grpc.aio.Channel] = []
         self._by_address: dict[str, grpc.aio.Channel] = {}
         # mTLS to the internal services when the mesh CA is configured.
@@ -168,6 +171,7 @@ class Downstream:
             tenant=tenant,
         )
         call = self.inference.Generate(request, timeout=timeout, metadata=metadata)
+        end_reported = False
         try:
             async with _hop(Hop.INFERENCE):
                 try:
@@ -177,13 +181,18 @@ class Downstream:
                             yield TokenDelta(chunk.delta)
                         if chunk.done:
                             yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+                    end_reported = True
                     self._on_inference_load(InferenceLoad.from_metadata(await call.trailing_metadata()))
                 except grpc.aio.AioRpcError as error:  # a refusal reports the load too
+                    end_reported = error.code() != grpc.StatusCode.CANCELLED
                     self._on_inference_load(InferenceLoad.from_metadata(error.trailing_metadata()))
                     raise
         finally:
-            # The caller went away or failed: the engine must stop this sequence.
+            # The caller went away or failed: the engine must stop this sequence. Its end is
+            # then never reported to us: the place it held is counted free at once.
             call.cancel()
+            if not end_reported:
+                self._on_inference_cancel()
 
     async def store(self, key: PromptCacheKey, answer: CachedAnswer, timeout: float, metadata=()) -> bool:
         request = cache_pb2.StoreRequest(key=key.to_pb(), answer=answer.to_pb())

@@ -1,4 +1,5 @@
 """`python -m services.inference`: serves the model on port 50055."""
+import os
 import sys
 
 from meshkit.server import run
@@ -9,6 +10,7 @@ from services.inference.settings import InferenceSettings
 
 def main() -> int:
     settings = InferenceSettings.load()
+    os.nice(settings.niceness)
     configure_tracing("inference", settings.trace_dir, settings.capture_content)
     run(build_spec, settings)
     return 0

@@ -18,6 +18,10 @@ class InferenceSettings(ServiceSettings, service="inference"):
     home: Path = Field(default_factory=default_home)
     # The engine's options (services/inference/engine.py EngineOptions), by the same names.
     threads: int = _ENGINE.threads  # torch intra-op threads for the model's one worker thread
+    # Added to the process's nice value at start. The engine's step keeps the cores busy, while
+    # every other hop (template, tokenizer, cache, gateway) is a millisecond of CPU on a budget of
+    # tens: where they share cores, they go first. Raising it needs no privilege; 0 keeps it.
+    niceness: int = Field(default=5, ge=0, le=19)
     max_queue: int = _ENGINE.max_queue  # requests waiting for a slot; beyond this, RESOURCE_EXHAUSTED
     max_running: int = Field(default=_ENGINE.max_running, ge=1, le=MAX_DECODE_ROWS)  # decoded together, one batch
     default_max_new_tokens: int = _ENGINE.default_max_new_tokens

@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 
 import grpc
+import psutil
 import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
@@ -228,3 +229,10 @@ def test_services_drain_and_exit_cleanly_on_sigterm(own_mesh):
     codes = {name: process.returncode for name, process in own_mesh.processes.items()}
     assert sorted(codes) == ["cache", "gateway", "inference", "template", "tokenizer"]
     assert all(code == 0 for code in codes.values()), codes
+
+
+def test_inference_yields_the_cores_to_the_latency_bound_services(mesh):
+    # NLPMESH_INFERENCE_NICENESS (5): the engine's steps never starve a hop with a 100 ms budget.
+    nice = {name: psutil.Process(process.pid).nice() for name, process in mesh.processes.items()}
+    assert nice["inference"] == nice["gateway"] + 5
+    assert nice["template"] == nice["tokenizer"] == nice["cache"] == nice["gateway"]

@@ -84,3 +84,20 @@ def test_with_admission_off_the_burst_goes_through(inprocess_server, redis_serve
 
 async def _is_hit(stub) -> bool:
     return (await stub.Generate(question("What is a bond?"))).cache_hit
+
+
+def test_a_stream_its_caller_cancels_frees_its_place_for_the_next_request_at_once(inprocess_server, redis_server):
+    # The full report the cancelled stream got stays fresh for 30 s: only the cancel can lift it.
+    inference = FakeInference(capacity=1, first_token_delay_s=SLOW_S)
+
+    async def scenario(stub, tokenizer, inference):
+        stream = stub.GenerateStream(question("Q0?", gateway_pb2.CACHE_MODE_BYPASS))
+        await until(lambda: inference.active == 1, timeout_s=5, what="the stream to take the one place")
+        stream.cancel()
+        await until(lambda: inference.active == 0, timeout_s=5, what="the cancelled stream to leave inference")
+        inference.first_token_delay_s = 0.0
+        return await timed(stub.Generate(question("Q1?", gateway_pb2.CACHE_MODE_BYPASS)))
+
+    answer, _ = run_mesh(inprocess_server, redis_server, scenario, inference=inference, admission_full_hold_s=30.0)
+    assert not isinstance(answer, grpc.aio.AioRpcError), answer
+    assert answer.text == "Hello 世界"

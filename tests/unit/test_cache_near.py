@@ -115,3 +115,25 @@ def test_the_subscription_survives_idle_periods_longer_than_the_socket_timeout(r
             await admin.close()
 
     asyncio.run(main())
+
+
+def test_answers_served_from_memory_are_touched_in_redis_so_lru_keeps_them(redis_server):
+    # allkeys-lru evicts by idle time; Redis's LRU clock counts whole seconds.
+    prefix = f"t:{uuid.uuid4().hex}"
+
+    async def main():
+        near = NearCache(store(redis_server, prefix), max_bytes=1 << 20, max_age_s=60)
+        assert await near.backing.store(key(country="France"), ANSWER)
+        assert await near.backing.store(key(country="Spain"), ANSWER)
+        assert await near.lookup(key(country="France")) == ANSWER  # from Redis, now held in memory
+        raw = near.backing.redis
+        hot, cold = key(country="France").redis_key(prefix), key(country="Spain").redis_key(prefix)
+        await asyncio.sleep(2.1)  # both keys age in Redis by at least 2 s
+        for _ in range(3):
+            assert await near.lookup(key(country="France")) == ANSWER  # served from memory
+        await near._flush()
+        assert await raw.object("idletime", hot) <= 1
+        assert await raw.object("idletime", cold) >= 2
+        await near.backing.close()
+
+    asyncio.run(main())

@@ -102,3 +102,19 @@ def test_the_load_report_reads_back_what_was_written_and_nothing_malformed(metad
     assert InferenceLoad.from_metadata(metadata) == load
     if load is not None:
         assert InferenceLoad.from_metadata(load.to_metadata()) == load
+
+
+def test_a_cancelled_generation_takes_its_place_off_a_full_report_at_once():
+    clock = Clock()
+    gate = admission(clock, full_hold_s=30.0)
+    gate.observe(InferenceLoad(active=2, capacity=2))  # one of them ours, then cancelled by its caller
+    assert refusal(gate).reason == "INFERENCE_AT_CAPACITY"
+    gate.cancelled()
+    with gate.generation():  # the same instant: no wait for the hold to age
+        pass
+    gate.observe(InferenceLoad(2, 2))
+    gate.cancelled()
+    gate.cancelled()
+    gate.cancelled()  # never below zero
+    with gate.generation():
+        pass
