@@ -7,6 +7,7 @@ a layout that put everything on one master (or one that needs several slots in
 one command: CROSSSLOT) fails here.
 """
 import asyncio
+import math
 import random
 import uuid
 
@@ -14,11 +15,16 @@ import pytest
 import redis
 import torch
 
+from cli.redis_acl import RedisUsers
+from cli.redis_acl import write as write_acl
+from meshkit.errors import ResourceExhausted
 from meshkit.redis_connect import is_cluster_client
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
+from services.gateway.quotas import Quotas, QuotaSettings
+from services.gateway.tenant import Tenant, TenantLimits
 from services.inference.prefix import PrefixCache, RedisBlocks
 from tests.polling import until
 from tests.redis_cluster import RedisCluster, running_redis_cluster
@@ -244,3 +250,77 @@ def test_a_cluster_that_is_down_at_start_is_a_miss_not_a_crash():
         assert blocks.put([(b"k" * 40, chain_kv(BLOCK, 0))]).result() == []
     finally:
         blocks.close()
+
+
+# -- the shipped ACL users, on a cluster ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def acl_cluster(tmp_path_factory):
+    """A 3-master cluster run with deploy/redis/users.acl (rendered with fresh passwords) on every node."""
+    users = RedisUsers.make()
+    acl_file, _ = write_acl(tmp_path_factory.mktemp("cluster-acl"), users, "127.0.0.1", 0)
+    with running_redis_cluster("--aclfile", str(acl_file), auth=("admin", users.passwords["admin"])) as running:
+        yield running, users
+
+
+def _refused(cluster: RedisCluster) -> list[tuple[str, str]]:
+    refused = []
+    for port in cluster.ports:
+        with cluster.node_client(port) as node:
+            refused += [(entry["username"], entry["object"]) for entry in node.acl_log()]
+    return refused
+
+
+def test_each_service_user_works_on_a_cluster_with_the_shipped_acl(acl_cluster):
+    cluster, users = acl_cluster
+    url = lambda user: users.url(user, "127.0.0.1", cluster.ports[0], scheme="redis+cluster")  # noqa: E731
+    tenant = Tenant(uuid.uuid4().hex, TenantLimits(requests_per_s=2, tokens_per_min=10, max_streams=1))
+
+    async def main():
+        cache = PromptCache(redis_client(url("cache")), prefix="nlpmesh:pc", ttl_s=60, timeout_s=2.0)
+        gateway = NearCache(PromptCache(redis_client(url("gateway")), prefix="nlpmesh:pc", ttl_s=60, timeout_s=2.0),
+                            1 << 20, 60, flush_every_s=0.05)
+        quota_client = redis_client(url("gateway"))
+        quotas = Quotas(quota_client, QuotaSettings(timeout_s=2.0))
+        gateway.start()
+        await gateway.warm_up()
+        try:
+            keys = [template_key(f"tenant-{n}", country="France") for n in range(6)] + [chat_key("acme")]
+            for key in keys:
+                assert await cache.store(key, answer())
+            assert len(masters_holding(cluster, [key.redis_key("nlpmesh:pc") for key in keys])) > 1
+            for key in keys:
+                assert await gateway.lookup(key) == answer()  # a plain GET under the gateway's read-only grant
+            assert await gateway.lookup(keys[0]) == answer()  # the near tier; its hit flushed to a stats shard
+            assert await gateway.lookup(template_key("nobody")) is None
+            await until(lambda: _stats_are(cache, hits=8, misses=1, stores=7), what="the hits and misses counted")
+            await until(lambda: _subscribers(cluster, "nlpmesh:pc:invalidations") >= 1, timeout_s=10,
+                        what="the gateway's subscription")
+            assert await cache.invalidate_template("capital") == 6
+            await until(lambda: len(gateway) == 0, what="the near tier to drop its copies")
+            assert await cache.invalidate_model("m1", tenant="acme") == 1
+            await quotas.warm_up()
+            admission = await quotas.admit(tenant)
+            with pytest.raises(ResourceExhausted):  # refused by the quota script, not by NOPERM or CROSSSLOT
+                await quotas.admit(tenant)
+            await admission.release()
+            return quotas._local_until
+        finally:
+            await quotas.close()
+            await quota_client.aclose()
+            await gateway.close()
+            await cache.close()
+
+    assert asyncio.run(main()) == -math.inf  # the quotas never fell back to local shares
+    blocks = RedisBlocks(url("inference"), key_prefix="nlpmesh:kv", budget_s=2.0)
+    try:
+        shared = prefix_cache(blocks)
+        ids = list(range(100, 100 + 3 * BLOCK + 1))
+        keys = shared.keys("acme", ids)
+        kv = chain_kv(3 * BLOCK, 0)
+        assert blocks.put([(key, kv[:, :, :, i * BLOCK:(i + 1) * BLOCK]) for i, key in enumerate(keys)]).result() == keys
+        assert torch.equal(prefix_cache(blocks).match(keys).kv, kv)
+    finally:
+        blocks.close()
+    assert _refused(cluster) == []
