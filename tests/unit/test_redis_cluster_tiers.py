@@ -17,7 +17,7 @@ import torch
 
 from cli.redis_acl import RedisUsers
 from cli.redis_acl import write as write_acl
-from meshkit.errors import ResourceExhausted
+from meshkit.errors import ResourceExhausted, Unavailable
 from meshkit.redis_connect import is_cluster_client
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
@@ -324,3 +324,32 @@ def test_each_service_user_works_on_a_cluster_with_the_shipped_acl(acl_cluster):
     finally:
         blocks.close()
     assert _refused(cluster) == []
+
+
+def test_a_cluster_that_cannot_be_reached_is_a_miss_an_unavailable_and_a_local_quota_share():
+    from tests.conftest import free_port
+
+    url = f"redis+cluster://127.0.0.1:{free_port()}/0"  # nothing listens: redis-py raises its own cluster error
+    tenant = Tenant("acme", TenantLimits(requests_per_s=1))
+
+    async def main():
+        cache = PromptCache(redis_client(url), prefix="test:down", ttl_s=60, timeout_s=0.5)
+        quota_client = redis_client(url)
+        quotas = Quotas(quota_client, QuotaSettings(timeout_s=0.5, replicas=1))
+        try:
+            assert await cache.lookup(template_key()) is None
+            assert not await cache.store(template_key(), answer())
+            with pytest.raises(Unavailable):
+                await cache.invalidate_template("capital")
+            with pytest.raises(Unavailable):
+                await cache.stats()
+            await quotas.admit(tenant)  # admitted on this replica's share, not an error
+            with pytest.raises(ResourceExhausted):
+                await quotas.admit(tenant)
+            return quotas._local_until
+        finally:
+            await quotas.close()
+            await quota_client.aclose()
+            await cache.close()
+
+    assert asyncio.run(main()) > 0  # fell back to the local share
