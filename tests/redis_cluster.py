@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -38,6 +38,7 @@ BUS_PORT_OFFSET = 10000  # a cluster node also listens on its port + 10000 (the 
 class RedisCluster:
     nodes: list[RedisProcess]
     auth: tuple[str, str] | None = None  # (user, password) that may run admin commands, for an ACL cluster
+    tls_ports: list[int] = field(default_factory=list)  # each node's TLS port, for a TLS cluster
 
     @property
     def ports(self) -> list[int]:
@@ -119,18 +120,31 @@ def _cluster_node(workdir: str, port: int, extra_args: tuple[str, ...]) -> Itera
 
 
 @contextmanager
-def running_redis_cluster(*extra_args: str, auth: tuple[str, str] | None = None) -> Iterator[RedisCluster]:
-    """Three cluster-enabled redis-servers joined into one cluster; ``extra_args`` go to each server."""
+def running_redis_cluster(*extra_args: str, auth: tuple[str, str] | None = None,
+                          tls: bool = False) -> Iterator[RedisCluster]:
+    """Three cluster-enabled redis-servers joined into one cluster; ``extra_args`` go to each server.
+
+    ``tls``: each node also gets a ``--tls-port`` of its own (``tls_ports``) and the
+    cluster bus runs TLS (``--tls-cluster yes``); ``extra_args`` then name the
+    certificate files. The plaintext ports stay, for the fixture's own checks.
+    """
     redis_cli = shutil.which("redis-cli")
     if redis_cli is None:
         pytest.fail("redis-cli is not installed (apt-get install redis-tools); the cluster tests need it")
     with ExitStack() as stack:
         nodes: list[RedisProcess] = []
+        tls_ports: list[int] = []
         for _ in range(MASTERS):
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nlpmesh-cluster-"))
             taken = {port + offset for port in (node.port for node in nodes) for offset in (0, BUS_PORT_OFFSET)}
-            nodes.append(stack.enter_context(_cluster_node(workdir, _node_port(taken), extra_args)))
-        cluster = RedisCluster(nodes, auth)
+            taken |= set(tls_ports)
+            port = _node_port(taken)
+            node_args = extra_args
+            if tls:
+                tls_ports.append(_node_port(taken | {port, port + BUS_PORT_OFFSET}))
+                node_args = ("--tls-port", str(tls_ports[-1]), "--tls-cluster", "yes", *extra_args)
+            nodes.append(stack.enter_context(_cluster_node(workdir, port, node_args)))
+        cluster = RedisCluster(nodes, auth, tls_ports)
         login = ["--user", auth[0], "--pass", auth[1]] if auth else []
         created = subprocess.run(
             [redis_cli, *login, "--cluster", "create", *(f"127.0.0.1:{port}" for port in cluster.ports),

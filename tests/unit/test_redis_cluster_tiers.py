@@ -28,6 +28,7 @@ from services.gateway.tenant import Tenant, TenantLimits
 from services.inference.prefix import PrefixCache, RedisBlocks
 from tests.polling import until
 from tests.redis_cluster import RedisCluster, running_redis_cluster
+from tests.unit.test_redis_tls import make_pki
 
 GREEDY = Sampling(max_new_tokens=16, temperature=0.0)
 TENANTS = [f"tenant-{n}" for n in range(8)]
@@ -353,3 +354,85 @@ def test_a_cluster_that_cannot_be_reached_is_a_miss_an_unavailable_and_a_local_q
             await cache.close()
 
     assert asyncio.run(main()) > 0  # fell back to the local share
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    """A 3-master cluster serving TLS (client certificates required, TLS on the cluster bus) and the ACL users."""
+    folder = tmp_path_factory.mktemp("cluster-tls")
+    pki = make_pki(folder / "pki", ("server", "client"))
+    users = RedisUsers.make()
+    acl_file, _ = write_acl(folder, users, "127.0.0.1", 0)
+    with running_redis_cluster(
+            "--aclfile", str(acl_file), "--tls-cert-file", str(pki["server"]), "--tls-key-file", str(pki["server.key"]),
+            "--tls-ca-cert-file", str(pki["ca"]), "--tls-auth-clients", "yes",
+            auth=("admin", users.passwords["admin"]), tls=True) as running:
+        def url(user: str) -> str:
+            query = f"?ssl_ca_certs={pki['ca']}&ssl_certfile={pki['client']}&ssl_keyfile={pki['client.key']}"
+            return users.url(user, "127.0.0.1", running.tls_ports[0], scheme="rediss+cluster") + query
+        yield running, url
+
+
+def test_the_tiers_work_over_a_tls_cluster_with_the_service_users(tls_cluster):
+    cluster, url = tls_cluster
+    keys = [template_key(f"tenant-{n}") for n in range(6)]
+
+    async def main():
+        cache = PromptCache(redis_client(url("cache")), prefix="nlpmesh:pc", ttl_s=60, timeout_s=2.0)
+        gateway = PromptCache(redis_client(url("gateway")), prefix="nlpmesh:pc", ttl_s=60, timeout_s=2.0)
+        try:
+            for key in keys:
+                assert await cache.store(key, answer())
+            return [await gateway.lookup(key) for key in keys]
+        finally:
+            await cache.close()
+            await gateway.close()
+
+    assert asyncio.run(main()) == [answer()] * len(keys)
+    assert len(masters_holding(cluster, [key.redis_key("nlpmesh:pc") for key in keys])) > 1
+    blocks = RedisBlocks(url("inference"), key_prefix="nlpmesh:kv", budget_s=2.0)
+    try:
+        ids = list(range(200, 200 + 3 * BLOCK + 1))
+        chain = prefix_cache(blocks).keys("acme", ids)
+        kv = chain_kv(3 * BLOCK, 1)
+        assert blocks.put([(key, kv[:, :, :, i * BLOCK:(i + 1) * BLOCK]) for i, key in enumerate(chain)]).result() == chain
+        assert torch.equal(prefix_cache(blocks).match(chain).kv, kv)
+    finally:
+        blocks.close()
+    assert _refused(cluster) == []
+    # The TLS port refuses a plaintext client: the scheme, not the port, chooses TLS.
+    plain = RedisBlocks(url("inference").split("?")[0].replace("rediss+cluster", "redis+cluster"),
+                        key_prefix="nlpmesh:kv", budget_s=1.0)
+    try:
+        assert plain.get(chain) is None and plain.cooling_down
+    finally:
+        plain.close()
+
+
+# -- URLs -----------------------------------------------------------------------------------
+
+
+def test_a_cluster_url_gets_the_cluster_clients_and_is_checked_like_any_other(tmp_path):
+    import redis.asyncio as aioredis
+
+    from meshkit.redis_connect import RedisUrlError, check_redis_url, is_cluster_url, redact_url, redis_from_url
+
+    assert is_cluster_url("redis+cluster://a:b@h:7000/0") and is_cluster_url("rediss+cluster://h:7000")
+    assert not is_cluster_url("redis://h:6379/0")
+    assert isinstance(redis_from_url(aioredis.Redis, "redis://h:6379/0"), aioredis.Redis)
+    assert not is_cluster_client(redis_from_url(aioredis.Redis, "redis://h:6379/0"))
+    with pytest.raises(RedisUrlError, match="only database 0"):
+        check_redis_url("redis+cluster://h:7000/3")
+    with pytest.raises(RedisUrlError, match="TLS options on a plaintext URL"):
+        check_redis_url(f"redis+cluster://h:7000/0?ssl_ca_certs={tmp_path}")
+    with pytest.raises(RedisUrlError, match="no such file"):
+        check_redis_url("rediss+cluster://h:7000/0?ssl_ca_certs=/nonexistent/ca.pem")
+    with pytest.raises(RedisUrlError, match="unsupported option"):
+        check_redis_url("redis+cluster://h:7000/0?cluster_error_retry_attempts=9")
+    with pytest.raises(RedisUrlError) as refused:
+        check_redis_url("redis+sentinel://gateway:s3cret@h:7000/0")
+    assert "s3cret" not in str(refused.value)
+    assert redact_url("redis+cluster://gateway:s3cret@h:7000/0") == "redis+cluster://gateway:***@h:7000/0"
