@@ -8,7 +8,9 @@ it up, and hands the same key to the cache service to store the answer
     key = PromptCacheKey(tenant, model, revision,
                          TemplatePrompt(id, version, variables) | ChatPrompt(messages),
                          Sampling(max_new_tokens, temperature, top_p, top_k, seed, stop))
-    key.redis_key(prefix)  ->  "<prefix>:t:<tenant_tag(tenant)>:e:<key.digest()>"
+    key.redis_key(prefix)  ->  "<prefix>:t:<tenant_tag>:{<tenant_tag>:tpl:<sha(id)[:16]>}:e:<key.digest()>"
+                               (a template's answer: its hash tag is the tenant + template group)
+                           ->  "<prefix>:t:<tenant_tag>:e:<key.digest()>"   (a chat answer: no tag)
 
 The digest is sha256 over a canonical JSON of every field (tenant included),
 so that:
@@ -20,6 +22,14 @@ so that:
   change a greedy answer.
 The raw tenant (it may come from an API key) never appears in a key name: the
 namespace holds a hash of it, which is what per-tenant invalidation scans.
+
+Hash tags (for Redis Cluster, harmless on one node): a template's answers and
+that template's invalidation index (``template_index``) share the tag
+``{<tenant_tag>:tpl:<sha(id)[:16]>}``, so one tenant's template lives in one
+slot (its invalidation is one transaction) and tenants and templates spread
+over the masters. A chat answer is touched alone (no template index), so it
+has no tag and spreads by its whole name. A model's index has its own tag
+(``model_index``); its members live in many slots.
 """
 from __future__ import annotations
 
@@ -83,7 +93,10 @@ class PromptCacheKey:
         return _sha256(self.canonical_json())
 
     def redis_key(self, prefix: str) -> str:
-        return f"{tenant_namespace(prefix, self.tenant)}:e:{self.digest()}"
+        namespace = tenant_namespace(prefix, self.tenant)
+        if isinstance(self.prompt, TemplatePrompt):
+            return f"{namespace}:{{{template_group(tenant_tag(self.tenant), self.prompt.id)}}}:e:{self.digest()}"
+        return f"{namespace}:e:{self.digest()}"
 
     def to_pb(self) -> cache_pb2.PromptCacheKey:
         pb = cache_pb2.PromptCacheKey(tenant=self.tenant, model=self.model, revision=self.revision,
@@ -151,6 +164,32 @@ def tenant_tag(tenant: str) -> str:
 def tenant_namespace(prefix: str, tenant: str) -> str:
     """Where every Redis key of one tenant lives: ``<prefix>:t:<tenant_tag>``."""
     return f"{prefix}:t:{tenant_tag(tenant)}"
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix``, unless it holds a brace (it would become the keys' hash tag in a Redis Cluster)."""
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"a Redis key prefix may not hold {{ or }}: {prefix!r}")
+    return prefix
+
+
+def template_group(tag: str, template_id: str) -> str:
+    """The hash tag (without braces) of one tenant's answers from one template, ``tag`` = ``tenant_tag``."""
+    return f"{tag}:tpl:{short_hash(template_id)}"
+
+
+def template_index(prefix: str, tag: str, template_id: str) -> str:
+    """Sorted set of the keys of one tenant's answers from one template: in their slot."""
+    return f"{prefix}:t:{tag}:{{{template_group(tag, template_id)}}}:ix:tpl"
+
+
+def model_index(prefix: str, tag: str, model: str) -> str:
+    """Sorted set of the keys of one tenant's answers made by one model: a slot of its own."""
+    return f"{prefix}:t:{tag}:{{{tag}:model:{short_hash(model)}}}:ix:model"
+
+
+def short_hash(text: str) -> str:
+    return _sha256(text)[:16]
 
 
 def _sha256(text: str) -> str:

@@ -1,12 +1,27 @@
 """The exact-match prompt cache over Redis (redis.asyncio).
 
-Redis key layout (``<ns>`` = ``<prefix>:t:<tenant_tag>``, see keys.py):
+Redis key layout (``<ns>`` = ``<prefix>:t:<tag>``, ``<tag>`` = the tenant's hash,
+``<T>``/``<M>`` = sha of the template id / model, 16 hex; see keys.py):
 
-    <ns>:e:<digest>             the answer, compact JSON, with a TTL
-    <ns>:ix:tpl:<sha(id)[:16]>  sorted set of entry keys made from that template
-    <ns>:ix:model:<sha(m)[:16]> sorted set of entry keys made by that model
-    <prefix>:tenants            sorted set of tenant tags (for "every tenant")
-    <prefix>:stats              hash: hits, misses, stores (global across replicas)
+    <ns>:{<tag>:tpl:<T>}:e:<digest>    a template's answer, compact JSON, with a TTL
+    <ns>:e:<digest>                    a chat answer (no hash tag: it is only ever touched alone)
+    <ns>:{<tag>:tpl:<T>}:ix:tpl        sorted set of the entry keys made from that template
+    <ns>:{<tag>:model:<M>}:ix:model    sorted set of the entry keys made by that model
+    <prefix>:tenants                   sorted set of tenant tags (for "every tenant")
+    <prefix>:stats                     hash: hits, misses, stores (global across replicas)
+    <prefix>:stats:{s<n>}              the same, in STATS_SHARDS shards, on a Redis Cluster
+
+On a Redis Cluster (a ``redis+cluster://`` URL, meshkit/redis_connect.py) the
+``{...}`` hash tags keep every multi-key operation inside one slot: a
+template's answers and its index share one (tenant + template), so storing an
+answer and invalidating a template are one transaction each, and the load
+spreads over the masters by tenant and template rather than landing on one.
+What cannot share a slot is done in separate round trips there: a store
+updates the model index, the tenant list and the stats first, then writes the
+answer with its template index in one transaction; a lookup is a plain GET
+and its hit or miss is counted just after, off the caller's path; an
+invalidation deletes the indexed answers slot by slot, then removes them from
+the index. The stats hash is sharded so that counting does not load one node.
 
 Index members are scored by their expiry time; each store drops the expired
 members of the indexes it touches and keeps each index's own TTL at least as
@@ -19,29 +34,36 @@ Invalidation and stats are admin calls: they raise ``Unavailable`` instead.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 from nlpmesh.cache.v1 import cache_pb2
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from meshkit import span_names
 from meshkit.errors import Unavailable
-from meshkit.redis_connect import redact_url, redis_from_url
+from meshkit.redis_connect import is_cluster_client, redact_url, redis_from_url
 from meshkit.tracing.provider import tracer
 from promptcache import metrics
-from promptcache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace, tenant_tag
+from promptcache.keys import PromptCacheKey, TemplatePrompt, check_prefix, model_index, template_index, tenant_tag
 
 log = logging.getLogger("nlpmesh.cache")
 _tracer = tracer("cache")
 
 ADMIN_TIMEOUT_S = 5.0
 WARN_EVERY_S = 10.0
+# On a Redis Cluster: shards of the stats hash, and the most hit/miss counts in flight at once.
+STATS_SHARDS = 16
+MAX_PENDING_COUNTS = 1024
 
 # One round trip on the hot path: read the entry and count the hit or miss.
 # pcall: a Redis that refuses writes (full under noeviction) still serves the
@@ -121,7 +143,11 @@ class PromptCache:
         max_answer_bytes: int = 256 * 1024,
     ):
         self.redis = redis
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
+        self.cluster = is_cluster_client(redis)
+        self._stats_keys = ([f"{prefix}:stats:{{s{n}}}" for n in range(STATS_SHARDS)] if self.cluster
+                            else [f"{prefix}:stats"])
+        self._counting: set[asyncio.Task] = set()
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self.max_answer_bytes = max_answer_bytes
@@ -138,7 +164,10 @@ class PromptCache:
     async def _lookup(self, key: PromptCacheKey, timeout_s: float) -> CachedAnswer | None:
         entry = key.redis_key(self.prefix)
         try:
-            raw = await self._bounded(self._lookup_script(keys=[entry, self._stats_key]), timeout_s)
+            if self.cluster:  # the entry and the stats live in different slots: no script over both
+                raw = await self._bounded(self.redis.get(entry), timeout_s)
+            else:
+                raw = await self._bounded(self._lookup_script(keys=[entry, self._stats_key(entry)]), timeout_s)
         except asyncio.CancelledError:  # the caller's budget ran out mid-lookup
             metrics.record_miss("cancelled")
             raise
@@ -148,15 +177,20 @@ class PromptCache:
             return None
         if raw is None:
             metrics.record_miss("absent")
+            self._count_soon(entry, "misses")
             return None
         try:
             answer = CachedAnswer.from_json(raw)
         except (ValueError, TypeError) as error:
             metrics.record_miss("corrupt")
             self._warnings.warn("corrupt prompt cache entry, treating as a miss", error)
-            await self._recount_as_miss()
+            if self.cluster:
+                self._count_soon(entry, "misses")
+            else:
+                await self._recount_as_miss(entry)
             return None
         metrics.record_hit("redis")
+        self._count_soon(entry, "hits")
         return answer
 
     async def store(self, key: PromptCacheKey, answer: CachedAnswer, ttl_s: int | None = None) -> bool:
@@ -184,24 +218,28 @@ class PromptCache:
         return True
 
     async def invalidate_template(self, template_id: str, tenant: str | None = None) -> int:
-        removed = await self._invalidate(f"ix:tpl:{_short_hash(template_id)}", tenant)
+        removed = await self._invalidate(lambda tag: template_index(self.prefix, tag, template_id), tenant)
         metrics.record_invalidation("template", removed)
         return removed
 
     async def invalidate_model(self, model: str, tenant: str | None = None) -> int:
-        removed = await self._invalidate(f"ix:model:{_short_hash(model)}", tenant)
+        removed = await self._invalidate(lambda tag: model_index(self.prefix, tag, model), tenant)
         metrics.record_invalidation("model", removed)
         return removed
 
     async def stats(self) -> CacheStats:
-        counts = await self._admin(self.redis.hmget(self._stats_key, ["hits", "misses", "stores"]))
-        hits, misses, stores = (int(count or 0) for count in counts)
+        read = self.redis.pipeline(transaction=False)
+        for stats_key in self._stats_keys:
+            read.hmget(stats_key, ["hits", "misses", "stores"])
+        shards = await self._admin(read.execute())
+        hits, misses, stores = (sum(int(shard[i] or 0) for shard in shards) for i in range(3))
         return CacheStats(hits=hits, misses=misses, stores=stores)
 
     async def add_hits(self, count: int) -> bool:
         """Counts hits served elsewhere (the near tier); False if Redis didn't take them."""
+        stats_key = self._stats_keys[int(time.monotonic_ns()) % len(self._stats_keys)]
         try:
-            await self._bounded(self.redis.hincrby(self._stats_key, "hits", count), max(self.timeout_s, 1.0))
+            await self._bounded(self.redis.hincrby(stats_key, "hits", count), max(self.timeout_s, 1.0))
         except Exception as error:
             self._warnings.warn("prompt cache stats update failed", error)
             return False
@@ -221,60 +259,114 @@ class PromptCache:
             return False
 
     async def close(self) -> None:
+        if self._counting:  # counts of the last lookups (a cluster's), bounded by their own timeout
+            await asyncio.gather(*self._counting, return_exceptions=True)
         await self.redis.aclose()
 
-    @property
-    def _stats_key(self) -> str:
-        return f"{self.prefix}:stats"
+    def _stats_key(self, entry: str) -> str:
+        """The stats hash (shard) that counts lookups and stores of ``entry``."""
+        return self._stats_keys[zlib.crc32(entry.encode()) % len(self._stats_keys)]
+
+    def _count_soon(self, entry: str, field: str) -> None:
+        """On a cluster: counts a lookup's hit or miss in the background (the script does it elsewhere)."""
+        if not self.cluster:
+            return
+        if len(self._counting) >= MAX_PENDING_COUNTS:  # Redis is slower than lookups come: drop the count
+            return
+        task = asyncio.get_running_loop().create_task(self._count(self._stats_key(entry), field))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _count(self, stats_key: str, field: str) -> None:
+        try:
+            await self._bounded(self.redis.hincrby(stats_key, field, 1), max(self.timeout_s, 1.0))
+        except Exception as error:
+            self._warnings.warn("prompt cache stats update failed", error)
 
     @property
     def _tenants_key(self) -> str:
         return f"{self.prefix}:tenants"
 
     async def _store_transaction(self, key: PromptCacheKey, payload: str, ttl: int) -> None:
-        namespace = tenant_namespace(self.prefix, key.tenant)
+        tag = tenant_tag(key.tenant)
         entry = key.redis_key(self.prefix)
         now = time.time()
+
+        def in_entry_slot(pipe) -> None:  # the answer and its template's index: one hash tag
+            pipe.set(entry, payload, ex=ttl)
+            if isinstance(key.prompt, TemplatePrompt):
+                _index_add(pipe, template_index(self.prefix, tag, key.prompt.id), entry, now, ttl)
+
+        def elsewhere(pipe) -> None:
+            _index_add(pipe, model_index(self.prefix, tag, key.model), entry, now, ttl)
+            _index_add(pipe, self._tenants_key, tag, now, ttl)
+            pipe.hincrby(self._stats_key(entry), "stores", 1)
+
+        if self.cluster:
+            # Indexes first: an answer is never findable by a lookup before an invalidation can find it.
+            indexes = self.redis.pipeline(transaction=False)
+            elsewhere(indexes)
+            await indexes.execute()
+            answer = self.redis.pipeline(transaction=True)
+            in_entry_slot(answer)
+            await answer.execute()
+            return
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(entry, payload, ex=ttl)
-        indexes = [f"{namespace}:ix:model:{_short_hash(key.model)}"]
-        if isinstance(key.prompt, TemplatePrompt):
-            indexes.append(f"{namespace}:ix:tpl:{_short_hash(key.prompt.id)}")
-        for index in indexes:
-            _index_add(pipe, index, entry, now, ttl)
-        _index_add(pipe, self._tenants_key, tenant_tag(key.tenant), now, ttl)
-        pipe.hincrby(self._stats_key, "stores", 1)
+        in_entry_slot(pipe)
+        elsewhere(pipe)
         await pipe.execute()
 
-    async def _invalidate(self, index_suffix: str, tenant: str | None) -> int:
+    async def _invalidate(self, index_of: Callable[[str], str], tenant: str | None) -> int:
         with _tracer.start_as_current_span(span_names.REDIS_INVALIDATE) as span:
-            removed = await self._remove_indexed(index_suffix, tenant)
+            removed = await self._remove_indexed(index_of, tenant)
             span.set_attribute(span_names.CACHE_REMOVED, removed)
             return removed
 
-    async def _remove_indexed(self, index_suffix: str, tenant: str | None) -> int:
+    async def _remove_indexed(self, index_of: Callable[[str], str], tenant: str | None) -> int:
+        """Deletes the entries named by ``index_of(tenant tag)`` for the tenant, or every tenant."""
         if tenant is not None:
             tags = [tenant_tag(tenant)]
         else:
             tags = [t.decode() for t in await self._admin(self.redis.zrange(self._tenants_key, 0, -1))]
-        indexes = [f"{self.prefix}:t:{tag}:{index_suffix}" for tag in tags]
+        indexes = [index_of(tag) for tag in tags]
         read = self.redis.pipeline(transaction=False)
         for index in indexes:
             read.zrange(index, 0, -1)
         members_per_index = await self._admin(read.execute())
+        found = [(index, members) for index, members in zip(indexes, members_per_index) if members]
+        removed = await (self._remove_in_slots(found) if self.cluster else self._remove_at_once(found))
+        await self._announce_invalidation()
+        return removed
+
+    async def _remove_at_once(self, found: list[tuple[str, list[bytes]]]) -> int:
         # ZREM what was read rather than DEL the index: a store racing with
         # this call keeps its index entry.
-        write = self.redis.pipeline(transaction=True)
-        for index, members in zip(indexes, members_per_index):
-            if members:
-                write.delete(*members)
-                write.zrem(index, *members)
-        if len(write) == 0:
-            await self._announce_invalidation()
+        if not found:
             return 0
+        write = self.redis.pipeline(transaction=True)
+        for index, members in found:
+            write.delete(*members)
+            write.zrem(index, *members)
         results = await self._admin(write.execute())
-        await self._announce_invalidation()
         return sum(results[0::2])
+
+    async def _remove_in_slots(self, found: list[tuple[str, list[bytes]]]) -> int:
+        """On a cluster: one DEL per slot of entries, then the index entries (so a failed DEL leaves them indexed)."""
+        if not found:
+            return 0
+        by_slot: dict[int, list[bytes]] = defaultdict(list)
+        for _, members in found:
+            for member in members:
+                by_slot[key_slot(member)].append(member)
+        deletes = self.redis.pipeline(transaction=False)
+        for members in by_slot.values():
+            deletes.delete(*members)
+        removed = sum(await self._admin(deletes.execute()))
+        unindex = self.redis.pipeline(transaction=False)
+        for index, members in found:
+            unindex.zrem(index, *members)
+        await self._admin(unindex.execute())
+        return removed
 
     @property
     def invalidations_channel(self) -> str:
@@ -284,11 +376,11 @@ class PromptCache:
     async def _announce_invalidation(self) -> None:
         await self._admin(self.redis.publish(self.invalidations_channel, b"1"))
 
-    async def _recount_as_miss(self) -> None:
+    async def _recount_as_miss(self, entry: str) -> None:
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hincrby(self._stats_key, "hits", -1)
-            pipe.hincrby(self._stats_key, "misses", 1)
+            pipe.hincrby(self._stats_key(entry), "hits", -1)
+            pipe.hincrby(self._stats_key(entry), "misses", 1)
             await self._bounded(pipe.execute())
         except Exception as error:
             self._warnings.warn("prompt cache stats update failed", error)
@@ -299,7 +391,7 @@ class PromptCache:
     async def _admin(self, call):
         try:
             return await asyncio.wait_for(call, ADMIN_TIMEOUT_S)
-        except (TimeoutError, aioredis.RedisError, OSError) as error:
+        except (TimeoutError, aioredis.RedisError, RedisClusterException, OSError) as error:
             log.warning("prompt cache admin call failed: %s", _describe(error))
             raise Unavailable("the prompt cache's Redis is unavailable") from None
 
@@ -310,10 +402,6 @@ def _index_add(pipe, index: str, member: str, now: float, ttl: int) -> None:
     pipe.zremrangebyscore(index, "-inf", now)
     pipe.expire(index, ttl, nx=True)
     pipe.expire(index, ttl, gt=True)
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _describe(error: BaseException) -> str:

@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException
 
 from meshkit.errors import QuotaViolation, ResourceExhausted
 from promptcache.keys import tenant_tag
@@ -248,7 +249,7 @@ class Quotas:
             return _REDIS_SKIPPED
         try:
             answer = await asyncio.wait_for(call(*args, **kwargs), self.settings.timeout_s)
-        except (aioredis.RedisError, OSError, TimeoutError) as error:
+        except (aioredis.RedisError, RedisClusterException, OSError, TimeoutError) as error:  # a cluster's: no node
             self._fall_back(error)
             return _REDIS_FAILED
         if self._local_until > -math.inf:

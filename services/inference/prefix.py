@@ -27,6 +27,14 @@ missing block or marker is a miss or one more sighting needed, never an error.
 ``match`` finds the longest run of cached blocks from the start (local first,
 then one Redis round trip for the rest); at least one prompt token is always
 left to prefill, because the first generated token needs its logits.
+
+Redis Cluster (a ``redis+cluster://`` URL): that round trip is one MGET, so all
+the blocks of a chain must share a slot. A block's key starts with
+``CHAIN_TAG_BYTES`` of its chain's first block key, which is the Redis key's hash
+tag: ``<prefix>:{<chain tag>}:<block>`` (and ``<prefix>:seen:{<chain tag>}:<block>``
+for its marker). Prompts that share their first block (a system prompt, a
+template's head) share a slot, which is what the MGET needs; prompts with
+other heads spread over the masters.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import hashlib
 import logging
 import math
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,13 +52,21 @@ from dataclasses import dataclass
 import redis
 import torch
 from cachetools import LRUCache
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 
-from meshkit.redis_connect import redis_from_url
+from meshkit.redis_connect import check_redis_url, is_cluster_url, redis_from_url
 from services.inference import metrics
 
 log = logging.getLogger("nlpmesh.inference.prefix")
 
 KEY_FORMAT = 1  # bump when the block layout changes: old entries stop matching
+# What a failing Redis raises; the cluster client's own errors (no reachable node, say) are not RedisErrors.
+_REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+# A block key is this many bytes of its chain's first block key (the Redis hash tag), then its own digest.
+CHAIN_TAG_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -76,18 +93,29 @@ Outgoing = Sequence[tuple[bytes, torch.Tensor]]  # (key, block KV), encoded on t
 
 
 class RedisBlocks:
-    """The Redis tier: raw block bytes under ``<prefix>:<hex key>``, with a TTL.
+    """The Redis tier: raw block bytes under ``<prefix>:{<hex tag>}:<hex rest>``, with a TTL,
+    where the tag is a key's first ``CHAIN_TAG_BYTES`` (its chain's: see ``PrefixCache.keys``).
 
-    A block's first sighting leaves an empty marker ``<prefix>:seen:<hex key>``
-    for ``seen_ttl_s`` instead (see ``put``).
+    A block's first sighting leaves an empty marker ``<prefix>:seen:{<hex tag>}:<hex rest>``
+    for ``seen_ttl_s`` instead (see ``put``). The client is redis-py's cluster
+    client for a ``redis+cluster://`` URL; one MGET or pipeline then names keys
+    of one chain, in one slot.
     """
 
     def __init__(self, url: str, *, budget_s: float = 0.05, ttl_s: int = 3600, cooldown_s: float = 5.0,
                  key_prefix: str = "nlpmesh:kv", seen_ttl_s: int = 600):
-        self._client = redis_from_url(redis.Redis, url, socket_timeout=budget_s, socket_connect_timeout=budget_s)
+        check_redis_url(url)  # a bad URL stops the process at start
+        self._url = url
+        self._budget_s = budget_s
+        self._client_lock = threading.Lock()
+        # A cluster client connects when built (to learn the slots): built on first use, so a cluster
+        # that is down at start is a miss and a cooldown, as a single Redis is.
+        self._client: redis.Redis | RedisCluster | None = None if is_cluster_url(url) else self._connect()
         self._ttl_s = ttl_s
         self._seen_ttl_s = seen_ttl_s
         self._cooldown_s = cooldown_s
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError(f"a Redis key prefix may not hold {{ or }}: {key_prefix!r}")
         self._prefix = key_prefix
         self._down_until = 0.0
         self._writes_down_until = 0.0  # Redis answered but refused a write (out of memory)
@@ -108,8 +136,8 @@ class RedisBlocks:
         if self.cooling_down:
             return None
         try:
-            return self._client.mget([self._name(key) for key in keys])
-        except redis.RedisError as error:
+            return self._redis().mget([self._name(key) for key in keys])
+        except _REDIS_ERRORS as error:
             self._failed("read", error)
             return None
 
@@ -126,7 +154,20 @@ class RedisBlocks:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
+
+    def _connect(self) -> redis.Redis | RedisCluster:
+        # No retries on a cluster (redis-py's default retries with backoff): a slow read is a miss.
+        retry = {"retry": Retry(NoBackoff(), retries=0)} if is_cluster_url(self._url) else {}
+        return redis_from_url(redis.Redis, self._url, socket_timeout=self._budget_s,
+                              socket_connect_timeout=self._budget_s, **retry)
+
+    def _redis(self) -> redis.Redis | RedisCluster:
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
 
     def _put(self, items: Outgoing, if_seen: Outgoing) -> list[bytes]:
         if not self.writable:
@@ -134,11 +175,11 @@ class RedisBlocks:
         try:
             items = list(items) + self._seen_before(if_seen)
             if items:
-                with self._client.pipeline(transaction=False) as pipe:
+                with self._redis().pipeline(transaction=False) as pipe:
                     for key, kv in items:
                         pipe.set(self._name(key), _encode(kv), ex=self._ttl_s)
                     pipe.execute()
-        except redis.RedisError as error:
+        except _REDIS_ERRORS as error:
             self._failed("write", error)
             return []
         return [key for key, _ in items]
@@ -147,19 +188,19 @@ class RedisBlocks:
         """The blocks whose marker was already there; the others get one (one round trip)."""
         if not blocks:
             return []
-        with self._client.pipeline(transaction=False) as pipe:
+        with self._redis().pipeline(transaction=False) as pipe:
             for key, _ in blocks:
                 pipe.set(self._seen_name(key), b"", nx=True, ex=self._seen_ttl_s)
             first_sighting = pipe.execute()  # True: set now; None: already there
         return [block for block, first in zip(blocks, first_sighting) if not first]
 
     def _name(self, key: bytes) -> str:
-        return f"{self._prefix}:{key.hex()}"
+        return block_name(self._prefix, key)
 
     def _seen_name(self, key: bytes) -> str:
-        return f"{self._prefix}:seen:{key.hex()}"
+        return f"{self._prefix}:seen:{_tagged(key)}"
 
-    def _failed(self, what: str, error: redis.RedisError) -> None:
+    def _failed(self, what: str, error: Exception) -> None:
         now = time.monotonic()
         if isinstance(error, redis.ResponseError):  # Redis answered (out of memory, say): reads still work
             if now >= self._writes_down_until:
@@ -200,14 +241,20 @@ class PrefixCache:
         self._block_nbytes = 0
 
     def keys(self, tenant: str, token_ids: list[int]) -> list[bytes]:
-        """The keys of the prompt's full blocks that may be reused (never its last token)."""
+        """The keys of the prompt's full blocks that may be reused (never its last token).
+
+        A key is the chain's tag (the first block's digest, cut to ``CHAIN_TAG_BYTES``)
+        and then the block's own chained digest, so one chain's keys share a Redis Cluster slot.
+        """
         count = (len(token_ids) - 1) // self.block_tokens
         digest = hashlib.sha256(self._root + b"\0tenant\0" + tenant.encode()).digest()
         keys = []
+        chain = b""
         for index in range(count):
             block = token_ids[index * self.block_tokens : (index + 1) * self.block_tokens]
             digest = hashlib.sha256(digest + struct.pack(f"<{len(block)}I", *block)).digest()
-            keys.append(digest)
+            chain = chain or digest[:CHAIN_TAG_BYTES]
+            keys.append(chain + digest)
         return keys
 
     def match(self, keys: list[bytes]) -> PrefixMatch:
@@ -303,6 +350,16 @@ def _mark_shared(blocks: dict[bytes, _Block], written: concurrent.futures.Future
         return
     for key in written.result():
         blocks[key].shared = True
+
+
+def block_name(prefix: str, key: bytes) -> str:
+    """The Redis key of a block: ``<prefix>:{<chain tag hex>}:<rest hex>``."""
+    return f"{prefix}:{_tagged(key)}"
+
+
+def _tagged(key: bytes) -> str:
+    """``{<hex of the chain tag>}:<hex of the rest>``: the braces make the tag a Redis Cluster hash tag."""
+    return f"{{{key[:CHAIN_TAG_BYTES].hex()}}}:{key[CHAIN_TAG_BYTES:].hex()}"
 
 
 def _encode(kv: torch.Tensor) -> bytes:

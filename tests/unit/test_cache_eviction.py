@@ -90,7 +90,7 @@ def test_invalidation_with_each_of_its_keys_evicted_removes_what_is_left(redis_s
             await cache.store(key(index, tenant="globex"), answer(index))
         namespace = tenant_namespace(cache.prefix, "acme")
         evicted = [key(0).redis_key(cache.prefix), f"{cache.prefix}:tenants"]  # an entry, the tenant list
-        evicted += [name.decode() for name in await cache.redis.keys(f"{namespace}:ix:tpl:*")]  # acme's index
+        evicted += [name.decode() for name in await cache.redis.keys(f"{namespace}:*:ix:tpl")]  # acme's index
         await cache.redis.delete(*evicted)
         assert await cache.invalidate_template("capital", tenant="acme") == 0  # its index is gone
         assert await cache.invalidate_template("capital") == 0  # no tenant list: none to visit

@@ -1,10 +1,13 @@
 """The prompt cache key: stable for equal requests, different for any change that matters."""
+import hashlib
 import struct
 from dataclasses import replace
 
 import pytest
+from redis.crc import key_slot
 
 from meshkit.sampling import Sampling
+from promptcache import keys
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_tag
 
 PREFIX = "nlpmesh:pc"
@@ -37,8 +40,27 @@ def test_same_inputs_give_the_same_key():
 
 def test_key_layout_is_prefix_tenant_namespace_and_digest():
     key = template_key()
-    assert key.redis_key(PREFIX) == f"{PREFIX}:t:{tenant_tag('acme')}:e:{key.digest()}"
+    tag = tenant_tag("acme")
+    template = hashlib.sha256(key.prompt.id.encode()).hexdigest()[:16]
+    # A template's answers carry the tenant + template hash tag (one Redis Cluster slot with their index).
+    assert key.redis_key(PREFIX) == f"{PREFIX}:t:{tag}:{{{tag}:tpl:{template}}}:e:{key.digest()}"
     assert len(key.digest()) == 64
+    chat = chat_key()
+    assert chat.redis_key(PREFIX) == f"{PREFIX}:t:{tag}:e:{chat.digest()}"  # alone in its operations: no tag
+
+
+def test_hash_tags_spread_tenants_and_templates_but_keep_a_template_with_its_index():
+    tag = tenant_tag("acme")
+    entry = template_key().redis_key(PREFIX)
+    assert key_slot(entry.encode()) == key_slot(keys.template_index(PREFIX, tag, template_key().prompt.id).encode())
+    slots = {key_slot(template_key(tenant=t, prompt=TemplatePrompt(i, "1", {})).redis_key(PREFIX).encode())
+             for t in ("acme", "globex", "initech") for i in ("summarise", "translate", "classify")}
+    assert len(slots) == 9  # no single tag for everything
+
+
+def test_a_prefix_with_a_brace_is_refused():
+    with pytest.raises(ValueError, match="may not hold"):
+        keys.check_prefix("nlpmesh:{pc}")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 """PromptCache against a real private redis-server (tests/conftest.py)."""
 import asyncio
-import hashlib
 import logging
 import socket
 import time
@@ -10,7 +9,8 @@ import pytest
 
 from meshkit.errors import Unavailable
 from meshkit.sampling import Sampling
-from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_namespace
+from promptcache import keys
+from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_tag
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 
 GREEDY = Sampling(max_new_tokens=32, temperature=0.0)
@@ -77,7 +77,7 @@ def test_entries_get_the_default_or_given_ttl(redis_server):
         await cache.store(key(), ANSWER)
         assert 3500 < await cache.redis.ttl(key().redis_key(cache.prefix)) <= 3600
         # The index lives as long as its longest-lived member.
-        template_index = f"{tenant_namespace(cache.prefix, 'acme')}:ix:tpl:{_short_hash('capital')}"
+        template_index = keys.template_index(cache.prefix, tenant_tag("acme"), "capital")
         assert 3500 < await cache.redis.ttl(template_index) <= 3600
 
     run_with_cache(redis_server, body, ttl_s=3600)
@@ -102,15 +102,11 @@ def test_indexes_drop_expired_members(redis_server):
         await cache.store(key(country="Spain"), ANSWER, ttl_s=1)
         await asyncio.sleep(1.1)
         await cache.store(key(), ANSWER)
-        template_index = f"{tenant_namespace(cache.prefix, 'acme')}:ix:tpl:{_short_hash('capital')}"
+        template_index = keys.template_index(cache.prefix, tenant_tag("acme"), "capital")
         members = {m.decode() for m in await cache.redis.zrange(template_index, 0, -1)}
         assert members == {key(country=c).redis_key(cache.prefix) for c in ("Italy", "France")}
 
     run_with_cache(redis_server, body)
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _closed_port() -> int:

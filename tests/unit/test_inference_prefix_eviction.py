@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from services.inference import metrics
-from services.inference.prefix import PrefixCache, RedisBlocks
+from services.inference.prefix import PrefixCache, RedisBlocks, block_name
 from tests.conftest import running_redis_server
 from tests.tiny_llama import greedy_text, tiny_engine
 
@@ -99,7 +99,7 @@ def test_a_chain_with_evicted_blocks_reuses_the_run_before_the_first_gap(engines
     tiers.flush()
     keys = cache(None).keys("acme", ids)
     with redis.Redis.from_url(redis_server) as client:  # as eviction would, block by block
-        client.delete(*(f"{tiers.namespace}:{keys[index].hex()}" for index in evicted))
+        client.delete(*(block_name(tiers.namespace, keys[index]) for index in evicted))
     reused = reused_from_redis()
     assert greedy_text(engines(cache(tiers(redis_server))), ids) == expected
     assert reused_from_redis() - reused == min(evicted) * BLOCK
