@@ -86,6 +86,9 @@ class NearCache:
     async def _listen(self) -> None:
         while True:
             try:
+                # A cluster client learns its slot map on its first command, and can open no
+                # pubsub before: one ping first (a failed one is retried below, as a lost channel).
+                await self.backing.ping()
                 async with self.backing.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.backing.invalidations_channel)
                     self.clear()  # announcements made while unsubscribed were missed

@@ -436,3 +436,31 @@ def test_a_cluster_url_gets_the_cluster_clients_and_is_checked_like_any_other(tm
         check_redis_url("redis+sentinel://gateway:s3cret@h:7000/0")
     assert "s3cret" not in str(refused.value)
     assert redact_url("redis+cluster://gateway:s3cret@h:7000/0") == "redis+cluster://gateway:***@h:7000/0"
+
+
+def test_answers_served_from_the_near_tier_are_touched_on_every_master(cluster, prefix):
+    keys = [template_key(tenant, template) for tenant in TENANTS for template in TEMPLATES[:2]]
+
+    async def main():
+        near = NearCache(PromptCache(redis_client(cluster.url), prefix=prefix, ttl_s=600, timeout_s=2.0),
+                         max_bytes=1 << 20, max_age_s=600)
+        try:
+            for key in keys:
+                assert await near.backing.store(key, answer())
+                assert await near.lookup(key) == answer()  # from Redis, now held in memory
+            await asyncio.sleep(2.1)  # Redis's LRU clock counts whole seconds
+            for key in keys:
+                assert await near.lookup(key) == answer()  # from memory: Redis does not see it
+            await near._flush()  # one pipelined TOUCH per key, split by node
+        finally:
+            await near.close()
+
+    asyncio.run(main())
+    client = redis.cluster.RedisCluster.from_url(cluster.url.replace("redis+cluster://", "redis://"))
+    try:
+        entries = [key.redis_key(prefix) for key in keys]
+        assert len({client.keyslot(entry) for entry in entries}) > 1
+        assert len({client.get_node_from_key(entry).name for entry in entries}) > 1
+        assert all(client.object("idletime", entry) <= 1 for entry in entries)
+    finally:
+        client.close()
