@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path, PurePosixPath
 
@@ -39,6 +40,8 @@ K8S_ONLY_ENV = {
 # The Secrets the base refers to and never holds; the README says how to make each.
 SECRETS = {"nlpmesh-certs", "nlpmesh-api-keys", "nlpmesh-redis-users", "nlpmesh-redis-acl"}
 GATEWAY_CACHE_PATH = "nlpmesh.gateway.v1.Gateway/cache"
+README = REPO_ROOT / "README.md"
+SECRETS_BLOCK_MARKER = "<!-- k8s-secrets"
 _REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")  # ${VAR:?message}: compose stops without VAR
 _DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")  # ${VAR:-default}
 _ADDRESS = re.compile(r"^([a-z][a-z0-9_-]*):(\d+)$")
@@ -489,9 +492,49 @@ def test_the_readme_says_how_to_make_every_secret(objects):
         referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for c in _containers(obj)
                        for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
     assert referenced == SECRETS
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = README.read_text()
     for secret in SECRETS:
         assert f"kubectl create secret generic {secret}" in readme, secret
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl makes the Secrets (--dry-run=client)")
+def test_the_readme_block_makes_the_secrets_the_base_mounts(objects, tmp_path):
+    """README "Kubernetes"'s commands, run as written with the real nlpmesh tools and
+    kubectl --dry-run=client (no cluster): the Secrets they make are those the base refers
+    to, with every key it mounts, without the CA's key or Redis's admin password."""
+    block = README.read_text().split(SECRETS_BLOCK_MARKER, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    script = "\n".join([
+        "set -euo pipefail",
+        'kubectl() { case "$1" in',
+        '  create) echo ---; command kubectl "$@" --dry-run=client -o yaml ;;',
+        '  apply) [ "$*" = "apply -k deploy/k8s" ] || { echo "unexpected: kubectl $*" >&2; exit 3; } ;;',
+        '  *) echo "unexpected: kubectl $*" >&2; exit 3 ;;',
+        "esac; }",
+        f'nlpmesh() {{ "{sys.executable}" -m cli.main "$@" >&2; }}',  # keys create prints the key
+        block,
+    ])
+    path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "gen"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "NLPMESH_HOME": str(tmp_path / "home"), "PYTHONPATH": path}
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    made = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    assert [(d["kind"], d["metadata"]["name"]) for d in made if d["kind"] == "Namespace"] == \
+        [("Namespace", DEFAULT_NAMESPACE)]
+    secrets = {d["metadata"]["name"]: set(d["data"]) for d in made if d["kind"] == "Secret"}
+    assert set(secrets) == SECRETS
+    for secret in (d for d in made if d["kind"] == "Secret"):
+        assert secret["metadata"]["namespace"] == DEFAULT_NAMESPACE
+        kubernetes_validate.validate(secret, KUBERNETES_VERSIONS[-1], strict=True)
+    assert "ca.key" not in secrets["nlpmesh-certs"]
+    assert secrets["nlpmesh-redis-users"] == {redis_acl.password_env(u) for u in redis_acl.SERVICE_USERS}
+    for obj in objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for volume in (v["secret"] for v in pod.get("volumes", []) if "secret" in v):
+            assert {i["key"] for i in volume["items"]} <= secrets[volume["secretName"]], volume
+        for ref in (e["valueFrom"]["secretKeyRef"] for c in _containers(obj) for e in c.get("env", [])
+                    if "secretKeyRef" in e.get("valueFrom", {})):
+            assert ref["key"] in secrets[ref["name"]], ref
 
 
 # --- the ConfigMaps -----------------------------------------------------------------------
