@@ -1,10 +1,9 @@
 """deploy/k8s: every object valid against the Kubernetes schemas, and the same topology as
 docker-compose.yml (ports, variables, commands, probes, trust), without a cluster.
 
-The kustomize base is rendered by ``kubectl kustomize`` (or ``kustomize build``) where one is
-installed, else by ``render_in_python`` below, which reads the few kustomize features the
-base uses and refuses any other; where both exist a test checks they agree. Nothing here
-needs the network: kubernetes-validate carries its schemas.
+The base is rendered by tests/k8s_render.py (kustomize where installed, else a reader of the
+features the base uses; a test checks they agree). Nothing here needs the network:
+kubernetes-validate carries its schemas.
 """
 from __future__ import annotations
 
@@ -26,8 +25,20 @@ from cli.certs import DEFAULT_NAMESPACE, SERVICES, dns_names, init_certs
 from cli.topology import COMPOSE_FILE, REPO_ROOT, load_topology
 from meshkit.settings import TLS_DIR_ENV, ServiceSettings
 from meshkit.tls import CA_FILE, PROBE
+from tests.k8s_render import (
+    container,
+    containers_of,
+    env_of,
+    find,
+    kubelet_layout,
+    kustomize_command,
+    mounts,
+    render,
+    render_in_python,
+    render_with_kustomize,
+    workload,
+)
 
-K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 # The oldest Kubernetes the base is meant for, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
 INTERNAL = ("template", "tokenizer", "cache", "inference")
@@ -45,96 +56,18 @@ SECRETS_BLOCK_MARKER = "<!-- k8s-secrets"
 _REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")  # ${VAR:?message}: compose stops without VAR
 _DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")  # ${VAR:-default}
 _ADDRESS = re.compile(r"^([a-z][a-z0-9_-]*):(\d+)$")
-_KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "configMapGenerator"}
 
 
 # --- rendering --------------------------------------------------------------------------
 
-def render_in_python(root: Path = K8S_DIR) -> list[dict]:
-    """The base as kustomize renders it, generated names without their hash suffix."""
-    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - _KUSTOMIZE_KEYS
-    if unknown:
-        raise ValueError(f"render_in_python does not know {sorted(unknown)}: teach it, or install kubectl")
-    objects = [doc for resource in kustomization["resources"]
-               for doc in yaml.safe_load_all((root / resource).read_text()) if doc]
-    for generator in kustomization.get("configMapGenerator", []):
-        if set(generator) != {"name", "files"}:
-            raise ValueError(f"render_in_python reads only name and files of a generator: {generator}")
-        data = {}
-        for source in generator["files"]:
-            key, _, path = source.rpartition("=")
-            data[key or PurePosixPath(path).name] = (root / path).read_text()
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
-                        "data": data})
-    for obj in objects:
-        if obj["kind"] != "Namespace":
-            obj["metadata"]["namespace"] = kustomization["namespace"]
-    for image in kustomization.get("images", []):
-        for container in (c for obj in objects for c in _containers(obj)):
-            name, _, tag = container["image"].partition(":")
-            if name == image["name"]:
-                container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
-    return objects
-
-
-def kustomize_command() -> list[str] | None:
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize", str(K8S_DIR)]
-    if shutil.which("kustomize"):
-        return ["kustomize", "build", str(K8S_DIR)]
-    return None
-
-
-def render_with_kustomize() -> list[dict]:
-    """kustomize's own rendering, generated names without their hash suffix."""
-    done = subprocess.run(kustomize_command(), capture_output=True, text=True, timeout=60, check=True)
-    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
-    text = done.stdout
-    for generator in kustomization.get("configMapGenerator", []):
-        text = re.sub(rf"\b{re.escape(generator['name'])}-[a-z0-9]{{10}}\b", generator["name"], text)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
-
-
 @pytest.fixture(scope="module")
 def objects() -> list[dict]:
-    return render_with_kustomize() if kustomize_command() else render_in_python()
+    return render()
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
-
-
-def _containers(obj: dict) -> list[dict]:
-    pod = obj.get("spec", {}).get("template", {}).get("spec", {})
-    return pod.get("containers", [])
-
-
-def find(objects: list[dict], kind: str, name: str) -> dict:
-    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} in deploy/k8s"
-    return matches[0]
-
-
-def workload(objects: list[dict], name: str) -> dict:
-    return find(objects, "StatefulSet" if name == "redis" else "Deployment", name)
-
-
-def container(objects: list[dict], name: str) -> dict:
-    (only,) = _containers(workload(objects, name))
-    return only
-
-
-def env_of(c: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in c.get("env", [])}
-
-
-def mounts(objects: list[dict], name: str) -> dict[str, dict]:
-    """mountPath -> the volume mounted there."""
-    pod = workload(objects, name)["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    return {m["mountPath"]: volumes[m["name"]] for m in container(objects, name).get("volumeMounts", [])}
 
 
 def seconds(duration: str) -> float:
@@ -489,7 +422,7 @@ def test_the_readme_says_how_to_make_every_secret(objects):
     for obj in objects:
         pod = obj.get("spec", {}).get("template", {}).get("spec", {})
         referenced |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
-        referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for c in _containers(obj)
+        referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for c in containers_of(obj)
                        for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
     assert referenced == SECRETS
     readme = README.read_text()
@@ -532,7 +465,7 @@ def test_the_readme_block_makes_the_secrets_the_base_mounts(objects, tmp_path):
         pod = obj.get("spec", {}).get("template", {}).get("spec", {})
         for volume in (v["secret"] for v in pod.get("volumes", []) if "secret" in v):
             assert {i["key"] for i in volume["items"]} <= secrets[volume["secretName"]], volume
-        for ref in (e["valueFrom"]["secretKeyRef"] for c in _containers(obj) for e in c.get("env", [])
+        for ref in (e["valueFrom"]["secretKeyRef"] for c in containers_of(obj) for e in c.get("env", [])
                     if "secretKeyRef" in e.get("valueFrom", {})):
             assert ref["key"] in secrets[ref["name"]], ref
 
@@ -558,7 +491,7 @@ def test_the_mounted_templates_load_as_the_shipped_ones(objects, tmp_path):
     folder = env["NLPMESH_TEMPLATE_TEMPLATES_DIR"]["value"]
     volume = mounts(objects, "template")[folder]
     data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
-    root = _kubelet_layout(tmp_path / "templates", data, volume["configMap"].get("items"))
+    root = kubelet_layout(tmp_path / "templates", data, volume["configMap"].get("items"))
     mounted = TemplateCatalog.from_dir(root).templates()
     shipped = TemplateCatalog.from_dir(REPO_ROOT / "deploy" / "templates").templates()
     assert [(t.id, t.version) for t in mounted] == [(t.id, t.version) for t in shipped]
@@ -570,20 +503,5 @@ def test_the_gateway_reads_the_mounted_budgets(objects, tmp_path):
     path = PurePosixPath(env_of(container(objects, "gateway"))["NLPMESH_GATEWAY_BUDGETS_FILE"]["value"])
     volume = mounts(objects, "gateway")[str(path.parent)]
     data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
-    root = _kubelet_layout(tmp_path / "budgets", data, volume["configMap"].get("items"))
+    root = kubelet_layout(tmp_path / "budgets", data, volume["configMap"].get("items"))
     assert BudgetPolicy.load(root / path.name) == BudgetPolicy.load(REPO_ROOT / "deploy" / "budgets.toml")
-
-
-def _kubelet_layout(root: Path, data: dict[str, str], items: list[dict] | None) -> Path:
-    """A ConfigMap volume as the kubelet writes it: files in ..<timestamp>/, ..data linking
-    to it, and each top-level name a link through ..data."""
-    paths = {i["key"]: i["path"] for i in items} if items is not None else {k: k for k in data}
-    assert set(paths) <= set(data), f"items name keys the ConfigMap lacks: {set(paths) - set(data)}"
-    stamp = root / "..2026_01_01_00_00_00.000000000"
-    for key, path in paths.items():
-        (stamp / path).parent.mkdir(parents=True, exist_ok=True)
-        (stamp / path).write_text(data[key])
-    os.symlink(stamp.name, root / "..data")
-    for top in {PurePosixPath(p).parts[0] for p in paths.values()}:
-        os.symlink(f"..data/{top}", root / top)
-    return root
