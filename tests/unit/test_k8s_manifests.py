@@ -8,6 +8,7 @@ kubernetes-validate carries its schemas.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import shutil
@@ -97,7 +98,7 @@ def drift(compose: dict, objects: list[dict]) -> list[str]:
     names = {s.name for s in topology}
     for service in topology:
         try:
-            problems += _service_drift(service, compose["services"][service.name], objects, names)
+            problems += _service_drift(service, compose, objects, names)
         except AssertionError as error:
             problems.append(f"{service.name}: {error}")
     try:
@@ -115,7 +116,17 @@ def load_topology_from(compose: dict):
         return load_topology(path)
 
 
-def _service_drift(service, spec: dict, objects: list[dict], names: set[str]) -> list[str]:
+def startup_window(compose: dict, name: str) -> float:
+    """Seconds compose gives ``name`` to turn healthy after its depends_on are (interval x
+    retries), plus the longest such wait among them: Kubernetes starts every pod at once, so a
+    startup probe must also outlast what compose would have waited for first."""
+    spec = compose["services"][name]
+    own = seconds(spec["healthcheck"]["interval"]) * spec["healthcheck"]["retries"]
+    return own + max((startup_window(compose, dep) for dep in spec.get("depends_on") or ()), default=0)
+
+
+def _service_drift(service, compose: dict, objects: list[dict], names: set[str]) -> list[str]:
+    spec = compose["services"][service.name]
     problems = []
     c = container(objects, service.name)
     name = service.name
@@ -153,7 +164,8 @@ def _service_drift(service, spec: dict, objects: list[dict], names: set[str]) ->
         users = [k for k, v in service.environment.items() if var in v]
         if var in order and any(order.index(var) > order.index(user) for user in users if user in order):
             problems.append(f"{name}: {var} must come before {users}, for Kubernetes' $(...) expansion")
-    # Probes: compose's healthcheck is the startup probe, interval, timeout and retries included.
+    # Probes: compose's healthcheck is the startup probe, its interval and timeout; its window
+    # also covers the services compose would have waited for (startup_window).
     check = spec["healthcheck"]
     assert check["test"][0] == "CMD", "a healthcheck without CMD is not compared here"
     command = list(check["test"][1:])
@@ -161,9 +173,10 @@ def _service_drift(service, spec: dict, objects: list[dict], names: set[str]) ->
     if startup.get("exec", {}).get("command") != command or "grpc" in startup:
         problems.append(f"{name}: startupProbe runs {startup.get('exec')}, compose {command}")
     timing = (startup.get("periodSeconds"), startup.get("timeoutSeconds"), startup.get("failureThreshold"))
-    if timing != (seconds(check["interval"]), seconds(check["timeout"]), check["retries"]):
-        problems.append(f"{name}: startupProbe period/timeout/failures {timing}, compose "
-                        f"{check['interval']}/{check['timeout']}/{check['retries']}")
+    interval = seconds(check["interval"])
+    wanted = (interval, seconds(check["timeout"]), math.ceil(startup_window(compose, name) / interval))
+    if timing != wanted:
+        problems.append(f"{name}: startupProbe period/timeout/failures {timing}, from compose {wanted}")
     # Readiness and liveness: the same check; the gateway's asks for its cache-hit path.
     later = command + (["--service", GATEWAY_CACHE_PATH] if name == "gateway" else [])
     for probe in ("readinessProbe", "livenessProbe"):
