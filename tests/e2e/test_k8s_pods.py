@@ -54,6 +54,7 @@ class LocalPod:
     ports: dict[int, int]  # the pod's port -> the local one
     spec: dict
     grace_s: int
+    started_at: float = 0.0  # time.monotonic() at the process's start
 
     def probe(self, which: str) -> subprocess.CompletedProcess:
         """The container's exec probe, as the kubelet runs it: in the container's environment,
@@ -66,15 +67,14 @@ class LocalPod:
                               timeout=probe["timeoutSeconds"] + 5)
 
     def wait_started(self) -> float:
-        """Seconds until the startup probe passed, failing after its window
-        (failureThreshold x periodSeconds), as the kubelet would restart the container then."""
+        """Seconds from the process's start until the startup probe passed, failing after its
+        window (failureThreshold x periodSeconds), as the kubelet would restart the container then."""
         probe = self.spec["startupProbe"]
-        started = time.monotonic()
         wait_until(lambda: self.process.poll() is not None or self.probe("startupProbe").returncode == 0,
                    timeout_s=probe["failureThreshold"] * probe["periodSeconds"], every_s=probe["periodSeconds"],
                    what=f"{self.name}'s startup probe")
         assert self.process.poll() is None, f"{self.name} exited with {self.process.returncode}"
-        return time.monotonic() - started
+        return time.monotonic() - self.started_at
 
     def _local(self, text: str) -> str:
         for pod_port, port in self.ports.items():
@@ -145,7 +145,7 @@ def start_pod(objects: list[dict], name: str, root: Path, secrets: dict[str, dic
     with open(root / f"{name}.log", "w") as log:
         process = subprocess.Popen(args, env=full_env, cwd=Path(__file__).resolve().parents[2],
                                    stdout=log, stderr=subprocess.STDOUT)
-    return LocalPod(name, process, full_env, ports, spec, pod["terminationGracePeriodSeconds"])
+    return LocalPod(name, process, full_env, ports, spec, pod["terminationGracePeriodSeconds"], time.monotonic())
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def certs_secret(tmp_path) -> dict[str, str]:
 def test_the_template_pod_starts_and_its_probes_pass_over_mtls_only(objects, tmp_path, certs_secret):
     pod = start_pod(objects, "template", tmp_path, {"nlpmesh-certs": certs_secret}, {})
     try:
-        print(f"template: startup probe passed after {pod.wait_started():.1f} s")
+        print(f"template: startup probe passed {pod.wait_started():.1f} s after its start")
         for which in ("readinessProbe", "livenessProbe"):
             done = pod.probe(which)
             assert (done.returncode, done.stdout.strip()) == (0, "SERVING"), (which, done.stderr)
@@ -268,7 +268,7 @@ def test_the_whole_base_answers_through_the_gateway_and_the_second_answer_is_a_c
                 pod_ports[grpc_port] = ports[name]
                 pods[name] = start_pod(objects, name, tmp_path, made.secrets, hosts, pod_ports)
             for name, pod in pods.items():
-                print(f"{name}: startup probe passed after {pod.wait_started():.1f} s")
+                print(f"{name}: startup probe passed {pod.wait_started():.1f} s after its start")
                 for which in ("readinessProbe", "livenessProbe"):
                     assert pod.probe(which).returncode == 0, (name, which)
             targets = {pods["gateway"].env[f"NLPMESH_GATEWAY_{n.upper()}_ADDR"] for n in SERVICES if n != "gateway"}
