@@ -1,0 +1,520 @@
+"""deploy/k8s: every object valid against the Kubernetes schemas, and the same topology as
+docker-compose.yml (ports, variables, commands, probes, trust), without a cluster.
+
+The base is rendered by tests/k8s_render.py (kustomize where installed, else a reader of the
+features the base uses; a test checks they agree). Nothing here needs the network:
+kubernetes-validate carries its schemas.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cli import redis_acl
+from cli.certs import DEFAULT_NAMESPACE, SERVICES, dns_names, init_certs
+from cli.topology import COMPOSE_FILE, REPO_ROOT, load_topology
+from meshkit.settings import TLS_DIR_ENV, ServiceSettings
+from meshkit.tls import CA_FILE, PROBE
+from tests.k8s_render import (
+    container,
+    containers_of,
+    env_of,
+    find,
+    kubelet_layout,
+    kustomize_command,
+    mounts,
+    render,
+    render_in_python,
+    render_with_kustomize,
+    workload,
+)
+
+# The oldest Kubernetes the base is meant for, and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
+INTERNAL = ("template", "tokenizer", "cache", "inference")
+# Variables only the Kubernetes base sets, each checked below against what it points at.
+K8S_ONLY_ENV = {
+    "template": {"NLPMESH_TEMPLATE_TEMPLATES_DIR"},  # the templates ConfigMap's mount
+    "gateway": {"NLPMESH_GATEWAY_BUDGETS_FILE",  # the budgets ConfigMap's mount
+                "NLPMESH_GATEWAY_QUOTA_REPLICAS"},  # the Deployment's replicas
+}
+# The Secrets the base refers to and never holds; the README says how to make each.
+SECRETS = {"nlpmesh-certs", "nlpmesh-api-keys", "nlpmesh-redis-users", "nlpmesh-redis-acl"}
+GATEWAY_CACHE_PATH = "nlpmesh.gateway.v1.Gateway/cache"
+README = REPO_ROOT / "README.md"
+SECRETS_BLOCK_MARKER = "<!-- k8s-secrets"
+_REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")  # ${VAR:?message}: compose stops without VAR
+_DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")  # ${VAR:-default}
+_ADDRESS = re.compile(r"^([a-z][a-z0-9_-]*):(\d+)$")
+
+
+# --- rendering --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)s", duration)
+    assert match, f"compose duration {duration!r}: only seconds are read here"
+    return float(match[1])
+
+
+def expected_value(service: str, key: str, value: str, compose_services: set[str]) -> str:
+    """A compose variable's value as the Kubernetes base must spell it."""
+    value = _REQUIRED.sub(r"$(\1)", value)  # from a Secret through Kubernetes' $(VAR) expansion
+    address = _ADDRESS.match(value)
+    if service == "gateway" and key.endswith("_ADDR") and address and address[1] in compose_services:
+        return f"dns:///{value}"  # every pod of the headless Service, round_robin over them
+    return value
+
+
+# --- drift against docker-compose.yml ---------------------------------------------------
+
+def drift(compose: dict, objects: list[dict]) -> list[str]:
+    """Every difference between compose's topology and the base's; empty when they agree."""
+    problems: list[str] = []
+    try:
+        topology = load_topology_from(compose)
+    except (KeyError, ValueError) as error:
+        return [f"docker-compose.yml: {error}"]
+    names = {s.name for s in topology}
+    for service in topology:
+        try:
+            problems += _service_drift(service, compose, objects, names)
+        except AssertionError as error:
+            problems.append(f"{service.name}: {error}")
+    try:
+        problems += _redis_drift(compose["services"]["redis"], objects)
+    except AssertionError as error:
+        problems.append(f"redis: {error}")
+    return problems
+
+
+def load_topology_from(compose: dict):
+    """cli.topology.load_topology over a compose document (a copy of the real one, in tests)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "docker-compose.yml"
+        path.write_text(yaml.safe_dump(compose))
+        return load_topology(path)
+
+
+def startup_window(compose: dict, name: str) -> float:
+    """Seconds compose gives ``name`` to turn healthy after its depends_on are (interval x
+    retries), plus the longest such wait among them: Kubernetes starts every pod at once, so a
+    startup probe must also outlast what compose would have waited for first."""
+    spec = compose["services"][name]
+    own = seconds(spec["healthcheck"]["interval"]) * spec["healthcheck"]["retries"]
+    return own + max((startup_window(compose, dep) for dep in spec.get("depends_on") or ()), default=0)
+
+
+def _service_drift(service, compose: dict, objects: list[dict], names: set[str]) -> list[str]:
+    spec = compose["services"][service.name]
+    problems = []
+    c = container(objects, service.name)
+    name = service.name
+    # The command: compose's command is the container's args, the image's entrypoint kept.
+    if "command" in c or c.get("args") != list(service.command):
+        problems.append(f"{name}: args {c.get('args')} (command {c.get('command')}), compose {list(service.command)}")
+    # Ports: the container's named ports are compose's container ports, and the Service's.
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    published = sorted(int(str(p).rsplit(":", 1)[-1]) for p in spec.get("ports", []))
+    if ports.get("grpc") != service.port or ports.get("metrics") != service.metrics_port:
+        problems.append(f"{name}: ports {ports}, compose grpc {service.port}, metrics {service.metrics_port}")
+    if sorted(ports.values()) != published:
+        problems.append(f"{name}: container ports {sorted(ports.values())}, compose ports {published}")
+    svc = find(objects, "Service", name)
+    for port in svc["spec"]["ports"]:
+        if ports.get(port["targetPort"]) != port["port"]:
+            problems.append(f"{name}: Service port {port['port']} targets {port['targetPort']} = "
+                            f"{ports.get(port['targetPort'])}")
+    # Variables: compose's, by name and value, plus the Secret references and K8S_ONLY_ENV.
+    env = env_of(c)
+    secret_vars = {m for value in service.environment.values() for m in _REQUIRED.findall(value)}
+    wanted = set(service.environment) | secret_vars | K8S_ONLY_ENV.get(name, set())
+    if set(env) != wanted:
+        problems.append(f"{name}: variables only in deploy/k8s {sorted(set(env) - wanted)}, "
+                        f"only in compose {sorted(wanted - set(env))}")
+    for key, value in service.environment.items():
+        expected = expected_value(name, key, value, names)
+        if key in env and env[key].get("value") != expected:
+            problems.append(f"{name}: {key}={env[key].get('value')!r}, compose says {expected!r}")
+    order = [e["name"] for e in c.get("env", [])]
+    for var in secret_vars:
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if ref != {"name": "nlpmesh-redis-users", "key": var}:
+            problems.append(f"{name}: {var} must come from Secret nlpmesh-redis-users key {var}, not {ref}")
+        users = [k for k, v in service.environment.items() if var in v]
+        if var in order and any(order.index(var) > order.index(user) for user in users if user in order):
+            problems.append(f"{name}: {var} must come before {users}, for Kubernetes' $(...) expansion")
+    # Probes: compose's healthcheck is the startup probe, its interval and timeout; its window
+    # also covers the services compose would have waited for (startup_window).
+    check = spec["healthcheck"]
+    assert check["test"][0] == "CMD", "a healthcheck without CMD is not compared here"
+    command = list(check["test"][1:])
+    startup = c.get("startupProbe", {})
+    if startup.get("exec", {}).get("command") != command or "grpc" in startup:
+        problems.append(f"{name}: startupProbe runs {startup.get('exec')}, compose {command}")
+    timing = (startup.get("periodSeconds"), startup.get("timeoutSeconds"), startup.get("failureThreshold"))
+    interval = seconds(check["interval"])
+    wanted = (interval, seconds(check["timeout"]), math.ceil(startup_window(compose, name) / interval))
+    if timing != wanted:
+        problems.append(f"{name}: startupProbe period/timeout/failures {timing}, from compose {wanted}")
+    # Readiness and liveness: the same check; the gateway's asks for its cache-hit path.
+    later = command + (["--service", GATEWAY_CACHE_PATH] if name == "gateway" else [])
+    for probe in ("readinessProbe", "livenessProbe"):
+        if c.get(probe, {}).get("exec", {}).get("command") != later:
+            problems.append(f"{name}: {probe} runs {c.get(probe, {}).get('exec')}, expected {later}")
+    return problems
+
+
+def _redis_drift(spec: dict, objects: list[dict]) -> list[str]:
+    problems = []
+    c = container(objects, "redis")
+    command = [_DEFAULTED.sub(r"\2", str(part)) for part in spec["command"]]
+    if c.get("args") != command or "command" in c:
+        problems.append(f"redis: args {c.get('args')}, compose {command}")
+    if c.get("image") != spec["image"]:
+        problems.append(f"redis: image {c.get('image')}, compose {spec['image']}")
+    published = sorted(int(str(p).rsplit(":", 1)[-1]) for p in spec.get("ports", []))
+    if sorted(p["containerPort"] for p in c.get("ports", [])) != published:
+        problems.append(f"redis: ports {c.get('ports')}, compose {published}")
+    check = spec["healthcheck"]
+    assert check["test"][0] == "CMD-SHELL", "redis's healthcheck is a shell line in compose"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if c.get(probe, {}).get("exec", {}).get("command") != ["sh", "-c", check["test"][1]]:
+            problems.append(f"redis: {probe} runs {c.get(probe)}, compose {check['test']}")
+    return problems
+
+
+def test_the_base_and_compose_have_one_topology(compose, objects):
+    assert drift(compose, objects) == []
+
+
+@pytest.mark.parametrize("change", [
+    "a port", "a metrics port", "a variable's name", "a variable's value", "a command",
+    "a healthcheck", "a healthcheck's retries", "an internal address", "a Redis password variable",
+    "redis's maxmemory policy",
+])
+def test_a_change_on_one_side_only_is_drift(compose, objects, change):
+    """The comparison is not vacuous: each kind of edit to compose alone is reported."""
+    edited = copy.deepcopy(compose)
+    services = edited["services"]
+    if change == "a port":
+        services["inference"]["environment"]["NLPMESH_INFERENCE_PORT"] = "50065"
+        services["inference"]["ports"][0] = "50065:50065"
+    elif change == "a metrics port":
+        services["cache"]["environment"]["NLPMESH_CACHE_METRICS_PORT"] = "9164"
+    elif change == "a variable's name":
+        services["template"]["environment"]["NLPMESH_TEMPLATE_MAX_VARIABLES"] = "10"
+    elif change == "a variable's value":
+        services["inference"]["environment"]["NLPMESH_INFERENCE_THREADS"] = "4"
+    elif change == "a command":
+        services["tokenizer"]["command"] = ["python", "-m", "services.tokenizer", "--verbose"]
+    elif change == "a healthcheck":
+        services["gateway"]["healthcheck"]["test"] = ["CMD", "nlpmesh", "health", "--addr", "127.0.0.1:50061"]
+    elif change == "a healthcheck's retries":
+        services["inference"]["healthcheck"]["retries"] = 120
+    elif change == "an internal address":
+        services["gateway"]["environment"]["NLPMESH_GATEWAY_CACHE_ADDR"] = "cache:50064"
+    elif change == "a Redis password variable":
+        url = services["cache"]["environment"]["REDIS_URL"]
+        services["cache"]["environment"]["REDIS_URL"] = url.replace("NLPMESH_REDIS_CACHE_PASSWORD",
+                                                                    "NLPMESH_REDIS_CACHE_SECRET")
+    elif change == "redis's maxmemory policy":
+        command = services["redis"]["command"]
+        command[command.index("allkeys-lru")] = "noeviction"
+    assert drift(edited, objects) != []
+
+
+def test_a_change_to_the_base_alone_is_drift(compose, objects):
+    edited = copy.deepcopy(objects)
+    container(edited, "gateway")["ports"][0]["containerPort"] = 50061
+    assert any("gateway" in problem for problem in drift(compose, edited))
+    edited = copy.deepcopy(objects)
+    container(edited, "template")["env"].append({"name": "NLPMESH_TEMPLATE_EXTRA", "value": "1"})
+    assert any("NLPMESH_TEMPLATE_EXTRA" in problem for problem in drift(compose, edited))
+
+
+# --- schemas ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_schemas(objects, version):
+    failures = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)  # strict: no unknown field either
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as error:
+            failures.append(f"{obj['kind']}/{obj['metadata']['name']}: {error.message}")
+    assert failures == []
+
+
+def test_validation_rejects_a_misspelled_field_and_a_wrong_type(objects):
+    misspelled = copy.deepcopy(workload(objects, "inference"))
+    misspelled["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
+    wrong_type = copy.deepcopy(workload(objects, "inference"))
+    wrong_type["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "grpc"
+    for broken in (misspelled, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.skipif(kustomize_command() is None, reason="no kubectl or kustomize to compare with")
+def test_the_python_rendering_is_kustomizes():
+    def key(obj):
+        return obj["kind"], obj["metadata"]["name"]
+    assert sorted(render_in_python(), key=key) == sorted(render_with_kustomize(), key=key)
+
+
+# --- what the base holds ----------------------------------------------------------------
+
+def test_the_objects_of_the_base(objects):
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+    assert kinds == sorted([
+        ("Namespace", DEFAULT_NAMESPACE), ("ConfigMap", "nlpmesh-budgets"), ("ConfigMap", "nlpmesh-templates"),
+        *[("Deployment", s) for s in SERVICES], *[("Service", s) for s in SERVICES],
+        ("StatefulSet", "redis"), ("Service", "redis"),
+        ("PodDisruptionBudget", "inference"), ("HorizontalPodAutoscaler", "inference"),
+    ])
+    # No Secret is committed: the base refers to them, the README says how to make them.
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    # The certificates name <svc>.<namespace>.svc with `nlpmesh certs init`'s default namespace.
+    assert {o["metadata"].get("namespace", o["metadata"]["name"]) for o in objects} == {DEFAULT_NAMESPACE}
+
+
+def test_internal_services_are_headless_and_the_gateway_is_not(objects):
+    for name in (*INTERNAL, "redis"):
+        assert find(objects, "Service", name)["spec"]["clusterIP"] == "None", name
+    assert find(objects, "Service", "gateway")["spec"].get("clusterIP") in (None, "")
+    for name in (*SERVICES, "redis"):
+        selector = find(objects, "Service", name)["spec"]["selector"]
+        pod_labels = workload(objects, name)["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items(), name
+        assert workload(objects, name)["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert workload(objects, "redis")["spec"]["serviceName"] == "redis"
+
+
+def test_the_gateway_reaches_every_pod_of_each_service_by_a_name_its_certificate_holds(objects):
+    env = env_of(container(objects, "gateway"))
+    for name in INTERNAL:
+        target = env[f"NLPMESH_GATEWAY_{name.upper()}_ADDR"]["value"]
+        match = re.fullmatch(r"dns:///([a-z0-9.-]+):(\d+)", target)
+        assert match, target
+        assert match[1] in dns_names(name, DEFAULT_NAMESPACE)
+        assert find(objects, "Service", match[1].split(".")[0])["spec"]["clusterIP"] == "None"
+
+
+def test_every_deployment_has_resources_and_outlasts_its_drain(objects):
+    for name in SERVICES:
+        pod = workload(objects, name)["spec"]["template"]["spec"]
+        resources = container(objects, name)["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys() <= resources["limits"].keys(), name
+        env = env_of(container(objects, name))
+        grace = f"NLPMESH_{name.upper()}_GRACE_S"
+        drain = float(env[grace]["value"]) if grace in env else _default_grace(name)
+        if name == "gateway":  # then the pending cache stores (services/gateway/__main__.py close)
+            from services.gateway.settings import GatewaySettings
+            store = "NLPMESH_GATEWAY_CACHE_STORE_TIMEOUT_S"
+            drain += float(env[store]["value"]) if store in env else \
+                GatewaySettings.model_fields["cache_store_timeout_s"].default
+        # Margin for the process to start draining and to close its clients.
+        assert pod["terminationGracePeriodSeconds"] >= drain + 5, (name, drain)
+    threads = env_of(container(objects, "inference"))["NLPMESH_INFERENCE_THREADS"]["value"]
+    requests = container(objects, "inference")["resources"]["requests"]
+    assert float(requests["cpu"]) >= float(threads)  # the model's threads have their cores
+
+
+def _default_grace(name: str) -> float:
+    """grace_s as the service's settings define it: the base class's, which no service overrides
+    (checked in the source: importing the inference settings would load torch)."""
+    source = (REPO_ROOT / "services" / name / "settings.py").read_text()
+    assert not re.search(r"^\s+grace_s\s*:", source, re.M), f"{name} overrides grace_s: read it here"
+    return ServiceSettings.model_fields["grace_s"].default
+
+
+def test_redis_is_bounded_like_compose(objects):
+    args = container(objects, "redis")["args"]
+    maxmemory = args[args.index("--maxmemory") + 1]
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    limit = container(objects, "redis")["resources"]["limits"]["memory"]
+    assert _bytes(limit) > _bytes(maxmemory), "Redis's memory limit must leave room above maxmemory"
+
+
+def _bytes(quantity: str) -> int:
+    units = {"mb": 10**6, "gb": 10**9, "kb": 10**3, "Mi": 2**20, "Gi": 2**30, "Ki": 2**10}
+    match = re.fullmatch(r"(\d+)(mb|gb|kb|Mi|Gi|Ki)", quantity)
+    assert match, quantity
+    return int(match[1]) * units[match[2]]
+
+
+def test_inference_has_a_disruption_budget_and_an_autoscaler(objects):
+    pod_labels = workload(objects, "inference")["spec"]["template"]["metadata"]["labels"]
+    pdb = find(objects, "PodDisruptionBudget", "inference")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = find(objects, "HorizontalPodAutoscaler", "inference")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "inference"}
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    # The autoscaler owns the count: a replicas field would reset it at every apply.
+    assert "replicas" not in workload(objects, "inference")["spec"]
+    # A PodDisruptionBudget that allows no disruption would block every node drain.
+    assert pdb.get("maxUnavailable", 1) >= 1
+    if "minAvailable" in pdb:
+        assert pdb["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+def test_the_quota_split_follows_the_gateway_replicas(objects):
+    env = env_of(container(objects, "gateway"))
+    assert int(env["NLPMESH_GATEWAY_QUOTA_REPLICAS"]["value"]) == workload(objects, "gateway")["spec"]["replicas"]
+
+
+# --- trust: certificates, API keys, Redis users -----------------------------------------
+
+def test_each_service_gets_its_own_certificate_the_ca_and_the_probes_never_the_ca_key(objects, tmp_path):
+    init_certs(tmp_path)  # what `nlpmesh certs init` makes: the Secret's keys
+    for name in SERVICES:
+        folder = env_of(container(objects, name))[TLS_DIR_ENV]["value"]
+        volume = mounts(objects, name)[folder]
+        assert volume["secret"]["secretName"] == "nlpmesh-certs"
+        items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
+        wanted = [CA_FILE, f"{name}.crt", f"{name}.key", f"{PROBE}.crt", f"{PROBE}.key"]
+        assert items == {k: k for k in wanted}, name
+        assert all((tmp_path / key).is_file() for key in items)
+        assert volume["secret"]["defaultMode"] == 0o400
+
+
+def test_the_gateway_reads_its_api_keys_from_a_secret_folder(objects):
+    keys_file = PurePosixPath(env_of(container(objects, "gateway"))["NLPMESH_GATEWAY_AUTH_KEYS_FILE"]["value"])
+    volume = mounts(objects, "gateway")[str(keys_file.parent)]
+    assert volume["secret"]["secretName"] == "nlpmesh-api-keys"
+    assert {i["path"] for i in volume["secret"]["items"]} == {keys_file.name}
+    subpaths = [m for m in container(objects, "gateway")["volumeMounts"] if m.get("subPath")]
+    assert subpaths == []  # a subPath mount never sees a rotated file
+
+
+def test_redis_users_and_passwords_are_those_nlpmesh_redis_acl_makes(objects, tmp_path):
+    acl, env_file = redis_acl.write(tmp_path, redis_acl.RedisUsers.make(), "redis", 6379)
+    env_keys = {line.split("=", 1)[0] for line in env_file.read_text().splitlines()
+                if "=" in line and not line.startswith("#")}
+    users = {}
+    for name in SERVICES:
+        env = env_of(container(objects, name))
+        if "REDIS_URL" not in env:
+            continue
+        match = re.fullmatch(r"redis://(\w+):\$\((\w+)\)@redis:6379/0", env["REDIS_URL"]["value"])
+        assert match, f"{name}: REDIS_URL must take its password from the Secret, not hold one"
+        users[name] = match[1]
+        assert match[2] == redis_acl.password_env(match[1]) and match[2] in env_keys
+    # One Redis user per service, the user named after it, as in docker-compose.yml.
+    assert users == {user: user for user in redis_acl.SERVICE_USERS}
+    volume = mounts(objects, "redis")["/etc/redis"]
+    assert volume["secret"] == {"secretName": "nlpmesh-redis-acl", "items": [{"key": acl.name, "path": acl.name}]}
+    args = container(objects, "redis")["args"]
+    assert args[args.index("--aclfile") + 1] == f"/etc/redis/{acl.name}"
+
+
+def test_the_readme_says_how_to_make_every_secret(objects):
+    referenced = set()
+    for obj in objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        referenced |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for c in containers_of(obj)
+                       for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    assert referenced == SECRETS
+    readme = README.read_text()
+    for secret in SECRETS:
+        assert f"kubectl create secret generic {secret}" in readme, secret
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl makes the Secrets (--dry-run=client)")
+def test_the_readme_block_makes_the_secrets_the_base_mounts(objects, tmp_path):
+    """README "Kubernetes"'s commands, run as written with the real nlpmesh tools and
+    kubectl --dry-run=client (no cluster): the Secrets they make are those the base refers
+    to, with every key it mounts, without the CA's key or Redis's admin password."""
+    block = README.read_text().split(SECRETS_BLOCK_MARKER, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    script = "\n".join([
+        "set -euo pipefail",
+        'kubectl() { case "$1" in',
+        '  create) echo ---; command kubectl "$@" --dry-run=client -o yaml ;;',
+        '  apply) [ "$*" = "apply -k deploy/k8s" ] || { echo "unexpected: kubectl $*" >&2; exit 3; } ;;',
+        '  *) echo "unexpected: kubectl $*" >&2; exit 3 ;;',
+        "esac; }",
+        f'nlpmesh() {{ "{sys.executable}" -m cli.main "$@" >&2; }}',  # keys create prints the key
+        block,
+    ])
+    path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "gen"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "NLPMESH_HOME": str(tmp_path / "home"), "PYTHONPATH": path}
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    made = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    assert [(d["kind"], d["metadata"]["name"]) for d in made if d["kind"] == "Namespace"] == \
+        [("Namespace", DEFAULT_NAMESPACE)]
+    secrets = {d["metadata"]["name"]: set(d["data"]) for d in made if d["kind"] == "Secret"}
+    assert set(secrets) == SECRETS
+    for secret in (d for d in made if d["kind"] == "Secret"):
+        assert secret["metadata"]["namespace"] == DEFAULT_NAMESPACE
+        kubernetes_validate.validate(secret, KUBERNETES_VERSIONS[-1], strict=True)
+    assert "ca.key" not in secrets["nlpmesh-certs"]
+    assert secrets["nlpmesh-redis-users"] == {redis_acl.password_env(u) for u in redis_acl.SERVICE_USERS}
+    for obj in objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for volume in (v["secret"] for v in pod.get("volumes", []) if "secret" in v):
+            assert {i["key"] for i in volume["items"]} <= secrets[volume["secretName"]], volume
+        for ref in (e["valueFrom"]["secretKeyRef"] for c in containers_of(obj) for e in c.get("env", [])
+                    if "secretKeyRef" in e.get("valueFrom", {})):
+            assert ref["key"] in secrets[ref["name"]], ref
+
+
+# --- the ConfigMaps -----------------------------------------------------------------------
+
+def test_the_configmaps_hold_the_shipped_budgets_and_templates(objects):
+    budgets = find(objects, "ConfigMap", "nlpmesh-budgets")["data"]
+    assert budgets == {"budgets.toml": (REPO_ROOT / "deploy" / "budgets.toml").read_text()}, \
+        "deploy/k8s/config is a stale copy: kustomization.yaml says how to refresh it"
+    shipped = REPO_ROOT / "deploy" / "templates"
+    templates = find(objects, "ConfigMap", "nlpmesh-templates")["data"]
+    expected = {f"{p.parent.name}.{p.name}": p.read_text() for p in shipped.glob("*/*.toml")}
+    assert templates == expected, "deploy/k8s/config or the generator's list differs from deploy/templates"
+
+
+def test_the_mounted_templates_load_as_the_shipped_ones(objects, tmp_path):
+    """The ConfigMap laid out as the kubelet does (a timestamped folder behind ..data links)
+    is read by the template service's own loader as the same catalog as deploy/templates."""
+    from services.template.catalog import TemplateCatalog
+
+    env = env_of(container(objects, "template"))
+    folder = env["NLPMESH_TEMPLATE_TEMPLATES_DIR"]["value"]
+    volume = mounts(objects, "template")[folder]
+    data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+    root = kubelet_layout(tmp_path / "templates", data, volume["configMap"].get("items"))
+    mounted = TemplateCatalog.from_dir(root).templates()
+    shipped = TemplateCatalog.from_dir(REPO_ROOT / "deploy" / "templates").templates()
+    assert [(t.id, t.version) for t in mounted] == [(t.id, t.version) for t in shipped]
+
+
+def test_the_gateway_reads_the_mounted_budgets(objects, tmp_path):
+    from services.gateway.budgets import BudgetPolicy
+
+    path = PurePosixPath(env_of(container(objects, "gateway"))["NLPMESH_GATEWAY_BUDGETS_FILE"]["value"])
+    volume = mounts(objects, "gateway")[str(path.parent)]
+    data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+    root = kubelet_layout(tmp_path / "budgets", data, volume["configMap"].get("items"))
+    assert BudgetPolicy.load(root / path.name) == BudgetPolicy.load(REPO_ROOT / "deploy" / "budgets.toml")
