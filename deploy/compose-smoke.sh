@@ -311,7 +311,13 @@ show() {  # the answer's first line, then nlpmesh ask's timing table
   sed -n '/^cache_hit=/,$p' <<<"$1" | sed 's/^/    /'
 }
 say "asking the finance question through the gateway (127.0.0.1:50051, TLS, API key), cache refresh: generated"
-first=$(ask refresh) || fail "the first ask failed: $first"
+# The first call after start may overrun a hop's budget on a loaded machine (cold Jinja, TLS
+# handshakes): DEADLINE_EXCEEDED naming the hop, by design. Asked again, at most three times.
+for attempt in 1 2 3; do
+  first=$(ask refresh) && break
+  grep -q 'DEADLINE_EXCEEDED' <<<"$first" && ((attempt < 3)) || fail "the first ask failed: $first"
+  say "attempt $attempt: $(tail -n 1 <<<"$first"); asking again"
+done
 show "$first"
 grep -q '^cache_hit=False ' <<<"$first" || fail "the first answer was not generated"
 sleep 1  # the answer is stored after it was sent, off the caller's path
