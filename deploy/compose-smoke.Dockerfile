@@ -1,0 +1,10 @@
+# Redis and Prometheus for deploy/compose-smoke.sh where redis:7-alpine and prom/prometheus
+# cannot be pulled: Debian's packages on the same base image as nlpmesh:dev
+# (deploy/compose.smoke.yml runs them with docker-compose.yml's commands and config files).
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
+ && apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server prometheus \
+ && rm -rf /var/lib/apt/lists/* \
+ && redis-server --version && prometheus --version
