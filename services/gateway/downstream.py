@@ -6,6 +6,8 @@ back as the domain error the caller should see (meshkit.errors.from_rpc_error).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,9 +25,12 @@ from meshkit.server import channel_options
 from meshkit.tls import TlsConfig
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
+from services.gateway import balancing
 from services.gateway.hop import Hop
 from services.gateway.request import Chat, TemplateCall
 from services.inference.load_report import InferenceLoad
+
+log = logging.getLogger("nlpmesh.gateway.downstream")
 
 
 @dataclass(frozen=True)
@@ -82,25 +87,35 @@ class Downstream:
         self._settings = settings
         self._on_inference_load = on_inference_load
         self._channels: list[grpc.aio.Channel] = []
-        self._by_address: dict[str, grpc.aio.Channel] = {}
+        self._by_service: dict[str, grpc.aio.Channel] = {}
         # mTLS to the internal services when the mesh CA is configured.
         self._credentials = TlsConfig.from_settings(settings).channel_credentials()
 
     async def open(self) -> None:
         s = self._settings
-        self.template = template_pb2_grpc.TemplateServiceStub(self._channel(s.template_addr))
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel(s.tokenizer_addr))
-        self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel(s.inference_addr))
-        self.cache = cache_pb2_grpc.CacheServiceStub(self._channel(s.cache_addr))
+        self.template = template_pb2_grpc.TemplateServiceStub(
+            self._channel("template", s.template_addr, balancing.TEMPLATE_SERVICE))
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(
+            self._channel("tokenizer", s.tokenizer_addr, balancing.TOKENIZER_SERVICE))
+        self.inference = inference_pb2_grpc.InferenceServiceStub(
+            self._channel("inference", s.inference_addr, balancing.INFERENCE_SERVICE))
+        self.cache = cache_pb2_grpc.CacheServiceStub(self._channel("cache", s.cache_addr, balancing.CACHE_SERVICE))
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _channel(self, name: str, address: str, service: str) -> grpc.aio.Channel:
+        """One channel over every replica at ``address``, balanced and retried by its service config
+        (services/gateway/balancing.py)."""
         # A restarted service is reached again within seconds: gRPC's own reconnect backoff grows to 120 s.
         options = [*channel_options(self._settings.max_message_bytes),
-                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
-        channel = (grpc.aio.secure_channel(address, self._credentials, options=options) if self._credentials
-                   else grpc.aio.insecure_channel(address, options=options))
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.service_config", balancing.service_config(service)),
+                   # Ours, not one from DNS TXT records.
+                   ("grpc.service_config_disable_resolution", 1),
+                   ("grpc.enable_retries", 1)]
+        target = balancing.grpc_target(address)
+        channel = (grpc.aio.secure_channel(target, self._credentials, options=options) if self._credentials
+                   else grpc.aio.insecure_channel(target, options=options))
         self._channels.append(channel)
-        self._by_address[address] = channel
+        self._by_service[name] = channel
         return channel
 
     def required_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -108,13 +123,11 @@ class Downstream:
 
         Not the cache service: without it answers are not stored, but the mesh still answers.
         """
-        s = self._settings
-        return {"template": self._by_address[s.template_addr], "tokenizer": self._by_address[s.tokenizer_addr],
-                "inference": self._by_address[s.inference_addr]}
+        return {name: self._by_service[name] for name in ("template", "tokenizer", "inference")}
 
     async def connected(self, timeout_s: float) -> None:
         """Waits until the channels a request needs are connected, so the first one pays no handshake."""
-        self._by_address[self._settings.cache_addr].get_state(try_to_connect=True)
+        self._by_service["cache"].get_state(try_to_connect=True)
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.required_channels().values())),
                                timeout_s)
 
@@ -163,27 +176,43 @@ class Downstream:
     async def generate(
         self, token_ids: list[int], sampling: Sampling, model: str, tenant: str, timeout: float, metadata=()
     ) -> AsyncIterator[TokenDelta | GenerationEnd]:
+        """The inference stream. A stream that fails UNAVAILABLE before any token reached the caller is
+        retried (round_robin sends it to another replica), at most ``balancing.MAX_ATTEMPTS`` attempts
+        within ``timeout``; once a token was yielded it is never retried: the stream ends UNAVAILABLE."""
         request = inference_pb2.GenerateRequest(
             model=model, prompt_token_ids=token_ids, sampling=sampling.to_pb(inference_pb2.Sampling),
             tenant=tenant,
         )
-        call = self.inference.Generate(request, timeout=timeout, metadata=metadata)
-        try:
-            async with _hop(Hop.INFERENCE):
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            yielded = False
+            call = self.inference.Generate(request, timeout=max(0.0, deadline - time.monotonic()),
+                                           metadata=metadata)
+            try:
                 try:
                     self._on_inference_load(InferenceLoad.from_metadata(await call.initial_metadata()))
                     async for chunk in call:
                         if chunk.delta:
+                            yielded = True
                             yield TokenDelta(chunk.delta)
                         if chunk.done:
+                            yielded = True
                             yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
                     self._on_inference_load(InferenceLoad.from_metadata(await call.trailing_metadata()))
+                    return
                 except grpc.aio.AioRpcError as error:  # a refusal reports the load too
                     self._on_inference_load(InferenceLoad.from_metadata(error.trailing_metadata()))
-                    raise
-        finally:
-            # The caller went away or failed: the engine must stop this sequence.
-            call.cancel()
+                    if (error.code() == grpc.StatusCode.UNAVAILABLE and not yielded
+                            and attempt < balancing.MAX_ATTEMPTS and time.monotonic() < deadline):
+                        log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "
+                                    "retrying on another replica", attempt, balancing.MAX_ATTEMPTS)
+                        continue
+                    raise from_rpc_error(error, Hop.INFERENCE) from None
+            finally:
+                # The caller went away or failed, or this attempt is over: the engine must stop this sequence.
+                call.cancel()
 
     async def store(self, key: PromptCacheKey, answer: CachedAnswer, timeout: float, metadata=()) -> bool:
         request = cache_pb2.StoreRequest(key=key.to_pb(), answer=answer.to_pb())
