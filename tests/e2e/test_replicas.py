@@ -1,0 +1,192 @@
+"""Two inference replicas behind one gateway: real processes, a private Redis, the real model.
+
+The mesh runs as `nlpmesh up --scale inference=2` runs it (supervised: a process that exits is
+restarted). The gateway reaches the replicas through one ``ipv4:`` address list, balanced by
+gRPC's round_robin with client-side health checks (services/gateway/balancing.py). Each
+replica serves its own /metrics, which tells which one did the work. Every loop is bounded
+in calls and time; the figures measured are printed with a ``[replicas]`` prefix.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from nlpmesh.gateway.v1 import gateway_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from cli.launcher import LocalMesh, check_health
+from cli.restarts import RestartPolicy
+from tests.e2e.streams import OK, Load, codes, finance_request, stream_once
+from tests.polling import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+C = grpc.StatusCode
+REPLICAS = ("inference", "inference-2")
+# Capacity 4 per replica; a drain long enough for any stream these tests start.
+MESH_ENV = {"NLPMESH_INFERENCE_MAX_RUNNING": "2", "NLPMESH_INFERENCE_MAX_QUEUE": "2",
+            "NLPMESH_INFERENCE_GRACE_S": "60",
+            # gRPC's round_robin across the replicas (prefix-affine routing: tests/servicer/test_gateway_affinity.py).
+            "NLPMESH_GATEWAY_INFERENCE_ROUTING": "round_robin"}
+FINISHED = "nlpmesh_inference_requests_finished_total"
+PREFILLED = "nlpmesh_inference_prompt_tokens_total"
+ACTIVE = "nlpmesh_inference_active_sequences"
+CLIENT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+RESTART_S = 180.0  # the model loads again
+
+
+def say(line: str) -> None:
+    print(f"[replicas] {line}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def replica_mesh(tmp_path_factory):
+    local = LocalMesh(tmp_path_factory.mktemp("replicas"), free_ports=True, redis_url=None, extra_env=MESH_ENV,
+                      restart=RestartPolicy(), scale={"inference": 2},
+                      progress=lambda line: print(f"[mesh] {line}", flush=True))
+    try:
+        local.start(ready_timeout_s=300)
+        local.supervise_in_background()
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(replica_mesh):
+    with grpc.insecure_channel(replica_mesh.gateway_address, options=CLIENT_OPTIONS) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def gateway(channel):
+    return gateway_pb2_grpc.GatewayStub(channel)
+
+
+def metric(mesh: LocalMesh, name: str, sample: str) -> float:
+    with urllib.request.urlopen(mesh.metrics_url(name), timeout=5) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    return sum(s.value for family in families for s in family.samples if s.name == sample)
+
+
+def metric_while_up(mesh: LocalMesh, name: str, sample: str) -> float | None:
+    """The metric, or None when the process has exited (its /metrics with it)."""
+    try:
+        return metric(mesh, name, sample)
+    except OSError:
+        if mesh.processes[name].poll() is None:
+            raise
+        return None
+
+
+def per_replica(mesh: LocalMesh, sample: str) -> dict[str, float]:
+    return {name: metric(mesh, name, sample) for name in REPLICAS}
+
+
+def both_serving(mesh: LocalMesh) -> None:
+    """Both replicas SERVING, and each taking calls again (bounded): the state every test starts from."""
+    for name in REPLICAS:
+        wait_until(lambda name=name: check_health(mesh.address(name), 0.5) == "SERVING", RESTART_S, 0.25,
+                   what=f"{name} SERVING")
+
+
+def test_the_gateway_splits_20_requests_between_the_two_replicas(replica_mesh, gateway):
+    both_serving(replica_mesh)
+    before = per_replica(replica_mesh, FINISHED)
+    for _ in range(20):
+        assert gateway.Generate(finance_request(2), timeout=60).text
+    after = per_replica(replica_mesh, FINISHED)
+    served = {name: after[name] - before[name] for name in REPLICAS}
+    say(f"20 requests: {served}")
+    assert sum(served.values()) == 20
+    assert all(count >= 5 for count in served.values()), served  # round_robin: 10 each when nothing else runs
+
+
+def test_a_draining_replica_takes_no_new_calls_and_finishes_its_streams(replica_mesh, gateway):
+    both_serving(replica_mesh)
+    victim = replica_mesh.processes["inference-2"]
+    # Long streams, one after another, until one is under way on the victim (bounded).
+    streams, outcomes = [], []
+
+    def long_stream() -> None:
+        outcomes.append(stream_once(gateway, finance_request(96), 120))
+
+    deadline = time.monotonic() + 60
+    while metric(replica_mesh, "inference-2", ACTIVE) == 0 and time.monotonic() < deadline:
+        streams.append(threading.Thread(target=long_stream, daemon=True))
+        streams[-1].start()
+        time.sleep(0.3)
+    assert metric(replica_mesh, "inference-2", ACTIVE) > 0, "no stream reached inference-2"
+    wait_until(lambda: metric(replica_mesh, "inference-2", PREFILLED) > 0, 30, 0.1, what="the victim prefilled")
+    time.sleep(0.5)  # past the prefill of every stream it holds
+    prefilled = metric(replica_mesh, "inference-2", PREFILLED)
+    os.kill(victim.pid, signal.SIGTERM)
+    drained_at = time.monotonic()
+    # Draining from here: its health says NOT_SERVING (or it refuses new calls), which the gateway watches.
+    wait_until(lambda: check_health(replica_mesh.address("inference-2"), 0.5) != "SERVING", 10, 0.02,
+               what="inference-2 draining")
+    new, checks = [], 0
+    for _ in range(6):  # new calls while it drains; after each, while it is still up, its prefill count
+        new.append(stream_once(gateway, finance_request(2), 60))
+        prefilled_since = metric_while_up(replica_mesh, "inference-2", PREFILLED)
+        if prefilled_since is not None:
+            checks += 1
+            assert prefilled_since == prefilled, "a draining replica prefilled a new call"
+    for thread in streams:
+        thread.join(timeout=150)
+    say(f"drain: {len(streams)} long streams {codes(outcomes)}, 6 new calls {codes(new)}; "
+        f"the victim's prefill count checked unchanged after {checks} of them, "
+        f"the victim exited {'after' if victim.poll() is not None else 'not yet after'} "
+        f"{time.monotonic() - drained_at:.1f}s (code {victim.poll()})")
+    assert all(o.code == OK for o in new), codes(new)
+    assert len(outcomes) == len(streams) and all(o.code == OK for o in outcomes), codes(outcomes)
+    wait_until(lambda: victim.poll() is not None, 60, 0.2, what="the drained replica to exit")
+    assert victim.returncode == 0  # drained and stopped, not killed
+    assert "inference draining" in replica_mesh.log_tail("inference-2", 40)
+
+
+def test_sigkill_of_a_replica_under_load_fails_only_streams_under_way_and_it_takes_traffic_when_back(
+        replica_mesh, channel, gateway):
+    both_serving(replica_mesh)
+    gateway_pid = replica_mesh.processes["gateway"].pid
+    victim = replica_mesh.processes["inference-2"]
+    with Load(channel, workers=3, max_new_tokens=16, timeout_s=60, max_calls=30, max_s=120) as load:
+        wait_until(lambda: metric(replica_mesh, "inference-2", ACTIVE) > 0 and load.streaming > 0, 60, 0.05,
+                   what="streams under way, one on inference-2")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        load.wait_for_calls(len(load.outcomes) + 6, timeout_s=60)  # calls after the kill
+        load.stop()
+    outcomes = list(load.outcomes)
+    before_token = [o for o in outcomes if o.chunks == 0]
+    under_way = [o for o in outcomes if o.chunks > 0 and o.code != OK]
+    after = [o for o in outcomes if o.started > killed_at + 1.0]
+    say(f"SIGKILL under load: {codes(outcomes)}; before a token {codes(before_token)}, "
+        f"failed under way {codes(under_way)}, started after the kill {codes(after)}")
+    # Retried on the survivor. A template or tokenizer hop over its 100 ms budget on this loaded machine
+    # is no failure of the kill's making (tests/e2e/test_chaos.py allows the same).
+    assert all(o.code == OK or (o.code == C.DEADLINE_EXCEEDED and o.hop in ("template", "tokenizer"))
+               for o in before_token), [(o.code.name, o.hop) for o in before_token if o.code != OK]
+    assert under_way and all(o.code == C.UNAVAILABLE for o in under_way), codes(under_way)
+    assert after and all(o.code == OK or (o.code == C.DEADLINE_EXCEEDED and o.hop in ("template", "tokenizer"))
+                         for o in after), codes(after)
+
+    wait_until(lambda: replica_mesh.processes["inference-2"] is not victim, 15, 0.1, what="inference-2 restarted")
+    wait_until(lambda: check_health(replica_mesh.address("inference-2"), 0.5) == "SERVING", RESTART_S, 0.25,
+               what="inference-2 SERVING after its restart")
+    back_s = time.monotonic() - killed_at
+
+    def takes_traffic() -> bool:
+        for _ in range(4):
+            assert gateway.Generate(finance_request(2), timeout=60).text
+        return metric(replica_mesh, "inference-2", FINISHED) > 0  # a new process: its counters start at 0
+
+    wait_until(takes_traffic, 30, 0.1, what="the restarted replica to take calls")
+    assert replica_mesh.processes["gateway"].pid == gateway_pid  # no gateway restart
+    say(f"inference-2 back and taking calls {time.monotonic() - killed_at:.1f}s after the kill "
+        f"(SERVING after {back_s:.1f}s); the gateway never restarted")
