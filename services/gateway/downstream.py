@@ -6,6 +6,7 @@ back as the domain error the caller should see (meshkit.errors.from_rpc_error).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from meshkit.tls import TlsConfig
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
 from services.gateway import balancing
+from services.gateway.affinity import AffineRouter, route_key
 from services.gateway.hop import Hop
 from services.gateway.request import Chat, TemplateCall
 from services.inference.load_report import InferenceLoad
@@ -88,6 +90,8 @@ class Downstream:
         self._on_inference_load = on_inference_load
         self._channels: list[grpc.aio.Channel] = []
         self._by_service: dict[str, grpc.aio.Channel] = {}
+        self.router: AffineRouter | None = None
+        self._inference_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}
         # mTLS to the internal services when the mesh CA is configured.
         self._credentials = TlsConfig.from_settings(settings).channel_credentials()
 
@@ -100,6 +104,20 @@ class Downstream:
         self.inference = inference_pb2_grpc.InferenceServiceStub(
             self._channel("inference", s.inference_addr, balancing.INFERENCE_SERVICE))
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channel("cache", s.cache_addr, balancing.CACHE_SERVICE))
+        self.router = self._affine_router()
+
+    def _affine_router(self) -> AffineRouter | None:
+        """Prefix-affine routing (services/gateway/affinity.py) over a list of inference endpoints: a channel
+        per endpoint. None (round_robin over the balanced channel) for one endpoint or a ``dns:///`` name."""
+        s = self._settings
+        endpoints = balancing.endpoints(s.inference_addr)
+        if s.inference_routing != "prefix" or len(endpoints) < 2:
+            return None
+        family = balancing.grpc_target(s.inference_addr).partition(":")[0]
+        channels = {e: self._channel(f"inference@{e}", f"{family}:{e}", balancing.INFERENCE_SERVICE)
+                    for e in endpoints}
+        self._inference_stubs = {e: inference_pb2_grpc.InferenceServiceStub(c) for e, c in channels.items()}
+        return AffineRouter(channels, s.affinity_load_factor, s.admission_full_hold_s)
 
     def _channel(self, name: str, address: str, service: str) -> grpc.aio.Channel:
         """One channel over every replica at ``address``, balanced and retried by its service config
@@ -184,35 +202,49 @@ class Downstream:
             tenant=tenant,
         )
         deadline = time.monotonic() + timeout
+        key = route_key(token_ids, self._settings.affinity_block_tokens, tenant) if self.router else None
+        tried: set[str] = set()
         attempt = 0
         while True:
             attempt += 1
             yielded = False
-            call = self.inference.Generate(request, timeout=max(0.0, deadline - time.monotonic()),
-                                           metadata=metadata)
+            endpoint = self.router.pick(key, frozenset(tried)) if key is not None else None
+            stub = self._inference_stubs[endpoint] if endpoint is not None else self.inference
+            call = stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()), metadata=metadata)
+            in_flight = self.router.call(endpoint) if endpoint is not None else contextlib.nullcontext()
             try:
-                try:
-                    self._on_inference_load(InferenceLoad.from_metadata(await call.initial_metadata()))
-                    async for chunk in call:
-                        if chunk.delta:
-                            yielded = True
-                            yield TokenDelta(chunk.delta)
-                        if chunk.done:
-                            yielded = True
-                            yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
-                    self._on_inference_load(InferenceLoad.from_metadata(await call.trailing_metadata()))
-                    return
-                except grpc.aio.AioRpcError as error:  # a refusal reports the load too
-                    self._on_inference_load(InferenceLoad.from_metadata(error.trailing_metadata()))
-                    if (error.code() == grpc.StatusCode.UNAVAILABLE and not yielded
-                            and attempt < balancing.MAX_ATTEMPTS and time.monotonic() < deadline):
-                        log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "
-                                    "retrying on another replica", attempt, balancing.MAX_ATTEMPTS)
-                        continue
-                    raise from_rpc_error(error, Hop.INFERENCE) from None
+                with in_flight:
+                    try:
+                        self._observe(endpoint, await call.initial_metadata())
+                        async for chunk in call:
+                            if chunk.delta:
+                                yielded = True
+                                yield TokenDelta(chunk.delta)
+                            if chunk.done:
+                                yielded = True
+                                yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens,
+                                                    chunk.completion_tokens)
+                        self._observe(endpoint, await call.trailing_metadata())
+                        return
+                    except grpc.aio.AioRpcError as error:  # a refusal reports the load too
+                        self._observe(endpoint, error.trailing_metadata())
+                        if (error.code() == grpc.StatusCode.UNAVAILABLE and not yielded
+                                and attempt < balancing.MAX_ATTEMPTS and time.monotonic() < deadline):
+                            log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "
+                                        "retrying on another replica", attempt, balancing.MAX_ATTEMPTS)
+                            if endpoint is not None:
+                                tried.add(endpoint)
+                            continue
+                        raise from_rpc_error(error, Hop.INFERENCE) from None
             finally:
                 # The caller went away or failed, or this attempt is over: the engine must stop this sequence.
                 call.cancel()
+
+    def _observe(self, endpoint: str | None, metadata) -> None:
+        load = InferenceLoad.from_metadata(metadata)
+        self._on_inference_load(load)
+        if endpoint is not None:
+            self.router.observe(endpoint, load)
 
     async def store(self, key: PromptCacheKey, answer: CachedAnswer, timeout: float, metadata=()) -> bool:
         request = cache_pb2.StoreRequest(key=key.to_pb(), answer=answer.to_pb())
