@@ -34,7 +34,7 @@ MESH_ENV = {"NLPMESH_INFERENCE_MAX_RUNNING": "2", "NLPMESH_INFERENCE_MAX_QUEUE":
             # gRPC's round_robin across the replicas (prefix-affine routing: tests/servicer/test_gateway_affinity.py).
             "NLPMESH_GATEWAY_INFERENCE_ROUTING": "round_robin"}
 FINISHED = "nlpmesh_inference_requests_finished_total"
-PREFILLED = "nlpmesh_inference_prompt_tokens_total"
+PREFILLED = "nlpmesh_inference_prefill_tokens_total"  # counted at each prefill
 ACTIVE = "nlpmesh_inference_active_sequences"
 CLIENT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 RESTART_S = 180.0  # the model loads again

@@ -55,3 +55,34 @@ def test_up_takes_repeated_scale_options():
     assert args.scale == {"inference": 2, "tokenizer": 3}
     with pytest.raises(SystemExit):
         parser().parse_args(["up", "--scale", "inference"])
+
+
+def test_health_all_lists_every_replica_with_its_address_and_status(tmp_path, monkeypatch, capsys):
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from cli import run_state
+    from cli.main import main
+
+    servers, ports = [], {}
+    try:
+        for name, status in (("inference", health_pb2.HealthCheckResponse.SERVING),
+                             ("inference-2", health_pb2.HealthCheckResponse.NOT_SERVING)):
+            server = grpc.server(futures.ThreadPoolExecutor(2))
+            servicer = health.HealthServicer()
+            servicer.set("", status)
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            ports[name] = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            servers.append(server)
+        monkeypatch.setenv("NLPMESH_HOME", str(tmp_path))
+        run_state.write(tmp_path / "run" / "mesh.json", {"ports": ports})
+        assert main(["health", "--all", "--plaintext", "--timeout", "2"]) == 1  # one is not SERVING
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == [f"inference    127.0.0.1:{ports['inference']:<5}  SERVING",
+                         f"inference-2  127.0.0.1:{ports['inference-2']:<5}  NOT_SERVING"]
+    finally:
+        for server in servers:
+            server.stop(None)
