@@ -98,6 +98,12 @@ class AffineRouter:
         self._full_hold_s = full_hold_s
         self._clock = clock
 
+    def update(self, channels: dict[str, grpc.aio.Channel]) -> None:
+        """Routes over ``channels`` from now on (a re-resolved name); kept endpoints keep their load."""
+        self._endpoints = {address: self._endpoints.get(address) or _Endpoint(channel)
+                           for address, channel in channels.items()}
+        self._ring = HashRing(list(channels))
+
     @property
     def endpoints(self) -> list[str]:
         return list(self._endpoints)

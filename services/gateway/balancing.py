@@ -92,6 +92,26 @@ def endpoints(address: str) -> list[str]:
     return parts
 
 
+def dns_name(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``dns:`` address (``dns:///inference:50055``, ``dns:inference:50055``; an authority,
+    ``dns://8.8.8.8/name:port``, is the resolver's business and ignored here); None for any other."""
+    address = address.strip()
+    if not address.startswith("dns:"):
+        return None
+    rest = address[len("dns:"):]
+    if rest.startswith("//"):
+        rest = rest[2:].partition("/")[2]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{address!r}: expected dns:///host:port")
+    return host.strip("[]"), int(port)
+
+
+def endpoint_of(host: str, port: int) -> str:
+    """``host:port``, IPv6 in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def grpc_target(address: str) -> str:
     """The gRPC target for ``address``: a comma list of IP endpoints becomes ``ipv4:`` (or ``ipv6:``).
 

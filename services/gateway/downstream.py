@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -92,6 +93,8 @@ class Downstream:
         self._by_service: dict[str, grpc.aio.Channel] = {}
         self.router: AffineRouter | None = None
         self._inference_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}
+        self._resolver: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
         # mTLS to the internal services when the mesh CA is configured.
         self._credentials = TlsConfig.from_settings(settings).channel_credentials()
 
@@ -107,21 +110,72 @@ class Downstream:
         self.router = self._affine_router()
 
     def _affine_router(self) -> AffineRouter | None:
-        """Prefix-affine routing (services/gateway/affinity.py) over a list of inference endpoints: a channel
-        per endpoint. None (round_robin over the balanced channel) for one endpoint or a ``dns:///`` name."""
+        """Prefix-affine routing (services/gateway/affinity.py): a channel per inference endpoint, for a list of
+        endpoints, or for the addresses a ``dns:///`` name resolves to (re-resolved every
+        ``affinity_resolve_s``). None (round_robin over the balanced channel) for one fixed endpoint."""
         s = self._settings
+        if s.inference_routing != "prefix":
+            return None
+        dns = balancing.dns_name(s.inference_addr)
+        router = AffineRouter({}, s.affinity_load_factor, s.admission_full_hold_s)
+        if dns is not None:
+            self._resolver = asyncio.get_running_loop().create_task(self._follow_dns(router, *dns))
+            return router
         endpoints = balancing.endpoints(s.inference_addr)
-        if s.inference_routing != "prefix" or len(endpoints) < 2:
+        if len(endpoints) < 2:
             return None
         family = balancing.grpc_target(s.inference_addr).partition(":")[0]
-        channels = {e: self._channel(f"inference@{e}", f"{family}:{e}", balancing.INFERENCE_SERVICE)
-                    for e in endpoints}
-        self._inference_stubs = {e: inference_pb2_grpc.InferenceServiceStub(c) for e, c in channels.items()}
-        return AffineRouter(channels, s.affinity_load_factor, s.admission_full_hold_s)
+        self._route_to(router, {e: f"{family}:{e}" for e in endpoints}, "inference")
+        return router
+
+    def _route_to(self, router: AffineRouter, targets: dict[str, str], host: str) -> None:
+        """Points ``router`` at ``targets`` (endpoint: gRPC target): new endpoints get a channel (under TLS, the
+        replica's certificate checked against ``host``), removed ones are closed once their calls are done."""
+        current = set(router.endpoints)
+        channels = {e: router.channel(e) for e in targets if e in current}
+        for endpoint, target in targets.items():
+            if endpoint not in current:
+                channels[endpoint] = self._new_channel(target, balancing.INFERENCE_SERVICE, host)
+                self._inference_stubs[endpoint] = inference_pb2_grpc.InferenceServiceStub(channels[endpoint])
+        for endpoint in current - set(targets):
+            channel = router.channel(endpoint)
+            self._channels.remove(channel)
+            del self._inference_stubs[endpoint]
+            retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+        router.update(channels)
+
+    async def _follow_dns(self, router: AffineRouter, host: str, port: int) -> None:
+        """Keeps ``router`` on the addresses ``host`` resolves to, until cancelled."""
+        while True:
+            try:
+                endpoints = (await asyncio.wait_for(self._resolve(host, port), 5.0))[:balancing.MAX_ENDPOINTS]
+                targets = {e: f"{'ipv6' if e.startswith('[') else 'ipv4'}:{e}" for e in endpoints}
+                if set(targets) != set(router.endpoints):
+                    log.info("inference endpoints for prefix-affine routing: %d (%s)", len(targets), host)
+                    self._route_to(router, targets, host)
+            except (TimeoutError, OSError) as error:  # the balanced channel still routes meanwhile
+                log.warning("resolving %s for prefix-affine routing failed: %s", host, type(error).__name__)
+            except Exception:  # a bug here must not end the routing: the endpoints stay as they were
+                log.exception("following %s for prefix-affine routing failed", host)
+            await asyncio.sleep(self._settings.affinity_resolve_s)
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return sorted({balancing.endpoint_of(info[4][0], info[4][1]) for info in infos})
 
     def _channel(self, name: str, address: str, service: str) -> grpc.aio.Channel:
         """One channel over every replica at ``address``, balanced and retried by its service config
         (services/gateway/balancing.py)."""
+        # Under TLS a list of endpoints has no one host name to check: each replica's certificate is checked
+        # against the service's name (``nlpmesh certs init`` issues it with that name).
+        listed = len(balancing.endpoints(address)) > 1
+        channel = self._new_channel(balancing.grpc_target(address), service, name if listed else None)
+        self._by_service[name] = channel
+        return channel
+
+    def _new_channel(self, target: str, service: str, tls_name: str | None = None) -> grpc.aio.Channel:
         # A restarted service is reached again within seconds: gRPC's own reconnect backoff grows to 120 s.
         options = [*channel_options(self._settings.max_message_bytes),
                    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
@@ -129,11 +183,11 @@ class Downstream:
                    # Ours, not one from DNS TXT records.
                    ("grpc.service_config_disable_resolution", 1),
                    ("grpc.enable_retries", 1)]
-        target = balancing.grpc_target(address)
+        if tls_name is not None and self._credentials is not None:
+            options.append(("grpc.ssl_target_name_override", tls_name))
         channel = (grpc.aio.secure_channel(target, self._credentials, options=options) if self._credentials
                    else grpc.aio.insecure_channel(target, options=options))
         self._channels.append(channel)
-        self._by_service[name] = channel
         return channel
 
     def required_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -150,6 +204,12 @@ class Downstream:
                                timeout_s)
 
     async def close(self) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resolver
+        for task in list(self._retiring):
+            task.cancel()
         for channel in self._channels:
             await channel.close()
 

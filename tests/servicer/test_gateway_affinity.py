@@ -125,3 +125,46 @@ async def _both(downstream, fakes) -> bool:
     for tail in range(4):
         await _generate(downstream, _prompt(7, tail))
     return all(f.calls for f in fakes)
+
+
+def test_a_dns_address_is_followed_replicas_joining_and_leaving_the_ring(inprocess_server, monkeypatch):
+    async def scenario():
+        async with AsyncExitStack() as stack:
+            fakes = [FakeInference(), FakeInference()]
+            replicas = [await stack.enter_async_context(inprocess_server(fake_spec("inf", f), GatewaySettings()))
+                        for f in fakes]
+            tok = await stack.enter_async_context(inprocess_server(fake_spec("tok", FakeTokenizer()),
+                                                                   GatewaySettings()))
+            resolved = [[replicas[0].address]]  # what the name resolves to, now
+
+            async def resolve(self, host, port):
+                assert (host, port) == ("inference.test", 50055)
+                return resolved[0]
+
+            monkeypatch.setattr(Downstream, "_resolve", resolve)
+            settings = GatewaySettings(template_addr=tok.address, tokenizer_addr=tok.address, cache_addr=tok.address,
+                                       inference_addr="dns:///inference.test:50055", affinity_block_tokens=BLOCK,
+                                       affinity_resolve_s=0.05)
+            downstream = Downstream(settings)
+            await downstream.open()
+            stack.push_async_callback(downstream.close)
+            router = downstream.router
+            await until(lambda: router.endpoints == [replicas[0].address], what="the first address routed")
+            await until(lambda: router.ready(replicas[0].address), what="ready")
+            for prefix in range(10):
+                await _generate(downstream, _prompt(prefix, 0))
+            assert fakes[0].calls == 10
+            resolved[0] = [replicas[0].address, replicas[1].address]  # scaled up
+            await until(lambda: len(router.endpoints) == 2 and all(router.ready(e) for e in router.endpoints),
+                        what="the second replica routed")
+            for prefix in range(40):
+                await _generate(downstream, _prompt(prefix, 1))
+            assert fakes[1].calls >= 8
+            resolved[0] = [replicas[1].address]  # scaled down
+            await until(lambda: router.endpoints == [replicas[1].address], what="the first replica gone")
+            before = fakes[0].calls
+            for prefix in range(10):
+                await _generate(downstream, _prompt(prefix, 2))
+            assert fakes[0].calls == before
+
+    asyncio.run(scenario())

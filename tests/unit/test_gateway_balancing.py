@@ -92,3 +92,13 @@ def test_a_load_report_names_its_replica_and_equal_loads_compare_equal_whoever_r
     assert load == InferenceLoad(1, 4) and load.replica == "3f2a9c"
     assert InferenceLoad.from_metadata([("x-nlpmesh-inference-load", "1/4"),
                                         ("x-nlpmesh-inference-replica", "NOT valid!")]).replica == ""
+
+
+def test_a_dns_address_names_the_host_prefix_affine_routing_follows():
+    assert balancing.dns_name("dns:///inference:50055") == ("inference", 50055)
+    assert balancing.dns_name("dns:inference:50055") == ("inference", 50055)
+    assert balancing.dns_name("dns://10.0.0.2:53/inference.ns.svc:50055") == ("inference.ns.svc", 50055)
+    assert balancing.dns_name("127.0.0.1:50055") is None
+    assert balancing.endpoint_of("::1", 5) == "[::1]:5" and balancing.endpoint_of("10.0.0.1", 5) == "10.0.0.1:5"
+    with pytest.raises(ValueError, match="dns:///host:port"):
+        balancing.dns_name("dns:///inference")
