@@ -36,6 +36,7 @@ MESH_ENV = {"NLPMESH_INFERENCE_MAX_RUNNING": "2", "NLPMESH_INFERENCE_MAX_QUEUE":
 FINISHED = "nlpmesh_inference_requests_finished_total"
 PREFILLED = "nlpmesh_inference_prefill_tokens_total"  # counted at each prefill
 ACTIVE = "nlpmesh_inference_active_sequences"
+FIRST_TOKENS = "nlpmesh_inference_time_to_first_token_seconds_count"  # streams that sent a first token
 CLIENT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
 RESTART_S = 180.0  # the model loads again
 
@@ -76,12 +77,21 @@ def metric(mesh: LocalMesh, name: str, sample: str) -> float:
 
 def metric_while_up(mesh: LocalMesh, name: str, sample: str) -> float | None:
     """The metric, or None when the process has exited (its /metrics with it)."""
+    process = mesh.processes[name]
     try:
         return metric(mesh, name, sample)
-    except OSError:
-        if mesh.processes[name].poll() is None:
-            raise
+    except OSError:  # refused or reset: it is exiting, or has
+        process.wait(timeout=10)
         return None
+
+
+def streaming_on(mesh: LocalMesh, name: str) -> bool:
+    """A stream on ``name`` has sent its first token and not ended (one scrape, so the counters agree)."""
+    with urllib.request.urlopen(mesh.metrics_url(name), timeout=5) as reply:
+        families = list(text_string_to_metric_families(reply.read().decode()))
+    first_tokens = sum(s.value for f in families for s in f.samples if s.name == FIRST_TOKENS)
+    ended = sum(s.value for f in families for s in f.samples if s.name == FINISHED)
+    return first_tokens > ended
 
 
 def per_replica(mesh: LocalMesh, sample: str) -> dict[str, float]:
@@ -155,9 +165,9 @@ def test_sigkill_of_a_replica_under_load_fails_only_streams_under_way_and_it_tak
     both_serving(replica_mesh)
     gateway_pid = replica_mesh.processes["gateway"].pid
     victim = replica_mesh.processes["inference-2"]
-    with Load(channel, workers=3, max_new_tokens=16, timeout_s=60, max_calls=30, max_s=120) as load:
-        wait_until(lambda: metric(replica_mesh, "inference-2", ACTIVE) > 0 and load.streaming > 0, 60, 0.05,
-                   what="streams under way, one on inference-2")
+    with Load(channel, workers=3, max_new_tokens=24, timeout_s=60, max_calls=30, max_s=120) as load:
+        wait_until(lambda: streaming_on(replica_mesh, "inference-2"), 60, 0.02,
+                   what="a stream under way on inference-2, past its first token")
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         load.wait_for_calls(len(load.outcomes) + 6, timeout_s=60)  # calls after the kill
