@@ -202,6 +202,13 @@ class Downstream:
         self._by_service["cache"].get_state(try_to_connect=True)
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.required_channels().values())),
                                timeout_s)
+        if self.router is not None and self.router.endpoints:
+            # The endpoints of prefix-affine routing too (briefly: a replica that is down may stay down; until an
+            # endpoint is ready, its generations go round_robin).
+            waits = [asyncio.ensure_future(self.router.channel(e).channel_ready()) for e in self.router.endpoints]
+            _, pending = await asyncio.wait(waits, timeout=min(timeout_s, 5.0))
+            for wait in pending:
+                wait.cancel()
 
     async def close(self) -> None:
         if self._resolver is not None:

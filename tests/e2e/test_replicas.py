@@ -16,9 +16,10 @@ import urllib.request
 
 import grpc
 import pytest
-from nlpmesh.gateway.v1 import gateway_pb2_grpc
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.variants import spawn_gateway
 from cli.launcher import LocalMesh, check_health
 from cli.restarts import RestartPolicy
 from tests.e2e.streams import OK, Load, codes, finance_request, stream_once
@@ -31,9 +32,10 @@ REPLICAS = ("inference", "inference-2")
 # Capacity 4 per replica; a drain long enough for any stream these tests start.
 MESH_ENV = {"NLPMESH_INFERENCE_MAX_RUNNING": "2", "NLPMESH_INFERENCE_MAX_QUEUE": "2",
             "NLPMESH_INFERENCE_GRACE_S": "60",
-            # gRPC's round_robin across the replicas (prefix-affine routing: tests/servicer/test_gateway_affinity.py).
+            # gRPC's round_robin across the replicas (prefix-affine routing: a gateway of its own).
             "NLPMESH_GATEWAY_INFERENCE_ROUTING": "round_robin"}
 FINISHED = "nlpmesh_inference_requests_finished_total"
+LOCAL_REUSE = 'nlpmesh_inference_prefix_tokens_reused_total{tier="local"}'
 PREFILLED = "nlpmesh_inference_prefill_tokens_total"  # counted at each prefill
 ACTIVE = "nlpmesh_inference_active_sequences"
 FIRST_TOKENS = "nlpmesh_inference_time_to_first_token_seconds_count"  # streams that sent a first token
@@ -95,7 +97,18 @@ def streaming_on(mesh: LocalMesh, name: str) -> bool:
 
 
 def per_replica(mesh: LocalMesh, sample: str) -> dict[str, float]:
-    return {name: metric(mesh, name, sample) for name in REPLICAS}
+    """``sample`` on each replica; ``name{label="value"}`` picks one label's series."""
+    name, _, label = sample.partition("{")
+    if not label:
+        return {replica: metric(mesh, replica, sample) for replica in REPLICAS}
+    key, _, value = label.rstrip("}").partition("=")
+    return {replica: labelled(mesh, replica, name, key, value.strip('"')) for replica in REPLICAS}
+
+
+def labelled(mesh: LocalMesh, replica: str, name: str, key: str, value: str) -> float:
+    with urllib.request.urlopen(mesh.metrics_url(replica), timeout=5) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    return sum(s.value for f in families for s in f.samples if s.name == name and s.labels.get(key) == value)
 
 
 def both_serving(mesh: LocalMesh) -> None:
@@ -115,6 +128,33 @@ def test_the_gateway_splits_20_requests_between_the_two_replicas(replica_mesh, g
     say(f"20 requests: {served}")
     assert sum(served.values()) == 20
     assert all(count >= 5 for count in served.values()), served  # round_robin: 10 each when nothing else runs
+
+
+def test_a_prefix_affine_gateway_sends_prompts_sharing_a_first_block_to_one_replica_whose_local_tier_hits(
+        replica_mesh):
+    both_serving(replica_mesh)
+    process, address = spawn_gateway(replica_mesh, {"NLPMESH_GATEWAY_INFERENCE_ROUTING": "prefix"})
+    system = "Desk 7f: you are the assistant of a bond trading team. Answer in one short sentence, plainly."
+    try:
+        with grpc.insecure_channel(address) as affine_channel:
+            affine = gateway_pb2_grpc.GatewayStub(affine_channel)
+            before = per_replica(replica_mesh, FINISHED)
+            reused = per_replica(replica_mesh, LOCAL_REUSE)
+            for index in range(8):
+                request = gateway_pb2.GenerateRequest(
+                    chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="system", content=system),
+                                                    gateway_pb2.ChatMessage(role="user", content=f"Question {index}?")]),
+                    sampling=gateway_pb2.SamplingParams(max_new_tokens=2), cache_mode=gateway_pb2.CACHE_MODE_BYPASS)
+                assert affine.Generate(request, timeout=60).text
+            served = {n: v - before[n] for n, v in per_replica(replica_mesh, FINISHED).items()}
+            hits = {n: v - reused[n] for n, v in per_replica(replica_mesh, LOCAL_REUSE).items()}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    say(f"prefix-affine, 8 prompts sharing a system prompt: served {served}, local prefix tokens reused {hits}")
+    owner = max(served, key=served.get)
+    assert served[owner] == 8  # one after another: the owner is never over its load bound
+    assert hits[owner] >= 7 * 16  # from the second on, at least the first block came from its own tier
 
 
 def test_a_draining_replica_takes_no_new_calls_and_finishes_its_streams(replica_mesh, gateway):
