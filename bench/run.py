@@ -174,6 +174,7 @@ def main() -> int:
             results["generation"] = generation.bench(mesh, args.gen_rounds, args.max_new_tokens)
     finally:
         mesh.stop()
+    results |= {"routing": __import__("bench.routing", fromlist=["bench"]).bench()} if args.only is None else {}
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -33,7 +33,15 @@ from cli.certs import init_certs
 from cli.connect import GatewayAccess
 from cli.processes import die_with_this_thread, start_time
 from cli.restarts import Backoff, RestartPolicy
-from cli.topology import REPO_ROOT, ServiceDef, load_topology, local_environment
+from cli.topology import (
+    MAX_REPLICAS,
+    REPLICA_PORT_STEP,
+    REPO_ROOT,
+    ServiceDef,
+    load_topology,
+    local_environment,
+    replica_names,
+)
 from meshkit.redis_connect import redact_url
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
@@ -94,9 +102,12 @@ class LocalMesh:
     tls: bool = False
     certs_dir: Path | None = None
     services: list[ServiceDef] = field(default_factory=load_topology)
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
-    metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per service
+    # Replicas per service (`nlpmesh up --scale inference=2`); 1 for any not named. Replica i (from 2)
+    # runs as "<service>-<i>" on ports of its own, and the gateway's address of the service lists them all.
+    scale: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # by process name (inference-2)
+    ports: dict[str, int] = field(default_factory=dict)  # by process name
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per process
     # Full access to the mesh's Redis, for tools and tests ("" = no prompt cache):
     # REDIS_URL, or the private server's admin user. No service gets it.
     resolved_redis_url: str = ""
@@ -161,19 +172,43 @@ class LocalMesh:
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
 
+    @property
+    def instances(self) -> dict[str, ServiceDef]:
+        """Every process of the mesh, by name, in start order: each service's replicas together."""
+        unknown = set(self.scale) - {s.name for s in self.services}
+        if unknown:
+            raise ValueError(f"--scale: no service {', '.join(sorted(unknown))} in docker-compose.yml")
+        instances = {}
+        for service in self.services:
+            count = self.scale.get(service.name, 1)
+            if not 1 <= count <= MAX_REPLICAS:
+                raise ValueError(f"--scale {service.name}={count}: between 1 and {MAX_REPLICAS} replicas")
+            instances.update(dict.fromkeys(replica_names(service.name, count), service))
+        return instances
+
+    def replicas(self, service: str) -> list[str]:
+        """The process names of ``service``'s replicas (``inference``, ``inference-2``, ...)."""
+        return [name for name, s in self.instances.items() if s.name == service]
+
     def start(self, ready_timeout_s: float = 600.0) -> LocalMesh:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        picked = iter(distinct_free_ports(2 * len(self.services) if self.free_ports else 0))
-        self.ports = {s.name: next(picked) if self.free_ports else s.port for s in self.services}
-        self.metrics_ports = {s.name: next(picked) if self.free_ports else s.metrics_port
-                              for s in self.services if s.metrics_port or self.free_ports}
+        instances = self.instances
+        picked = iter(distinct_free_ports(2 * len(instances) if self.free_ports else 0))
+        self.ports, self.metrics_ports = {}, {}
+        for name, service in instances.items():
+            step = REPLICA_PORT_STEP * self.replicas(service.name).index(name)
+            self.ports[name] = next(picked) if self.free_ports else service.port + step
+            if self.free_ports:
+                self.metrics_ports[name] = next(picked)
+            elif service.metrics_port:
+                self.metrics_ports[name] = service.metrics_port + step
         if self.tls_dir is not None:
             report = init_certs(self.tls_dir)
             self.progress(f"tls: certificates in {self.tls_dir}" + (f" (made {', '.join(report.made)})"
                                                                     if report.made else ""))
         self._start_redis()
-        for service in self.services:
-            self._spawn(service, self.redis_url_for(service.name))
+        for name, service in instances.items():
+            self._spawn(service, self.redis_url_for(service.name), instance=name)
         self.wait_ready(ready_timeout_s)
         return self
 
@@ -229,26 +264,27 @@ class LocalMesh:
         if self.on_change is not None:
             self.on_change()
 
-    def _spawn(self, service: ServiceDef, redis_url: str, restarted: bool = False) -> None:
+    def _spawn(self, service: ServiceDef, redis_url: str, restarted: bool = False, instance: str | None = None) -> None:
+        instance = instance or service.name
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
-        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports),
+        env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports, instance),
                **self.tls_environment(), **auth_env, **self.extra_env, "PYTHONUNBUFFERED": "1",
                TRACE_DIR_ENV: str(self.trace_dir or "")}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
         command = [sys.executable if part == "python" else part for part in service.command]
-        self.processes[service.name] = process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=self._log_file(service.name, restarted),
+        self.processes[instance] = process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=self._log_file(instance, restarted),
             stderr=subprocess.STDOUT, preexec_fn=die_with_this_thread(),
         )
-        self.progress(f"{service.name}: {'restarted' if restarted else 'started'} "
-                      f"(pid {process.pid}, port {self.ports[service.name]})")
-        self._started(service.name, process)
+        self.progress(f"{instance}: {'restarted' if restarted else 'started'} "
+                      f"(pid {process.pid}, port {self.ports[instance]})")
+        self._started(instance, process)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Waits until every service is SERVING, showing progress while the model loads."""
         deadline = time.monotonic() + timeout_s
-        waiting = [s.name for s in self.services]
+        waiting = list(self.processes)
         last_note = 0.0
         started = time.monotonic()
         credentials = self.probe_credentials()
@@ -324,8 +360,8 @@ class LocalMesh:
             self._spawn_redis(restarted=True)
             self.progress(f"redis: restarted (pid {self._redis.pid}), empty: the caches start cold")
             return
-        service = next(s for s in self.services if s.name == name)
-        self._spawn(service, self.redis_url_for(name), restarted=True)
+        service = self.instances[name]
+        self._spawn(service, self.redis_url_for(service.name), restarted=True, instance=name)
         self._awaiting_serving[name] = 0.0
 
     def _announce_serving_again(self) -> None:
@@ -364,6 +400,7 @@ class LocalMesh:
                 "pids": {name: p.pid for name, p in processes.items()},
                 "started": {name: start_time(p.pid) or "" for name, p in processes.items()},
                 "ports": self.ports, "metrics_ports": self.metrics_ports,
+                "replicas": {s.name: self.replicas(s.name) for s in self.services},
                 "tls_dir": str(self.tls_dir) if self.tls_dir else None}
 
     def __enter__(self) -> LocalMesh:

@@ -67,7 +67,13 @@ def _launch(args) -> int:
         return 1
     run_dir = default_home() / "run"
     mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, tls=not args.plaintext,
-                     keys_file=keys.default_keys_file(), api_key=keys.local_key(), restart=RestartPolicy())
+                     keys_file=keys.default_keys_file(), api_key=keys.local_key(), restart=RestartPolicy(),
+                     scale=args.scale)
+    try:
+        _ = mesh.instances  # an unknown service or a count out of range stops here, before anything starts
+    except ValueError as error:
+        _say(str(error))
+        return 2
     launcher = {"launcher": run_state.this_launcher(), "ready": False}
     mesh.on_change = lambda: run_state.write(state_file, {**mesh.state(), **launcher})
     run_state.write(state_file, launcher)  # claimed: a second `up` now refuses, `down` can stop this one
@@ -120,6 +126,7 @@ def _up_detached(args) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "cli.main", "up", "--launcher-of-detached", "--timeout", str(args.timeout)]
     command += ["--free-ports"] * args.free_ports + ["--plaintext"] * args.plaintext
+    command += [part for name, count in args.scale.items() for part in ("--scale", f"{name}={count}")]
     with log_path.open("w") as log:
         launcher = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -203,9 +210,41 @@ def cmd_ask(args) -> int:
 
 
 def cmd_health(args) -> int:
+    if args.all:
+        return _health_of_every_replica(args)
     status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)), args.service)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _health_of_every_replica(args) -> int:
+    """One line per process of the running mesh (each replica apart): name, address, health. 0 when all SERVING."""
+    ports = (run_state.read(_state_file()) or {}).get("ports") or {}
+    if not ports:
+        _say("no mesh is up")
+        return 1
+    credentials = probe_credentials(_tls_dir(args))
+    width = max(len(name) for name in ports)
+    statuses = {}
+    for name, port in ports.items():
+        statuses[name] = check_health(f"127.0.0.1:{port}", args.timeout, credentials)
+        print(f"{name:<{width}}  127.0.0.1:{port:<5}  {statuses[name]}", flush=True)
+    return 0 if all(status == "SERVING" for status in statuses.values()) else 1
+
+
+def _scale(value: str) -> tuple[str, int]:
+    name, sep, count = value.partition("=")
+    if not sep or not name or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected SERVICE=N, e.g. inference=2")
+    return name, int(count)
+
+
+class _ScaleAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        scale = dict(getattr(namespace, self.dest) or {})
+        name, count = values
+        scale[name] = count
+        setattr(namespace, self.dest, scale)
 
 
 def cmd_demo(args) -> int:
@@ -287,6 +326,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--launcher-of-detached", action="store_true", help=argparse.SUPPRESS)
     up.add_argument("--free-ports", action="store_true", help="pick free ports instead of 50051-50055")
     up.add_argument("--timeout", type=float, default=600.0)
+    up.add_argument("--scale", type=_scale, action=_ScaleAction, default={}, metavar="SERVICE=N",
+                    help="run N replicas of SERVICE on ports of their own, balanced by the gateway "
+                         "(like `docker compose up --scale`); repeatable")
     up.add_argument("--plaintext", action="store_true",
                     help="no TLS (default: TLS at the gateway, mTLS inside, certificates in $NLPMESH_HOME/certs)")
     up.set_defaults(run=cmd_up)
@@ -308,6 +350,8 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--service", default="",
                    help="a health name, e.g. nlpmesh.gateway.v1.Gateway/cache (default: the server as a whole)")
     h.add_argument("--timeout", type=float, default=2.0)
+    h.add_argument("--all", action="store_true",
+                   help="every process of the running mesh, each replica apart, with its address and status")
     _tls_arguments(h)
     h.set_defaults(run=cmd_health)
     d = sub.add_parser("demo", help="the mesh up, the finance question answered twice")

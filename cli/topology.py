@@ -10,7 +10,11 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
-_ADDRESS = re.compile(r"^([a-z][a-z0-9_-]*):(\d+)$")
+_ADDRESS = re.compile(r"^(?:dns:///)?([a-z][a-z0-9_-]*):(\d+)$")
+# Local replicas of a service (`nlpmesh up --scale inference=2`): replica i (from 2) is "<service>-<i>",
+# on the service's ports plus REPLICA_PORT_STEP * (i - 1) when the compose ports are used.
+REPLICA_PORT_STEP = 10
+MAX_REPLICAS = 8
 _URL_HOST = re.compile(r"^[a-z]+://([a-z][a-z0-9_-]*):\d+")
 
 
@@ -56,13 +60,35 @@ def _start_order(services: list[ServiceDef]) -> list[ServiceDef]:
     return ordered
 
 
+def replica_names(service: str, count: int) -> list[str]:
+    """The process names of ``count`` replicas of ``service``: the first keeps the service's name."""
+    return [service if i == 1 else f"{service}-{i}" for i in range(1, count + 1)]
+
+
+def replica_addresses(ports: dict[str, int], service: str) -> str:
+    """How a client reaches every local replica of ``service``: one address, or an ``ipv4:`` list
+    that the gateway's channel balances (services/gateway/balancing.py)."""
+    endpoints = [f"127.0.0.1:{ports[name]}" for name in _replicas_in(ports, service)]
+    return endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
+
+
+def _replicas_in(ports: dict[str, int], service: str) -> list[str]:
+    names = [service]
+    while f"{service}-{len(names) + 1}" in ports:
+        names.append(f"{service}-{len(names) + 1}")
+    return names
+
+
 def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str,
-                      metrics_ports: dict[str, int] | None = None) -> dict[str, str]:
+                      metrics_ports: dict[str, int] | None = None, instance: str | None = None) -> dict[str, str]:
     """The service's compose environment, rewritten for processes on this machine.
 
     Without ``metrics_ports`` the service gets no /metrics endpoint, so an extra
-    process started beside a mesh never fights it for the compose port.
+    process started beside a mesh never fights it for the compose port. ``instance``:
+    which replica (``inference-2``; default the first, named as the service); ``ports``
+    holds every replica's port, and an address of a replicated service lists them all.
     """
+    instance = instance or service.name
     env: dict[str, str] = {}
     for key, value in service.environment.items():
         url_host = _URL_HOST.match(value)
@@ -74,12 +100,12 @@ def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str
         if key.endswith("_HOST"):
             value = "127.0.0.1"
         elif key == f"NLPMESH_{service.name.upper()}_PORT":
-            value = str(ports[service.name])
+            value = str(ports[instance])
         elif key == f"NLPMESH_{service.name.upper()}_METRICS_PORT":
-            value = str((metrics_ports or {}).get(service.name, 0))
+            value = str((metrics_ports or {}).get(instance, 0))
         elif key == "REDIS_URL":
             value = redis_url
         elif match and match.group(1) in ports:
-            value = f"127.0.0.1:{ports[match.group(1)]}"
+            value = replica_addresses(ports, match.group(1))
         env[key] = value
     return env

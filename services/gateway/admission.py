@@ -20,6 +20,12 @@ ResourceExhausted with RetryInfo and an ErrorInfo reason:
   not leave new requests refused for ``full_hold_s``.
 
 Before the first report, and with ``enabled`` off, every generation is admitted.
+
+With several inference replicas (each names itself in its report), the gateway keeps
+the latest report of each replica heard from in the last ``REPLICA_FORGET_S``: the
+capacity is their sum, and ``INFERENCE_AT_CAPACITY`` needs every one of them to
+have said it was full within ``full_hold_s``. One replica full, another with room:
+admitted (the balancer sends it on).
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ from dataclasses import dataclass
 
 from meshkit.errors import ResourceExhausted
 from services.inference.load_report import InferenceLoad
+
+# A replica not heard from for this long no longer counts (it was stopped, or scaled away).
+REPLICA_FORGET_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -44,27 +53,39 @@ class InferenceAdmission:
     def __init__(self, settings: AdmissionSettings, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
         self._clock = clock
-        self._load: InferenceLoad | None = None
-        self._seen_at = 0.0
+        self._loads: dict[str, tuple[InferenceLoad, float]] = {}  # per replica: its latest report, when
         self.in_flight = 0
 
     def observe(self, load: InferenceLoad | None) -> None:
-        """Keeps the inference service's latest report (None: the call carried none)."""
+        """Keeps each inference replica's latest report (None: the call carried none)."""
         if load is not None:
-            self._load, self._seen_at = load, self._clock()
+            self._loads[load.replica] = (load, self._clock())
 
-    def cancelled(self) -> None:
-        """One of this gateway's generations was cancelled before the inference service reported its end."""
-        load = self._load
-        if load is not None and load.active > 0:
-            self._load = InferenceLoad(load.active - 1, load.capacity)
+    def _current(self) -> list[tuple[InferenceLoad, float]]:
+        """The reports of the replicas heard from lately; the newest report always counts."""
+        if not self._loads:
+            return []
+        now = self._clock()
+        newest = max(self._loads.values(), key=lambda entry: entry[1])
+        for replica, (_, seen_at) in list(self._loads.items()):
+            if now - seen_at > REPLICA_FORGET_S:
+                del self._loads[replica]
+        return list(self._loads.values()) or [newest]
+
+    def cancelled(self, replica: str) -> None:
+        """One of this gateway's generations on ``replica`` was cancelled before the replica reported its end."""
+        entry = self._loads.get(replica)
+        if entry is not None and entry[0].active > 0:
+            load, seen_at = entry
+            self._loads[replica] = (InferenceLoad(load.active - 1, load.capacity, load.replica), seen_at)
 
     @property
     def limit(self) -> int | None:
         """How many generations this gateway may have in flight; None = unknown, so unlimited."""
         if self._settings.max_in_flight:
             return self._settings.max_in_flight
-        return self._load.capacity if self._load is not None else None
+        current = self._current()
+        return sum(load.capacity for load, _ in current) if current else None
 
     @contextmanager
     def generation(self) -> Iterator[None]:
@@ -83,9 +104,11 @@ class InferenceAdmission:
         if limit is not None and self.in_flight >= limit:
             raise self._refusal(f"the gateway has {self.in_flight} generations in flight, its limit",
                                 "GATEWAY_AT_CAPACITY")
-        load = self._load
-        if load is not None and load.full and self._clock() - self._seen_at < self._settings.full_hold_s:
-            raise self._refusal(f"the inference service is full ({load.active} of {load.capacity} places taken)",
+        current = self._current()
+        now = self._clock()
+        if current and all(load.full and now - seen_at < self._settings.full_hold_s for load, seen_at in current):
+            active, capacity = sum(load.active for load, _ in current), sum(load.capacity for load, _ in current)
+            raise self._refusal(f"the inference service is full ({active} of {capacity} places taken)",
                                 "INFERENCE_AT_CAPACITY")
 
     def _refusal(self, why: str, reason: str) -> ResourceExhausted:

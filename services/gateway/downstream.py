@@ -6,6 +6,10 @@ back as the domain error the caller should see (meshkit.errors.from_rpc_error).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,9 +27,13 @@ from meshkit.server import channel_options
 from meshkit.tls import TlsConfig
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
+from services.gateway import balancing
+from services.gateway.affinity import AffineRouter, route_key
 from services.gateway.hop import Hop
 from services.gateway.request import Chat, TemplateCall
 from services.inference.load_report import InferenceLoad
+
+log = logging.getLogger("nlpmesh.gateway.downstream")
 
 
 @dataclass(frozen=True)
@@ -76,34 +84,113 @@ class Downstream:
 
     ``on_inference_load`` gets the load report of every inference call
     (services/inference/load_report.py; None when a call carried none);
-    ``on_inference_cancel`` is called when this side cancels a generation before its end report.
+    ``on_inference_cancel`` gets the replica id of a generation this side cancelled before its end report.
     """
 
     def __init__(self, settings, on_inference_load: Callable[[InferenceLoad | None], None] = lambda load: None,
-                 on_inference_cancel: Callable[[], None] = lambda: None):
+                 on_inference_cancel: Callable[[str], None] = lambda replica: None):
         self._settings = settings
         self._on_inference_load = on_inference_load
         self._on_inference_cancel = on_inference_cancel
         self._channels: list[grpc.aio.Channel] = []
-        self._by_address: dict[str, grpc.aio.Channel] = {}
+        self._by_service: dict[str, grpc.aio.Channel] = {}
+        self.router: AffineRouter | None = None
+        self._inference_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}
+        self._resolver: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
         # mTLS to the internal services when the mesh CA is configured.
         self._credentials = TlsConfig.from_settings(settings).channel_credentials()
 
     async def open(self) -> None:
         s = self._settings
-        self.template = template_pb2_grpc.TemplateServiceStub(self._channel(s.template_addr))
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel(s.tokenizer_addr))
-        self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel(s.inference_addr))
-        self.cache = cache_pb2_grpc.CacheServiceStub(self._channel(s.cache_addr))
+        self.template = template_pb2_grpc.TemplateServiceStub(
+            self._channel("template", s.template_addr, balancing.TEMPLATE_SERVICE))
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(
+            self._channel("tokenizer", s.tokenizer_addr, balancing.TOKENIZER_SERVICE))
+        self.inference = inference_pb2_grpc.InferenceServiceStub(
+            self._channel("inference", s.inference_addr, balancing.INFERENCE_SERVICE))
+        self.cache = cache_pb2_grpc.CacheServiceStub(self._channel("cache", s.cache_addr, balancing.CACHE_SERVICE))
+        self.router = self._affine_router()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _affine_router(self) -> AffineRouter | None:
+        """Prefix-affine routing (services/gateway/affinity.py): a channel per inference endpoint, for a list of
+        endpoints, or for the addresses a ``dns:///`` name resolves to (re-resolved every
+        ``affinity_resolve_s``). None (round_robin over the balanced channel) for one fixed endpoint."""
+        s = self._settings
+        if s.inference_routing != "prefix":
+            return None
+        dns = balancing.dns_name(s.inference_addr)
+        router = AffineRouter({}, s.affinity_load_factor, s.admission_full_hold_s)
+        if dns is not None:
+            self._resolver = asyncio.get_running_loop().create_task(self._follow_dns(router, *dns))
+            return router
+        endpoints = balancing.endpoints(s.inference_addr)
+        if len(endpoints) < 2:
+            return None
+        family = balancing.grpc_target(s.inference_addr).partition(":")[0]
+        self._route_to(router, {e: f"{family}:{e}" for e in endpoints}, "inference")
+        return router
+
+    def _route_to(self, router: AffineRouter, targets: dict[str, str], host: str) -> None:
+        """Points ``router`` at ``targets`` (endpoint: gRPC target): new endpoints get a channel (under TLS, the
+        replica's certificate checked against ``host``), removed ones are closed once their calls are done."""
+        current = set(router.endpoints)
+        channels = {e: router.channel(e) for e in targets if e in current}
+        for endpoint, target in targets.items():
+            if endpoint not in current:
+                channels[endpoint] = self._new_channel(target, balancing.INFERENCE_SERVICE, host)
+                self._inference_stubs[endpoint] = inference_pb2_grpc.InferenceServiceStub(channels[endpoint])
+        for endpoint in current - set(targets):
+            channel = router.channel(endpoint)
+            self._channels.remove(channel)
+            del self._inference_stubs[endpoint]
+            retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+        router.update(channels)
+
+    async def _follow_dns(self, router: AffineRouter, host: str, port: int) -> None:
+        """Keeps ``router`` on the addresses ``host`` resolves to, until cancelled."""
+        while True:
+            try:
+                endpoints = (await asyncio.wait_for(self._resolve(host, port), 5.0))[:balancing.MAX_ENDPOINTS]
+                targets = {e: f"{'ipv6' if e.startswith('[') else 'ipv4'}:{e}" for e in endpoints}
+                if set(targets) != set(router.endpoints):
+                    log.info("inference endpoints for prefix-affine routing: %d (%s)", len(targets), host)
+                    self._route_to(router, targets, host)
+            except (TimeoutError, OSError) as error:  # the balanced channel still routes meanwhile
+                log.warning("resolving %s for prefix-affine routing failed: %s", host, type(error).__name__)
+            except Exception:  # a bug here must not end the routing: the endpoints stay as they were
+                log.exception("following %s for prefix-affine routing failed", host)
+            await asyncio.sleep(self._settings.affinity_resolve_s)
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return sorted({balancing.endpoint_of(info[4][0], info[4][1]) for info in infos})
+
+    def _channel(self, name: str, address: str, service: str) -> grpc.aio.Channel:
+        """One channel over every replica at ``address``, balanced and retried by its service config
+        (services/gateway/balancing.py)."""
+        # Under TLS a list of endpoints has no one host name to check: each replica's certificate is checked
+        # against the service's name (``nlpmesh certs init`` issues it with that name).
+        listed = len(balancing.endpoints(address)) > 1
+        channel = self._new_channel(balancing.grpc_target(address), service, name if listed else None)
+        self._by_service[name] = channel
+        return channel
+
+    def _new_channel(self, target: str, service: str, tls_name: str | None = None) -> grpc.aio.Channel:
         # A restarted service is reached again within seconds: gRPC's own reconnect backoff grows to 120 s.
         options = [*channel_options(self._settings.max_message_bytes),
-                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
-        channel = (grpc.aio.secure_channel(address, self._credentials, options=options) if self._credentials
-                   else grpc.aio.insecure_channel(address, options=options))
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.service_config", balancing.service_config(service)),
+                   # Ours, not one from DNS TXT records.
+                   ("grpc.service_config_disable_resolution", 1),
+                   ("grpc.enable_retries", 1)]
+        if tls_name is not None and self._credentials is not None:
+            options.append(("grpc.ssl_target_name_override", tls_name))
+        channel = (grpc.aio.secure_channel(target, self._credentials, options=options) if self._credentials
+                   else grpc.aio.insecure_channel(target, options=options))
         self._channels.append(channel)
-        self._by_address[address] = channel
         return channel
 
     def required_channels(self) -> dict[str, grpc.aio.Channel]:
@@ -111,17 +198,28 @@ class Downstream:
 
         Not the cache service: without it answers are not stored, but the mesh still answers.
         """
-        s = self._settings
-        return {"template": self._by_address[s.template_addr], "tokenizer": self._by_address[s.tokenizer_addr],
-                "inference": self._by_address[s.inference_addr]}
+        return {name: self._by_service[name] for name in ("template", "tokenizer", "inference")}
 
     async def connected(self, timeout_s: float) -> None:
         """Waits until the channels a request needs are connected, so the first one pays no handshake."""
-        self._by_address[self._settings.cache_addr].get_state(try_to_connect=True)
+        self._by_service["cache"].get_state(try_to_connect=True)
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.required_channels().values())),
                                timeout_s)
+        if self.router is not None and self.router.endpoints:
+            # The endpoints of prefix-affine routing too (briefly: a replica that is down may stay down; until an
+            # endpoint is ready, its generations go round_robin).
+            waits = [asyncio.ensure_future(self.router.channel(e).channel_ready()) for e in self.router.endpoints]
+            _, pending = await asyncio.wait(waits, timeout=min(timeout_s, 5.0))
+            for wait in pending:
+                wait.cancel()
 
     async def close(self) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resolver
+        for task in list(self._retiring):
+            task.cancel()
         for channel in self._channels:
             await channel.close()
 
@@ -166,33 +264,65 @@ class Downstream:
     async def generate(
         self, token_ids: list[int], sampling: Sampling, model: str, tenant: str, timeout: float, metadata=()
     ) -> AsyncIterator[TokenDelta | GenerationEnd]:
+        """The inference stream. A stream that fails UNAVAILABLE before any token reached the caller is
+        retried (round_robin sends it to another replica), at most ``balancing.MAX_ATTEMPTS`` attempts
+        within ``timeout``; once a token was yielded it is never retried: the stream ends UNAVAILABLE."""
         request = inference_pb2.GenerateRequest(
             model=model, prompt_token_ids=token_ids, sampling=sampling.to_pb(inference_pb2.Sampling),
             tenant=tenant,
         )
-        call = self.inference.Generate(request, timeout=timeout, metadata=metadata)
-        end_reported = False
-        try:
-            async with _hop(Hop.INFERENCE):
-                try:
-                    self._on_inference_load(InferenceLoad.from_metadata(await call.initial_metadata()))
-                    async for chunk in call:
-                        if chunk.delta:
-                            yield TokenDelta(chunk.delta)
-                        if chunk.done:
-                            yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
-                    end_reported = True
-                    self._on_inference_load(InferenceLoad.from_metadata(await call.trailing_metadata()))
-                except grpc.aio.AioRpcError as error:  # a refusal reports the load too
-                    end_reported = error.code() != grpc.StatusCode.CANCELLED
-                    self._on_inference_load(InferenceLoad.from_metadata(error.trailing_metadata()))
-                    raise
-        finally:
-            # The caller went away or failed: the engine must stop this sequence. Its end is
-            # then never reported to us: the place it held is counted free at once.
-            call.cancel()
-            if not end_reported:
-                self._on_inference_cancel()
+        deadline = time.monotonic() + timeout
+        key = route_key(token_ids, self._settings.affinity_block_tokens, tenant) if self.router else None
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            yielded = False
+            endpoint = self.router.pick(key, frozenset(tried)) if key is not None else None
+            stub = self._inference_stubs[endpoint] if endpoint is not None else self.inference
+            call = stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()), metadata=metadata)
+            in_flight = self.router.call(endpoint) if endpoint is not None else contextlib.nullcontext()
+            started: InferenceLoad | None = None  # the report the call began with: which replica holds it
+            end_reported = False
+            try:
+                with in_flight:
+                    try:
+                        started = self._observe(endpoint, await call.initial_metadata())
+                        async for chunk in call:
+                            if chunk.delta:
+                                yielded = True
+                                yield TokenDelta(chunk.delta)
+                            if chunk.done:
+                                yielded = True
+                                yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens,
+                                                    chunk.completion_tokens)
+                        end_reported = True
+                        self._observe(endpoint, await call.trailing_metadata())
+                        return
+                    except grpc.aio.AioRpcError as error:  # a refusal reports the load too
+                        end_reported = error.code() != grpc.StatusCode.CANCELLED
+                        self._observe(endpoint, error.trailing_metadata())
+                        if (error.code() == grpc.StatusCode.UNAVAILABLE and not yielded
+                                and attempt < balancing.MAX_ATTEMPTS and time.monotonic() < deadline):
+                            log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "
+                                        "retrying on another replica", attempt, balancing.MAX_ATTEMPTS)
+                            if endpoint is not None:
+                                tried.add(endpoint)
+                            continue
+                        raise from_rpc_error(error, Hop.INFERENCE) from None
+            finally:
+                # The caller went away or failed, or this attempt is over: the engine must stop this sequence.
+                # Its end is then never reported to us: the place it held is counted free at once.
+                call.cancel()
+                if not end_reported and started is not None:
+                    self._on_inference_cancel(started.replica)
+
+    def _observe(self, endpoint: str | None, metadata) -> InferenceLoad | None:
+        load = InferenceLoad.from_metadata(metadata)
+        self._on_inference_load(load)
+        if endpoint is not None:
+            self.router.observe(endpoint, load)
+        return load
 
     async def store(self, key: PromptCacheKey, answer: CachedAnswer, timeout: float, metadata=()) -> bool:
         request = cache_pb2.StoreRequest(key=key.to_pb(), answer=answer.to_pb())

@@ -10,6 +10,12 @@ The checks go over the gateway's own channels to those services (services/gatewa
 downstream.py), so they present its client certificate when the mesh runs mTLS.
 Periodic Checks with a short deadline rather than Watch streams: a stopped
 process (SIGSTOP, a hung host) keeps a Watch stream open and silent.
+
+With replicas, a service's channel balances round_robin over the replicas its
+client-side health checks call SERVING (services/gateway/balancing.py), so each
+Check goes to a replica in rotation: a service counts as down only when no
+replica is ready (the Check fails UNAVAILABLE), or when ``failures`` checks in a
+row fail. One replica down or draining leaves the generation path SERVING.
 """
 from __future__ import annotations
 

@@ -55,6 +55,16 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     admission_max_in_flight: int = Field(default=0, ge=0)
     admission_full_hold_s: float = Field(default=0.5, ge=0)
     admission_retry_after_s: float = Field(default=1.0, gt=0)
+    # Generations over a list of inference endpoints (services/gateway/affinity.py): "prefix" sends prompts
+    # sharing their first prefix block to the same replica (consistent hashing, bounded load); "round_robin"
+    # leaves them to the balanced channel. A dns:/// name: over the addresses it resolves to. One endpoint: no choice.
+    inference_routing: Literal["prefix", "round_robin"] = "prefix"
+    # The inference service's prefix_block_tokens (NLPMESH_INFERENCE_PREFIX_BLOCK_TOKENS): the block routed on.
+    affinity_block_tokens: int = Field(default=16, ge=1, le=1024)
+    # A replica takes a key's call while its generations in flight stay within this factor of the mean.
+    affinity_load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    # How often a dns:/// inference address is resolved again for prefix-affine routing.
+    affinity_resolve_s: float = Field(default=5.0, gt=0)
     # Per-hop budgets and the default total (services/gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 
 import grpc
@@ -31,6 +32,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._load = load
         self._capacity = capacity  # max_running + max_queue: what the engine holds before it refuses
         self.engine: Engine | None = None
+        # Names this replica in its load reports (x-nlpmesh-inference-replica): random, made at start.
+        self.replica = uuid.uuid4().hex[:12]
 
     async def warm_up(self) -> None:
         log.info("loading the model")
@@ -77,7 +80,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def _load_report(self, engine: Engine) -> tuple[tuple[str, str], ...]:
         """x-nlpmesh-inference-load, read by the gateway's admission control."""
-        return InferenceLoad(engine.active_count, self._capacity).to_metadata()
+        return InferenceLoad(engine.active_count, self._capacity, self.replica).to_metadata()
 
     def _serving(self, model: str) -> Engine:
         if self.engine is None:

@@ -137,4 +137,13 @@ def fake_spec(name: str, servicer) -> ServiceSpec:
         FakeTokenizer: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server,
         FakeInference: inference_pb2_grpc.add_InferenceServiceServicer_to_server,
     }
-    return ServiceSpec(name=name, service_names=(name,), register=lambda server: adders[type(servicer)](servicer, server))
+    # The real service's full name: the gateway's channels watch its health (client-side health checking).
+    full_names = {
+        FakeTemplate: template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+        PublishingTemplate: template_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+        FakeTokenizer: tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name,
+        FakeInference: inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    }
+    kind = next(k for k in full_names if isinstance(servicer, k))
+    return ServiceSpec(name=name, service_names=(full_names[kind],),
+                       register=lambda server: adders[kind](servicer, server))

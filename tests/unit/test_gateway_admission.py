@@ -104,17 +104,19 @@ def test_the_load_report_reads_back_what_was_written_and_nothing_malformed(metad
         assert InferenceLoad.from_metadata(load.to_metadata()) == load
 
 
-def test_a_cancelled_generation_takes_its_place_off_a_full_report_at_once():
+def test_a_cancelled_generation_takes_its_place_off_its_replicas_full_report_at_once():
     clock = Clock()
     gate = admission(clock, full_hold_s=30.0)
-    gate.observe(InferenceLoad(active=2, capacity=2))  # one of them ours, then cancelled by its caller
+    gate.observe(InferenceLoad(active=2, capacity=2, replica="r1"))  # one of them ours, then cancelled
+    gate.observe(InferenceLoad(active=2, capacity=2, replica="r2"))
     assert refusal(gate).reason == "INFERENCE_AT_CAPACITY"
-    gate.cancelled()
+    gate.cancelled("r1")
     with gate.generation():  # the same instant: no wait for the hold to age
         pass
-    gate.observe(InferenceLoad(2, 2))
-    gate.cancelled()
-    gate.cancelled()
-    gate.cancelled()  # never below zero
+    gate.observe(InferenceLoad(2, 2, "r1"))
+    gate.cancelled("r3")  # a replica never heard from changes nothing
+    assert refusal(gate).reason == "INFERENCE_AT_CAPACITY"
+    for _ in range(3):
+        gate.cancelled("r2")  # never below zero
     with gate.generation():
         pass
