@@ -75,7 +75,11 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
         interceptors.append(DelayInterceptor(settings.fault_delay_ms))
     # Last, so innermost: the tracing and metrics interceptors see a malformed request's INVALID_ARGUMENT.
     interceptors.append(RequestDecodingInterceptor())
-    server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings.max_message_bytes))
+    options = channel_options(settings.max_message_bytes)
+    if settings.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     spec.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

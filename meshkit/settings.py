@@ -46,6 +46,12 @@ class ServiceSettings(BaseSettings):
     # "text" for people, "json" (one object per line) for log shippers; both carry request and trace ids.
     log_format: Literal["text", "json"] = "text"
     max_message_bytes: int = 4 * 1024 * 1024
+    # A client's connection is closed (GOAWAY) after this long, and its calls given the grace to
+    # finish: a client re-resolves a dns:/// name when it reconnects, so replicas added since
+    # (compose --scale, a Kubernetes autoscaler) get their share. 0 = never. The grace outlasts a
+    # generation's whole budget.
+    max_connection_age_s: float = Field(default=300.0, ge=0)
+    max_connection_age_grace_s: float = Field(default=120.0, ge=0)
     # Prometheus /metrics on this port; 0 = no endpoint.
     metrics_port: int = 0
     # Test-only: a delay added to every call this service serves (meshkit/faults.py).
