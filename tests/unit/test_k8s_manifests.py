@@ -135,7 +135,10 @@ def _service_drift(service, compose: dict, objects: list[dict], names: set[str])
         problems.append(f"{name}: args {c.get('args')} (command {c.get('command')}), compose {list(service.command)}")
     # Ports: the container's named ports are compose's container ports, and the Service's.
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-    published = sorted(int(str(p).rsplit(":", 1)[-1]) for p in spec.get("ports", []))
+    # compose's container ports: the container side of `ports:` (published) and `expose:` (the
+    # internal services, which publish nothing so that they scale).
+    published = sorted([int(str(p).rsplit(":", 1)[-1]) for p in spec.get("ports", [])]
+                       + [int(p) for p in spec.get("expose", [])])
     if ports.get("grpc") != service.port or ports.get("metrics") != service.metrics_port:
         problems.append(f"{name}: ports {ports}, compose grpc {service.port}, metrics {service.metrics_port}")
     if sorted(ports.values()) != published:
@@ -209,7 +212,7 @@ def test_the_base_and_compose_have_one_topology(compose, objects):
 
 
 @pytest.mark.parametrize("change", [
-    "a port", "a metrics port", "a variable's name", "a variable's value", "a command",
+    "a port", "an exposed port", "a published port", "a metrics port", "a variable's name", "a variable's value", "a command",
     "a healthcheck", "a healthcheck's retries", "an internal address", "a Redis password variable",
     "redis's maxmemory policy",
 ])
@@ -219,7 +222,11 @@ def test_a_change_on_one_side_only_is_drift(compose, objects, change):
     services = edited["services"]
     if change == "a port":
         services["inference"]["environment"]["NLPMESH_INFERENCE_PORT"] = "50065"
-        services["inference"]["ports"][0] = "50065:50065"
+        services["inference"]["expose"][0] = "50065"
+    elif change == "an exposed port":  # `expose:` alone, the service's variables unchanged
+        services["tokenizer"]["expose"][1] = "9163"
+    elif change == "a published port":
+        services["gateway"]["ports"][1] = "9161:9161"
     elif change == "a metrics port":
         services["cache"]["environment"]["NLPMESH_CACHE_METRICS_PORT"] = "9164"
     elif change == "a variable's name":

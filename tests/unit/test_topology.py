@@ -40,13 +40,42 @@ def test_no_redis_means_an_empty_url_so_the_gateway_runs_without_a_cache():
     assert local_environment(gateway, dict(DEFAULT_PORTS), "")["REDIS_URL"] == ""
 
 
-def test_every_compose_service_publishes_its_own_metrics_port():
+def _container_ports(spec: dict) -> set[int]:
+    """The container ports a compose service declares: the container side of `ports:`, and `expose:`."""
+    published = {int(str(p).rsplit(":", 1)[-1]) for p in spec.get("ports", [])}
+    return published | {int(p) for p in spec.get("expose", [])}
+
+
+def test_every_compose_service_declares_its_own_metrics_port():
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     metrics_ports = {s.name: s.metrics_port for s in load_topology()}
     assert all(metrics_ports.values()) and len(set(metrics_ports.values())) == len(metrics_ports)
     assert not set(metrics_ports.values()) & set(DEFAULT_PORTS.values())
-    for name, port in metrics_ports.items():
-        assert f"{port}:{port}" in services[name]["ports"], name
+    for service in load_topology():
+        assert _container_ports(services[service.name]) == {service.port, service.metrics_port}, service.name
+
+
+# Published on the host: what callers and operators reach. The rest only `expose:`.
+PUBLISHED = {"gateway": ["50051:50051", "9151:9151"], "redis": ["6379:6379"], "prometheus": ["9090:9090"]}
+
+
+def test_internal_services_publish_no_host_port_so_compose_can_scale_them():
+    """`docker compose up --scale inference=2` fails on a fixed host port ("port is already
+    allocated"): template, tokenizer, cache and inference only expose theirs in the network."""
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for name in DEFAULT_PORTS.keys() - {"gateway"}:
+        assert "ports" not in services[name], name
+        assert services[name]["expose"], name
+    for name, ports in PUBLISHED.items():
+        assert services[name]["ports"] == ports, name
+
+
+def test_prometheus_finds_every_replica_of_every_service_by_dns():
+    prometheus = yaml.safe_load((COMPOSE_FILE.parent / "deploy" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert "static_configs" not in job
+    found = {(c["names"][0], c["port"]) for c in job["dns_sd_configs"] if c["type"] == "A"}
+    assert found == {(s.name, s.metrics_port) for s in load_topology()}
 
 
 def test_local_environment_sets_the_assigned_metrics_port_and_none_without_one():
