@@ -5,8 +5,10 @@
 #
 # Builds nlpmesh:dev from the Dockerfile, brings docker-compose.yml up with docker-compose
 # (1.29 or v2) against a podman socket as project "nlpmesh", waits for every health check,
-# asks the finance question through the gateway twice (the second answer must be a
-# prompt-cache hit), scrapes Prometheus, and takes the stack down (also on failure).
+# with two inference replicas (`up --scale inference=2`), asks the finance question through
+# the gateway twice (the second answer must be a prompt-cache hit), scrapes Prometheus (every
+# replica's /metrics, found by DNS), sends distinct short questions and checks through
+# Prometheus that both inference replicas generated, and takes the stack down (also on failure).
 #
 # Needs root, podman (with runc), docker-compose, curl, python3; debootstrap when no
 # base image is given. Made for a machine that reaches a Debian mirror and PyPI but no
@@ -23,14 +25,17 @@
 #   - podman runs health checks from systemd timers; without systemd this script runs
 #     `podman healthcheck run` in a loop;
 #   - the stack runs in a network namespace of its own (`ip netns`), so its published
-#     ports (6379, 50051-50055, 9151-9155, 9090) are real but cannot clash with what other
-#     users of the machine listen on; NLPMESH_SMOKE_NETNS=0 publishes them on the host.
+#     ports (6379, 50051, 9151, 9090; the internal services publish none) are real but cannot
+#     clash with what other users of the machine listen on; NLPMESH_SMOKE_NETNS=0 publishes
+#     them on the host.
 #
 # Settings (environment): NLPMESH_SMOKE_DIR (work folder, default /var/tmp/nlpmesh-compose-smoke),
 # NLPMESH_BASE_IMAGE, NLPMESH_DEBIAN_MIRROR, NLPMESH_TORCH_FIND_LINKS, TORCH_INDEX_URL,
 # NLPMESH_EXTRA_CA_DIR (default /usr/local/share/ca-certificates), COMPOSE (default docker-compose),
 # NLPMESH_SMOKE_HEALTH_INTERVAL_S (5), NLPMESH_SMOKE_HEALTH_TIMEOUT_S (900),
-# NLPMESH_SMOKE_REBUILD=1 (build the images even if they exist), NLPMESH_SMOKE_NETNS (1).
+# NLPMESH_SMOKE_REBUILD=1 (build the images even if they exist), NLPMESH_SMOKE_NETNS (1),
+# NLPMESH_SMOKE_INFERENCE_REPLICAS (2; 1 runs one inference container and skips the replica check),
+# NLPMESH_SMOKE_REPLICA_QUESTIONS (10: the distinct questions sent to show both replicas serve).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,7 +50,12 @@ HEALTH_INTERVAL_S="${NLPMESH_SMOKE_HEALTH_INTERVAL_S:-5}"
 HEALTH_TIMEOUT_S="${NLPMESH_SMOKE_HEALTH_TIMEOUT_S:-900}"
 NETNS=""; [ "${NLPMESH_SMOKE_NETNS:-1}" = 1 ] && NETNS=nlpmesh-smoke
 HEALTHY_SERVICES=(redis template tokenizer cache inference gateway)
-METRICS_TARGETS=5
+INFERENCE_REPLICAS="${NLPMESH_SMOKE_INFERENCE_REPLICAS:-2}"
+[[ "$INFERENCE_REPLICAS" =~ ^[1-4]$ ]] || { echo "NLPMESH_SMOKE_INFERENCE_REPLICAS: 1 to 4, not $INFERENCE_REPLICAS" >&2; exit 2; }
+REPLICA_QUESTIONS="${NLPMESH_SMOKE_REPLICA_QUESTIONS:-10}"
+[[ "$REPLICA_QUESTIONS" =~ ^[0-9]+$ ]] && ((REPLICA_QUESTIONS >= 2 && REPLICA_QUESTIONS <= 20)) \
+  || { echo "NLPMESH_SMOKE_REPLICA_QUESTIONS: 2 to 20, not $REPLICA_QUESTIONS" >&2; exit 2; }
+METRICS_TARGETS=$((4 + INFERENCE_REPLICAS))  # one /metrics per container: gateway, template, tokenizer, cache, each inference
 QUESTION="What are the applications of real-time AI in the financial industry?"  # cli/main.py DEMO_QUESTION
 STARTED=$SECONDS
 
@@ -261,7 +271,14 @@ import json, sys
 for c in json.load(sys.stdin):
     labels = c.get("Config", {}).get("Labels") or {}
     health = c["State"].get("Health") or c["State"].get("Healthcheck") or {}
-    print(labels.get("com.docker.compose.service", c["Name"]), health.get("Status") or c["State"]["Status"])'
+    print(labels.get("com.docker.compose.service", c["Name"]), health.get("Status") or c["State"]["Status"], c["Name"].lstrip("/"))'
+}
+expected_containers() {  # expected_containers SERVICE: how many containers it runs
+  if [ "$1" = inference ]; then echo "$INFERENCE_REPLICAS"; else echo 1; fi
+}
+container_addresses() {  # "<address> <container name>" for each container of the project
+  podman ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.ID}}' \
+    | xargs -r podman inspect --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}} {{.Name}}' 2>/dev/null
 }
 health_loop() {  # podman's health checks need systemd timers: run them here instead
   while :; do
@@ -279,8 +296,8 @@ compose config -q || fail "$COMPOSE rejects docker-compose.yml with deploy/compo
 say "$COMPOSE config -q: docker-compose.yml and deploy/compose.smoke.yml are valid"
 STACK_UP=1
 compose down -v --remove-orphans >/dev/null 2>&1 || true  # a stack left by an interrupted run
-run_logged "$COMPOSE -p $PROJECT up -d --no-build (waits for the dependencies' health)" \
-  "$SMOKE_DIR/logs/compose-up.log" compose up -d --no-build
+run_logged "$COMPOSE -p $PROJECT up -d --no-build --scale inference=$INFERENCE_REPLICAS (waits for the dependencies' health)" \
+  "$SMOKE_DIR/logs/compose-up.log" compose up -d --no-build --scale "inference=$INFERENCE_REPLICAS"
 sed 's/^/    /' "$SMOKE_DIR/logs/compose-up.log"
 
 say "waiting for every health check (${HEALTH_TIMEOUT_S}s at most)"
@@ -289,15 +306,16 @@ while :; do
   states=$(health_status)
   missing=0
   for service in "${HEALTHY_SERVICES[@]}"; do
-    grep -qx "$service healthy" <<<"$states" || missing=1
+    (($(grep -c "^$service healthy " <<<"$states") == $(expected_containers "$service"))) || missing=1
   done
   ((missing == 0)) && break
   ((SECONDS > deadline)) && fail "not every service became healthy: $(tr '\n' ' ' <<<"$states")"
-  grep -q ' unhealthy$' <<<"$states" && fail "a service is unhealthy: $(tr '\n' ' ' <<<"$states")"
-  say "health: $(sort <<<"$states" | tr '\n' ' ')"
+  grep -q ' unhealthy ' <<<"$states" && fail "a service is unhealthy: $(tr '\n' ' ' <<<"$states")"
+  say "health: $(sort <<<"$states" | cut -d' ' -f1,2 | tr '\n' ' ')"
   sleep 10
 done
-say "every health check passes: $(sort <<<"$states" | tr '\n' ' ')"
+say "every health check passes ($INFERENCE_REPLICAS inference replicas):"
+sort <<<"$states" | awk '{printf "    %-12s %-8s %s\n", $1, $2, $3}'
 
 # ---------------------------------------------------------------- the finance question, twice
 ask() {  # ask CACHE_MODE: through the gateway's published port, over TLS, with the API key
@@ -337,10 +355,16 @@ until [ "$(prom query 'count(up{job="nlpmesh"} == 1)' 2>/dev/null \
   ((SECONDS > deadline)) && fail "Prometheus does not see the $METRICS_TARGETS /metrics targets up: $(prom targets | head -c 2000)"
   sleep 3
 done
+ADDRESSES="$SMOKE_DIR/addresses.txt"  # container address -> name, to show which container a target is
+container_addresses >"$ADDRESSES"
 prom targets | python3 -c '
 import json, sys
-for t in sorted(json.load(sys.stdin)["data"]["activeTargets"], key=lambda t: t["labels"]["instance"]):
-    print("    target %-16s %-5s last scrape %.1f ms" % (t["labels"]["instance"], t["health"], t["lastScrapeDuration"] * 1000))'
+names = dict(line.split() for line in open(sys.argv[1]) if len(line.split()) == 2)
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+for t in sorted(targets, key=lambda t: (t["labels"].get("compose_service", ""), t["labels"]["instance"])):
+    instance = t["labels"]["instance"]
+    print("    target %-10s %-19s %-22s %-5s last scrape %.1f ms" % (t["labels"].get("compose_service", "?"), instance,
+          names.get(instance.rsplit(":", 1)[0], "?"), t["health"], t["lastScrapeDuration"] * 1000))' "$ADDRESSES"
 deadline=$((SECONDS + 60))
 until prom query 'sum(nlpmesh_cache_hits_total)' | python3 -c '
 import json, sys
@@ -359,4 +383,115 @@ for r in json.load(sys.stdin)["data"]["result"]:
     labels = ", ".join("%s=%s" % kv for kv in sorted(r["metric"].items()))
     print("      {%s} %s" % (labels, r["value"][1]))'
 done
-say "Prometheus scraped all $METRICS_TARGETS services and recorded the cache hit"
+say "Prometheus scraped all $METRICS_TARGETS /metrics targets (every replica, found by DNS) and recorded the cache hit"
+
+# ---------------------------------------------------------------- both inference replicas serve
+# Generations per inference replica, as Prometheus last scraped them: "<instance> <count>" lines.
+GENERATIONS='sum by (instance) (nlpmesh_rpc_handled_total{service="inference",method=~".*Generate"})'
+generations() {
+  prom query "$GENERATIONS" | python3 -c '
+import json, sys
+for r in json.load(sys.stdin)["data"]["result"]:
+    print(r["metric"]["instance"], int(float(r["value"][1])))'
+}
+# until_generations TOTAL: waits (60 s at most) until Prometheus counts TOTAL generations over all replicas.
+until_generations() {
+  local deadline=$((SECONDS + 60))
+  until (($(generations | awk '{n += $2} END {print n + 0}') >= $1)); do
+    ((SECONDS > deadline)) && fail "Prometheus did not count $1 generations within 60 s: $(generations | tr '\n' ' ')"
+    sleep 2
+  done
+}
+# per_replica BEFORE_FILE: the generations each replica did since BEFORE_FILE, one line each, named.
+per_replica() {
+  generations | python3 -c '
+import sys
+before = dict(line.split() for line in open(sys.argv[1]))
+names = dict(line.split() for line in open(sys.argv[2]) if len(line.split()) == 2)
+for line in sorted(sys.stdin):
+    instance, count = line.split()
+    print(names.get(instance.rsplit(":", 1)[0], "?"), instance, int(count) - int(before.get(instance, 0)))' "$1" "$ADDRESSES"
+}
+# replica_asks MODE COUNT: COUNT distinct short questions through the gateway (cache bypassed, 8 new
+# tokens each), one after another. MODE "shared": user messages only, so the chat template puts the
+# model's default system prompt first and every prompt has the same first prefix block; "distinct":
+# each with a system message naming its own subject in its first words, so each prompt has a first
+# block of its own. One line per question; DEADLINE_EXCEEDED (a loaded machine) is asked again, 3 tries.
+replica_asks() {
+  in_ns podman run --rm -i --network host -e NLPMESH_API_KEY -v "$SMOKE_DIR/certs:/certs:ro" "$IMAGE" \
+    python - "$1" "$2" <<'PY'
+import os, sys, time
+from pathlib import Path
+import grpc
+from cli.ask import ask
+from cli.connect import GatewayAccess
+from nlpmesh.gateway.v1 import gateway_pb2
+
+SUBJECTS = ["astronomy", "botany", "chemistry", "geology", "music", "cooking", "sailing", "chess",
+            "poetry", "medicine", "weather", "history", "painting", "football", "economics",
+            "architecture", "photography", "gardening", "mathematics", "linguistics"]
+mode, count = sys.argv[1], int(sys.argv[2])
+access = GatewayAccess("127.0.0.1:50051", ca_file=Path("/certs/ca.crt"), api_key=os.environ["NLPMESH_API_KEY"])
+for i, subject in enumerate(SUBJECTS[:count]):
+    request = gateway_pb2.GenerateRequest(cache_mode=2, sampling=gateway_pb2.SamplingParams(max_new_tokens=8))
+    if mode == "distinct":
+        request.chat.messages.add(role="system", content=f"{subject.capitalize()} tutor: answer questions about {subject} in one short sentence.")
+    request.chat.messages.add(role="user", content=f"Name one fact about {subject}.")
+    for attempt in range(3):
+        started = time.perf_counter()
+        try:
+            result = ask(access, request, out=open(os.devnull, "w"), timeout_s=120)
+            break
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED or attempt == 2:
+                sys.exit(f"question {i + 1} ({subject}): {error.code().name}: {error.details()}")
+            print(f"    question {i + 1:2d} ({subject}): DEADLINE_EXCEEDED, asking again", flush=True)
+    usage = result.final.usage
+    print(f"    question {i + 1:2d} {subject:<12} prompt {usage.prompt_tokens:3d} tokens, {usage.completion_tokens} generated, "
+          f"cache_hit={result.final.cache_hit}, {1000 * (time.perf_counter() - started):.0f} ms", flush=True)
+PY
+}
+if ((INFERENCE_REPLICAS > 1)); then
+  container_addresses >"$ADDRESSES"
+  until_generations 1
+  generations >"$SMOKE_DIR/generations-0.txt"
+  total=$(awk '{n += $2} END {print n + 0}' "$SMOKE_DIR/generations-0.txt")
+  say "generations per inference replica so far (Prometheus: $GENERATIONS):"
+  per_replica /dev/null | sed 's/^/    /'
+
+  # The gateway routes generations by prefix (NLPMESH_GATEWAY_INFERENCE_ROUTING=prefix, the
+  # default): the key is the tenant and the prompt's first 16 tokens. Prompts that share them
+  # go to one replica, whose local prefix-KV tier then holds that block: shown first.
+  say "4 short questions as user messages only: the model's default system prompt comes first in each, so all share their first prefix block"
+  replica_asks shared 4 || fail "the shared-prefix questions failed"
+  until_generations $((total + 4))
+  per_replica "$SMOKE_DIR/generations-0.txt" >"$SMOKE_DIR/shared.txt"
+  sed 's/^/    generations since: /' "$SMOKE_DIR/shared.txt"
+  if (($(awk '$3 > 0' "$SMOKE_DIR/shared.txt" | wc -l) == 1)); then
+    say "all 4 went to one replica: prefix-affine routing keeps a shared first block on one replica (by design)"
+  else
+    say "the 4 were spread over replicas (bounded load or a replica's full report sent some along the ring)"
+  fi
+
+  generations >"$SMOKE_DIR/generations-1.txt"
+  total=$(awk '{n += $2} END {print n + 0}' "$SMOKE_DIR/generations-1.txt")
+  say "$REPLICA_QUESTIONS short questions, each with a system message of its own subject: distinct first prefix blocks"
+  replica_asks distinct "$REPLICA_QUESTIONS" || fail "the distinct-prefix questions failed"
+  until_generations $((total + REPLICA_QUESTIONS))
+  per_replica "$SMOKE_DIR/generations-1.txt" >"$SMOKE_DIR/distinct.txt"
+  sed 's/^/    generations since: /' "$SMOKE_DIR/distinct.txt"
+  serving=$(awk '$3 > 0' "$SMOKE_DIR/distinct.txt" | wc -l)
+  ((serving == INFERENCE_REPLICAS)) \
+    || fail "$serving of $INFERENCE_REPLICAS inference replicas generated for $REPLICA_QUESTIONS prompts with distinct first blocks"
+  say "every inference replica ($INFERENCE_REPLICAS) generated: the gateway reaches each one through dns:///inference:50055"
+
+  states=$(health_status)
+  up=$(prom query 'up{job="nlpmesh",compose_service="inference"}' | python3 -c '
+import json, sys
+print(" ".join("%s=%s" % (r["metric"]["instance"], r["value"][1]) for r in json.load(sys.stdin)["data"]["result"]))')
+  say "inference replicas now: $(grep '^inference ' <<<"$states" | awk '{print $3, $2}' | tr '\n' ' ')| Prometheus up: $up"
+  (($(grep -c '^inference healthy ' <<<"$states") == INFERENCE_REPLICAS)) || fail "not every inference replica is healthy: $states"
+  (($(grep -o '=1' <<<"$up" | wc -l) == INFERENCE_REPLICAS)) || fail "Prometheus does not scrape every inference replica up: $up"
+else
+  say "one inference replica (NLPMESH_SMOKE_INFERENCE_REPLICAS=1): no replica check"
+fi
