@@ -8,15 +8,21 @@
 
 Continuous batching: every turn of the worker loop
 1. drops cancelled requests (their KV row is free for the next one);
-2. admits waiting requests, up to ``max_running``: each is prefilled alone
-   (after copying any cached prefix of its prompt into its row) and yields its
-   first token;
-3. runs ONE forward for all running sequences, one new token each.
+2. admits waiting requests, up to ``max_running``, into the prefill line;
+3. prefills prompts from the head of that line under the step's token budget
+   (``max_batched_tokens``, vLLM's ``max_num_batched_tokens``): each decoding
+   sequence counts one token, the rest goes to prompt tokens, in whole GEMM
+   tiles (at least one per turn). A long prompt is thus prefilled in chunks
+   over several turns, so it never stalls the running streams for its whole
+   duration; with nothing decoding, a prompt goes in one forward. A prompt
+   whose last chunk is done yields its first token and joins the batch;
+4. runs ONE forward for all decoding sequences, one new token each.
 A request joins at any step and leaves when it is done, stopped or cancelled,
 while the others go on. Each keeps its own sampler, seed, stop sequences and
 limits. Rows never see each other's tokens, and the KV layout (services/inference/kv.py)
 makes a row's numbers independent of the batch, so greedy output is the same
-alone or together.
+alone or together. Chunks end on GEMM tile boundaries and attend over the whole
+prompt's width, so a chunked prompt gets the very bits of one forward.
 
 Results cross to the caller's event loop with ``loop.call_soon_threadsafe``
 into a per-request ``asyncio.Queue``.
@@ -42,6 +48,7 @@ from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
 from services.inference.stream import GenerationStream, Job
+from services.inference.tiles import GEMM_TILE_ROWS
 from services.inference.validation import RequestLimits, resolve_request
 
 log = logging.getLogger("nlpmesh.inference.engine")
@@ -59,6 +66,9 @@ class EngineOptions:
     max_new_tokens_limit: int = 2048
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
+    # A turn's token budget: one per decoding sequence, the rest for prompt tokens in
+    # whole GEMM tiles (GEMM_TILE_ROWS), at least one tile; 0 prefills every prompt in one forward.
+    max_batched_tokens: int = 64
 
 
 class Engine:
@@ -89,7 +99,8 @@ class Engine:
             prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype)
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # admitted: being prefilled, waiting for it, or decoding
+        self._prefills: collections.deque[Job] = collections.deque()  # admitted, prompt not yet all in KV
         self._closing = False
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
@@ -147,10 +158,9 @@ class Engine:
         with torch.inference_mode():
             while (admitted := self._next_round()) is not None:
                 self._drop_cancelled()
-                for job in admitted:
-                    if not job.cancelled:
-                        self._start(job)
-                if self._kv.used:
+                self._prefills.extend(job for job in admitted if not job.cancelled)
+                self._prefill_turn()
+                if self._kv.ready:
                     self._decode_step()
                 if not self._running:
                     self._kv.shrink()
@@ -172,46 +182,93 @@ class Engine:
         for job in [job for job in self._running if job.cancelled]:
             self._retire(job, job.finished(FinishReason.CANCELLED))
 
-    def _start(self, job: Job) -> None:
-        """Prefills one admitted request into a free row and emits its first token."""
+    def _prefill_budget(self) -> int | None:
+        """Prompt tokens this turn may still take beside the decoding rows; None: no limit."""
+        if not self._options.max_batched_tokens or not self._kv.ready:
+            return None  # nothing decodes, so nothing can stall
+        return self._options.max_batched_tokens - self._kv.ready
+
+    def _prefill_turn(self) -> None:
+        """Prefills from the head of the line within this turn's budget (at least one tile)."""
+        spent = 0
+        while self._prefills:
+            job = self._prefills[0]
+            budget = self._prefill_budget()
+            if job.sequence is None and not self._begin(job):
+                continue  # failed and retired
+            start, total = job.sequence.length, len(job.request.prompt_token_ids)
+            end = chunk_end(start, total, None if budget is None else budget - spent, first=spent == 0)
+            if end <= start:
+                return
+            if not self._prefill_chunk(job, start, end) or end < total:
+                return  # failed, or the budget is spent in the middle of this prompt
+            spent += end - start
+
+    def _begin(self, job: Job) -> bool:
+        """A row for the head of the line, with any cached prefix of its prompt copied in."""
         job.spans.admitted()
-        prompt = job.request.prompt_token_ids
         try:
             sequence = job.sequence = Sequence(job.request, self._text_tokenizer, self._eos_ids)
             row = self._kv.allocate(job)
-            keys = self._prefix.keys(job.request.tenant, prompt) if self._prefix else []
+            keys = self._prefix.keys(job.request.tenant, job.request.prompt_token_ids) if self._prefix else []
             match = self._prefix.match(keys) if keys else NO_MATCH
             if match.kv is not None:
                 self._kv.write(row, 0, match.kv)
-            logits = self._prefill(row, prompt, match.tokens)
-            metrics.PREFILL_TOKENS.inc(len(prompt) - match.tokens)
-            sequence.length = len(prompt)
-            if keys:
-                known = match.tokens // self._prefix.block_tokens
-                self._prefix.remember(keys, known, lambda start, end: self._kv.read(row, start, end))
+            sequence.length = match.tokens
+            job.prefix_keys, job.prefix_known = keys, match.tokens // self._prefix.block_tokens if keys else 0
+        except Exception as error:
+            log.exception("prefill failed", extra={"request_id": job.request.request_id})
+            self._retire(job, error)
+            return False
+        return True
+
+    def _prefill_chunk(self, job: Job, start: int, end: int) -> bool:
+        """Prompt tokens ``start .. end - 1`` into the job's row; the last chunk also makes the
+        first token and moves the job into the decoding batch. False if it failed."""
+        sequence = job.sequence
+        prompt = job.request.prompt_token_ids
+        try:
+            logits = self._prefill(self._kv.row_of(job), prompt, start, end)
+            metrics.PREFILL_TOKENS.inc(end - start)
+            sequence.length = end
+            if end < len(prompt):
+                return True
+            self._prefills.popleft()
+            self._kv.mark_ready(job)
+            if job.prefix_keys:
+                row = self._kv.row_of(job)
+                self._prefix.remember(job.prefix_keys, job.prefix_known,
+                                      lambda first, last: self._kv.read(row, first, last))
             text = sequence.accept(logits[0])
         except Exception as error:
             # The worker thread has no request context: the line names its request itself.
             log.exception("prefill failed", extra={"request_id": job.request.request_id})
             self._retire(job, error)
-            return
+            return False
         self._emit(job, text)
+        return True
 
-    def _prefill(self, row: int, prompt: list[int], start: int) -> torch.Tensor:
-        """Runs prompt[start:] into ``row`` in one forward; the last position's logits.
+    def _prefill(self, row: int, prompt: list[int], start: int, end: int) -> torch.Tensor | None:
+        """Runs prompt[start:end] into ``row`` in one forward; the last position's logits when ``end``
+        is the prompt's end (None before: a chunk's hidden states never reach the output layer).
 
         Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
-        16-row tiles placed by absolute position, so a row's bits do not depend on how
-        many rows there are: the tail after a reused prefix comes out as it would in a
-        cold prefill, and the prefix cache never changes a greedy answer.
+        fixed tiles placed by absolute position, so a row's bits do not depend on how
+        many rows there are: the tail after a reused prefix, or a chunk, comes out as it
+        would in a cold prefill of the whole prompt, and neither the prefix cache nor
+        chunking ever changes a greedy answer.
         """
-        positions, mask = self._kv.prefill(row, start, len(prompt) - start)
+        positions, mask = self._kv.prefill(row, start, end - start, len(prompt))
         with prefill_phase(start):
-            return self._forward([prompt[start:]], positions, mask)
+            if end < len(prompt):
+                self.model.base_model(input_ids=torch.tensor([prompt[start:end]]), position_ids=positions,
+                                      attention_mask=mask, cache=self._kv, use_cache=True)
+                return None
+            return self._forward([prompt[start:end]], positions, mask)
 
     def _decode_step(self) -> None:
         """One forward for every running sequence (rows 0 .. B - 1), one token each."""
-        jobs: list[Job] = list(self._kv.owners)
+        jobs: list[Job] = list(self._kv.ready_owners)
         sequences = [job.sequence for job in jobs]
         try:
             positions, mask = self._kv.decode([sequence.length for sequence in sequences])
@@ -248,6 +305,8 @@ class Engine:
     def _retire(self, job: Job, last: Finished | BaseException) -> None:
         if job in self._kv.owners:
             self._kv.free(job)
+        if job in self._prefills:
+            self._prefills.remove(job)
         with self._lock:
             self._running.remove(job)
         job.spans.finished(last)
@@ -258,10 +317,24 @@ class Engine:
             jobs = list(self._waiting) + self._running
             self._waiting.clear()
             self._running.clear()
+        self._prefills.clear()
         for job in jobs:
             error = Unavailable("the inference engine shut down")
             job.spans.finished(error)
             job.deliver(error)
+
+
+def chunk_end(start: int, total: int, budget: int | None, first: bool) -> int:
+    """Where a prefill chunk from token ``start`` of a ``total``-token prompt ends, given ``budget``
+    tokens (None: no limit): the prompt's end if it fits, else the last GEMM tile boundary within
+    the budget; the turn's first chunk gets at least up to the next boundary. ``start`` itself
+    when nothing fits."""
+    if budget is None or total - start <= budget:
+        return total
+    end = (start + max(budget, 0)) // GEMM_TILE_ROWS * GEMM_TILE_ROWS
+    if end <= start and first:
+        end = (start // GEMM_TILE_ROWS + 1) * GEMM_TILE_ROWS
+    return min(max(end, start), total)
 
 
 def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:

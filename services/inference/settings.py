@@ -24,6 +24,10 @@ class InferenceSettings(ServiceSettings, service="inference"):
     max_new_tokens_limit: int = _ENGINE.max_new_tokens_limit
     max_stop_sequences: int = _ENGINE.max_stop_sequences
     max_stop_chars: int = _ENGINE.max_stop_chars
+    # Chunked prefill: a turn's token budget (vLLM's max_num_batched_tokens), one token per
+    # decoding sequence and the rest for prompt tokens, in whole 32-token tiles, at least one
+    # a turn; 0 prefills every prompt in one forward, stalling the running streams meanwhile.
+    max_batched_tokens: int = Field(default=_ENGINE.max_batched_tokens, ge=0, le=65536)
     # Decode precision (services/inference/precision.py). int8 is the default:
     # decode is bound by reading the weights and int8 reads the fewest bytes, and
     # a test keeps its perplexity within 3% of float32's

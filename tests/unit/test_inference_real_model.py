@@ -2,14 +2,17 @@
 
 - float32: the greedy answer equals transformers' own ``generate``;
 - every precision: 8 concurrent greedy requests give the same tokens as the
-  same 8 run one after another (the batch never changes a row's numbers), and
-  a prefix-cache hit gives the same answer as a cold prefill.
+  same 8 run one after another (the batch never changes a row's numbers), a
+  prefix-cache hit gives the same answer as a cold prefill, and a prompt
+  prefilled in chunks beside a running stream leaves the very KV and logits,
+  and so the same answer, as one forward over it.
 
 Both depend on the CPU's kernels (AVX2-only and AVX-512 BF16/VNNI/AMX machines
 run different code): the engine checks them at start and refuses a precision
 that cannot keep them (RowDependence); these tests then skip with its reason.
 """
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +22,11 @@ from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
+from services.inference.kv import SlotKV
 from services.inference.loading import load_model
 from services.inference.precision import RowDependence
 from services.inference.prefix import PrefixCache
+from services.inference.tiles import GEMM_TILE_ROWS, prefill_phase
 
 pytestmark = pytest.mark.model
 
@@ -119,3 +124,64 @@ def test_a_prefix_cache_hit_gives_the_same_greedy_answer_as_a_cold_prefill(model
         assert [asyncio.run(generate(reusing, prompt)) for prompt in prompts] == cold  # all reuse
     finally:
         reusing.close()
+
+
+def long_prompt(tokenizer, tokens: int) -> list[int]:
+    text = (Path(__file__).resolve().parent.parent / "data" / "perplexity.txt").read_text()
+    return tokenizer.encode(text)[:tokens]
+
+
+def test_a_prompt_prefilled_in_chunks_leaves_the_very_kv_and_logits_of_one_forward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    start_engine(model, tokenizer, EngineOptions()).close()  # skips where the precision is refused
+    prompt = long_prompt(tokenizer, 5 * GEMM_TILE_ROWS + 7)
+    kv = SlotKV(model.config, 2, model.get_input_embeddings().weight.dtype)
+
+    def prefill(owner: str, bounds: list[int]) -> torch.Tensor:
+        row = kv.allocate(owner)
+        with torch.inference_mode():
+            for start, end in zip(bounds, bounds[1:]):
+                positions, mask = kv.prefill(row, start, end - start, len(prompt))
+                with prefill_phase(start):
+                    logits = model(input_ids=torch.tensor([prompt[start:end]]), position_ids=positions,
+                                   attention_mask=mask, cache=kv, use_cache=True, logits_to_keep=1).logits
+        kv.mark_ready(owner)
+        return logits
+
+    whole = prefill("whole", [0, len(prompt)])
+    chunked = prefill("chunked", [0, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS, 4 * GEMM_TILE_ROWS, len(prompt)])
+    assert torch.equal(whole, chunked)
+    assert torch.equal(kv.read(0, 0, len(prompt)), kv.read(1, 0, len(prompt)))
+
+
+def test_a_long_prompt_chunked_beside_a_running_stream_gives_the_greedy_answer_of_one_forward(
+        model_and_tokenizer, engine):
+    model, tokenizer = model_and_tokenizer
+    prompt = long_prompt(tokenizer, 300)
+    running = question_ids(tokenizer, QUESTIONS[2])
+    one_forward = start_engine(model, tokenizer, EngineOptions(max_batched_tokens=0))
+    try:
+        expected = asyncio.run(generate(one_forward, prompt))
+    finally:
+        one_forward.close()
+    chunks = []
+    chunking = start_engine(model, tokenizer, EngineOptions(max_batched_tokens=GEMM_TILE_ROWS + 1))
+    prefill = chunking._prefill
+
+    def recording(row, prompt_ids, start, end):
+        chunks.append((len(prompt_ids), start, end))
+        return prefill(row, prompt_ids, start, end)
+
+    chunking._prefill = recording
+    try:
+        async def beside_a_running_stream():
+            stream = chunking.submit(GenerationRequest(running, Sampling(max_new_tokens=4 * MAX_NEW_TOKENS)))
+            await stream.__anext__()  # it decodes when the long prompt arrives
+            answer = await generate(chunking, prompt)
+            stream.cancel()
+            return answer
+
+        assert asyncio.run(beside_a_running_stream()) == expected
+    finally:
+        chunking.close()
+    assert len([chunk for chunk in chunks if chunk[0] == len(prompt)]) == -(-len(prompt) // GEMM_TILE_ROWS)
