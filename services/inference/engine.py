@@ -33,7 +33,9 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -71,6 +73,14 @@ class EngineOptions:
     max_batched_tokens: int = 64
 
 
+class StepTime(NamedTuple):
+    """One decode step's wall time, in seconds, by part (for the bench)."""
+    batch: int
+    forward: float  # KV and mask set-up and the model's forward
+    sampling_and_text: float  # each sequence's next token and the text it releases
+    delivery: float  # handing results to the callers' event loops, retiring finished requests
+
+
 class Engine:
     def __init__(
         self,
@@ -102,6 +112,8 @@ class Engine:
         self._running: list[Job] = []  # admitted: being prefilled, waiting for it, or decoding
         self._prefills: collections.deque[Job] = collections.deque()  # admitted, prompt not yet all in KV
         self._closing = False
+        self.worker_threads = 0
+        self.step_times: collections.deque[StepTime] = collections.deque(maxlen=4096)  # the latest decode steps
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
 
@@ -155,6 +167,8 @@ class Engine:
 
     def _work(self) -> None:
         torch.set_num_threads(self._options.threads)
+        self.worker_threads = torch.get_num_threads()  # the intra-op threads the forwards get (logged)
+        log.info("engine worker: %d torch threads", self.worker_threads)
         with torch.inference_mode():
             while (admitted := self._next_round()) is not None:
                 self._drop_cancelled()
@@ -267,12 +281,14 @@ class Engine:
             return self._forward([prompt[start:end]], positions, mask)
 
     def _decode_step(self) -> None:
-        """One forward for every running sequence (rows 0 .. B - 1), one token each."""
+        """One forward for every decoding sequence (rows 0 .. B - 1), one token each."""
         jobs: list[Job] = list(self._kv.ready_owners)
         sequences = [job.sequence for job in jobs]
+        started = time.perf_counter()
         try:
             positions, mask = self._kv.decode([sequence.length for sequence in sequences])
             logits = self._forward([[sequence.next_token] for sequence in sequences], positions, mask)
+            forwarded = time.perf_counter()
             metrics.BATCH_SIZE.observe(len(jobs))
             texts = []
             for index, sequence in enumerate(sequences):
@@ -283,8 +299,11 @@ class Engine:
             for job in jobs:
                 self._retire(job, error)
             return
+        accepted = time.perf_counter()
         for job, text in zip(jobs, texts):
             self._emit(job, text)
+        self.step_times.append(StepTime(len(jobs), forwarded - started, accepted - forwarded,
+                                        time.perf_counter() - accepted))
 
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""

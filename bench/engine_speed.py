@@ -1,0 +1,224 @@
+"""The engine's own speed (issue 12), every variant beside its baseline in one run, rounds interleaved:
+
+- decode tok/s at 1, 4 and 8 streams: the engine alone in this process (no gRPC,
+  prefix cache off), the engine through the gateway (the mesh's inference service),
+  and transformers' ``generate`` on the same weights in this process;
+- the engine's decode step split into forward, sampling and text, and delivery
+  (its own ``step_times``), by batch size;
+- prefill beside decode: a running stream's gaps between tokens while a
+  1,000-token prompt is admitted beside it, with chunked prefill (the default
+  ``max_batched_tokens``) and with the prompt in one forward (0), against the
+  same stream's median gap alone; and the long prompt's time to first token.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+import time
+
+import torch
+from nlpmesh.gateway.v1 import gateway_pb2_grpc
+
+from bench import generation
+from bench.generation import STREAMS, StreamTimes, chat_ids, question, rate_summary
+from cli.launcher import LocalMesh
+from meshkit.percentile import percentile
+from meshkit.sampling import Sampling
+from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
+from services.inference.engine import Engine
+from services.inference.generation_types import Delta, GenerationRequest
+from services.inference.loading import load_model
+from services.inference.settings import InferenceSettings
+
+LONG_PROMPT_TOKENS = 1000
+RUNNING_STREAM_TOKENS = 96
+ADMIT_AFTER_TOKENS = 12  # the long prompt arrives once the running stream has this many
+
+
+def say(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
+
+
+def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
+    settings = InferenceSettings()
+    say(f"loading the model in-process ({settings.dtype}) for the engine and generate")
+    torch.set_num_threads(settings.threads)
+    model, tokenizer = load_model(load_model_files(default_home()), settings.dtype)
+    options = settings.engine_options()
+    engine = Engine(model, tokenizer, options)
+    try:
+        decode = bench_decode(mesh, engine, model, tokenizer, rounds, max_new_tokens)
+        steps = step_split(engine)
+        worker_threads = engine.worker_threads
+    finally:
+        engine.close()
+    chunked = Engine(model, tokenizer, options)
+    whole = Engine(model, tokenizer, dataclasses.replace(options, max_batched_tokens=0))
+    try:
+        stall = bench_prefill_stall(chunked, whole, tokenizer, rounds)
+    finally:
+        chunked.close()
+        whole.close()
+    return {"precision": settings.dtype, "threads": settings.threads, "worker_torch_threads": worker_threads,
+            "max_batched_tokens": options.max_batched_tokens, "decode": decode, "step_ms": steps,
+            "prefill_stall": stall}
+
+
+# -- decode -------------------------------------------------------------------------
+
+
+def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
+    prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
+    samples: dict[str, list[float]] = {}
+    with mesh.gateway_access().channel() as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        generation.gateway_streams(stub, 1, max_new_tokens)  # warm
+        engine_streams(engine, prompts[:1], max_new_tokens)
+        for index in range(rounds):
+            for streams in STREAMS:
+                say(f"engine decode: round {index + 1}/{rounds}, {streams} streams")
+                samples.setdefault(f"engine_{streams}", []).append(
+                    generation.aggregate_tok_s(engine_streams(engine, prompts[:streams], max_new_tokens)))
+                samples.setdefault(f"gateway_{streams}", []).append(
+                    generation.aggregate_tok_s(generation.gateway_streams(stub, streams, max_new_tokens)))
+                samples.setdefault(f"hf_{streams}", []).append(
+                    generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+    result = {}
+    for streams in STREAMS:
+        hf = statistics.median(samples[f"hf_{streams}"])
+        result[f"{streams}_streams"] = {
+            "engine_tok_s": rate_summary(samples[f"engine_{streams}"]),
+            "gateway_tok_s": rate_summary(samples[f"gateway_{streams}"]),
+            "hf_generate_tok_s": rate_summary(samples[f"hf_{streams}"]),
+            "engine_ratio_to_hf": statistics.median(samples[f"engine_{streams}"]) / hf,
+            "gateway_ratio_to_hf": statistics.median(samples[f"gateway_{streams}"]) / hf,
+        }
+    return result
+
+
+def engine_streams(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[StreamTimes]:
+    """The prompts as concurrent greedy requests to ``engine``, in one event loop of this process."""
+    async def one(prompt: list[int]) -> StreamTimes:
+        first = last = None
+        tokens = 0
+        stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=max_new_tokens)))
+        async for item in stream:
+            now = time.perf_counter()
+            if isinstance(item, Delta):
+                first = first or now
+                last = now
+            else:
+                tokens = item.completion_tokens
+        return StreamTimes(first, last, tokens)
+
+    async def run() -> list[StreamTimes]:
+        return await asyncio.gather(*(one(prompt) for prompt in prompts))
+
+    return asyncio.run(run())
+
+
+def step_split(engine: Engine) -> dict:
+    """Median ms per decode step and part, by batch size, over the engine's latest steps."""
+    by_batch: dict[int, list] = {}
+    for step in engine.step_times:
+        by_batch.setdefault(step.batch, []).append(step)
+    result = {}
+    for batch in sorted(by_batch):
+        steps = by_batch[batch]
+        if len(steps) < 5:
+            continue
+        parts = {name: statistics.median(getattr(step, name) for step in steps) * 1000
+                 for name in ("forward", "sampling_and_text", "delivery")}
+        result[str(batch)] = {"steps": len(steps), **parts}
+    return result
+
+
+# -- prefill beside decode --------------------------------------------------------------
+
+
+def bench_prefill_stall(chunked: Engine, whole: Engine, tokenizer, rounds: int) -> dict:
+    long_prompt = tokenizer.encode(generation.LONG_TEXT)[:LONG_PROMPT_TOKENS]
+    running = chat_ids(tokenizer, question(0))
+    samples: dict[str, list[float]] = {"alone": [], "chunked": [], "one_forward": []}
+    ttft: dict[str, list[float]] = {"chunked": [], "one_forward": []}
+    admitted_ms(chunked, running, long_prompt)  # warm both
+    admitted_ms(whole, running, long_prompt)
+    for index in range(rounds):
+        say(f"prefill beside decode: round {index + 1}/{rounds}")
+        samples["alone"] += admitted_ms(chunked, running, None)[0]
+        for name, engine in (("chunked", chunked), ("one_forward", whole)):
+            gaps, first_token = admitted_ms(engine, running, long_prompt)
+            samples[name] += gaps
+            ttft[name].append(first_token)
+    alone = statistics.median(samples["alone"])
+    result = {"running_stream_alone": gap_summary(samples["alone"])}
+    for name in ("chunked", "one_forward"):
+        row = gap_summary(samples[name])
+        row["p99_over_alone_p50"] = row["p99_ms"] / alone
+        row["long_prompt_ttft_p50_ms"] = statistics.median(ttft[name])
+        result[f"beside_{LONG_PROMPT_TOKENS}_token_prompt_{name}"] = row
+    return result
+
+
+def admitted_ms(engine: Engine, running: list[int], long_prompt: list[int] | None) -> tuple[list[float], float]:
+    """A stream of RUNNING_STREAM_TOKENS tokens, the long prompt admitted once it has ADMIT_AFTER_TOKENS:
+    the stream's gaps between tokens (ms) and the long prompt's time to first token (ms)."""
+    async def run() -> tuple[list[float], float]:
+        arrivals: list[float] = []
+        first_token = 0.0
+        stream = engine.submit(GenerationRequest(running, Sampling(max_new_tokens=RUNNING_STREAM_TOKENS)))
+
+        async def long_one(at: float) -> None:
+            nonlocal first_token
+            async with engine.submit(GenerationRequest(long_prompt, Sampling(max_new_tokens=1))) as other:
+                async for _ in other:
+                    first_token = (time.perf_counter() - at) * 1000
+                    break
+
+        admitted = None
+        async for item in stream:
+            if isinstance(item, Delta):
+                arrivals.append(time.perf_counter())
+                if long_prompt is not None and admitted is None and len(arrivals) == ADMIT_AFTER_TOKENS:
+                    admitted = asyncio.create_task(long_one(time.perf_counter()))
+        if admitted is not None:
+            await admitted
+        return [(b - a) * 1000 for a, b in zip(arrivals[ADMIT_AFTER_TOKENS - 1 :], arrivals[ADMIT_AFTER_TOKENS:])], \
+            first_token
+
+    return asyncio.run(run())
+
+
+def gap_summary(values_ms: list[float]) -> dict:
+    return {"n": len(values_ms), "p50_ms": statistics.median(values_ms), "p99_ms": percentile(values_ms, 99),
+            "max_ms": max(values_ms)}
+
+
+# -- table ------------------------------------------------------------------------------
+
+
+def lines(result: dict) -> list[str]:
+    out = [f"engine decode, greedy, {result['precision']}, {result['threads']} threads "
+           f"(the worker thread's torch threads: {result['worker_torch_threads']}): aggregate tok/s (p50 / p99-low)"]
+    out.append(f"{'streams':<10}{'engine in process':>20}{'gateway':>18}{'HF generate':>18}{'engine/HF':>11}"
+               f"{'gateway/HF':>12}")
+    for name, row in result["decode"].items():
+        cells = [row["engine_tok_s"], row["gateway_tok_s"], row["hf_generate_tok_s"]]
+        out.append(f"{name.split('_')[0]:<10}" + "".join(f"{c['p50']:>12.1f} / {c['p99_low']:<5.1f}" for c in cells)
+                   + f"{row['engine_ratio_to_hf']:>10.2f}x{row['gateway_ratio_to_hf']:>11.2f}x")
+    out += ["", f"{'decode step, engine in process':<32}{'steps':>7}{'forward ms':>12}{'sampling+text':>15}"
+                f"{'delivery':>10}"]
+    for batch, row in result["step_ms"].items():
+        out.append(f"{'batch ' + batch:<32}{row['steps']:>7}{row['forward']:>12.2f}{row['sampling_and_text']:>15.2f}"
+                   f"{row['delivery']:>10.2f}")
+    out += ["", f"running stream's gaps between tokens (max_batched_tokens {result['max_batched_tokens']})"
+                f"{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}  notes"]
+    for name, row in result["prefill_stall"].items():
+        notes = ""
+        if "p99_over_alone_p50" in row:
+            notes = (f"p99 {row['p99_over_alone_p50']:.2f}x the stream's p50 alone; long prompt's first token "
+                     f"{row['long_prompt_ttft_p50_ms']:.0f} ms")
+        out.append(f"{name:<66}{row['n']:>6}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['max_ms']:>9.1f}  {notes}")
+    return out
