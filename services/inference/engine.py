@@ -99,11 +99,15 @@ class Engine:
         self.limits = _limits(model, options)
         self.model = model.eval()
         self._options = options
-        _check_kernels(model, options)
+        if model.device.type == "cpu":
+            _check_kernels(model, options)
+        else:
+            log.info("device %s: the model's own kernels (no batch-invariance check off the CPU)", model.device)
         self._eos_ids = eos_token_ids(model)
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
         kv_dtype = model.get_input_embeddings().weight.dtype
-        self._kv = SlotKV(model.config, options.max_running, kv_dtype)
+        self.device = model.device
+        self._kv = SlotKV(model.config, options.max_running, kv_dtype, self.device)
         self._prefix = prefix_cache
         if prefix_cache is not None:
             prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype)
@@ -275,7 +279,8 @@ class Engine:
         positions, mask = self._kv.prefill(row, start, end - start, len(prompt))
         with prefill_phase(start):
             if end < len(prompt):
-                self.model.base_model(input_ids=torch.tensor([prompt[start:end]]), position_ids=positions,
+                self.model.base_model(input_ids=torch.tensor([prompt[start:end]], device=self.device),
+                                      position_ids=positions,
                                       attention_mask=mask, cache=self._kv, use_cache=True)
                 return None
             return self._forward([prompt[start:end]], positions, mask)
@@ -308,10 +313,11 @@ class Engine:
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""
         output = self.model(
-            input_ids=torch.tensor(rows), position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
-            logits_to_keep=1,
+            input_ids=torch.tensor(rows, device=self.device), position_ids=positions, attention_mask=mask,
+            cache=self._kv, use_cache=True, logits_to_keep=1,
         )
-        return output.logits[:, -1:, :]
+        logits = output.logits[:, -1:, :]
+        return logits if logits.device.type == "cpu" else logits.float().cpu()  # one copy a step, for the samplers
 
     def _emit(self, job: Job, text: str) -> None:
         sequence = job.sequence

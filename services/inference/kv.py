@@ -41,12 +41,14 @@ def _aligned(width: int) -> int:
 
 
 class SlotKV:
-    def __init__(self, config: PretrainedConfig, rows: int, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, rows: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rows = rows
         self.dtype = dtype
+        self.device = torch.device(device)
         self.capacity = 0
         # keys and values of every layer in one tensor each: (layers, rows, kv_heads, capacity, head_dim)
         self._keys = torch.empty(0)
@@ -121,7 +123,8 @@ class SlotKV:
         while capacity < length:
             capacity *= 2
         shape = (self.layers, self.rows, self.kv_heads, capacity, self.head_dim)
-        keys, values = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.capacity:
             keys[:, :, :, : self.capacity] = self._keys
             values[:, :, :, : self.capacity] = self._values
@@ -130,13 +133,16 @@ class SlotKV:
     # -- blocks of KV, for prefix reuse ----------------------------------------
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
-        """A copy of one row's KV for tokens ``start .. end - 1``: (2, layers, kv_heads, n, head_dim)."""
-        return torch.stack((self._keys[:, row, :, start:end], self._values[:, row, :, start:end])).clone()
+        """A copy of one row's KV for tokens ``start .. end - 1``: (2, layers, kv_heads, n, head_dim), on the CPU
+        (where the prefix tiers keep and encode blocks)."""
+        kv = torch.stack((self._keys[:, row, :, start:end], self._values[:, row, :, start:end]))
+        return kv.cpu() if kv.device.type != "cpu" else kv
 
     def write(self, row: int, start: int, kv: torch.Tensor) -> None:
         """Puts KV read by ``read`` (or rebuilt from Redis) at ``start`` in ``row``."""
         end = start + kv.shape[3]
         self.reserve(end)
+        kv = kv.to(self.device)
         self._keys[:, row, :, start:end] = kv[0]
         self._values[:, row, :, start:end] = kv[1]
 
@@ -156,17 +162,17 @@ class SlotKV:
         width = _aligned(total)
         self.reserve(width)
         self._forward = _Prefill(row, start, count, width)
-        positions = torch.arange(start, start + count)
-        mask = torch.arange(width).unsqueeze(0) <= positions.unsqueeze(1)  # (count, width): causal
+        positions = torch.arange(start, start + count, device=self.device)
+        mask = torch.arange(width, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (count, width)
         return positions.unsqueeze(0), mask[None, None]
 
     def decode(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sets up one token for each of rows ``0 .. len(lengths) - 1``, where row ``r`` holds ``lengths[r]``."""
         width = _aligned(max(lengths) + 1)
         self.reserve(width)
-        positions = torch.tensor(lengths)
-        self._forward = _Decode(torch.arange(len(lengths)), positions, width)
-        mask = torch.arange(width).unsqueeze(0) <= positions.unsqueeze(1)  # (B, width)
+        positions = torch.tensor(lengths, device=self.device)
+        self._forward = _Decode(torch.arange(len(lengths), device=self.device), positions, width)
+        mask = torch.arange(width, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (B, width)
         return positions.unsqueeze(1), mask[:, None, None, :]
 
     def update(

@@ -34,6 +34,10 @@ class InferenceSettings(ServiceSettings, service="inference"):
     # (tests/unit/test_inference_precision.py). The engine refuses a precision
     # whose kernels cannot keep greedy output batch-independent on this CPU.
     dtype: Literal["int8", "bfloat16", "float32"] = "int8"
+    # Where the model runs (services/inference/device.py): auto (CUDA where torch sees a
+    # device, else the CPU), cpu, or cuda (refused at start without one). On CUDA the
+    # model runs in bfloat16 with SDPA attention, whatever dtype says.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Prefix KV reuse (services/inference/prefix.py): blocks of this many prompt
     # tokens, kept in an in-process LRU of this many bytes (0 = off) and shared
     # with other replicas through Redis ("" = no Redis tier).
