@@ -2,7 +2,12 @@
 
 - decode tok/s at 1, 4 and 8 streams: the engine alone in this process (no gRPC,
   prefix cache off), the engine through the gateway (the mesh's inference service),
-  and transformers' ``generate`` on the same weights in this process;
+  and transformers' ``generate`` on the same weights in this process. generate's
+  figure is decode only (its prefill timed apart and taken off), so the engine's
+  and the gateway's are too: tokens arriving while every stream decodes, from the
+  last stream's first token to the first stream's last (``steady_tok_s``). The
+  figure from the first stream's first token on (chunked prefills of the later
+  streams included) is kept in the JSON as ``aggregate``;
 - the engine's decode step split into forward, sampling and text, and delivery
   (its own ``step_times``), by batch size;
 - prefill beside decode: a running stream's gaps between tokens while a
@@ -15,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import statistics
+import threading
 import time
 
 import torch
-from nlpmesh.gateway.v1 import gateway_pb2_grpc
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench import generation
 from bench.generation import STREAMS, StreamTimes, chat_ids, question, rate_summary
@@ -74,15 +80,15 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
     samples: dict[str, list[float]] = {}
     with mesh.gateway_access().channel() as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        generation.gateway_streams(stub, 1, max_new_tokens)  # warm
+        gateway_streams(stub, 1, max_new_tokens)  # warm
         engine_streams(engine, prompts[:1], max_new_tokens)
         for index in range(rounds):
             for streams in STREAMS:
                 say(f"engine decode: round {index + 1}/{rounds}, {streams} streams")
-                samples.setdefault(f"engine_{streams}", []).append(
-                    generation.aggregate_tok_s(engine_streams(engine, prompts[:streams], max_new_tokens)))
-                samples.setdefault(f"gateway_{streams}", []).append(
-                    generation.aggregate_tok_s(generation.gateway_streams(stub, streams, max_new_tokens)))
+                for name, arrivals in (("engine", engine_streams(engine, prompts[:streams], max_new_tokens)),
+                                       ("gateway", gateway_streams(stub, streams, max_new_tokens))):
+                    samples.setdefault(f"{name}_{streams}", []).append(steady_tok_s(arrivals))
+                    samples.setdefault(f"{name}_{streams}_aggregate", []).append(aggregate_tok_s(arrivals))
                 samples.setdefault(f"hf_{streams}", []).append(
                     generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
     result = {}
@@ -94,29 +100,74 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
             "hf_generate_tok_s": rate_summary(samples[f"hf_{streams}"]),
             "engine_ratio_to_hf": statistics.median(samples[f"engine_{streams}"]) / hf,
             "gateway_ratio_to_hf": statistics.median(samples[f"gateway_{streams}"]) / hf,
+            "engine_aggregate_tok_s": rate_summary(samples[f"engine_{streams}_aggregate"]),
+            "gateway_aggregate_tok_s": rate_summary(samples[f"gateway_{streams}_aggregate"]),
         }
     return result
 
 
-def engine_streams(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[StreamTimes]:
+class Arrivals(list):
+    """One stream's text arrival times (perf_counter), and its completion tokens."""
+    tokens = 0
+
+
+def steady_tok_s(streams: list[Arrivals]) -> float:
+    """Tokens arriving while every stream decodes (after the last stream's first token, up to the first
+    stream's last one) over that window; a stream's arrivals weighted by its tokens per arrival (a piece
+    of text may hold more than one token)."""
+    start, end = max(times[0] for times in streams), min(times[-1] for times in streams)
+    if end <= start:
+        raise RuntimeError("a stream ended before the last one started: raise --max-new-tokens")
+    tokens = sum(sum(start < at <= end for at in times) * times.tokens / len(times) for times in streams)
+    return tokens / (end - start)
+
+
+def aggregate_tok_s(streams: list[Arrivals]) -> float:
+    return generation.aggregate_tok_s([StreamTimes(times[0], times[-1], times.tokens) for times in streams])
+
+
+def engine_streams(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[Arrivals]:
     """The prompts as concurrent greedy requests to ``engine``, in one event loop of this process."""
-    async def one(prompt: list[int]) -> StreamTimes:
-        first = last = None
-        tokens = 0
+    async def one(prompt: list[int]) -> Arrivals:
+        arrivals = Arrivals()
         stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=max_new_tokens)))
         async for item in stream:
-            now = time.perf_counter()
             if isinstance(item, Delta):
-                first = first or now
-                last = now
+                arrivals.append(time.perf_counter())
             else:
-                tokens = item.completion_tokens
-        return StreamTimes(first, last, tokens)
+                arrivals.tokens = item.completion_tokens
+        return arrivals
 
-    async def run() -> list[StreamTimes]:
+    async def run() -> list[Arrivals]:
         return await asyncio.gather(*(one(prompt) for prompt in prompts))
 
     return asyncio.run(run())
+
+
+def gateway_streams(stub, streams: int, max_new_tokens: int) -> list[Arrivals]:
+    """``streams`` concurrent GenerateStream calls (cache bypassed), one thread each."""
+    results = [Arrivals() for _ in range(streams)]
+    barrier = threading.Barrier(streams)
+
+    def run(index: int) -> None:
+        request = gateway_pb2.GenerateRequest(
+            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(index))]),
+            sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+            cache_mode=gateway_pb2.CACHE_MODE_BYPASS,
+        )
+        barrier.wait()
+        for chunk in stub.GenerateStream(request, timeout=600):
+            if chunk.delta:
+                results[index].append(time.perf_counter())
+            if chunk.done:
+                results[index].tokens = chunk.usage.completion_tokens
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 def step_split(engine: Engine) -> dict:
@@ -201,7 +252,8 @@ def gap_summary(values_ms: list[float]) -> dict:
 
 def lines(result: dict) -> list[str]:
     out = [f"engine decode, greedy, {result['precision']}, {result['threads']} threads "
-           f"(the worker thread's torch threads: {result['worker_torch_threads']}): aggregate tok/s (p50 / p99-low)"]
+           f"(the worker thread's torch threads: {result['worker_torch_threads']}): decode tok/s while every stream "
+           "decodes (p50 / p99-low)"]
     out.append(f"{'streams':<10}{'engine in process':>20}{'gateway':>18}{'HF generate':>18}{'engine/HF':>11}"
                f"{'gateway/HF':>12}")
     for name, row in result["decode"].items():
