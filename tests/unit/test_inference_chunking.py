@@ -10,7 +10,7 @@ import pytest
 
 from meshkit.sampling import Sampling
 from services.inference.engine import chunk_end
-from services.inference.generation_types import Delta, GenerationRequest
+from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.precision import apply_precision
 from services.inference.tiles import GEMM_TILE_ROWS
 from tests.tiny_llama import tiny_engine, tiny_llama
@@ -78,3 +78,41 @@ def test_a_long_prompt_admitted_beside_a_running_stream_is_chunked_and_both_answ
     assert got_long == expected_long
     assert [(start, end) for total, start, end in chunks if total == len(long)] == [
         (0, T), (T, 2 * T), (2 * T, 3 * T), (3 * T, 4 * T), (4 * T, 4 * T + 5)]
+
+
+def test_cancelling_a_prompt_between_its_chunks_frees_its_row_and_the_running_stream_goes_on():
+    alone_engine = tiny_engine(float32_tiny(), max_running=2, max_batched_tokens=0)
+    try:
+        short, long = list(range(5, 15)), [3 + (i * 7) % 200 for i in range(6 * T)]
+        expected_short = run_greedy(alone_engine, short, 30)
+    finally:
+        alone_engine.close()
+    engine = tiny_engine(float32_tiny(), max_running=2, max_batched_tokens=T + 2)
+    streams = {}
+    chunks = []
+    prefill = engine._prefill
+
+    def cancelling(row, prompt, start, end):
+        chunks.append((len(prompt), start, end))
+        if len(prompt) == len(long) and start == T:
+            streams["long"].cancel()  # between its first and second chunk
+        return prefill(row, prompt, start, end)
+
+    engine._prefill = cancelling
+    try:
+        async def run():
+            first = engine.submit(GenerationRequest(short, Sampling(max_new_tokens=30)))
+            items = [await first.__anext__()]
+            streams["long"] = engine.submit(GenerationRequest(long, Sampling(max_new_tokens=4)))
+            items += [item async for item in first]
+            last = [item async for item in streams["long"]][-1]
+            return [item.text for item in items if isinstance(item, Delta)], last
+
+        got_short, last = asyncio.run(run())
+        assert got_short == expected_short
+        assert last.finish_reason == FinishReason.CANCELLED and last.completion_tokens == 0
+        assert [(start, end) for total, start, end in chunks if total == len(long)][-1][1] <= 3 * T  # stopped early
+        assert engine.running_count == 0
+        assert run_greedy(engine, short, 30) == expected_short  # both rows free again
+    finally:
+        engine.close()
