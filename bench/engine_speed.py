@@ -11,9 +11,11 @@
 - the engine's decode step split into forward, sampling and text, and delivery
   (its own ``step_times``), by batch size;
 - prefill beside decode: a running stream's gaps between tokens while a
-  1,000-token prompt is admitted beside it, with chunked prefill (the default
-  ``max_batched_tokens``) and with the prompt in one forward (0), against the
-  same stream's median gap alone; and the long prompt's time to first token.
+  1,000-token prompt is admitted beside it: chunked with a chunk's layers spread
+  over turns at a few ``prefill_share`` (the default among them), in whole
+  chunks (``prefill_share`` 0: the token budget alone), and in one forward
+  (``max_batched_tokens`` 0), against the same stream's median gap alone; and
+  the long prompt's time to first token.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from services.inference.settings import InferenceSettings
 LONG_PROMPT_TOKENS = 1000
 RUNNING_STREAM_TOKENS = 96
 ADMIT_AFTER_TOKENS = 12  # the long prompt arrives once the running stream has this many
+STALL_SHARES = (0.75, 1.5)  # prefill_share compared (with the default, 0: whole chunks, and one forward)
 
 
 def say(line: str) -> None:
@@ -60,15 +63,19 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
         worker_threads = engine.worker_threads
     finally:
         engine.close()
-    chunked = Engine(model, tokenizer, options)
-    whole = Engine(model, tokenizer, dataclasses.replace(options, max_batched_tokens=0))
+    variants = {f"chunked_share_{share:g}": dataclasses.replace(options, prefill_share=share)
+                for share in sorted({options.prefill_share, *STALL_SHARES} - {0})}
+    variants["whole_chunks"] = dataclasses.replace(options, prefill_share=0)  # the token budget alone
+    variants["one_forward"] = dataclasses.replace(options, max_batched_tokens=0)
+    engines = {name: Engine(model, tokenizer, variant) for name, variant in variants.items()}
     try:
-        stall = bench_prefill_stall(chunked, whole, tokenizer, rounds)
+        stall = bench_prefill_stall(engines, tokenizer, rounds)
     finally:
-        chunked.close()
-        whole.close()
+        for engine in engines.values():
+            engine.close()
     return {"precision": settings.dtype, "threads": settings.threads, "worker_torch_threads": worker_threads,
-            "max_batched_tokens": options.max_batched_tokens, "decode": decode, "step_ms": steps,
+            "max_batched_tokens": options.max_batched_tokens, "prefill_share": options.prefill_share,
+            "decode": decode, "step_ms": steps,
             "prefill_stall": stall}
 
 
@@ -189,23 +196,23 @@ def step_split(engine: Engine) -> dict:
 # -- prefill beside decode --------------------------------------------------------------
 
 
-def bench_prefill_stall(chunked: Engine, whole: Engine, tokenizer, rounds: int) -> dict:
+def bench_prefill_stall(engines: dict[str, Engine], tokenizer, rounds: int) -> dict:
     long_prompt = tokenizer.encode(generation.LONG_TEXT)[:LONG_PROMPT_TOKENS]
     running = chat_ids(tokenizer, question(0))
-    samples: dict[str, list[float]] = {"alone": [], "chunked": [], "one_forward": []}
-    ttft: dict[str, list[float]] = {"chunked": [], "one_forward": []}
-    admitted_ms(chunked, running, long_prompt)  # warm both
-    admitted_ms(whole, running, long_prompt)
+    samples: dict[str, list[float]] = {"alone": [], **{name: [] for name in engines}}
+    ttft: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():
+        admitted_ms(engine, running, long_prompt)  # warm
     for index in range(rounds):
         say(f"prefill beside decode: round {index + 1}/{rounds}")
-        samples["alone"] += admitted_ms(chunked, running, None)[0]
-        for name, engine in (("chunked", chunked), ("one_forward", whole)):
+        samples["alone"] += admitted_ms(engines["one_forward"], running, None)[0]
+        for name, engine in engines.items():
             gaps, first_token = admitted_ms(engine, running, long_prompt)
             samples[name] += gaps
             ttft[name].append(first_token)
     alone = statistics.median(samples["alone"])
     result = {"running_stream_alone": gap_summary(samples["alone"])}
-    for name in ("chunked", "one_forward"):
+    for name in engines:
         row = gap_summary(samples[name])
         row["p99_over_alone_p50"] = row["p99_ms"] / alone
         row["long_prompt_ttft_p50_ms"] = statistics.median(ttft[name])
@@ -265,8 +272,8 @@ def lines(result: dict) -> list[str]:
     for batch, row in result["step_ms"].items():
         out.append(f"{'batch ' + batch:<32}{row['steps']:>7}{row['forward']:>12.2f}{row['sampling_and_text']:>15.2f}"
                    f"{row['delivery']:>10.2f}")
-    out += ["", f"running stream's gaps between tokens (max_batched_tokens {result['max_batched_tokens']})"
-                f"{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}  notes"]
+    out += ["", f"running stream's gaps (max_batched_tokens {result['max_batched_tokens']}, default prefill_share "
+                f"{result['prefill_share']:g})            {'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}  notes"]
     for name, row in result["prefill_stall"].items():
         notes = ""
         if "p99_over_alone_p50" in row:

@@ -45,7 +45,8 @@ from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import SlotKV
-from services.inference.precision import check_row_independence, kernel_paths, prefill_phase
+from services.inference.layered import ChunkForward
+from services.inference.precision import check_row_independence, kernel_paths
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
@@ -54,6 +55,8 @@ from services.inference.tiles import GEMM_TILE_ROWS
 from services.inference.validation import RequestLimits, resolve_request
 
 log = logging.getLogger("nlpmesh.inference.engine")
+
+_EMA = 0.2  # the weight of the latest measurement in the moving averages of step and layer times
 
 # What a refused caller is told to wait: about one short generation.
 RETRY_AFTER_S = 1.0
@@ -71,6 +74,9 @@ class EngineOptions:
     # A turn's token budget: one per decoding sequence, the rest for prompt tokens in
     # whole GEMM tiles (GEMM_TILE_ROWS), at least one tile; 0 prefills every prompt in one forward.
     max_batched_tokens: int = 64
+    # Beside decoding streams, a turn's prefill runs at most this many decode steps' time: a chunk's
+    # decoder layers are spread over turns to keep to it (at least one layer a turn); 0: no time limit.
+    prefill_share: float = 1.5
 
 
 class StepTime(NamedTuple):
@@ -117,6 +123,9 @@ class Engine:
         self._prefills: collections.deque[Job] = collections.deque()  # admitted, prompt not yet all in KV
         self._closing = False
         self.worker_threads = 0
+        # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
+        self._step_s: float | None = None  # a decode step
+        self._layer_s: float | None = None  # one decoder layer of one 32-token prefill tile
         self.step_times: collections.deque[StepTime] = collections.deque(maxlen=4096)  # the latest decode steps
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
@@ -207,20 +216,41 @@ class Engine:
         return self._options.max_batched_tokens - self._kv.ready
 
     def _prefill_turn(self) -> None:
-        """Prefills from the head of the line within this turn's budget (at least one tile)."""
-        spent = 0
+        """Prefills from the head of the line within this turn's token budget and, beside decoding
+        streams, its time budget (at least one layer of one tile)."""
+        spent, started = 0, time.perf_counter()
         while self._prefills:
             job = self._prefills[0]
             budget = self._prefill_budget()
+            left = None if budget is None else budget - spent
             if job.sequence is None and not self._begin(job):
                 continue  # failed and retired
-            start, total = job.sequence.length, len(job.request.prompt_token_ids)
-            end = chunk_end(start, total, None if budget is None else budget - spent, first=spent == 0)
-            if end <= start:
+            total = len(job.request.prompt_token_ids)
+            if job.chunk is None:
+                start = job.sequence.length
+                end = chunk_end(start, total, left, first=spent == 0)
+                if end <= start:
+                    return
+                job.chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end)
+            chunk = job.chunk
+            layers = self._layers_this_turn(chunk, time.perf_counter() - started, first=spent == 0)
+            if layers == 0 or not self._advance(job, layers):
                 return
-            if not self._prefill_chunk(job, start, end) or end < total:
-                return  # failed, or the budget is spent in the middle of this prompt
-            spent += end - start
+            spent += chunk.cost_tokens
+            if job.chunk is not None or job.sequence.length < total:
+                return  # the budget is spent in the middle of this chunk or this prompt
+
+    def _layers_this_turn(self, chunk: ChunkForward, elapsed_s: float, first: bool) -> int:
+        """The chunk's layers that fit in what is left of this turn's prefill time: beside decoding
+        streams, ``prefill_share`` times a decode step (both as recently measured); all of them with
+        nothing decoding or a share of 0. At least one for the turn's first piece of work."""
+        remaining = chunk.layer_count - chunk.layer
+        share = self._options.prefill_share
+        if not self._kv.ready or not share or self._layer_s is None or self._step_s is None:
+            return remaining if not self._kv.ready or not share else 1  # 1: a first layer, to measure
+        per_layer = self._layer_s * chunk.cost_tokens / GEMM_TILE_ROWS
+        layers = min(remaining, int(max(share * self._step_s - elapsed_s, 0) / per_layer))
+        return max(layers, 1) if first else layers
 
     def _begin(self, job: Job) -> bool:
         """A row for the head of the line, with any cached prefix of its prompt copied in."""
@@ -240,35 +270,10 @@ class Engine:
             return False
         return True
 
-    def _prefill_chunk(self, job: Job, start: int, end: int) -> bool:
-        """Prompt tokens ``start .. end - 1`` into the job's row; the last chunk also makes the
-        first token and moves the job into the decoding batch. False if it failed."""
-        sequence = job.sequence
-        prompt = job.request.prompt_token_ids
-        try:
-            logits = self._prefill(self._kv.row_of(job), prompt, start, end)
-            metrics.PREFILL_TOKENS.inc(end - start)
-            sequence.length = end
-            if end < len(prompt):
-                return True
-            self._prefills.popleft()
-            self._kv.mark_ready(job)
-            if job.prefix_keys:
-                row = self._kv.row_of(job)
-                self._prefix.remember(job.prefix_keys, job.prefix_known,
-                                      lambda first, last: self._kv.read(row, first, last))
-            text = sequence.accept(logits[0])
-        except Exception as error:
-            # The worker thread has no request context: the line names its request itself.
-            log.exception("prefill failed", extra={"request_id": job.request.request_id})
-            self._retire(job, error)
-            return False
-        self._emit(job, text)
-        return True
-
-    def _prefill(self, row: int, prompt: list[int], start: int, end: int) -> torch.Tensor | None:
-        """Runs prompt[start:end] into ``row`` in one forward; the last position's logits when ``end``
-        is the prompt's end (None before: a chunk's hidden states never reach the output layer).
+    def _advance(self, job: Job, layers: int) -> bool:
+        """Runs ``layers`` more layers of the job's chunk (services/inference/layered.py). A chunk
+        done moves the prompt on; the prompt's last one also makes the first token and moves the
+        job into the decoding batch. False if it failed.
 
         Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
         fixed tiles placed by absolute position, so a row's bits do not depend on how
@@ -276,14 +281,33 @@ class Engine:
         would in a cold prefill of the whole prompt, and neither the prefix cache nor
         chunking ever changes a greedy answer.
         """
-        positions, mask = self._kv.prefill(row, start, end - start, len(prompt))
-        with prefill_phase(start):
-            if end < len(prompt):
-                self.model.base_model(input_ids=torch.tensor([prompt[start:end]], device=self.device),
-                                      position_ids=positions,
-                                      attention_mask=mask, cache=self._kv, use_cache=True)
-                return None
-            return self._forward([prompt[start:end]], positions, mask)
+        sequence, chunk = job.sequence, job.chunk
+        try:
+            started = time.perf_counter()
+            logits = chunk.run(self._kv.row_of(job), layers)
+            per_layer = (time.perf_counter() - started) / layers * GEMM_TILE_ROWS / chunk.cost_tokens
+            self._layer_s = per_layer if self._layer_s is None else _EMA * per_layer + (1 - _EMA) * self._layer_s
+            if not chunk.done:
+                return True
+            job.chunk = None
+            metrics.PREFILL_TOKENS.inc(chunk.end - chunk.start)
+            sequence.length = chunk.end
+            if chunk.end < chunk.total:
+                return True
+            self._prefills.popleft()
+            self._kv.mark_ready(job)
+            if job.prefix_keys:
+                row = self._kv.row_of(job)
+                self._prefix.remember(job.prefix_keys, job.prefix_known,
+                                      lambda first, last: self._kv.read(row, first, last))
+            text = sequence.accept(logits[0].float().cpu())
+        except Exception as error:
+            # The worker thread has no request context: the line names its request itself.
+            log.exception("prefill failed", extra={"request_id": job.request.request_id})
+            self._retire(job, error)
+            return False
+        self._emit(job, text)
+        return True
 
     def _decode_step(self) -> None:
         """One forward for every decoding sequence (rows 0 .. B - 1), one token each."""
@@ -307,8 +331,10 @@ class Engine:
         accepted = time.perf_counter()
         for job, text in zip(jobs, texts):
             self._emit(job, text)
-        self.step_times.append(StepTime(len(jobs), forwarded - started, accepted - forwarded,
-                                        time.perf_counter() - accepted))
+        step = StepTime(len(jobs), forwarded - started, accepted - forwarded, time.perf_counter() - accepted)
+        self.step_times.append(step)
+        whole = step.forward + step.sampling_and_text + step.delivery
+        self._step_s = whole if self._step_s is None else _EMA * whole + (1 - _EMA) * self._step_s
 
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""

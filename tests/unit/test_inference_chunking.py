@@ -54,15 +54,8 @@ def test_a_long_prompt_admitted_beside_a_running_stream_is_chunked_and_both_answ
         expected_short, expected_long = run_greedy(alone_engine, short, 40), run_greedy(alone_engine, long, 8)
     finally:
         alone_engine.close()
-    engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=T + 2)
-    chunks = []
-    prefill = engine._prefill
-
-    def recording(row, prompt, start, end):
-        chunks.append((len(prompt), start, end))
-        return prefill(row, prompt, start, end)
-
-    engine._prefill = recording
+    engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=T + 2, prefill_share=0)
+    chunks = record_chunks(engine)
     try:
         async def together():
             first = engine.submit(GenerationRequest(short, Sampling(max_new_tokens=40)))
@@ -76,8 +69,52 @@ def test_a_long_prompt_admitted_beside_a_running_stream_is_chunked_and_both_answ
         engine.close()
     assert got_short == expected_short
     assert got_long == expected_long
-    assert [(start, end) for total, start, end in chunks if total == len(long)] == [
-        (0, T), (T, 2 * T), (2 * T, 3 * T), (3 * T, 4 * T), (4 * T, 4 * T + 5)]
+    assert [(start, end, layers) for total, start, end, layers in chunks if total == len(long)] == [
+        (0, T, 2), (T, 2 * T, 2), (2 * T, 3 * T, 2), (3 * T, 4 * T, 2), (4 * T, 4 * T + 5, 2)]  # all layers at once
+
+
+def test_under_a_short_time_budget_a_chunk_runs_its_layers_over_several_turns():
+    alone_engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=0)
+    try:
+        short, long = list(range(5, 15)), [3 + (i * 7) % 200 for i in range(2 * T + 5)]
+        expected_short, expected_long = run_greedy(alone_engine, short, 40), run_greedy(alone_engine, long, 8)
+    finally:
+        alone_engine.close()
+    # a decode step's billionth: one layer a turn (the least), a decode step between two
+    engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=T + 2, prefill_share=1e-9)
+    chunks = record_chunks(engine)
+    try:
+        async def together():
+            first = engine.submit(GenerationRequest(short, Sampling(max_new_tokens=40)))
+            items = [await first.__anext__()]
+            second = engine.submit(GenerationRequest(long, Sampling(max_new_tokens=8)))
+            items += [item async for item in first]
+            return ([item.text for item in items if isinstance(item, Delta)],
+                    [item.text for item in [item async for item in second] if isinstance(item, Delta)])
+        got_short, got_long = asyncio.run(together())
+    finally:
+        engine.close()
+    assert got_short == expected_short
+    assert got_long == expected_long
+    # the tiny model has 2 layers: each chunk's first layer in one turn, its second in the next
+    assert [(start, end, layers) for total, start, end, layers in chunks if total == len(long)] == [
+        (0, T, 1), (0, T, 1), (T, 2 * T, 1), (T, 2 * T, 1), (2 * T, 2 * T + 5, 1), (2 * T, 2 * T + 5, 1)]
+
+
+def record_chunks(engine, before=None) -> list[tuple[int, int, int, int]]:
+    """(prompt length, chunk start, chunk end, layers) for each piece of prefill work the engine runs."""
+    chunks = []
+    advance = engine._advance
+
+    def recording(job, layers):
+        chunk = job.chunk
+        chunks.append((chunk.total, chunk.start, chunk.end, layers))
+        if before is not None:
+            before(chunk)
+        return advance(job, layers)
+
+    engine._advance = recording
+    return chunks
 
 
 def test_cancelling_a_prompt_between_its_chunks_frees_its_row_and_the_running_stream_goes_on():
@@ -89,16 +126,12 @@ def test_cancelling_a_prompt_between_its_chunks_frees_its_row_and_the_running_st
         alone_engine.close()
     engine = tiny_engine(float32_tiny(), max_running=2, max_batched_tokens=T + 2)
     streams = {}
-    chunks = []
-    prefill = engine._prefill
 
-    def cancelling(row, prompt, start, end):
-        chunks.append((len(prompt), start, end))
-        if len(prompt) == len(long) and start == T:
+    def cancelling(chunk):
+        if chunk.total == len(long) and chunk.start == T:
             streams["long"].cancel()  # between its first and second chunk
-        return prefill(row, prompt, start, end)
 
-    engine._prefill = cancelling
+    chunks = record_chunks(engine, cancelling)
     try:
         async def run():
             first = engine.submit(GenerationRequest(short, Sampling(max_new_tokens=30)))
@@ -111,7 +144,7 @@ def test_cancelling_a_prompt_between_its_chunks_frees_its_row_and_the_running_st
         got_short, last = asyncio.run(run())
         assert got_short == expected_short
         assert last.finish_reason == FinishReason.CANCELLED and last.completion_tokens == 0
-        assert [(start, end) for total, start, end in chunks if total == len(long)][-1][1] <= 3 * T  # stopped early
+        assert [start for total, start, _, _ in chunks if total == len(long)][-1] <= 2 * T  # stopped early
         assert engine.running_count == 0
         assert run_greedy(engine, short, 30) == expected_short  # both rows free again
     finally:
