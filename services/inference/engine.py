@@ -243,11 +243,13 @@ class Engine:
     def _layers_this_turn(self, chunk: ChunkForward, elapsed_s: float, first: bool) -> int:
         """The chunk's layers that fit in what is left of this turn's prefill time: beside decoding
         streams, ``prefill_share`` times a decode step (both as recently measured); all of them with
-        nothing decoding or a share of 0. At least one for the turn's first piece of work."""
+        nothing decoding, a share of 0 or chunking off. At least one for the turn's first piece of work."""
         remaining = chunk.layer_count - chunk.layer
         share = self._options.prefill_share
-        if not self._kv.ready or not share or self._layer_s is None or self._step_s is None:
-            return remaining if not self._kv.ready or not share else 1  # 1: a first layer, to measure
+        if not self._kv.ready or not share or not self._options.max_batched_tokens:
+            return remaining  # nothing to stall, no time limit, or no chunking at all
+        if self._layer_s is None or self._step_s is None:
+            return 1  # a first layer, to measure
         per_layer = self._layer_s * chunk.cost_tokens / GEMM_TILE_ROWS
         layers = min(remaining, int(max(share * self._step_s - elapsed_s, 0) / per_layer))
         return max(layers, 1) if first else layers

@@ -149,3 +149,22 @@ def test_cancelling_a_prompt_between_its_chunks_frees_its_row_and_the_running_st
         assert run_greedy(engine, short, 30) == expected_short  # both rows free again
     finally:
         engine.close()
+
+
+def test_with_chunking_off_a_prompt_beside_a_running_stream_goes_in_one_forward_through_all_layers():
+    engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=0, prefill_share=1e-9)
+    chunks = record_chunks(engine)
+    try:
+        short, long = list(range(5, 15)), [3 + (i * 7) % 200 for i in range(3 * T + 5)]
+
+        async def together():
+            first = engine.submit(GenerationRequest(short, Sampling(max_new_tokens=20)))
+            await first.__anext__()
+            second = engine.submit(GenerationRequest(long, Sampling(max_new_tokens=2)))
+            return [item async for item in first][-1], [item async for item in second][-1]
+
+        asyncio.run(together())
+    finally:
+        engine.close()
+    assert [(start, end, layers) for total, start, end, layers in chunks if total == len(long)] == [
+        (0, len(long), 2)]
