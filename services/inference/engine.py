@@ -12,10 +12,13 @@ Continuous batching: every turn of the worker loop
 3. prefills prompts from the head of that line under the step's token budget
    (``max_batched_tokens``, vLLM's ``max_num_batched_tokens``): each decoding
    sequence counts one token, the rest goes to prompt tokens, in whole GEMM
-   tiles (at least one per turn). A long prompt is thus prefilled in chunks
-   over several turns, so it never stalls the running streams for its whole
-   duration; with nothing decoding, a prompt goes in one forward. A prompt
-   whose last chunk is done yields its first token and joins the batch;
+   tiles (at least one per turn). Beside decoding streams a turn's prefill
+   also keeps to a time budget (``prefill_share`` decode steps): a chunk's
+   decoder layers are spread over turns (services/inference/layered.py). A
+   long prompt is thus prefilled over many turns, so it never stalls the
+   running streams for its whole duration; with nothing decoding, a prompt
+   goes in one forward. A prompt whose last chunk is done yields its first
+   token and joins the batch;
 4. runs ONE forward for all decoding sequences, one new token each.
 A request joins at any step and leaves when it is done, stopped or cancelled,
 while the others go on. Each keeps its own sampler, seed, stop sequences and
@@ -76,7 +79,7 @@ class EngineOptions:
     max_batched_tokens: int = 64
     # Beside decoding streams, a turn's prefill runs at most this many decode steps' time: a chunk's
     # decoder layers are spread over turns to keep to it (at least one layer a turn); 0: no time limit.
-    prefill_share: float = 1.5
+    prefill_share: float = 1.0
 
 
 class StepTime(NamedTuple):
