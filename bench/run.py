@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from bench import cache_hits, generation, variants
+from bench import cache_hits, engine_speed, generation, variants
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 
@@ -127,6 +127,8 @@ def table(results: dict) -> str:
         lines += cache_hit_lines(results["cache_hits"]) + [""]
     if "generation" in results:
         lines += generation.lines(results["generation"])
+    if "engine" in results:
+        lines += [""] + engine_speed.lines(results["engine"])
     return "\n".join(lines)
 
 
@@ -156,8 +158,9 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--gen-rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--only", choices=("cache", "generation"),
-                        help="run one part: cache (the cache-hit variants, tracing overhead included) or generation")
+    parser.add_argument("--only", choices=("cache", "generation", "engine"),
+                        help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
+                             "or engine (bench/engine_speed.py)")
     parser.add_argument("--baseline-tree", type=Path,
                         help="another checkout (e.g. a worktree of the parent commit, after its `make protos`) whose "
                              "gateway takes turns with this one's on the same services: before/after in one run")
@@ -168,10 +171,12 @@ def main() -> int:
     try:
         redis_url = mesh.resolved_redis_url
         results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
-        if args.only != "generation":
+        if args.only in (None, "cache"):
             results["cache_hits"] = bench_cache_hits(mesh, redis_url, args.rounds, args.per_round, args.baseline_tree)
-        if args.only != "cache":
+        if args.only in (None, "generation"):
             results["generation"] = generation.bench(mesh, args.gen_rounds, args.max_new_tokens)
+        if args.only in (None, "engine"):
+            results["engine"] = engine_speed.bench(mesh, args.gen_rounds, args.max_new_tokens)
     finally:
         mesh.stop()
     results |= {"routing": __import__("bench.routing", fromlist=["bench"]).bench()} if args.only is None else {}

@@ -8,15 +8,24 @@
 
 Continuous batching: every turn of the worker loop
 1. drops cancelled requests (their KV row is free for the next one);
-2. admits waiting requests, up to ``max_running``: each is prefilled alone
-   (after copying any cached prefix of its prompt into its row) and yields its
-   first token;
-3. runs ONE forward for all running sequences, one new token each.
+2. admits waiting requests, up to ``max_running``, into the prefill line;
+3. prefills prompts from the head of that line under the step's token budget
+   (``max_batched_tokens``, vLLM's ``max_num_batched_tokens``): each decoding
+   sequence counts one token, the rest goes to prompt tokens, in whole GEMM
+   tiles (at least one per turn). Beside decoding streams a turn's prefill
+   also keeps to a time budget (``prefill_share`` decode steps): a chunk's
+   decoder layers are spread over turns (services/inference/layered.py). A
+   long prompt is thus prefilled over many turns, so it never stalls the
+   running streams for its whole duration; with nothing decoding, a prompt
+   goes in one forward. A prompt whose last chunk is done yields its first
+   token and joins the batch;
+4. runs ONE forward for all decoding sequences, one new token each.
 A request joins at any step and leaves when it is done, stopped or cancelled,
 while the others go on. Each keeps its own sampler, seed, stop sequences and
 limits. Rows never see each other's tokens, and the KV layout (services/inference/kv.py)
 makes a row's numbers independent of the batch, so greedy output is the same
-alone or together.
+alone or together. Chunks end on GEMM tile boundaries and attend over the whole
+prompt's width, so a chunked prompt gets the very bits of one forward.
 
 Results cross to the caller's event loop with ``loop.call_soon_threadsafe``
 into a per-request ``asyncio.Queue``.
@@ -27,7 +36,9 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,14 +48,18 @@ from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import SlotKV
-from services.inference.precision import check_row_independence, kernel_paths, prefill_phase
+from services.inference.layered import ChunkForward
+from services.inference.precision import check_row_independence, kernel_paths
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
 from services.inference.stream import GenerationStream, Job
+from services.inference.tiles import GEMM_TILE_ROWS
 from services.inference.validation import RequestLimits, resolve_request
 
 log = logging.getLogger("nlpmesh.inference.engine")
+
+_EMA = 0.2  # the weight of the latest measurement in the moving averages of step and layer times
 
 # What a refused caller is told to wait: about one short generation.
 RETRY_AFTER_S = 1.0
@@ -59,6 +74,20 @@ class EngineOptions:
     max_new_tokens_limit: int = 2048
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
+    # A turn's token budget: one per decoding sequence, the rest for prompt tokens in
+    # whole GEMM tiles (GEMM_TILE_ROWS), at least one tile; 0 prefills every prompt in one forward.
+    max_batched_tokens: int = 64
+    # Beside decoding streams, a turn's prefill runs at most this many decode steps' time: a chunk's
+    # decoder layers are spread over turns to keep to it (at least one layer a turn); 0: no time limit.
+    prefill_share: float = 1.0
+
+
+class StepTime(NamedTuple):
+    """One decode step's wall time, in seconds, by part (for the bench)."""
+    batch: int
+    forward: float  # KV and mask set-up and the model's forward
+    sampling_and_text: float  # each sequence's next token and the text it releases
+    delivery: float  # handing results to the callers' event loops, retiring finished requests
 
 
 class Engine:
@@ -79,18 +108,28 @@ class Engine:
         self.limits = _limits(model, options)
         self.model = model.eval()
         self._options = options
-        _check_kernels(model, options)
+        if model.device.type == "cpu":
+            _check_kernels(model, options)
+        else:
+            log.info("device %s: the model's own kernels (no batch-invariance check off the CPU)", model.device)
         self._eos_ids = eos_token_ids(model)
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
         kv_dtype = model.get_input_embeddings().weight.dtype
-        self._kv = SlotKV(model.config, options.max_running, kv_dtype)
+        self.device = model.device
+        self._kv = SlotKV(model.config, options.max_running, kv_dtype, self.device)
         self._prefix = prefix_cache
         if prefix_cache is not None:
             prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype)
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # admitted: being prefilled, waiting for it, or decoding
+        self._prefills: collections.deque[Job] = collections.deque()  # admitted, prompt not yet all in KV
         self._closing = False
+        self.worker_threads = 0
+        # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
+        self._step_s: float | None = None  # a decode step
+        self._layer_s: float | None = None  # one decoder layer of one 32-token prefill tile
+        self.step_times: collections.deque[StepTime] = collections.deque(maxlen=4096)  # the latest decode steps
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
 
@@ -144,13 +183,14 @@ class Engine:
 
     def _work(self) -> None:
         torch.set_num_threads(self._options.threads)
+        self.worker_threads = torch.get_num_threads()  # the intra-op threads the forwards get (logged)
+        log.info("engine worker: %d torch threads", self.worker_threads)
         with torch.inference_mode():
             while (admitted := self._next_round()) is not None:
                 self._drop_cancelled()
-                for job in admitted:
-                    if not job.cancelled:
-                        self._start(job)
-                if self._kv.used:
+                self._prefills.extend(job for job in admitted if not job.cancelled)
+                self._prefill_turn()
+                if self._kv.ready:
                     self._decode_step()
                 if not self._running:
                     self._kv.shrink()
@@ -172,50 +212,117 @@ class Engine:
         for job in [job for job in self._running if job.cancelled]:
             self._retire(job, job.finished(FinishReason.CANCELLED))
 
-    def _start(self, job: Job) -> None:
-        """Prefills one admitted request into a free row and emits its first token."""
+    def _prefill_budget(self) -> int | None:
+        """Prompt tokens this turn may still take beside the decoding rows; None: no limit."""
+        if not self._options.max_batched_tokens or not self._kv.ready:
+            return None  # nothing decodes, so nothing can stall
+        return self._options.max_batched_tokens - self._kv.ready
+
+    def _prefill_turn(self) -> None:
+        """Prefills from the head of the line within this turn's token budget and, beside decoding
+        streams, its time budget (at least one layer of one tile)."""
+        spent, started = 0, time.perf_counter()
+        while self._prefills:
+            job = self._prefills[0]
+            budget = self._prefill_budget()
+            left = None if budget is None else budget - spent
+            if job.sequence is None and not self._begin(job):
+                continue  # failed and retired
+            total = len(job.request.prompt_token_ids)
+            if job.chunk is None:
+                start = job.sequence.length
+                end = chunk_end(start, total, left, first=spent == 0)
+                if end <= start:
+                    return
+                job.chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end)
+            chunk = job.chunk
+            layers = self._layers_this_turn(chunk, time.perf_counter() - started, first=spent == 0)
+            if layers == 0 or not self._advance(job, layers):
+                return
+            spent += chunk.cost_tokens
+            if job.chunk is not None or job.sequence.length < total:
+                return  # the budget is spent in the middle of this chunk or this prompt
+
+    def _layers_this_turn(self, chunk: ChunkForward, elapsed_s: float, first: bool) -> int:
+        """The chunk's layers that fit in what is left of this turn's prefill time: beside decoding
+        streams, ``prefill_share`` times a decode step (both as recently measured); all of them with
+        nothing decoding, a share of 0 or chunking off. At least one for the turn's first piece of work."""
+        remaining = chunk.layer_count - chunk.layer
+        share = self._options.prefill_share
+        if not self._kv.ready or not share or not self._options.max_batched_tokens:
+            return remaining  # nothing to stall, no time limit, or no chunking at all
+        if self._layer_s is None or self._step_s is None:
+            return 1  # a first layer, to measure
+        per_layer = self._layer_s * chunk.cost_tokens / GEMM_TILE_ROWS
+        layers = min(remaining, int(max(share * self._step_s - elapsed_s, 0) / per_layer))
+        return max(layers, 1) if first else layers
+
+    def _begin(self, job: Job) -> bool:
+        """A row for the head of the line, with any cached prefix of its prompt copied in."""
         job.spans.admitted()
-        prompt = job.request.prompt_token_ids
         try:
             sequence = job.sequence = Sequence(job.request, self._text_tokenizer, self._eos_ids)
             row = self._kv.allocate(job)
-            keys = self._prefix.keys(job.request.tenant, prompt) if self._prefix else []
+            keys = self._prefix.keys(job.request.tenant, job.request.prompt_token_ids) if self._prefix else []
             match = self._prefix.match(keys) if keys else NO_MATCH
             if match.kv is not None:
                 self._kv.write(row, 0, match.kv)
-            logits = self._prefill(row, prompt, match.tokens)
-            metrics.PREFILL_TOKENS.inc(len(prompt) - match.tokens)
-            sequence.length = len(prompt)
-            if keys:
-                known = match.tokens // self._prefix.block_tokens
-                self._prefix.remember(keys, known, lambda start, end: self._kv.read(row, start, end))
-            text = sequence.accept(logits[0])
+            sequence.length = match.tokens
+            job.prefix_keys, job.prefix_known = keys, match.tokens // self._prefix.block_tokens if keys else 0
+        except Exception as error:
+            log.exception("prefill failed", extra={"request_id": job.request.request_id})
+            self._retire(job, error)
+            return False
+        return True
+
+    def _advance(self, job: Job, layers: int) -> bool:
+        """Runs ``layers`` more layers of the job's chunk (services/inference/layered.py). A chunk
+        done moves the prompt on; the prompt's last one also makes the first token and moves the
+        job into the decoding batch. False if it failed.
+
+        Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
+        fixed tiles placed by absolute position, so a row's bits do not depend on how
+        many rows there are: the tail after a reused prefix, or a chunk, comes out as it
+        would in a cold prefill of the whole prompt, and neither the prefix cache nor
+        chunking ever changes a greedy answer.
+        """
+        sequence, chunk = job.sequence, job.chunk
+        try:
+            started = time.perf_counter()
+            logits = chunk.run(self._kv.row_of(job), layers)
+            per_layer = (time.perf_counter() - started) / layers * GEMM_TILE_ROWS / chunk.cost_tokens
+            self._layer_s = per_layer if self._layer_s is None else _EMA * per_layer + (1 - _EMA) * self._layer_s
+            if not chunk.done:
+                return True
+            job.chunk = None
+            metrics.PREFILL_TOKENS.inc(chunk.end - chunk.start)
+            sequence.length = chunk.end
+            if chunk.end < chunk.total:
+                return True
+            self._prefills.popleft()
+            self._kv.mark_ready(job)
+            if job.prefix_keys:
+                row = self._kv.row_of(job)
+                self._prefix.remember(job.prefix_keys, job.prefix_known,
+                                      lambda first, last: self._kv.read(row, first, last))
+            text = sequence.accept(logits[0].float().cpu())
         except Exception as error:
             # The worker thread has no request context: the line names its request itself.
             log.exception("prefill failed", extra={"request_id": job.request.request_id})
             self._retire(job, error)
-            return
+            return False
         self._emit(job, text)
-
-    def _prefill(self, row: int, prompt: list[int], start: int) -> torch.Tensor:
-        """Runs prompt[start:] into ``row`` in one forward; the last position's logits.
-
-        Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
-        16-row tiles placed by absolute position, so a row's bits do not depend on how
-        many rows there are: the tail after a reused prefix comes out as it would in a
-        cold prefill, and the prefix cache never changes a greedy answer.
-        """
-        positions, mask = self._kv.prefill(row, start, len(prompt) - start)
-        with prefill_phase(start):
-            return self._forward([prompt[start:]], positions, mask)
+        return True
 
     def _decode_step(self) -> None:
-        """One forward for every running sequence (rows 0 .. B - 1), one token each."""
-        jobs: list[Job] = list(self._kv.owners)
+        """One forward for every decoding sequence (rows 0 .. B - 1), one token each."""
+        jobs: list[Job] = list(self._kv.ready_owners)
         sequences = [job.sequence for job in jobs]
+        started = time.perf_counter()
         try:
             positions, mask = self._kv.decode([sequence.length for sequence in sequences])
             logits = self._forward([[sequence.next_token] for sequence in sequences], positions, mask)
+            forwarded = time.perf_counter()
             metrics.BATCH_SIZE.observe(len(jobs))
             texts = []
             for index, sequence in enumerate(sequences):
@@ -226,16 +333,22 @@ class Engine:
             for job in jobs:
                 self._retire(job, error)
             return
+        accepted = time.perf_counter()
         for job, text in zip(jobs, texts):
             self._emit(job, text)
+        step = StepTime(len(jobs), forwarded - started, accepted - forwarded, time.perf_counter() - accepted)
+        self.step_times.append(step)
+        whole = step.forward + step.sampling_and_text + step.delivery
+        self._step_s = whole if self._step_s is None else _EMA * whole + (1 - _EMA) * self._step_s
 
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""
         output = self.model(
-            input_ids=torch.tensor(rows), position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
-            logits_to_keep=1,
+            input_ids=torch.tensor(rows, device=self.device), position_ids=positions, attention_mask=mask,
+            cache=self._kv, use_cache=True, logits_to_keep=1,
         )
-        return output.logits[:, -1:, :]
+        logits = output.logits[:, -1:, :]
+        return logits if logits.device.type == "cpu" else logits.float().cpu()  # one copy a step, for the samplers
 
     def _emit(self, job: Job, text: str) -> None:
         sequence = job.sequence
@@ -248,6 +361,8 @@ class Engine:
     def _retire(self, job: Job, last: Finished | BaseException) -> None:
         if job in self._kv.owners:
             self._kv.free(job)
+        if job in self._prefills:
+            self._prefills.remove(job)
         with self._lock:
             self._running.remove(job)
         job.spans.finished(last)
@@ -258,10 +373,24 @@ class Engine:
             jobs = list(self._waiting) + self._running
             self._waiting.clear()
             self._running.clear()
+        self._prefills.clear()
         for job in jobs:
             error = Unavailable("the inference engine shut down")
             job.spans.finished(error)
             job.deliver(error)
+
+
+def chunk_end(start: int, total: int, budget: int | None, first: bool) -> int:
+    """Where a prefill chunk from token ``start`` of a ``total``-token prompt ends, given ``budget``
+    tokens (None: no limit): the prompt's end if it fits, else the last GEMM tile boundary within
+    the budget; the turn's first chunk gets at least up to the next boundary. ``start`` itself
+    when nothing fits."""
+    if budget is None or total - start <= budget:
+        return total
+    end = (start + max(budget, 0)) // GEMM_TILE_ROWS * GEMM_TILE_ROWS
+    if end <= start and first:
+        end = (start // GEMM_TILE_ROWS + 1) * GEMM_TILE_ROWS
+    return min(max(end, start), total)
 
 
 def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:

@@ -8,14 +8,17 @@ attention layer; ``SlotKV`` answers it from preallocated buffers
 where row ``r`` holds one sequence's tokens in columns ``0 .. length - 1``. Rows
 stay packed (``0 .. used - 1``), so a decode step reads plain views and copies
 no KV: each row writes its new token at its own column and the attention mask
-hides every row's columns past its own length. A forward is one of
+hides every row's columns past its own length. The decoding rows come first
+(``0 .. ready - 1``); at most one row after them is still being prefilled, chunk
+by chunk, and joins the decoding rows with ``mark_ready``. A forward is one of
 
-- ``prefill(row, start, n)``: ``n`` prompt tokens of one row, after ``start``
-  tokens already in place (a reused prefix);
+- ``prefill(row, start, n, total)``: ``n`` prompt tokens of one row, after
+  ``start`` tokens already in place (a reused prefix, or earlier chunks), of a
+  prompt of ``total`` tokens;
 - ``decode(lengths)``: one new token for each of the rows ``0 .. B - 1``.
 
 The model is called with our 4-D boolean mask and explicit position ids, which
-transformers uses as given. Freeing a row moves the last row into it, so
+transformers uses as given. Freeing a row moves another row into it, so
 sequences must ask ``row_of`` after each ``free``.
 """
 from __future__ import annotations
@@ -38,17 +41,20 @@ def _aligned(width: int) -> int:
 
 
 class SlotKV:
-    def __init__(self, config: PretrainedConfig, rows: int, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, rows: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rows = rows
         self.dtype = dtype
+        self.device = torch.device(device)
         self.capacity = 0
         # keys and values of every layer in one tensor each: (layers, rows, kv_heads, capacity, head_dim)
         self._keys = torch.empty(0)
         self._values = torch.empty(0)
         self._owners: list[object] = []  # row -> its sequence
+        self.ready = 0  # rows 0 .. ready - 1 decode; a row after them is being prefilled
         self._forward: _Prefill | _Decode | None = None
 
     # -- rows ---------------------------------------------------------------
@@ -62,6 +68,11 @@ class SlotKV:
         """The sequences in row order."""
         return tuple(self._owners)
 
+    @property
+    def ready_owners(self) -> tuple[object, ...]:
+        """The decoding sequences, in row order (rows ``0 .. ready - 1``)."""
+        return tuple(self._owners[: self.ready])
+
     def shrink(self) -> None:
         """With no rows in use, drops buffers grown past the initial size (a long prompt's memory)."""
         if not self._owners and self.capacity > INITIAL_CAPACITY:
@@ -69,20 +80,37 @@ class SlotKV:
             self.capacity = 0
 
     def allocate(self, owner: object) -> int:
+        """A row for a sequence about to be prefilled (one at a time: the previous one must be ready)."""
         if self.used >= self.rows:
             raise RuntimeError("no free KV row")  # the engine admits at most `rows` sequences
+        if self.used > self.ready:
+            raise RuntimeError("another row is still being prefilled")
         self._owners.append(owner)
         return self.used - 1
 
+    def mark_ready(self, owner: object) -> None:
+        """``owner``'s prompt is all in its row: from the next step it decodes with the others."""
+        if self.row_of(owner) != self.ready:
+            raise RuntimeError("only the row being prefilled can become ready")
+        self.ready += 1
+
     def free(self, owner: object) -> None:
-        """Releases ``owner``'s row; the last row moves into it (its KV too)."""
+        """Releases ``owner``'s row. A decoding row takes the last decoding row's place and a row
+        being prefilled moves down behind it, so both groups stay packed (their KV moves too)."""
         row = self._owners.index(owner)
-        last = self.used - 1
-        if row != last and self.capacity:
-            self._keys[:, row] = self._keys[:, last]
-            self._values[:, row] = self._values[:, last]
-        self._owners[row] = self._owners[last]
+        if row < self.ready:
+            self.ready -= 1
+            self._move(self.ready, row)  # the last decoding row fills the hole ...
+            row = self.ready
+        self._move(self.used - 1, row)  # ... and the row being prefilled, if any, the one it left
         self._owners.pop()
+
+    def _move(self, source: int, target: int) -> None:
+        if source != target:
+            if self.capacity:
+                self._keys[:, target] = self._keys[:, source]
+                self._values[:, target] = self._values[:, source]
+            self._owners[target] = self._owners[source]
 
     def row_of(self, owner: object) -> int:
         return self._owners.index(owner)
@@ -95,7 +123,8 @@ class SlotKV:
         while capacity < length:
             capacity *= 2
         shape = (self.layers, self.rows, self.kv_heads, capacity, self.head_dim)
-        keys, values = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.capacity:
             keys[:, :, :, : self.capacity] = self._keys
             values[:, :, :, : self.capacity] = self._values
@@ -104,34 +133,46 @@ class SlotKV:
     # -- blocks of KV, for prefix reuse ----------------------------------------
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
-        """A copy of one row's KV for tokens ``start .. end - 1``: (2, layers, kv_heads, n, head_dim)."""
-        return torch.stack((self._keys[:, row, :, start:end], self._values[:, row, :, start:end])).clone()
+        """A copy of one row's KV for tokens ``start .. end - 1``: (2, layers, kv_heads, n, head_dim), on the CPU
+        (where the prefix tiers keep and encode blocks)."""
+        kv = torch.stack((self._keys[:, row, :, start:end], self._values[:, row, :, start:end]))
+        return kv.cpu() if kv.device.type != "cpu" else kv
 
     def write(self, row: int, start: int, kv: torch.Tensor) -> None:
         """Puts KV read by ``read`` (or rebuilt from Redis) at ``start`` in ``row``."""
         end = start + kv.shape[3]
         self.reserve(end)
+        kv = kv.to(self.device)
         self._keys[:, row, :, start:end] = kv[0]
         self._values[:, row, :, start:end] = kv[1]
 
     # -- forwards -------------------------------------------------------------
 
-    def prefill(self, row: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sets up a forward of ``count`` tokens for ``row``; returns (position_ids, attention_mask)."""
-        width = _aligned(start + count)
+    def prefill(self, row: int, start: int, count: int, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sets up a forward of ``count`` tokens for ``row``; returns (position_ids, attention_mask).
+
+        Attention spans the whole prompt's aligned width (``total`` tokens; ``start + count``
+        by default) whichever chunk of it this is, columns past the chunk masked: every
+        chunk's attention is then the very computation a prefill of the whole prompt does
+        for those rows (services/inference/attention.py), so chunking never changes an answer.
+        """
+        total = start + count if total is None else total
+        if not 0 <= start < start + count <= total:
+            raise ValueError(f"a prefill of tokens {start} .. {start + count - 1} of a {total}-token prompt")
+        width = _aligned(total)
         self.reserve(width)
         self._forward = _Prefill(row, start, count, width)
-        positions = torch.arange(start, start + count)
-        mask = torch.arange(width).unsqueeze(0) <= positions.unsqueeze(1)  # (count, width): causal
+        positions = torch.arange(start, start + count, device=self.device)
+        mask = torch.arange(width, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (count, width)
         return positions.unsqueeze(0), mask[None, None]
 
     def decode(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sets up one token for each of rows ``0 .. len(lengths) - 1``, where row ``r`` holds ``lengths[r]``."""
         width = _aligned(max(lengths) + 1)
         self.reserve(width)
-        positions = torch.tensor(lengths)
-        self._forward = _Decode(torch.arange(len(lengths)), positions, width)
-        mask = torch.arange(width).unsqueeze(0) <= positions.unsqueeze(1)  # (B, width)
+        positions = torch.tensor(lengths, device=self.device)
+        self._forward = _Decode(torch.arange(len(lengths), device=self.device), positions, width)
+        mask = torch.arange(width, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (B, width)
         return positions.unsqueeze(1), mask[:, None, None, :]
 
     def update(
@@ -145,7 +186,7 @@ class SlotKV:
             all_keys[row, :, start:end] = keys[0]
             all_values[row, :, start:end] = values[0]
             return all_keys[row : row + 1, :, : forward.width], all_values[row : row + 1, :, : forward.width]
-        batch = forward.rows.shape[0]
+        batch = forward.rows.shape[0]  # the decoding rows 0 .. B - 1
         all_keys[forward.rows, :, forward.positions] = keys[:, :, 0]
         all_values[forward.rows, :, forward.positions] = values[:, :, 0]
         return all_keys[:batch, :, : forward.width], all_values[:batch, :, : forward.width]

@@ -10,6 +10,7 @@ from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
 from modelfiles.convert import ModelFiles, load_model_files
+from services.inference.device import describe, resolve_device
 from services.inference.engine import Engine
 from services.inference.generation_types import GenerationRequest
 from services.inference.precision import apply_precision
@@ -19,16 +20,23 @@ from services.inference.settings import InferenceSettings
 log = logging.getLogger("nlpmesh.inference")
 
 
-def load_model(files: ModelFiles, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(files: ModelFiles, dtype: str = "float32",
+               device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (eval mode) and its tokenizer from a converted folder.
 
-    ``dtype`` is float32, bfloat16 or int8 (services/inference/precision.py).
+    On the CPU ``dtype`` is float32, bfloat16 or int8 (services/inference/precision.py);
+    on CUDA the model runs in bfloat16 with SDPA attention (services/inference/device.py).
     """
+    device = torch.device(device)
     log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
     tokenizer = AutoTokenizer.from_pretrained(files.path)
-    log.info("loading the weights in %s", dtype)
     # Its progress bar would be the one line of the service's log that is not a log record.
     hf_logging.disable_progress_bar()
+    if device.type == "cuda":
+        log.info("loading the weights in bfloat16 on %s (the dtype setting, %s, is for the CPU)", device, dtype)
+        model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.bfloat16, attn_implementation="sdpa")
+        return model.to(device).eval(), tokenizer
+    log.info("loading the weights in %s", dtype)
     model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
     return apply_precision(model, dtype).eval(), tokenizer
 
@@ -37,7 +45,9 @@ def load_engine(settings: InferenceSettings) -> Engine:
     """The real model in a started engine. Blocking: run it in a thread."""
     started = time.monotonic()
     files = load_model_files(settings.home)
-    model, tokenizer = load_model(files, settings.dtype)
+    device = resolve_device(settings.device)
+    log.info("inference device: %s (NLPMESH_INFERENCE_DEVICE=%s)", describe(device), settings.device)
+    model, tokenizer = load_model(files, settings.dtype, device)
     log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
     options = settings.engine_options()
     return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision,

@@ -28,12 +28,23 @@ class InferenceSettings(ServiceSettings, service="inference"):
     max_new_tokens_limit: int = _ENGINE.max_new_tokens_limit
     max_stop_sequences: int = _ENGINE.max_stop_sequences
     max_stop_chars: int = _ENGINE.max_stop_chars
+    # Chunked prefill: a turn's token budget (vLLM's max_num_batched_tokens), one token per
+    # decoding sequence and the rest for prompt tokens, in whole 32-token tiles, at least one
+    # a turn; 0 prefills every prompt in one forward, stalling the running streams meanwhile.
+    max_batched_tokens: int = Field(default=_ENGINE.max_batched_tokens, ge=0, le=65536)
+    # Beside decoding streams, a turn's prefill takes at most this many decode steps' time (a
+    # chunk's layers spread over turns, one layer at least); 0: whole chunks, no time limit.
+    prefill_share: float = Field(default=_ENGINE.prefill_share, ge=0, le=100)
     # Decode precision (services/inference/precision.py). int8 is the default:
     # decode is bound by reading the weights and int8 reads the fewest bytes, and
     # a test keeps its perplexity within 3% of float32's
     # (tests/unit/test_inference_precision.py). The engine refuses a precision
     # whose kernels cannot keep greedy output batch-independent on this CPU.
     dtype: Literal["int8", "bfloat16", "float32"] = "int8"
+    # Where the model runs (services/inference/device.py): auto (CUDA where torch sees a
+    # device, else the CPU), cpu, or cuda (refused at start without one). On CUDA the
+    # model runs in bfloat16 with SDPA attention, whatever dtype says.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Prefix KV reuse (services/inference/prefix.py): blocks of this many prompt
     # tokens, kept in an in-process LRU of this many bytes (0 = off) and shared
     # with other replicas through Redis ("" = no Redis tier).

@@ -66,6 +66,9 @@ class Job:
         self.queue: asyncio.Queue[Delta | Finished | BaseException] = asyncio.Queue()
         self.cancelled = False
         self.sequence: Sequence | None = None  # made and used by the worker thread only
+        self.prefix_keys: list[bytes] = []  # the prompt's prefix-cache keys (worker thread)
+        self.prefix_known = 0  # ... of which this many blocks were reused
+        self.chunk = None  # the prefill chunk under way (services/inference/layered.py ChunkForward; worker thread)
         self._loop = loop
 
     def finished(self, reason: FinishReason) -> Finished:

@@ -1,4 +1,5 @@
 """SlotKV: packed rows, aligned attention widths, masks, and moving a row on free."""
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -14,6 +15,7 @@ def new_kv(rows: int = 3) -> SlotKV:
 def filled(kv: SlotKV, owner: str, length: int, value: float) -> int:
     row = kv.allocate(owner)
     kv.write(row, 0, torch.full((2, kv.layers, kv.kv_heads, length, kv.head_dim), value))
+    kv.mark_ready(owner)
     return row
 
 
@@ -72,3 +74,41 @@ def test_a_long_row_grows_the_buffers_and_keeps_what_was_there():
     kv.free("a")
     kv.shrink()
     assert kv.capacity == 0
+
+
+def test_a_row_being_prefilled_stays_behind_the_decoding_rows_when_one_of_them_leaves():
+    kv = new_kv(4)
+    filled(kv, "a", 4, 1.0)
+    filled(kv, "b", 4, 2.0)
+    row = kv.allocate("p")  # being prefilled: not part of a decode step
+    kv.write(row, 0, torch.full((2, kv.layers, kv.kv_heads, 8, kv.head_dim), 9.0))
+    assert kv.ready == 2 and kv.ready_owners == ("a", "b")
+    positions, _ = kv.decode([4, 4])
+    assert positions.shape == (2, 1)
+    kv.free("a")
+    assert kv.owners == ("b", "p") and kv.ready_owners == ("b",)
+    assert kv.read(kv.row_of("b"), 0, 4).unique().tolist() == [2.0]
+    assert kv.read(kv.row_of("p"), 0, 8).unique().tolist() == [9.0]
+    kv.mark_ready("p")
+    assert kv.ready_owners == ("b", "p")
+
+
+def test_only_one_row_is_prefilled_at_a_time_and_it_may_leave_before_it_is_ready():
+    kv = new_kv(4)
+    filled(kv, "a", 4, 1.0)
+    kv.allocate("p")
+    with pytest.raises(RuntimeError):
+        kv.allocate("q")
+    kv.free("p")
+    assert kv.owners == ("a",) and kv.ready == 1
+
+
+def test_every_chunk_of_a_prompt_attends_over_the_whole_prompts_aligned_width():
+    kv = new_kv()
+    row = kv.allocate("a")
+    positions, mask = kv.prefill(row, 32, 32, total=100)
+    assert positions.tolist() == [list(range(32, 64))]
+    assert mask.shape == (1, 1, 32, 112)  # 100 tokens, aligned: the width of one forward over them all
+    assert [int(m.sum()) for m in mask[0, 0]] == list(range(33, 65))  # causal, nothing past the chunk
+    with pytest.raises(ValueError):
+        kv.prefill(row, 96, 8, total=100)

@@ -2,14 +2,17 @@
 
 - float32: the greedy answer equals transformers' own ``generate``;
 - every precision: 8 concurrent greedy requests give the same tokens as the
-  same 8 run one after another (the batch never changes a row's numbers), and
-  a prefix-cache hit gives the same answer as a cold prefill.
+  same 8 run one after another (the batch never changes a row's numbers), a
+  prefix-cache hit gives the same answer as a cold prefill, and a prompt
+  prefilled in chunks beside a running stream leaves the very KV and logits,
+  and so the same answer, as one forward over it.
 
 Both depend on the CPU's kernels (AVX2-only and AVX-512 BF16/VNNI/AMX machines
 run different code): the engine checks them at start and refuses a precision
 that cannot keep them (RowDependence); these tests then skip with its reason.
 """
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +22,12 @@ from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
+from services.inference.kv import SlotKV
+from services.inference.layered import ChunkForward
 from services.inference.loading import load_model
 from services.inference.precision import RowDependence
 from services.inference.prefix import PrefixCache
+from services.inference.tiles import GEMM_TILE_ROWS, prefill_phase
 
 pytestmark = pytest.mark.model
 
@@ -119,3 +125,82 @@ def test_a_prefix_cache_hit_gives_the_same_greedy_answer_as_a_cold_prefill(model
         assert [asyncio.run(generate(reusing, prompt)) for prompt in prompts] == cold  # all reuse
     finally:
         reusing.close()
+
+
+def long_prompt(tokenizer, tokens: int) -> list[int]:
+    text = (Path(__file__).resolve().parent.parent / "data" / "perplexity.txt").read_text()
+    return tokenizer.encode(text)[:tokens]
+
+
+def test_a_prompt_prefilled_in_chunks_leaves_the_very_kv_and_logits_of_one_forward(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    start_engine(model, tokenizer, EngineOptions()).close()  # skips where the precision is refused
+    prompt = long_prompt(tokenizer, 5 * GEMM_TILE_ROWS + 7)
+    kv = SlotKV(model.config, 3, model.get_input_embeddings().weight.dtype)
+    with torch.inference_mode():
+        row = kv.allocate("one forward")
+        positions, mask = kv.prefill(row, 0, len(prompt))
+        with prefill_phase(0):
+            whole = model(input_ids=torch.tensor([prompt]), position_ids=positions, attention_mask=mask, cache=kv,
+                          use_cache=True, logits_to_keep=1).logits
+        kv.mark_ready("one forward")
+
+        def chunked(owner: str, bounds: list[int], layer_groups: list[int]) -> torch.Tensor:
+            """The engine's way: chunks, each run a group of decoder layers at a time."""
+            row = kv.allocate(owner)
+            for start, end in zip(bounds, bounds[1:]):
+                chunk = ChunkForward(model, kv, prompt, start, end)
+                for layers in layer_groups:
+                    logits = chunk.run(row, layers)
+                assert chunk.done
+            kv.mark_ready(owner)
+            return logits
+
+        layers = model.config.num_hidden_layers
+        tiles = [0, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS, 4 * GEMM_TILE_ROWS, len(prompt)]
+        assert torch.equal(chunked("chunks", tiles, [layers]), whole)
+        assert torch.equal(chunked("layer groups", tiles, [7, 11, layers - 18]), whole)
+    for other in (1, 2):
+        assert torch.equal(kv.read(other, 0, len(prompt)), kv.read(0, 0, len(prompt)))
+
+
+def test_a_long_prompt_chunked_beside_a_running_stream_gives_the_greedy_answer_of_one_forward(
+        model_and_tokenizer, engine):
+    model, tokenizer = model_and_tokenizer
+    prompt = long_prompt(tokenizer, 300)
+    running = question_ids(tokenizer, "Write a long, detailed essay about the water cycle.")
+    one_forward = start_engine(model, tokenizer, EngineOptions(max_batched_tokens=0))
+    try:
+        expected = asyncio.run(generate(one_forward, prompt))
+    finally:
+        one_forward.close()
+    chunks = []
+    # half a decode step's time a turn: each chunk's layers spread over several turns
+    chunking = start_engine(model, tokenizer, EngineOptions(prefill_share=0.5))
+    advance = chunking._advance
+
+    def recording(job, layers):
+        chunks.append((job.chunk.total, job.chunk.start, job.chunk.end, layers))
+        return advance(job, layers)
+
+    chunking._advance = recording
+    try:
+        async def beside_a_running_stream():
+            stream = chunking.submit(GenerationRequest(running, Sampling(max_new_tokens=400)))
+            await stream.__anext__()  # it decodes when the long prompt arrives
+            answer = await generate(chunking, prompt)
+            stream.cancel()
+            return answer
+
+        assert asyncio.run(beside_a_running_stream()) == expected
+    finally:
+        chunking.close()
+    pieces: dict[tuple[int, int], list[int]] = {}
+    for total, start, end, layers in chunks:
+        if total == len(prompt):
+            pieces.setdefault((start, end), []).append(layers)
+    assert len(pieces) >= len(prompt) // (2 * GEMM_TILE_ROWS)  # chunked, on tile boundaries
+    assert all(start % GEMM_TILE_ROWS == 0 for start, _ in pieces)
+    for groups in pieces.values():
+        assert sum(groups) == model.config.num_hidden_layers
+    assert max(max(groups) for groups in pieces.values()) < model.config.num_hidden_layers

@@ -1,0 +1,283 @@
+"""The engine's own speed (issue 12), every variant beside its baseline in one run, rounds interleaved:
+
+- decode tok/s at 1, 4 and 8 streams: the engine alone in this process (no gRPC,
+  prefix cache off), the engine through the gateway (the mesh's inference service),
+  and transformers' ``generate`` on the same weights in this process. generate's
+  figure is decode only (its prefill timed apart and taken off), so the engine's
+  and the gateway's are too: tokens arriving while every stream decodes, from the
+  last stream's first token to the first stream's last (``steady_tok_s``). The
+  figure from the first stream's first token on (chunked prefills of the later
+  streams included) is kept in the JSON as ``aggregate``;
+- the engine's decode step split into forward, sampling and text, and delivery
+  (its own ``step_times``), by batch size;
+- prefill beside decode: a running stream's gaps between tokens while a
+  1,000-token prompt is admitted beside it: chunked with a chunk's layers spread
+  over turns at a few ``prefill_share`` (the default among them), in whole
+  chunks (``prefill_share`` 0: the token budget alone), and in one forward
+  (``max_batched_tokens`` 0), against the same stream's median gap alone; and
+  the long prompt's time to first token.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+import threading
+import time
+
+import torch
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from bench import generation
+from bench.generation import STREAMS, StreamTimes, chat_ids, question, rate_summary
+from cli.launcher import LocalMesh
+from meshkit.percentile import percentile
+from meshkit.sampling import Sampling
+from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
+from services.inference.engine import Engine
+from services.inference.generation_types import Delta, GenerationRequest
+from services.inference.loading import load_model
+from services.inference.settings import InferenceSettings
+
+LONG_PROMPT_TOKENS = 1000
+RUNNING_STREAM_TOKENS = 96
+ADMIT_AFTER_TOKENS = 12  # the long prompt arrives once the running stream has this many
+STALL_SHARES = (0.5, 1.5)  # prefill_share compared (with the default, 0: whole chunks, and one forward)
+
+
+def say(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
+
+
+def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
+    settings = InferenceSettings()
+    say(f"loading the model in-process ({settings.dtype}) for the engine and generate")
+    torch.set_num_threads(settings.threads)
+    model, tokenizer = load_model(load_model_files(default_home()), settings.dtype)
+    options = settings.engine_options()
+    engine = Engine(model, tokenizer, options)
+    try:
+        decode = bench_decode(mesh, engine, model, tokenizer, rounds, max_new_tokens)
+        steps = step_split(engine)
+        worker_threads = engine.worker_threads
+    finally:
+        engine.close()
+    variants = {f"chunked_share_{share:g}": dataclasses.replace(options, prefill_share=share)
+                for share in sorted({options.prefill_share, *STALL_SHARES} - {0})}
+    variants["whole_chunks"] = dataclasses.replace(options, prefill_share=0)  # the token budget alone
+    variants["one_forward"] = dataclasses.replace(options, max_batched_tokens=0)
+    engines = {name: Engine(model, tokenizer, variant) for name, variant in variants.items()}
+    try:
+        stall = bench_prefill_stall(engines, tokenizer, rounds)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {"precision": settings.dtype, "threads": settings.threads, "worker_torch_threads": worker_threads,
+            "max_batched_tokens": options.max_batched_tokens, "prefill_share": options.prefill_share,
+            "decode": decode, "step_ms": steps,
+            "prefill_stall": stall}
+
+
+# -- decode -------------------------------------------------------------------------
+
+
+def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
+    prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
+    samples: dict[str, list[float]] = {}
+    with mesh.gateway_access().channel() as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        gateway_streams(stub, 1, max_new_tokens)  # warm
+        engine_streams(engine, prompts[:1], max_new_tokens)
+        for index in range(rounds):
+            for streams in STREAMS:
+                say(f"engine decode: round {index + 1}/{rounds}, {streams} streams")
+                for name, arrivals in (("engine", engine_streams(engine, prompts[:streams], max_new_tokens)),
+                                       ("gateway", gateway_streams(stub, streams, max_new_tokens))):
+                    samples.setdefault(f"{name}_{streams}", []).append(steady_tok_s(arrivals))
+                    samples.setdefault(f"{name}_{streams}_aggregate", []).append(aggregate_tok_s(arrivals))
+                samples.setdefault(f"hf_{streams}", []).append(
+                    generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+    result = {}
+    for streams in STREAMS:
+        hf = statistics.median(samples[f"hf_{streams}"])
+        result[f"{streams}_streams"] = {
+            "engine_tok_s": rate_summary(samples[f"engine_{streams}"]),
+            "gateway_tok_s": rate_summary(samples[f"gateway_{streams}"]),
+            "hf_generate_tok_s": rate_summary(samples[f"hf_{streams}"]),
+            "engine_ratio_to_hf": statistics.median(samples[f"engine_{streams}"]) / hf,
+            "gateway_ratio_to_hf": statistics.median(samples[f"gateway_{streams}"]) / hf,
+            "engine_aggregate_tok_s": rate_summary(samples[f"engine_{streams}_aggregate"]),
+            "gateway_aggregate_tok_s": rate_summary(samples[f"gateway_{streams}_aggregate"]),
+        }
+    return result
+
+
+class Arrivals(list):
+    """One stream's text arrival times (perf_counter), and its completion tokens."""
+    tokens = 0
+
+
+def steady_tok_s(streams: list[Arrivals]) -> float:
+    """Tokens arriving while every stream decodes (after the last stream's first token, up to the first
+    stream's last one) over that window; a stream's arrivals weighted by its tokens per arrival (a piece
+    of text may hold more than one token)."""
+    start, end = max(times[0] for times in streams), min(times[-1] for times in streams)
+    if end <= start:
+        raise RuntimeError("a stream ended before the last one started: raise --max-new-tokens")
+    tokens = sum(sum(start < at <= end for at in times) * times.tokens / len(times) for times in streams)
+    return tokens / (end - start)
+
+
+def aggregate_tok_s(streams: list[Arrivals]) -> float:
+    return generation.aggregate_tok_s([StreamTimes(times[0], times[-1], times.tokens) for times in streams])
+
+
+def engine_streams(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[Arrivals]:
+    """The prompts as concurrent greedy requests to ``engine``, in one event loop of this process."""
+    async def one(prompt: list[int]) -> Arrivals:
+        arrivals = Arrivals()
+        stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=max_new_tokens)))
+        async for item in stream:
+            if isinstance(item, Delta):
+                arrivals.append(time.perf_counter())
+            else:
+                arrivals.tokens = item.completion_tokens
+        return arrivals
+
+    async def run() -> list[Arrivals]:
+        return await asyncio.gather(*(one(prompt) for prompt in prompts))
+
+    return asyncio.run(run())
+
+
+def gateway_streams(stub, streams: int, max_new_tokens: int) -> list[Arrivals]:
+    """``streams`` concurrent GenerateStream calls (cache bypassed), one thread each."""
+    results = [Arrivals() for _ in range(streams)]
+    barrier = threading.Barrier(streams)
+
+    def run(index: int) -> None:
+        request = gateway_pb2.GenerateRequest(
+            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(index))]),
+            sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+            cache_mode=gateway_pb2.CACHE_MODE_BYPASS,
+        )
+        barrier.wait()
+        for chunk in stub.GenerateStream(request, timeout=600):
+            if chunk.delta:
+                results[index].append(time.perf_counter())
+            if chunk.done:
+                results[index].tokens = chunk.usage.completion_tokens
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def step_split(engine: Engine) -> dict:
+    """Median ms per decode step and part, by batch size, over the engine's latest steps."""
+    by_batch: dict[int, list] = {}
+    for step in engine.step_times:
+        by_batch.setdefault(step.batch, []).append(step)
+    result = {}
+    for batch in sorted(by_batch):
+        steps = by_batch[batch]
+        if len(steps) < 5:
+            continue
+        parts = {name: statistics.median(getattr(step, name) for step in steps) * 1000
+                 for name in ("forward", "sampling_and_text", "delivery")}
+        result[str(batch)] = {"steps": len(steps), **parts}
+    return result
+
+
+# -- prefill beside decode --------------------------------------------------------------
+
+
+def bench_prefill_stall(engines: dict[str, Engine], tokenizer, rounds: int) -> dict:
+    long_prompt = tokenizer.encode(generation.LONG_TEXT)[:LONG_PROMPT_TOKENS]
+    running = chat_ids(tokenizer, question(0))
+    samples: dict[str, list[float]] = {"alone": [], **{name: [] for name in engines}}
+    ttft: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():
+        admitted_ms(engine, running, long_prompt)  # warm
+    for index in range(rounds):
+        say(f"prefill beside decode: round {index + 1}/{rounds}")
+        samples["alone"] += admitted_ms(engines["one_forward"], running, None)[0]
+        for name, engine in engines.items():
+            gaps, first_token = admitted_ms(engine, running, long_prompt)
+            samples[name] += gaps
+            ttft[name].append(first_token)
+    alone = statistics.median(samples["alone"])
+    result = {"running_stream_alone": gap_summary(samples["alone"])}
+    for name in engines:
+        row = gap_summary(samples[name])
+        row["p99_over_alone_p50"] = row["p99_ms"] / alone
+        row["long_prompt_ttft_p50_ms"] = statistics.median(ttft[name])
+        result[f"beside_{LONG_PROMPT_TOKENS}_token_prompt_{name}"] = row
+    return result
+
+
+def admitted_ms(engine: Engine, running: list[int], long_prompt: list[int] | None) -> tuple[list[float], float]:
+    """A stream of RUNNING_STREAM_TOKENS tokens, the long prompt admitted once it has ADMIT_AFTER_TOKENS:
+    the stream's gaps between tokens (ms) and the long prompt's time to first token (ms)."""
+    async def run() -> tuple[list[float], float]:
+        arrivals: list[float] = []
+        first_token = 0.0
+        stream = engine.submit(GenerationRequest(running, Sampling(max_new_tokens=RUNNING_STREAM_TOKENS)))
+
+        async def long_one(at: float) -> None:
+            nonlocal first_token
+            async with engine.submit(GenerationRequest(long_prompt, Sampling(max_new_tokens=1))) as other:
+                async for _ in other:
+                    first_token = (time.perf_counter() - at) * 1000
+                    break
+
+        admitted = None
+        async for item in stream:
+            if isinstance(item, Delta):
+                arrivals.append(time.perf_counter())
+                if long_prompt is not None and admitted is None and len(arrivals) == ADMIT_AFTER_TOKENS:
+                    admitted = asyncio.create_task(long_one(time.perf_counter()))
+        if admitted is not None:
+            await admitted
+        return [(b - a) * 1000 for a, b in zip(arrivals[ADMIT_AFTER_TOKENS - 1 :], arrivals[ADMIT_AFTER_TOKENS:])], \
+            first_token
+
+    return asyncio.run(run())
+
+
+def gap_summary(values_ms: list[float]) -> dict:
+    return {"n": len(values_ms), "p50_ms": statistics.median(values_ms), "p99_ms": percentile(values_ms, 99),
+            "max_ms": max(values_ms)}
+
+
+# -- table ------------------------------------------------------------------------------
+
+
+def lines(result: dict) -> list[str]:
+    out = [f"engine decode, greedy, {result['precision']}, {result['threads']} threads "
+           f"(the worker thread's torch threads: {result['worker_torch_threads']}): decode tok/s while every stream "
+           "decodes (p50 / p99-low)"]
+    out.append(f"{'streams':<10}{'engine in process':>20}{'gateway':>18}{'HF generate':>18}{'engine/HF':>11}"
+               f"{'gateway/HF':>12}")
+    for name, row in result["decode"].items():
+        cells = [row["engine_tok_s"], row["gateway_tok_s"], row["hf_generate_tok_s"]]
+        out.append(f"{name.split('_')[0]:<10}" + "".join(f"{c['p50']:>12.1f} / {c['p99_low']:<5.1f}" for c in cells)
+                   + f"{row['engine_ratio_to_hf']:>10.2f}x{row['gateway_ratio_to_hf']:>11.2f}x")
+    out += ["", f"{'decode step, engine in process':<32}{'steps':>7}{'forward ms':>12}{'sampling+text':>15}"
+                f"{'delivery':>10}"]
+    for batch, row in result["step_ms"].items():
+        out.append(f"{'batch ' + batch:<32}{row['steps']:>7}{row['forward']:>12.2f}{row['sampling_and_text']:>15.2f}"
+                   f"{row['delivery']:>10.2f}")
+    out += ["", f"running stream's gaps (max_batched_tokens {result['max_batched_tokens']}, default prefill_share "
+                f"{result['prefill_share']:g})            {'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}  notes"]
+    for name, row in result["prefill_stall"].items():
+        notes = ""
+        if "p99_over_alone_p50" in row:
+            notes = (f"p99 {row['p99_over_alone_p50']:.2f}x the stream's p50 alone; long prompt's first token "
+                     f"{row['long_prompt_ttft_p50_ms']:.0f} ms")
+        out.append(f"{name:<66}{row['n']:>6}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['max_ms']:>9.1f}  {notes}")
+    return out

@@ -1,0 +1,61 @@
+"""One prefill chunk's forward, run a group of decoder layers at a time.
+
+A chunk's smallest unit of work is one GEMM tile (services/inference/tiles.py),
+and on a CPU a tile through the whole model costs several decode steps (it
+reads the float32 prefill weights once). To keep a running stream's gap between
+tokens short, the engine may run a chunk's layers over several turns, a decode
+step between two groups: the chunk's hidden states wait between turns, and its
+KV row is not part of the decode steps meanwhile.
+
+The layers are the model's own modules called as its own forward calls them
+(embeddings, rotary embeddings, each decoder layer, the final norm, the output
+layer on the last position), so a chunk run in groups gives the very bits of
+one forward; tests/unit/test_inference_real_model.py checks that on the real
+model. This is the Llama family's layout (SmolLM2 is one).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from services.inference.kv import SlotKV
+from services.inference.tiles import GEMM_TILE_ROWS, prefill_phase, tile_count
+
+
+class ChunkForward:
+    def __init__(self, model: PreTrainedModel, kv: SlotKV, prompt: list[int], start: int, end: int):
+        self.start, self.end, self.total = start, end, len(prompt)
+        self._model, self._base, self._kv = model, model.base_model, kv
+        self._ids = prompt[start:end]
+        self.layer = 0  # the next decoder layer to run
+        self.layer_count = len(self._base.layers)
+        self._hidden: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.layer == self.layer_count
+
+    @property
+    def cost_tokens(self) -> int:
+        """What the chunk costs through all layers, in tokens: its GEMM tiles' rows (a tile costs
+        the same however many of its rows are the prompt's)."""
+        return tile_count(self.start % GEMM_TILE_ROWS, self.end - self.start, GEMM_TILE_ROWS) * GEMM_TILE_ROWS
+
+    def run(self, row: int, layers: int) -> torch.Tensor | None:
+        """Runs the next ``layers`` decoder layers with the chunk's KV going to ``row``. Returns the last
+        position's logits (1, 1, vocab) once the prompt's last chunk has run all layers, else None."""
+        positions, mask = self._kv.prefill(row, self.start, self.end - self.start, self.total)
+        base = self._base
+        with prefill_phase(self.start):
+            if self._hidden is None:
+                self._hidden = base.embed_tokens(torch.tensor([self._ids], device=positions.device))
+            rotary = base.rotary_emb(self._hidden, position_ids=positions)
+            stop = min(self.layer + layers, self.layer_count)
+            for layer in base.layers[self.layer : stop]:
+                self._hidden = layer(self._hidden, attention_mask=mask, position_embeddings=rotary,
+                                     position_ids=positions, cache=self._kv, use_cache=True)
+            self.layer = stop
+            if not self.done or self.end < self.total:
+                return None
+            hidden = base.norm(self._hidden)
+            return self._model.get_output_embeddings()(hidden[:, -1:, :])
