@@ -199,7 +199,7 @@ def lines(result: dict) -> list[str]:
 
 def bench(rounds: int = 3, groups: int = 6, questions: int = 4, max_new_tokens: int = 2, callers: int = 2,
           hit_rounds: int = 3, hits_per_round: int = 200) -> dict:
-    """The whole comparison on a mesh of its own; prints its table and returns the figures."""
+    """The whole comparison on a mesh of its own; returns the figures (``lines`` makes the table)."""
     mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-routing-")), free_ports=True, progress=say,
                      scale={"inference": REPLICAS})
     mesh.start()
@@ -210,7 +210,6 @@ def bench(rounds: int = 3, groups: int = 6, questions: int = 4, max_new_tokens: 
                   "cache_hit_targets": bench_cache_hit_targets(mesh, hit_rounds, hits_per_round)}
     finally:
         mesh.stop()
-    print("\n".join(lines(result)), flush=True)
     return result
 
 
@@ -226,6 +225,7 @@ def main() -> int:
     args = parser.parse_args()
     result = bench(args.rounds, args.groups, args.questions, args.max_new_tokens, args.callers,
                    args.hit_rounds, args.hits_per_round)
+    print("\n".join(lines(result)), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-routing-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from bench import cache_hits, engine_speed, generation, variants
+from bench import cache_hits, engine_speed, generation, routing, variants
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 
@@ -129,6 +129,8 @@ def table(results: dict) -> str:
         lines += generation.lines(results["generation"])
     if "engine" in results:
         lines += [""] + engine_speed.lines(results["engine"])
+    if "routing" in results:
+        lines += [""] + routing.lines(results["routing"])
     return "\n".join(lines)
 
 
@@ -158,19 +160,31 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--gen-rounds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--only", choices=("cache", "generation", "engine"),
+    parser.add_argument("--only", choices=("cache", "generation", "engine", "routing"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
-                             "or engine (bench/engine_speed.py)")
+                             "engine (bench/engine_speed.py) or routing (bench/routing.py: 2 inference replicas)")
     parser.add_argument("--baseline-tree", type=Path,
                         help="another checkout (e.g. a worktree of the parent commit, after its `make protos`) whose "
                              "gateway takes turns with this one's on the same services: before/after in one run")
     args = parser.parse_args()
-    run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-"))
-    mesh = LocalMesh(run_dir, free_ports=True, progress=say)
+    results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
+    if args.only != "routing":
+        _bench_one_mesh(args, results)
+    if args.only in (None, "routing"):  # a mesh of its own, with 2 inference replicas
+        results["routing"] = routing.bench()
+    print(table(results))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    say(f"written {out}")
+    return 0
+
+
+def _bench_one_mesh(args, results: dict) -> None:
+    mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-")), free_ports=True, progress=say)
     mesh.start()
     try:
         redis_url = mesh.resolved_redis_url
-        results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
         if args.only in (None, "cache"):
             results["cache_hits"] = bench_cache_hits(mesh, redis_url, args.rounds, args.per_round, args.baseline_tree)
         if args.only in (None, "generation"):
@@ -179,13 +193,6 @@ def main() -> int:
             results["engine"] = engine_speed.bench(mesh, args.gen_rounds, args.max_new_tokens)
     finally:
         mesh.stop()
-    results |= {"routing": __import__("bench.routing", fromlist=["bench"]).bench()} if args.only is None else {}
-    print(table(results))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
-    say(f"written {out}")
-    return 0
 
 
 if __name__ == "__main__":
