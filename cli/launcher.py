@@ -43,6 +43,7 @@ from cli.topology import (
     replica_names,
 )
 from meshkit.redis_connect import redact_url
+from meshkit.server import LAUNCHER_PID_ENV
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 
@@ -245,8 +246,8 @@ class LocalMesh:
 
     def _spawn_redis(self, restarted: bool = False) -> None:
         self._redis = subprocess.Popen(
-            self._redis_command, stdout=self._log_file("redis", restarted), stderr=subprocess.STDOUT,
-            preexec_fn=die_with_this_thread(),
+            die_with_this_thread(self._redis_command), stdout=self._log_file("redis", restarted),
+            stderr=subprocess.STDOUT,
         )
         self._started("redis", self._redis)
 
@@ -269,13 +270,13 @@ class LocalMesh:
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
         env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports, instance),
                **self.tls_environment(), **auth_env, **self.extra_env, "PYTHONUNBUFFERED": "1",
-               TRACE_DIR_ENV: str(self.trace_dir or "")}
+               TRACE_DIR_ENV: str(self.trace_dir or ""), LAUNCHER_PID_ENV: str(os.getpid())}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
         command = [sys.executable if part == "python" else part for part in service.command]
         self.processes[instance] = process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=self._log_file(instance, restarted),
-            stderr=subprocess.STDOUT, preexec_fn=die_with_this_thread(),
+            die_with_this_thread(command), cwd=REPO_ROOT, env=env, stdout=self._log_file(instance, restarted),
+            stderr=subprocess.STDOUT,
         )
         self.progress(f"{instance}: {'restarted' if restarted else 'started'} "
                       f"(pid {process.pid}, port {self.ports[instance]})")

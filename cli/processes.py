@@ -7,36 +7,35 @@ so a stale state file never leads anyone to signal a stranger.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-# Looked up here, in the parent: between fork and exec the child should only call it.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_SETPRIV = shutil.which("setpriv") if sys.platform == "linux" else None
 
 
-def die_with_this_thread() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has the child get SIGTERM when the thread starting it ends.
+def die_with_this_thread(command: list[str]) -> list[str]:
+    """``command``, run so that the child gets SIGTERM when the thread starting it ends.
 
-    Linux's parent-death signal belongs to the thread that forked the child, not to
-    the process: spawn from a thread that lives as long as the children should
-    (the main thread, or a supervisor thread that outlives them). None elsewhere.
+    util-linux's ``setpriv --pdeathsig`` arms Linux's parent-death signal, then execs
+    the command. It is not done in a ``preexec_fn``: that makes subprocess fork()
+    and run Python in the child before exec, and in a launcher that has gRPC loaded
+    gRPC's fork handlers restart its poller there, on an epoll fd that ``close_fds``
+    then closes: the child aborts before it execs ("Epoll1Poller ... epoll_wait
+    error: Bad file descriptor", grpc/grpc#43055; seen in CI). Without a
+    ``preexec_fn`` subprocess uses vfork, which runs no fork handlers.
+
+    The signal belongs to the thread that forked the child, not to the process: spawn
+    from a thread that lives as long as the children should (the main thread, or a
+    supervisor thread that outlives them). A launcher that dies before setpriv armed
+    the signal is caught by the service itself (``LAUNCHER_PID_ENV``, meshkit/server.py).
+    Without setpriv (not Linux) the command is returned as it is, and the children die
+    with the launcher only when it ends cleanly.
     """
-    if _prctl is None:
-        return None
-    parent = os.getpid()
-
-    def arm() -> None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before the signal was armed
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *command] if _SETPRIV else list(command)
 
 
 def start_time(pid: int) -> str | None:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,16 @@ class ServiceSpec:
     # Runs once the service is ready, until it stops; may set any health name through the servicer
     # (e.g. NOT_SERVING while something the service needs is down).
     watch_health: Callable[[health.aio.HealthServicer], Awaitable[None]] | None = None
+
+
+# Set by the local launcher (cli/launcher.py) to its pid. It arms each child's parent-death
+# signal just before exec; a launcher that died before that is seen here, as another parent.
+LAUNCHER_PID_ENV = "NLPMESH_LAUNCHER_PID"
+
+
+def launcher_is_gone() -> bool:
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    return launcher.isdigit() and os.getppid() != int(launcher)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -143,6 +154,10 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
 def run(spec_factory: Callable[[ServiceSettings], ServiceSpec], settings: ServiceSettings) -> None:
     """The body of every service's ``main()``."""
     configure_logging(settings.log_level, settings.log_format, settings.capture_content)
+    if launcher_is_gone():
+        log.error("the launcher that started this service (pid %s) is gone: not starting",
+                  os.environ[LAUNCHER_PID_ENV])
+        raise SystemExit(1)
     if settings.event_loop == "uvloop":
         import uvloop
 

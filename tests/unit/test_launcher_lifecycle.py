@@ -1,4 +1,5 @@
 """The launcher's restart backoff, its state file, and the bounds of its private Redis, without starting a mesh."""
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from cli.launcher import LocalMesh
 from cli.processes import same_process, start_time
 from cli.restarts import Backoff, RestartPolicy
 from cli.topology import COMPOSE_FILE
+from meshkit.server import LAUNCHER_PID_ENV, launcher_is_gone
 
 
 def test_restart_delays_double_up_to_the_bound_and_reset_after_a_long_run():
@@ -80,3 +82,14 @@ def test_the_compose_redis_is_bounded_the_same_way():
     assert command[command.index("--maxmemory") + 1] == "${NLPMESH_REDIS_MAXMEMORY:-256mb}"
     assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
 
+
+
+def test_a_service_whose_launcher_died_before_arming_its_signal_does_not_start(tmp_path):
+    # The service is started as the launcher starts it, but by this test's process: its parent is
+    # not the launcher pid it is given, as after a launcher died between fork and setpriv's prctl.
+    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid() + 100000), "NLPMESH_TEMPLATE_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "services.template"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "the launcher that started this service" in done.stderr
+    assert launcher_is_gone() is False  # this test's own parent was never named
