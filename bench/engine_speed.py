@@ -26,10 +26,10 @@ import threading
 import time
 
 import torch
-from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
 from bench import generation
-from bench.generation import STREAMS, StreamTimes, chat_ids, question, rate_summary
+from bench.generation import STREAMS, StreamTimes, bypass_request, chat_ids, question, rate_summary
 from cli.launcher import LocalMesh
 from meshkit.percentile import percentile
 from meshkit.sampling import Sampling
@@ -157,11 +157,7 @@ def gateway_streams(stub, streams: int, max_new_tokens: int) -> list[Arrivals]:
     barrier = threading.Barrier(streams)
 
     def run(index: int) -> None:
-        request = gateway_pb2.GenerateRequest(
-            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(index))]),
-            sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
-            cache_mode=gateway_pb2.CACHE_MODE_BYPASS,
-        )
+        request = bypass_request(index, max_new_tokens)
         barrier.wait()
         for chunk in stub.GenerateStream(request, timeout=600):
             if chunk.delta:
