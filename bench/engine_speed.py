@@ -65,6 +65,8 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
         engine.close()
     variants = {f"chunked_share_{share:g}": dataclasses.replace(options, prefill_share=share)
                 for share in sorted({options.prefill_share, *STALL_SHARES} - {0})}
+    # The default, but its KV buffers dropped whenever it is idle, so each long prompt grows them again.
+    variants["kv_regrown_each_prompt"] = dataclasses.replace(options, kv_shrink_idle_s=0)
     variants["whole_chunks"] = dataclasses.replace(options, prefill_share=0)  # the token budget alone
     variants["one_forward"] = dataclasses.replace(options, max_batched_tokens=0)
     engines = {name: Engine(model, tokenizer, variant) for name, variant in variants.items()}

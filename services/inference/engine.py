@@ -47,7 +47,7 @@ from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
-from services.inference.kv import SlotKV
+from services.inference.kv import INITIAL_CAPACITY, SlotKV
 from services.inference.layered import ChunkForward
 from services.inference.precision import check_row_independence, kernel_paths
 from services.inference.prefix import NO_MATCH, PrefixCache
@@ -80,6 +80,10 @@ class EngineOptions:
     # Beside decoding streams, a turn's prefill runs at most this many decode steps' time: a chunk's
     # decoder layers are spread over turns to keep to it (at least one layer a turn); 0: no time limit.
     prefill_share: float = 1.0
+    # KV buffers grown past their initial size for a long prompt are kept until the engine has
+    # been idle this long (s): growing them again (about 200 MB allocated, zeroed and copied, tens of
+    # ms) would stall every running stream at each long prompt. 0: dropped as soon as it is idle.
+    kv_shrink_idle_s: float = 30.0
 
 
 class StepTime(NamedTuple):
@@ -192,15 +196,15 @@ class Engine:
                 self._prefill_turn()
                 if self._kv.ready:
                     self._decode_step()
-                if not self._running:
-                    self._kv.shrink()
         self._fail_remaining()
 
     def _next_round(self) -> list[Job] | None:
         """The jobs admitted for this turn (maybe none); blocks while idle; None to stop."""
         with self._lock:
             while not self._closing and not self._waiting and not self._running:
-                self._lock.wait()
+                grown = self._kv.capacity > INITIAL_CAPACITY
+                if not self._lock.wait(self._options.kv_shrink_idle_s if grown else None):
+                    self._kv.shrink()  # idle that long: give a long prompt's memory back
             if self._closing:
                 return None
             free = self._options.max_running - len(self._running)

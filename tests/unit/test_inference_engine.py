@@ -208,3 +208,30 @@ def test_closing_the_engine_ends_running_and_queued_requests_with_unavailable():
             pass
 
     asyncio.run(main())
+
+
+def _run_long_prompt(engine) -> None:
+    ids = real_tokenizer().encode("one two three four five six seven eight " * 80)[:700]  # past INITIAL_CAPACITY
+
+    async def once():
+        return await collect(engine.submit(GenerationRequest(ids, Sampling(max_new_tokens=1))))
+    asyncio.run(once())
+
+
+@pytest.mark.parametrize("idle_s", [0.0, 0.5])
+def test_a_long_prompts_kv_buffers_are_kept_while_busy_and_given_back_once_idle(idle_s):
+    engine = tiny_engine(max_running=2, max_queue=2, kv_shrink_idle_s=idle_s)
+    try:
+        _run_long_prompt(engine)
+        grown_at = time.monotonic()
+        if idle_s:  # kept: the next long prompt does not grow them again, stalling the running streams
+            assert engine._kv.capacity >= 1024
+            _run_long_prompt(engine)
+            assert engine._kv.capacity >= 1024
+        deadline = time.monotonic() + idle_s + 5.0
+        while engine._kv.capacity and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine._kv.capacity == 0
+        assert time.monotonic() - grown_at >= idle_s * 0.9
+    finally:
+        engine.close()
