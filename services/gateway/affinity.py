@@ -136,8 +136,10 @@ class AffineRouter:
         return state.load is not None and state.load.full and self._clock() - state.seen_at < self._full_hold_s
 
     def observe(self, endpoint: str, load: InferenceLoad | None) -> None:
-        if load is not None:
-            state = self._endpoints[endpoint]
+        # A call may outlive its endpoint's place on the ring (the name stopped resolving to it
+        # while the call ran, as a replica draining in a rolling update does): nothing to keep then.
+        state = self._endpoints.get(endpoint)
+        if load is not None and state is not None:
             state.load, state.seen_at = load, self._clock()
 
     @contextmanager

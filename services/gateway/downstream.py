@@ -97,7 +97,7 @@ class Downstream:
         self.router: AffineRouter | None = None
         self._inference_stubs: dict[str, inference_pb2_grpc.InferenceServiceStub] = {}
         self._resolver: asyncio.Task | None = None
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}  # channels of endpoints gone, closing
         # mTLS to the internal services when the mesh CA is configured.
         self._credentials = TlsConfig.from_settings(settings).channel_credentials()
 
@@ -145,8 +145,8 @@ class Downstream:
             self._channels.remove(channel)
             del self._inference_stubs[endpoint]
             retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
-            self._retiring.add(retire)
-            retire.add_done_callback(self._retiring.discard)
+            self._retiring[retire] = channel
+            retire.add_done_callback(lambda task: self._retiring.pop(task, None))
         router.update(channels)
 
     async def _follow_dns(self, router: AffineRouter, host: str, port: int) -> None:
@@ -218,8 +218,9 @@ class Downstream:
             self._resolver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._resolver
-        for task in list(self._retiring):
+        for task, channel in list(self._retiring.items()):  # no more grace: shutting down
             task.cancel()
+            await channel.close()
         for channel in self._channels:
             await channel.close()
 
@@ -300,8 +301,9 @@ class Downstream:
                         self._observe(endpoint, await call.trailing_metadata())
                         return
                     except grpc.aio.AioRpcError as error:  # a refusal reports the load too
-                        end_reported = error.code() != grpc.StatusCode.CANCELLED
-                        self._observe(endpoint, error.trailing_metadata())
+                        # A replica that reports its load on an error ended the call itself; without a
+                        # report (cancelled, or out of time here) its place is taken off below.
+                        end_reported = self._observe(endpoint, error.trailing_metadata()) is not None
                         if (error.code() == grpc.StatusCode.UNAVAILABLE and not yielded
                                 and attempt < balancing.MAX_ATTEMPTS and time.monotonic() < deadline):
                             log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "

@@ -49,7 +49,7 @@ from services.inference.cpu_features import read_cpu_features
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import INITIAL_CAPACITY, SlotKV
 from services.inference.layered import ChunkForward
-from services.inference.precision import check_row_independence, kernel_paths
+from services.inference.precision import check_row_independence, kernel_paths, model_precision
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
@@ -123,7 +123,8 @@ class Engine:
         self._kv = SlotKV(model.config, options.max_running, kv_dtype, self.device)
         self._prefix = prefix_cache
         if prefix_cache is not None:
-            prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype)
+            prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype,
+                                   computed_by=f"{self.device.type}/{model_precision(model) or kv_dtype}")
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []  # admitted: being prefilled, waiting for it, or decoding

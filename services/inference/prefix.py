@@ -331,8 +331,13 @@ class PrefixCache:
         metrics.PREFIX_LOOKUPS.labels("redis", "hit" if blocks else "miss").inc()
         return blocks
 
-    def configure(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        """The engine's KV layout, which blocks from Redis must have (called once, by the engine)."""
+    def configure(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, computed_by: str = "") -> None:
+        """The engine's KV layout, which blocks from Redis must have (called once, by the engine, before
+        any lookup). ``computed_by`` names the kernels that compute the KV (device, precision): it salts
+        every key, so replicas that would compute other bits (a CUDA one beside CPU ones, int8 beside
+        float32) never share blocks, and a prefix hit gives the answer a cold prefill would."""
+        if computed_by:
+            self._root = hashlib.sha256(self._root + computed_by.encode()).digest()
         self._block_shape = (2, layers, kv_heads, self.block_tokens, head_dim)
         self._dtype = dtype
         self._block_nbytes = math.prod(self._block_shape) * dtype.itemsize

@@ -86,3 +86,14 @@ def test_a_replica_reported_full_or_not_ready_is_passed_over():
 def test_a_load_factor_below_one_is_refused():
     with pytest.raises(ValueError):
         _router(load_factor=0.5)
+
+
+def test_a_call_that_outlives_its_endpoints_place_on_the_ring_reports_without_failing():
+    # A rolling update: the name stops resolving to a draining replica while its stream still runs.
+    router, channels = _router()
+    gone = ENDPOINTS[2]
+    with router.call(gone):
+        router.observe(gone, InferenceLoad(1, 4, "r3"))
+        router.update({e: c for e, c in channels.items() if e != gone})
+        router.observe(gone, InferenceLoad(0, 4, "r3"))  # its trailing report: nothing to keep, no KeyError
+    assert gone not in {router.pick(key, frozenset()) for key in _keys(50)}

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 import redis
+import torch
 
 from services.inference import metrics
 from services.inference.prefix import PrefixCache, RedisBlocks
@@ -246,3 +247,16 @@ def test_an_evicted_marker_costs_one_more_sighting(engines, redis_blocks, redis_
     greedy_text(second, ids)
     second_tier.flush()
     assert in_redis(redis_server, namespace)[0] == reusable(ids) // BLOCK
+
+
+def test_block_keys_name_what_computed_the_kv_so_other_kernels_never_share_blocks():
+    tokens = list(range(3 * BLOCK))
+
+    def keys_of(computed_by: str) -> list[bytes]:
+        cache = PrefixCache(model="tiny", revision="r1", block_tokens=BLOCK, local_bytes=1 << 20, shared=None)
+        cache.configure(2, 2, 16, torch.float32, computed_by=computed_by)
+        return cache.keys("acme", tokens)
+
+    assert keys_of("cpu/int8") == keys_of("cpu/int8")
+    assert keys_of("cpu/int8") != keys_of("cuda/torch.bfloat16")
+    assert keys_of("cpu/int8") != keys_of("cpu/float32")

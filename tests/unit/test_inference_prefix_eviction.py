@@ -93,11 +93,12 @@ def test_blocks_evicted_by_allkeys_lru_are_misses_and_answers_stay_exact(engines
 @pytest.mark.parametrize("evicted", [[0], [3], [1, 5], list(range(8))], ids=["first", "middle", "two", "all"])
 def test_a_chain_with_evicted_blocks_reuses_the_run_before_the_first_gap(engines, tiers, redis_server, evicted):
     ids = prompts(1, tokens=37)[0]  # 9 blocks
-    plain, writer = engines(), engines(cache(tiers(redis_server)))
+    written = cache(tiers(redis_server))
+    plain, writer = engines(), engines(written)
     expected = greedy_text(plain, ids)
     greedy_text(writer, ids)
     tiers.flush()
-    keys = cache(None).keys("acme", ids)
+    keys = written.keys("acme", ids)  # as its engine configured it: the keys it wrote
     with redis.Redis.from_url(redis_server) as client:  # as eviction would, block by block
         client.delete(*(block_name(tiers.namespace, keys[index]) for index in evicted))
     reused = reused_from_redis()
