@@ -34,6 +34,7 @@ Invalidation and stats are admin calls: they raise ``Unavailable`` instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -351,9 +352,19 @@ class PromptCache:
         return sum(results[0::2])
 
     async def _remove_in_slots(self, found: list[tuple[str, list[bytes]]]) -> int:
-        """On a cluster: one DEL per slot of entries, then the index entries (so a failed DEL leaves them indexed)."""
+        """On a cluster (no transaction spans slots): the index entries first, then one DEL per slot.
+
+        In that order a store racing with the invalidation can only lose its answer (a ZADD and
+        SET between the two steps, the SET then deleted: a miss, recomputed). The other order
+        could leave a live answer no index names, which no later invalidation would find. A DEL
+        that fails puts the index entries back (best effort) before the error is raised.
+        """
         if not found:
             return 0
+        unindex = self.redis.pipeline(transaction=False)
+        for index, members in found:
+            unindex.zrem(index, *members)
+        await self._admin(unindex.execute())
         by_slot: dict[int, list[bytes]] = defaultdict(list)
         for _, members in found:
             for member in members:
@@ -361,12 +372,16 @@ class PromptCache:
         deletes = self.redis.pipeline(transaction=False)
         for members in by_slot.values():
             deletes.delete(*members)
-        removed = sum(await self._admin(deletes.execute()))
-        unindex = self.redis.pipeline(transaction=False)
-        for index, members in found:
-            unindex.zrem(index, *members)
-        await self._admin(unindex.execute())
-        return removed
+        try:
+            return sum(await self._admin(deletes.execute()))
+        except Exception:
+            reindex = self.redis.pipeline(transaction=False)
+            now = time.time()
+            for index, members in found:
+                reindex.zadd(index, dict.fromkeys(members, now + self.ttl_s))
+            with contextlib.suppress(Exception):
+                await self._admin(reindex.execute())
+            raise
 
     @property
     def invalidations_channel(self) -> str:
