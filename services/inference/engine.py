@@ -134,6 +134,9 @@ class Engine:
         # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
         self._step_s: float | None = None  # a decode step
         self._layer_s: float | None = None  # one decoder layer of one 32-token prefill tile
+        # False from an idle engine until its first decode step: the prompts admitted meanwhile
+        # (a burst) stall nobody, so they are all prefilled whole before decoding starts.
+        self._decoding_started = False
         self.step_times: collections.deque[StepTime] = collections.deque(maxlen=4096)  # the latest decode steps
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
@@ -195,8 +198,11 @@ class Engine:
                 self._drop_cancelled()
                 self._prefills.extend(job for job in admitted if not job.cancelled)
                 self._prefill_turn()
-                if self._kv.ready:
+                if self._kv.ready and (self._decoding_started or not self._prefills):
                     self._decode_step()
+                    self._decoding_started = True
+                if not self._running:
+                    self._decoding_started = False
         self._fail_remaining()
 
     def _next_round(self) -> list[Job] | None:
@@ -219,9 +225,13 @@ class Engine:
 
     def _prefill_budget(self) -> int | None:
         """Prompt tokens this turn may still take beside the decoding rows; None: no limit."""
-        if not self._options.max_batched_tokens or not self._kv.ready:
-            return None  # nothing decodes, so nothing can stall
+        if not self._options.max_batched_tokens or not self._stalls_anyone():
+            return None  # nothing decodes yet, so nothing can stall
         return self._options.max_batched_tokens - self._kv.ready
+
+    def _stalls_anyone(self) -> bool:
+        """Whether prefill work now delays a stream's next token: only once decoding has started."""
+        return bool(self._kv.ready) and self._decoding_started
 
     def _prefill_turn(self) -> None:
         """Prefills from the head of the line within this turn's token budget and, beside decoding
@@ -254,7 +264,7 @@ class Engine:
         nothing decoding, a share of 0 or chunking off. At least one for the turn's first piece of work."""
         remaining = chunk.layer_count - chunk.layer
         share = self._options.prefill_share
-        if not self._kv.ready or not share or not self._options.max_batched_tokens:
+        if not self._stalls_anyone() or not share or not self._options.max_batched_tokens:
             return remaining  # nothing to stall, no time limit, or no chunking at all
         if self._layer_s is None or self._step_s is None:
             return 1  # a first layer, to measure

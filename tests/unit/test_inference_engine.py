@@ -235,3 +235,30 @@ def test_a_long_prompts_kv_buffers_are_kept_while_busy_and_given_back_once_idle(
         assert time.monotonic() - grown_at >= idle_s * 0.9
     finally:
         engine.close()
+
+
+def test_a_burst_on_an_idle_engine_is_all_prefilled_before_decoding_starts():
+    # Nothing decodes yet, so nothing can stall: every prompt of the burst gets its first token
+    # before any stream gets its second (chunking and layer groups apply once decoding runs).
+    engine = tiny_engine(max_running=4, max_queue=4)
+    order: list[tuple[int, int]] = []  # (stream, its token number), as delivered
+
+    async def one(index: int, prompt: str) -> None:
+        seen = 0
+        async with engine.submit(request(prompt, max_new_tokens=4)) as stream:
+            async for item in stream:
+                if isinstance(item, Delta):
+                    seen += 1
+                    order.append((index, seen))
+
+    async def burst() -> None:
+        await asyncio.gather(*(one(index, prompt) for index, prompt in enumerate(PROMPTS)))
+
+    try:
+        asyncio.run(burst())
+    finally:
+        engine.close()
+    firsts = [position for position, (_, seen) in enumerate(order) if seen == 1]
+    seconds = [position for position, (_, seen) in enumerate(order) if seen == 2]
+    assert len(firsts) == len(PROMPTS) and seconds
+    assert max(firsts) < min(seconds), order
