@@ -77,14 +77,17 @@ def metric(mesh: LocalMesh, name: str, sample: str) -> float:
     return sum(s.value for family in families for s in family.samples if s.name == sample)
 
 
-def metric_while_up(mesh: LocalMesh, name: str, sample: str) -> float | None:
-    """The metric, or None when the process has exited (its /metrics with it)."""
-    process = mesh.processes[name]
+def metric_while_up(mesh: LocalMesh, name: str, sample: str, process) -> float | None:
+    """``process``'s metric, or None once it has exited: the launcher restarts a replica that
+    exits, and what answers on its port then is another process."""
+    if process.poll() is not None:
+        return None
     try:
-        return metric(mesh, name, sample)
+        value = metric(mesh, name, sample)
     except OSError:  # refused or reset: it is exiting, or has
         process.wait(timeout=10)
         return None
+    return value if process.poll() is None else None
 
 
 def streaming_on(mesh: LocalMesh, name: str) -> bool:
@@ -183,7 +186,7 @@ def test_a_draining_replica_takes_no_new_calls_and_finishes_its_streams(replica_
     new, checks = [], 0
     for _ in range(6):  # new calls while it drains; after each, while it is still up, its prefill count
         new.append(stream_once(gateway, finance_request(2), 60))
-        prefilled_since = metric_while_up(replica_mesh, "inference-2", PREFILLED)
+        prefilled_since = metric_while_up(replica_mesh, "inference-2", PREFILLED, victim)
         if prefilled_since is not None:
             checks += 1
             assert prefilled_since == prefilled, "a draining replica prefilled a new call"
