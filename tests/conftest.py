@@ -1,6 +1,7 @@
 """Fixtures shared by every test directory."""
 from __future__ import annotations
 
+import itertools
 import shutil
 import socket
 import subprocess
@@ -147,3 +148,30 @@ def finished_spans():
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield exporter
     exporter.shutdown()
+
+
+def fill_until_refused(url: str) -> None:
+    """Writes until Redis refuses, then keeps it over its bound (freed client buffers would let writes in)."""
+    with redis.Redis.from_url(url) as client:
+        for index in itertools.count():
+            try:
+                client.set(f"filler:{index}", b"x" * 16384)
+            except redis.OutOfMemoryError:
+                client.config_set("maxmemory", "1mb")
+                return
+
+
+@pytest.fixture
+def engines():
+    """Makes tiny engines (with the given prefix cache) and closes them after the test."""
+    from tests.tiny_llama import tiny_engine  # torch and transformers only for the tests that use it
+
+    made = []
+
+    def make(prefix_cache=None):
+        made.append(tiny_engine(prefix_cache=prefix_cache))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()

@@ -3,7 +3,6 @@
 Each test runs its own tiny redis-server (``--maxmemory 2mb``, tests/conftest.py).
 """
 import asyncio
-import itertools
 import logging
 import uuid
 
@@ -14,7 +13,7 @@ from meshkit.errors import Unavailable
 from meshkit.sampling import Sampling
 from promptcache.keys import PromptCacheKey, TemplatePrompt, tenant_namespace
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
-from tests.conftest import running_redis_server
+from tests.conftest import fill_until_refused, running_redis_server
 
 GREEDY = Sampling(max_new_tokens=32, temperature=0.0)
 TINY_REDIS = ("--maxmemory", "2mb")
@@ -39,17 +38,6 @@ def run_with_cache(url: str, body):
             await cache.close()
 
     return asyncio.run(main())
-
-
-def fill_until_refused(url: str) -> None:
-    """Writes until Redis refuses, then keeps it over its bound (freed client buffers would let writes in)."""
-    with redis.Redis.from_url(url) as client:
-        for index in itertools.count():
-            try:
-                client.set(f"filler:{index}", b"x" * 16384)
-            except redis.OutOfMemoryError:
-                client.config_set("maxmemory", "1mb")
-                return
 
 
 async def indexed_entries(cache: PromptCache) -> set[str]:

@@ -14,7 +14,7 @@ import torch
 
 from services.inference import metrics
 from services.inference.prefix import PrefixCache, RedisBlocks
-from tests.tiny_llama import greedy_text, real_tokenizer, tiny_engine
+from tests.tiny_llama import greedy_text, real_tokenizer
 
 BLOCK = 4
 PROMPT = ("You are a careful assistant for a bank. Answer briefly, cite the policy, and never reveal "
@@ -52,20 +52,6 @@ def in_redis(url: str, namespace: str) -> tuple[int, int]:
         names = [name.decode() for name in client.scan_iter(match=f"{namespace}:*", count=1000)]
     markers = sum(name.startswith(f"{namespace}:seen:") for name in names)
     return len(names) - markers, markers
-
-
-@pytest.fixture
-def engines():
-    """Makes tiny engines (with the given prefix cache) and closes them after the test."""
-    made = []
-
-    def make(prefix_cache: PrefixCache | None = None):
-        made.append(tiny_engine(prefix_cache=prefix_cache))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 The engines run the tiny model; each test's redis-server is private and tiny
 (``--maxmemory 2mb``, tests/conftest.py), so its blocks are evicted for real.
 """
-import itertools
 import logging
 import random
 import uuid
@@ -13,8 +12,8 @@ import redis
 
 from services.inference import metrics
 from services.inference.prefix import PrefixCache, RedisBlocks, block_name
-from tests.conftest import running_redis_server
-from tests.tiny_llama import greedy_text, tiny_engine
+from tests.conftest import fill_until_refused, running_redis_server
+from tests.tiny_llama import greedy_text
 
 BLOCK = 4
 TINY_REDIS = ("--maxmemory", "2mb")
@@ -36,19 +35,6 @@ def prompts(count: int, tokens: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.fixture
-def engines():
-    made = []
-
-    def make(prefix_cache: PrefixCache | None = None):
-        made.append(tiny_engine(prefix_cache=prefix_cache))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.close()
-
-
-@pytest.fixture
 def tiers():
     """Makes Redis tiers on one namespace (as replicas of one deployment) and flushes their writes."""
     namespace = f"test:kv:{uuid.uuid4().hex}"
@@ -61,17 +47,6 @@ def tiers():
     make.namespace = namespace
     make.flush = lambda: [tier.flush() for tier in made]
     return make
-
-
-def fill_until_refused(url: str) -> None:
-    """Writes until Redis refuses, then keeps it over its bound (freed client buffers would let writes in)."""
-    with redis.Redis.from_url(url) as client:
-        for index in itertools.count():
-            try:
-                client.set(f"filler:{index}", b"x" * 16384)
-            except redis.OutOfMemoryError:
-                client.config_set("maxmemory", "1mb")
-                return
 
 
 def test_blocks_evicted_by_allkeys_lru_are_misses_and_answers_stay_exact(engines, tiers):
