@@ -49,12 +49,18 @@ from services.inference.cpu_features import read_cpu_features
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import INITIAL_CAPACITY, SlotKV
 from services.inference.layered import ChunkForward
-from services.inference.precision import check_row_independence, kernel_paths, model_precision
+from services.inference.precision import (
+    PLACEMENT_NOTES,
+    check_row_independence,
+    choose_tile_placement,
+    kernel_paths,
+    model_precision,
+)
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
 from services.inference.stream import GenerationStream, Job
-from services.inference.tiles import GEMM_TILE_ROWS
+from services.inference.tiles import GEMM_TILE_ROWS, first_row, set_placement
 from services.inference.validation import RequestLimits, resolve_request
 
 log = logging.getLogger("nlpmesh.inference.engine")
@@ -124,7 +130,7 @@ class Engine:
         self._prefix = prefix_cache
         if prefix_cache is not None:
             prefix_cache.configure(self._kv.layers, self._kv.kv_heads, self._kv.head_dim, kv_dtype,
-                                   computed_by=f"{self.device.type}/{model_precision(model) or kv_dtype}")
+                                   computed_by=_kernels_name(model, kv_dtype))
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []  # admitted: being prefilled, waiting for it, or decoding
@@ -397,14 +403,16 @@ class Engine:
 
 def chunk_end(start: int, total: int, budget: int | None, first: bool) -> int:
     """Where a prefill chunk from token ``start`` of a ``total``-token prompt ends, given ``budget``
-    tokens (None: no limit): the prompt's end if it fits, else the last GEMM tile boundary within
-    the budget; the turn's first chunk gets at least up to the next boundary. ``start`` itself
-    when nothing fits."""
+    tokens (None: no limit): the prompt's end if it fits, else the last boundary of the chunk's GEMM
+    tiles within the budget (tiles begin at ``start`` or, placed by position, at multiples of
+    ``GEMM_TILE_ROWS``); the turn's first chunk gets at least up to the next boundary. ``start``
+    itself when nothing fits."""
     if budget is None or total - start <= budget:
         return total
-    end = (start + max(budget, 0)) // GEMM_TILE_ROWS * GEMM_TILE_ROWS
+    base = start - first_row(start, GEMM_TILE_ROWS)  # where the chunk's first tile begins
+    end = base + (start - base + max(budget, 0)) // GEMM_TILE_ROWS * GEMM_TILE_ROWS
     if end <= start and first:
-        end = (start // GEMM_TILE_ROWS + 1) * GEMM_TILE_ROWS
+        end = base + GEMM_TILE_ROWS
     return min(max(end, start), total)
 
 
@@ -416,9 +424,19 @@ def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
     torch.set_num_threads(options.threads)  # as the worker will run
     try:
         check_row_independence(model, options.max_running, features)
+        placement = choose_tile_placement(model)
     finally:
         torch.set_num_threads(threads)
-    log.info("CPU %s; kernels: %s", features.summary(), kernel_paths(model))
+    set_placement(placement)
+    log.info("CPU %s; kernels: %s; prefill tiles: %s", features.summary(), kernel_paths(model),
+             PLACEMENT_NOTES[placement])
+
+
+def _kernels_name(model: PreTrainedModel, kv_dtype: torch.dtype) -> str:
+    """What computes the KV, for the prefix keys: device, precision and, on a CPU, torch's kernel level
+    (AVX2, AVX512, ...): replicas on CPUs of other kinds round differently, so they share no blocks."""
+    name = f"{model.device.type}/{model_precision(model) or kv_dtype}"
+    return f"{name}/{torch.backends.cpu.get_cpu_capability()}" if model.device.type == "cpu" else name
 
 
 def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from services.inference.kv import SlotKV
-from services.inference.tiles import GEMM_TILE_ROWS, prefill_phase, tile_count
+from services.inference.tiles import GEMM_TILE_ROWS, first_row, prefill_phase, tile_count
 
 
 class ChunkForward:
@@ -39,7 +39,7 @@ class ChunkForward:
     def cost_tokens(self) -> int:
         """What the chunk costs through all layers, in tokens: its GEMM tiles' rows (a tile costs
         the same however many of its rows are the prompt's)."""
-        return tile_count(self.start % GEMM_TILE_ROWS, self.end - self.start, GEMM_TILE_ROWS) * GEMM_TILE_ROWS
+        return tile_count(first_row(self.start, GEMM_TILE_ROWS), self.end - self.start, GEMM_TILE_ROWS) * GEMM_TILE_ROWS
 
     def run(self, row: int, layers: int) -> torch.Tensor | None:
         """Runs the next ``layers`` decoder layers with the chunk's KV going to ``row``. Returns the last

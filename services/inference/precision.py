@@ -48,12 +48,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.inference.attention import use_tiled_attention
+from services.inference.attention import tiled_sdpa_attention, use_tiled_attention
 from services.inference.cpu_features import CpuFeatures
-from services.inference.tiles import GEMM_TILE_ROWS, TILE_ROWS, in_prefill, prefill_phase, tile_count, tile_offset
+from services.inference.tiles import (
+    BY_POSITION,
+    FROM_START,
+    GEMM_TILE_ROWS,
+    TILE_ROWS,
+    in_prefill,
+    placed,
+    prefill_phase,
+    tile_count,
+    tile_offset,
+)
 
-__all__ = ["MAX_DECODE_ROWS", "PRECISIONS", "TILE_ROWS", "DecodeLinear", "RowDependence", "apply_precision",
-           "check_row_independence", "kernel_paths", "prefill_phase", "set_gemm_rows"]
+__all__ = ["MAX_DECODE_ROWS", "PLACEMENT_NOTES", "PRECISIONS", "TILE_ROWS", "DecodeLinear", "RowDependence",
+           "apply_precision", "check_row_independence", "choose_tile_placement", "kernel_paths", "prefill_phase",
+           "set_gemm_rows"]
 
 # Decode steps have at most this many rows (InferenceSettings caps max_running):
 # in float32, one tile. A forward with more rows, or any forward under
@@ -124,12 +135,15 @@ class DecodeLinear(nn.Module):
 
 def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:
     """``x @ weight.T + bias`` in float32, (rows, in) -> (rows, out), as one batched multiply of
-    ``tile_rows``-row tiles, the rows placed by absolute position (``tiles.tile_offset``)."""
+    ``tile_rows``-row tiles, the rows placed as ``tiles.tile_offset`` says."""
     rows, columns = x.shape
     offset = tile_offset(tile_rows)
     tiles = tile_count(offset, rows, tile_rows)
-    padded = x.new_zeros(tiles * tile_rows, columns, dtype=torch.float32)
-    padded[offset : offset + rows] = x
+    if offset == 0 and rows == tiles * tile_rows:  # whole tiles: nothing to pad
+        padded = x.to(torch.float32)
+    else:
+        padded = x.new_zeros(tiles * tile_rows, columns, dtype=torch.float32)
+        padded[offset : offset + rows] = x
     transposed = weight.t()
     out = torch.bmm(padded.view(tiles, tile_rows, columns), transposed.expand(tiles, *transposed.shape))
     out = out.view(tiles * tile_rows, -1)[offset : offset + rows]
@@ -201,7 +215,7 @@ def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatu
     Runs on random inputs, in a fraction of a second for SmolLM2-135M.
     """
     generator = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
+    with torch.inference_mode(), placed(BY_POSITION):
         for layer in _layers_by_shape(model):
             name = f"{layer.in_features}->{layer.out_features}"
             x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=generator).to(layer.activation_dtype)
@@ -224,3 +238,56 @@ def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatu
                             f"precision {layer.precision} cannot keep a prefix-cache hit equal to a cold prefill on "
                             f"this CPU ({features.summary()}): the tiled float32 GEMM gives a {name} layer's rows "
                             f"from {start} on different bits than in the whole prompt")
+
+
+PLACEMENT_NOTES = {
+    FROM_START: "rows placed from each prefill's first row (checked: a row's bits do not depend on its place "
+                "in a tile here)",
+    BY_POSITION: "rows placed by absolute position (a row's bits depend on its place in a tile here)",
+}
+
+
+def choose_tile_placement(model: nn.Module) -> str:
+    """``FROM_START`` where, on this CPU, every distinct prefill GEMM shape of ``model`` and its tiled
+    attention give a prompt's rows the same bits when a prefill starts at any token (its rows then
+    sit elsewhere in their tiles, and in fewer tiles) as in a prefill of the whole prompt; else
+    ``BY_POSITION``, which needs no such luck (``check_row_independence`` has checked it)."""
+    generator = torch.Generator().manual_seed(1)
+    starts = (1, TILE_ROWS - 3, GEMM_TILE_ROWS + 5, 2 * GEMM_TILE_ROWS + 13, 3 * GEMM_TILE_ROWS - 1)
+    with torch.inference_mode(), placed(FROM_START):
+        for layer in _layers_by_shape(model):
+            if not layer.tiled_prefill:
+                continue
+            x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=generator).to(layer.activation_dtype)
+            with prefill_phase(0):
+                whole = layer(x)
+            for start in starts:
+                with prefill_phase(start):
+                    if not torch.equal(layer(x[start:]), whole[start:]):
+                        return BY_POSITION
+        attention = _attention_shapes(model)
+        if attention is not None:
+            heads, kv_heads, head_dim, dtype = attention
+            rows = 3 * GEMM_TILE_ROWS
+            width = rows + 2 * TILE_ROWS  # the aligned width of a longer prompt: columns past each row masked
+            query = torch.randn(1, heads, rows, head_dim, generator=generator).to(dtype)
+            key, value = (torch.randn(1, kv_heads, width, head_dim, generator=generator).to(dtype) for _ in range(2))
+            mask = torch.arange(width)[None, :] <= torch.arange(rows)[:, None]
+            with prefill_phase(0):
+                whole, _ = tiled_sdpa_attention(None, query, key, value, mask[None, None])
+            for start in starts:
+                with prefill_phase(start):
+                    tail, _ = tiled_sdpa_attention(None, query[:, :, start:], key, value, mask[None, None, start:])
+                if not torch.equal(tail, whole[:, start:]):
+                    return BY_POSITION
+    return FROM_START
+
+
+def _attention_shapes(model: nn.Module) -> tuple[int, int, int, torch.dtype] | None:
+    """(heads, kv heads, head dim, activation dtype) of a transformers model; None for another module."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = model.get_input_embeddings().weight.dtype
+    return config.num_attention_heads, config.num_key_value_heads, head_dim, dtype

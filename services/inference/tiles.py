@@ -11,10 +11,18 @@ laid out in tiles of a fixed number of rows (``GEMM_TILE_ROWS`` for the linear
 layers, ``TILE_ROWS`` for attention), every tile one item of one batched call, so
 each tile is one and the same small multiply however many tiles there are.
 
-Under ``prefill_phase(start)`` the rows are placed so that the token at absolute
-position ``p`` lands in row ``p % tile_rows`` of its tile (the first tile is padded
-in front): a tail starting after a reused prefix sees the very tiles, at the very
-positions, that a cold prefill of the whole prompt computes for those tokens.
+Where a prefill's rows go in its tiles (``placement``), chosen once at start by the
+engine from what this CPU's kernels do (services/inference/precision.py,
+``choose_tile_placement``):
+
+- ``FROM_START``: the prefill's first token in row 0 of the first tile. A tail of
+  ``n`` tokens after a reused prefix then takes ``ceil(n / tile_rows)`` tiles, the
+  fewest. Chosen where a row's bits are checked not to depend on its place in a
+  tile (so the tail's rows come out as in a cold prefill, where they sat elsewhere);
+- ``BY_POSITION``: under ``prefill_phase(start)`` the token at absolute position
+  ``p`` lands in row ``p % tile_rows`` of its tile (the first tile padded in front),
+  so a tail sees the very tiles, at the very rows, of a cold prefill of the whole
+  prompt; it may take one tile more. The fallback where the check fails.
 """
 from __future__ import annotations
 
@@ -28,6 +36,34 @@ TILE_ROWS = 16  # prefill attention's query tiles; a float32 decode step's GEMM
 # (on AVX-512, 64-row tiles were threaded differently for one tile than for several).
 GEMM_TILE_ROWS = 32
 _phase = threading.local()
+
+FROM_START = "from_start"
+BY_POSITION = "by_position"
+PLACEMENTS = (FROM_START, BY_POSITION)
+_placement = BY_POSITION  # until the engine has checked this CPU
+
+
+def set_placement(placement: str) -> None:
+    """Sets how prefill rows are laid out in tiles, for the whole process (one CPU, one choice)."""
+    global _placement
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown tile placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
+    _placement = placement
+
+
+def placement() -> str:
+    return _placement
+
+
+@contextmanager
+def placed(how: str) -> Iterator[None]:
+    """``set_placement(how)`` for this block (the engine's start-up checks try each)."""
+    before = _placement
+    set_placement(how)
+    try:
+        yield
+    finally:
+        set_placement(before)
 
 
 @contextmanager
@@ -45,8 +81,13 @@ def in_prefill() -> bool:
 
 
 def tile_offset(tile_rows: int) -> int:
-    """Where the first row goes in its tile: the prefill's start position modulo ``tile_rows`` (0 outside)."""
-    return getattr(_phase, "start", 0) % tile_rows
+    """Where the current prefill's first row goes in its tile (0 outside a prefill)."""
+    return first_row(getattr(_phase, "start", 0), tile_rows)
+
+
+def first_row(start: int, tile_rows: int) -> int:
+    """Where a prefill from token ``start`` puts its first row in its first tile."""
+    return 0 if _placement == FROM_START else start % tile_rows
 
 
 def tile_count(offset: int, rows: int, tile_rows: int) -> int:

@@ -12,7 +12,7 @@ from meshkit.sampling import Sampling
 from services.inference.engine import chunk_end
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.precision import apply_precision
-from services.inference.tiles import GEMM_TILE_ROWS
+from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS, placed
 from tests.tiny_llama import tiny_engine, tiny_llama
 
 T = GEMM_TILE_ROWS
@@ -32,7 +32,22 @@ T = GEMM_TILE_ROWS
     (10 * T, 10 * T + 3, 0, True, 10 * T + 3),
 ])
 def test_a_chunk_ends_at_the_prompts_end_or_on_a_tile_boundary_within_the_budget(start, total, budget, first, end):
-    assert chunk_end(start, total, budget, first) == end
+    with placed(BY_POSITION):
+        assert chunk_end(start, total, budget, first) == end
+
+
+@pytest.mark.parametrize(("start", "total", "budget", "first", "end"), [
+    (0, 1000, 63, True, T),
+    (16, 1000, 63, True, 16 + T),  # tiles begin where the prefill does: one whole tile
+    (16, 1000, 2 * T + 1, True, 16 + 2 * T),
+    (16, 1000, 20, True, 16 + T),  # the turn's first chunk: at least one tile
+    (16, 1000, 20, False, 16),
+    (16, 40, 20, True, 40),
+])
+def test_placed_from_the_start_a_chunk_after_a_reused_prefix_takes_whole_tiles_from_there(start, total, budget, first,
+                                                                                           end):
+    with placed(FROM_START):
+        assert chunk_end(start, total, budget, first) == end
 
 
 def run_greedy(engine, prompt: list[int], max_new_tokens: int) -> list[str]:

@@ -23,11 +23,14 @@ from services.inference.precision import (
     RowDependence,
     apply_precision,
     check_row_independence,
+    choose_tile_placement,
     kernel_paths,
     prefill_phase,
     set_gemm_rows,
 )
 from services.inference.settings import InferenceSettings
+from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS, placed
+from tests.tiny_llama import tiny_llama
 
 # Openings of public-domain novels (Austen, Dickens, Melville, Tolstoy, Fitzgerald, Carroll).
 TEXT = Path(__file__).resolve().parent.parent / "data" / "perplexity.txt"
@@ -91,9 +94,25 @@ def test_prefill_uses_float32_gemm_on_the_same_weights(precision):
     assert (gemm - exact).abs().max() < tolerance * exact.abs().max()
 
 
+@pytest.fixture(params=[BY_POSITION, FROM_START])
+def placement(request):
+    """Each way the engine may place prefill rows in tiles; FROM_START only where this CPU allows it."""
+    real_shapes = apply_precision(nn.Sequential(*(nn.Linear(*shape) for shape in SHAPES)), "bfloat16")
+    if request.param == FROM_START and BY_POSITION in (choose_tile_placement(real_shapes),
+                                                       choose_tile_placement(tiny_llama_in("bfloat16"))):
+        pytest.skip(f"this CPU ({read_cpu_features().summary()}) gives a row other bits elsewhere in a tile: "
+                    "the engine places rows by position here")
+    with placed(request.param):
+        yield request.param
+
+
+def tiny_llama_in(precision: str) -> nn.Module:
+    return apply_precision(tiny_llama(), precision)
+
+
 @pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision, shape):
+def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision, shape, placement):
     torch.manual_seed(0)
     layer = apply_precision(nn.Sequential(nn.Linear(*shape)), precision)[0]
     rows = torch.randn(300, shape[0]).to(activation_dtype(precision))
@@ -108,7 +127,7 @@ def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_prefill_attention_gives_a_query_row_the_same_bits_whatever_the_prompts_length(dtype):
+def test_prefill_attention_gives_a_query_row_the_same_bits_whatever_the_prompts_length(dtype, placement):
     torch.manual_seed(0)
     heads, kv_heads, dim, count = 9, 3, 64, 300
     width = 304  # aligned, as services/inference/kv.py gives it
@@ -149,3 +168,33 @@ def test_the_start_up_check_refuses_a_decode_kernel_whose_rows_depend_on_the_bat
     with pytest.raises(RowDependence, match=r"precision int8 .* batch of 2 than alone"):
         check_row_independence(model, 8, read_cpu_features())
     assert issubclass(RowDependence, ValueError)
+
+
+def test_rows_whose_bits_depend_on_their_place_in_a_tile_are_placed_by_position(monkeypatch):
+    from services.inference import precision as module
+
+    model = tiny_llama_in("float32")
+    assert choose_tile_placement(model) in (FROM_START, BY_POSITION)
+    real = module.tiled_gemm
+
+    def place_dependent(x, weight, bias, tile_rows):  # what a kernel rounding edge rows its own way may do
+        out = real(x, weight, bias, tile_rows)
+        offset = module.tile_offset(tile_rows)
+        place = (torch.arange(offset, offset + x.shape[0]) % tile_rows == tile_rows - 1).float()[:, None]
+        return out + 1e-3 * place
+
+    monkeypatch.setattr(module, "tiled_gemm", place_dependent)
+    assert choose_tile_placement(model) == BY_POSITION
+    check_row_independence(model, 8, read_cpu_features())  # placed by position, such a kernel is still fine
+
+
+@pytest.mark.parametrize(("placement_", "tiles"), [(FROM_START, 1), (BY_POSITION, 2)])
+def test_a_tail_of_one_tiles_rows_after_a_reused_prefix_costs_one_tile_placed_from_its_start(placement_, tiles):
+    from services.inference.kv import SlotKV
+    from services.inference.layered import ChunkForward
+
+    model = tiny_llama_in("float32")
+    prompt = list(range(300))
+    with placed(placement_):
+        chunk = ChunkForward(model, SlotKV(model.config, 1, torch.float32), prompt, 268, 300)
+        assert chunk.cost_tokens == tiles * GEMM_TILE_ROWS
