@@ -28,7 +28,7 @@ import time
 import torch
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
-from bench import generation
+from bench import generation, llama_cpp
 from bench.generation import STREAMS, StreamTimes, bypass_request, chat_ids, question, rate_summary
 from cli.launcher import LocalMesh
 from meshkit.percentile import percentile
@@ -87,6 +87,13 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
 def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
     prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
     samples: dict[str, list[float]] = {}
+    llama = None
+    if llama_cpp.available():
+        say(f"llama.cpp side by side: {llama_cpp.gguf_path().name}, {engine.worker_threads or 2} threads")
+        llama = llama_cpp.LlamaCpp(threads=InferenceSettings().threads)
+        llama.decode_tok_s(prompts[0], max_new_tokens)  # warm
+    else:
+        say("llama.cpp side by side skipped: llama-cpp-python is not installed (see bench/llama_cpp.py)")
     with mesh.gateway_access().channel() as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         gateway_streams(stub, 1, max_new_tokens)  # warm
@@ -100,6 +107,8 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
                     samples.setdefault(f"{name}_{streams}_aggregate", []).append(aggregate_tok_s(arrivals))
                 samples.setdefault(f"hf_{streams}", []).append(
                     generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+                if llama is not None and streams == 1:
+                    samples.setdefault("llama_cpp_1", []).append(llama.decode_tok_s(prompts[0], max_new_tokens))
     result = {}
     for streams in STREAMS:
         hf = statistics.median(samples[f"hf_{streams}"])
@@ -112,6 +121,13 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
             "engine_aggregate_tok_s": rate_summary(samples[f"engine_{streams}_aggregate"]),
             "gateway_aggregate_tok_s": rate_summary(samples[f"gateway_{streams}_aggregate"]),
         }
+        if f"llama_cpp_{streams}" in samples:  # one stream: llama.cpp decodes one sequence
+            llama_tok_s = statistics.median(samples[f"llama_cpp_{streams}"])
+            result[f"{streams}_streams"] |= {
+                "llama_cpp_tok_s": rate_summary(samples[f"llama_cpp_{streams}"]),
+                "engine_ratio_to_llama_cpp": statistics.median(samples[f"engine_{streams}"]) / llama_tok_s,
+                "gateway_ratio_to_llama_cpp": statistics.median(samples[f"gateway_{streams}"]) / llama_tok_s,
+            }
     return result
 
 
@@ -265,6 +281,10 @@ def lines(result: dict) -> list[str]:
         cells = [row["engine_tok_s"], row["gateway_tok_s"], row["hf_generate_tok_s"]]
         out.append(f"{name.split('_')[0]:<10}" + "".join(f"{c['p50']:>12.1f} / {c['p99_low']:<5.1f}" for c in cells)
                    + f"{row['engine_ratio_to_hf']:>10.2f}x{row['gateway_ratio_to_hf']:>11.2f}x")
+        if "llama_cpp_tok_s" in row:
+            cell = row["llama_cpp_tok_s"]
+            out.append(f"{'':<10}llama.cpp (Q4_1 GGUF) {cell['p50']:.1f} / {cell['p99_low']:.1f} tok/s: engine "
+                       f"{row['engine_ratio_to_llama_cpp']:.2f}x, gateway {row['gateway_ratio_to_llama_cpp']:.2f}x")
     out += ["", f"{'decode step, engine in process':<32}{'steps':>7}{'forward ms':>12}{'sampling+text':>15}"
                 f"{'delivery':>10}"]
     for batch, row in result["step_ms"].items():

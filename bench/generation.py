@@ -26,7 +26,7 @@ import torch
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench import variants
+from bench import llama_cpp, variants
 from bench.stats import summary_ms
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh
@@ -39,6 +39,7 @@ from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
+from services.inference.tiles import BY_POSITION, placed
 
 STREAMS = (1, 4, 8)
 # Questions that draw long answers, so that streams decode for their whole max_new_tokens.
@@ -202,19 +203,24 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
 
     tiers: dict[Engine, RedisBlocks] = {}
 
-    def replica() -> Engine:
+    def replica(block_tokens: int = settings.prefix_block_tokens) -> Engine:
         """An engine with a prefix cache of its own and the shared Redis tier, as another process would have."""
-        shared = RedisBlocks(redis_url, key_prefix=namespace, ttl_s=300,
+        shared = RedisBlocks(redis_url, key_prefix=f"{namespace}:{block_tokens}", ttl_s=300,
                              budget_s=settings.prefix_redis_budget_ms / 1000)
-        prefix = PrefixCache(model="bench", revision="bench", block_tokens=settings.prefix_block_tokens,
-                             shared=shared)
+        prefix = PrefixCache(model="bench", revision="bench", block_tokens=block_tokens, shared=shared)
         engine = Engine(model, tokenizer, settings.engine_options(), prefix_cache=prefix)
         tiers[engine] = shared
         return engine
 
     text_ids = tokenizer.encode(LONG_TEXT)
     samples: dict[str, list[float]] = {"cold": [], "local_prefix_hit": [], "redis_prefix_hit": [], "hf_generate": []}
+    llama = llama_cpp.LlamaCpp(threads=settings.threads) if llama_cpp.available() else None
+    if llama is not None:
+        samples["llama_cpp"] = []
     first = replica()
+    # Before: 16-token blocks, prefill rows placed by absolute position (one more tile for a tail).
+    before = replica(BEFORE_BLOCK_TOKENS)
+    samples |= {f"cold_{BEFORE}": [], f"local_prefix_hit_{BEFORE}": []}
     try:
         first_token_ms(first, text_ids[-PROMPT_TOKENS:])  # warm the code paths
         for index in range(rounds):
@@ -223,6 +229,9 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
             tails = [text_ids[-(k + 1) * 40 : -(k + 1) * 40 + PROMPT_TOKENS - SHARED_TOKENS] for k in range(3)]
             samples["cold"].append(first_token_ms(first, shared + tails[0]))
             samples["local_prefix_hit"].append(first_token_ms(first, shared + tails[1]))
+            with placed(BY_POSITION):  # the engine's worker reads the placement as it prefills
+                samples[f"cold_{BEFORE}"].append(first_token_ms(before, shared + tails[0]))
+                samples[f"local_prefix_hit_{BEFORE}"].append(first_token_ms(before, shared + tails[1]))
             tiers[first].flush()  # the first replica's blocks are in Redis
             second = replica()  # a replica that never saw the prompt, warmed up on another one
             try:
@@ -231,13 +240,24 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
             finally:
                 second.close()
             samples["hf_generate"].append(hf_first_token_ms(model, shared + tails[0]))
+            if llama is not None:
+                samples["llama_cpp"].append(llama.first_token_ms(shared + tails[0]))
     finally:
         first.close()
+        before.close()
     cold = statistics.median(samples["cold"])
     result = {name: ms_summary(values) for name, values in samples.items()}
-    for name in ("local_prefix_hit", "redis_prefix_hit", "hf_generate"):
+    for name in ("local_prefix_hit", "redis_prefix_hit", "hf_generate", "llama_cpp"):
+        if name not in result:
+            continue
         result[name]["ratio_to_cold_p50"] = result[name]["p50_ms"] / cold
+    result[f"local_prefix_hit_{BEFORE}"]["ratio_to_cold_p50"] = (
+        result[f"local_prefix_hit_{BEFORE}"]["p50_ms"] / result[f"cold_{BEFORE}"]["p50_ms"])
     return result
+
+
+BEFORE_BLOCK_TOKENS = 16
+BEFORE = f"{BEFORE_BLOCK_TOKENS}_token_blocks_placed_by_position"
 
 
 def first_token_ms(engine: Engine, prompt: list[int]) -> float:

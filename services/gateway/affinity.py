@@ -2,10 +2,12 @@
 
 Requests that share a prompt prefix go to the same replica, so its local prefix-KV
 tier (services/inference/prefix.py) keeps hitting; Redis stays the shared tier behind
-it. The route key is a hash of the tenant and the first prefix block of the prompt's
-token ids (``block_tokens``, the inference service's ``prefix_block_tokens``: the unit
-its cache keys), which the gateway has from the tokenizer hop. A prompt no longer than
-one block has no reusable block: it gets no key, and goes round_robin.
+it. The route key is a hash of the tenant and the prompt's first ``block_tokens`` token
+ids (16 by default), which the gateway has from the tokenizer hop: prompts that agree that
+far (a system prompt, a template's head) share a replica. It need not equal the inference
+service's ``prefix_block_tokens`` (the unit its KV blocks are cut in, 4): a longer route key
+only spreads prompts with a short common head over more replicas. A prompt no longer than
+``block_tokens`` gets no key, and goes round_robin.
 
 The key picks a replica by consistent hashing (a ring of ``VNODES`` points per
 endpoint, so adding or losing a replica moves only its share of the keys) over the

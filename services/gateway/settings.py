@@ -59,7 +59,8 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     # sharing their first prefix block to the same replica (consistent hashing, bounded load); "round_robin"
     # leaves them to the balanced channel. A dns:/// name: over the addresses it resolves to. One endpoint: no choice.
     inference_routing: Literal["prefix", "round_robin"] = "prefix"
-    # The inference service's prefix_block_tokens (NLPMESH_INFERENCE_PREFIX_BLOCK_TOKENS): the block routed on.
+    # How many of the prompt's first tokens make the route key (services/gateway/affinity.py); independent of
+    # the inference service's prefix_block_tokens.
     affinity_block_tokens: int = Field(default=16, ge=1, le=1024)
     # A replica takes a key's call while its generations in flight stay within this factor of the mean.
     affinity_load_factor: float = Field(default=1.25, ge=1.0, le=10.0)

@@ -222,7 +222,7 @@ class PrefixCache:
         *,
         model: str,
         revision: str,
-        block_tokens: int = 16,
+        block_tokens: int = 4,
         local_bytes: int = 256 * 1024 * 1024,
         shared: RedisBlocks | None = None,
         redis_min_sightings: int = 2,
@@ -288,12 +288,15 @@ class PrefixCache:
         sure: list[tuple[bytes, _Block]] = []
         if_seen: list[tuple[bytes, _Block]] = []
         share = self._shared is not None and self._shared.writable
+        new = [index for index in range(known, len(keys)) if keys[index] not in self._local]
+        span = read(new[0] * self.block_tokens, (new[-1] + 1) * self.block_tokens) if new else None  # one copy
         for index, key in enumerate(keys):
             block = self._local.get(key)
             if block is None:
-                if index < known:  # matched, then evicted meanwhile: nothing to add
+                if span is None or not new[0] <= index <= new[-1]:  # evicted meanwhile: nothing to add
                     continue
-                block = _Block(read(index * self.block_tokens, (index + 1) * self.block_tokens), shared=False)
+                first = (index - new[0]) * self.block_tokens
+                block = _Block(span[:, :, :, first : first + self.block_tokens].clone(), shared=False)
                 self._local[key] = block
             else:
                 block.sightings += 1

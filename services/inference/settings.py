@@ -48,8 +48,10 @@ class InferenceSettings(ServiceSettings, service="inference"):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Prefix KV reuse (services/inference/prefix.py): blocks of this many prompt
     # tokens, kept in an in-process LRU of this many bytes (0 = off) and shared
-    # with other replicas through Redis ("" = no Redis tier).
-    prefix_block_tokens: int = Field(default=16, ge=1, le=1024)
+    # with other replicas through Redis ("" = no Redis tier). Small blocks reuse all
+    # but at most block - 1 shared tokens (16-token blocks left a 300-token prompt
+    # with 270 shared a 44-token tail, two prefill tiles instead of one).
+    prefix_block_tokens: int = Field(default=4, ge=1, le=1024)
     prefix_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
