@@ -246,3 +246,20 @@ def test_block_keys_name_what_computed_the_kv_so_other_kernels_never_share_block
     assert keys_of("cpu/int8") == keys_of("cpu/int8")
     assert keys_of("cpu/int8") != keys_of("cuda/torch.bfloat16")
     assert keys_of("cpu/int8") != keys_of("cpu/float32")
+
+
+def test_by_default_a_prompt_sharing_270_of_300_tokens_prefills_one_tiles_worth(engines):
+    """The default block size reuses all but at most block - 1 shared tokens: a 300-token prompt
+    sharing 270 with a cached one prefills 32 (one GEMM tile), where 16-token blocks left 44 (two)."""
+    from services.inference.settings import InferenceSettings
+    from services.inference.tiles import GEMM_TILE_ROWS
+
+    block = InferenceSettings().prefix_block_tokens
+    rng = random.Random(3)
+    shared = [rng.randrange(1000, 40000) for _ in range(270)]
+    first, second = ([rng.randrange(1000, 40000) for _ in range(30)] for _ in range(2))
+    reusing = engines(PrefixCache(model="tiny", revision="r1", block_tokens=block))
+    greedy_text(reusing, shared + first, max_new_tokens=1)
+    prefilled = counter(metrics.PREFILL_TOKENS)
+    greedy_text(reusing, shared + second, max_new_tokens=1)
+    assert counter(metrics.PREFILL_TOKENS) - prefilled == 300 - 270 // block * block <= GEMM_TILE_ROWS
