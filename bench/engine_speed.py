@@ -86,29 +86,19 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
 
 def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
     prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
-    samples: dict[str, list[float]] = {}
     llama = None
     if llama_cpp.available():
-        say(f"llama.cpp side by side: {llama_cpp.gguf_path().name}, {engine.worker_threads or 2} threads")
-        llama = llama_cpp.LlamaCpp(threads=InferenceSettings().threads)
+        threads = InferenceSettings().threads
+        say(f"llama.cpp side by side, in a process of its own: {llama_cpp.gguf_path().name}, {threads} threads")
+        llama = llama_cpp.LlamaCpp(threads=threads)
         llama.decode_tok_s(prompts[0], max_new_tokens)  # warm
     else:
         say("llama.cpp side by side skipped: llama-cpp-python is not installed (see bench/llama_cpp.py)")
-    with mesh.gateway_access().channel() as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        gateway_streams(stub, 1, max_new_tokens)  # warm
-        engine_streams(engine, prompts[:1], max_new_tokens)
-        for index in range(rounds):
-            for streams in STREAMS:
-                say(f"engine decode: round {index + 1}/{rounds}, {streams} streams")
-                for name, arrivals in (("engine", engine_streams(engine, prompts[:streams], max_new_tokens)),
-                                       ("gateway", gateway_streams(stub, streams, max_new_tokens))):
-                    samples.setdefault(f"{name}_{streams}", []).append(steady_tok_s(arrivals))
-                    samples.setdefault(f"{name}_{streams}_aggregate", []).append(aggregate_tok_s(arrivals))
-                samples.setdefault(f"hf_{streams}", []).append(
-                    generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
-                if llama is not None and streams == 1:
-                    samples.setdefault("llama_cpp_1", []).append(llama.decode_tok_s(prompts[0], max_new_tokens))
+    try:
+        samples = decode_rounds(mesh, engine, model, tokenizer, prompts, llama, rounds, max_new_tokens)
+    finally:
+        if llama is not None:
+            llama.close()
     result = {}
     for streams in STREAMS:
         hf = statistics.median(samples[f"hf_{streams}"])
@@ -129,6 +119,28 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
                 "gateway_ratio_to_llama_cpp": statistics.median(samples[f"gateway_{streams}"]) / llama_tok_s,
             }
     return result
+
+
+def decode_rounds(mesh: LocalMesh, engine: Engine, model, tokenizer, prompts: list[list[int]],
+                  llama: llama_cpp.LlamaCpp | None, rounds: int, max_new_tokens: int) -> dict[str, list[float]]:
+    """Each round: 1, 4 and 8 streams through the engine, the gateway and generate (llama.cpp at 1)."""
+    samples: dict[str, list[float]] = {}
+    with mesh.gateway_access().channel() as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        gateway_streams(stub, 1, max_new_tokens)  # warm
+        engine_streams(engine, prompts[:1], max_new_tokens)
+        for index in range(rounds):
+            for streams in STREAMS:
+                say(f"engine decode: round {index + 1}/{rounds}, {streams} streams")
+                for name, arrivals in (("engine", engine_streams(engine, prompts[:streams], max_new_tokens)),
+                                       ("gateway", gateway_streams(stub, streams, max_new_tokens))):
+                    samples.setdefault(f"{name}_{streams}", []).append(steady_tok_s(arrivals))
+                    samples.setdefault(f"{name}_{streams}_aggregate", []).append(aggregate_tok_s(arrivals))
+                samples.setdefault(f"hf_{streams}", []).append(
+                    generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+                if llama is not None and streams == 1:
+                    samples.setdefault("llama_cpp_1", []).append(llama.decode_tok_s(prompts[0], max_new_tokens))
+    return samples
 
 
 class Arrivals(list):

@@ -245,6 +245,8 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
     finally:
         first.close()
         before.close()
+        if llama is not None:
+            llama.close()
     cold = statistics.median(samples["cold"])
     result = {name: ms_summary(values) for name, values in samples.items()}
     for name in ("local_prefix_hit", "redis_prefix_hit", "hf_generate", "llama_cpp"):

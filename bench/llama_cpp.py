@@ -5,14 +5,21 @@ source (about 7 minutes on 2 cores), so it is not part of ``make setup``:
 
     .venv/bin/pip install llama-cpp-python==0.3.36
 
-Measured in this process, interleaved with the engine's rounds: one stream's
-decode tok/s (greedy, from its first token to its last, the prompt's
-evaluation excluded, as the engine's steady window excludes its prefill) and
-the time to first token of a prompt (its evaluation and one sampled token).
+llama.cpp runs in a process of its own (``python -m bench.llama_cpp``, one JSON
+request a line on stdin, one answer a line on stdout), idle between its turns:
+in the bench's process its worker threads would share the CPU and the OpenMP
+runtime with torch's, and slow both. Measured, interleaved with the engine's
+rounds: one stream's decode tok/s (greedy, from its first token to its last, the
+prompt's evaluation excluded, as the engine's steady window excludes its
+prefill) and the time to first token of a prompt (its evaluation and one sampled
+token).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 import time
 
 from modelfiles.convert import gguf_path
@@ -23,30 +30,71 @@ def available() -> bool:
 
 
 class LlamaCpp:
-    def __init__(self, threads: int, context: int = 2048):
-        from llama_cpp import Llama
+    """The client: starts ``python -m bench.llama_cpp`` and asks it for figures."""
 
+    def __init__(self, threads: int):
         self.model_path = gguf_path()
-        self._llama = Llama(model_path=str(self.model_path), n_threads=threads, n_threads_batch=threads,
-                            n_ctx=context, n_batch=512, verbose=False)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "bench.llama_cpp", "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def _tokens(self, prompt: list[int], max_new_tokens: int) -> list[float]:
-        """Greedy generation from ``prompt`` (token ids, the same vocabulary as the engine's
-        tokenizer); the time each token came, counted from the call."""
-        self._llama.reset()  # no KV kept from the last call: every prompt is evaluated cold
-        started = time.perf_counter()
-        arrivals = []
-        for token in self._llama.generate(prompt, temp=0.0, top_k=1, reset=True):
-            arrivals.append(time.perf_counter() - started)
-            if len(arrivals) >= max_new_tokens or token == self._llama.token_eos():
-                break
-        return arrivals
+    def _ask(self, **request) -> float:
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp process ended (exit {self._process.wait(timeout=10)})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"llama.cpp: {answer['error']}")
+        return answer["value"]
 
     def decode_tok_s(self, prompt: list[int], max_new_tokens: int) -> float:
-        arrivals = self._tokens(prompt, max_new_tokens)
-        if len(arrivals) < 2:
-            raise RuntimeError("llama.cpp ended after one token: raise --max-new-tokens or change the prompt")
-        return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+        return self._ask(op="decode_tok_s", prompt=prompt, max_new_tokens=max_new_tokens)
 
     def first_token_ms(self, prompt: list[int]) -> float:
-        return self._tokens(prompt, 1)[0] * 1000
+        return self._ask(op="first_token_ms", prompt=prompt)
+
+    def close(self) -> None:
+        self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def _arrivals(llama, prompt: list[int], max_new_tokens: int) -> list[float]:
+    """Greedy generation from ``prompt`` (token ids, the same vocabulary as the engine's tokenizer),
+    evaluated cold; the time each token came, counted from the call."""
+    llama.reset()
+    started = time.perf_counter()
+    arrivals = []
+    for token in llama.generate(prompt, temp=0.0, top_k=1, reset=True):
+        arrivals.append(time.perf_counter() - started)
+        if len(arrivals) >= max_new_tokens or token == llama.token_eos():
+            break
+    return arrivals
+
+
+def _serve(threads: int) -> None:
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                  n_batch=512, verbose=False)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["op"] == "decode_tok_s":
+                arrivals = _arrivals(llama, request["prompt"], request["max_new_tokens"])
+                if len(arrivals) < 2:
+                    raise ValueError("llama.cpp ended after one token: raise --max-new-tokens")
+                value = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+            else:
+                value = _arrivals(llama, request["prompt"], 1)[0] * 1000
+            print(json.dumps({"value": value}), flush=True)
+        except Exception as error:  # reported to the bench, which stops with it
+            print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[sys.argv.index("--threads") + 1]))
