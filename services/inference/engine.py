@@ -46,6 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
+from services.inference.decode_step import decode_step_for
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import INITIAL_CAPACITY, SlotKV
 from services.inference.layered import ChunkForward
@@ -123,6 +124,10 @@ class Engine:
         else:
             log.info("device %s: the model's own kernels (no batch-invariance check off the CPU)", model.device)
         self._eos_ids = eos_token_ids(model)
+        # The decode step without transformers' wrappers (bit-identical logits); None: the model's forward.
+        self._decode = decode_step_for(model)
+        log.info("decode step: %s", "the model's operations without transformers' wrappers (DecodeStep)"
+                 if self._decode is not None else "the model's forward")
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
         kv_dtype = model.get_input_embeddings().weight.dtype
         self.device = model.device
@@ -364,6 +369,8 @@ class Engine:
 
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""
+        if self._decode is not None:
+            return self._decode.forward(torch.tensor(rows, device=self.device), positions, mask, self._kv)
         output = self.model(
             input_ids=torch.tensor(rows, device=self.device), position_ids=positions, attention_mask=mask,
             cache=self._kv, use_cache=True, logits_to_keep=1,

@@ -122,15 +122,20 @@ class DecodeLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         if rows >= self.gemm_rows or (in_prefill() and self.tiled_prefill):
             out = tiled_gemm(flat, self.weight_float32, self.bias, GEMM_TILE_ROWS).to(x.dtype)
-        elif self.precision == "float32":  # a decode step: one tile
-            out = tiled_gemm(flat, self.weight_float32, self.bias, TILE_ROWS)
-        elif self.precision == "bfloat16":
-            out = F.linear(flat, self.weight, self.bias)
         else:
-            out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-            if self.bias is not None:
-                out = out + self.bias
+            out = self.decode_rows(flat)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def decode_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """A decode step's rows (at most ``MAX_DECODE_ROWS``, (rows, in) -> (rows, out)) through the
+        decode kernel; ``forward`` outside prefill, and the engine's own decode step
+        (services/inference/decode_step.py)."""
+        if self.precision == "float32":  # one tile
+            return tiled_gemm(flat, self.weight_float32, self.bias, TILE_ROWS)
+        if self.precision == "bfloat16":
+            return F.linear(flat, self.weight, self.bias)
+        out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        return out if self.bias is None else out + self.bias
 
 
 def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:

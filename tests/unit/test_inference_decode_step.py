@@ -1,0 +1,56 @@
+"""The engine's decode step (services/inference/decode_step.py) gives the very logits of the model's forward."""
+import pytest
+import torch
+from torch import nn
+
+from meshkit.settings import default_home
+from modelfiles.convert import load_model_files
+from services.inference.decode_step import decode_step_for
+from services.inference.kv import SlotKV
+from services.inference.loading import load_model
+from services.inference.precision import apply_precision
+from tests.tiny_llama import tiny_llama
+
+
+def compare(model: nn.Module, lengths: list[int]) -> None:
+    """Fills KV rows with a prefill of random tokens, then one decode step both ways on the same rows."""
+    step = decode_step_for(model)
+    assert step is not None
+    dtype = model.get_input_embeddings().weight.dtype
+    generator = torch.Generator().manual_seed(len(lengths))
+    kv = SlotKV(model.config, len(lengths), dtype)
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        for row, length in enumerate(lengths):
+            kv.allocate(row)
+            positions, mask = kv.prefill(row, 0, length)
+            model(input_ids=torch.randint(0, vocab, (1, length), generator=generator), position_ids=positions,
+                  attention_mask=mask, cache=kv, use_cache=True, logits_to_keep=1)
+            kv.mark_ready(row)
+        ids = torch.randint(0, vocab, (len(lengths), 1), generator=generator)
+        positions, mask = kv.decode(lengths)
+        expected = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=kv, use_cache=True,
+                         logits_to_keep=1).logits
+        positions, mask = kv.decode(lengths)  # the same token written again at the same columns
+        got = step.forward(ids, positions, mask, kv)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+def test_the_decode_step_gives_the_models_own_logits_bit_for_bit(precision):
+    model = apply_precision(tiny_llama(), precision).eval()
+    compare(model, [5])
+    compare(model, [3, 17, 40])
+
+
+def test_a_model_whose_linear_layers_are_not_the_engines_keeps_its_own_forward():
+    assert decode_step_for(tiny_llama().eval()) is None  # plain nn.Linear: the model's forward
+    assert decode_step_for(nn.Sequential(nn.Linear(4, 4))) is None
+
+
+@pytest.mark.model
+def test_on_the_real_model_the_decode_step_gives_the_models_own_logits_bit_for_bit():
+    model, _ = load_model(load_model_files(default_home()), "int8")
+    compare(model, [30])
+    compare(model, [12, 40, 7, 100, 64, 33, 90, 18])
