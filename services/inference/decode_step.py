@@ -42,6 +42,49 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                  mask: torch.Tensor, kv, *, decode: bool) -> torch.Tensor:
+    """One ``LlamaDecoderLayer`` as its forward computes it, without its wrappers: ``hidden``
+    (B, n, hidden), ``rotary`` the model's (cos, sin) already unsqueezed to (B, 1, n, head_dim).
+    A decode step (``decode``) takes each linear layer's decode kernel and transformers' SDPA
+    function; a prefill chunk (under ``prefill_phase``) the layers' own forward (tiled GEMM) and
+    the model's attention interface (the tiled attention)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    rows = hidden.shape[:-1]
+    if decode:
+        def project(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
+            return linear.decode_rows(x.view(-1, linear.in_features)).view(*rows, -1)
+        attend = sdpa_attention_forward
+    else:
+        def project(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
+            return linear(x)
+        attend = _attention_interface(attention)
+    cos, sin = rotary
+    shape = (*rows, -1, attention.head_dim)
+    x = rms_norm(hidden, layer.input_layernorm)
+    query = project(attention.q_proj, x).view(shape).transpose(1, 2)
+    key = project(attention.k_proj, x).view(shape).transpose(1, 2)
+    value = project(attention.v_proj, x).view(shape).transpose(1, 2)
+    query = query * cos + _rotate_half(query) * sin
+    key = key * cos + _rotate_half(key) * sin
+    keys, values = kv.update(key, value, index)
+    output, _ = attend(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)
+    hidden = hidden + project(attention.o_proj, output.reshape(*rows, -1).contiguous())
+    x = rms_norm(hidden, layer.post_attention_layernorm)
+    return hidden + project(mlp.down_proj, F.silu(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+
+
+def _attention_interface(attention: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
+
+
+def unsqueezed(rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rotary
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
 class DecodeStep:
     def __init__(self, model: nn.Module):
         self._base = model.base_model
@@ -53,25 +96,10 @@ class DecodeStep:
         ``mask`` (B, 1, 1, width) as ``SlotKV.decode`` made them for ``kv``."""
         base = self._base
         hidden = base.embed_tokens(input_ids)
-        rows = hidden.shape[0]
-        cos, sin = base.rotary_emb(hidden, position_ids=positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rotary = unsqueezed(base.rotary_emb(hidden, position_ids=positions))
         for index, layer in enumerate(self._layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            x = rms_norm(hidden, layer.input_layernorm).view(rows, -1)
-            shape = (rows, 1, -1, attention.head_dim)
-            query = attention.q_proj.decode_rows(x).view(shape).transpose(1, 2)
-            key = attention.k_proj.decode_rows(x).view(shape).transpose(1, 2)
-            value = attention.v_proj.decode_rows(x).view(shape).transpose(1, 2)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
-            keys, values = kv.update(key, value, index)
-            output, _ = sdpa_attention_forward(attention, query, keys, values, mask, dropout=0.0,
-                                               scaling=attention.scaling)
-            hidden = hidden + attention.o_proj.decode_rows(output.reshape(rows, -1)).view(rows, 1, -1)
-            x = rms_norm(hidden, layer.post_attention_layernorm).view(rows, -1)
-            up = F.silu(mlp.gate_proj.decode_rows(x)) * mlp.up_proj.decode_rows(x)
-            hidden = hidden + mlp.down_proj.decode_rows(up).view(rows, 1, -1)
+            hidden = decoder_layer(layer, index, hidden, rotary, mask, kv, decode=True)
+        rows = hidden.shape[0]
         return self._output.decode_rows(rms_norm(hidden, base.norm).view(rows, -1)).view(rows, 1, -1)
 
 

@@ -260,7 +260,8 @@ class Engine:
                 end = chunk_end(start, total, left, first=spent == 0)
                 if end <= start:
                     return
-                job.chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end)
+                job.chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end,
+                                         unwrapped=self._decode is not None)
             chunk = job.chunk
             layers = self._layers_this_turn(chunk, time.perf_counter() - started, first=spent == 0)
             if layers == 0 or not self._advance(job, layers):

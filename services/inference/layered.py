@@ -18,13 +18,18 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from services.inference.decode_step import decoder_layer, unsqueezed
 from services.inference.kv import SlotKV
 from services.inference.tiles import GEMM_TILE_ROWS, first_row, prefill_phase, tile_count
 
 
 class ChunkForward:
-    def __init__(self, model: PreTrainedModel, kv: SlotKV, prompt: list[int], start: int, end: int):
+    def __init__(self, model: PreTrainedModel, kv: SlotKV, prompt: list[int], start: int, end: int, *,
+                 unwrapped: bool = False):
+        """``unwrapped``: run each decoder layer through ``decode_step.decoder_layer`` (the layer's own
+        operations without transformers' wrappers, the same bits) rather than its forward."""
         self.start, self.end, self.total = start, end, len(prompt)
+        self._unwrapped = unwrapped
         self._model, self._base, self._kv = model, model.base_model, kv
         self._ids = prompt[start:end]
         self.layer = 0  # the next decoder layer to run
@@ -51,9 +56,15 @@ class ChunkForward:
                 self._hidden = base.embed_tokens(torch.tensor([self._ids], device=positions.device))
             rotary = base.rotary_emb(self._hidden, position_ids=positions)
             stop = min(self.layer + layers, self.layer_count)
-            for layer in base.layers[self.layer : stop]:
-                self._hidden = layer(self._hidden, attention_mask=mask, position_embeddings=rotary,
-                                     position_ids=positions, cache=self._kv, use_cache=True)
+            if self._unwrapped:
+                rotary = unsqueezed(rotary)
+                for index in range(self.layer, stop):
+                    self._hidden = decoder_layer(base.layers[index], index, self._hidden, rotary, mask, self._kv,
+                                                 decode=False)
+            else:
+                for layer in base.layers[self.layer : stop]:
+                    self._hidden = layer(self._hidden, attention_mask=mask, position_embeddings=rotary,
+                                         position_ids=positions, cache=self._kv, use_cache=True)
             self.layer = stop
             if not self.done or self.end < self.total:
                 return None

@@ -7,6 +7,7 @@ from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.inference.decode_step import decode_step_for
 from services.inference.kv import SlotKV
+from services.inference.layered import ChunkForward
 from services.inference.loading import load_model
 from services.inference.precision import apply_precision
 from tests.tiny_llama import tiny_llama
@@ -37,6 +38,32 @@ def compare(model: nn.Module, lengths: list[int]) -> None:
     assert torch.equal(got, expected)
 
 
+def compare_prefill(model: nn.Module, length: int, starts: list[int]) -> None:
+    """A prompt prefilled in chunks through the model's layers and through ``decoder_layer``: the same
+    KV and last logits, bit for bit."""
+    dtype = model.get_input_embeddings().weight.dtype
+    prompt = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    results = []
+    with torch.inference_mode():
+        for unwrapped in (False, True):
+            kv = SlotKV(model.config, 1, dtype)
+            kv.allocate(0)
+            for start, end in zip(starts, starts[1:] + [length]):
+                chunk = ChunkForward(model, kv, prompt, start, end, unwrapped=unwrapped)
+                logits = chunk.run(0, chunk.layer_count)
+            results.append((kv.read(0, 0, length), logits))
+    (kv_wrapped, logits_wrapped), (kv_unwrapped, logits_unwrapped) = results
+    assert torch.equal(kv_unwrapped, kv_wrapped)
+    assert torch.equal(logits_unwrapped, logits_wrapped)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+def test_a_prefill_through_the_unwrapped_layers_leaves_the_kv_and_logits_of_the_models_layers(precision):
+    model = apply_precision(tiny_llama(), precision).eval()
+    compare_prefill(model, 75, [0, 32, 64])
+    compare_prefill(model, 40, [0])
+
+
 @pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
 def test_the_decode_step_gives_the_models_own_logits_bit_for_bit(precision):
     model = apply_precision(tiny_llama(), precision).eval()
@@ -54,3 +81,4 @@ def test_on_the_real_model_the_decode_step_gives_the_models_own_logits_bit_for_b
     model, _ = load_model(load_model_files(default_home()), "int8")
     compare(model, [30])
     compare(model, [12, 40, 7, 100, 64, 33, 90, 18])
+    compare_prefill(model, 300, [0, 128, 268])
