@@ -30,6 +30,7 @@ from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
 from bench import generation, llama_cpp
 from bench.generation import STREAMS, StreamTimes, bypass_request, chat_ids, question, rate_summary
+from bench.hf_generate import HfGenerate
 from cli.launcher import LocalMesh
 from meshkit.percentile import percentile
 from meshkit.sampling import Sampling
@@ -39,6 +40,7 @@ from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.settings import InferenceSettings
+from services.inference.threads import in_passing_thread
 
 LONG_PROMPT_TOKENS = 1000
 RUNNING_STREAM_TOKENS = 96
@@ -52,17 +54,21 @@ def say(line: str) -> None:
 
 def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     settings = InferenceSettings()
-    say(f"loading the model in-process ({settings.dtype}) for the engine and generate")
+    say(f"loading the model in-process ({settings.dtype}) for the engine, and in a process of its own for generate")
     torch.set_num_threads(settings.threads)
-    model, tokenizer = load_model(load_model_files(default_home()), settings.dtype)
+    # Loaded in a thread that ends: the engine's worker then owns this process's only OpenMP team, as in
+    # the inference service (services/inference/threads.py); generate runs in a process of its own.
+    model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
     options = settings.engine_options()
     engine = Engine(model, tokenizer, options)
+    hf = HfGenerate(settings.dtype, settings.threads)
     try:
-        decode = bench_decode(mesh, engine, model, tokenizer, rounds, max_new_tokens)
+        decode = bench_decode(mesh, engine, hf, tokenizer, rounds, max_new_tokens)
         steps = step_split(engine)
         worker_threads = engine.worker_threads
     finally:
         engine.close()
+        hf.close()
     variants = {f"chunked_share_{share:g}": dataclasses.replace(options, prefill_share=share)
                 for share in sorted({options.prefill_share, *STALL_SHARES} - {0})}
     # The default, but its KV buffers dropped whenever it is idle, so each long prompt grows them again.
@@ -84,7 +90,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
 # -- decode -------------------------------------------------------------------------
 
 
-def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int, max_new_tokens: int) -> dict:
+def bench_decode(mesh: LocalMesh, engine: Engine, hf: HfGenerate, tokenizer, rounds: int, max_new_tokens: int) -> dict:
     prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
     llama = None
     if llama_cpp.available():
@@ -95,7 +101,7 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
     else:
         say("llama.cpp side by side skipped: llama-cpp-python is not installed (see bench/llama_cpp.py)")
     try:
-        samples = decode_rounds(mesh, engine, model, tokenizer, prompts, llama, rounds, max_new_tokens)
+        samples = decode_rounds(mesh, engine, hf, prompts, llama, rounds, max_new_tokens)
     finally:
         if llama is not None:
             llama.close()
@@ -121,7 +127,7 @@ def bench_decode(mesh: LocalMesh, engine: Engine, model, tokenizer, rounds: int,
     return result
 
 
-def decode_rounds(mesh: LocalMesh, engine: Engine, model, tokenizer, prompts: list[list[int]],
+def decode_rounds(mesh: LocalMesh, engine: Engine, hf: HfGenerate, prompts: list[list[int]],
                   llama: llama_cpp.LlamaCpp | None, rounds: int, max_new_tokens: int) -> dict[str, list[float]]:
     """Each round: 1, 4 and 8 streams through the engine, the gateway and generate (llama.cpp at 1)."""
     samples: dict[str, list[float]] = {}
@@ -136,8 +142,7 @@ def decode_rounds(mesh: LocalMesh, engine: Engine, model, tokenizer, prompts: li
                                        ("gateway", gateway_streams(stub, streams, max_new_tokens))):
                     samples.setdefault(f"{name}_{streams}", []).append(steady_tok_s(arrivals))
                     samples.setdefault(f"{name}_{streams}_aggregate", []).append(aggregate_tok_s(arrivals))
-                samples.setdefault(f"hf_{streams}", []).append(
-                    generation.hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+                samples.setdefault(f"hf_{streams}", []).append(hf.decode_tok_s(prompts[:streams], max_new_tokens))
                 if llama is not None and streams == 1:
                     samples.setdefault("llama_cpp_1", []).append(llama.decode_tok_s(prompts[0], max_new_tokens))
     return samples

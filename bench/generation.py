@@ -27,6 +27,7 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench import llama_cpp, variants
+from bench.hf_generate import HfGenerate
 from bench.stats import summary_ms
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh
@@ -39,6 +40,7 @@ from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
+from services.inference.threads import in_passing_thread
 from services.inference.tiles import BY_POSITION, placed
 
 STREAMS = (1, 4, 8)
@@ -70,29 +72,31 @@ def question(index: int) -> str:
 
 def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     settings = InferenceSettings()
-    say(f"loading the model in-process ({settings.dtype}) for the baselines and the prefix runs")
+    say(f"loading the model in-process ({settings.dtype}) for the prefix runs, and in a process of its own for "
+        "generate")
     torch.set_num_threads(settings.threads)
-    model, tokenizer = load_model(load_model_files(default_home()), settings.dtype)
+    # Loaded in a thread that ends, generate in a process of its own: the engines' workers own this
+    # process's OpenMP teams, as in the inference service (services/inference/threads.py).
+    model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
+    hf = HfGenerate(settings.dtype, settings.threads)
     tls_env, tls_ca = variants.tls_edge_variant(mesh.run_dir / "certs")
     process, address = variants.spawn_gateway(mesh, tls_env,
                                               health_credentials=grpc.ssl_channel_credentials(tls_ca.read_bytes()))
     tls_edge = dataclasses.replace(mesh.gateway_access(), address=address, ca_file=tls_ca)
     try:
-        decode = bench_decode(mesh, model, tokenizer, rounds, max_new_tokens, tls_edge)
+        decode = bench_decode(mesh, hf, tokenizer, rounds, max_new_tokens, tls_edge)
+        ttft = bench_prefix_ttft(mesh.resolved_redis_url, model, tokenizer, hf, max(5, rounds + 2), settings)
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return {
-        "precision": settings.dtype,
-        "decode": decode,
-        "ttft_300": bench_prefix_ttft(mesh.resolved_redis_url, model, tokenizer, max(5, rounds + 2), settings),
-    }
+        hf.close()
+    return {"precision": settings.dtype, "decode": decode, "ttft_300": ttft}
 
 
 # -- decode -------------------------------------------------------------------
 
 
-def bench_decode(mesh: LocalMesh, model, tokenizer, rounds: int, max_new_tokens: int,
+def bench_decode(mesh: LocalMesh, hf: HfGenerate, tokenizer, rounds: int, max_new_tokens: int,
                  tls_edge: GatewayAccess) -> dict:
     """Decode tok/s through the gateway, through a gateway serving TLS to its caller (the same
     services), and in transformers' ``generate`` on the same weights, rounds interleaved."""
@@ -110,8 +114,8 @@ def bench_decode(mesh: LocalMesh, model, tokenizer, rounds: int, max_new_tokens:
                 samples.setdefault(f"gateway_{streams}_per_stream", []).extend(per_stream_tok_s(times))
                 samples.setdefault(f"tls_edge_{streams}", []).append(
                     aggregate_tok_s(gateway_streams(tls_stub, streams, max_new_tokens)))
-                samples.setdefault(f"hf_generate_{streams}", []).append(
-                    hf_decode_tok_s(model, tokenizer, prompts[:streams], max_new_tokens))
+                samples.setdefault(f"hf_generate_{streams}", []).append(hf.decode_tok_s(prompts[:streams],
+                                                                                      max_new_tokens))
     result = {}
     for streams in STREAMS:
         gateway, baseline = samples[f"gateway_{streams}"], samples[f"hf_generate_{streams}"]
@@ -196,7 +200,8 @@ def hf_decode_tok_s(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 # -- time to first token with prefix reuse ----------------------------------------
 
 
-def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: InferenceSettings) -> dict:
+def bench_prefix_ttft(redis_url: str, model, tokenizer, hf: HfGenerate, rounds: int,
+                      settings: InferenceSettings) -> dict:
     if not redis_url:
         raise RuntimeError("the prefix TTFT bench needs Redis: set REDIS_URL or install redis-server")
     namespace = f"nlpmesh:bench:kv:{uuid.uuid4().hex}"
@@ -239,7 +244,7 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, rounds: int, settings: I
                 samples["redis_prefix_hit"].append(first_token_ms(second, shared + tails[2]))
             finally:
                 second.close()
-            samples["hf_generate"].append(hf_first_token_ms(model, shared + tails[0]))
+            samples["hf_generate"].append(hf.first_token_ms(shared + tails[0]))
             if llama is not None:
                 samples["llama_cpp"].append(llama.first_token_ms(shared + tails[0]))
     finally:

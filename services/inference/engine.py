@@ -119,10 +119,6 @@ class Engine:
         self.limits = _limits(model, options)
         self.model = model.eval()
         self._options = options
-        if model.device.type == "cpu":
-            _check_kernels(model, options)
-        else:
-            log.info("device %s: the model's own kernels (no batch-invariance check off the CPU)", model.device)
         self._eos_ids = eos_token_ids(model)
         # The decode step without transformers' wrappers (bit-identical logits); None: the model's forward.
         self._decode = decode_step_for(model)
@@ -149,8 +145,18 @@ class Engine:
         # (a burst) stall nobody, so they are all prefilled whole before decoding starts.
         self._decoding_started = False
         self.step_times: collections.deque[StepTime] = collections.deque(maxlen=4096)  # the latest decode steps
+        # The start-up checks run torch too, so in the worker: its OpenMP team is then the only one the
+        # engine makes (services/inference/threads.py). A check that fails is raised here.
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._worker = threading.Thread(target=self._work, name="inference-engine", daemon=True)
         self._worker.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._worker.join()
+            if prefix_cache is not None:
+                prefix_cache.close()
+            raise self._start_error
 
     @property
     def active_count(self) -> int:
@@ -201,6 +207,16 @@ class Engine:
                 job.deliver(job.finished(FinishReason.CANCELLED))
 
     def _work(self) -> None:
+        try:
+            if self.model.device.type == "cpu":
+                _check_kernels(self.model, self._options)
+            else:
+                log.info("device %s: the model's own kernels (no batch-invariance check off the CPU)", self.device)
+        except BaseException as error:  # refused at start: the constructor raises it
+            self._start_error = error
+            return
+        finally:
+            self._started.set()
         torch.set_num_threads(self._options.threads)
         self.worker_threads = torch.get_num_threads()  # the intra-op threads the forwards get (logged)
         log.info("engine worker: %d torch threads", self.worker_threads)
@@ -428,13 +444,9 @@ def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
     """Logs the CPU and the kernels; raises ValueError (RowDependence) when the model's precision
     cannot give a row the same bits whatever the batch on this CPU."""
     features = read_cpu_features()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)  # as the worker will run
-    try:
-        check_row_independence(model, options.max_running, features)
-        placement = choose_tile_placement(model)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(options.threads)  # as the worker will run (this is the worker)
+    check_row_independence(model, options.max_running, features)
+    placement = choose_tile_placement(model)
     set_placement(placement)
     log.info("CPU %s; kernels: %s; prefill tiles: %s", features.summary(), kernel_paths(model),
              PLACEMENT_NOTES[placement])

@@ -266,3 +266,45 @@ def test_a_burst_on_an_idle_engine_is_all_prefilled_before_decoding_starts():
     seconds = [position for position, (_, seen) in enumerate(order) if seen == 2]
     assert len(firsts) == len(PROMPTS) and seconds
     assert max(firsts) < min(seconds), order
+
+
+def test_the_start_up_checks_run_on_the_engines_worker_thread_and_a_refusal_is_raised_to_the_caller(monkeypatch):
+    """torch work outside the worker would leave a second OpenMP team alive, which halves the decode
+    speed on a 2-core machine (services/inference/threads.py)."""
+    import threading
+
+    from services.inference import engine as engine_module
+    from services.inference.precision import RowDependence, apply_precision
+
+    ran_on = []
+    real = engine_module._check_kernels
+
+    def recording(model, options):
+        ran_on.append(threading.current_thread().name)
+        real(model, options)
+
+    monkeypatch.setattr(engine_module, "_check_kernels", recording)
+    engine = tiny_engine(apply_precision(tiny_llama(), "int8"))
+    try:
+        assert ran_on == ["inference-engine"]
+    finally:
+        engine.close()
+
+    def refusing(model, options):
+        raise RowDependence("precision int8 cannot keep greedy output independent of the batch on this CPU")
+
+    monkeypatch.setattr(engine_module, "_check_kernels", refusing)
+    before = {thread.name for thread in threading.enumerate()}
+    with pytest.raises(RowDependence, match="independent of the batch"):
+        tiny_engine(apply_precision(tiny_llama(), "int8"))
+    assert "inference-engine" not in {thread.name for thread in threading.enumerate()} - before
+
+
+def test_work_in_a_passing_thread_returns_its_result_or_raises_its_error_in_the_caller():
+    import threading
+
+    from services.inference.threads import in_passing_thread
+
+    assert in_passing_thread(lambda: threading.current_thread().name, "passing") == "passing"
+    with pytest.raises(ValueError, match="bad"):
+        in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
