@@ -24,6 +24,7 @@ import dataclasses
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
@@ -36,7 +37,7 @@ from meshkit.percentile import percentile
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
-from services.inference.engine import Engine
+from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.settings import InferenceSettings
@@ -75,12 +76,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     variants["kv_regrown_each_prompt"] = dataclasses.replace(options, kv_shrink_idle_s=0)
     variants["whole_chunks"] = dataclasses.replace(options, prefill_share=0)  # the token budget alone
     variants["one_forward"] = dataclasses.replace(options, max_batched_tokens=0)
-    engines = {name: Engine(model, tokenizer, variant) for name, variant in variants.items()}
-    try:
-        stall = bench_prefill_stall(engines, tokenizer, rounds)
-    finally:
-        for engine in engines.values():
-            engine.close()
+    stall = bench_prefill_stall(lambda options: Engine(model, tokenizer, options), variants, tokenizer, rounds)
     return {"precision": settings.dtype, "threads": settings.threads, "worker_torch_threads": worker_threads,
             "max_batched_tokens": options.max_batched_tokens, "prefill_share": options.prefill_share,
             "decode": decode, "step_ms": steps,
@@ -227,23 +223,32 @@ def step_split(engine: Engine) -> dict:
 # -- prefill beside decode --------------------------------------------------------------
 
 
-def bench_prefill_stall(engines: dict[str, Engine], tokenizer, rounds: int) -> dict:
+def bench_prefill_stall(start: Callable[[EngineOptions], Engine], variants: dict[str, EngineOptions], tokenizer,
+                        rounds: int) -> dict:
+    """Each variant's engine is started for its turn and closed after it: every engine's worker owns an
+    OpenMP team, and with several alive their threads sleep between regions (services/inference/threads.py),
+    which would slow every variant. A turn begins with an unmeasured run, so buffers grown for the long
+    prompt are in place as in a serving engine (``kv_regrown_each_prompt`` drops them when idle)."""
     long_prompt = tokenizer.encode(generation.LONG_TEXT)[:LONG_PROMPT_TOKENS]
     running = chat_ids(tokenizer, question(0))
-    samples: dict[str, list[float]] = {"alone": [], **{name: [] for name in engines}}
-    ttft: dict[str, list[float]] = {name: [] for name in engines}
-    for engine in engines.values():
-        admitted_ms(engine, running, long_prompt)  # warm
+    samples: dict[str, list[float]] = {"alone": [], **{name: [] for name in variants}}
+    ttft: dict[str, list[float]] = {name: [] for name in variants}
     for index in range(rounds):
         say(f"prefill beside decode: round {index + 1}/{rounds}")
-        samples["alone"] += admitted_ms(engines["one_forward"], running, None)[0]
-        for name, engine in engines.items():
-            gaps, first_token = admitted_ms(engine, running, long_prompt)
+        for name, options in variants.items():
+            engine = start(options)
+            try:
+                admitted_ms(engine, running, long_prompt)  # warm
+                if name == "one_forward":
+                    samples["alone"] += admitted_ms(engine, running, None)[0]
+                gaps, first_token = admitted_ms(engine, running, long_prompt)
+            finally:
+                engine.close()
             samples[name] += gaps
             ttft[name].append(first_token)
     alone = statistics.median(samples["alone"])
     result = {"running_stream_alone": gap_summary(samples["alone"])}
-    for name in engines:
+    for name in variants:
         row = gap_summary(samples[name])
         row["p99_over_alone_p50"] = row["p99_ms"] / alone
         row["long_prompt_ttft_p50_ms"] = statistics.median(ttft[name])
