@@ -13,11 +13,13 @@ interleaved:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import statistics
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,50 +208,46 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, hf: HfGenerate, rounds: 
         raise RuntimeError("the prefix TTFT bench needs Redis: set REDIS_URL or install redis-server")
     namespace = f"nlpmesh:bench:kv:{uuid.uuid4().hex}"
 
-    tiers: dict[Engine, RedisBlocks] = {}
+    text_ids = tokenizer.encode(LONG_TEXT)
 
-    def replica(block_tokens: int = settings.prefix_block_tokens) -> Engine:
-        """An engine with a prefix cache of its own and the shared Redis tier, as another process would have."""
+    @contextlib.contextmanager
+    def replica(block_tokens: int = settings.prefix_block_tokens) -> Iterator[Engine]:
+        """A warmed-up engine with a prefix cache of its own and the shared Redis tier, as another process
+        would have; closed after its turn (its Redis writes flushed): each engine's worker owns an OpenMP
+        team, and with several alive every team sleeps between regions (services/inference/threads.py)."""
         shared = RedisBlocks(redis_url, key_prefix=f"{namespace}:{block_tokens}", ttl_s=300,
                              budget_s=settings.prefix_redis_budget_ms / 1000)
         prefix = PrefixCache(model="bench", revision="bench", block_tokens=block_tokens, shared=shared)
         engine = Engine(model, tokenizer, settings.engine_options(), prefix_cache=prefix)
-        tiers[engine] = shared
-        return engine
+        try:
+            first_token_ms(engine, text_ids[-PROMPT_TOKENS:])  # warm the code paths
+            yield engine
+        finally:
+            engine.close()
 
-    text_ids = tokenizer.encode(LONG_TEXT)
-    samples: dict[str, list[float]] = {"cold": [], "local_prefix_hit": [], "redis_prefix_hit": [], "hf_generate": []}
+    samples: dict[str, list[float]] = {"cold": [], "local_prefix_hit": [], "redis_prefix_hit": [], "hf_generate": [],
+                                       f"cold_{BEFORE}": [], f"local_prefix_hit_{BEFORE}": []}
     llama = llama_cpp.LlamaCpp(threads=settings.threads) if llama_cpp.available() else None
     if llama is not None:
         samples["llama_cpp"] = []
-    first = replica()
-    # Before: 16-token blocks, prefill rows placed by absolute position (one more tile for a tail).
-    before = replica(BEFORE_BLOCK_TOKENS)
-    samples |= {f"cold_{BEFORE}": [], f"local_prefix_hit_{BEFORE}": []}
     try:
-        first_token_ms(first, text_ids[-PROMPT_TOKENS:])  # warm the code paths
         for index in range(rounds):
             say(f"time to first token, {PROMPT_TOKENS}-token prompt: round {index + 1}/{rounds}")
             shared = text_ids[index * 7 : index * 7 + SHARED_TOKENS]  # a new prefix each round: cold is cold
             tails = [text_ids[-(k + 1) * 40 : -(k + 1) * 40 + PROMPT_TOKENS - SHARED_TOKENS] for k in range(3)]
-            samples["cold"].append(first_token_ms(first, shared + tails[0]))
-            samples["local_prefix_hit"].append(first_token_ms(first, shared + tails[1]))
-            with placed(BY_POSITION):  # the engine's worker reads the placement as it prefills
+            with replica() as first:
+                samples["cold"].append(first_token_ms(first, shared + tails[0]))
+                samples["local_prefix_hit"].append(first_token_ms(first, shared + tails[1]))
+            # Before: 16-token blocks, prefill rows placed by absolute position (one more tile for a tail).
+            with replica(BEFORE_BLOCK_TOKENS) as before, placed(BY_POSITION):  # the worker reads it as it prefills
                 samples[f"cold_{BEFORE}"].append(first_token_ms(before, shared + tails[0]))
                 samples[f"local_prefix_hit_{BEFORE}"].append(first_token_ms(before, shared + tails[1]))
-            tiers[first].flush()  # the first replica's blocks are in Redis
-            second = replica()  # a replica that never saw the prompt, warmed up on another one
-            try:
-                first_token_ms(second, text_ids[-PROMPT_TOKENS:])
+            with replica() as second:  # a replica that never saw the prompt: the first one's blocks are in Redis
                 samples["redis_prefix_hit"].append(first_token_ms(second, shared + tails[2]))
-            finally:
-                second.close()
             samples["hf_generate"].append(hf.first_token_ms(shared + tails[0]))
             if llama is not None:
                 samples["llama_cpp"].append(llama.first_token_ms(shared + tails[0]))
     finally:
-        first.close()
-        before.close()
         if llama is not None:
             llama.close()
     cold = statistics.median(samples["cold"])
