@@ -10,42 +10,22 @@ main thread only; one JSON request a line on stdin, one answer a line on stdout.
 """
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
+from bench.worker_process import WorkerProcess, serve
 
-class HfGenerate:
-    """The client: starts ``python -m bench.hf_generate`` and asks it for figures."""
+
+class HfGenerate(WorkerProcess):
+    """The client: ``python -m bench.hf_generate`` asked for figures."""
 
     def __init__(self, dtype: str, threads: int):
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.hf_generate", dtype, str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def _ask(self, **request) -> float:
-        self._process.stdin.write(json.dumps(request) + "\n")
-        self._process.stdin.flush()
-        line = self._process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the generate process ended (exit {self._process.wait(timeout=10)})")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"generate: {answer['error']}")
-        return answer["value"]
+        super().__init__("bench.hf_generate", dtype, str(threads))
 
     def decode_tok_s(self, prompts: list[list[int]], max_new_tokens: int) -> float:
-        return self._ask(op="decode_tok_s", prompts=prompts, max_new_tokens=max_new_tokens)
+        return self.ask(op="decode_tok_s", prompts=prompts, max_new_tokens=max_new_tokens)
 
     def first_token_ms(self, prompt: list[int]) -> float:
-        return self._ask(op="first_token_ms", prompt=prompt)
-
-    def close(self) -> None:
-        self._process.stdin.close()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        return self.ask(op="first_token_ms", prompt=prompt)
 
 
 def _serve(dtype: str, threads: int) -> None:
@@ -58,16 +38,11 @@ def _serve(dtype: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(load_model_files(default_home()), dtype)
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            if request["op"] == "decode_tok_s":
-                value = hf_decode_tok_s(model, tokenizer, request["prompts"], request["max_new_tokens"])
-            else:
-                value = hf_first_token_ms(model, request["prompt"])
-            print(json.dumps({"value": value}), flush=True)
-        except Exception as error:  # reported to the bench, which stops with it
-            print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
+    serve({
+        "decode_tok_s": lambda request: hf_decode_tok_s(model, tokenizer, request["prompts"],
+                                                         request["max_new_tokens"]),
+        "first_token_ms": lambda request: hf_first_token_ms(model, request["prompt"]),
+    })
 
 
 if __name__ == "__main__":

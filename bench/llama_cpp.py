@@ -17,11 +17,10 @@ token).
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 import time
 
+from bench.worker_process import WorkerProcess, serve
 from modelfiles.convert import gguf_path
 
 
@@ -29,38 +28,18 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-class LlamaCpp:
-    """The client: starts ``python -m bench.llama_cpp`` and asks it for figures."""
+class LlamaCpp(WorkerProcess):
+    """The client: ``python -m bench.llama_cpp`` asked for figures."""
 
     def __init__(self, threads: int):
         self.model_path = gguf_path()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.llama_cpp", "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def _ask(self, **request) -> float:
-        self._process.stdin.write(json.dumps(request) + "\n")
-        self._process.stdin.flush()
-        line = self._process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the llama.cpp process ended (exit {self._process.wait(timeout=10)})")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"llama.cpp: {answer['error']}")
-        return answer["value"]
+        super().__init__("bench.llama_cpp", "--threads", str(threads))
 
     def decode_tok_s(self, prompt: list[int], max_new_tokens: int) -> float:
-        return self._ask(op="decode_tok_s", prompt=prompt, max_new_tokens=max_new_tokens)
+        return self.ask(op="decode_tok_s", prompt=prompt, max_new_tokens=max_new_tokens)
 
     def first_token_ms(self, prompt: list[int]) -> float:
-        return self._ask(op="first_token_ms", prompt=prompt)
-
-    def close(self) -> None:
-        self._process.stdin.close()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        return self.ask(op="first_token_ms", prompt=prompt)
 
 
 def _arrivals(llama, prompt: list[int], max_new_tokens: int) -> list[float]:
@@ -76,24 +55,22 @@ def _arrivals(llama, prompt: list[int], max_new_tokens: int) -> list[float]:
     return arrivals
 
 
+def _decode_tok_s(llama, request: dict) -> float:
+    arrivals = _arrivals(llama, request["prompt"], request["max_new_tokens"])
+    if len(arrivals) < 2:
+        raise ValueError("llama.cpp ended after one token: raise --max-new-tokens")
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
 def _serve(threads: int) -> None:
     from llama_cpp import Llama
 
     llama = Llama(model_path=str(gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
                   n_batch=512, verbose=False)
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            if request["op"] == "decode_tok_s":
-                arrivals = _arrivals(llama, request["prompt"], request["max_new_tokens"])
-                if len(arrivals) < 2:
-                    raise ValueError("llama.cpp ended after one token: raise --max-new-tokens")
-                value = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
-            else:
-                value = _arrivals(llama, request["prompt"], 1)[0] * 1000
-            print(json.dumps({"value": value}), flush=True)
-        except Exception as error:  # reported to the bench, which stops with it
-            print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
+    serve({
+        "decode_tok_s": lambda request: _decode_tok_s(llama, request),
+        "first_token_ms": lambda request: _arrivals(llama, request["prompt"], 1)[0] * 1000,
+    })
 
 
 if __name__ == "__main__":
