@@ -5,8 +5,8 @@ from the query count, and with bfloat16 it also picks from it whether to pack
 its operands for the bfloat16 matrix units (AMX, where present). A prompt's tail
 prefilled after a reused prefix has fewer queries than the whole prompt, so
 without tiles its rows could round unlike the same rows of a cold prefill. Here a
-prefill's queries are cut into tiles of ``TILE_ROWS`` (placed by absolute
-position, services/inference/tiles.py), the tiles go as the batch of one
+prefill's queries are cut into tiles of ``TILE_ROWS`` (placed as
+services/inference/tiles.py says), the tiles go as the batch of one
 ``scaled_dot_product_attention`` call over the same keys, and every tile is the
 same computation however many there are.
 

@@ -10,8 +10,10 @@ embedding from the model's own ``rotary_emb``, the KV write through
 ``SlotKV.update``, attention through transformers' SDPA function, each linear
 layer through its decode kernel: ``DecodeLinear.decode_rows``), so its logits are
 bit-identical to the model's forward (tests/unit/test_inference_decode_step.py),
-and everything said about batch invariance holds unchanged. Prefill keeps the
-model's own layers (services/inference/layered.py).
+and everything said about batch invariance holds unchanged. Prefill chunks run
+their decoder layers through the same ``decoder_layer`` (services/inference/layered.py),
+with the layers' tiled GEMM and the tiled attention, bit-identical to the layers'
+own forward.
 
 ``decode_step_for`` gives one for a model of this layout (SmolLM2 is one) whose
 linear layers are ``DecodeLinear`` (services/inference/precision.py); the engine
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from services.inference.attention import NAME as TILED_ATTENTION
 from services.inference.precision import DecodeLinear
@@ -51,14 +54,8 @@ def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tu
     the model's attention interface (the tiled attention)."""
     attention, mlp = layer.self_attn, layer.mlp
     rows = hidden.shape[:-1]
-    if decode:
-        def project(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
-            return linear.decode_rows(x.view(-1, linear.in_features)).view(*rows, -1)
-        attend = sdpa_attention_forward
-    else:
-        def project(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
-            return linear(x)
-        attend = _attention_interface(attention)
+    project = _decode_rows if decode else _prefill_rows
+    attend = sdpa_attention_forward if decode else ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
     cos, sin = rotary
     shape = (*rows, -1, attention.head_dim)
     x = rms_norm(hidden, layer.input_layernorm)
@@ -74,10 +71,14 @@ def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tu
     return hidden + project(mlp.down_proj, F.silu(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
 
 
-def _attention_interface(attention: nn.Module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def _decode_rows(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., in) through the linear layer's decode kernel."""
+    return linear.decode_rows(x.view(-1, linear.in_features)).view(*x.shape[:-1], -1)
 
-    return ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
+
+def _prefill_rows(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., in) through the linear layer's forward: the tiled GEMM under ``prefill_phase``."""
+    return linear(x)
 
 
 def unsqueezed(rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -324,7 +324,7 @@ class Engine:
         job into the decoding batch. False if it failed.
 
         Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
-        fixed tiles placed by absolute position, so a row's bits do not depend on how
+        fixed tiles (services/inference/tiles.py), so a row's bits do not depend on how
         many rows there are: the tail after a reused prefix, or a chunk, comes out as it
         would in a cold prefill of the whole prompt, and neither the prefix cache nor
         chunking ever changes a greedy answer.
@@ -386,12 +386,11 @@ class Engine:
 
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""
+        ids = torch.tensor(rows, device=self.device)
         if self._decode is not None:
-            return self._decode.forward(torch.tensor(rows, device=self.device), positions, mask, self._kv)
-        output = self.model(
-            input_ids=torch.tensor(rows, device=self.device), position_ids=positions, attention_mask=mask,
-            cache=self._kv, use_cache=True, logits_to_keep=1,
-        )
+            return self._decode.forward(ids, positions, mask, self._kv)
+        output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
+                            logits_to_keep=1)
         logits = output.logits[:, -1:, :]
         return logits if logits.device.type == "cpu" else logits.float().cpu()  # one copy a step, for the samplers
 

@@ -234,15 +234,24 @@ def check_row_independence(model: nn.Module, batch_rows: int, features: CpuFeatu
                         f"NLPMESH_INFERENCE_DTYPE")
             if not layer.tiled_prefill:  # the output layer: one row in any prefill
                 continue
-            with prefill_phase(0):
-                whole = layer(x)
-            for start in (TILE_ROWS, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS // 2 + 3, x.shape[0] - 1):
-                with prefill_phase(start):
-                    if not torch.equal(layer(x[start:]), whole[start:]):
-                        raise RowDependence(
-                            f"precision {layer.precision} cannot keep a prefix-cache hit equal to a cold prefill on "
-                            f"this CPU ({features.summary()}): the tiled float32 GEMM gives a {name} layer's rows "
-                            f"from {start} on different bits than in the whole prompt")
+            starts = (TILE_ROWS, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS // 2 + 3, x.shape[0] - 1)
+            if (start := _first_tail_unlike_whole(layer, x, starts)) is not None:
+                raise RowDependence(
+                    f"precision {layer.precision} cannot keep a prefix-cache hit equal to a cold prefill on "
+                    f"this CPU ({features.summary()}): the tiled float32 GEMM gives a {name} layer's rows "
+                    f"from {start} on different bits than in the whole prompt")
+
+
+def _first_tail_unlike_whole(layer: DecodeLinear, x: torch.Tensor, starts: tuple[int, ...]) -> int | None:
+    """The first of ``starts`` from which a prefill of ``x``'s rows (under the current placement) gives
+    other bits than the prefill of all of ``x``; None when every tail matches."""
+    with prefill_phase(0):
+        whole = layer(x)
+    for start in starts:
+        with prefill_phase(start):
+            if not torch.equal(layer(x[start:]), whole[start:]):
+                return start
+    return None
 
 
 PLACEMENT_NOTES = {
@@ -264,12 +273,8 @@ def choose_tile_placement(model: nn.Module) -> str:
             if not layer.tiled_prefill:
                 continue
             x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=generator).to(layer.activation_dtype)
-            with prefill_phase(0):
-                whole = layer(x)
-            for start in starts:
-                with prefill_phase(start):
-                    if not torch.equal(layer(x[start:]), whole[start:]):
-                        return BY_POSITION
+            if _first_tail_unlike_whole(layer, x, starts) is not None:
+                return BY_POSITION
         attention = _attention_shapes(model)
         if attention is not None:
             heads, kv_heads, head_dim, dtype = attention

@@ -51,10 +51,6 @@ def set_placement(placement: str) -> None:
     _placement = placement
 
 
-def placement() -> str:
-    return _placement
-
-
 @contextmanager
 def placed(how: str) -> Iterator[None]:
     """``set_placement(how)`` for this block (the engine's start-up checks try each)."""
