@@ -46,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
-from services.inference.decode_step import decode_step_for
+from services.inference.decode_step import DecodeStep, decode_step_for
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kv import INITIAL_CAPACITY, SlotKV
 from services.inference.layered import ChunkForward
@@ -120,10 +120,9 @@ class Engine:
         self.model = model.eval()
         self._options = options
         self._eos_ids = eos_token_ids(model)
-        # The decode step without transformers' wrappers (bit-identical logits); None: the model's forward.
-        self._decode = decode_step_for(model)
-        log.info("decode step: %s", "the model's operations without transformers' wrappers (DecodeStep)"
-                 if self._decode is not None else "the model's forward")
+        # The decode step without transformers' wrappers (bit-identical logits; made in the worker, as
+        # joining layers runs torch); None: the model's forward.
+        self._decode: DecodeStep | None = None
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
         kv_dtype = model.get_input_embeddings().weight.dtype
         self.device = model.device
@@ -210,6 +209,8 @@ class Engine:
         try:
             if self.model.device.type == "cpu":
                 _check_kernels(self.model, self._options)
+                self._decode = decode_step_for(self.model)
+                log.info("decode step: %s", "the model's forward" if self._decode is None else self._decode.description)
             else:
                 log.info("device %s: the model's own kernels (no batch-invariance check off the CPU)", self.device)
         except BaseException as error:  # refused at start: the constructor raises it

@@ -10,10 +10,11 @@ from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
 from modelfiles.convert import ModelFiles, load_model_files
+from services.inference.cpu_features import read_cpu_features
 from services.inference.device import describe, resolve_device
 from services.inference.engine import Engine
 from services.inference.generation_types import GenerationRequest
-from services.inference.precision import apply_precision
+from services.inference.precision import apply_fastest_precision, apply_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
 
@@ -24,8 +25,9 @@ def load_model(files: ModelFiles, dtype: str = "float32",
                device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (eval mode) and its tokenizer from a converted folder.
 
-    On the CPU ``dtype`` is float32, bfloat16 or int8 (services/inference/precision.py);
-    on CUDA the model runs in bfloat16 with SDPA attention (services/inference/device.py).
+    On the CPU ``dtype`` is auto, int4, int8, bfloat16 or float32 (services/inference/precision.py;
+    auto: the fastest whose kernels keep rows independent on this CPU); on CUDA the model runs in
+    bfloat16 with SDPA attention (services/inference/device.py).
     """
     device = torch.device(device)
     log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
@@ -37,8 +39,13 @@ def load_model(files: ModelFiles, dtype: str = "float32",
         model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.bfloat16, attn_implementation="sdpa")
         return model.to(device).eval(), tokenizer
     log.info("loading the weights in %s", dtype)
-    model = AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
-    return apply_precision(model, dtype).eval(), tokenizer
+
+    def weights() -> PreTrainedModel:
+        return AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
+
+    if dtype == "auto":
+        return apply_fastest_precision(weights, read_cpu_features()).eval(), tokenizer
+    return apply_precision(weights(), dtype).eval(), tokenizer
 
 
 def load_engine(settings: InferenceSettings) -> Engine:

@@ -44,6 +44,9 @@ but its eager dispatch costs more than the multiply itself at one row, and under
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,19 +65,32 @@ from services.inference.tiles import (
     tile_offset,
 )
 
-__all__ = ["MAX_DECODE_ROWS", "PLACEMENT_NOTES", "PRECISIONS", "TILE_ROWS", "DecodeLinear", "RowDependence",
-           "apply_precision", "check_row_independence", "choose_tile_placement", "kernel_paths", "prefill_phase",
-           "set_gemm_rows"]
+__all__ = ["FASTEST_FIRST", "MAX_DECODE_ROWS", "PLACEMENT_NOTES", "PRECISIONS", "TILE_ROWS", "DecodeLinear",
+           "RowDependence", "apply_fastest_precision", "apply_precision", "check_row_independence",
+           "choose_tile_placement", "kernel_paths", "model_precision", "prefill_phase", "set_gemm_rows",
+           "side_by_side"]
+
+log = logging.getLogger("nlpmesh.inference")
 
 # Decode steps have at most this many rows (InferenceSettings caps max_running):
 # in float32, one tile. A forward with more rows, or any forward under
 # ``prefill_phase()``, takes the tiled float32 GEMM.
 MAX_DECODE_ROWS = TILE_ROWS
 
-PRECISIONS = ("int8", "bfloat16", "float32")
+PRECISIONS = ("int8", "int4", "bfloat16", "float32")
+# ``auto`` (the default) takes the first of these whose kernels keep a row's bits independent of the
+# batch on this CPU: decode reads every weight once a token, so the fewest bytes first. Each is within
+# the perplexity guard (tests/unit/test_inference_precision.py).
+FASTEST_FIRST = ("int4", "int8", "bfloat16", "float32")
+
+# int4: each group of this many input weights of an output row has its own scale and
+# offset (llama.cpp's Q4_1 block); torch's CPU int4pack layout packs output rows by 8.
+INT4_GROUP = 32
+INT4_ROW_MULTIPLE = 8
 
 _DECODE_KERNELS = {
     "int8": "torch._weight_int8pack_mm per row",
+    "int4": f"torch._weight_int4pack_mm_for_cpu per row ({INT4_GROUP}-weight groups; the output layer int8)",
     "bfloat16": "bfloat16 F.linear per row",
     "float32": f"float32 GEMM in one {TILE_ROWS}-row tile",
 }
@@ -103,6 +119,8 @@ class DecodeLinear(nn.Module):
                                      .to(torch.int8))
                 self.register_buffer("scales", scales)
                 wide = self.weight_int8.float() * scales.float()[:, None]
+            elif precision == "int4":
+                wide = self._quantize_int4(weight)
             elif precision == "bfloat16":
                 self.register_buffer("weight", weight.to(torch.bfloat16))
                 wide = self.weight.float()
@@ -112,6 +130,24 @@ class DecodeLinear(nn.Module):
         bias = linear.bias
         bias_dtype = torch.float32 if precision == "float32" else torch.bfloat16
         self.register_buffer("bias", None if bias is None else bias.detach().to(bias_dtype))
+
+    def _quantize_int4(self, weight: torch.Tensor) -> torch.Tensor:
+        """Registers the int4 weights in torch's CPU int4pack layout (groups of ``INT4_GROUP`` input weights,
+        each a bfloat16 scale and offset: w = (q - 8) * scale + zero, so q = 0 is the group's minimum and
+        15 its maximum, llama.cpp's Q4_1 grid) and returns them widened exactly to float32."""
+        rows, columns = weight.shape
+        if columns % INT4_GROUP or rows % INT4_ROW_MULTIPLE:
+            raise ValueError(f"precision int4 needs a layer's inputs in whole groups of {INT4_GROUP} and its outputs "
+                             f"a multiple of {INT4_ROW_MULTIPLE}; a {columns}->{rows} layer has not")
+        groups = weight.view(rows, columns // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16)
+        zero = (low + 8 * scale.float()).to(torch.bfloat16)
+        codes = torch.round((groups - (zero.float() - 8 * scale.float())[..., None]) / scale.float()[..., None])
+        codes = codes.clamp(0, 15).to(torch.int32)
+        self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(codes.view(rows, columns), 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+        return ((codes.float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(rows, columns)
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -134,8 +170,46 @@ class DecodeLinear(nn.Module):
             return tiled_gemm(flat, self.weight_float32, self.bias, TILE_ROWS)
         if self.precision == "bfloat16":
             return F.linear(flat, self.weight, self.bias)
+        if self.precision == "int4":
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight_int4, INT4_GROUP, self.scales_and_zeros)
+            return out if self.bias is None else out + self.bias
         out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
         return out if self.bias is None else out + self.bias
+
+
+# The decode buffers that run along a layer's outputs, with the dimension they run along.
+_OUTPUT_BUFFERS = {"int8": (("weight_int8", 0), ("scales", 0)), "int4": (("weight_int4", 0), ("scales_and_zeros", 1)),
+                   "bfloat16": (("weight", 0),)}
+
+
+def side_by_side(linears: list[DecodeLinear]) -> DecodeLinear | None:
+    """One decode layer computing the outputs of ``linears`` (the same inputs, no bias) side by side in
+    one kernel call: q, k and v, or gate and up. None where that would not give every output the very
+    bits of its own layer on this CPU (checked on random rows, alone and in a full decode batch) or the
+    precision has no such kernel (float32 decodes through the tiled GEMM, whose bits may depend on the
+    output count). Decode only: it holds no float32 copy for prefill. Its weights are a copy (for
+    SmolLM2-135M, q/k/v and gate/up: 70 MB in int8, 35 MB in int4)."""
+    first = linears[0]
+    buffers = _OUTPUT_BUFFERS.get(first.precision)
+    if buffers is None or any(linear.precision != first.precision or linear.in_features != first.in_features
+                              or linear.bias is not None for linear in linears):
+        return None
+    joined = DecodeLinear.__new__(DecodeLinear)
+    nn.Module.__init__(joined)
+    joined.in_features, joined.out_features = first.in_features, sum(linear.out_features for linear in linears)
+    joined.precision, joined.gemm_rows, joined.tiled_prefill = first.precision, first.gemm_rows, False
+    for name, dim in buffers:
+        joined.register_buffer(name, torch.cat([getattr(linear, name) for linear in linears], dim=dim).contiguous())
+    joined.register_buffer("bias", None)
+    joined.register_buffer("weight_float32", None, persistent=False)
+    x = torch.randn(MAX_DECODE_ROWS, first.in_features, generator=torch.Generator().manual_seed(2))
+    x = x.to(first.activation_dtype)
+    with torch.inference_mode():
+        for rows in (1, 2, MAX_DECODE_ROWS):
+            own = torch.cat([linear.decode_rows(x[:rows]) for linear in linears], dim=1)
+            if not torch.equal(joined.decode_rows(x[:rows]), own):
+                return None
+    return joined
 
 
 def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:
@@ -157,17 +231,21 @@ def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     """Puts ``model`` in ``precision``: every ``nn.Linear`` (lm_head included) becomes a
-    ``DecodeLinear``; in bfloat16 and int8 the rest (embeddings, norms, activations,
-    KV cache) goes to bfloat16, in float32 it stays float32. A transformers model
-    also gets the tiled prefill attention."""
+    ``DecodeLinear``; in bfloat16, int8 and int4 the rest (embeddings, norms, activations,
+    KV cache) goes to bfloat16, in float32 it stays float32. In int4 the output layer is
+    int8: its error lands straight on the logits (int4 there measured +6.5% perplexity,
+    against +0.3% for int4 everywhere else). A transformers model also gets the tiled
+    prefill attention."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "float32":
         model = model.float()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, DecodeLinear(child, precision))
+                own = "int8" if precision == "int4" and child is output else precision
+                setattr(module, name, DecodeLinear(child, own))
     if precision != "float32":
         for module in model.modules():  # the other weights; buffers (RoPE frequencies) stay as they are
             if not isinstance(module, DecodeLinear):
@@ -178,6 +256,26 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
         output.tiled_prefill = False
     use_tiled_attention(model)
     return model
+
+
+def apply_fastest_precision(load: Callable[[], nn.Module], features: CpuFeatures) -> nn.Module:
+    """``auto``: the model from ``load()`` in the first precision of ``FASTEST_FIRST`` whose kernels pass
+    ``check_row_independence`` on this CPU (for the largest decode batch), each refusal and the choice
+    logged. Loads again after a refusal (``apply_precision`` converts in place)."""
+    refusals = []
+    for precision in FASTEST_FIRST:
+        model = apply_precision(load(), precision)
+        try:
+            check_row_independence(model, MAX_DECODE_ROWS, features)
+        except RowDependence as refused:
+            log.warning("precision %s refused on this CPU: %s", precision, refused)
+            refusals.append(precision)
+            continue
+        log.info("precision auto: %s, the fastest whose kernels keep rows independent here%s", precision,
+                 f" ({', '.join(refusals)} refused)" if refusals else "")
+        return model
+    raise RowDependence(f"no precision keeps greedy output independent of the batch on this CPU "
+                        f"({features.summary()}); tried {', '.join(FASTEST_FIRST)}")
 
 
 def set_gemm_rows(model: nn.Module, rows: int) -> None:

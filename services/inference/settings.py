@@ -36,12 +36,13 @@ class InferenceSettings(ServiceSettings, service="inference"):
     # Beside decoding streams, a turn's prefill takes at most this many decode steps' time (a
     # chunk's layers spread over turns, one layer at least); 0: whole chunks, no time limit.
     prefill_share: float = Field(default=_ENGINE.prefill_share, ge=0, le=100)
-    # Decode precision (services/inference/precision.py). int8 is the default:
-    # decode is bound by reading the weights and int8 reads the fewest bytes, and
-    # a test keeps its perplexity within 3% of float32's
-    # (tests/unit/test_inference_precision.py). The engine refuses a precision
+    # Decode precision (services/inference/precision.py). auto (the default) takes the
+    # fastest whose kernels keep greedy output batch-independent on this CPU, int4 first
+    # (decode is bound by reading the weights, and int4 reads the fewest bytes), and logs
+    # it; a test keeps each within 3% of float32's perplexity
+    # (tests/unit/test_inference_precision.py). The engine refuses a precision named here
     # whose kernels cannot keep greedy output batch-independent on this CPU.
-    dtype: Literal["int8", "bfloat16", "float32"] = "int8"
+    dtype: Literal["auto", "int4", "int8", "bfloat16", "float32"] = "auto"
     # Where the model runs (services/inference/device.py): auto (CUDA where torch sees a
     # device, else the CPU), cpu, or cuda (refused at start without one). On CUDA the
     # model runs in bfloat16 with SDPA attention, whatever dtype says.

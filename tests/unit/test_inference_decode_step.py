@@ -57,14 +57,14 @@ def compare_prefill(model: nn.Module, length: int, starts: list[int]) -> None:
     assert torch.equal(logits_unwrapped, logits_wrapped)
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
 def test_a_prefill_through_the_unwrapped_layers_leaves_the_kv_and_logits_of_the_models_layers(precision):
     model = apply_precision(tiny_llama(), precision).eval()
     compare_prefill(model, 75, [0, 32, 64])
     compare_prefill(model, 40, [0])
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
 def test_the_decode_step_gives_the_models_own_logits_bit_for_bit(precision):
     model = apply_precision(tiny_llama(), precision).eval()
     compare(model, [5])

@@ -20,12 +20,16 @@ from services.inference.attention import tiled_sdpa_attention
 from services.inference.cpu_features import read_cpu_features
 from services.inference.loading import load_model
 from services.inference.precision import (
+    FASTEST_FIRST,
+    MAX_DECODE_ROWS,
     DecodeLinear,
     RowDependence,
+    apply_fastest_precision,
     apply_precision,
     check_row_independence,
     choose_tile_placement,
     kernel_paths,
+    model_precision,
     prefill_phase,
     set_gemm_rows,
 )
@@ -47,14 +51,48 @@ def perplexity(dtype: str) -> float:
     return math.exp(loss.item())
 
 
+@functools.cache
+def float32_perplexity() -> float:
+    return perplexity("float32")
+
+
 @pytest.mark.model
-def test_the_default_precision_stays_within_three_percent_of_float32():
-    default = InferenceSettings().dtype
-    reference, candidate = perplexity("float32"), perplexity(default)
+@pytest.mark.parametrize("precision", [precision for precision in FASTEST_FIRST if precision != "float32"])
+def test_every_precision_auto_may_pick_stays_within_three_percent_of_float32(precision):
+    reference, candidate = float32_perplexity(), perplexity(precision)
     increase = candidate / reference - 1
-    print(f"perplexity float32 {reference:.3f}, {default} {candidate:.3f} ({100 * increase:+.2f}%)")
-    assert default != "float32", "the default should be the faster precision the guard admits"
+    print(f"perplexity float32 {reference:.3f}, {precision} {candidate:.3f} ({100 * increase:+.2f}%)")
     assert increase <= MAX_RELATIVE_INCREASE
+
+
+def test_the_default_picks_the_fastest_precision_this_cpu_keeps_batch_independent():
+    assert InferenceSettings().dtype == "auto"
+    loads = []
+
+    def load() -> nn.Module:
+        loads.append(1)
+        return tiny_llama()
+
+    model = apply_fastest_precision(load, read_cpu_features())
+    assert model_precision(model) != "float32", "the default should be a faster precision than float32"
+    chosen = FASTEST_FIRST.index(model_precision(model))
+    assert len(loads) == chosen + 1  # every faster one was tried, on a model of its own, and refused
+    for faster in FASTEST_FIRST[:chosen]:
+        with pytest.raises(RowDependence):
+            check_row_independence(apply_precision(tiny_llama(), faster), MAX_DECODE_ROWS, read_cpu_features())
+
+
+def test_auto_passes_over_a_precision_whose_kernels_depend_on_the_batch(monkeypatch):
+    real = DecodeLinear.decode_rows
+
+    def batch_dependent(self, flat):  # int4 rows change with the batch, as a CPU's kernel might
+        out = real(self, flat)
+        return out + flat.shape[0] - 1 if self.precision == "int4" else out
+
+    monkeypatch.setattr(DecodeLinear, "decode_rows", batch_dependent)
+    model = apply_fastest_precision(tiny_llama, read_cpu_features())
+    assert model_precision(model) == "int8"
+    assert model.model.layers[0].mlp.down_proj.precision == "int8"
 
 
 # The model's layer shapes (SmolLM2-135M): MKL picks kernels and threading by shape.
@@ -65,7 +103,7 @@ def activation_dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "float32" else torch.bfloat16
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_kernels_give_a_row_the_same_bits_whatever_shares_its_batch(precision, shape):
     torch.manual_seed(0)
@@ -77,7 +115,7 @@ def test_decode_kernels_give_a_row_the_same_bits_whatever_shares_its_batch(preci
             assert torch.equal(layer(rows[:count]), alone[:count]), count
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16"])
 def test_prefill_uses_float32_gemm_on_the_same_weights(precision):
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
@@ -91,7 +129,7 @@ def test_prefill_uses_float32_gemm_on_the_same_weights(precision):
         exact = rows.float() @ linear.weight.float().T + linear.bias.float()
     # The same weights in both paths: they differ by rounding only, and both track float32.
     assert torch.allclose(gemm, kernel, atol=0.05, rtol=0.02)
-    tolerance = 0.02 if precision == "bfloat16" else 0.05
+    tolerance = {"bfloat16": 0.02, "int8": 0.05, "int4": 0.1}[precision]  # int4: 16 levels a group of 32
     assert (gemm - exact).abs().max() < tolerance * exact.abs().max()
 
 
@@ -118,7 +156,7 @@ def tiny_llama_in(precision: str) -> nn.Module:
     return apply_precision(tiny_llama(), precision)
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision, shape, placement):
     torch.manual_seed(0)
@@ -157,7 +195,7 @@ def test_prefill_attention_gives_a_query_row_the_same_bits_whatever_the_prompts_
     assert torch.allclose(whole.float(), exact.transpose(1, 2), atol=0.02)
 
 
-@pytest.mark.parametrize("precision", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
 def test_the_start_up_check_passes_for_the_kernels_in_use_and_names_them(precision):
     model = apply_precision(nn.Sequential(*(nn.Linear(*shape) for shape in [(576, 1536), (1536, 576)])), precision)
     check_row_independence(model, 8, read_cpu_features())

@@ -44,7 +44,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16", "int8"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "int8", "int4"])
 def model_and_tokenizer(request):
     return load_model(load_model_files(default_home()), request.param)
 
