@@ -40,6 +40,7 @@ from modelfiles.convert import load_model_files
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
+from services.inference.precision import model_precision
 from services.inference.settings import InferenceSettings
 from services.inference.threads import in_passing_thread
 
@@ -60,9 +61,11 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     # Loaded in a thread that ends: the engine's worker then owns this process's only OpenMP team, as in
     # the inference service (services/inference/threads.py); generate runs in a process of its own.
     model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
+    precision = model_precision(model)  # what auto chose on this CPU; generate gets the same
+    say(f"precision {precision} (NLPMESH_INFERENCE_DTYPE={settings.dtype})")
     options = settings.engine_options()
     engine = Engine(model, tokenizer, options)
-    hf = HfGenerate(settings.dtype, settings.threads)
+    hf = HfGenerate(precision, settings.threads)
     try:
         decode = bench_decode(mesh, engine, hf, tokenizer, rounds, max_new_tokens)
         steps = step_split(engine)
@@ -77,7 +80,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     variants["whole_chunks"] = dataclasses.replace(options, prefill_share=0)  # the token budget alone
     variants["one_forward"] = dataclasses.replace(options, max_batched_tokens=0)
     stall = bench_prefill_stall(lambda options: Engine(model, tokenizer, options), variants, tokenizer, rounds)
-    return {"precision": settings.dtype, "threads": settings.threads, "worker_torch_threads": worker_threads,
+    return {"precision": precision, "threads": settings.threads, "worker_torch_threads": worker_threads,
             "max_batched_tokens": options.max_batched_tokens, "prefill_share": options.prefill_share,
             "decode": decode, "step_ms": steps,
             "prefill_stall": stall}

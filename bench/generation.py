@@ -40,6 +40,7 @@ from modelfiles.convert import load_model_files
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
+from services.inference.precision import model_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
 from services.inference.threads import in_passing_thread
@@ -80,7 +81,9 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     # Loaded in a thread that ends, generate in a process of its own: the engines' workers own this
     # process's OpenMP teams, as in the inference service (services/inference/threads.py).
     model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
-    hf = HfGenerate(settings.dtype, settings.threads)
+    precision = model_precision(model)  # what auto chose on this CPU; generate gets the same
+    say(f"precision {precision} (NLPMESH_INFERENCE_DTYPE={settings.dtype})")
+    hf = HfGenerate(precision, settings.threads)
     tls_env, tls_ca = variants.tls_edge_variant(mesh.run_dir / "certs")
     process, address = variants.spawn_gateway(mesh, tls_env,
                                               health_credentials=grpc.ssl_channel_credentials(tls_ca.read_bytes()))
@@ -92,7 +95,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
         process.terminate()
         process.wait(timeout=10)
         hf.close()
-    return {"precision": settings.dtype, "decode": decode, "ttft_300": ttft}
+    return {"precision": precision, "decode": decode, "ttft_300": ttft}
 
 
 # -- decode -------------------------------------------------------------------

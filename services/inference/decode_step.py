@@ -21,6 +21,8 @@ uses the model's forward for any other.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from services.inference.attention import NAME as TILED_ATTENTION
 from services.inference.precision import DecodeLinear, side_by_side
+from services.inference.tiles import rows_skipped
 
 
 def rms_norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -46,29 +49,47 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                  mask: torch.Tensor, kv, *, decode: bool) -> torch.Tensor:
+                  mask: torch.Tensor, kv, *, decode: bool, outputs: int | None = None) -> torch.Tensor:
     """One ``LlamaDecoderLayer`` as its forward computes it, without its wrappers: ``hidden``
     (B, n, hidden), ``rotary`` the model's (cos, sin) already unsqueezed to (B, 1, n, head_dim).
     A decode step (``decode``) takes each linear layer's decode kernel and transformers' SDPA
     function; a prefill chunk (under ``prefill_phase``) the layers' own forward (tiled GEMM) and
-    the model's attention interface (the tiled attention)."""
+    the model's attention interface (the tiled attention).
+
+    ``outputs`` (prefill only): the layer's keys and values are written for every row, but its output
+    is computed for the last ``outputs`` rows only (None: all), each row in its tile as in the whole
+    prefill (``tiles.rows_skipped``), so with the same bits; with 0 the input comes back unchanged.
+    The model's last layer needs only the prompt's last row, for the logits, and nothing in a chunk
+    before the prompt's last."""
     attention, mlp = layer.self_attn, layer.mlp
     rows = hidden.shape[:-1]
     project = _decode_rows if decode else _prefill_rows
     attend = sdpa_attention_forward if decode else ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
     cos, sin = rotary
-    shape = (*rows, -1, attention.head_dim)
+    head_dim = attention.head_dim
     x = rms_norm(hidden, layer.input_layernorm)
-    query = project(attention.q_proj, x).view(shape).transpose(1, 2)
-    key = project(attention.k_proj, x).view(shape).transpose(1, 2)
-    value = project(attention.v_proj, x).view(shape).transpose(1, 2)
-    query = query * cos + _rotate_half(query) * sin
+    key = _heads(project(attention.k_proj, x), head_dim)
+    value = _heads(project(attention.v_proj, x), head_dim)
     key = key * cos + _rotate_half(key) * sin
     keys, values = kv.update(key, value, index)
-    output, _ = attend(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)
-    hidden = hidden + project(attention.o_proj, output.reshape(*rows, -1).contiguous())
-    x = rms_norm(hidden, layer.post_attention_layernorm)
-    return hidden + project(mlp.down_proj, F.silu(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+    skip = 0 if decode or outputs is None else max(rows[-1] - outputs, 0)
+    if skip == rows[-1]:
+        return hidden
+    with rows_skipped(skip) if skip else contextlib.nullcontext():
+        if skip:
+            x, hidden, mask = x[:, skip:], hidden[:, skip:], mask[..., skip:, :]
+            cos, sin = cos[..., skip:, :], sin[..., skip:, :]
+        query = _heads(project(attention.q_proj, x), head_dim)
+        query = query * cos + _rotate_half(query) * sin
+        output, _ = attend(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)
+        hidden = hidden + project(attention.o_proj, output.reshape(*hidden.shape[:-1], -1).contiguous())
+        x = rms_norm(hidden, layer.post_attention_layernorm)
+        return hidden + project(mlp.down_proj, F.silu(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+
+
+def _heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, n, heads * head_dim) -> (B, heads, n, head_dim)."""
+    return projected.view(*projected.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
 def _decode_rows(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:

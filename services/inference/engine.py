@@ -53,9 +53,11 @@ from services.inference.layered import ChunkForward
 from services.inference.precision import (
     PLACEMENT_NOTES,
     check_row_independence,
+    choose_one_tile_parts,
     choose_tile_placement,
     kernel_paths,
     model_precision,
+    set_one_tile_parts,
 )
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
@@ -448,8 +450,10 @@ def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
     check_row_independence(model, options.max_running, features)
     placement = choose_tile_placement(model)
     set_placement(placement)
-    log.info("CPU %s; kernels: %s; prefill tiles: %s", features.summary(), kernel_paths(model),
-             PLACEMENT_NOTES[placement])
+    parts = choose_one_tile_parts(model, torch.get_num_threads())
+    set_one_tile_parts(parts)
+    log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s", features.summary(),
+             kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "")
 
 
 def _kernels_name(model: PreTrainedModel, kv_dtype: torch.dtype) -> str:

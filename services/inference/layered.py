@@ -58,9 +58,12 @@ class ChunkForward:
             stop = min(self.layer + layers, self.layer_count)
             if self._unwrapped:
                 rotary = unsqueezed(rotary)
+                last = self.layer_count - 1
                 for index in range(self.layer, stop):
+                    # The last layer's output feeds the logits only: the prompt's last row, or none before.
+                    outputs = None if index < last else (1 if self.end == self.total else 0)
                     self._hidden = decoder_layer(base.layers[index], index, self._hidden, rotary, mask, self._kv,
-                                                 decode=False)
+                                                 decode=False, outputs=outputs)
             else:
                 for layer in base.layers[self.layer : stop]:
                     self._hidden = layer(self._hidden, attention_mask=mask, position_embeddings=rotary,

@@ -72,6 +72,18 @@ def prefill_phase(start: int = 0) -> Iterator[None]:
         _phase.prefill, _phase.start = False, 0
 
 
+@contextmanager
+def rows_skipped(count: int) -> Iterator[None]:
+    """Inside a prefill: forwards in this block compute the prefill's rows from its ``count``-th on,
+    each placed in its tile as in the whole prefill."""
+    start = getattr(_phase, "start", 0)
+    _phase.start = start + count
+    try:
+        yield
+    finally:
+        _phase.start = start
+
+
 def in_prefill() -> bool:
     return getattr(_phase, "prefill", False)
 

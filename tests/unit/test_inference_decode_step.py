@@ -82,3 +82,22 @@ def test_on_the_real_model_the_decode_step_gives_the_models_own_logits_bit_for_b
     compare(model, [30])
     compare(model, [12, 40, 7, 100, 64, 33, 90, 18])
     compare_prefill(model, 300, [0, 128, 268])
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_prefills_last_layer_computes_the_last_rows_output_only_and_nothing_before_the_prompts_last_chunk(final):
+    model = apply_precision(tiny_llama(), "int8").eval()
+    rows_into = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.down_proj.register_forward_hook(
+            lambda module, args, output, index=index: rows_into.setdefault(index, []).append(args[0].shape[1]))
+    prompt = list(range(5, 75))
+    end = len(prompt) if final else 64
+    kv = SlotKV(model.config, 1, torch.bfloat16)
+    kv.allocate(0)
+    with torch.inference_mode():
+        chunk = ChunkForward(model, kv, prompt, 32, end, unwrapped=True)
+        logits = chunk.run(0, chunk.layer_count)
+    assert rows_into[0] == [end - 32]
+    assert rows_into.get(chunk.layer_count - 1) == ([1] if final else None)
+    assert (logits is not None) == final

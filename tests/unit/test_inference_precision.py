@@ -27,6 +27,7 @@ from services.inference.precision import (
     apply_fastest_precision,
     apply_precision,
     check_row_independence,
+    choose_one_tile_parts,
     choose_tile_placement,
     kernel_paths,
     model_precision,
@@ -243,3 +244,33 @@ def test_a_tail_of_one_tiles_rows_after_a_reused_prefix_costs_one_tile_placed_fr
     with placed(placement_):
         chunk = ChunkForward(model, SlotKV(model.config, 1, torch.float32), prompt, 268, 300)
         assert chunk.cost_tokens == tiles * GEMM_TILE_ROWS
+
+
+def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_the_whole(monkeypatch):
+    from services.inference import precision as module
+
+    model = tiny_llama_in("float32")
+    layer = model.model.layers[0].mlp.gate_proj
+    calls = []
+    real_parts = module._one_tile_in_parts
+    monkeypatch.setattr(module, "_one_tile_in_parts", lambda *args: calls.append(args[2]) or real_parts(*args))
+    x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode(), prefill_phase(0), placed(FROM_START):
+        module.set_one_tile_parts(1)
+        whole_one_tile, whole_three = layer(x[:GEMM_TILE_ROWS]), layer(x)
+        assert calls == []
+        module.set_one_tile_parts(2)
+        try:
+            assert torch.equal(layer(x[:GEMM_TILE_ROWS]), whole_one_tile)  # in 2 parts, the same bits
+            assert calls == [2]
+            assert torch.equal(layer(x), whole_three)  # 3 tiles: one batched multiply, never split
+            assert calls == [2]
+        finally:
+            module.set_one_tile_parts(1)
+    assert choose_one_tile_parts(model, 1) == 1  # one thread: nothing to split over
+
+    def rounding_its_own_way(tile, weight, parts):
+        return real_parts(tile, weight, parts) + 1e-3
+
+    monkeypatch.setattr(module, "_one_tile_in_parts", rounding_its_own_way)
+    assert choose_one_tile_parts(model, 2) == 1
