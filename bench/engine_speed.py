@@ -47,7 +47,7 @@ from services.inference.threads import in_passing_thread
 LONG_PROMPT_TOKENS = 1000
 RUNNING_STREAM_TOKENS = 96
 ADMIT_AFTER_TOKENS = 12  # the long prompt arrives once the running stream has this many
-STALL_SHARES = (0.5, 1.5)  # prefill_share compared (with the default, 0: whole chunks, and one forward)
+STALL_SHARES = (1, 1.5)  # prefill_share compared (with the default, 0: whole chunks, and one forward)
 
 
 def say(line: str) -> None:
