@@ -159,7 +159,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--gen-rounds", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="new tokens a stream; the engine part needs every stream decoding at once for a while, "
+                             "and later streams through the gateway wait for their prefill beside the first ones")
     parser.add_argument("--only", choices=("cache", "generation", "engine", "routing"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
                              "engine (bench/engine_speed.py) or routing (bench/routing.py: 2 inference replicas)")
