@@ -59,8 +59,10 @@ def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tu
     the model's attention interface (the tiled attention).
 
     ``outputs`` (prefill only): the layer's keys and values are written for every row, but its output
-    is computed for the last ``outputs`` rows only (None: all), each row in its tile as in the whole
-    prefill (``tiles.rows_skipped``), so with the same bits; with 0 the input comes back unchanged.
+    is computed for the last ``outputs`` rows only (None: all), each row placed in its tile as the
+    placement places a prefill from it (``tiles.rows_skipped``; where rows go from each prefill's
+    start, a row's bits are checked not to depend on its place), so with the same bits; with 0 the
+    input comes back unchanged.
     The model's last layer needs only the prompt's last row, for the logits, and nothing in a chunk
     before the prompt's last."""
     attention, mlp = layer.self_attn, layer.mlp

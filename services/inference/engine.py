@@ -453,7 +453,7 @@ def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
     placement = choose_tile_placement(model)
     set_placement(placement)
     parts = choose_one_tile_parts(model, torch.get_num_threads())
-    set_one_tile_parts(parts)
+    set_one_tile_parts(model, parts)
     log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s", features.summary(),
              kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "")
 

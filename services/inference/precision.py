@@ -13,7 +13,9 @@ across rows. Hence each ``nn.Linear`` becomes a ``DecodeLinear`` holding
 - the same weights widened exactly to float32, for prefill: float32 GEMM
   (MKL sgemm) is the one that blocks well on every x86 CPU torch runs on, while
   a bfloat16 GEMM is fast only where the CPU has AVX-512 BF16 or AMX. The
-  float32 copy holds the very values the decode kernel reads.
+  float32 copy holds the values the decode kernel dequantizes (int4's kernel may
+  round its dequantization its own way, by an ulp; prefill and decode are never
+  compared bit for bit).
 
 In ``float32`` (the reference precision) the weights stay as loaded, and decode
 goes through the float32 GEMM too: MKL picks its sgemm kernel from the row
@@ -84,9 +86,9 @@ PRECISIONS = ("int8", "int4", "bfloat16", "float32")
 FASTEST_FIRST = ("int4", "int8", "bfloat16", "float32")
 
 # int4: each group of this many input weights of an output row has its own scale and
-# offset (llama.cpp's Q4_1 block); torch's CPU int4pack layout packs output rows by 8.
+# offset (llama.cpp's Q4_1 block); torch's CPU int4pack layout needs output rows by 16.
 INT4_GROUP = 32
-INT4_ROW_MULTIPLE = 8
+INT4_ROW_MULTIPLE = 16
 
 _DECODE_KERNELS = {
     "int8": "torch._weight_int8pack_mm per row",
@@ -106,6 +108,7 @@ class DecodeLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.precision = precision
         self.gemm_rows = MAX_DECODE_ROWS + 1
+        self.one_tile_parts = 1  # a one-tile prefill GEMM in this many parts (``set_one_tile_parts``)
         # False for the output layer: in prefill it sees the last position only, one row in a
         # cold prefill as after a prefix hit, so the decode kernel serves it.
         self.tiled_prefill = True
@@ -149,6 +152,14 @@ class DecodeLinear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
         return ((codes.float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(rows, columns)
 
+    def int4_codes(self) -> torch.Tensor:
+        """The int4 codes (out, in) as int32, from the float32 copy: each is (w - zero) / scale + 8 exactly."""
+        scale, zero = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (out, groups) each
+        rows, columns = self.weight_float32.shape
+        groups = self.weight_float32.view(rows, columns // INT4_GROUP, INT4_GROUP)
+        codes = torch.round((groups - zero[..., None]) / scale[..., None]) + 8
+        return codes.clamp(0, 15).to(torch.int32).view(rows, columns)
+
     @property
     def activation_dtype(self) -> torch.dtype:
         return torch.float32 if self.precision == "float32" else torch.bfloat16
@@ -157,7 +168,7 @@ class DecodeLinear(nn.Module):
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
         if rows >= self.gemm_rows or (in_prefill() and self.tiled_prefill):
-            out = tiled_gemm(flat, self.weight_float32, self.bias, GEMM_TILE_ROWS).to(x.dtype)
+            out = tiled_gemm(flat, self.weight_float32, self.bias, GEMM_TILE_ROWS, self.one_tile_parts).to(x.dtype)
         else:
             out = self.decode_rows(flat)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -185,7 +196,7 @@ _OUTPUT_BUFFERS = {"int8": (("weight_int8", 0), ("scales", 0)), "int4": (("weigh
 def side_by_side(linears: list[DecodeLinear]) -> DecodeLinear | None:
     """One decode layer computing the outputs of ``linears`` (the same inputs, no bias) side by side in
     one kernel call: q, k and v, or gate and up. None where that would not give every output the very
-    bits of its own layer on this CPU (checked on random rows, alone and in a full decode batch) or the
+    bits of its own layer on this CPU (checked on random rows, at every decode batch size) or the
     precision has no such kernel (float32 decodes through the tiled GEMM, whose bits may depend on the
     output count). Decode only: it holds no float32 copy for prefill. Its weights are a copy (for
     SmolLM2-135M, q/k/v and gate/up: 70 MB in int8, 35 MB in int4)."""
@@ -199,22 +210,28 @@ def side_by_side(linears: list[DecodeLinear]) -> DecodeLinear | None:
     joined.in_features, joined.out_features = first.in_features, sum(linear.out_features for linear in linears)
     joined.precision, joined.gemm_rows, joined.tiled_prefill = first.precision, first.gemm_rows, False
     for name, dim in buffers:
-        joined.register_buffer(name, torch.cat([getattr(linear, name) for linear in linears], dim=dim).contiguous())
+        if name == "weight_int4":  # packed in blocks of output rows: join the codes, pack once
+            codes = torch.cat([linear.int4_codes() for linear in linears])
+            joined.register_buffer(name, torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        else:
+            joined.register_buffer(name, torch.cat([getattr(linear, name) for linear in linears], dim=dim).contiguous())
     joined.register_buffer("bias", None)
     joined.register_buffer("weight_float32", None, persistent=False)
     x = torch.randn(MAX_DECODE_ROWS, first.in_features, generator=torch.Generator().manual_seed(2))
     x = x.to(first.activation_dtype)
     with torch.inference_mode():
-        for rows in (1, 2, MAX_DECODE_ROWS):
+        for rows in range(1, MAX_DECODE_ROWS + 1):
             own = torch.cat([linear.decode_rows(x[:rows]) for linear in linears], dim=1)
             if not torch.equal(joined.decode_rows(x[:rows]), own):
                 return None
     return joined
 
 
-def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int) -> torch.Tensor:
+def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int,
+               parts: int = 1) -> torch.Tensor:
     """``x @ weight.T + bias`` in float32, (rows, in) -> (rows, out), as one batched multiply of
-    ``tile_rows``-row tiles, the rows placed as ``tiles.tile_offset`` says."""
+    ``tile_rows``-row tiles, the rows placed as ``tiles.tile_offset`` says; a single tile in ``parts``
+    multiplies of a share of the outputs each (``choose_one_tile_parts``)."""
     rows, columns = x.shape
     offset = tile_offset(tile_rows)
     tiles = tile_count(offset, rows, tile_rows)
@@ -223,7 +240,6 @@ def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     else:
         padded = x.new_zeros(tiles * tile_rows, columns, dtype=torch.float32)
         padded[offset : offset + rows] = x
-    parts = _one_tile_parts
     if tiles == 1 and parts > 1 and weight.shape[0] % parts == 0:
         out = _one_tile_in_parts(padded, weight, parts)
     else:
@@ -236,9 +252,9 @@ def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # A prefill of one tile (a prefix hit's tail; a chunk beside decoding streams) is a skinny multiply
 # bound by reading the weights, and MKL reads them for one multiply slower than one thread each
 # for ``parts`` multiplies of a share of the outputs (measured on AVX-512: a 32-row tile through
-# SmolLM2's layers 10% faster in 2 parts). Set by the engine at start where each part's outputs
-# are checked to have the very bits of the whole multiply (``choose_one_tile_parts``); 1: not split.
-_one_tile_parts = 1
+# SmolLM2's layers 10% faster in 2 parts). Set per model by the engine at start where each part's
+# outputs are checked to have the very bits of the whole multiply (``choose_one_tile_parts``).
+# Prefill GEMM tiles only: the float32 decode tile and the output layer are never split.
 
 
 def _one_tile_in_parts(tile: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
@@ -248,9 +264,11 @@ def _one_tile_in_parts(tile: torch.Tensor, weight: torch.Tensor, parts: int) -> 
     return torch.bmm(tile.expand(parts, rows, columns), shares).transpose(0, 1).reshape(rows, -1)
 
 
-def set_one_tile_parts(parts: int) -> None:
-    global _one_tile_parts
-    _one_tile_parts = max(parts, 1)
+def set_one_tile_parts(model: nn.Module, parts: int) -> None:
+    """A one-tile prefill GEMM of ``model``'s layers in ``parts`` multiplies (1: one)."""
+    for module in model.modules():
+        if isinstance(module, DecodeLinear):
+            module.one_tile_parts = max(parts, 1)
 
 
 def choose_one_tile_parts(model: nn.Module, threads: int) -> int:
@@ -305,10 +323,10 @@ def apply_fastest_precision(load: Callable[[], nn.Module], features: CpuFeatures
     logged. Loads again after a refusal (``apply_precision`` converts in place)."""
     refusals = []
     for precision in FASTEST_FIRST:
-        model = apply_precision(load(), precision)
         try:
+            model = apply_precision(load(), precision)
             check_row_independence(model, MAX_DECODE_ROWS, features)
-        except RowDependence as refused:
+        except ValueError as refused:  # RowDependence, or layer shapes the precision cannot take
             log.warning("precision %s refused on this CPU: %s", precision, refused)
             refusals.append(precision)
             continue

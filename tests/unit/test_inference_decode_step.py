@@ -105,6 +105,7 @@ def test_a_prefills_last_layer_computes_the_last_rows_output_only_and_nothing_be
 
 def test_projections_are_joined_only_where_the_joined_kernel_keeps_each_ones_bits(monkeypatch):
     assert decode_step_for(apply_precision(tiny_llama(), "float32").eval())._joined is None  # tiled GEMM: never
+    assert decode_step_for(apply_precision(tiny_llama(), "int8").eval())._joined is not None  # a row per output
     real = DecodeLinear.decode_rows
 
     def joined_rounds_its_own_way(self, flat):

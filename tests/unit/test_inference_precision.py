@@ -236,8 +236,8 @@ def test_rows_whose_bits_depend_on_their_place_in_a_tile_are_placed_by_position(
     model = tiny_llama_in("float32")
     real = module.tiled_gemm
 
-    def place_dependent(x, weight, bias, tile_rows):  # what a kernel rounding edge rows its own way may do
-        out = real(x, weight, bias, tile_rows)
+    def place_dependent(x, weight, bias, tile_rows, *parts):  # what a kernel rounding edge rows its own way may do
+        out = real(x, weight, bias, tile_rows, *parts)
         offset = module.tile_offset(tile_rows)
         place = (torch.arange(offset, offset + x.shape[0]) % tile_rows == tile_rows - 1).float()[:, None]
         return out + 1e-3 * place
@@ -263,23 +263,25 @@ def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_th
     from services.inference import precision as module
 
     model = tiny_llama_in("float32")
+    if choose_one_tile_parts(model, 2) == 1:
+        pytest.skip(f"this CPU ({read_cpu_features().summary()}) gives a one-tile GEMM in parts other bits: "
+                    "the engine does not split it here")
     layer = model.model.layers[0].mlp.gate_proj
     calls = []
     real_parts = module._one_tile_in_parts
     monkeypatch.setattr(module, "_one_tile_in_parts", lambda *args: calls.append(args[2]) or real_parts(*args))
     x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode(), prefill_phase(0), placed(FROM_START):
-        module.set_one_tile_parts(1)
-        whole_one_tile, whole_three = layer(x[:GEMM_TILE_ROWS]), layer(x)
-        assert calls == []
-        module.set_one_tile_parts(2)
-        try:
+    with torch.inference_mode():
+        with prefill_phase(0), placed(FROM_START):
+            whole_one_tile, whole_three = layer(x[:GEMM_TILE_ROWS]), layer(x)
+            assert calls == []
+            module.set_one_tile_parts(model, 2)
             assert torch.equal(layer(x[:GEMM_TILE_ROWS]), whole_one_tile)  # in 2 parts, the same bits
             assert calls == [2]
             assert torch.equal(layer(x), whole_three)  # 3 tiles: one batched multiply, never split
             assert calls == [2]
-        finally:
-            module.set_one_tile_parts(1)
+        layer(x[:4])  # a float32 decode step: its one 16-row tile is never split
+        assert calls == [2]
     assert choose_one_tile_parts(model, 1) == 1  # one thread: nothing to split over
 
     def rounding_its_own_way(tile, weight, parts):
@@ -287,3 +289,10 @@ def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_th
 
     monkeypatch.setattr(module, "_one_tile_in_parts", rounding_its_own_way)
     assert choose_one_tile_parts(model, 2) == 1
+
+
+def test_auto_passes_over_int4_for_layer_shapes_it_cannot_take():
+    with pytest.raises(ValueError, match="int4 needs"):
+        apply_precision(nn.Sequential(nn.Linear(64, 24)), "int4")  # 24 outputs: torch packs int4 rows by 16
+    model = apply_fastest_precision(lambda: nn.Sequential(nn.Linear(64, 24)), read_cpu_features())
+    assert model_precision(model) == "int8"
