@@ -23,8 +23,6 @@ uses the model's forward for any other.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,7 +77,7 @@ def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tu
     skip = 0 if decode or outputs is None else max(rows[-1] - outputs, 0)
     if skip == rows[-1]:
         return hidden
-    with rows_skipped(skip) if skip else contextlib.nullcontext():
+    with rows_skipped(skip):
         if skip:
             x, hidden, mask = x[:, skip:], hidden[:, skip:], mask[..., skip:, :]
             cos, sin = cos[..., skip:, :], sin[..., skip:, :]

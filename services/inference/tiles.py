@@ -75,7 +75,8 @@ def prefill_phase(start: int = 0) -> Iterator[None]:
 @contextmanager
 def rows_skipped(count: int) -> Iterator[None]:
     """Inside a prefill: forwards in this block compute the prefill's rows from its ``count``-th on,
-    each placed in its tile as in the whole prefill."""
+    placed as a prefill from that token would place them (by position: each at its row of the whole
+    prefill's tiles; from the start: the first of them in row 0)."""
     start = getattr(_phase, "start", 0)
     _phase.start = start + count
     try:
