@@ -163,6 +163,7 @@ def test_a_prefix_affine_gateway_sends_prompts_sharing_a_first_block_to_one_repl
 def test_a_draining_replica_takes_no_new_calls_and_finishes_its_streams(replica_mesh, gateway):
     both_serving(replica_mesh)
     victim = replica_mesh.processes["inference-2"]
+    first_tokens_before = sum(per_replica(replica_mesh, FIRST_TOKENS).values())
     # Long streams, one after another, until one is under way on the victim (bounded).
     streams, outcomes = [], []
 
@@ -175,8 +176,10 @@ def test_a_draining_replica_takes_no_new_calls_and_finishes_its_streams(replica_
         streams[-1].start()
         time.sleep(0.3)
     assert metric(replica_mesh, "inference-2", ACTIVE) > 0, "no stream reached inference-2"
-    wait_until(lambda: metric(replica_mesh, "inference-2", PREFILLED) > 0, 30, 0.1, what="the victim prefilled")
-    time.sleep(0.5)  # past the prefill of every stream it holds
+    # Every long stream has its first token (so its prefill is done, on whichever replica, queued ones
+    # included: a drain still prefills the streams it queued before it began) before the count is read.
+    wait_until(lambda: sum(per_replica(replica_mesh, FIRST_TOKENS).values()) - first_tokens_before >= len(streams),
+               90, 0.1, what="a first token on every long stream")
     prefilled = metric(replica_mesh, "inference-2", PREFILLED)
     os.kill(victim.pid, signal.SIGTERM)
     drained_at = time.monotonic()
