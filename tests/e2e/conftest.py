@@ -6,6 +6,8 @@ import pytest
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
 from cli.launcher import LocalMesh
+from tests.budget_policy import ENV as BUDGETS_ENV
+from tests.budget_policy import roomy_budgets
 from tests.conftest import running_redis_server
 
 
@@ -16,7 +18,11 @@ def mesh_redis():
 
 
 def started_mesh(run_dir, redis_url: str) -> LocalMesh:
-    local = LocalMesh(run_dir, free_ports=True, redis_url=redis_url, progress=lambda line: print(f"[mesh] {line}"))
+    """The mesh with the shipped budgets' cache, template and tokenizer hops made roomy: its tests are
+    about answers, caching and telemetry, and a hop over budget on a loaded machine is not (budgets:
+    ``tests/e2e/test_budgets.py``)."""
+    local = LocalMesh(run_dir, free_ports=True, redis_url=redis_url, extra_env={BUDGETS_ENV: str(roomy_budgets())},
+                      progress=lambda line: print(f"[mesh] {line}"))
     local.start(ready_timeout_s=300)
     return local
 

@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.variants import spawn_gateway
 from cli.launcher import LocalMesh, check_health
 from cli.restarts import RestartPolicy
+from tests.budget_policy import ENV as BUDGETS_ENV
+from tests.budget_policy import roomy_budgets
 from tests.e2e.streams import OK, Load, codes, failed, finance_request, stream_once
 from tests.polling import wait_until
 
@@ -33,7 +35,9 @@ REPLICAS = ("inference", "inference-2")
 MESH_ENV = {"NLPMESH_INFERENCE_MAX_RUNNING": "2", "NLPMESH_INFERENCE_MAX_QUEUE": "2",
             "NLPMESH_INFERENCE_GRACE_S": "60",
             # gRPC's round_robin across the replicas (prefix-affine routing: a gateway of its own).
-            "NLPMESH_GATEWAY_INFERENCE_ROUTING": "round_robin"}
+            "NLPMESH_GATEWAY_INFERENCE_ROUTING": "round_robin",
+            # A template or tokenizer hop over its shipped 100 ms while replicas decode is not what these test.
+            BUDGETS_ENV: str(roomy_budgets())}
 FINISHED = "nlpmesh_inference_requests_finished_total"
 LOCAL_REUSE = 'nlpmesh_inference_prefix_tokens_reused_total{tier="local"}'
 PREFILLED = "nlpmesh_inference_prefill_tokens_total"  # counted at each prefill

@@ -13,6 +13,7 @@ from services.gateway.__main__ import build_spec as gateway_spec
 from services.gateway.settings import GatewaySettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
+from tests.budget_policy import roomy_budgets
 from tests.servicer.fakes import FakeInference, FakeTokenizer, fake_spec
 
 
@@ -24,13 +25,15 @@ def run_mesh(inprocess_server, redis_url: str, scenario, key_prefix: str | None 
     ``key_prefix``: where answers are cached; by default one of this call's own, so no test
     finds another's answers in the shared Redis. ``template``: a fake template servicer
     instead of the real service. Auth is off unless ``auth="on"`` (with ``auth_keys_file``)
-    is given. ``pass_channel``: the scenario gets the gateway's channel in place of a stub
+    is given. Budgets: the shipped policy with roomy cache, template and tokenizer hops
+    (``tests/budget_policy.py``) unless ``budgets_file`` is given. ``pass_channel``: the scenario gets the gateway's channel in place of a stub
     (to call it with metadata of its own). ``cache_redis_url``: the cache service's own
     Redis URL (default: ``redis_url``, the gateway's). ``inference``: a fake inference of the
     test's own (e.g. one that reports a capacity) in place of a plain ``FakeInference()``.
     """
     key_prefix = key_prefix or f"test:gw-{uuid.uuid4().hex}"
     gateway_settings.setdefault("auth", "off")
+    gateway_settings.setdefault("budgets_file", roomy_budgets())
     tokenizer, inference = FakeTokenizer(), inference or FakeInference()
     template_service = template_spec(TemplateSettings()) if template is None else fake_spec("tpl", template)
 

@@ -7,6 +7,7 @@ from meshkit.errors import DeadlineExceeded
 from services.gateway.budgets import HOPS, BudgetPolicy, BudgetPolicyError, ObservedLatency, RequestBudget
 from services.gateway.settings import GatewaySettings
 from services.gateway.timings import HopTiming, server_timing
+from tests.budget_policy import RAISED, ROOMY_MS, roomy_budgets
 
 BASE = 'default_total_ms = 1000\n[hops]\ncache = 5\ntemplate = 50\ntokenizer = 50\n"inference.ttft" = 300\ninference = 900\n'
 
@@ -21,6 +22,17 @@ def test_the_shipped_policy_loads_with_a_budget_for_every_hop():
     shipped = BudgetPolicy.load(GatewaySettings().budgets_file)
     assert set(shipped.hops) == set(HOPS)
     assert shipped.for_template("clinical_note_summary").budget_for("inference") > shipped.budget_for("inference")
+
+
+def test_the_test_meshes_roomy_policy_is_the_shipped_one_with_three_hops_raised():
+    shipped, roomy = BudgetPolicy.load(GatewaySettings().budgets_file), BudgetPolicy.load(roomy_budgets())
+    assert {hop: roomy.budget_for(hop) for hop in RAISED} == dict.fromkeys(RAISED, ROOMY_MS)
+    assert all(shipped.budget_for(hop) < ROOMY_MS for hop in RAISED)
+    for template in (None, *shipped.templates):
+        mine, theirs = (p if template is None else p.for_template(template) for p in (roomy, shipped))
+        assert mine.default_total_ms == theirs.default_total_ms
+        assert {h: mine.budget_for(h) for h in HOPS if h not in RAISED} == \
+            {h: theirs.budget_for(h) for h in HOPS if h not in RAISED}
 
 
 def test_a_template_overrides_only_what_it_names(tmp_path):
