@@ -88,21 +88,23 @@ def test_an_unreachable_redis_counts_errors_not_hits():
 
 def test_a_slow_redis_counts_a_timeout_miss(redis_server):
     async def body(cache):
-        await cache.lookup(key(country="warm"))  # connection and script ready
+        await cache.lookup(key(country="warm"))  # connection and script ready (within the cache's 0.5 s)
         blocker = redis_client(redis_server)
+        await blocker.ping()  # its connection open, so the DEBUG SLEEP goes out at once
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.3"))
         await asyncio.sleep(0.02)
-        assert await cache.lookup(key()) is None
+        assert await cache.lookup(key(), timeout_s=0.05) is None
         await sleeping
         await blocker.aclose()
 
-    assert run(redis_server, body, timeout_s=0.05) == {"absent": 1, "timeout": 1}
+    assert run(redis_server, body) == {"absent": 1, "timeout": 1}
 
 
 def test_a_lookup_cut_short_by_the_callers_budget_counts_as_cancelled(redis_server):
     async def body(cache):
         await cache.lookup(key(country="warm"))
         blocker = redis_client(redis_server)
+        await blocker.ping()
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.3"))
         await asyncio.sleep(0.02)
         with pytest.raises(TimeoutError):
