@@ -228,7 +228,8 @@ class LocalMesh:
         if binary is None:
             self.progress("redis: no REDIS_URL and no redis-server installed: running WITHOUT a prompt cache")
             return
-        port = free_port()
+        taken = {*self.ports.values(), *self.metrics_ports.values()}  # picked (and released) or fixed
+        port = next(port for port in (free_port() for _ in range(100)) if port not in taken)
         users = redis_acl.RedisUsers.make()  # new passwords each run, known only to this mesh
         redis_dir = self.run_dir / "redis"
         redis_dir.mkdir(mode=0o700, exist_ok=True)

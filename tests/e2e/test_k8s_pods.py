@@ -29,7 +29,7 @@ from cli import redis_acl
 from cli.ask import ask, build_request
 from cli.certs import SERVICES, init_certs
 from cli.connect import GatewayAccess
-from cli.launcher import check_health
+from cli.launcher import check_health, distinct_free_ports
 from cli.main import DEMO_QUESTION
 from meshkit.settings import TLS_DIR_ENV
 from meshkit.tls import CA_FILE
@@ -258,12 +258,15 @@ def test_the_whole_base_answers_through_the_gateway_and_the_second_answer_is_a_c
     within its grace period."""
     made = make_secrets(tmp_path / "made", certs_secret)
     with redis_statefulset(objects, tmp_path, made.secrets) as server, _admin(server, made.users) as admin:
-        ports = {name: free_port() for name in SERVICES}
+        order = ("template", "tokenizer", "cache", "inference", "gateway")
+        # Every port at once, all different (one by one, a port picked and released could come again).
+        picked = iter(distinct_free_ports(len(SERVICES) + sum(len(container(objects, n)["ports"]) for n in order)))
+        ports = {name: next(picked) for name in SERVICES}
         hosts = {"redis": server.port, **ports}
         pods: dict[str, LocalPod] = {}
         try:
-            for name in ("template", "tokenizer", "cache", "inference", "gateway"):
-                pod_ports = {p["containerPort"]: free_port() for p in container(objects, name)["ports"]}
+            for name in order:
+                pod_ports = {p["containerPort"]: next(picked) for p in container(objects, name)["ports"]}
                 grpc_port = next(p["containerPort"] for p in container(objects, name)["ports"] if p["name"] == "grpc")
                 pod_ports[grpc_port] = ports[name]
                 pods[name] = start_pod(objects, name, tmp_path, made.secrets, hosts, pod_ports)
