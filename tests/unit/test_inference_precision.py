@@ -110,7 +110,9 @@ def skip_where_refused(precision: str, model: nn.Module) -> None:
     if precision in ("int4", "bfloat16"):
         try:
             check_row_independence(model, MAX_DECODE_ROWS, read_cpu_features())
-        except RowDependence as refused:
+        except RowDependence as refused:  # a clear refusal: the precision and this CPU named
+            assert f"precision {precision} cannot" in str(refused)
+            assert read_cpu_features().summary() in str(refused)
             pytest.skip(str(refused))
 
 
@@ -263,12 +265,16 @@ def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_th
     from services.inference import precision as module
 
     model = tiny_llama_in("float32")
+    assert choose_one_tile_parts(model, 1) == 1  # one thread: nothing to split over
+    real_parts = module._one_tile_in_parts
+    with monkeypatch.context() as patched:  # parts that round their own way: never split
+        patched.setattr(module, "_one_tile_in_parts", lambda tile, weight, parts: real_parts(tile, weight, parts) + 1e-3)
+        assert choose_one_tile_parts(model, 2) == 1
     if choose_one_tile_parts(model, 2) == 1:
         pytest.skip(f"this CPU ({read_cpu_features().summary()}) gives a one-tile GEMM in parts other bits: "
                     "the engine does not split it here")
     layer = model.model.layers[0].mlp.gate_proj
     calls = []
-    real_parts = module._one_tile_in_parts
     monkeypatch.setattr(module, "_one_tile_in_parts", lambda *args: calls.append(args[2]) or real_parts(*args))
     x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -282,13 +288,6 @@ def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_th
             assert calls == [2]
         layer(x[:4])  # a float32 decode step: its one 16-row tile is never split
         assert calls == [2]
-    assert choose_one_tile_parts(model, 1) == 1  # one thread: nothing to split over
-
-    def rounding_its_own_way(tile, weight, parts):
-        return real_parts(tile, weight, parts) + 1e-3
-
-    monkeypatch.setattr(module, "_one_tile_in_parts", rounding_its_own_way)
-    assert choose_one_tile_parts(model, 2) == 1
 
 
 def test_auto_passes_over_int4_for_layer_shapes_it_cannot_take():

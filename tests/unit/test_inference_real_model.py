@@ -20,6 +20,7 @@ import torch
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
+from services.inference.cpu_features import read_cpu_features
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.kv import SlotKV
@@ -52,7 +53,8 @@ def model_and_tokenizer(request):
 def start_engine(*args, **kwargs) -> Engine:
     try:
         return Engine(*args, **kwargs)
-    except RowDependence as refused:
+    except RowDependence as refused:  # a clear refusal at start, naming this CPU
+        assert read_cpu_features().summary() in str(refused)
         pytest.skip(str(refused))
 
 
