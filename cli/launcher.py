@@ -229,7 +229,7 @@ class LocalMesh:
             self.progress("redis: no REDIS_URL and no redis-server installed: running WITHOUT a prompt cache")
             return
         taken = {*self.ports.values(), *self.metrics_ports.values()}  # picked (and released) or fixed
-        port = next(port for port in (free_port() for _ in range(100)) if port not in taken)
+        port = next(port for port in distinct_free_ports(len(taken) + 1) if port not in taken)  # one at least
         users = redis_acl.RedisUsers.make()  # new passwords each run, known only to this mesh
         redis_dir = self.run_dir / "redis"
         redis_dir.mkdir(mode=0o700, exist_ok=True)
