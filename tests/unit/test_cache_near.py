@@ -7,6 +7,7 @@ from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 from tests.conftest import running_redis_server
+from tests.polling import until
 
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
 
@@ -20,13 +21,10 @@ def store(url: str, prefix: str) -> PromptCache:
     return PromptCache(redis_client(url), prefix=prefix, ttl_s=60, timeout_s=0.2)
 
 
-async def until(condition, timeout_s: float = 3.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+async def subscribed(cache: PromptCache) -> bool:
+    """A client listens on ``cache``'s invalidations channel."""
+    [(_, listeners)] = await cache.redis.pubsub_numsub(cache.invalidations_channel)
+    return listeners >= 1
 
 
 def test_a_second_hit_is_served_without_redis():
@@ -64,9 +62,9 @@ def test_an_invalidation_elsewhere_clears_every_near_tier(redis_server):
         try:
             assert await admin.store(key(), ANSWER)
             assert await near.lookup(key()) == ANSWER and len(near) == 1
-            await asyncio.sleep(0.2)  # let the subscription settle
+            await until(lambda: subscribed(admin), timeout_s=3, what="the near tier subscribed")
             assert await admin.invalidate_template("capital") == 1
-            assert await until(lambda: len(near) == 0)
+            await until(lambda: len(near) == 0, timeout_s=3, what="the near tier's copy dropped")
             assert await near.lookup(key()) is None
         finally:
             await near.close()
@@ -86,8 +84,15 @@ def test_near_hits_reach_the_shared_stats(redis_server):
             assert await admin.store(key(), ANSWER)
             for _ in range(5):
                 assert await near.lookup(key()) == ANSWER  # 1 Redis hit, then 4 near hits
-            await asyncio.sleep(0.3)  # a few flushes
-            assert (await admin.stats()).hits == 5
+
+            async def hits() -> int:
+                return (await admin.stats()).hits
+
+            async def flushed() -> bool:
+                return await hits() >= 5
+
+            await until(flushed, timeout_s=3, what="the near hits flushed to the shared stats")
+            assert await hits() == 5  # each counted once
         finally:
             await near.close()
             await admin.close()
