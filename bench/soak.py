@@ -33,9 +33,9 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from bench.cache_hits import generate_request
 from cli.launcher import LocalMesh
+from gateway.api_keys import create_key
+from gateway.tenant import Tenant
 from meshkit.percentile import percentile
-from services.gateway.api_keys import create_key
-from services.gateway.tenant import Tenant
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HIT_QUESTIONS = [f"In one sentence, what is {topic}?" for topic in (

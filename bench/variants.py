@@ -47,7 +47,7 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
 
 
 def _gateway_module(source: Path) -> str:
-    # Before the gateway moved under services/, it was the top-level package ``gateway``.
+    # The gateway was ``services.gateway`` for a while; before and after that it is the top-level ``gateway``.
     return "services.gateway" if (source / "services" / "gateway").is_dir() else "gateway"
 
 

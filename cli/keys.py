@@ -1,4 +1,4 @@
-"""`nlpmesh keys`: API keys in a keys file (services/gateway/api_keys.py), and the local key.
+"""`nlpmesh keys`: API keys in a keys file (gateway/api_keys.py), and the local key.
 
 ``keys create`` prints the new key once: the file keeps only the sha256 of its
 secret. ``keys list`` shows key ids, tenants and limits, never keys or hashes.
@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, revoke_key
+from gateway.tenant import Tenant, TenantLimits
 from meshkit.settings import default_home
-from services.gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, revoke_key
-from services.gateway.tenant import Tenant, TenantLimits
 
 LOCAL_TENANT = "local"
 # A key for `nlpmesh ask` that is not the local one (a remote gateway's).

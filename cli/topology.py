@@ -67,7 +67,7 @@ def replica_names(service: str, count: int) -> list[str]:
 
 def replica_addresses(ports: dict[str, int], service: str) -> str:
     """How a client reaches every local replica of ``service``: one address, or an ``ipv4:`` list
-    that the gateway's channel balances (services/gateway/balancing.py)."""
+    that the gateway's channel balances (gateway/balancing.py)."""
     endpoints = [f"127.0.0.1:{ports[name]}" for name in _replicas_in(ports, service)]
     return endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
 

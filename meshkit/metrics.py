@@ -2,7 +2,7 @@
 
 Every metric lives in the process's default registry and is created once, at
 import, by the module that records it (this one, promptcache/metrics.py,
-services/gateway/hop_metrics.py, services/inference/metrics.py), so any number
+gateway/hop_metrics.py, services/inference/metrics.py), so any number
 of in-process servers share them. Names carry the ``nlpmesh_`` prefix and base
 units; labels take only values from a fixed set (service, method, status code,
 hop, tier, reason), never request ids, tenants or template variables.

@@ -28,8 +28,8 @@ from typing import Literal, TextIO
 from opentelemetry import trace
 
 from meshkit.content_capture import content_free_traceback
+from meshkit.wire import REQUEST_ID_HEADER
 
-REQUEST_ID_HEADER = "x-request-id"
 NO_ID = "-"
 LogFormat = Literal["text", "json"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 SERVICE_NAME = "service.name"
 SERVICE_PREFIX = "nlpmesh-"
 
-# Gateway hops (services/gateway/hop_spans.py: hop_span / record_hop).
+# Gateway hops (gateway/hop_spans.py: hop_span / record_hop).
 HOP_SPAN_PREFIX = "hop "
 HOP = "nlpmesh.hop"
 BUDGET_MS = "nlpmesh.budget_ms"

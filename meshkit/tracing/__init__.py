@@ -12,5 +12,5 @@
   (``server_interceptors``, ``ServerSpan``) and ``request_span`` for handlers.
 
 Span and attribute names live in ``meshkit.span_names``. The gateway's hop
-spans are the gateway's own: ``services/gateway/hop_spans.py``.
+spans are the gateway's own: ``gateway/hop_spans.py``.
 """

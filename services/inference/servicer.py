@@ -15,9 +15,9 @@ from meshkit.errors import NotFound, Unavailable
 from meshkit.request_log import request_id_from
 from meshkit.sampling import Sampling
 from meshkit.server import ServiceSpec, rpc_method
+from meshkit.wire import InferenceLoad
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, Finished, GenerationRequest
-from services.inference.load_report import InferenceLoad
 from services.inference.loading import load_engine, warm_up_engine
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings

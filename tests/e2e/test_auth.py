@@ -11,8 +11,8 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from bench.variants import spawn_gateway
 from cli.launcher import LocalMesh
 from cli.main import main as nlpmesh
-from services.gateway.api_keys import create_key
-from services.gateway.tenant import Tenant
+from gateway.api_keys import create_key
+from gateway.tenant import Tenant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 

@@ -31,10 +31,10 @@ from cli.certs import SERVICES, init_certs
 from cli.connect import GatewayAccess
 from cli.launcher import check_health, distinct_free_ports
 from cli.main import DEMO_QUESTION
+from gateway.api_keys import create_key
+from gateway.tenant import Tenant
 from meshkit.settings import TLS_DIR_ENV
 from meshkit.tls import CA_FILE
-from services.gateway.api_keys import create_key
-from services.gateway.tenant import Tenant
 from tests.conftest import free_port, running_redis_server
 from tests.k8s_render import container, find, kubelet_layout, render, workload
 from tests.polling import wait_until

@@ -15,8 +15,8 @@ import pytest
 
 from cli.processes import start_time
 from cli.topology import REPO_ROOT
+from gateway.downstream_health import CACHE_PATH
 from meshkit.settings import default_home
-from services.gateway.downstream_health import CACHE_PATH
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]

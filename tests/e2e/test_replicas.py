@@ -2,7 +2,7 @@
 
 The mesh runs as `nlpmesh up --scale inference=2` runs it (supervised: a process that exits is
 restarted). The gateway reaches the replicas through one ``ipv4:`` address list, balanced by
-gRPC's round_robin with client-side health checks (services/gateway/balancing.py). Each
+gRPC's round_robin with client-side health checks (gateway/balancing.py). Each
 replica serves its own /metrics, which tells which one did the work. Every loop is bounded
 in calls and time; the figures measured are printed with a ``[replicas]`` prefix.
 """

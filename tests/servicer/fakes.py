@@ -8,7 +8,7 @@ from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from meshkit.server import ServiceSpec, rpc_method
-from services.inference.load_report import InferenceLoad
+from meshkit.wire import InferenceLoad
 
 
 class Recorder:

@@ -7,10 +7,10 @@ import uuid
 
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
+from gateway.__main__ import build_spec as gateway_spec
+from gateway.settings import GatewaySettings
 from services.cache.servicer import build_spec as cache_spec
 from services.cache.settings import CacheSettings
-from services.gateway.__main__ import build_spec as gateway_spec
-from services.gateway.settings import GatewaySettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
 from tests.budget_policy import roomy_budgets

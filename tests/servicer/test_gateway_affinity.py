@@ -2,11 +2,11 @@
 import asyncio
 from contextlib import AsyncExitStack
 
+from gateway import balancing
+from gateway.downstream import Downstream, GenerationEnd
+from gateway.settings import GatewaySettings
 from meshkit.sampling import Sampling
 from meshkit.server import NOT_SERVING, SERVING
-from services.gateway import balancing
-from services.gateway.downstream import Downstream, GenerationEnd
-from services.gateway.settings import GatewaySettings
 from tests.polling import until
 from tests.servicer.fakes import FakeInference, FakeTemplate, FakeTokenizer, fake_spec
 from tests.servicer.test_gateway_replicas import DownBeforeTheFirstToken

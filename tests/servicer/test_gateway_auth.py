@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from redis import asyncio as aioredis
 
+from gateway.api_keys import create_key, revoke_key
+from gateway.tenant import Tenant
 from promptcache.keys import tenant_namespace
-from services.gateway.api_keys import create_key, revoke_key
-from services.gateway.tenant import Tenant
 from tests.servicer.gateway_mesh import run_mesh
 
 

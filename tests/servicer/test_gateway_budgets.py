@@ -12,8 +12,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.gateway.__main__ import build_spec as gateway_spec
-from services.gateway.settings import GatewaySettings
+from gateway.__main__ import build_spec as gateway_spec
+from gateway.settings import GatewaySettings
 from tests.polling import until
 from tests.servicer.fakes import FakeInference, FakeTemplate, FakeTokenizer, fake_spec
 

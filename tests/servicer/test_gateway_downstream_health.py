@@ -5,8 +5,8 @@ from contextlib import asynccontextmanager
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gateway.downstream_health import CACHE_PATH, GENERATION_PATH, DownstreamHealth, HealthChecks
 from meshkit.server import NOT_SERVING, SERVING
-from services.gateway.downstream_health import CACHE_PATH, GENERATION_PATH, DownstreamHealth, HealthChecks
 from tests.polling import until
 
 NAMES = ("template", "tokenizer", "inference")

@@ -10,8 +10,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
-from services.gateway.api_keys import create_key
-from services.gateway.tenant import Tenant, TenantLimits
+from gateway.api_keys import create_key
+from gateway.tenant import Tenant, TenantLimits
 from tests.servicer.test_gateway_auth import auth_mesh, bearer, finance
 
 

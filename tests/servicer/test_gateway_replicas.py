@@ -8,14 +8,14 @@ import pytest
 from grpc_health.v1 import health, health_pb2
 from nlpmesh.inference.v1 import inference_pb2
 
+from gateway import balancing
+from gateway.downstream import Downstream, GenerationEnd, TokenDelta
+from gateway.downstream_health import GENERATION_PATH, DownstreamHealth, HealthChecks
+from gateway.request import TemplateCall
+from gateway.settings import GatewaySettings
 from meshkit.errors import Unavailable
 from meshkit.sampling import Sampling
 from meshkit.server import NOT_SERVING, SERVING, rpc_method
-from services.gateway import balancing
-from services.gateway.downstream import Downstream, GenerationEnd, TokenDelta
-from services.gateway.downstream_health import GENERATION_PATH, DownstreamHealth, HealthChecks
-from services.gateway.request import TemplateCall
-from services.gateway.settings import GatewaySettings
 from tests.polling import until
 from tests.servicer.fakes import FakeInference, FakeTemplate, FakeTokenizer, fake_spec
 

@@ -7,10 +7,10 @@ from contextlib import AsyncExitStack
 import pytest
 
 from cli.certs import init_certs
+from gateway.downstream import Downstream, GenerationEnd
+from gateway.settings import GatewaySettings
 from meshkit.sampling import Sampling
 from meshkit.settings import ServiceSettings
-from services.gateway.downstream import Downstream, GenerationEnd
-from services.gateway.settings import GatewaySettings
 from tests.polling import until
 from tests.servicer.fakes import FakeInference, fake_spec
 

@@ -8,9 +8,9 @@ from grpc_status import rpc_status
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from meshkit.sampling import Sampling
+from meshkit.wire import InferenceLoad
 from services.inference.engine import Engine
 from services.inference.generation_types import Delta, GenerationRequest
-from services.inference.load_report import InferenceLoad
 from services.inference.servicer import build_spec
 from services.inference.settings import InferenceSettings
 from tests.polling import until

@@ -13,11 +13,11 @@ from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from opentelemetry.trace import SpanKind, StatusCode
 
+from gateway.settings import GatewaySettings
 from meshkit import span_names
 from meshkit.errors import Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing.provider import tracer
-from services.gateway.settings import GatewaySettings
 from services.template.servicer import build_spec as template_spec
 from services.template.settings import TemplateSettings
 from tests.polling import until

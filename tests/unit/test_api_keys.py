@@ -8,11 +8,11 @@ import stat
 
 import pytest
 
+from gateway import api_keys
+from gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, revoke_key
+from gateway.auth import MALFORMED, MISSING, UNKNOWN, KeyFileAuth
+from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import Unauthenticated
-from services.gateway import api_keys
-from services.gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, revoke_key
-from services.gateway.auth import MALFORMED, MISSING, UNKNOWN, KeyFileAuth
-from services.gateway.tenant import Tenant, TenantLimits
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:

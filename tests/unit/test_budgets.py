@@ -3,10 +3,10 @@ import time
 
 import pytest
 
+from gateway.budgets import HOPS, BudgetPolicy, BudgetPolicyError, ObservedLatency, RequestBudget
+from gateway.settings import GatewaySettings
+from gateway.timings import HopTiming, server_timing
 from meshkit.errors import DeadlineExceeded
-from services.gateway.budgets import HOPS, BudgetPolicy, BudgetPolicyError, ObservedLatency, RequestBudget
-from services.gateway.settings import GatewaySettings
-from services.gateway.timings import HopTiming, server_timing
 from tests.budget_policy import RAISED, ROOMY_MS, roomy_budgets
 
 BASE = 'default_total_ms = 1000\n[hops]\ncache = 5\ntemplate = 50\ntokenizer = 50\n"inference.ttft" = 300\ninference = 900\n'

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.admission import AdmissionSettings, InferenceAdmission
 from meshkit.errors import ResourceExhausted
-from services.gateway.admission import AdmissionSettings, InferenceAdmission
-from services.inference.load_report import LOAD_HEADER, InferenceLoad
+from meshkit.wire import LOAD_HEADER, InferenceLoad
 
 
 class Clock:

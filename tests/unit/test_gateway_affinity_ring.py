@@ -2,8 +2,8 @@
 import grpc
 import pytest
 
-from services.gateway.affinity import AffineRouter, HashRing, route_key
-from services.inference.load_report import InferenceLoad
+from gateway.affinity import AffineRouter, HashRing, route_key
+from meshkit.wire import InferenceLoad
 
 ENDPOINTS = ["127.0.0.1:50055", "127.0.0.1:50065", "127.0.0.1:50075"]
 

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
+from gateway import balancing
+from gateway.admission import AdmissionSettings, InferenceAdmission
 from meshkit.errors import ResourceExhausted
-from services.gateway import balancing
-from services.gateway.admission import AdmissionSettings, InferenceAdmission
-from services.inference.load_report import InferenceLoad
+from meshkit.wire import InferenceLoad
 
 
 @pytest.mark.parametrize("service", [balancing.TEMPLATE_SERVICE, balancing.TOKENIZER_SERVICE,

@@ -10,11 +10,11 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from gateway.quotas import Quotas, QuotaSettings
+from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import ResourceExhausted, to_status
 from promptcache.keys import tenant_tag
 from promptcache.redis_tier import redis_client
-from services.gateway.quotas import Quotas, QuotaSettings
-from services.gateway.tenant import Tenant, TenantLimits
 
 TENANT_ID = "acme-corp-secret-looking-id"
 

@@ -336,8 +336,8 @@ def test_every_deployment_has_resources_and_outlasts_its_drain(objects):
         env = env_of(container(objects, name))
         grace = f"NLPMESH_{name.upper()}_GRACE_S"
         drain = float(env[grace]["value"]) if grace in env else _default_grace(name)
-        if name == "gateway":  # then the pending cache stores (services/gateway/__main__.py close)
-            from services.gateway.settings import GatewaySettings
+        if name == "gateway":  # then the pending cache stores (gateway/__main__.py close)
+            from gateway.settings import GatewaySettings
             store = "NLPMESH_GATEWAY_CACHE_STORE_TIMEOUT_S"
             drain += float(env[store]["value"]) if store in env else \
                 GatewaySettings.model_fields["cache_store_timeout_s"].default
@@ -351,7 +351,8 @@ def test_every_deployment_has_resources_and_outlasts_its_drain(objects):
 def _default_grace(name: str) -> float:
     """grace_s as the service's settings define it: the base class's, which no service overrides
     (checked in the source: importing the inference settings would load torch)."""
-    source = (REPO_ROOT / "services" / name / "settings.py").read_text()
+    package = REPO_ROOT / name if name == "gateway" else REPO_ROOT / "services" / name
+    source = (package / "settings.py").read_text()
     assert not re.search(r"^\s+grace_s\s*:", source, re.M), f"{name} overrides grace_s: read it here"
     return ServiceSettings.model_fields["grace_s"].default
 
@@ -518,7 +519,7 @@ def test_the_mounted_templates_load_as_the_shipped_ones(objects, tmp_path):
 
 
 def test_the_gateway_reads_the_mounted_budgets(objects, tmp_path):
-    from services.gateway.budgets import BudgetPolicy
+    from gateway.budgets import BudgetPolicy
 
     path = PurePosixPath(env_of(container(objects, "gateway"))["NLPMESH_GATEWAY_BUDGETS_FILE"]["value"])
     volume = mounts(objects, "gateway")[str(path.parent)]

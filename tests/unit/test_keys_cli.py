@@ -3,7 +3,7 @@ import stat
 
 from cli import keys
 from cli.main import main
-from services.gateway.api_keys import load_keys, parse_key
+from gateway.api_keys import load_keys, parse_key
 
 
 def test_the_local_key_is_made_once_kept_private_and_replaced_when_revoked(tmp_path, monkeypatch):

@@ -3,9 +3,9 @@ import urllib.request
 
 from prometheus_client import REGISTRY
 
+from gateway.hop_metrics import observe_hop
 from meshkit.metrics import start_metrics_server
 from meshkit.settings import ServiceSettings
-from services.gateway.hop_metrics import observe_hop
 from tests.conftest import free_port
 
 

@@ -17,14 +17,14 @@ import torch
 
 from cli.redis_acl import RedisUsers
 from cli.redis_acl import write as write_acl
+from gateway.quotas import Quotas, QuotaSettings
+from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import ResourceExhausted, Unavailable
 from meshkit.redis_connect import is_cluster_client
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
-from services.gateway.quotas import Quotas, QuotaSettings
-from services.gateway.tenant import Tenant, TenantLimits
 from services.inference.prefix import PrefixCache, RedisBlocks
 from tests.polling import until
 from tests.redis_cluster import RedisCluster, running_redis_cluster

@@ -16,13 +16,13 @@ import redis.asyncio as aioredis
 import torch
 
 from cli.redis_acl import TEMPLATE
+from gateway.quotas import Quotas, QuotaSettings
+from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import ResourceExhausted, Unavailable
 from meshkit.sampling import Sampling
 from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import _LOOKUP_LUA, CachedAnswer, PromptCache, redis_client
-from services.gateway.quotas import Quotas, QuotaSettings
-from services.gateway.tenant import Tenant, TenantLimits
 from services.inference.prefix import RedisBlocks
 from tests.conftest import REDIS_SERVER, free_port
 from tests.polling import until

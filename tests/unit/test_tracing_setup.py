@@ -13,13 +13,13 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cli.launcher import LocalMesh
+from gateway import hop_spans
 from meshkit import span_names as names
 from meshkit.settings import ServiceSettings
 from meshkit.tracing.propagation import outgoing_metadata
 from meshkit.tracing.provider import ChosenIds, _otlp_wanted
 from meshkit.tracing.server_span import ServerSpan
 from meshkit.tracing.span_file import read_spans, span_file_exporter
-from services.gateway import hop_spans
 
 
 def test_span_files_hold_one_json_line_per_span_in_the_form_the_cli_reads(tmp_path):

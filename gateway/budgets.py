@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.hop import BUDGETED, Hop
 from meshkit.errors import DeadlineExceeded
-from services.gateway.hop import BUDGETED, Hop
 
 # The names a policy file uses for the hops.
 HOPS = tuple(str(hop) for hop in BUDGETED)

@@ -15,7 +15,7 @@ SERVING again. Retries are gRPC's too (gRFC A6): the idempotent calls named in
 call's own deadline, with retry throttling so a mesh-wide outage is not multiplied.
 Inference ``Generate`` is not retried by gRPC: its load report comes back in the
 initial metadata, which commits a gRPC retry, and a stream may be retried only
-while no token has reached the caller (services/gateway/downstream.py does that).
+while no token has reached the caller (gateway/downstream.py does that).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m services.gateway`: the public gateway process."""
+"""`python -m gateway`: the public gateway process."""
 from __future__ import annotations
 
 import asyncio
@@ -7,22 +7,22 @@ import time
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from gateway.admission import InferenceAdmission
+from gateway.answer import Answerer
+from gateway.auth import authenticator
+from gateway.budgets import BudgetPolicy
+from gateway.downstream import Downstream
+from gateway.downstream_health import CACHE_PATH, DownstreamHealth
+from gateway.quotas import Quotas
+from gateway.scope import RequestScopes
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+from gateway.template_index import TemplateIndex
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
 from meshkit.tracing.provider import configure_tracing, tracer
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
-from services.gateway.admission import InferenceAdmission
-from services.gateway.answer import Answerer
-from services.gateway.auth import authenticator
-from services.gateway.budgets import BudgetPolicy
-from services.gateway.downstream import Downstream
-from services.gateway.downstream_health import CACHE_PATH, DownstreamHealth
-from services.gateway.quotas import Quotas
-from services.gateway.scope import RequestScopes
-from services.gateway.servicer import GatewayServicer
-from services.gateway.settings import GatewaySettings
-from services.gateway.template_index import TemplateIndex
 
 log = logging.getLogger("nlpmesh.gateway")
 

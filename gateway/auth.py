@@ -1,6 +1,6 @@
 """Who is calling: the tenant named by the caller's ``authorization: Bearer <key>``.
 
-``KeyFileAuth`` checks keys against the keys file (services/gateway/api_keys.py).
+``KeyFileAuth`` checks keys against the keys file (gateway/api_keys.py).
 A background task stats the file every ``reload_s`` and re-reads it when it
 changed, so a key created or revoked with ``nlpmesh keys`` takes effect on every
 replica within seconds, without a restart. On the request's path a key already
@@ -18,9 +18,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from gateway.api_keys import KeyFileError, KeyRecord, load_keys, parse_key
+from gateway.tenant import Tenant
 from meshkit.errors import Unauthenticated
-from services.gateway.api_keys import KeyFileError, KeyRecord, load_keys, parse_key
-from services.gateway.tenant import Tenant
 
 log = logging.getLogger("nlpmesh.gateway.auth")
 

@@ -1,4 +1,15 @@
-"""How loaded the inference service is, as it reports it to its callers in gRPC metadata.
+"""The metadata contracts that cross process boundaries: headers, trailers and load reports.
+
+Every process that writes one of these and every process that reads it imports it
+from here, so that no service imports another service's package for a wire contract.
+Plain Python: no grpc here.
+
+- ``x-request-id``: the caller's request id, sent on to every hop and echoed back in
+  the gateway's initial metadata (``meshkit.request_log``).
+- ``x-nlpmesh-tenant``: the caller's tenant on every hop the gateway calls.
+- ``server-timing``: the gateway's trailer with every hop's elapsed time and budget.
+- ``x-nlpmesh-inference-load`` and ``x-nlpmesh-inference-replica``: how loaded an
+  inference replica is, as it reports it to its callers (``InferenceLoad`` below).
 
 Every ``Generate`` carries ``x-nlpmesh-inference-load: <active>/<capacity>`` in its
 initial metadata (taken once the request is queued) and in its trailing metadata
@@ -8,7 +19,7 @@ in ``x-nlpmesh-inference-replica`` (an id made at its start, nothing else in it)
 a caller can keep one report per replica. ``active`` is the requests queued or
 running, ``capacity`` is ``max_running + max_queue``: past it the engine refuses
 with RESOURCE_EXHAUSTED. The gateway's admission control reads it
-(services/gateway/admission.py). Plain Python: no grpc here.
+(gateway/admission.py).
 """
 from __future__ import annotations
 
@@ -16,6 +27,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+REQUEST_ID_HEADER = "x-request-id"
+TENANT_HEADER = "x-nlpmesh-tenant"
+SERVER_TIMING_TRAILER = "server-timing"
 LOAD_HEADER = "x-nlpmesh-inference-load"
 REPLICA_HEADER = "x-nlpmesh-inference-replica"
 _REPLICA_ID = re.compile(r"^[0-9a-z-]{1,64}$")

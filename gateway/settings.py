@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
+from gateway.admission import AdmissionSettings
+from gateway.downstream_health import HealthChecks
+from gateway.quotas import QuotaSettings
 from meshkit.settings import ServiceSettings, default_home
-from services.gateway.admission import AdmissionSettings
-from services.gateway.downstream_health import HealthChecks
-from services.gateway.quotas import QuotaSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class GatewaySettings(ServiceSettings, service="gateway"):
@@ -32,21 +32,21 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     # dropped on every announced invalidation. 0 bytes = off.
     near_cache_bytes: int = 32 * 1024 * 1024
     near_cache_max_age_s: float = 60.0
-    # API keys (services/gateway/auth.py): "on" refuses a call without a key of the
+    # API keys (gateway/auth.py): "on" refuses a call without a key of the
     # keys file; "off" (logged as a WARNING at start) serves every caller as `tenant`.
     auth: Literal["on", "off"] = "on"
     auth_keys_file: Path = Field(default_factory=lambda: default_home() / "keys.toml")
     auth_reload_s: float = 1.0  # how often the keys file is checked for changes
     auth_cache_size: int = 10_000  # verified keys remembered, so a known key costs no sha256
     tenant: str = "public"  # every caller's tenant when auth is off
-    # Per-tenant quotas (services/gateway/quotas.py), shared by the replicas through Redis.
+    # Per-tenant quotas (gateway/quotas.py), shared by the replicas through Redis.
     # With Redis failing, or no REDIS_URL, each replica holds a tenant to limit / quota_replicas.
     quota_key_prefix: str = "nlpmesh:q"
     quota_timeout_s: float = 0.05
     quota_replicas: int = Field(default=1, ge=1)
     quota_fallback_s: float = 5.0
     quota_stream_lease_s: float = 30.0
-    # Admission control (services/gateway/admission.py): a cache miss is refused with
+    # Admission control (gateway/admission.py): a cache miss is refused with
     # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many
     # generations in flight as the inference service holds (its reported max_running +
     # max_queue, or admission_max_in_flight when set), or while the inference service's
@@ -55,18 +55,18 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     admission_max_in_flight: int = Field(default=0, ge=0)
     admission_full_hold_s: float = Field(default=0.5, ge=0)
     admission_retry_after_s: float = Field(default=1.0, gt=0)
-    # Generations over a list of inference endpoints (services/gateway/affinity.py): "prefix" sends prompts
+    # Generations over a list of inference endpoints (gateway/affinity.py): "prefix" sends prompts
     # sharing their first prefix block to the same replica (consistent hashing, bounded load); "round_robin"
     # leaves them to the balanced channel. A dns:/// name: over the addresses it resolves to. One endpoint: no choice.
     inference_routing: Literal["prefix", "round_robin"] = "prefix"
-    # How many of the prompt's first tokens make the route key (services/gateway/affinity.py); independent of
+    # How many of the prompt's first tokens make the route key (gateway/affinity.py); independent of
     # the inference service's prefix_block_tokens.
     affinity_block_tokens: int = Field(default=16, ge=1, le=1024)
     # A replica takes a key's call while its generations in flight stay within this factor of the mean.
     affinity_load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
     # How often a dns:/// inference address is resolved again for prefix-affine routing.
     affinity_resolve_s: float = Field(default=5.0, gt=0)
-    # Per-hop budgets and the default total (services/gateway/budgets.py).
+    # Per-hop budgets and the default total (gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.
     template_timeout_s: float = 2.0
@@ -75,7 +75,7 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     catalog_refresh_s: float = 10.0
     ready_timeout_s: float = 600.0
     # Once ready, template, tokenizer and inference are checked (grpc.health.v1) every interval; after
-    # `failures` failed checks in a row the generation path turns NOT_SERVING (services/gateway/downstream_health.py).
+    # `failures` failed checks in a row the generation path turns NOT_SERVING (gateway/downstream_health.py).
     downstream_health_interval_s: float = Field(default=1.0, gt=0)
     downstream_health_timeout_s: float = Field(default=1.0, gt=0)
     downstream_health_failures: int = Field(default=2, ge=1)

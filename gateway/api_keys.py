@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.gateway.tenant import Tenant, TenantLimits
+from gateway.tenant import Tenant, TenantLimits
 
 KEY_PREFIX = "nlpm"
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")

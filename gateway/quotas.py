@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException
 
+from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import QuotaViolation, ResourceExhausted
 from promptcache.keys import tenant_tag
 from promptcache.redis_tier import redact_url
-from services.gateway.tenant import Tenant, TenantLimits
 
 log = logging.getLogger("nlpmesh.gateway.quotas")
 

@@ -12,20 +12,21 @@ from contextlib import asynccontextmanager
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from gateway.answer import Answerer, Outcome
+from gateway.auth import KeyFileAuth, OpenAccess
+from gateway.downstream import TokenDelta
+from gateway.quotas import Quotas
+from gateway.request import PromptRequest, TemplateCall, prompt_from_pb
+from gateway.scope import RequestScopes
+from gateway.template_index import TemplateIndex
+from gateway.tenant import Tenant
+from gateway.timings import HopTiming, server_timing
 from meshkit.errors import Unavailable
-from meshkit.request_log import REQUEST_ID_HEADER, bind_request_id, request_id_from
+from meshkit.request_log import bind_request_id, request_id_from
 from meshkit.server import rpc_method
 from meshkit.tracing.propagation import trace_id_hex
 from meshkit.tracing.server_span import request_span
-from services.gateway.answer import Answerer, Outcome
-from services.gateway.auth import KeyFileAuth, OpenAccess
-from services.gateway.downstream import TokenDelta
-from services.gateway.quotas import Quotas
-from services.gateway.request import PromptRequest, TemplateCall, prompt_from_pb
-from services.gateway.scope import RequestScopes
-from services.gateway.template_index import TemplateIndex
-from services.gateway.tenant import Tenant
-from services.gateway.timings import HopTiming, server_timing
+from meshkit.wire import REQUEST_ID_HEADER, SERVER_TIMING_TRAILER
 
 log = logging.getLogger("nlpmesh.gateway")
 
@@ -63,7 +64,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if isinstance(event, TokenDelta):
                     parts.append(event.text)
                 else:
-                    context.set_trailing_metadata((("server-timing", server_timing(event.timings)),))
+                    context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     return gateway_pb2.GenerateResponse(
                         text="".join(parts), finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
@@ -84,7 +85,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if isinstance(event, TokenDelta):
                     yield gateway_pb2.GenerateChunk(delta=event.text)
                 elif isinstance(event, Outcome):
-                    context.set_trailing_metadata((("server-timing", server_timing(event.timings)),))
+                    context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     yield gateway_pb2.GenerateChunk(
                         done=True, finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,

@@ -10,7 +10,7 @@ ResourceExhausted with RetryInfo and an ErrorInfo reason:
 - ``GATEWAY_AT_CAPACITY``: this gateway already has as many generations in
   flight (admitted, not yet ended) as the inference service can hold, its
   ``capacity`` (max_running + max_queue, reported in the metadata of every
-  Generate and ModelInfo: services/inference/load_report.py), or as
+  Generate and ModelInfo: meshkit/wire.py), or as
   ``max_in_flight`` when that is set;
 - ``INFERENCE_AT_CAPACITY``: the latest report, younger than ``full_hold_s``,
   said the inference service was full (other gateways fill it too). The next
@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from meshkit.errors import ResourceExhausted
-from services.inference.load_report import InferenceLoad
+from meshkit.wire import InferenceLoad
 
 # A replica not heard from for this long no longer counts (it was stopped, or scaled away).
 REPLICA_FORGET_S = 30.0

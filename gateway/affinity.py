@@ -15,11 +15,11 @@ endpoints that are ready: their channel is READY, which with client-side health
 checks means SERVING (a draining replica is not). Bounded load (consistent hashing
 with bounded loads, Mirrokni et al. 2018): a replica takes the call only while its
 generations in flight from this gateway stay within ``ceil(load_factor * (in flight
-+ 1) / ready replicas)``, and only if its latest load report (services/inference/
-load_report.py, on every call) did not say it was full within ``full_hold_s``;
++ 1) / ready replicas)``, and only if its latest load report (meshkit/wire.py,
+on every call) did not say it was full within ``full_hold_s``;
 otherwise the next endpoint along the ring, so a hot prefix spills to a neighbour
 instead of queueing. Each endpoint has a channel of its own, watched by the same
-service config as the balanced channel (services/gateway/balancing.py).
+service config as the balanced channel (gateway/balancing.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.inference.load_report import InferenceLoad
+from meshkit.wire import InferenceLoad
 
 VNODES = 64
 

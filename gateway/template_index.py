@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from services.gateway.downstream import TemplateEntry
+from gateway.downstream import TemplateEntry
 
 log = logging.getLogger("nlpmesh.gateway.template_index")
 

@@ -6,8 +6,8 @@ import json
 
 from opentelemetry import trace
 
+from gateway.request import Chat, TemplateCall
 from meshkit import span_names as names
-from services.gateway.request import Chat, TemplateCall
 
 
 def record_prompt(span: trace.Span, prompt: TemplateCall | Chat) -> None:

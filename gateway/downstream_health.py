@@ -6,13 +6,13 @@ SERVING, so a load balancer stops sending generations to a gateway that cannot
 make them. Cache hits need none of them (the gateway reads the prompt cache from
 Redis itself), so ``CACHE_PATH`` stays SERVING once the gateway is ready.
 
-The checks go over the gateway's own channels to those services (services/gateway/
+The checks go over the gateway's own channels to those services (gateway/
 downstream.py), so they present its client certificate when the mesh runs mTLS.
 Periodic Checks with a short deadline rather than Watch streams: a stopped
 process (SIGSTOP, a hung host) keeps a Watch stream open and silent.
 
 With replicas, a service's channel balances round_robin over the replicas its
-client-side health checks call SERVING (services/gateway/balancing.py), so each
+client-side health checks call SERVING (gateway/balancing.py), so each
 Check goes to a replica in rotation: a service counts as down only when no
 replica is ready (the Check fails UNAVAILABLE), or when ``failures`` checks in a
 row fail. One replica down or draining leaves the generation path SERVING.

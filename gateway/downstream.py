@@ -21,17 +21,17 @@ from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+from gateway import balancing
+from gateway.affinity import AffineRouter, route_key
+from gateway.hop import Hop
+from gateway.request import Chat, TemplateCall
 from meshkit.errors import from_rpc_error
 from meshkit.sampling import Sampling
 from meshkit.server import channel_options
 from meshkit.tls import TlsConfig
+from meshkit.wire import InferenceLoad
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
-from services.gateway import balancing
-from services.gateway.affinity import AffineRouter, route_key
-from services.gateway.hop import Hop
-from services.gateway.request import Chat, TemplateCall
-from services.inference.load_report import InferenceLoad
 
 log = logging.getLogger("nlpmesh.gateway.downstream")
 
@@ -83,7 +83,7 @@ class Downstream:
     """Channels and stubs to template, tokenizer, inference and cache.
 
     ``on_inference_load`` gets the load report of every inference call
-    (services/inference/load_report.py; None when a call carried none);
+    (meshkit/wire.py; None when a call carried none);
     ``on_inference_cancel`` gets the replica id of a generation this side cancelled before its end report.
     """
 
@@ -113,7 +113,7 @@ class Downstream:
         self.router = self._affine_router()
 
     def _affine_router(self) -> AffineRouter | None:
-        """Prefix-affine routing (services/gateway/affinity.py): a channel per inference endpoint, for a list of
+        """Prefix-affine routing (gateway/affinity.py): a channel per inference endpoint, for a list of
         endpoints, or for the addresses a ``dns:///`` name resolves to (re-resolved every
         ``affinity_resolve_s``). None (round_robin over the balanced channel) for one fixed endpoint."""
         s = self._settings
@@ -170,7 +170,7 @@ class Downstream:
 
     def _channel(self, name: str, address: str, service: str) -> grpc.aio.Channel:
         """One channel over every replica at ``address``, balanced and retried by its service config
-        (services/gateway/balancing.py)."""
+        (gateway/balancing.py)."""
         # Under TLS a list of endpoints has no one host name to check: each replica's certificate is checked
         # against the service's name (``nlpmesh certs init`` issues it with that name).
         listed = len(balancing.endpoints(address)) > 1

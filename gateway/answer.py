@@ -11,19 +11,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from gateway.admission import InferenceAdmission
+from gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta
+from gateway.hop import Hop
+from gateway.prompt_capture import record_completion, record_prompt
+from gateway.request import CacheMode, Chat, PromptRequest, TemplateCall
+from gateway.scope import RequestScope
+from gateway.template_index import TemplateIndex
+from gateway.tenant import Tenant
+from gateway.timings import HopTiming
 from meshkit.errors import NotFound
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.redis_tier import CachedAnswer, PromptCache
-from services.gateway.admission import InferenceAdmission
-from services.gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta
-from services.gateway.hop import Hop
-from services.gateway.prompt_capture import record_completion, record_prompt
-from services.gateway.request import CacheMode, Chat, PromptRequest, TemplateCall
-from services.gateway.scope import RequestScope
-from services.gateway.template_index import TemplateIndex
-from services.gateway.tenant import Tenant
-from services.gateway.timings import HopTiming
 
 log = logging.getLogger("nlpmesh.gateway")
 

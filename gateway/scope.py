@@ -14,18 +14,15 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from meshkit.request_log import REQUEST_ID_HEADER
+from gateway import hop_metrics
+from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
+from gateway.hop import Hop
+from gateway.hop_spans import hop_span, record_hop, record_measured_hop
+from gateway.quotas import Admission
+from gateway.tenant import Tenant
+from gateway.timings import HopTiming
 from meshkit.tracing.propagation import outgoing_metadata
-from services.gateway import hop_metrics
-from services.gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
-from services.gateway.hop import Hop
-from services.gateway.hop_spans import hop_span, record_hop, record_measured_hop
-from services.gateway.quotas import Admission
-from services.gateway.tenant import Tenant
-from services.gateway.timings import HopTiming
-
-# The caller's tenant on every hop (the inference request also carries it in a field).
-TENANT_HEADER = "x-nlpmesh-tenant"
+from meshkit.wire import REQUEST_ID_HEADER, TENANT_HEADER
 
 
 @dataclass(frozen=True)
