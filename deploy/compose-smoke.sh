@@ -157,7 +157,7 @@ debian_mirror() {
   local uri
   uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
   [ -z "$uri" ] && uri=$(awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-  echo "${uri:-http://deb.debian.org/debian}"
+  echo "$uri"
 }
 if [ -z "$BASE_IMAGE" ]; then
   BASE_IMAGE=localhost/nlpmesh-base:$DEBIAN_SUITE
@@ -166,6 +166,7 @@ if [ -z "$BASE_IMAGE" ]; then
   else
     command -v debootstrap >/dev/null || fail "debootstrap is not installed (apt-get install debootstrap), or set NLPMESH_BASE_IMAGE"
     MIRROR="${NLPMESH_DEBIAN_MIRROR:-$(debian_mirror)}"
+    [ -n "$MIRROR" ] || fail "apt's sources name no Debian mirror: set NLPMESH_DEBIAN_MIRROR, or NLPMESH_BASE_IMAGE"
     ROOTFS="$SMOKE_DIR/rootfs"
     rm -rf "$ROOTFS"
     say "no container registry is used: making the base image with debootstrap ($DEBIAN_SUITE from $MIRROR)"
