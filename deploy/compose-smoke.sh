@@ -212,7 +212,7 @@ for folder in $find_links; do
   fi
 done
 if [ -z "$torch_source" ]; then
-  torch_source="the index ${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+  torch_source="the index ${TORCH_INDEX_URL:-the Dockerfile names (its TORCH_INDEX_URL default)}"
   [ -n "${TORCH_INDEX_URL:-}" ] && build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 fi
 say "torch 2.13.0 CPU build from $torch_source"
