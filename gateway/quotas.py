@@ -1,9 +1,9 @@
 """Per-tenant quotas shared by every gateway replica through Redis.
 
     quotas = Quotas(redis, QuotaSettings(replicas=3))
-    async with await quotas.admit(tenant) as admission:   # ResourceExhausted when over
+    async with await quotas.admit(tenant) as lease:   # ResourceExhausted when over
         ...generate...
-        await admission.record_tokens(completion_tokens)
+        await lease.record_tokens(completion_tokens)
 
 Three limits (``TenantLimits``), checked together by one Lua script, so one
 round trip admits a request, and nothing is counted when any limit refuses:
@@ -121,7 +121,7 @@ return #ARGV - 1
 @dataclass(frozen=True)
 class QuotaSettings:
     key_prefix: str = "nlpmesh:q"
-    timeout_s: float = 0.05  # one admission's Redis round trip; slower is a Redis failure
+    timeout_s: float = 0.05  # one quota call's Redis round trip; slower is a Redis failure
     replicas: int = 1  # gateway replicas: Redis failing, each holds a tenant to limit / replicas
     fallback_s: float = 5.0  # after a Redis failure, local shares only, for this long
     warn_every_s: float = 30.0  # at most one warning about Redis per this long
@@ -134,8 +134,9 @@ class QuotaSettings:
             raise ValueError("quota timeout and stream lease must be positive, fallback not negative")
 
 
-class Admission:
-    """One admitted request. Release it when the request ends (``async with`` does)."""
+class QuotaLease:
+    """One request admitted within its tenant's quotas: it holds a stream (``max_streams``) and counts
+    generated tokens. Release it when the request ends (``async with`` does)."""
 
     def __init__(self, quotas: Quotas | None, tenant: Tenant, stream_id: str | None):
         self._quotas = quotas
@@ -153,7 +154,7 @@ class Admission:
         if stream_id is not None and self._quotas is not None:
             await self._quotas._release(self.tenant, stream_id)
 
-    async def __aenter__(self) -> Admission:
+    async def __aenter__(self) -> QuotaLease:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -182,11 +183,11 @@ class Quotas:
         self._last_warning = -math.inf
         self._renewer: asyncio.Task | None = None
 
-    async def admit(self, tenant: Tenant) -> Admission:
-        """An admission, or ResourceExhausted naming each limit over (QuotaFailure) and when to retry."""
+    async def admit(self, tenant: Tenant) -> QuotaLease:
+        """A lease, or ResourceExhausted naming each limit over (QuotaFailure) and when to retry."""
         limits = tenant.limits
         if limits == TenantLimits():
-            return Admission(None, tenant, None)
+            return QuotaLease(None, tenant, None)
         keys = _Keys(self.settings.key_prefix, tenant.id)
         stream_id = uuid.uuid4().hex if limits.max_streams is not None else None
         refused = await self._call_redis(self._admit_script, keys=keys.all, args=[
@@ -203,7 +204,7 @@ class Quotas:
             raise _refusal(limits, over, local)
         if stream_id is not None:
             self._hold(keys.streams, stream_id)
-        return Admission(self, tenant, stream_id)
+        return QuotaLease(self, tenant, stream_id)
 
     async def record_tokens(self, tenant: Tenant, n: int) -> None:
         """Counts ``n`` generated tokens; never raises (Redis failing, they count locally)."""
