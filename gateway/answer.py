@@ -27,9 +27,6 @@ from promptcache.redis_tier import CachedAnswer, PromptCache
 
 log = logging.getLogger("nlpmesh.gateway")
 
-# Values match nlpmesh.gateway.v1.FinishReason.
-CANCELLED = 4
-
 # The hops a generated answer needs before its first token, in order.
 _PATH_TO_FIRST_TOKEN = (Hop.TEMPLATE, Hop.TOKENIZER, Hop.INFERENCE_TTFT)
 
@@ -110,7 +107,7 @@ class Answerer:
                 end = event
         if end is not None:
             await scope.quota_lease.record_tokens(end.completion_tokens)
-        if end is None or end.finish_reason == CANCELLED:
+        if end is None or end.cancelled:
             return
         outcome = Outcome("".join(parts), end.finish_reason, end.prompt_tokens, end.completion_tokens,
                           False, model, scope.finish())

@@ -66,9 +66,14 @@ class TokenDelta:
 
 @dataclass(frozen=True)
 class GenerationEnd:
-    finish_reason: int
+    finish_reason: int  # nlpmesh.inference.v1.FinishReason, passed on as the gateway's (equal values: a test checks)
     prompt_tokens: int
     completion_tokens: int
+
+    @property
+    def cancelled(self) -> bool:
+        """The generation ended because its caller went away: its text is not an answer."""
+        return self.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
 
 
 @asynccontextmanager
