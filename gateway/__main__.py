@@ -7,10 +7,10 @@ import time
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from gateway.admission import InferenceAdmission
 from gateway.answer import Answerer
 from gateway.auth import authenticator
 from gateway.budgets import BudgetPolicy
+from gateway.capacity import CapacityGate
 from gateway.downstream import Downstream
 from gateway.downstream_health import CACHE_PATH, DownstreamHealth
 from gateway.quotas import Quotas
@@ -29,8 +29,8 @@ log = logging.getLogger("nlpmesh.gateway")
 
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
     policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
-    admission = InferenceAdmission(settings.admission_settings())
-    downstream = Downstream(settings, on_inference_load=admission.observe, on_inference_cancel=admission.cancelled)
+    capacity = CapacityGate(settings.capacity_settings())
+    downstream = Downstream(settings, on_inference_load=capacity.observe, on_inference_cancel=capacity.cancelled)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")
@@ -51,7 +51,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         state["cache"] = cache
         state["quotas"] = _quotas(settings)
         await state["quotas"].warm_up()
-        state["answerer"] = Answerer(downstream, cache, templates, model, settings, admission)
+        state["answerer"] = Answerer(downstream, cache, templates, model, settings, capacity)
         servicer.attach(state["answerer"], state["quotas"])
 
     async def close() -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.admission import InferenceAdmission
+from gateway.capacity import CapacityGate
 from gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta
 from gateway.hop import Hop
 from gateway.prompt_capture import record_completion, record_prompt
@@ -26,9 +26,6 @@ from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.redis_tier import CachedAnswer, PromptCache
 
 log = logging.getLogger("nlpmesh.gateway")
-
-# Values match nlpmesh.gateway.v1.FinishReason.
-CANCELLED = 4
 
 # The hops a generated answer needs before its first token, in order.
 _PATH_TO_FIRST_TOKEN = (Hop.TEMPLATE, Hop.TOKENIZER, Hop.INFERENCE_TTFT)
@@ -47,9 +44,9 @@ class Outcome:
 
 class Answerer:
     def __init__(self, downstream: Downstream, cache: PromptCache | None, templates: TemplateIndex,
-                 model: ModelInfo, settings, admission: InferenceAdmission):
+                 model: ModelInfo, settings, capacity: CapacityGate):
         self._downstream = downstream
-        self._admission = admission
+        self._capacity = capacity
         self._cache = cache
         self._templates = templates
         self._model = model
@@ -81,7 +78,7 @@ class Answerer:
                               True, model, scope.finish())
                 return
         # A miss: admitted, or refused with RetryInfo, before any hop is spent on it.
-        with self._admission.generation():
+        with self._capacity.generation():
             async for event in self._generated(request, key, sampling, model, scope):
                 yield event
 
@@ -109,8 +106,8 @@ class Answerer:
             else:
                 end = event
         if end is not None:
-            await scope.admission.record_tokens(end.completion_tokens)
-        if end is None or end.finish_reason == CANCELLED:
+            await scope.quota_lease.record_tokens(end.completion_tokens)
+        if end is None or end.cancelled:
             return
         outcome = Outcome("".join(parts), end.finish_reason, end.prompt_tokens, end.completion_tokens,
                           False, model, scope.finish())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -24,6 +25,7 @@ from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from gateway import balancing
 from gateway.affinity import AffineRouter, route_key
 from gateway.hop import Hop
+from gateway.inference_stream import GenerationEnd, InferenceAttempt, InferenceRetries, TokenDelta
 from gateway.request import Chat, TemplateCall
 from meshkit.errors import from_rpc_error
 from meshkit.sampling import Sampling
@@ -57,18 +59,6 @@ class ModelInfo:
     revision: str
     context_length: int
     default_max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class TokenDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class GenerationEnd:
-    finish_reason: int
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @asynccontextmanager
@@ -272,52 +262,47 @@ class Downstream:
             model=model, prompt_token_ids=token_ids, sampling=sampling.to_pb(inference_pb2.Sampling),
             tenant=tenant,
         )
-        deadline = time.monotonic() + timeout
+        retries = InferenceRetries(deadline=time.monotonic() + timeout)
         key = route_key(token_ids, self._settings.affinity_block_tokens, tenant) if self.router else None
-        tried: set[str] = set()
-        attempt = 0
         while True:
-            attempt += 1
-            yielded = False
-            endpoint = self.router.pick(key, frozenset(tried)) if key is not None else None
-            stub = self._inference_stubs[endpoint] if endpoint is not None else self.inference
-            call = stub.Generate(request, timeout=max(0.0, deadline - time.monotonic()), metadata=metadata)
-            in_flight = self.router.call(endpoint) if endpoint is not None else contextlib.nullcontext()
-            started: InferenceLoad | None = None  # the report the call began with: which replica holds it
-            end_reported = False
+            endpoint = self._pick_endpoint(key, retries.tried)
+            call = self._inference_stub(endpoint).Generate(request, timeout=retries.time_left(), metadata=metadata)
+            attempt = InferenceAttempt(call, functools.partial(self._observe, endpoint))
             try:
-                with in_flight:
-                    try:
-                        started = self._observe(endpoint, await call.initial_metadata())
-                        async for chunk in call:
-                            if chunk.delta:
-                                yielded = True
-                                yield TokenDelta(chunk.delta)
-                            if chunk.done:
-                                yielded = True
-                                yield GenerationEnd(chunk.finish_reason, chunk.prompt_tokens,
-                                                    chunk.completion_tokens)
-                        end_reported = True
-                        self._observe(endpoint, await call.trailing_metadata())
-                        return
-                    except grpc.aio.AioRpcError as error:  # a refusal reports the load too
-                        # A replica that reports its load on an error ended the call itself; without a
-                        # report (cancelled, or out of time here) its place is taken off below.
-                        end_reported = self._observe(endpoint, error.trailing_metadata()) is not None
-                        if (error.code() == grpc.StatusCode.UNAVAILABLE and not yielded
-                                and attempt < balancing.MAX_ATTEMPTS and time.monotonic() < deadline):
-                            log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "
-                                        "retrying on another replica", attempt, balancing.MAX_ATTEMPTS)
-                            if endpoint is not None:
-                                tried.add(endpoint)
-                            continue
-                        raise from_rpc_error(error, Hop.INFERENCE) from None
-            finally:
-                # The caller went away or failed, or this attempt is over: the engine must stop this sequence.
-                # Its end is then never reported to us: the place it held is counted free at once.
-                call.cancel()
-                if not end_reported and started is not None:
-                    self._on_inference_cancel(started.replica)
+                async with self._running(attempt, endpoint) as events:
+                    async for event in events:
+                        yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                if not retries.retry(error, attempt, endpoint):
+                    raise from_rpc_error(error, Hop.INFERENCE) from None
+                log.warning("inference stream UNAVAILABLE before its first token (attempt %d of %d): "
+                            "retrying on another replica", retries.attempts, balancing.MAX_ATTEMPTS)
+
+    def _pick_endpoint(self, key: bytes | None, tried: set[str]) -> str | None:
+        """The endpoint prefix-affine routing picks for ``key``, passing over those tried; None: the balanced
+        channel (round_robin), as without a router, a key, or a ready endpoint."""
+        return self.router.pick(key, frozenset(tried)) if key is not None else None
+
+    def _inference_stub(self, endpoint: str | None) -> inference_pb2_grpc.InferenceServiceStub:
+        return self._inference_stubs[endpoint] if endpoint is not None else self.inference
+
+    @asynccontextmanager
+    async def _running(self, attempt: InferenceAttempt, endpoint: str | None):
+        """The attempt's events, counted in flight to ``endpoint`` (prefix-affine routing's load bound).
+
+        However the attempt ends (its caller went away or failed, or the stream is over), its call is
+        cancelled, so the engine stops the sequence; a place its replica will never report free (no end
+        report came) is counted free at once.
+        """
+        try:
+            with self.router.call(endpoint) if endpoint is not None else contextlib.nullcontext():
+                async with contextlib.aclosing(attempt.events()) as events:
+                    yield events
+        finally:
+            replica = attempt.end()
+            if replica is not None:
+                self._on_inference_cancel(replica)
 
     def _observe(self, endpoint: str | None, metadata) -> InferenceLoad | None:
         load = InferenceLoad.from_metadata(metadata)

@@ -1,9 +1,9 @@
 """Per-tenant quotas shared by every gateway replica through Redis.
 
     quotas = Quotas(redis, QuotaSettings(replicas=3))
-    async with await quotas.admit(tenant) as admission:   # ResourceExhausted when over
+    async with await quotas.admit(tenant) as lease:   # ResourceExhausted when over
         ...generate...
-        await admission.record_tokens(completion_tokens)
+        await lease.record_tokens(completion_tokens)
 
 Three limits (``TenantLimits``), checked together by one Lua script, so one
 round trip admits a request, and nothing is counted when any limit refuses:
@@ -32,7 +32,9 @@ never its id, in a hash tag, so one tenant's keys share a Cluster slot):
 Redis failing (refused, slow past ``timeout_s``, an error) is never an error
 for the caller and never unlimited: for ``fallback_s`` this replica holds each
 tenant to its local share (limit / ``replicas``, at least 1 where the limit is
-at least 1), in process, then tries Redis again. A tenant without limits costs
+at least 1), in process, then tries Redis again. That cooldown, and how a
+failure is logged, is the mesh's one Redis-failure policy (meshkit/redis_failure.py);
+every quota call writes, so a refused write falls back as much as a dead Redis. A tenant without limits costs
 no Redis call at all.
 """
 from __future__ import annotations
@@ -46,12 +48,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException
 
 from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import QuotaViolation, ResourceExhausted
+from meshkit.redis_failure import REDIS_FAILURES, RedisBackoff, describe_failure
 from promptcache.keys import tenant_tag
-from promptcache.redis_tier import redact_url
 
 log = logging.getLogger("nlpmesh.gateway.quotas")
 
@@ -120,7 +121,7 @@ return #ARGV - 1
 @dataclass(frozen=True)
 class QuotaSettings:
     key_prefix: str = "nlpmesh:q"
-    timeout_s: float = 0.05  # one admission's Redis round trip; slower is a Redis failure
+    timeout_s: float = 0.05  # one quota call's Redis round trip; slower is a Redis failure
     replicas: int = 1  # gateway replicas: Redis failing, each holds a tenant to limit / replicas
     fallback_s: float = 5.0  # after a Redis failure, local shares only, for this long
     warn_every_s: float = 30.0  # at most one warning about Redis per this long
@@ -133,8 +134,9 @@ class QuotaSettings:
             raise ValueError("quota timeout and stream lease must be positive, fallback not negative")
 
 
-class Admission:
-    """One admitted request. Release it when the request ends (``async with`` does)."""
+class QuotaLease:
+    """One request admitted within its tenant's quotas: it holds a stream (``max_streams``) and counts
+    generated tokens. Release it when the request ends (``async with`` does)."""
 
     def __init__(self, quotas: Quotas | None, tenant: Tenant, stream_id: str | None):
         self._quotas = quotas
@@ -152,7 +154,7 @@ class Admission:
         if stream_id is not None and self._quotas is not None:
             await self._quotas._release(self.tenant, stream_id)
 
-    async def __aenter__(self) -> Admission:
+    async def __aenter__(self) -> QuotaLease:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -177,32 +179,32 @@ class Quotas:
         self._local: dict[str, _LocalShare] = {}
         self._held: dict[str, set[str]] = {}  # streams key -> ids this replica holds
         self._unreleased: dict[str, dict[str, float]] = {}  # streams key -> id -> give up at
-        self._local_until = math.inf if redis is None else -math.inf
+        self._backoff = RedisBackoff(settings.fallback_s, clock)
         self._last_warning = -math.inf
         self._renewer: asyncio.Task | None = None
 
-    async def admit(self, tenant: Tenant) -> Admission:
-        """An admission, or ResourceExhausted naming each limit over (QuotaFailure) and when to retry."""
+    async def admit(self, tenant: Tenant) -> QuotaLease:
+        """A lease, or ResourceExhausted naming each limit over (QuotaFailure) and when to retry."""
         limits = tenant.limits
         if limits == TenantLimits():
-            return Admission(None, tenant, None)
+            return QuotaLease(None, tenant, None)
         keys = _Keys(self.settings.key_prefix, tenant.id)
         stream_id = uuid.uuid4().hex if limits.max_streams is not None else None
-        refused = await self._shared(self._admit_script, keys=keys.all, args=[
+        refused = await self._call_redis(self._admit_script, keys=keys.all, args=[
             _arg(limits.requests_per_s), _arg(limits.tokens_per_min), _arg(limits.max_streams),
             stream_id or "", int(self.settings.stream_lease_s * 1000)])
-        local = _failed(refused)
+        local = _unanswered(refused)
         if local:
             over = self._local_share(keys, limits).admit(self._clock(), len(self._held.get(keys.streams, ())))
         else:
             over = {_text(name): wait_ms / 1000.0 for name, wait_ms in zip(refused[0::2], refused[1::2])}
         if over:
-            if refused is _REDIS_FAILED and stream_id is not None:  # a slow script may have added it
-                self._owe_release(keys.streams, [stream_id])
+            if refused is _NO_ANSWER and stream_id is not None:  # a slow script may have added it
+                self._release_later(keys.streams, [stream_id])
             raise _refusal(limits, over, local)
         if stream_id is not None:
             self._hold(keys.streams, stream_id)
-        return Admission(self, tenant, stream_id)
+        return QuotaLease(self, tenant, stream_id)
 
     async def record_tokens(self, tenant: Tenant, n: int) -> None:
         """Counts ``n`` generated tokens; never raises (Redis failing, they count locally)."""
@@ -210,8 +212,8 @@ class Quotas:
         if limit is None or n <= 0:
             return
         keys = _Keys(self.settings.key_prefix, tenant.id)
-        recorded = await self._shared(self._record_script, keys=[keys.tokens], args=[n, TOKEN_WINDOW_MS])
-        if _failed(recorded):
+        recorded = await self._call_redis(self._record_script, keys=[keys.tokens], args=[n, TOKEN_WINDOW_MS])
+        if _unanswered(recorded):
             self._local_share(keys, tenant.limits).record_tokens(self._clock(), n)
 
     async def warm_up(self) -> None:
@@ -219,7 +221,7 @@ class Quotas:
         if self.redis is None:
             return
         for script in (self._admit_script, self._record_script, self._renew_script):
-            if _failed(await self._shared(self.redis.script_load, script.script)):
+            if _unanswered(await self._call_redis(self.redis.script_load, script.script)):
                 return
 
     async def close(self) -> None:
@@ -238,32 +240,31 @@ class Quotas:
                 del self._held[keys.streams]
         if self.redis is None:
             return
-        removed = await self._shared(self.redis.zrem, keys.streams, stream_id)
-        if _failed(removed):  # on the next renewal, or the lease runs out
-            self._owe_release(keys.streams, [stream_id])
+        removed = await self._call_redis(self.redis.zrem, keys.streams, stream_id)
+        if _unanswered(removed):  # on the next renewal, or the lease runs out
+            self._release_later(keys.streams, [stream_id])
 
-    async def _shared(self, call: Callable[..., Awaitable], /, *args, **kwargs):
-        """The call's answer; _REDIS_FAILED when it failed or ran past timeout_s (it may still
-        have run); _REDIS_SKIPPED, without a call, for fallback_s after a failure."""
-        if self._clock() < self._local_until:
-            return _REDIS_SKIPPED
+    async def _call_redis(self, call: Callable[..., Awaitable], /, *args, **kwargs):
+        """The call's answer; _NO_ANSWER when it failed or ran past timeout_s (it may still
+        have run); _NOT_CALLED, without a call, during the cooldown (fallback_s) after a failure."""
+        if self.redis is None or not self._backoff.may_write():
+            return _NOT_CALLED
         try:
             answer = await asyncio.wait_for(call(*args, **kwargs), self.settings.timeout_s)
-        except (aioredis.RedisError, RedisClusterException, OSError, TimeoutError) as error:  # a cluster's: no node
+        except REDIS_FAILURES as error:
             self._fall_back(error)
-            return _REDIS_FAILED
-        if self._local_until > -math.inf:
-            self._local_until = -math.inf
+            return _NO_ANSWER
+        if self._backoff.answered():
             log.info("quotas: Redis answers again; tenants are back on their shared quotas")
         return answer
 
     def _fall_back(self, error: BaseException) -> None:
+        self._backoff.failed(error)
         now = self._clock()
-        self._local_until = now + self.settings.fallback_s
         if now - self._last_warning >= self.settings.warn_every_s:
             self._last_warning = now
             log.warning("quotas: Redis failed (%s); each tenant held to this replica's share "
-                        "(limit / %d) for %gs, then Redis again", _describe(error), self.settings.replicas,
+                        "(limit / %d) for %gs, then Redis again", describe_failure(error), self.settings.replicas,
                         self.settings.fallback_s)
 
     def _local_share(self, keys: _Keys, limits: TenantLimits) -> _LocalShare:
@@ -293,29 +294,30 @@ class Quotas:
         lease_ms = int(self.settings.stream_lease_s * 1000)
         batch = {key: list(ids) for key, ids in self._held.items()}
         for key, ids in batch.items():
-            if _failed(await self._shared(self._renew_script, keys=[key], args=[lease_ms, *ids])):
+            if _unanswered(await self._call_redis(self._renew_script, keys=[key], args=[lease_ms, *ids])):
                 return
         # A release whose ZREM overtook this renewal would leave its lease behind: drop it again.
         for key, ids in batch.items():
-            self._owe_release(key, [i for i in ids if i not in self._held.get(key, ())])
+            self._release_later(key, [i for i in ids if i not in self._held.get(key, ())])
         for key in list(self._unreleased):
             owed = self._unreleased.pop(key)
-            if _failed(await self._shared(self.redis.zrem, key, *owed)):
+            if _unanswered(await self._call_redis(self.redis.zrem, key, *owed)):
                 self._unreleased.setdefault(key, {}).update(owed)
 
-    def _owe_release(self, key: str, ids: list[str]) -> None:
+    def _release_later(self, key: str, ids: list[str]) -> None:
+        """Stream ids whose release Redis did not take: sent again with the renewals, until their lease ends."""
         if ids:
             give_up_at = self._clock() + self.settings.stream_lease_s
             self._unreleased.setdefault(key, {}).update(dict.fromkeys(ids, give_up_at))
             self._start_renewer()
 
 
-_REDIS_FAILED = object()
-_REDIS_SKIPPED = object()
+_NO_ANSWER = object()  # a Redis call failed or timed out (it may still have run)
+_NOT_CALLED = object()  # no Redis, or Redis cooling down after a failure
 
 
-def _failed(answer) -> bool:
-    return answer is _REDIS_FAILED or answer is _REDIS_SKIPPED
+def _unanswered(answer) -> bool:
+    return answer is _NO_ANSWER or answer is _NOT_CALLED
 
 
 @dataclass(frozen=True)
@@ -425,7 +427,3 @@ def _text(value: bytes | str) -> str:
 def _arg(limit: float | None) -> str:
     return "" if limit is None else repr(limit)
 
-
-def _describe(error: BaseException) -> str:
-    text = redact_url(str(error))[:200]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
+from nlpmesh.gateway.v1 import gateway_pb2
 
 from meshkit.errors import FieldViolation, InvalidArgument
 from meshkit.sampling import Sampling
@@ -14,11 +15,12 @@ MAX_CHAT_MESSAGES = 64
 
 
 class CacheMode(enum.IntEnum):
-    # Values match nlpmesh.gateway.v1.CacheMode.
-    UNSPECIFIED = 0
-    USE = 1
-    BYPASS = 2
-    REFRESH = 3
+    """nlpmesh.gateway.v1.CacheMode, with what each mode means for the cache."""
+
+    UNSPECIFIED = gateway_pb2.CACHE_MODE_UNSPECIFIED
+    USE = gateway_pb2.CACHE_MODE_USE
+    BYPASS = gateway_pb2.CACHE_MODE_BYPASS
+    REFRESH = gateway_pb2.CACHE_MODE_REFRESH
 
     @property
     def reads(self) -> bool:

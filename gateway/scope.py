@@ -18,7 +18,7 @@ from gateway import hop_metrics
 from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
 from gateway.hop import Hop
 from gateway.hop_spans import hop_span, record_hop, record_measured_hop
-from gateway.quotas import Admission
+from gateway.quotas import QuotaLease
 from gateway.tenant import Tenant
 from gateway.timings import HopTiming
 from meshkit.tracing.propagation import outgoing_metadata
@@ -42,7 +42,7 @@ class RequestScope:
     span: trace.Span  # the request's span: every hop's span hangs from it
     tracer: trace.Tracer
     observed: ObservedLatency
-    admission: Admission  # the tenant's quotas: generated tokens are counted on it
+    quota_lease: QuotaLease  # the tenant's quotas: generated tokens are counted on it
     hops: list[HopTiming] = field(default_factory=list)
 
     @property
@@ -111,11 +111,11 @@ class RequestScopes:
         self._tracer = tracer
         self.observed = ObservedLatency()
 
-    def open(self, *, admission: Admission, span: trace.Span, request_id: str, template_id: str | None,
+    def open(self, *, quota_lease: QuotaLease, span: trace.Span, request_id: str, template_id: str | None,
              budget_ms: int, time_left: Callable[[], float | None], started: float) -> RequestScope:
         budget = RequestBudget(self._policy.for_template(template_id), self.observed, time_left(), budget_ms,
                                started=started)
-        return RequestScope(admission.tenant, request_id, budget, span, self._tracer, self.observed, admission)
+        return RequestScope(quota_lease.tenant, request_id, budget, span, self._tracer, self.observed, quota_lease)
 
 
 def _wall_ns(perf: float) -> int:

@@ -138,8 +138,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             # Once per request, after the key named the tenant and before any hop; RESOURCE_EXHAUSTED
             # with QuotaFailure and RetryInfo when the tenant is over a limit.
             try:
-                async with await self._quotas.admit(tenant) as admission:
-                    yield self._scopes.open(admission=admission, span=span, request_id=request_id,
+                async with await self._quotas.admit(tenant) as quota_lease:
+                    yield self._scopes.open(quota_lease=quota_lease, span=span, request_id=request_id,
                                             template_id=template_id, budget_ms=budget_ms,
                                             time_left=context.time_remaining, started=started)
             finally:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from gateway.admission import AdmissionSettings
+from gateway.capacity import CapacitySettings
 from gateway.downstream_health import HealthChecks
 from gateway.quotas import QuotaSettings
 from meshkit.settings import ServiceSettings, default_home
@@ -46,7 +46,7 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     quota_replicas: int = Field(default=1, ge=1)
     quota_fallback_s: float = 5.0
     quota_stream_lease_s: float = 30.0
-    # Admission control (gateway/admission.py): a cache miss is refused with
+    # Admission control, i.e. capacity (gateway/capacity.py): a cache miss is refused with
     # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many
     # generations in flight as the inference service holds (its reported max_running +
     # max_queue, or admission_max_in_flight when set), or while the inference service's
@@ -92,6 +92,6 @@ class GatewaySettings(ServiceSettings, service="gateway"):
         return HealthChecks(self.downstream_health_interval_s, self.downstream_health_timeout_s,
                             self.downstream_health_failures)
 
-    def admission_settings(self) -> AdmissionSettings:
-        return AdmissionSettings(enabled=self.admission == "on", max_in_flight=self.admission_max_in_flight,
+    def capacity_settings(self) -> CapacitySettings:
+        return CapacitySettings(enabled=self.admission == "on", max_in_flight=self.admission_max_in_flight,
                                  full_hold_s=self.admission_full_hold_s, retry_after_s=self.admission_retry_after_s)

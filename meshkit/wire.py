@@ -18,8 +18,8 @@ capacity before its first generation. With several replicas, each one names itse
 in ``x-nlpmesh-inference-replica`` (an id made at its start, nothing else in it), so
 a caller can keep one report per replica. ``active`` is the requests queued or
 running, ``capacity`` is ``max_running + max_queue``: past it the engine refuses
-with RESOURCE_EXHAUSTED. The gateway's admission control reads it
-(gateway/admission.py).
+with RESOURCE_EXHAUSTED. The gateway's capacity control reads it
+(gateway/capacity.py).
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from cachetools import TTLCache
 from opentelemetry import trace
 
 from meshkit import span_names
+from meshkit.redis_failure import describe_failure
 from promptcache import metrics
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer, PromptCache
@@ -99,7 +100,7 @@ class NearCache:
                 raise
             except Exception as error:
                 self.clear()
-                log.warning("near cache: invalidation channel lost (%s); retrying", type(error).__name__)
+                log.warning("near cache: invalidation channel lost (%s); retrying", describe_failure(error))
                 await asyncio.sleep(_RECONNECT_S)
 
     async def _flush_forever(self) -> None:
@@ -123,4 +124,4 @@ class NearCache:
                     pipe.touch(key)
                 await asyncio.wait_for(pipe.execute(), self._flush_every_s)
         except Exception as error:  # a missed touch only ages an entry sooner
-            log.warning("near cache: touching served keys failed (%s)", type(error).__name__)
+            log.warning("near cache: touching served keys failed (%s)", describe_failure(error))

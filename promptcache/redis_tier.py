@@ -28,8 +28,13 @@ members of the indexes it touches and keeps each index's own TTL at least as
 long as its newest member, so indexes neither grow forever nor outlive use.
 
 A cache that fails is a miss: lookup and store never raise, they log a
-rate-limited warning and answer None / False within ``timeout_s``.
-Invalidation and stats are admin calls: they raise ``Unavailable`` instead.
+rate-limited warning and answer None / False within ``timeout_s``. After a
+failure Redis is left alone for ``cooldown_s`` (the mesh's one Redis-failure
+policy, meshkit/redis_failure.py): lookups are misses and stores are skipped
+without a call, so a hung Redis costs one lookup its timeout, not every lookup.
+A lookup cut short by the caller's own, shorter timeout (the cache hop's
+budget) is a miss, but no failure of Redis. Invalidation and stats are admin
+calls: they are always tried, and raise ``Unavailable`` instead.
 """
 from __future__ import annotations
 
@@ -48,11 +53,11 @@ from nlpmesh.cache.v1 import cache_pb2
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException
 
 from meshkit import span_names
 from meshkit.errors import Unavailable
-from meshkit.redis_connect import is_cluster_client, redact_url, redis_from_url
+from meshkit.redis_connect import is_cluster_client, redis_from_url
+from meshkit.redis_failure import REDIS_FAILURES, RedisBackoff, describe_failure
 from meshkit.tracing.provider import tracer
 from promptcache import metrics
 from promptcache.keys import PromptCacheKey, TemplatePrompt, check_prefix, model_index, template_index, tenant_tag
@@ -62,6 +67,8 @@ _tracer = tracer("cache")
 
 ADMIN_TIMEOUT_S = 5.0
 WARN_EVERY_S = 10.0
+# After a lookup or store failed: Redis skipped this long. Short, because a miss costs a generation.
+COOLDOWN_S = 1.0
 # On a Redis Cluster: shards of the stats hash, and the most hit/miss counts in flight at once.
 STATS_SHARDS = 16
 MAX_PENDING_COUNTS = 1024
@@ -142,7 +149,10 @@ class PromptCache:
         ttl_s: int,
         timeout_s: float,
         max_answer_bytes: int = 256 * 1024,
+        cooldown_s: float = COOLDOWN_S,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """``clock`` (monotonic seconds) times the cooldown after a failure."""
         self.redis = redis
         self.prefix = check_prefix(prefix)
         self.cluster = is_cluster_client(redis)
@@ -154,6 +164,7 @@ class PromptCache:
         self.max_answer_bytes = max_answer_bytes
         self._lookup_script = redis.register_script(_LOOKUP_LUA)
         self._warnings = _WarningThrottle(WARN_EVERY_S)
+        self._backoff = RedisBackoff(cooldown_s, clock)
 
     async def lookup(self, key: PromptCacheKey, timeout_s: float | None = None) -> CachedAnswer | None:
         """The answer or None; slower than ``timeout_s`` (at most the cache's own) is a miss."""
@@ -164,6 +175,9 @@ class PromptCache:
 
     async def _lookup(self, key: PromptCacheKey, timeout_s: float) -> CachedAnswer | None:
         entry = key.redis_key(self.prefix)
+        if not self._backoff.may_read():
+            metrics.record_miss("error")
+            return None
         try:
             if self.cluster:  # the entry and the stats live in different slots: no script over both
                 raw = await self._bounded(self.redis.get(entry), timeout_s)
@@ -172,10 +186,16 @@ class PromptCache:
         except asyncio.CancelledError:  # the caller's budget ran out mid-lookup
             metrics.record_miss("cancelled")
             raise
+        except TimeoutError as error:
+            metrics.record_miss_for(error)
+            if timeout_s >= self.timeout_s:  # else the caller's budget ran out, not Redis
+                self._failed("prompt cache lookup timed out, treating as a miss", error)
+            return None
         except Exception as error:  # any failure of the cache is a miss
             metrics.record_miss_for(error)
-            self._warnings.warn("prompt cache lookup failed, treating as a miss", error)
+            self._failed("prompt cache lookup failed, treating as a miss", error)
             return None
+        self._backoff.answered()
         if raw is None:
             metrics.record_miss("absent")
             self._count_soon(entry, "misses")
@@ -209,12 +229,16 @@ class PromptCache:
             log.warning("prompt cache: answer over %d bytes not stored", self.max_answer_bytes)
             return False
         ttl = ttl_s if ttl_s and ttl_s > 0 else self.ttl_s
+        if not self._backoff.may_write():
+            metrics.record_store("failed")
+            return False
         try:
             await self._bounded(self._store_transaction(key, payload, ttl))
         except Exception as error:
             metrics.record_store("failed")
-            self._warnings.warn("prompt cache store failed", error)
+            self._failed("prompt cache store failed", error)
             return False
+        self._backoff.answered()
         metrics.record_store("stored")
         return True
 
@@ -239,10 +263,12 @@ class PromptCache:
     async def add_hits(self, count: int) -> bool:
         """Counts hits served elsewhere (the near tier); False if Redis didn't take them."""
         stats_key = self._stats_keys[int(time.monotonic_ns()) % len(self._stats_keys)]
+        if not self._backoff.may_write():
+            return False
         try:
             await self._bounded(self.redis.hincrby(stats_key, "hits", count), max(self.timeout_s, 1.0))
         except Exception as error:
-            self._warnings.warn("prompt cache stats update failed", error)
+            self._failed("prompt cache stats update failed", error)
             return False
         return True
 
@@ -279,10 +305,12 @@ class PromptCache:
         task.add_done_callback(self._counting.discard)
 
     async def _count(self, stats_key: str, field: str) -> None:
+        if not self._backoff.may_write():
+            return
         try:
             await self._bounded(self.redis.hincrby(stats_key, field, 1), max(self.timeout_s, 1.0))
         except Exception as error:
-            self._warnings.warn("prompt cache stats update failed", error)
+            self._failed("prompt cache stats update failed", error)
 
     @property
     def _tenants_key(self) -> str:
@@ -398,7 +426,7 @@ class PromptCache:
             pipe.hincrby(self._stats_key(entry), "misses", 1)
             await self._bounded(pipe.execute())
         except Exception as error:
-            self._warnings.warn("prompt cache stats update failed", error)
+            self._failed("prompt cache stats update failed", error)
 
     async def _bounded(self, call, timeout_s: float | None = None):
         return await asyncio.wait_for(call, timeout_s or self.timeout_s)
@@ -406,9 +434,14 @@ class PromptCache:
     async def _admin(self, call):
         try:
             return await asyncio.wait_for(call, ADMIN_TIMEOUT_S)
-        except (TimeoutError, aioredis.RedisError, RedisClusterException, OSError) as error:
-            log.warning("prompt cache admin call failed: %s", _describe(error))
+        except REDIS_FAILURES as error:
+            log.warning("prompt cache admin call failed: %s", describe_failure(error))
             raise Unavailable("the prompt cache's Redis is unavailable") from None
+
+    def _failed(self, message: str, error: BaseException) -> None:
+        """A lookup, store or count failed: Redis cools down, and the failure is logged (rate-limited)."""
+        self._backoff.failed(error)
+        self._warnings.warn(message, error)
 
 
 def _index_add(pipe, index: str, member: str, now: float, ttl: int) -> None:
@@ -417,12 +450,6 @@ def _index_add(pipe, index: str, member: str, now: float, ttl: int) -> None:
     pipe.zremrangebyscore(index, "-inf", now)
     pipe.expire(index, ttl, nx=True)
     pipe.expire(index, ttl, gt=True)
-
-
-def _describe(error: BaseException) -> str:
-    # Only a connection failure's text (where, why) is shown: a reply error's or a decode error's may quote a payload.
-    text = redact_url(str(error))[:200] if isinstance(error, (OSError, aioredis.ConnectionError)) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _WarningThrottle:
@@ -439,5 +466,5 @@ class _WarningThrottle:
             self._suppressed += 1
             return
         more = f" ({self._suppressed} similar suppressed)" if self._suppressed else ""
-        log.warning("%s: %s%s", message, _describe(error), more)
+        log.warning("%s: %s%s", message, describe_failure(error), more)
         self._last, self._suppressed = now, 0

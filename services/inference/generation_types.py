@@ -10,7 +10,8 @@ from meshkit.sampling import Sampling
 
 
 class FinishReason(enum.IntEnum):
-    # The values match nlpmesh.inference.v1.FinishReason.
+    # nlpmesh.inference.v1.FinishReason's values, copied: this core imports no protobuf
+    # (tests/unit/test_proto_enum_values.py checks them against the generated module).
     STOP = 1  # the model produced an end-of-sequence token
     LENGTH = 2  # max_new_tokens reached
     STOP_SEQUENCE = 3  # a caller's stop sequence appeared in the text

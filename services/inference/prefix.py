@@ -13,6 +13,7 @@ key name). A block holds that block's KV for all layers:
   the path for ``cooldown_s``, so a slow or dead Redis costs a request at most
   its budget. Writes go out on a background thread, off the decode loop; a
   write Redis refuses (out of memory under ``noeviction``) pauses writes only.
+  That cooldown is the mesh's one Redis-failure policy (meshkit/redis_failure.py).
 
 Admission to Redis: a block is written there only once it has been seen
 ``min_sightings`` times (1 or 2). Most prompts are one-offs whose blocks would
@@ -54,17 +55,15 @@ import torch
 from cachetools import LRUCache
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from meshkit.redis_connect import check_redis_url, is_cluster_url, redis_from_url
+from meshkit.redis_failure import REDIS_FAILURES, REFUSED, RedisBackoff, describe_failure, failure_category
 from services.inference import metrics
 
 log = logging.getLogger("nlpmesh.inference.prefix")
 
 KEY_FORMAT = 1  # bump when the block layout changes: old entries stop matching
-# What a failing Redis raises; the cluster client's own errors (no reachable node, say) are not RedisErrors.
-_REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 # A block key is this many bytes of its chain's first block key (the Redis hash tag), then its own digest.
 CHAIN_TAG_BYTES = 8
 
@@ -79,13 +78,13 @@ NO_MATCH = PrefixMatch(0, None)
 
 
 class _Block:
-    __slots__ = ("kv", "shared", "sightings")
+    __slots__ = ("in_redis", "kv", "sightings")
 
-    def __init__(self, kv: torch.Tensor, shared: bool):
+    def __init__(self, kv: torch.Tensor, in_redis: bool):
         self.kv = kv
         # Known to be in Redis: no need to write it again. Set by the writer
         # thread once written; a stale False only costs a duplicate write.
-        self.shared = shared
+        self.in_redis = in_redis
         self.sightings = 1  # prompts that held it on this replica while the local tier kept it
 
 
@@ -103,33 +102,35 @@ class RedisBlocks:
     """
 
     def __init__(self, url: str, *, budget_s: float = 0.05, ttl_s: int = 3600, cooldown_s: float = 5.0,
-                 key_prefix: str = "nlpmesh:kv", seen_ttl_s: int = 600):
+                 key_prefix: str = "nlpmesh:kv", seen_ttl_s: int = 600, clock: Callable[[], float] = time.monotonic,
+                 client: redis.Redis | RedisCluster | None = None):
+        """``clock`` (monotonic seconds) times the cooldown after a failure; ``client``: one made
+        elsewhere (a test's fake), else one is made from ``url``."""
         check_redis_url(url)  # a bad URL stops the process at start
         self._url = url
         self._budget_s = budget_s
         self._client_lock = threading.Lock()
         # A cluster client connects when built (to learn the slots): built on first use, so a cluster
         # that is down at start is a miss and a cooldown, as a single Redis is.
-        self._client: redis.Redis | RedisCluster | None = None if is_cluster_url(url) else self._connect()
+        self._client: redis.Redis | RedisCluster | None = (
+            client if client is not None or is_cluster_url(url) else self._connect())
         self._ttl_s = ttl_s
         self._seen_ttl_s = seen_ttl_s
-        self._cooldown_s = cooldown_s
+        self._backoff = RedisBackoff(cooldown_s, clock)
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError(f"a Redis key prefix may not hold {{ or }}: {key_prefix!r}")
         self._prefix = key_prefix
-        self._down_until = 0.0
-        self._writes_down_until = 0.0  # Redis answered but refused a write (out of memory)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefix-redis-writer")
 
     @property
     def cooling_down(self) -> bool:
         """True for cooldown_s after a failure: Redis is skipped meanwhile."""
-        return time.monotonic() < self._down_until
+        return not self._backoff.may_read()
 
     @property
     def writable(self) -> bool:
         """False while cooling down, or for cooldown_s after Redis refused a write."""
-        return time.monotonic() >= max(self._down_until, self._writes_down_until)
+        return self._backoff.may_write()
 
     def get(self, keys: list[bytes]) -> list[bytes | None] | None:
         """The values (None where absent); None when Redis failed or is cooling down."""
@@ -137,7 +138,7 @@ class RedisBlocks:
             return None
         try:
             return self._redis().mget([self._name(key) for key in keys])
-        except _REDIS_ERRORS as error:
+        except REDIS_FAILURES as error:
             self._failed("read", error)
             return None
 
@@ -179,7 +180,7 @@ class RedisBlocks:
                     for key, kv in items:
                         pipe.set(self._name(key), _encode(kv), ex=self._ttl_s)
                     pipe.execute()
-        except _REDIS_ERRORS as error:
+        except REDIS_FAILURES as error:
             self._failed("write", error)
             return []
         return [key for key, _ in items]
@@ -201,17 +202,12 @@ class RedisBlocks:
         return f"{self._prefix}:seen:{_tagged(key)}"
 
     def _failed(self, what: str, error: Exception) -> None:
-        now = time.monotonic()
-        if isinstance(error, redis.ResponseError):  # Redis answered (out of memory, say): reads still work
-            if now >= self._writes_down_until:
-                log.warning("prefix KV %s refused (%s); writes skipped for %.0f s", what, type(error).__name__,
-                            self._cooldown_s)
-            self._writes_down_until = now + self._cooldown_s
+        if not self._backoff.failed(error):  # once per cooldown, not once per request
             return
-        if now >= self._down_until:  # once per cooldown, not once per request
-            log.warning("prefix KV %s failed (%s); Redis skipped for %.0f s", what, type(error).__name__,
-                        self._cooldown_s)
-        self._down_until = now + self._cooldown_s
+        # Redis refused (out of memory, say): reads still work.
+        skipped = "writes" if failure_category(error) == REFUSED else "Redis"
+        log.warning("prefix KV %s failed: %s; %s skipped for %.0f s", what, describe_failure(error), skipped,
+                    self._backoff.cooldown_s)
 
 
 class PrefixCache:
@@ -235,7 +231,7 @@ class PrefixCache:
         self._min_sightings = redis_min_sightings
         self._root = hashlib.sha256(f"nlpmesh-kv/{KEY_FORMAT}\0{model}\0{revision}".encode()).digest()
         self._local: LRUCache[bytes, _Block] = LRUCache(maxsize=max(local_bytes, 1), getsizeof=_block_bytes)
-        self._shared = shared
+        self._redis_blocks = shared
         self._block_shape: tuple[int, ...] = ()
         self._dtype = torch.float32
         self._block_nbytes = 0
@@ -287,7 +283,7 @@ class PrefixCache:
         """
         sure: list[tuple[bytes, _Block]] = []
         if_seen: list[tuple[bytes, _Block]] = []
-        share = self._shared is not None and self._shared.writable
+        share = self._redis_blocks is not None and self._redis_blocks.writable
         new = [index for index in range(known, len(keys)) if keys[index] not in self._local]
         span = read(new[0] * self.block_tokens, (new[-1] + 1) * self.block_tokens) if new else None  # one copy
         for index, key in enumerate(keys):
@@ -296,16 +292,16 @@ class PrefixCache:
                 if span is None or not new[0] <= index <= new[-1]:  # evicted meanwhile: nothing to add
                     continue
                 first = (index - new[0]) * self.block_tokens
-                block = _Block(span[:, :, :, first : first + self.block_tokens].clone(), shared=False)
+                block = _Block(span[:, :, :, first : first + self.block_tokens].clone(), in_redis=False)
                 self._local[key] = block
             else:
                 block.sightings += 1
-            if share and not block.shared:
+            if share and not block.in_redis:
                 (sure if block.sightings >= self._min_sightings else if_seen).append((key, block))
         if sure or if_seen:
-            written = self._shared.put([(key, block.kv) for key, block in sure],
+            written = self._redis_blocks.put([(key, block.kv) for key, block in sure],
                                        if_seen=[(key, block.kv) for key, block in if_seen])
-            written.add_done_callback(functools.partial(_mark_shared, dict(sure + if_seen)))
+            written.add_done_callback(functools.partial(_mark_in_redis, dict(sure + if_seen)))
 
     @property
     def local_bytes(self) -> int:
@@ -313,14 +309,14 @@ class PrefixCache:
         return int(self._local.currsize)
 
     def close(self) -> None:
-        if self._shared is not None:
-            self._shared.close()
+        if self._redis_blocks is not None:
+            self._redis_blocks.close()
 
     def _fetch(self, keys: list[bytes]) -> list[torch.Tensor]:
         """The longest run of ``keys`` found in Redis, from the first; each one kept locally too."""
-        if self._shared is None:
+        if self._redis_blocks is None:
             return []
-        values = self._shared.get(keys)
+        values = self._redis_blocks.get(keys)
         if values is None:
             metrics.PREFIX_LOOKUPS.labels("redis", "error").inc()
             return []
@@ -329,7 +325,7 @@ class PrefixCache:
             kv = None if value is None else self._decode(value)
             if kv is None:
                 break
-            self._local[key] = _Block(kv, shared=True)
+            self._local[key] = _Block(kv, in_redis=True)
             blocks.append(kv)
         metrics.PREFIX_LOOKUPS.labels("redis", "hit" if blocks else "miss").inc()
         return blocks
@@ -351,13 +347,13 @@ class PrefixCache:
         return torch.frombuffer(bytearray(value), dtype=self._dtype).view(self._block_shape)
 
 
-def _mark_shared(blocks: dict[bytes, _Block], written: concurrent.futures.Future) -> None:
+def _mark_in_redis(blocks: dict[bytes, _Block], written: concurrent.futures.Future) -> None:
     """On the writer thread: the blocks now in Redis are not offered again."""
     if written.exception() is not None:  # a bug: Redis errors are caught in _put
         log.error("prefix KV write failed", exc_info=written.exception())
         return
     for key in written.result():
-        blocks[key].shared = True
+        blocks[key].in_redis = True
 
 
 def block_name(prefix: str, key: bytes) -> str:

@@ -103,7 +103,7 @@ def test_a_full_redis_under_noeviction_refuses_stores_as_throttled_misses_and_st
                 assert await cache.lookup(key(0)) == answer(0)  # a hit, though its count cannot be written
                 assert await cache.lookup(key(1)) is None
             warnings = [record.getMessage() for record in caplog.records]
-            assert len(warnings) == 1 and "store failed: OutOfMemoryError" in warnings[0]
+            assert len(warnings) == 1 and "store failed: refused (OutOfMemoryError)" in warnings[0]
             # Redis refuses any MULTI when full, so invalidation is an admin call that fails, as documented.
             with pytest.raises(Unavailable):
                 await cache.invalidate_model("m1")

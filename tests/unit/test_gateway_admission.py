@@ -1,9 +1,9 @@
-"""Admission control with plain objects: in-flight generations against the inference service's reports."""
+"""Capacity control with plain objects: in-flight generations against the inference service's reports."""
 from __future__ import annotations
 
 import pytest
 
-from gateway.admission import AdmissionSettings, InferenceAdmission
+from gateway.capacity import CapacityGate, CapacitySettings
 from meshkit.errors import ResourceExhausted
 from meshkit.wire import LOAD_HEADER, InferenceLoad
 
@@ -16,25 +16,25 @@ class Clock:
         return self.now
 
 
-def admission(clock=None, **settings) -> InferenceAdmission:
-    return InferenceAdmission(AdmissionSettings(**settings), clock or Clock())
+def capacity_gate(clock=None, **settings) -> CapacityGate:
+    return CapacityGate(CapacitySettings(**settings), clock or Clock())
 
 
-def refusal(gate: InferenceAdmission) -> ResourceExhausted:
+def refusal(gate: CapacityGate) -> ResourceExhausted:
     with pytest.raises(ResourceExhausted) as caught, gate.generation():
         pass
     return caught.value
 
 
 def test_before_any_report_every_generation_is_admitted():
-    gate = admission()
+    gate = capacity_gate()
     with gate.generation(), gate.generation(), gate.generation():
         assert gate.in_flight == 3
     assert gate.in_flight == 0
 
 
 def test_in_flight_at_the_reported_capacity_is_refused_with_retry_info():
-    gate = admission(retry_after_s=0.5)
+    gate = capacity_gate(retry_after_s=0.5)
     gate.observe(InferenceLoad(active=0, capacity=2))
     with gate.generation(), gate.generation():
         refused = refusal(gate)
@@ -45,7 +45,7 @@ def test_in_flight_at_the_reported_capacity_is_refused_with_retry_info():
 
 
 def test_a_failed_generation_frees_its_place():
-    gate = admission()
+    gate = capacity_gate()
     gate.observe(InferenceLoad(0, 1))
     with pytest.raises(RuntimeError), gate.generation():
         raise RuntimeError("the tokenizer failed")
@@ -54,7 +54,7 @@ def test_a_failed_generation_frees_its_place():
 
 
 def test_max_in_flight_overrides_the_reported_capacity():
-    gate = admission(max_in_flight=1)
+    gate = capacity_gate(max_in_flight=1)
     gate.observe(InferenceLoad(0, 72))
     with gate.generation():
         assert refusal(gate).reason == "GATEWAY_AT_CAPACITY"
@@ -62,7 +62,7 @@ def test_max_in_flight_overrides_the_reported_capacity():
 
 def test_a_fresh_report_of_a_full_inference_refuses_until_it_ages_or_a_newer_one_lifts_it():
     clock = Clock()
-    gate = admission(clock, full_hold_s=0.5)
+    gate = capacity_gate(clock, full_hold_s=0.5)
     gate.observe(InferenceLoad(active=4, capacity=4))  # filled by other gateways: this one has none in flight
     assert refusal(gate).reason == "INFERENCE_AT_CAPACITY"
     clock.now += 0.6
@@ -75,7 +75,7 @@ def test_a_fresh_report_of_a_full_inference_refuses_until_it_ages_or_a_newer_one
 
 
 def test_a_call_without_a_report_keeps_the_last_one():
-    gate = admission()
+    gate = capacity_gate()
     gate.observe(InferenceLoad(0, 1))
     gate.observe(None)
     with gate.generation():
@@ -83,7 +83,7 @@ def test_a_call_without_a_report_keeps_the_last_one():
 
 
 def test_off_admits_everything():
-    gate = admission(enabled=False)
+    gate = capacity_gate(enabled=False)
     gate.observe(InferenceLoad(9, 1))
     with gate.generation(), gate.generation():
         pass
@@ -106,7 +106,7 @@ def test_the_load_report_reads_back_what_was_written_and_nothing_malformed(metad
 
 def test_a_cancelled_generation_takes_its_place_off_its_replicas_full_report_at_once():
     clock = Clock()
-    gate = admission(clock, full_hold_s=30.0)
+    gate = capacity_gate(clock, full_hold_s=30.0)
     gate.observe(InferenceLoad(active=2, capacity=2, replica="r1"))  # one of them ours, then cancelled
     gate.observe(InferenceLoad(active=2, capacity=2, replica="r2"))
     assert refusal(gate).reason == "INFERENCE_AT_CAPACITY"

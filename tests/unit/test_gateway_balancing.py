@@ -4,7 +4,7 @@ import json
 import pytest
 
 from gateway import balancing
-from gateway.admission import AdmissionSettings, InferenceAdmission
+from gateway.capacity import CapacityGate, CapacitySettings
 from meshkit.errors import ResourceExhausted
 from meshkit.wire import InferenceLoad
 
@@ -73,7 +73,7 @@ def test_endpoints_lists_each_replica_of_an_address():
 
 def test_admission_sums_the_capacity_of_the_replicas_and_refuses_only_when_every_one_is_full():
     now = [100.0]
-    gate = InferenceAdmission(AdmissionSettings(full_hold_s=0.5), clock=lambda: now[0])
+    gate = CapacityGate(CapacitySettings(full_hold_s=0.5), clock=lambda: now[0])
     gate.observe(InferenceLoad(2, 2, "a"))
     gate.observe(InferenceLoad(0, 2, "b"))
     assert gate.limit == 4

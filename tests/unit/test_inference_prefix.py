@@ -157,13 +157,14 @@ def test_a_redis_that_never_answers_costs_one_budget_then_is_skipped(engines):
         assert counter(metrics.PREFIX_LOOKUPS, "redis", "error") > errors
 
 
-def test_blocks_made_while_redis_was_down_reach_it_once_it_is_back(engines, redis_blocks):
+def test_blocks_made_while_redis_was_down_reach_it_once_it_is_back(engines, redis_server, namespace, redis_blocks):
     ids = prompt_ids()
-    shared = redis_blocks()
+    now = [0.0]
+    shared = RedisBlocks(redis_server, key_prefix=namespace, budget_s=1.0, cooldown_s=60, clock=lambda: now[0])
     engine = engines(cache(shared))
-    shared._down_until = time.monotonic() + 60  # as after a failure: cooling down
+    shared._failed("read", redis.ConnectionError())  # as after a failure: cooling down
     greedy_text(engine, ids)
-    shared._down_until = 0.0  # Redis is back
+    now[0] += 61  # the cooldown is over: Redis is tried again
     greedy_text(engine, ids)  # a local hit: its blocks go to Redis now
     shared.flush()
     reused = counter(metrics.PREFIX_TOKENS_REUSED, "redis")

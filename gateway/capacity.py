@@ -1,10 +1,11 @@
-"""Admission control: a generation the inference service cannot take is refused before any hop.
+"""Capacity control ("admission control" in the settings and docs): a generation the inference
+service cannot take is refused before any hop. Not the tenant's quota (gateway/quotas.py).
 
 Under load the gateway used to accept every request and spend its template and
 tokenizer hops on it, only for the request to wait in the inference queue, or
 be refused there, or run out of time on the way while the CPU was saturated.
 Instead, after a cache miss (a cache hit is always served) and before the
-template hop, ``InferenceAdmission.generation()`` admits a generation or raises
+template hop, ``CapacityGate.generation()`` holds a place for a generation or raises
 ResourceExhausted with RetryInfo and an ErrorInfo reason:
 
 - ``GATEWAY_AT_CAPACITY``: this gateway already has as many generations in
@@ -42,15 +43,17 @@ REPLICA_FORGET_S = 30.0
 
 
 @dataclass(frozen=True)
-class AdmissionSettings:
+class CapacitySettings:
     enabled: bool = True
     max_in_flight: int = 0  # this gateway's own ceiling on generations in flight; 0 = the reported capacity
     full_hold_s: float = 0.5  # how long a report of a full inference refuses, unless a newer one lifts it
     retry_after_s: float = 1.0  # the RetryInfo delay of a refusal
 
 
-class InferenceAdmission:
-    def __init__(self, settings: AdmissionSettings, clock: Callable[[], float] = time.monotonic):
+class CapacityGate:
+    """The places for generations this gateway may hold in flight, from the inference replicas' load reports."""
+
+    def __init__(self, settings: CapacitySettings, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
         self._clock = clock
         self._loads: dict[str, tuple[InferenceLoad, float]] = {}  # per replica: its latest report, when
