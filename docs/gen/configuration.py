@@ -294,8 +294,9 @@ strongest first: its environment variables, the TOML file named by `NLPMESH_CONF
 Nothing is read at import time. A variable is `NLPMESH_<SERVICE>_<FIELD>`, except where a row
 names others (`REDIS_URL`, `NLPMESH_TRACE_DIR`, `NLPMESH_TLS_DIR`).
 
-This page is generated from the settings classes; the meanings are the comments written next
-to each field in its settings file.
+This page is generated from the settings classes. A meaning is the field's description, else the
+comment written next to it in its settings file, else a line kept in `docs/gen/configuration.py`
+for the fields the code leaves unexplained.
 """
 
 SECTION_INTRO = {
