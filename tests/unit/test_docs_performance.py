@@ -127,3 +127,20 @@ def test_the_readme_starts_with_the_two_commands_and_carries_no_dated_runs_or_te
     assert text.index("```sh") < 30 and "make demo" in first and "make test" in first
     assert not re.search(r"\b\d{4}-\d{2}-\d{2}\b", text)
     assert not re.search(r"\b\d+ (passed|failed|skipped)\b", text)
+
+
+def test_every_repository_path_the_docs_name_exists():
+    """A file or folder named in backticks (`gateway/affinity.py`, `deploy/k8s/`) is where the docs say
+    (what the bench writes, under bench/results/, appears once it has run)."""
+    root = performance.REPO_ROOT
+    prefixes = ("gateway", "meshkit", "services", "promptcache", "cli", "bench", "deploy", "tests", "modelfiles",
+                "protos", "docs")
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    missing = []
+    for page in pages:
+        for path in re.findall(r"`([a-z_]+/[\w./-]*)`", page.read_text()):
+            if path.split("/")[0] not in prefixes or "*" in path or path.startswith("bench/results/"):
+                continue
+            if not (root / path.split("::")[0]).exists():
+                missing.append(f"{page.relative_to(root)}: {path}")
+    assert not missing, missing
