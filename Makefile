@@ -56,3 +56,11 @@ soak: setup
 
 clean:
 	rm -rf gen $(VENV)
+
+# The docs site: the generated pages (configuration from the settings classes, performance from
+# bench/results/latest.json) written again, then `mkdocs build --strict` into site/.
+.PHONY: docs
+docs: protos
+	$(PY) -m docs.gen.configuration
+	$(PY) -m docs.gen.performance
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

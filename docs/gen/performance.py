@@ -1,0 +1,137 @@
+"""Writes the measured figures of docs/performance.md and the README's headline table from one bench JSON.
+
+    make bench                                   # writes bench/results/bench-<time>.json
+    python -m docs.gen.performance --newest      # copies the newest of those to bench/results/latest.json
+    make docs                                    # renders latest.json into the two pages, builds the site
+
+Only the text between the markers is generated; the prose around it is written by hand. The figures come
+from bench/results/latest.json, the one results file the repository keeps; without it, the sections say
+which commands fill them. `--check` exits 1 when a page differs from what latest.json gives.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS = REPO_ROOT / "bench" / "results"
+LATEST = RESULTS / "latest.json"
+PAGE = REPO_ROOT / "docs" / "performance.md"
+README = REPO_ROOT / "README.md"
+TABLE_MARKERS = ("<!-- bench-table:start -->", "<!-- bench-table:end -->")
+HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
+FILL = ("No bench results are committed yet: `make bench`, then `.venv/bin/python -m docs.gen.performance "
+        "--newest` and `make docs` fill this {what}.")
+
+
+def headline(results: dict) -> list[tuple[str, str]]:
+    """(figure, value) for what a newcomer asks first; each only where the run measured it."""
+    rows = []
+    hits = results.get("cache_hits", {})
+    if "cache_hit_c1[default]" in hits:
+        row = hits["cache_hit_c1[default]"]
+        rows.append(("prompt-cache hit through the gateway, p50 / p99", f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms"))
+    if "grpc_empty_rpc_c1" in hits:
+        rows.append(("an empty gRPC call to the gateway (one hop's floor), p50",
+                     f"{hits['grpc_empty_rpc_c1']['p50_ms']:.2f} ms"))
+    if "throughput_rps" in hits.get("cache_hit_c16", {}):
+        rows.append(("prompt-cache hits, 16 callers at once", f"{hits['cache_hit_c16']['throughput_rps']:.0f} req/s"))
+    decode = results.get("engine", {}).get("decode", {})
+    ends = list(decode)[:1] + list(decode)[1:][-1:]  # one stream and the most streams
+    for name, row in ((name, decode[name]) for name in ends):
+        streams = name.split("_")[0]
+        rows.append((f"decode through the gateway, {streams} stream{'s' if streams != '1' else ''} (p50)",
+                     f"{row['gateway_tok_s']['p50']:.1f} tok/s, {row['gateway_ratio_to_hf']:.2f}x transformers' "
+                     "`generate`"))
+        if "llama_cpp_tok_s" in row:
+            rows.append((f"the engine against llama.cpp, {streams} stream",
+                         f"{row['engine_ratio_to_llama_cpp']:.2f}x"))
+    ttft = results.get("generation", {}).get("ttft_300", {})
+    if "cold" in ttft:
+        rows.append(("time to first token, 300-token prompt, cold (p50)", f"{ttft['cold']['p50_ms']:.0f} ms"))
+    for name, label in (("local_prefix_hit", "270 tokens in this replica's prefix tier"),
+                        ("redis_prefix_hit", "270 tokens in Redis from another replica")):
+        if "ratio_to_cold_p50" in ttft.get(name, {}):
+            rows.append((f"the same, {label} (p50)",
+                         f"{ttft[name]['p50_ms']:.0f} ms, {ttft[name]['ratio_to_cold_p50']:.2f}x cold"))
+    routing = results.get("routing", {}).get("routing", {})
+    if {"affine", "round_robin"} <= routing.keys():
+        rows.append(("time to first token, 2 replicas, prefix-affine against round_robin (p50)",
+                     f"{routing['affine']['ttft']['p50_ms']:.0f} against "
+                     f"{routing['round_robin']['ttft']['p50_ms']:.0f} ms"))
+    return rows
+
+
+def headline_table(results: dict | None, link: str) -> str:
+    if not results:
+        return FILL.format(what="table") + f" What each figure means: [{link.split('#')[0]}]({link})."
+    lines = ["| figure | measured |", "|---|---|"]
+    lines += [f"| {figure} | {value} |" for figure, value in headline(results)]
+    return "\n".join(lines)
+
+
+def full_section(results: dict | None) -> str:
+    if not results:
+        return FILL.format(what="section")
+    from bench.run import table  # the bench's own tables, as `make bench` prints them
+
+    parts = [f"From `bench/results/latest.json` (run {results.get('when', '?')}).", "",
+             headline_table(results, ""), "", "Every figure of that run, as `make bench` printed it:", "",
+             "```text", table(results), "```"]
+    return "\n".join(parts)
+
+
+def splice(text: str, markers: tuple[str, str], content: str) -> str:
+    start, end = markers
+    head, found, rest = text.partition(start)
+    if not found or end not in rest:
+        raise ValueError(f"the markers {start} ... {end} are missing")
+    return f"{head}{start}\n{content}\n{end}{rest.partition(end)[2]}"
+
+
+def load(path: Path = LATEST) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def rendered(results: dict | None) -> dict[Path, str]:
+    return {PAGE: splice(PAGE.read_text(), TABLE_MARKERS, full_section(results)),
+            README: splice(README.read_text(), HEADLINE_MARKERS,
+                           headline_table(results, "docs/performance.md#what-each-figure-means"))}
+
+
+def take_newest() -> Path:
+    runs = sorted(RESULTS.glob("bench-*.json"), key=lambda path: path.stat().st_mtime)
+    if not runs:
+        raise SystemExit("no bench/results/bench-*.json: run `make bench` first")
+    shutil.copyfile(runs[-1], LATEST)
+    return runs[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m docs.gen.performance", description=__doc__.split("\n")[0])
+    parser.add_argument("--newest", action="store_true",
+                        help="first copy the newest bench/results/bench-*.json to bench/results/latest.json")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page differs, write nothing")
+    args = parser.parse_args(argv)
+    if args.newest:
+        print(f"bench/results/latest.json is now {take_newest().name}")
+    stale = []
+    for path, text in rendered(load()).items():
+        if path.read_text() == text:
+            continue
+        if args.check:
+            stale.append(str(path.relative_to(REPO_ROOT)))
+        else:
+            path.write_text(text)
+            print(f"written {path.relative_to(REPO_ROOT)}")
+    if stale:
+        print(f"stale: {', '.join(stale)}: run `make docs`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
