@@ -42,7 +42,7 @@ from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.precision import model_precision
 from services.inference.settings import InferenceSettings
-from services.inference.threads import in_passing_thread
+from services.inference.threads import in_thread_that_ends
 
 LONG_PROMPT_TOKENS = 1000
 RUNNING_STREAM_TOKENS = 96
@@ -60,7 +60,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     torch.set_num_threads(settings.threads)
     # Loaded in a thread that ends: the engine's worker then owns this process's only OpenMP team, as in
     # the inference service (services/inference/threads.py); generate runs in a process of its own.
-    model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
+    model, tokenizer = in_thread_that_ends(lambda: load_model(load_model_files(default_home()), settings.dtype))
     precision = model_precision(model)  # what auto chose on this CPU; generate gets the same
     say(f"precision {precision} (NLPMESH_INFERENCE_DTYPE={settings.dtype})")
     options = settings.engine_options()

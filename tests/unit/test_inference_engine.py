@@ -274,7 +274,8 @@ def test_the_start_up_checks_run_on_the_engines_worker_thread_and_a_refusal_is_r
     import threading
 
     from services.inference import engine as engine_module
-    from services.inference.precision import RowDependence, apply_precision
+    from services.inference.kernel_checks import RowDependence
+    from services.inference.precision import apply_precision
 
     ran_on = []
     real = engine_module._check_kernels
@@ -300,11 +301,11 @@ def test_the_start_up_checks_run_on_the_engines_worker_thread_and_a_refusal_is_r
     assert "inference-engine" not in {thread.name for thread in threading.enumerate()} - before
 
 
-def test_work_in_a_passing_thread_returns_its_result_or_raises_its_error_in_the_caller():
+def test_work_in_a_thread_that_ends_returns_its_result_or_raises_its_error_in_the_caller():
     import threading
 
-    from services.inference.threads import in_passing_thread
+    from services.inference.threads import in_thread_that_ends
 
-    assert in_passing_thread(lambda: threading.current_thread().name, "passing") == "passing"
+    assert in_thread_that_ends(lambda: threading.current_thread().name, "passing") == "passing"
     with pytest.raises(ValueError, match="bad"):
-        in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+        in_thread_that_ends(lambda: (_ for _ in ()).throw(ValueError("bad")))
