@@ -309,3 +309,25 @@ def test_work_in_a_thread_that_ends_returns_its_result_or_raises_its_error_in_th
     assert in_thread_that_ends(lambda: threading.current_thread().name, "passing") == "passing"
     with pytest.raises(ValueError, match="bad"):
         in_thread_that_ends(lambda: (_ for _ in ()).throw(ValueError("bad")))
+
+
+def test_two_engines_in_one_process_keep_their_own_kernel_settings():
+    """The start-up choices (prefill tiles' placement, a one-tile GEMM's parts) are each engine's model's:
+    a second engine starting in the process, with other options, leaves the first one's as they were."""
+    from services.inference.precision import apply_precision
+    from services.inference.tiles import BY_POSITION, FROM_START
+
+    first = tiny_engine(apply_precision(tiny_llama(), "float32"), threads=1)
+    try:
+        # Set against what this CPU allows, so the second engine's own choice can only differ from it.
+        first.kernels.placement = FROM_START if first.kernels.placement == BY_POSITION else BY_POSITION
+        chosen = first.kernels.placement
+        second = tiny_engine(apply_precision(tiny_llama(), "float32"), threads=2)
+        try:
+            assert second.kernels is not first.kernels
+            assert second.kernels.placement != chosen
+            assert (first.kernels.placement, first.kernels.one_tile_parts) == (chosen, 1)
+        finally:
+            second.close()
+    finally:
+        first.close()
