@@ -10,6 +10,10 @@
   streams included) is kept in the JSON as ``aggregate``;
 - the engine's decode step split into forward, sampling and text, and delivery
   (its own ``step_times``), by batch size;
+- with ``--baseline-tree``: decode tok/s at 1 and 8 streams of another checkout's engine
+  (the tree before a change), each engine in a process of its own importing its own
+  tree's code (bench/engine_decode_worker.py), rounds interleaved with this tree's;
+  the ratio to it, and a same-code noise floor (a second process of this tree's);
 - prefill beside decode: a running stream's gaps between tokens while a
   1,000-token prompt is admitted beside it: chunked with a chunk's layers spread
   over turns at a few ``prefill_share`` (the default among them), in whole
@@ -21,10 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
@@ -32,7 +40,9 @@ from nlpmesh.gateway.v1 import gateway_pb2_grpc
 from bench import generation, llama_cpp
 from bench.generation import STREAMS, StreamTimes, bypass_request, chat_ids, question, rate_summary
 from bench.hf_generate import HfGenerate
+from bench.worker_process import WorkerProcess
 from cli.launcher import LocalMesh
+from cli.topology import REPO_ROOT
 from meshkit.percentile import percentile
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
@@ -42,37 +52,42 @@ from services.inference.generation_types import Delta, GenerationRequest
 from services.inference.loading import load_model
 from services.inference.precision import model_precision
 from services.inference.settings import InferenceSettings
-from services.inference.threads import in_passing_thread
+from services.inference.threads import in_thread_that_ends
 
 LONG_PROMPT_TOKENS = 1000
 RUNNING_STREAM_TOKENS = 96
 ADMIT_AFTER_TOKENS = 12  # the long prompt arrives once the running stream has this many
 STALL_SHARES = (1, 1.5)  # prefill_share compared (with the default, 0: whole chunks, and one forward)
+BASELINE_STREAMS = (1, 8)  # decode compared with a baseline checkout's engine at these stream counts
+DECODE_WORKER = Path(__file__).resolve().parent / "engine_decode_worker.py"
 
 
 def say(line: str) -> None:
     print(f"[bench] {line}", flush=True)
 
 
-def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
+def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int, baseline: Path | None = None) -> dict:
     settings = InferenceSettings()
     say(f"loading the model in-process ({settings.dtype}) for the engine, and in a process of its own for generate")
     torch.set_num_threads(settings.threads)
     # Loaded in a thread that ends: the engine's worker then owns this process's only OpenMP team, as in
     # the inference service (services/inference/threads.py); generate runs in a process of its own.
-    model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
+    model, tokenizer = in_thread_that_ends(lambda: load_model(load_model_files(default_home()), settings.dtype))
     precision = model_precision(model)  # what auto chose on this CPU; generate gets the same
     say(f"precision {precision} (NLPMESH_INFERENCE_DTYPE={settings.dtype})")
     options = settings.engine_options()
     engine = Engine(model, tokenizer, options)
     hf = HfGenerate(precision, settings.threads)
+    trees = start_trees(baseline, precision) if baseline is not None else {}
     try:
-        decode = bench_decode(mesh, engine, hf, tokenizer, rounds, max_new_tokens)
+        decode = bench_decode(mesh, engine, hf, tokenizer, rounds, max_new_tokens, trees)
         steps = step_split(engine)
         worker_threads = engine.worker_threads
     finally:
         engine.close()
         hf.close()
+        for tree in trees.values():
+            tree.close()
     variants = {f"chunked_share_{share:g}": dataclasses.replace(options, prefill_share=share)
                 for share in sorted({options.prefill_share, *STALL_SHARES} - {0})}
     # The default, but its KV buffers dropped whenever it is idle, so each long prompt grows them again.
@@ -80,16 +95,65 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     variants["whole_chunks"] = dataclasses.replace(options, prefill_share=0)  # the token budget alone
     variants["one_forward"] = dataclasses.replace(options, max_batched_tokens=0)
     stall = bench_prefill_stall(lambda options: Engine(model, tokenizer, options), variants, tokenizer, rounds)
-    return {"precision": precision, "threads": settings.threads, "worker_torch_threads": worker_threads,
-            "max_batched_tokens": options.max_batched_tokens, "prefill_share": options.prefill_share,
-            "decode": decode, "step_ms": steps,
-            "prefill_stall": stall}
+    result = {"precision": precision, "threads": settings.threads, "worker_torch_threads": worker_threads,
+              "max_batched_tokens": options.max_batched_tokens, "prefill_share": options.prefill_share,
+              "decode": decode.pop("decode"), "step_ms": steps,
+              "prefill_stall": stall}
+    if baseline is not None:
+        result["decode_vs_baseline"] = {"source": str(baseline), **decode["vs_baseline"]}
+    return result
+
+
+# -- another checkout's engine --------------------------------------------------------
+
+
+class EngineOfTree(WorkerProcess):
+    """A checkout's engine in a process of its own (bench/engine_decode_worker.py), that checkout's
+    packages first on its path: the worker file comes from this tree, everything it imports from ``tree``."""
+
+    def __init__(self, tree: Path):
+        tree = tree.resolve()
+        gen = tree / "gen" if (tree / "gen").is_dir() else REPO_ROOT / "gen"  # the protos, where it has none
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(tree), str(gen)))}
+        self._name = f"the engine of {tree}"
+        # -c: the working directory (the tree) leads sys.path, as a plain checkout's own run would have it.
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+             str(DECODE_WORKER)], cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def streams(self, prompts: list[list[int]], max_new_tokens: int) -> list[Arrivals]:
+        result = []
+        for times, tokens in self.ask(op="streams", prompts=prompts, max_new_tokens=max_new_tokens):
+            arrivals = Arrivals(times)
+            arrivals.tokens = tokens
+            result.append(arrivals)
+        return result
+
+
+def start_trees(baseline: Path, precision: str) -> dict[str, EngineOfTree]:
+    """The baseline checkout's engine, this tree's in the same way, and this tree's again (the noise floor),
+    each loaded and warm; each must have chosen the precision this process did."""
+    trees = {"baseline": EngineOfTree(baseline), "this_tree": EngineOfTree(REPO_ROOT),
+             "this_tree_again": EngineOfTree(REPO_ROOT)}
+    try:
+        for name, tree in trees.items():
+            chosen = tree.ask(op="describe")
+            say(f"engine of {name} in a process of its own: precision {chosen}")
+            if chosen != precision:
+                raise RuntimeError(f"the engine of {name} chose precision {chosen}, this process {precision}")
+    except BaseException:
+        for tree in trees.values():
+            tree.close()
+        raise
+    return trees
 
 
 # -- decode -------------------------------------------------------------------------
 
 
-def bench_decode(mesh: LocalMesh, engine: Engine, hf: HfGenerate, tokenizer, rounds: int, max_new_tokens: int) -> dict:
+def bench_decode(mesh: LocalMesh, engine: Engine, hf: HfGenerate, tokenizer, rounds: int, max_new_tokens: int,
+                 trees: dict[str, EngineOfTree]) -> dict:
+    """{"decode": figures by stream count, "vs_baseline": the checkouts' figures (with ``trees`` only)}."""
     prompts = [chat_ids(tokenizer, question(index)) for index in range(max(STREAMS))]
     llama = None
     if llama_cpp.available():
@@ -100,7 +164,7 @@ def bench_decode(mesh: LocalMesh, engine: Engine, hf: HfGenerate, tokenizer, rou
     else:
         say("llama.cpp side by side skipped: llama-cpp-python is not installed (see bench/llama_cpp.py)")
     try:
-        samples = decode_rounds(mesh, engine, hf, prompts, llama, rounds, max_new_tokens)
+        samples = decode_rounds(mesh, engine, hf, prompts, llama, rounds, max_new_tokens, trees)
     finally:
         if llama is not None:
             llama.close()
@@ -123,17 +187,38 @@ def bench_decode(mesh: LocalMesh, engine: Engine, hf: HfGenerate, tokenizer, rou
                 "engine_ratio_to_llama_cpp": statistics.median(samples[f"engine_{streams}"]) / llama_tok_s,
                 "gateway_ratio_to_llama_cpp": statistics.median(samples[f"gateway_{streams}"]) / llama_tok_s,
             }
+    return {"decode": result, "vs_baseline": vs_baseline(samples) if trees else {}}
+
+
+def vs_baseline(samples: dict[str, list[float]]) -> dict:
+    """Per stream count: each checkout's decode tok/s, this tree's over the baseline's (p50s), and this
+    tree's second process over its first: the same code, so what the ratio to the baseline must beat."""
+    result = {}
+    for streams in BASELINE_STREAMS:
+        medians = {name: statistics.median(samples[f"{name}_{streams}"]) for name in TREES}
+        result[f"{streams}_streams"] = {
+            **{f"{name}_tok_s": rate_summary(samples[f"{name}_{streams}"]) for name in TREES},
+            "ratio_to_baseline": medians["this_tree"] / medians["baseline"],
+            "noise_floor_ratio": medians["this_tree_again"] / medians["this_tree"],
+        }
     return result
 
 
+TREES = ("baseline", "this_tree", "this_tree_again")
+
+
 def decode_rounds(mesh: LocalMesh, engine: Engine, hf: HfGenerate, prompts: list[list[int]],
-                  llama: llama_cpp.LlamaCpp | None, rounds: int, max_new_tokens: int) -> dict[str, list[float]]:
-    """Each round: 1, 4 and 8 streams through the engine, the gateway and generate (llama.cpp at 1)."""
+                  llama: llama_cpp.LlamaCpp | None, rounds: int, max_new_tokens: int,
+                  trees: dict[str, EngineOfTree]) -> dict[str, list[float]]:
+    """Each round: 1, 4 and 8 streams through the engine, the gateway and generate (llama.cpp at 1), and
+    at ``BASELINE_STREAMS`` through each checkout's engine (``trees``), their order turned each round."""
     samples: dict[str, list[float]] = {}
     with mesh.gateway_access().channel() as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         gateway_streams(stub, 1, max_new_tokens)  # warm
         engine_streams(engine, prompts[:1], max_new_tokens)
+        for tree in trees.values():
+            tree.streams(prompts[:1], max_new_tokens)
         for index in range(rounds):
             for streams in STREAMS:
                 say(f"engine decode: round {index + 1}/{rounds}, {streams} streams")
@@ -144,6 +229,11 @@ def decode_rounds(mesh: LocalMesh, engine: Engine, hf: HfGenerate, prompts: list
                 samples.setdefault(f"hf_{streams}", []).append(hf.decode_tok_s(prompts[:streams], max_new_tokens))
                 if llama is not None and streams == 1:
                     samples.setdefault("llama_cpp_1", []).append(llama.decode_tok_s(prompts[0], max_new_tokens))
+                if streams in BASELINE_STREAMS and trees:
+                    names = list(trees)[index % len(trees):] + list(trees)[: index % len(trees)]
+                    for name in names:
+                        arrivals = trees[name].streams(prompts[:streams], max_new_tokens)
+                        samples.setdefault(f"{name}_{streams}", []).append(steady_tok_s(arrivals))
     return samples
 
 
@@ -310,6 +400,17 @@ def lines(result: dict) -> list[str]:
             cell = row["llama_cpp_tok_s"]
             out.append(f"{'':<10}llama.cpp (Q4_1 GGUF) {cell['p50']:.1f} / {cell['p99_low']:.1f} tok/s: engine "
                        f"{row['engine_ratio_to_llama_cpp']:.2f}x, gateway {row['gateway_ratio_to_llama_cpp']:.2f}x")
+    if "decode_vs_baseline" in result:
+        out += ["", f"engine decode against {result['decode_vs_baseline']['source']}, each engine in a process of "
+                    "its own: tok/s while every stream decodes (p50 / p99-low)",
+                f"{'streams':<10}{'baseline':>18}{'this tree':>18}{'again':>18}{'this/baseline':>15}"
+                f"{'noise floor':>13}"]
+        for name, row in result["decode_vs_baseline"].items():
+            if name == "source":
+                continue
+            cells = [row[f"{tree}_tok_s"] for tree in TREES]
+            out.append(f"{name.split('_')[0]:<10}" + "".join(f"{c['p50']:>12.1f} / {c['p99_low']:<5.1f}" for c in cells)
+                       + f"{row['ratio_to_baseline']:>14.3f}x{row['noise_floor_ratio']:>12.3f}x")
     out += ["", f"{'decode step, engine in process':<32}{'steps':>7}{'forward ms':>12}{'sampling+text':>15}"
                 f"{'delivery':>10}"]
     for batch, row in result["step_ms"].items():

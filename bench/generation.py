@@ -43,8 +43,8 @@ from services.inference.loading import load_model
 from services.inference.precision import model_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
-from services.inference.threads import in_passing_thread
-from services.inference.tiles import BY_POSITION, placed
+from services.inference.threads import in_thread_that_ends
+from services.inference.tiles import BY_POSITION
 
 STREAMS = (1, 4, 8)
 # Questions that draw long answers, so that streams decode for their whole max_new_tokens.
@@ -80,7 +80,7 @@ def bench(mesh: LocalMesh, rounds: int, max_new_tokens: int) -> dict:
     torch.set_num_threads(settings.threads)
     # Loaded in a thread that ends, generate in a process of its own: the engines' workers own this
     # process's OpenMP teams, as in the inference service (services/inference/threads.py).
-    model, tokenizer = in_passing_thread(lambda: load_model(load_model_files(default_home()), settings.dtype))
+    model, tokenizer = in_thread_that_ends(lambda: load_model(load_model_files(default_home()), settings.dtype))
     precision = model_precision(model)  # what auto chose on this CPU; generate gets the same
     say(f"precision {precision} (NLPMESH_INFERENCE_DTYPE={settings.dtype})")
     hf = HfGenerate(precision, settings.threads)
@@ -242,7 +242,8 @@ def bench_prefix_ttft(redis_url: str, model, tokenizer, hf: HfGenerate, rounds: 
                 samples["cold"].append(first_token_ms(first, shared + tails[0]))
                 samples["local_prefix_hit"].append(first_token_ms(first, shared + tails[1]))
             # Before: 16-token blocks, prefill rows placed by absolute position (one more tile for a tail).
-            with replica(BEFORE_BLOCK_TOKENS) as before, placed(BY_POSITION):  # the worker reads it as it prefills
+            # The engine's own plan, which its worker reads as it prefills.
+            with replica(BEFORE_BLOCK_TOKENS) as before, before.kernels.placement_tried(BY_POSITION):
                 samples[f"cold_{BEFORE}"].append(first_token_ms(before, shared + tails[0]))
                 samples[f"local_prefix_hit_{BEFORE}"].append(first_token_ms(before, shared + tails[1]))
             with replica() as second:  # a replica that never saw the prompt: the first one's blocks are in Redis

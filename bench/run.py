@@ -167,7 +167,9 @@ def main() -> int:
                              "engine (bench/engine_speed.py) or routing (bench/routing.py: 2 inference replicas)")
     parser.add_argument("--baseline-tree", type=Path,
                         help="another checkout (e.g. a worktree of the parent commit, after its `make protos`) whose "
-                             "gateway takes turns with this one's on the same services: before/after in one run")
+                             "gateway takes turns with this one's on the same services, and whose engine's decode "
+                             "tok/s (1 and 8 streams) is measured in a process of its own, rounds interleaved with "
+                             "this tree's: before/after in one run")
     args = parser.parse_args()
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
     if args.only != "routing":
@@ -192,7 +194,7 @@ def _bench_one_mesh(args, results: dict) -> None:
         if args.only in (None, "generation"):
             results["generation"] = generation.bench(mesh, args.gen_rounds, args.max_new_tokens)
         if args.only in (None, "engine"):
-            results["engine"] = engine_speed.bench(mesh, args.gen_rounds, args.max_new_tokens)
+            results["engine"] = engine_speed.bench(mesh, args.gen_rounds, args.max_new_tokens, args.baseline_tree)
     finally:
         mesh.stop()
 

@@ -3,7 +3,7 @@
 Which kernel torch and its libraries (MKL, oneDNN) pick for a matrix multiply
 depends on these, and so may the rounding of a row's result: an AVX2-only
 machine and one with AVX-512 BF16/VNNI and AMX take different code paths. The
-engine logs them at start beside the kernels it uses (services/inference/precision.py).
+engine logs them at start beside the kernels it uses (services/inference/kernel_checks.py).
 """
 from __future__ import annotations
 

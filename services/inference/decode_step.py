@@ -1,24 +1,26 @@
 """The engine's decode step for Llama-family models: the model's own operations, without its wrappers.
 
-A decode step is one row per sequence through 30 decoder layers. Through the
+A decode step is one row per sequence through every decoder layer. Through the
 model's ``forward`` each layer also passes transformers' generic machinery:
 keyword plumbing, deprecation and checkpointing wrappers, the attention and mask
-interfaces, output objects. On a 2-core CPU that Python costs a fifth of the
-step. ``DecodeStep`` calls the very same operations in the same order on the
-same modules and weights (RMSNorm as ``LlamaRMSNorm`` computes it, the rotary
-embedding from the model's own ``rotary_emb``, the KV write through
-``SlotKV.update``, attention through transformers' SDPA function, each linear
-layer through its decode kernel: ``DecodeLinear.decode_rows``), so its logits are
-bit-identical to the model's forward (tests/unit/test_inference_decode_step.py),
-and everything said about batch invariance holds unchanged. Where the precision's
-kernel gives the same bits for outputs side by side (checked at start), q, k and v
-are one kernel call and gate and up another (``JoinedLayer``). Prefill chunks run
-their decoder layers through the same ``decoder_layer`` (services/inference/layered.py),
-with the layers' tiled GEMM and the tiled attention, bit-identical to the layers'
-own forward.
+interfaces, output objects. With a model this small on a CPU, that Python is a
+good part of the step (bench/engine_speed.py measures the step). ``DecodeStep``
+calls the very same operations in the same order on the same modules and weights
+(RMSNorm as ``LlamaRMSNorm`` computes it, the rotary embedding from the model's
+own ``rotary_emb``, the KV write through ``SlotKV.update``, attention through
+transformers' SDPA function, each linear layer through its decode kernel:
+``DecodeLinear.decode_rows``), so its logits are bit-identical to the model's
+forward (tests/unit/test_inference_decode_step.py), and everything said about
+batch invariance holds unchanged. Where the precision's kernel gives the same
+bits for outputs side by side (checked at start), q, k and v are one kernel call
+and gate and up another (``JoinedLayer``, through ``JoinedLinear``,
+services/inference/joined_linear.py). Prefill chunks run their decoder layers
+through the same ``decoder_layer`` (services/inference/layered.py), with the
+layers' tiled GEMM and the tiled attention, bit-identical to the layers' own
+forward.
 
 ``decode_step_for`` gives one for a model of this layout (SmolLM2 is one) whose
-linear layers are ``DecodeLinear`` (services/inference/precision.py); the engine
+linear layers are ``DecodeLinear`` (services/inference/decode_linear.py); the engine
 uses the model's forward for any other.
 """
 from __future__ import annotations
@@ -30,8 +32,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from services.inference.attention import NAME as TILED_ATTENTION
-from services.inference.precision import DecodeLinear, side_by_side
-from services.inference.tiles import rows_skipped
+from services.inference.decode_linear import DecodeLinear
+from services.inference.joined_linear import JoinedLinear
+from services.inference.kernel_plan import KernelPlan, kernel_plan
 
 
 def rms_norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -49,16 +52,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                  mask: torch.Tensor, kv, *, decode: bool, outputs: int | None = None) -> torch.Tensor:
+                  mask: torch.Tensor, kv, plan: KernelPlan, *, decode: bool, outputs: int | None = None
+                  ) -> torch.Tensor:
     """One ``LlamaDecoderLayer`` as its forward computes it, without its wrappers: ``hidden``
     (B, n, hidden), ``rotary`` the model's (cos, sin) already unsqueezed to (B, 1, n, head_dim).
     A decode step (``decode``) takes each linear layer's decode kernel and transformers' SDPA
-    function; a prefill chunk (under ``prefill_phase``) the layers' own forward (tiled GEMM) and
-    the model's attention interface (the tiled attention).
+    function; a prefill chunk (under ``plan.prefill``, ``plan`` the model's) the layers' own forward
+    (tiled GEMM) and the model's attention interface (the tiled attention).
 
     ``outputs`` (prefill only): the layer's keys and values are written for every row, but its output
     is computed for the last ``outputs`` rows only (None: all), each row placed in its tile as the
-    placement places a prefill from it (``tiles.rows_skipped``; where rows go from each prefill's
+    placement places a prefill from it (``KernelPlan.rows_skipped``; where rows go from each prefill's
     start, a row's bits are checked not to depend on its place), so with the same bits; with 0 the
     input comes back unchanged.
     The model's last layer needs only the prompt's last row, for the logits, and nothing in a chunk
@@ -77,7 +81,7 @@ def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tu
     skip = 0 if decode or outputs is None else max(rows[-1] - outputs, 0)
     if skip == rows[-1]:
         return hidden
-    with rows_skipped(skip):
+    with plan.rows_skipped(skip):
         if skip:
             x, hidden, mask = x[:, skip:], hidden[:, skip:], mask[..., skip:, :]
             cos, sin = cos[..., skip:, :], sin[..., skip:, :]
@@ -100,7 +104,7 @@ def _decode_rows(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _prefill_rows(linear: DecodeLinear, x: torch.Tensor) -> torch.Tensor:
-    """``x`` (..., in) through the linear layer's forward: the tiled GEMM under ``prefill_phase``."""
+    """``x`` (..., in) through the linear layer's forward: the tiled GEMM in a prefill."""
     return linear(x)
 
 
@@ -111,7 +115,7 @@ def unsqueezed(rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
 
 class JoinedLayer:
     """One decoder layer's decode step with q, k and v in one kernel call and gate and up in another
-    (``precision.side_by_side``), and the rotary embedding of the queries and keys in one go:
+    (``JoinedLinear``), and the rotary embedding of the queries and keys in one go:
     ``rotate_half(x) * sin`` is ``roll(x, half) * sin`` with the sine's first half negated, since
     ``(-a) * b`` and ``a * (-b)`` are the same number. The same operations on the same values as
     ``decoder_layer``, so the same bits, in fewer calls."""
@@ -119,7 +123,7 @@ class JoinedLayer:
     __slots__ = ("down", "gate_up", "groups", "head_dim", "heads", "index", "input_norm", "intermediate", "kv_heads",
                  "o_proj", "post_norm", "qkv", "scaling")
 
-    def __init__(self, layer: nn.Module, index: int, qkv: DecodeLinear, gate_up: DecodeLinear):
+    def __init__(self, layer: nn.Module, index: int, qkv: JoinedLinear, gate_up: JoinedLinear):
         attention = layer.self_attn
         self.index, self.qkv, self.gate_up = index, qkv, gate_up
         self.o_proj, self.down = attention.o_proj, layer.mlp.down_proj
@@ -159,8 +163,8 @@ def joined_layers(layers: list[nn.Module]) -> list[JoinedLayer] | None:
     joined = []
     for index, layer in enumerate(layers):
         attention, mlp = layer.self_attn, layer.mlp
-        qkv = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
-        gate_up = side_by_side([mlp.gate_proj, mlp.up_proj])
+        qkv = JoinedLinear.join([attention.q_proj, attention.k_proj, attention.v_proj])
+        gate_up = JoinedLinear.join([mlp.gate_proj, mlp.up_proj])
         if qkv is None or gate_up is None:
             return None
         joined.append(JoinedLayer(layer, index, qkv, gate_up))
@@ -172,6 +176,7 @@ class DecodeStep:
         self._base = model.base_model
         self._output = model.get_output_embeddings()
         self._layers = list(self._base.layers)
+        self._plan = kernel_plan(model)
         self._joined = joined_layers(self._layers)
 
     @property
@@ -188,7 +193,7 @@ class DecodeStep:
         rotary = unsqueezed(base.rotary_emb(hidden, position_ids=positions))
         if self._joined is None:
             for index, layer in enumerate(self._layers):
-                hidden = decoder_layer(layer, index, hidden, rotary, mask, kv, decode=True)
+                hidden = decoder_layer(layer, index, hidden, rotary, mask, kv, self._plan, decode=True)
         else:
             cos, sin = rotary
             half = sin.shape[-1] // 2

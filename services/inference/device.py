@@ -2,7 +2,7 @@
 
 On CPU the engine runs the precision NLPMESH_INFERENCE_DTYPE asks for, with
 the fixed-tile kernels that keep a row's bits independent of the batch
-(services/inference/precision.py). On CUDA it runs the model in bfloat16 with
+(services/inference/decode_linear.py). On CUDA it runs the model in bfloat16 with
 transformers' SDPA attention (torch's fused kernels), the same engine
 (continuous batching, chunked prefill, prefix tiers) around it; the batch
 invariance of the CPU kernels is not claimed there.

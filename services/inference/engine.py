@@ -48,22 +48,21 @@ from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
 from services.inference.decode_step import DecodeStep, decode_step_for
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
-from services.inference.kv import INITIAL_CAPACITY, SlotKV
-from services.inference.layered import ChunkForward
-from services.inference.precision import (
+from services.inference.kernel_checks import (
     PLACEMENT_NOTES,
     check_row_independence,
     choose_one_tile_parts,
     choose_tile_placement,
-    kernel_paths,
-    model_precision,
-    set_one_tile_parts,
 )
+from services.inference.kernel_plan import KernelPlan, kernel_plan
+from services.inference.kv import INITIAL_CAPACITY, SlotKV
+from services.inference.layered import ChunkForward
+from services.inference.precision import kernel_paths, model_precision
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
 from services.inference.spans import job_spans
 from services.inference.stream import GenerationStream, Job
-from services.inference.tiles import GEMM_TILE_ROWS, first_row, set_placement
+from services.inference.tiles import GEMM_TILE_ROWS, first_row
 from services.inference.validation import RequestLimits, resolve_request
 
 log = logging.getLogger("nlpmesh.inference.engine")
@@ -88,12 +87,13 @@ class EngineOptions:
     max_batched_tokens: int = 64
     # Beside decoding streams, a turn's prefill runs at most this many decode steps' time: a chunk's
     # decoder layers are spread over turns to keep to it (at least one layer a turn); 0: no time limit.
-    # 0.5: a running stream's p99 gap stayed within 3x its median alone in every bench run on both
-    # CPU kinds (2.05x to 2.24x), where 1 measured 2.51x to 3.66x (README, "Performance").
+    # Smaller keeps a running stream's gaps even, larger gets a long prompt its first token sooner; the
+    # default is where the bench (bench/engine_speed.py, "prefill beside decode") found the running
+    # stream's p99 gap within a few times its median alone on both CPU kinds.
     prefill_share: float = 0.5
     # KV buffers grown past their initial size for a long prompt are kept until the engine has
-    # been idle this long (s): growing them again (about 200 MB allocated, zeroed and copied, tens of
-    # ms) would stall every running stream at each long prompt. 0: dropped as soon as it is idle.
+    # been idle this long (s): growing them again (allocating, zeroing and copying every layer's
+    # buffers) would stall every running stream at each long prompt. 0: dropped as soon as it is idle.
     kv_shrink_idle_s: float = 30.0
 
 
@@ -122,6 +122,9 @@ class Engine:
         self.context_length: int = model.config.max_position_embeddings
         self.limits = _limits(model, options)
         self.model = model.eval()
+        # How the model's kernels run (the prefill tiles' placement, a one-tile GEMM's parts, whether a
+        # forward is a prefill): chosen for this CPU by the start-up checks, held by the model, not the process.
+        self.kernels: KernelPlan = kernel_plan(model)
         self._options = options
         self._eos_ids = eos_token_ids(model)
         # The decode step without transformers' wrappers (bit-identical logits; made in the worker, as
@@ -143,7 +146,7 @@ class Engine:
         self.worker_threads = 0
         # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
         self._step_s: float | None = None  # a decode step
-        self._layer_s: float | None = None  # one decoder layer of one 32-token prefill tile
+        self._layer_s: float | None = None  # one decoder layer of one prefill GEMM tile
         # False from an idle engine until its first decode step: the prompts admitted meanwhile
         # (a burst) stall nobody, so they are all prefilled whole before decoding starts.
         self._decoding_started = False
@@ -278,7 +281,7 @@ class Engine:
             total = len(job.request.prompt_token_ids)
             if job.chunk is None:
                 start = job.sequence.length
-                end = chunk_end(start, total, left, first=spent == 0)
+                end = chunk_end(start, total, left, first=spent == 0, placement=self.kernels.placement)
                 if end <= start:
                     return
                 job.chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end,
@@ -328,7 +331,7 @@ class Engine:
         done moves the prompt on; the prompt's last one also makes the first token and moves the
         job into the decoding batch. False if it failed.
 
-        Under ``prefill_phase`` every layer takes the float32 GEMM and attention in
+        In a prefill (``KernelPlan.prefill``) every layer takes the float32 GEMM and attention in
         fixed tiles (services/inference/tiles.py), so a row's bits do not depend on how
         many rows there are: the tail after a reused prefix, or a chunk, comes out as it
         would in a cold prefill of the whole prompt, and neither the prefix cache nor
@@ -429,15 +432,15 @@ class Engine:
             job.deliver(error)
 
 
-def chunk_end(start: int, total: int, budget: int | None, first: bool) -> int:
+def chunk_end(start: int, total: int, budget: int | None, first: bool, placement: str) -> int:
     """Where a prefill chunk from token ``start`` of a ``total``-token prompt ends, given ``budget``
     tokens (None: no limit): the prompt's end if it fits, else the last boundary of the chunk's GEMM
-    tiles within the budget (tiles begin at ``start`` or, placed by position, at multiples of
-    ``GEMM_TILE_ROWS``); the turn's first chunk gets at least up to the next boundary. ``start``
-    itself when nothing fits."""
+    tiles within the budget (tiles begin at ``start`` or, placed by position (``placement``), at
+    multiples of ``GEMM_TILE_ROWS``); the turn's first chunk gets at least up to the next boundary.
+    ``start`` itself when nothing fits."""
     if budget is None or total - start <= budget:
         return total
-    base = start - first_row(start, GEMM_TILE_ROWS)  # where the chunk's first tile begins
+    base = start - first_row(start, GEMM_TILE_ROWS, placement)  # where the chunk's first tile begins
     end = base + (start - base + max(budget, 0)) // GEMM_TILE_ROWS * GEMM_TILE_ROWS
     if end <= start and first:
         end = base + GEMM_TILE_ROWS
@@ -445,15 +448,15 @@ def chunk_end(start: int, total: int, budget: int | None, first: bool) -> int:
 
 
 def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
-    """Logs the CPU and the kernels; raises ValueError (RowDependence) when the model's precision
-    cannot give a row the same bits whatever the batch on this CPU."""
+    """Logs the CPU and the kernels, and puts what this CPU's kernels allow in the model's plan; raises
+    ValueError (RowDependence) when the model's precision cannot give a row the same bits whatever the
+    batch on this CPU."""
     features = read_cpu_features()
     torch.set_num_threads(options.threads)  # as the worker will run (this is the worker)
     check_row_independence(model, options.max_running, features)
-    placement = choose_tile_placement(model)
-    set_placement(placement)
-    parts = choose_one_tile_parts(model, torch.get_num_threads())
-    set_one_tile_parts(model, parts)
+    plan = kernel_plan(model)
+    placement = plan.placement = choose_tile_placement(model)
+    parts = plan.one_tile_parts = choose_one_tile_parts(model, torch.get_num_threads())
     log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s", features.summary(),
              kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "")
 

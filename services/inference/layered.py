@@ -19,8 +19,9 @@ import torch
 from transformers import PreTrainedModel
 
 from services.inference.decode_step import decoder_layer, unsqueezed
+from services.inference.kernel_plan import kernel_plan
 from services.inference.kv import SlotKV
-from services.inference.tiles import GEMM_TILE_ROWS, first_row, prefill_phase, tile_count
+from services.inference.tiles import GEMM_TILE_ROWS, tile_count
 
 
 class ChunkForward:
@@ -31,6 +32,7 @@ class ChunkForward:
         self.start, self.end, self.total = start, end, len(prompt)
         self._unwrapped = unwrapped
         self._model, self._base, self._kv = model, model.base_model, kv
+        self._plan = kernel_plan(model)  # the model's: its layers read the phase and the placement from it
         self._ids = prompt[start:end]
         self.layer = 0  # the next decoder layer to run
         self.layer_count = len(self._base.layers)
@@ -44,14 +46,15 @@ class ChunkForward:
     def cost_tokens(self) -> int:
         """What the chunk costs through all layers, in tokens: its GEMM tiles' rows (a tile costs
         the same however many of its rows are the prompt's)."""
-        return tile_count(first_row(self.start, GEMM_TILE_ROWS), self.end - self.start, GEMM_TILE_ROWS) * GEMM_TILE_ROWS
+        first_row = self._plan.first_row(self.start, GEMM_TILE_ROWS)
+        return tile_count(first_row, self.end - self.start, GEMM_TILE_ROWS) * GEMM_TILE_ROWS
 
     def run(self, row: int, layers: int) -> torch.Tensor | None:
         """Runs the next ``layers`` decoder layers with the chunk's KV going to ``row``. Returns the last
         position's logits (1, 1, vocab) once the prompt's last chunk has run all layers, else None."""
         positions, mask = self._kv.prefill(row, self.start, self.end - self.start, self.total)
         base = self._base
-        with prefill_phase(self.start):
+        with self._plan.prefill(self.start):
             if self._hidden is None:
                 self._hidden = base.embed_tokens(torch.tensor([self._ids], device=positions.device))
             rotary = base.rotary_emb(self._hidden, position_ids=positions)
@@ -63,7 +66,7 @@ class ChunkForward:
                     # The last layer's output feeds the logits only: the prompt's last row, or none before.
                     outputs = None if index < last else (1 if self.end == self.total else 0)
                     self._hidden = decoder_layer(base.layers[index], index, self._hidden, rotary, mask, self._kv,
-                                                 decode=False, outputs=outputs)
+                                                 self._plan, decode=False, outputs=outputs)
             else:
                 for layer in base.layers[self.layer : stop]:
                     self._hidden = layer(self._hidden, attention_mask=mask, position_embeddings=rotary,

@@ -21,7 +21,7 @@ from services.inference.generation_types import Delta, Finished, GenerationReque
 from services.inference.loading import load_engine, warm_up_engine
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings
-from services.inference.threads import in_passing_thread
+from services.inference.threads import in_thread_that_ends
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -39,7 +39,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def warm_up(self) -> None:
         log.info("loading the model")
         # The executor's thread lives on: the torch work goes to a thread that ends (services/inference/threads.py).
-        engine = await asyncio.to_thread(in_passing_thread, self._load, "inference-load")
+        engine = await asyncio.to_thread(in_thread_that_ends, self._load, "inference-load")
         log.info("running a warm-up generation")
         await warm_up_engine(engine)
         self.engine = engine

@@ -7,12 +7,11 @@ for a while so the next region starts at once, but only while libgomp manages no
 more threads than there are CPUs; with a second team alive (the main thread's, or
 an executor thread's that loaded the model), the workers of both sleep between
 regions instead, and every one of the few hundred small regions of a decode step
-pays for waking them. Measured on 2 cores (SmolLM2-135M, int8, one row): 30 ms a
-step where the engine's worker is the only thread that ever ran torch, 66 ms where
-the thread that loaded the model was still alive.
+pays for waking them: on a machine with few cores, a decode step then takes
+several times as long.
 
 So the inference service loads the model in a thread that ends once it is done
-(``in_passing_thread``), and the engine runs its start-up checks and every forward
+(``in_thread_that_ends``), and the engine runs its start-up checks and every forward
 in its own worker thread (services/inference/engine.py): once serving, the
 worker's is the only team.
 """
@@ -25,7 +24,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def in_passing_thread(work: Callable[[], T], name: str = "torch-passing") -> T:
+def in_thread_that_ends(work: Callable[[], T], name: str = "torch-once") -> T:
     """``work()`` in a new thread that ends when it returns (taking its OpenMP team with it);
     its result, or its exception raised here."""
     outcome: dict[str, object] = {}

@@ -12,7 +12,7 @@ from meshkit.sampling import Sampling
 from services.inference.engine import chunk_end
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.precision import apply_precision
-from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS, placed
+from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS
 from tests.tiny_llama import tiny_engine, tiny_llama
 
 T = GEMM_TILE_ROWS
@@ -32,8 +32,7 @@ T = GEMM_TILE_ROWS
     (10 * T, 10 * T + 3, 0, True, 10 * T + 3),
 ])
 def test_a_chunk_ends_at_the_prompts_end_or_on_a_tile_boundary_within_the_budget(start, total, budget, first, end):
-    with placed(BY_POSITION):
-        assert chunk_end(start, total, budget, first) == end
+    assert chunk_end(start, total, budget, first, BY_POSITION) == end
 
 
 @pytest.mark.parametrize(("start", "total", "budget", "first", "end"), [
@@ -46,8 +45,7 @@ def test_a_chunk_ends_at_the_prompts_end_or_on_a_tile_boundary_within_the_budget
 ])
 def test_placed_from_the_start_a_chunk_after_a_reused_prefix_takes_whole_tiles_from_there(start, total, budget, first,
                                                                                            end):
-    with placed(FROM_START):
-        assert chunk_end(start, total, budget, first) == end
+    assert chunk_end(start, total, budget, first, FROM_START) == end
 
 
 def run_greedy(engine, prompt: list[int], max_new_tokens: int) -> list[str]:

@@ -5,11 +5,13 @@ from torch import nn
 
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
+from services.inference.decode_linear import DecodeKernel
 from services.inference.decode_step import decode_step_for
+from services.inference.joined_linear import JoinedLinear
 from services.inference.kv import SlotKV
 from services.inference.layered import ChunkForward
 from services.inference.loading import load_model
-from services.inference.precision import DecodeLinear, apply_precision
+from services.inference.precision import apply_precision
 from tests.tiny_llama import tiny_llama
 
 
@@ -106,13 +108,13 @@ def test_a_prefills_last_layer_computes_the_last_rows_output_only_and_nothing_be
 def test_projections_are_joined_only_where_the_joined_kernel_keeps_each_ones_bits(monkeypatch):
     assert decode_step_for(apply_precision(tiny_llama(), "float32").eval())._joined is None  # tiled GEMM: never
     assert decode_step_for(apply_precision(tiny_llama(), "int8").eval())._joined is not None  # a row per output
-    real = DecodeLinear.decode_rows
+    real = DecodeKernel.decode_rows
 
     def joined_rounds_its_own_way(self, flat):
         out = real(self, flat)
-        return out + 1e-2 if self.weight_float32 is None else out  # a joined layer keeps no prefill copy
+        return out + 1e-2 if isinstance(self, JoinedLinear) else out
 
-    monkeypatch.setattr(DecodeLinear, "decode_rows", joined_rounds_its_own_way)
+    monkeypatch.setattr(DecodeKernel, "decode_rows", joined_rounds_its_own_way)
     model = apply_precision(tiny_llama(), "int8").eval()
     assert decode_step_for(model)._joined is None
     compare(model, [3, 17, 40])  # the per-projection path: still the model's own logits

@@ -274,7 +274,8 @@ def test_the_start_up_checks_run_on_the_engines_worker_thread_and_a_refusal_is_r
     import threading
 
     from services.inference import engine as engine_module
-    from services.inference.precision import RowDependence, apply_precision
+    from services.inference.kernel_checks import RowDependence
+    from services.inference.precision import apply_precision
 
     ran_on = []
     real = engine_module._check_kernels
@@ -300,11 +301,33 @@ def test_the_start_up_checks_run_on_the_engines_worker_thread_and_a_refusal_is_r
     assert "inference-engine" not in {thread.name for thread in threading.enumerate()} - before
 
 
-def test_work_in_a_passing_thread_returns_its_result_or_raises_its_error_in_the_caller():
+def test_work_in_a_thread_that_ends_returns_its_result_or_raises_its_error_in_the_caller():
     import threading
 
-    from services.inference.threads import in_passing_thread
+    from services.inference.threads import in_thread_that_ends
 
-    assert in_passing_thread(lambda: threading.current_thread().name, "passing") == "passing"
+    assert in_thread_that_ends(lambda: threading.current_thread().name, "passing") == "passing"
     with pytest.raises(ValueError, match="bad"):
-        in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+        in_thread_that_ends(lambda: (_ for _ in ()).throw(ValueError("bad")))
+
+
+def test_two_engines_in_one_process_keep_their_own_kernel_settings():
+    """The start-up choices (prefill tiles' placement, a one-tile GEMM's parts) are each engine's model's:
+    a second engine starting in the process, with other options, leaves the first one's as they were."""
+    from services.inference.precision import apply_precision
+    from services.inference.tiles import BY_POSITION, FROM_START
+
+    first = tiny_engine(apply_precision(tiny_llama(), "float32"), threads=1)
+    try:
+        # Set against what this CPU allows, so the second engine's own choice can only differ from it.
+        first.kernels.placement = FROM_START if first.kernels.placement == BY_POSITION else BY_POSITION
+        chosen = first.kernels.placement
+        second = tiny_engine(apply_precision(tiny_llama(), "float32"), threads=2)
+        try:
+            assert second.kernels is not first.kernels
+            assert second.kernels.placement != chosen
+            assert (first.kernels.placement, first.kernels.one_tile_parts) == (chosen, 1)
+        finally:
+            second.close()
+    finally:
+        first.close()

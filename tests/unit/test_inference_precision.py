@@ -18,24 +18,25 @@ from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.inference.attention import tiled_sdpa_attention
 from services.inference.cpu_features import read_cpu_features
+from services.inference.decode_linear import DecodeLinear
+from services.inference.kernel_checks import (
+    RowDependence,
+    check_row_independence,
+    choose_one_tile_parts,
+    choose_tile_placement,
+)
+from services.inference.kernel_plan import KernelPlan, kernel_plan
 from services.inference.loading import load_model
 from services.inference.precision import (
     FASTEST_FIRST,
     MAX_DECODE_ROWS,
-    DecodeLinear,
-    RowDependence,
     apply_fastest_precision,
     apply_precision,
-    check_row_independence,
-    choose_one_tile_parts,
-    choose_tile_placement,
     kernel_paths,
     model_precision,
-    prefill_phase,
-    set_gemm_rows,
 )
 from services.inference.settings import InferenceSettings
-from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS, placed
+from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS
 from tests.tiny_llama import tiny_llama
 
 # Openings of public-domain novels (Austen, Dickens, Melville, Tolstoy, Fitzgerald, Carroll).
@@ -45,7 +46,7 @@ MAX_RELATIVE_INCREASE = 0.03
 
 def perplexity(dtype: str) -> float:
     model, tokenizer = load_model(load_model_files(default_home()), dtype)
-    set_gemm_rows(model, 10**9)
+    kernel_plan(model).gemm_rows = 10**9
     ids = tokenizer(TEXT.read_text(), return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         loss = model(input_ids=ids, labels=ids).loss.float()
@@ -139,7 +140,7 @@ def test_prefill_uses_float32_gemm_on_the_same_weights(precision):
     rows = torch.randn(40, 64).to(torch.bfloat16)  # more rows than any decode step: the GEMM path
     with torch.inference_mode():
         gemm = layer(rows).float()
-        set_gemm_rows(layer, 10**9)
+        layer.plan.gemm_rows = 10**9
         kernel = layer(rows).float()
         exact = rows.float() @ linear.weight.float().T + linear.bias.float()
     # The same weights in both paths: they differ by rounding only, and both track float32.
@@ -163,8 +164,7 @@ def placement(request):
     if request.param == FROM_START and not placement_from_start_holds():
         pytest.skip(f"this CPU ({read_cpu_features().summary()}) gives a row other bits elsewhere in a tile: "
                     "the engine places rows by position here")
-    with placed(request.param):
-        yield request.param
+    return request.param
 
 
 def tiny_llama_in(precision: str) -> nn.Module:
@@ -175,15 +175,17 @@ def tiny_llama_in(precision: str) -> nn.Module:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_in_prefill_a_rows_result_does_not_depend_on_how_many_rows_come_with_it(precision, shape, placement):
     torch.manual_seed(0)
-    layer = apply_precision(nn.Sequential(nn.Linear(*shape)), precision)[0]
+    model = apply_precision(nn.Sequential(nn.Linear(*shape)), precision)
+    layer, plan = model[0], kernel_plan(model)
+    plan.placement = placement
     rows = torch.randn(300, shape[0]).to(activation_dtype(precision))
     with torch.inference_mode():
-        with prefill_phase(0):
+        with plan.prefill(0):
             whole = layer(rows)
         for start in (1, 16, 32, 100, 160, 237, 256, 283, 297, 298, 299):  # a tail after a reused prefix
-            with prefill_phase(start):
+            with plan.prefill(start):
                 assert torch.equal(layer(rows[start:]), whole[start:]), start
-        with prefill_phase(0):  # and a shorter prompt sharing the beginning
+        with plan.prefill(0):  # and a shorter prompt sharing the beginning
             assert torch.equal(layer(rows[:77]), whole[:77])
 
 
@@ -197,11 +199,12 @@ def test_prefill_attention_gives_a_query_row_the_same_bits_whatever_the_prompts_
     mask = (torch.arange(width)[None] <= torch.arange(count)[:, None])[None, None]
     module = nn.Module()
     module.num_key_value_groups = heads // kv_heads
+    plan = module.kernel_plan = KernelPlan(placement)
     with torch.inference_mode():
-        with prefill_phase(0):
+        with plan.prefill(0):
             whole, _ = tiled_sdpa_attention(module, query, key, value, mask, scaling=dim**-0.5)
         for start in (16, 48, 64, 112, 200, 240, 256, 272, 283, 299):
-            with prefill_phase(start):
+            with plan.prefill(start):
                 tail, _ = tiled_sdpa_attention(module, query[:, :, start:], key, value, mask[:, :, start:],
                                                scaling=dim**-0.5)
             assert torch.equal(tail, whole[:, start:]), start
@@ -233,14 +236,13 @@ def test_the_start_up_check_refuses_a_decode_kernel_whose_rows_depend_on_the_bat
 
 
 def test_rows_whose_bits_depend_on_their_place_in_a_tile_are_placed_by_position(monkeypatch):
-    from services.inference import precision as module
+    from services.inference import decode_linear as module
 
     model = tiny_llama_in("float32")
     real = module.tiled_gemm
 
-    def place_dependent(x, weight, bias, tile_rows, *parts):  # what a kernel rounding edge rows its own way may do
-        out = real(x, weight, bias, tile_rows, *parts)
-        offset = module.tile_offset(tile_rows)
+    def place_dependent(x, weight, bias, tile_rows, offset, *parts):  # a kernel rounding edge rows its own way
+        out = real(x, weight, bias, tile_rows, offset, *parts)
         place = (torch.arange(offset, offset + x.shape[0]) % tile_rows == tile_rows - 1).float()[:, None]
         return out + 1e-3 * place
 
@@ -255,33 +257,34 @@ def test_a_tail_of_one_tiles_rows_after_a_reused_prefix_costs_one_tile_placed_fr
     from services.inference.layered import ChunkForward
 
     model = tiny_llama_in("float32")
-    prompt = list(range(300))
-    with placed(placement_):
-        chunk = ChunkForward(model, SlotKV(model.config, 1, torch.float32), prompt, 268, 300)
-        assert chunk.cost_tokens == tiles * GEMM_TILE_ROWS
+    kernel_plan(model).placement = placement_
+    chunk = ChunkForward(model, SlotKV(model.config, 1, torch.float32), prompt=list(range(300)), start=268, end=300)
+    assert chunk.cost_tokens == tiles * GEMM_TILE_ROWS
 
 
 def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_the_whole(monkeypatch):
-    from services.inference import precision as module
+    from services.inference import kernel_checks, tiled_gemm
 
     model = tiny_llama_in("float32")
+    plan = kernel_plan(model)
     assert choose_one_tile_parts(model, 1) == 1  # one thread: nothing to split over
-    real_parts = module._one_tile_in_parts
+    real_parts = tiled_gemm.one_tile_in_parts
     with monkeypatch.context() as patched:  # parts that round their own way: never split
-        patched.setattr(module, "_one_tile_in_parts", lambda tile, weight, parts: real_parts(tile, weight, parts) + 1e-3)
+        patched.setattr(kernel_checks, "one_tile_in_parts",
+                        lambda tile, weight, parts: real_parts(tile, weight, parts) + 1e-3)
         assert choose_one_tile_parts(model, 2) == 1
     if choose_one_tile_parts(model, 2) == 1:
         pytest.skip(f"this CPU ({read_cpu_features().summary()}) gives a one-tile GEMM in parts other bits: "
                     "the engine does not split it here")
     layer = model.model.layers[0].mlp.gate_proj
     calls = []
-    monkeypatch.setattr(module, "_one_tile_in_parts", lambda *args: calls.append(args[2]) or real_parts(*args))
+    monkeypatch.setattr(tiled_gemm, "one_tile_in_parts", lambda *args: calls.append(args[2]) or real_parts(*args))
     x = torch.randn(3 * GEMM_TILE_ROWS, layer.in_features, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        with prefill_phase(0), placed(FROM_START):
+        with plan.prefill(0), plan.placement_tried(FROM_START):
             whole_one_tile, whole_three = layer(x[:GEMM_TILE_ROWS]), layer(x)
             assert calls == []
-            module.set_one_tile_parts(model, 2)
+            plan.one_tile_parts = 2
             assert torch.equal(layer(x[:GEMM_TILE_ROWS]), whole_one_tile)  # in 2 parts, the same bits
             assert calls == [2]
             assert torch.equal(layer(x), whole_three)  # 3 tiles: one batched multiply, never split
@@ -295,3 +298,48 @@ def test_auto_passes_over_int4_for_layer_shapes_it_cannot_take():
         apply_precision(nn.Sequential(nn.Linear(64, 24)), "int4")  # 24 outputs: torch packs int4 rows by 16
     model = apply_fastest_precision(lambda: nn.Sequential(nn.Linear(64, 24)), read_cpu_features())
     assert model_precision(model) == "int8"
+
+
+def test_two_models_in_one_process_keep_their_own_tile_placement_and_gemm_split(monkeypatch):
+    """The placement and a one-tile GEMM's parts are each model's own (its engine's): a second model set
+    otherwise in the same process, as a second engine's start-up would, changes neither."""
+    from services.inference import tiled_gemm
+    from services.inference.kv import SlotKV
+    from services.inference.layered import ChunkForward
+
+    first, second = tiny_llama_in("float32"), tiny_llama_in("float32")
+    kernel_plan(first).placement, kernel_plan(first).one_tile_parts = FROM_START, 2
+    kernel_plan(second).placement, kernel_plan(second).one_tile_parts = BY_POSITION, 1
+    costs = [ChunkForward(model, SlotKV(model.config, 1, torch.float32), list(range(300)), 268, 300).cost_tokens
+             for model in (first, second)]
+    assert costs == [GEMM_TILE_ROWS, 2 * GEMM_TILE_ROWS]  # a tail from its start, and by position
+    calls = []
+    real_parts = tiled_gemm.one_tile_in_parts
+    monkeypatch.setattr(tiled_gemm, "one_tile_in_parts", lambda *args: calls.append(args[2]) or real_parts(*args))
+    x = torch.randn(GEMM_TILE_ROWS, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for model in (first, second):
+            with kernel_plan(model).prefill(0):
+                model.model.layers[0].mlp.gate_proj(x)
+    assert calls == [2]  # the first model's one-tile GEMM in 2 parts, the second's whole
+
+
+def test_a_prefill_through_one_model_leaves_another_models_forwards_decoding(monkeypatch):
+    """Whether a forward is a prefill is its own model's: on the same thread, inside another model's
+    prefill, a model's linear layer still takes its decode kernel."""
+    from services.inference import decode_linear
+
+    first, second = tiny_llama_in("int8"), tiny_llama_in("int8")
+    layer = second.model.layers[0].mlp.gate_proj
+    gemm_rows = []
+    real = decode_linear.tiled_gemm
+    monkeypatch.setattr(decode_linear, "tiled_gemm", lambda x, *args: gemm_rows.append(len(x)) or real(x, *args))
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    with torch.inference_mode():
+        decoded = layer.decode_rows(x)
+        with kernel_plan(first).prefill(5):
+            assert torch.equal(layer(x), decoded)
+        assert gemm_rows == []  # the int8 decode kernel
+        with kernel_plan(second).prefill(5):
+            layer(x)
+        assert gemm_rows == [3]  # its own prefill: the tiled float32 GEMM

@@ -23,12 +23,13 @@ from modelfiles.convert import load_model_files
 from services.inference.cpu_features import read_cpu_features
 from services.inference.engine import Engine, EngineOptions
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
+from services.inference.kernel_checks import RowDependence
+from services.inference.kernel_plan import kernel_plan
 from services.inference.kv import SlotKV
 from services.inference.layered import ChunkForward
 from services.inference.loading import load_model
-from services.inference.precision import RowDependence
 from services.inference.prefix import PrefixCache
-from services.inference.tiles import GEMM_TILE_ROWS, prefill_phase
+from services.inference.tiles import GEMM_TILE_ROWS
 
 pytestmark = pytest.mark.model
 
@@ -142,7 +143,7 @@ def test_a_prompt_prefilled_in_chunks_leaves_the_very_kv_and_logits_of_one_forwa
     with torch.inference_mode():
         row = kv.allocate("one forward")
         positions, mask = kv.prefill(row, 0, len(prompt))
-        with prefill_phase(0):
+        with kernel_plan(model).prefill(0):
             whole = model(input_ids=torch.tensor([prompt]), position_ids=positions, attention_mask=mask, cache=kv,
                           use_cache=True, logits_to_keep=1).logits
         kv.mark_ready("one forward")
