@@ -21,6 +21,14 @@ from cli.redis_acl import RedisUsers, write
 from meshkit.tracing.provider import ChosenIds
 
 REDIS_SERVER = "redis-server"
+# A test using one of these is marked ``redis`` (test-fast leaves it out).
+REDIS_FIXTURES = frozenset({"redis_server", "disposable_redis_server", "acl_redis_server", "acl_redis"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
 
 
 @dataclass
