@@ -2,7 +2,6 @@
 import asyncio
 
 import grpc
-import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -10,8 +9,6 @@ from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.tokenizer.servicer import build_spec
 from services.tokenizer.settings import TokenizerSettings
-
-pytestmark = pytest.mark.model  # the real model's tokenizer files
 
 CHAT = [
     tokenizer_pb2.Message(role="system", content="Be brief."),
