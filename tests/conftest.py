@@ -5,7 +5,6 @@ import itertools
 import shutil
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cli.launcher import free_port
 from cli.redis_acl import RedisUsers, write
 from meshkit.tracing.provider import ChosenIds
+from tests.polling import wait_until
 
 REDIS_SERVER = "redis-server"
 # A test using one of these is marked ``redis`` (test-fast leaves it out).
@@ -73,18 +73,17 @@ def running_redis_server(*extra_args: str):
 
 
 def _wait_until_listening(port: int, process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if process.poll() is not None:
             pytest.fail(f"redis-server exited with {process.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, default user off
-                    return
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, default user off
         except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"redis-server did not answer on port {port} within {timeout_s}s")
+            return False
+
+    wait_until(answers, timeout_s=timeout_s, what=f"redis-server to answer on port {port}")
 
 
 @pytest.fixture(scope="session")
