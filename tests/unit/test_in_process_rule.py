@@ -12,7 +12,7 @@ def test_starting_a_process_fails_the_test():
 
 
 def test_connecting_to_a_redis_this_process_did_not_open_fails_the_test():
-    with pytest.raises(pytest.fail.Exception, match="127.0.0.1:6379, which this process did not open"):
+    with pytest.raises(pytest.fail.Exception, match=r"127\.0\.0\.1:6379, which this process did not open"):
         redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
 
 
