@@ -14,11 +14,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis import asyncio as aioredis
 
 from cli.launcher import free_port
 from cli.redis_acl import RedisUsers, write
 from meshkit.tracing.provider import ChosenIds
-from tests.polling import wait_until
+from tests.polling import until, wait_until
 
 REDIS_SERVER = "redis-server"
 # A test using one of these is marked ``redis`` (test-fast leaves it out).
@@ -161,6 +162,23 @@ def fill_until_refused(url: str) -> None:
             except redis.OutOfMemoryError:
                 client.config_set("maxmemory", "1mb")
                 return
+
+
+async def until_redis_blocked(url: str) -> None:
+    """Returns once a DEBUG SLEEP sent before holds the server: a PING of its own goes unanswered."""
+    probe = aioredis.Redis.from_url(url, socket_timeout=0.05)
+
+    async def blocked() -> bool:
+        try:
+            await probe.ping()
+        except (redis.TimeoutError, TimeoutError):
+            return True
+        return False
+
+    try:
+        await until(blocked, timeout_s=5.0, every_s=0.01, what=f"a DEBUG SLEEP to hold the redis-server at {url}")
+    finally:
+        await probe.aclose()
 
 
 @pytest.fixture
