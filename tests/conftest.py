@@ -22,13 +22,16 @@ from meshkit.tracing.provider import ChosenIds
 from tests.polling import until, wait_until
 
 REDIS_SERVER = "redis-server"
-# A test using one of these is marked ``redis`` (test-fast leaves it out).
+# A test using one of these fixtures, or in a module that imports a starter, is marked ``redis``.
 REDIS_FIXTURES = frozenset({"redis_server", "disposable_redis_server", "acl_redis_server", "acl_redis"})
+REDIS_STARTERS = ("running_redis_server", "running_redis_cluster")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        module = getattr(item, "module", None)
+        if (REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or any(hasattr(module, starter) for starter in REDIS_STARTERS)):
             item.add_marker(pytest.mark.redis)
 
 
