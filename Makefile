@@ -38,10 +38,15 @@ up: setup
 	$(VENV)/bin/nlpmesh up
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q  # testpaths: unit, servicer, integration and e2e
 
+# In-process only (tests/in_process.py): no redis-server, no real model, no other process.
+# Two pytest processes, one a core: the tiny-model engine tests, and the rest.
+FAST := -q -p no:cacheprovider -m "not redis and not model and not e2e"
 test-fast: setup
-	$(PY) -m pytest -q -m "not model and not e2e"
+	$(PY) -m pytest $(FAST) tests/unit/test_inference_*.py & engine=$$!; \
+	$(PY) -m pytest $(FAST) tests/unit tests/servicer --ignore-glob='tests/unit/test_inference_*'; rest=$$?; \
+	wait $$engine && exit $$rest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

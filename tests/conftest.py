@@ -5,7 +5,6 @@ import itertools
 import shutil
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -15,12 +14,25 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis import asyncio as aioredis
 
 from cli.launcher import free_port
 from cli.redis_acl import RedisUsers, write
 from meshkit.tracing.provider import ChosenIds
+from tests.polling import until, wait_until
 
 REDIS_SERVER = "redis-server"
+# A test using one of these fixtures, or in a module that imports a starter, is marked ``redis``.
+REDIS_FIXTURES = frozenset({"redis_server", "disposable_redis_server", "acl_redis_server", "acl_redis"})
+REDIS_STARTERS = ("running_redis_server", "running_redis_cluster")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = getattr(item, "module", None)
+        if (REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or any(hasattr(module, starter) for starter in REDIS_STARTERS)):
+            item.add_marker(pytest.mark.redis)
 
 
 @dataclass
@@ -65,18 +77,17 @@ def running_redis_server(*extra_args: str):
 
 
 def _wait_until_listening(port: int, process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if process.poll() is not None:
             pytest.fail(f"redis-server exited with {process.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, default user off
-                    return
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, default user off
         except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"redis-server did not answer on port {port} within {timeout_s}s")
+            return False
+
+    wait_until(answers, timeout_s=timeout_s, what=f"redis-server to answer on port {port}")
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +165,23 @@ def fill_until_refused(url: str) -> None:
             except redis.OutOfMemoryError:
                 client.config_set("maxmemory", "1mb")
                 return
+
+
+async def until_redis_blocked(url: str) -> None:
+    """Returns once a DEBUG SLEEP sent before holds the server: a PING of its own goes unanswered."""
+    probe = aioredis.Redis.from_url(url, socket_timeout=0.05)
+
+    async def blocked() -> bool:
+        try:
+            await probe.ping()
+        except (redis.TimeoutError, TimeoutError):
+            return True
+        return False
+
+    try:
+        await until(blocked, timeout_s=5.0, every_s=0.01, what=f"a DEBUG SLEEP to hold the redis-server at {url}")
+    finally:
+        await probe.aclose()
 
 
 @pytest.fixture

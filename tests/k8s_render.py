@@ -2,7 +2,7 @@
 
 ``render`` uses ``kubectl kustomize`` (or ``kustomize build``) where one is installed, else
 ``render_in_python``, which reads the few kustomize features the base uses and refuses any
-other (tests/unit/test_k8s_manifests.py checks the two agree where both exist). Generated
+other (tests/integration/test_k8s_manifests.py checks the two agree where both exist). Generated
 names are given without kustomize's hash suffix. Nothing here needs a cluster or the network.
 """
 from __future__ import annotations

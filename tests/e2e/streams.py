@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from meshkit.percentile import percentile
+from tests.polling import wait_until
 
 OK = grpc.StatusCode.OK
 
@@ -139,15 +140,11 @@ class Load:
 
     def wait_for_streaming(self, timeout_s: float = 60.0) -> None:
         """Until a call is receiving tokens, bounded in time."""
-        deadline = time.monotonic() + timeout_s
-        while self.streaming == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: self.streaming > 0, timeout_s, 0.01, what="a call receiving tokens")
 
     def wait_for_calls(self, count: int, timeout_s: float = 60.0) -> None:
         """Until ``count`` calls have ended (the load is under way), bounded in time."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.outcomes) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(self.outcomes) >= count, timeout_s, 0.05, what=f"{count} calls ended")
 
     def stop(self) -> None:
         self._stop.set()

@@ -258,7 +258,7 @@ def test_a_storm_of_cancelled_streams_leaves_no_sequence_or_place_behind(chaos_m
                 if outcome.code != C.RESOURCE_EXHAUSTED:
                     break
                 refusals.append(outcome)
-                time.sleep(0.1)
+                time.sleep(0.1)  # a refused caller backs off before it retries: the storm's own pace
             outcomes.append(outcome)
 
     started = time.monotonic()
@@ -341,7 +341,7 @@ def test_sigstop_during_load_fails_calls_in_time_and_sigcont_recovers(chaos_mesh
 
     def pause() -> None:
         os.kill(victim.pid, signal.SIGSTOP)
-        time.sleep(5.0)
+        time.sleep(5.0)  # stopped this long: the behaviour under test
         os.kill(victim.pid, signal.SIGCONT)
 
     try:

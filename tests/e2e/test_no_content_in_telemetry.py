@@ -4,7 +4,6 @@ file, no /metrics page, and no error a caller gets back. tests/servicer/test_gat
 shows the same search finding it with capture_content on."""
 from __future__ import annotations
 
-import time
 import urllib.request
 import uuid
 
@@ -14,6 +13,7 @@ from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from cli.launcher import LocalMesh
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -71,10 +71,9 @@ def send_everything(stub: gateway_pb2_grpc.GatewayStub) -> list[grpc.RpcError]:
     stub.Generate(by_chat, timeout=120, metadata=metadata)
     list(stub.GenerateStream(by_chat, timeout=120, metadata=metadata))
     assert not stub.Generate(by_template, timeout=120, metadata=metadata).cache_hit
-    deadline = time.monotonic() + 30  # the store lands after the answer was sent
-    while not stub.Generate(by_template, timeout=120, metadata=metadata).cache_hit:
-        assert time.monotonic() < deadline, "no cache hit"
-        time.sleep(0.1)
+    # The store lands after the answer was sent.
+    wait_until(lambda: stub.Generate(by_template, timeout=120, metadata=metadata).cache_hit, 30, 0.1,
+               what="a cache hit on the template request")
     assert [c for c in stub.GenerateStream(by_template, timeout=120, metadata=metadata) if c.done][0].cache_hit
     errors = []
     for what, request, field in FAILING:

@@ -174,12 +174,14 @@ def test_a_draining_replica_takes_no_new_calls_and_finishes_its_streams(replica_
     def long_stream() -> None:
         outcomes.append(stream_once(gateway, finance_request(96), 120))
 
-    deadline = time.monotonic() + 60
-    while metric(replica_mesh, "inference-2", ACTIVE) == 0 and time.monotonic() < deadline:
+    def on_the_victim() -> bool:  # one more long stream each try, until one is under way there
+        if metric(replica_mesh, "inference-2", ACTIVE) > 0:
+            return True
         streams.append(threading.Thread(target=long_stream, daemon=True))
         streams[-1].start()
-        time.sleep(0.3)
-    assert metric(replica_mesh, "inference-2", ACTIVE) > 0, "no stream reached inference-2"
+        return False
+
+    wait_until(on_the_victim, 60, 0.3, what="a long stream under way on inference-2")
     # Every long stream has its first token (so its prefill is done, on whichever replica, queued ones
     # included: a drain still prefills the streams it queued before it began) before the count is read.
     wait_until(lambda: sum(per_replica(replica_mesh, FIRST_TOKENS).values()) - first_tokens_before >= len(streams),

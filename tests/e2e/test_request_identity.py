@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import grpc
@@ -10,6 +9,7 @@ import pytest
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from cli.launcher import LocalMesh
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -33,13 +33,8 @@ def log_records(mesh: LocalMesh, name: str) -> list[dict]:
 
 
 def wait_for_records(mesh: LocalMesh, name: str, request_id: str, timeout_s: float = 10.0) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        tagged = [r for r in log_records(mesh, name) if r["request_id"] == request_id]
-        if tagged:
-            return tagged
-        assert time.monotonic() < deadline, f"no {name} log line carries request id {request_id}"
-        time.sleep(0.05)
+    return wait_until(lambda: [r for r in log_records(mesh, name) if r["request_id"] == request_id], timeout_s, 0.05,
+                      what=f"a {name} log line carrying request id {request_id}")
 
 
 def test_the_callers_request_id_and_trace_id_reach_the_gateway_and_inference_logs(json_mesh):

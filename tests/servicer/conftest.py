@@ -1,7 +1,7 @@
 """A real in-process grpc.aio server on a free port, with a real channel to it."""
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 
 import grpc
@@ -9,6 +9,7 @@ import pytest
 
 from meshkit.server import SERVING, ServiceSpec, create_server
 from meshkit.settings import ServiceSettings
+from tests.in_process import in_process_only
 
 
 @dataclass
@@ -49,3 +50,20 @@ def inprocess_server():
     ``warm=False`` leaves the server NOT_SERVING until ``await running.warm_up()``.
     """
     return _inprocess_server
+
+
+def _in_process(item) -> bool:
+    """A servicer test not marked redis or model keeps to the in-process rule (tests/in_process.py)."""
+    return not (item.get_closest_marker("redis") or item.get_closest_marker("model"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with in_process_only("an unmarked tests/servicer test") if _in_process(item) else nullcontext():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with in_process_only("an unmarked tests/servicer test") if _in_process(item) else nullcontext():
+        return (yield)

@@ -2,20 +2,21 @@
 cache services, fake tokenizer and inference)."""
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import grpc
 import pytest
+import redis
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from redis import asyncio as aioredis
 
 from gateway.api_keys import create_key, revoke_key
 from gateway.tenant import Tenant
 from promptcache.keys import tenant_namespace
+from tests.polling import until
 from tests.servicer.gateway_mesh import run_mesh
+from tests.servicer.test_gateway_servicer import stored
 
 
 def finance(question: str = "What is a bond?") -> gateway_pb2.GenerateRequest:
@@ -59,6 +60,14 @@ async def refused(call) -> grpc.aio.AioRpcError:
     return caught.value
 
 
+async def is_refused(call) -> bool:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
 def test_no_malformed_unknown_or_revoked_key_is_unauthenticated_before_any_hop(inprocess_server, redis_server,
                                                                                 tmp_path):
     keys = tmp_path / "keys.toml"
@@ -73,7 +82,9 @@ def test_no_malformed_unknown_or_revoked_key_is_unauthenticated_before_any_hop(i
         stub = gateway_pb2_grpc.GatewayStub(channel)
         await stub.Generate(finance(), metadata=bearer(revoked), timeout=10)  # valid until revoked
         revoke_key(keys, revoked_id)
-        await asyncio.sleep(0.3)  # the watcher looks every 0.05 s
+        await until(lambda: is_refused(stub.ListTemplates(gateway_pb2.ListTemplatesRequest(), metadata=bearer(revoked),
+                                                          timeout=5)),
+                    what="the keys watcher to drop the revoked key")  # ListTemplates reaches no fake hop
         calls = (tokenizer.calls, inference.calls)
         outcomes = {}
         for name, metadata in presented.items():
@@ -129,16 +140,18 @@ def test_another_tenants_identical_prompt_misses_the_cache(inprocess_server, red
     keys = tmp_path / "keys.toml"
     _, alice = create_key(keys, Tenant("tenant-a"))
     _, bob = create_key(keys, Tenant("tenant-b"))
+    prefix = f"test:auth:{uuid.uuid4().hex}"
 
     async def scenario(channel, tokenizer, inference):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         first = await stub.Generate(finance(), metadata=bearer(alice), timeout=10)
-        await asyncio.sleep(0.3)  # the store runs after the answer was sent
+        await stored(redis_server, tenant_namespace(prefix, "tenant-a"))
         again = await stub.Generate(finance(), metadata=bearer(alice), timeout=10)
         other = await stub.Generate(finance(), metadata=bearer(bob), timeout=10)
         return first, again, other, inference.request_tenants
 
-    first, again, other, request_tenants = auth_mesh(inprocess_server, redis_server, tmp_path, scenario)
+    first, again, other, request_tenants = auth_mesh(inprocess_server, redis_server, tmp_path, scenario,
+                                                     key_prefix=prefix)
     assert not first.cache_hit and again.cache_hit  # the cache works for one tenant
     assert not other.cache_hit and other.text == first.text
     # B's miss was generated for B: the prefix-KV key on the inference side is salted with it.
@@ -156,23 +169,17 @@ def test_a_tenant_without_the_prompt_cache_neither_reads_nor_writes_it(inprocess
     async def scenario(channel, tokenizer, inference):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         await stub.Generate(finance(), metadata=bearer(cached), timeout=10)
-        await asyncio.sleep(0.3)
+        await stored(redis_server, tenant_namespace(prefix, "mixed"))
         assert (await stub.Generate(finance(), metadata=bearer(cached), timeout=10)).cache_hit
         without_read = await stub.Generate(finance(), metadata=bearer(uncached), timeout=10)
-        solo_replies = []
-        for _ in range(2):
-            solo_replies.append(await stub.Generate(finance("Solo?"), metadata=bearer(solo), timeout=10))
-            await asyncio.sleep(0.3)
-        redis = aioredis.from_url(redis_server)
-        try:
-            solo_keys = [k async for k in redis.scan_iter(f"{tenant_namespace(prefix, 'solo')}:*")]
-            mixed_keys = [k async for k in redis.scan_iter(f"{tenant_namespace(prefix, 'mixed')}:*")]
-        finally:
-            await redis.aclose()
-        return without_read, solo_replies, solo_keys, mixed_keys, inference.calls
+        solo_replies = [await stub.Generate(finance("Solo?"), metadata=bearer(solo), timeout=10) for _ in range(2)]
+        return without_read, solo_replies, inference.calls
 
-    without_read, solo_replies, solo_keys, mixed_keys, calls = auth_mesh(
-        inprocess_server, redis_server, tmp_path, scenario, key_prefix=prefix)
+    without_read, solo_replies, calls = auth_mesh(inprocess_server, redis_server, tmp_path, scenario, key_prefix=prefix)
+    # Read after the mesh closed: the gateway's close waits for its pending stores, so a wrongful one has landed.
+    with redis.Redis.from_url(redis_server) as client:
+        solo_keys = list(client.scan_iter(f"{tenant_namespace(prefix, 'solo')}:*"))
+        mixed_keys = list(client.scan_iter(f"{tenant_namespace(prefix, 'mixed')}:*"))
     assert not without_read.cache_hit  # the entry was there, and was not read
     assert [r.cache_hit for r in solo_replies] == [False, False]
     assert solo_keys == [] and mixed_keys  # nothing written for solo; the check can see keys

@@ -1,5 +1,4 @@
 """capture_content on the gateway: off, no span holds the request's text; on, its request span does."""
-import asyncio
 import uuid
 
 import pytest
@@ -8,6 +7,7 @@ from nlpmesh.gateway.v1 import gateway_pb2
 
 from meshkit import span_names
 from tests.servicer.gateway_mesh import run_mesh
+from tests.servicer.test_gateway_servicer import stored
 
 REQUEST_SPAN = "nlpmesh.gateway.v1.Gateway/Generate"
 
@@ -21,12 +21,8 @@ def spans_of_a_miss_and_a_hit(inprocess_server, redis_server, finished_spans, ca
             template=gateway_pb2.TemplateCall(id="finance_question", variables=variables),
             sampling=gateway_pb2.SamplingParams(max_new_tokens=3))
         replies = [await stub.Generate(request, timeout=10)]
-        for _ in range(100):  # the store runs after the answer was sent
-            replies.append(await stub.Generate(request, timeout=10))
-            if replies[-1].cache_hit:
-                break
-            await asyncio.sleep(0.02)
-        return replies
+        await stored(redis_server, f"test:{canary}")
+        return [*replies, await stub.Generate(request, timeout=10)]
 
     replies = run_mesh(inprocess_server, redis_server, scenario, key_prefix=f"test:{canary}", **settings)
     assert not replies[0].cache_hit and replies[-1].cache_hit

@@ -22,6 +22,8 @@ from tests.redis_cluster import RedisCluster, running_redis_cluster
 from tests.servicer.gateway_mesh import run_mesh
 from tests.servicer.test_cache_servicer import ANSWER, template_key
 
+pytestmark = pytest.mark.redis  # a Redis Cluster of its own
+
 
 @pytest.fixture(scope="module")
 def cluster() -> RedisCluster:

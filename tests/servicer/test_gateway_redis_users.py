@@ -2,18 +2,16 @@
 (deploy/redis/users.acl): a miss is stored by the cache service, the hit is read by the gateway."""
 from __future__ import annotations
 
-import asyncio
-
 from nlpmesh.gateway.v1 import gateway_pb2
 
 from tests.servicer.gateway_mesh import run_mesh
-from tests.servicer.test_gateway_servicer import finance
+from tests.servicer.test_gateway_servicer import finance, stored
 
 
 def test_a_miss_is_stored_and_then_hit_with_each_service_on_its_own_redis_user(inprocess_server, acl_redis):
     async def scenario(stub, tokenizer, inference):
         first = await stub.Generate(finance(max_new_tokens=3), timeout=10)
-        await asyncio.sleep(0.3)  # the store runs after the answer was sent
+        await stored(acl_redis.url("admin"), "nlpmesh:pc")
         second = await stub.Generate(finance(max_new_tokens=3), timeout=10)  # Redis: the near tier was empty
         third = await stub.Generate(finance(max_new_tokens=3), timeout=10)  # the near tier
         refresh = await stub.Generate(finance(gateway_pb2.CACHE_MODE_REFRESH, max_new_tokens=3), timeout=10)

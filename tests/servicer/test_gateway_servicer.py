@@ -2,11 +2,11 @@
 in-process fakes for the tokenizer and inference (unit scope: no model)."""
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import grpc
 import pytest
+import redis
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -55,14 +55,18 @@ def test_a_miss_makes_every_hop_and_a_hit_makes_only_the_cache_hop(inprocess_ser
 
 
 def test_sampled_requests_without_a_seed_are_never_cached(inprocess_server, redis_server):
+    prefix = f"test:gw-{uuid.uuid4().hex}"
+
     async def scenario(stub, tokenizer, inference):
         for _ in range(3):
             reply = await stub.Generate(finance(max_new_tokens=4, temperature=0.8), timeout=10)
             assert not reply.cache_hit
-            await asyncio.sleep(0.05)  # time for a wrongful store to land before the next lookup
         return inference.calls
 
-    assert run_mesh(inprocess_server, redis_server, scenario) == 3
+    assert run_mesh(inprocess_server, redis_server, scenario, key_prefix=prefix) == 3
+    # Read after the mesh closed: the gateway's close waits for its pending stores, so a wrongful one has landed.
+    with redis.Redis.from_url(redis_server) as client:
+        assert client.keys(f"{prefix}:*") == []
 
 
 def test_stream_ends_with_a_done_chunk_and_server_timing_trailer(inprocess_server, redis_server):

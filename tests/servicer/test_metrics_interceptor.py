@@ -42,14 +42,14 @@ class Probe:
     @rpc_method
     async def Count(self, request, context):
         for i in range(3):
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the time the call takes: its timed duration is the behaviour
             yield bytes([i])
 
     @rpc_method
     async def Forever(self, request, context):
         while True:
             yield b"."
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # an endless stream's pace, until the caller cancels it
 
 
 def probe_spec(service: str) -> ServiceSpec:

@@ -13,6 +13,7 @@ from gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, rev
 from gateway.auth import MALFORMED, MISSING, UNKNOWN, KeyFileAuth
 from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import Unauthenticated
+from tests.polling import until
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
@@ -130,6 +131,13 @@ def test_a_missing_file_holds_no_keys(tmp_path, caplog):
         auth.tenant_for(bearer(key))
 
 
+def tenant_of(auth, key: str) -> str | None:
+    try:
+        return auth.tenant_for(bearer(key)).id
+    except Unauthenticated:
+        return None
+
+
 def test_the_watcher_picks_up_a_new_key_without_being_asked(tmp_path):
     path = tmp_path / "keys.toml"
     create_key(path, Tenant("acme"))
@@ -139,12 +147,7 @@ def test_the_watcher_picks_up_a_new_key_without_being_asked(tmp_path):
         auth.start()
         _, key = create_key(path, Tenant("globex"))
         try:
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                try:
-                    return auth.tenant_for(bearer(key)).id
-                except Unauthenticated:
-                    continue
+            return await until(lambda: tenant_of(auth, key), what="the watcher to load the new key")
         finally:
             await auth.close()
 

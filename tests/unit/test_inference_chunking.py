@@ -2,7 +2,7 @@
 
 A chunk ends on a GEMM tile boundary (the prefill's fixed tiles,
 services/inference/tiles.py), so chunking never changes a row's bits; the
-real model's check of that is in tests/unit/test_inference_real_model.py.
+real model's check of that is in tests/integration/test_inference_real_model.py.
 """
 import asyncio
 

@@ -7,6 +7,7 @@ import pytest
 from meshkit.errors import InvalidArgument, ResourceExhausted, Unavailable
 from meshkit.sampling import Sampling
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
+from tests.polling import until, wait_until
 from tests.tiny_llama import real_tokenizer, tiny_engine, tiny_llama
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "日本語のテキスト"]
@@ -40,9 +41,7 @@ def run(engine, prompt: str, **sampling) -> tuple[str, Finished]:
 
 async def wait_idle(engine, within_s: float = 1.0) -> None:
     # Well under the time a LONG request would take to finish by itself.
-    deadline = time.monotonic() + within_s
-    while engine.active_count and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await until(lambda: not engine.active_count, timeout_s=within_s, every_s=0.01, what="the engine to go idle")
     assert engine.active_count == 0 and engine.queue_depth == 0
 
 
@@ -228,10 +227,8 @@ def test_a_long_prompts_kv_buffers_are_kept_while_busy_and_given_back_once_idle(
             assert engine._kv.capacity >= 1024
             _run_long_prompt(engine)
             assert engine._kv.capacity >= 1024
-        deadline = time.monotonic() + idle_s + 5.0
-        while engine._kv.capacity and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine._kv.capacity == 0
+        wait_until(lambda: engine._kv.capacity == 0, timeout_s=idle_s + 5.0, every_s=0.02,
+                   what="the idle engine to give its KV buffers back")
         assert time.monotonic() - grown_at >= idle_s * 0.9
     finally:
         engine.close()

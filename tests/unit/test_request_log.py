@@ -5,8 +5,6 @@ import contextvars
 import io
 import json
 import logging
-import os
-import subprocess
 import sys
 import threading
 from datetime import datetime
@@ -221,20 +219,25 @@ def test_the_format_is_a_setting_per_service(monkeypatch):
         LoggingSettings()
 
 
-def test_configure_logging_puts_the_ids_on_the_root_handler():
-    # A process of its own: configure_logging sets up the root logger, once.
-    script = (
-        "import logging\n"
-        "from meshkit.server import configure_logging\n"
-        "from meshkit.request_log import bind_request_id\n"
-        "configure_logging('info', 'json')\n"
-        "with bind_request_id('req-9'):\n"
-        "    logging.getLogger('grpc.somewhere').info('third-party line')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
-                          env=env)
-    [line] = done.stderr.splitlines()
+def test_configure_logging_puts_the_ids_on_the_root_handler(monkeypatch):
+    # basicConfig only configures a root logger without handlers: pytest's are set aside, and put back.
+    from meshkit.server import configure_logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    root.handlers.clear()
+    try:
+        configure_logging("info", "json")
+        with bind_request_id("req-9"):
+            logging.getLogger("grpc.somewhere").info("third-party line")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    [line] = stderr.getvalue().splitlines()
     record = json.loads(line)
     assert (record["logger"], record["request_id"], record["trace_id"]) == ("grpc.somewhere", "req-9", NO_ID)
 

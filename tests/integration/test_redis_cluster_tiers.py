@@ -25,9 +25,9 @@ from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 from services.inference.prefix import PrefixCache, RedisBlocks
+from tests.integration.test_redis_tls import make_pki
 from tests.polling import until
 from tests.redis_cluster import RedisCluster, running_redis_cluster
-from tests.unit.test_redis_tls import make_pki
 
 GREEDY = Sampling(max_new_tokens=16, temperature=0.0)
 TENANTS = [f"tenant-{n}" for n in range(8)]

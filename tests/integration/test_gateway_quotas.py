@@ -15,6 +15,8 @@ from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import ResourceExhausted, to_status
 from promptcache.keys import tenant_tag
 from promptcache.redis_tier import redis_client
+from tests.conftest import until_redis_blocked
+from tests.polling import until
 
 TENANT_ID = "acme-corp-secret-looking-id"
 
@@ -149,13 +151,16 @@ def test_a_crashed_replicas_streams_stop_counting_after_their_lease(redis_server
         await crashed.close()  # stops renewing without releasing, as a killed process would
         with pytest.raises(ResourceExhausted):
             await survivor.admit(who)
-        begun = time.monotonic()
-        while time.monotonic() - begun < 10.0:
+        async def admitted():
             try:
-                return await survivor.admit(who), time.monotonic() - begun
+                return await survivor.admit(who)
             except ResourceExhausted:
-                await asyncio.sleep(0.1)
-        pytest.fail("the crashed replica's streams still counted 10 s after a 0.5 s lease")
+                return None
+
+        begun = time.monotonic()
+        admission = await until(admitted, timeout_s=10.0, every_s=0.1,
+                                what="the crashed replica's streams to stop counting after a 0.5 s lease")
+        return admission, time.monotonic() - begun
 
     run_replicas(redis_server, body, stream_lease_s=0.5)
 
@@ -285,7 +290,7 @@ def test_slow_redis_falls_back_to_the_local_share_within_the_timeout(disposable_
     async def body(quotas):
         blocker = redis_client(disposable_redis_server.url)
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "1"))
-        await asyncio.sleep(0.1)
+        await until_redis_blocked(disposable_redis_server.url)
         begun = time.monotonic()
         admitted, _ = await attempts([quotas], who, 10)
         elapsed = time.monotonic() - begun
@@ -309,9 +314,11 @@ def test_redis_back_returns_every_replica_to_the_shared_quota(disposable_redis_s
         disposable_redis_server.restart()
         await asyncio.sleep(0.3)  # past fallback_s
         streams = f"{a.settings.key_prefix}:t:{{{tenant_tag(TENANT_ID)}}}:streams"
-        begun = time.monotonic()  # a's renewals put the streams it held back in the shared count
-        while await a.redis.zcard(streams) < 2 and time.monotonic() - begun < 5.0:
-            await asyncio.sleep(0.05)
+        async def shared_again():
+            return await a.redis.zcard(streams) >= 2
+
+        await until(shared_again, timeout_s=5.0, every_s=0.05,
+                    what="a's renewals to put the streams it held back in the shared count")
         shared = [await b.admit(who), await b.admit(who)]  # over b's share of 2 only if shared
         with pytest.raises(ResourceExhausted) as refused:
             await b.admit(who)
@@ -343,14 +350,17 @@ def test_a_release_redis_missed_is_made_good_before_the_lease_runs_out(disposabl
         admitted_at = time.monotonic()
         blocker = redis_client(disposable_redis_server.url)
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.5"))
-        await asyncio.sleep(0.1)
+        await until_redis_blocked(disposable_redis_server.url)
         await quotas.record_tokens(tenant(tokens_per_min=10), 1)  # times out: Redis skipped for fallback_s
         await admission.release()  # skipped: Redis still counts the stream
         await sleeping
         await blocker.aclose()
         streams = f"{quotas.settings.key_prefix}:t:{{{tenant_tag(TENANT_ID)}}}:streams"
-        while await quotas.redis.zcard(streams) > 0 and time.monotonic() - admitted_at < lease_s * 0.75:
-            await asyncio.sleep(0.1)
+        async def released():
+            return await quotas.redis.zcard(streams) == 0
+
+        await until(released, timeout_s=admitted_at + lease_s * 0.75 - time.monotonic(), every_s=0.1,
+                    what="the owed release to be made good before the lease runs out")
         return await quotas.redis.zcard(streams)
 
     assert run_replicas(disposable_redis_server.url, body, count=1, timeout_s=0.05, fallback_s=0.5,

@@ -10,6 +10,7 @@ from meshkit.sampling import Sampling
 from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
+from tests.conftest import until_redis_blocked
 
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
 
@@ -92,7 +93,7 @@ def test_a_slow_redis_counts_a_timeout_miss(redis_server):
         blocker = redis_client(redis_server)
         await blocker.ping()  # its connection open, so the DEBUG SLEEP goes out at once
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.3"))
-        await asyncio.sleep(0.02)
+        await until_redis_blocked(redis_server)
         assert await cache.lookup(key(), timeout_s=0.05) is None
         await sleeping
         await blocker.aclose()
@@ -106,7 +107,7 @@ def test_a_lookup_cut_short_by_the_callers_budget_counts_as_cancelled(redis_serv
         blocker = redis_client(redis_server)
         await blocker.ping()
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.3"))
-        await asyncio.sleep(0.02)
+        await until_redis_blocked(redis_server)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):  # what the gateway does with the cache hop's budget
                 await cache.lookup(key())

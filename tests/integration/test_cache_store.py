@@ -12,6 +12,7 @@ from meshkit.sampling import Sampling
 from promptcache import keys
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_tag
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
+from tests.conftest import until_redis_blocked
 
 GREEDY = Sampling(max_new_tokens=32, temperature=0.0)
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
@@ -100,7 +101,7 @@ def test_indexes_drop_expired_members(redis_server):
     async def body(cache):
         await cache.store(key(country="Italy"), ANSWER)
         await cache.store(key(country="Spain"), ANSWER, ttl_s=1)
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(1.1)  # past Spain's 1 s TTL: time passing is what is tested
         await cache.store(key(), ANSWER)
         template_index = keys.template_index(cache.prefix, tenant_tag("acme"), "capital")
         members = {m.decode() for m in await cache.redis.zrange(template_index, 0, -1)}
@@ -237,7 +238,7 @@ def test_slow_redis_is_a_miss_within_the_timeout(redis_server):
         blocker = redis_client(redis_server)
         await blocker.ping()  # its connection open, so the DEBUG SLEEP goes out at once
         sleeping = asyncio.create_task(blocker.execute_command("DEBUG", "SLEEP", "0.3"))
-        await asyncio.sleep(0.02)  # let the DEBUG SLEEP reach the server first
+        await until_redis_blocked(redis_server)
         started = time.monotonic()
         # A cache of 50 ms on the same (open) connections: its own timeout bounds the lookup.
         quick = PromptCache(cache.redis, cache.prefix, ttl_s=60, timeout_s=0.05)
