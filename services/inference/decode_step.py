@@ -10,7 +10,7 @@ calls the very same operations in the same order on the same modules and weights
 own ``rotary_emb``, the KV write through ``SlotKV.update``, attention through
 transformers' SDPA function, each linear layer through its decode kernel:
 ``DecodeLinear.decode_rows``), so its logits are bit-identical to the model's
-forward (tests/unit/test_inference_decode_step.py), and everything said about
+forward (tests/integration/test_inference_decode_step.py), and everything said about
 batch invariance holds unchanged. Where the precision's kernel gives the same
 bits for outputs side by side (checked at start), q, k and v are one kernel call
 and gate and up another (``JoinedLayer``, through ``JoinedLinear``,

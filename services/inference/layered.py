@@ -10,7 +10,7 @@ KV row is not part of the decode steps meanwhile.
 The layers are the model's own modules called as its own forward calls them
 (embeddings, rotary embeddings, each decoder layer, the final norm, the output
 layer on the last position), so a chunk run in groups gives the very bits of
-one forward; tests/unit/test_inference_real_model.py checks that on the real
+one forward; tests/integration/test_inference_real_model.py checks that on the real
 model. This is the Llama family's layout (SmolLM2 is one).
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ log = logging.getLogger("nlpmesh.inference")
 
 PRECISIONS = ("int8", "int4", "bfloat16", "float32")
 # ``auto`` takes the first of these whose kernels keep a row's bits independent of the batch on this
-# CPU. Each is within the perplexity guard (tests/unit/test_inference_precision.py).
+# CPU. Each is within the perplexity guard (tests/integration/test_inference_precision.py).
 FASTEST_FIRST = ("int4", "int8", "bfloat16", "float32")
 
 

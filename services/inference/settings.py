@@ -40,7 +40,7 @@ class InferenceSettings(ServiceSettings, service="inference"):
     # fastest whose kernels keep greedy output batch-independent on this CPU, int4 first
     # (decode is bound by reading the weights, and int4 reads the fewest bytes), and logs
     # it; a test keeps each within 3% of float32's perplexity
-    # (tests/unit/test_inference_precision.py). The engine refuses a precision named here
+    # (tests/integration/test_inference_precision.py). The engine refuses a precision named here
     # whose kernels cannot keep greedy output batch-independent on this CPU.
     dtype: Literal["auto", "int4", "int8", "bfloat16", "float32"] = "auto"
     # Where the model runs (services/inference/device.py): auto (CUDA where torch sees a
