@@ -1,5 +1,5 @@
 # One image for all five services; docker-compose.yml picks the command.
-# Build settings (README "Compose, run for real"):
+# Build settings (docs/operating/compose.md):
 #   --build-arg BASE_IMAGE=...        a Python 3.11 image with python and pip on PATH (default python:3.11-slim)
 #   --build-arg TORCH_INDEX_URL=...   the index the CPU build of torch comes from (default PyTorch's CPU index)
 #   --build-arg TORCH_FIND_LINKS=...  instead, a folder or page holding torch-2.13.0+cpu (pip --find-links;

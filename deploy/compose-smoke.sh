@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compose stack, run for real (on demand, not in CI; README "Compose, run for real").
+# The compose stack, run for real (on demand, not in CI; docs/operating/compose.md).
 #
 #   sudo deploy/compose-smoke.sh
 #

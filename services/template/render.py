@@ -9,7 +9,7 @@ A render is bounded (``RenderLimits``): it runs through ``Template.generate()``
 and checks the characters written and the time spent after every chunk. Jinja
 cannot be interrupted inside a render, and a worker thread cannot be killed,
 so checking between the chunks the render yields anyway is the one bound that
-costs next to nothing on a normal render (README: "Render limits"). A loop that
+costs next to nothing on a normal render (docs/concepts.md, "Templates and render limits"). A loop that
 writes nothing yields no chunk and is not checked: the sandbox caps each
 ``range()`` at 100,000 items and each variable has ``max_chars``.
 """
