@@ -33,7 +33,8 @@ def headline(results: dict) -> list[tuple[str, str]]:
     hits = results.get("cache_hits", {})
     if "cache_hit_c1[default]" in hits:
         row = hits["cache_hit_c1[default]"]
-        rows.append(("prompt-cache hit through the gateway, p50 / p99", f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms"))
+        rows.append(("prompt-cache hit through the gateway, p50 / p99",
+                     f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms"))
     if "grpc_empty_rpc_c1" in hits:
         rows.append(("an empty gRPC call to the gateway (one hop's floor), p50",
                      f"{hits['grpc_empty_rpc_c1']['p50_ms']:.2f} ms"))
