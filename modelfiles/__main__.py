@@ -1,18 +1,41 @@
-"""`python -m modelfiles convert`: the one-time model conversion (make setup)."""
+"""`python -m modelfiles convert [--model ID]`: the one-time conversion of every catalogue model (make setup)."""
 import argparse
 import sys
 
 from meshkit.settings import default_home
+from modelfiles.architectures import UnsupportedArchitecture
+from modelfiles.catalogue import CatalogueError, load_catalogue
 from modelfiles.convert import ensure_converted
+from modelfiles.sources import SourceError
 
 
-def main() -> int:
+def _say(line: str) -> None:
+    print(f"[model] {line}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelfiles")
     parser.add_argument("command", choices=["convert"])
-    parser.parse_args()
-    files = ensure_converted(default_home(), progress=lambda line: print(f"[model] {line}", flush=True))
-    print(f"[model] ready: {files.name} revision {files.revision} at {files.path}", flush=True)
-    return 0
+    parser.add_argument("--model", action="append", metavar="ID",
+                        help="convert only this catalogue model (repeatable; default: every one)")
+    args = parser.parse_args(argv)
+    try:
+        catalogue = load_catalogue()
+        models = [catalogue.get(model_id) for model_id in args.model] if args.model else list(catalogue.models)
+    except CatalogueError as error:
+        _say(str(error))
+        return 2
+    _say(f"{len(models)} model(s) from {catalogue.path}: {', '.join(model.id for model in models)}")
+    failed = 0
+    for model in models:
+        try:
+            files = ensure_converted(default_home(), model, progress=_say)
+        except (SourceError, UnsupportedArchitecture) as error:
+            _say(f"refused: {error}")
+            failed += 1
+            continue
+        _say(f"ready: {files.model_id} ({files.name}) revision {files.revision} at {files.path}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

