@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
+from modelfiles.architectures import check_engine_supports
 from modelfiles.convert import ModelFiles, load_model_files
 from services.inference.cpu_features import read_cpu_features
 from services.inference.device import describe, resolve_device
@@ -52,6 +53,7 @@ def load_engine(settings: InferenceSettings) -> Engine:
     """The real model in a started engine. Blocking: run it in a thread."""
     started = time.monotonic()
     files = load_model_files(settings.home)
+    check_engine_supports(files.model_id, files.architecture)
     device = resolve_device(settings.device)
     log.info("inference device: %s (NLPMESH_INFERENCE_DEVICE=%s)", describe(device), settings.device)
     model, tokenizer = load_model(files, settings.dtype, device)

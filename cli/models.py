@@ -1,0 +1,68 @@
+"""`nlpmesh models list`: each catalogue model, where it comes from, its revision and whether it is converted."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshkit.settings import default_home
+from modelfiles.architectures import UnsupportedArchitecture, check_convertible, engine_supports
+from modelfiles.catalogue import Catalogue, CatalogueError, CatalogueModel, load_catalogue
+from modelfiles.convert import converted_revision
+from modelfiles.sources import SourceError, inspect, locate, revision
+
+COLUMNS = ("ID", "SOURCE", "REVISION", "ARCHITECTURE", "CONTEXT", "CONVERTED", "PRECISION")
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    cells: tuple[str, ...]
+    problem: str | None  # one line when the source is missing, unreadable or unsupported
+
+
+def model_row(model: CatalogueModel, home: Path) -> ModelRow:
+    precision = "auto (chosen at start)" if "auto" in model.precisions else "/".join(model.precisions)
+    try:
+        files = locate(model)
+        facts = inspect(files)
+        check_convertible(model.id, facts.architecture)
+        current = revision(files, model.chat_template)
+    except (SourceError, UnsupportedArchitecture) as error:
+        return ModelRow((model.id, model.source.describe(), "-", "-", "-", "no", precision), str(error))
+    converted = converted_revision(home, model.id)
+    state = "yes" if converted == current else "no" if converted is None else f"stale ({converted})"
+    engine = "" if engine_supports(facts.architecture) else " (engine: not yet)"
+    context = model.context_length or facts.context_length
+    return ModelRow((model.id, model.source.describe(), current, facts.architecture + engine,
+                     str(context) if context else "-", state, precision), None)
+
+
+def models_table(catalogue: Catalogue, home: Path) -> tuple[int, str]:
+    """The table, then one line per model that cannot be served; 1 if there is any."""
+    rows = [model_row(model, home) for model in catalogue.models]
+    widths = [max(len(COLUMNS[i]), *(len(row.cells[i]) for row in rows)) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+             for cells in (COLUMNS, *(row.cells for row in rows))]
+    lines.append(f"catalogue: {catalogue.path}; converted models in {home / 'models'}")
+    problems = [row.problem for row in rows if row.problem]
+    lines += [f"refused: {problem}" for problem in problems]
+    return (1 if problems else 0), "\n".join(lines)
+
+
+def cmd_list(args) -> int:
+    try:
+        catalogue = load_catalogue(Path(args.file) if args.file else None)
+    except CatalogueError as error:
+        print(f"[nlpmesh] {error}")
+        return 2
+    code, text = models_table(catalogue, default_home())
+    print(text)
+    return code
+
+
+def add_parser(sub) -> None:
+    models = sub.add_parser("models", help="the model catalogue: what this mesh may serve")
+    actions = models.add_subparsers(dest="models_command", required=True)
+    listing = actions.add_parser("list", help="each model: id, source, revision, architecture, context, "
+                                              "converted or not, precision")
+    listing.add_argument("--file", help="the catalogue (default: $NLPMESH_MODELS_FILE, else deploy/models.toml)")
+    listing.set_defaults(run=cmd_list)
