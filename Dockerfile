@@ -26,4 +26,4 @@ COPY . .
 RUN pip install --no-deps -e . \
  && mkdir -p gen && python -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen $(find protos -name '*.proto') \
  && echo /app/gen > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nlpmesh-gen.pth" \
- && python -m modelfiles convert
+ && python -m modelfiles convert --model smollm2

