@@ -113,8 +113,10 @@ MEANINGS: dict[str, dict[str, str]] = {
 OTHER_VARIABLES: list[tuple[str, str, str]] = [
     ("NLPMESH_CONFIG", "every service", "A TOML file of settings: a `[<service>]` table each, keys as the "
      "*config key* columns above; the environment wins over it."),
-    ("NLPMESH_HOME", "every service, the CLI", "Where nlpmesh keeps the converted model, the run state "
-     "(`run/`), local spans, certificates and keys; default `~/.cache/nlpmesh`."),
+    ("NLPMESH_HOME", "every service, the CLI", "Where nlpmesh keeps the converted models (`models/<id>`), the "
+     "run state (`run/`), local spans, certificates and keys; default `~/.cache/nlpmesh`."),
+    ("NLPMESH_MODELS_FILE", "`python -m modelfiles`, `nlpmesh models`", "The model catalogue "
+     "([Models](models.md)); default `deploy/models.toml` in the repository."),
     ("NLPMESH_API_KEY", "`nlpmesh ask`", "The API key to send, instead of the local mesh's "
      "`$NLPMESH_HOME/local.key`."),
     ("NLPMESH_REDIS_MAXMEMORY", "`nlpmesh up`, docker-compose", "`maxmemory` of the Redis started for the "
