@@ -88,9 +88,9 @@ def ensure_converted(home: Path, model: CatalogueModel | None = None,
     wanted = revision(files, model.chat_template)
     folder = converted_dir(home, model.id)
     if converted_revision(home, model.id) == wanted:
-        files = load_model_files(home, model.id)
-        progress(f"{model.id}: up to date (revision {wanted}, {facts.architecture}) in {files.path}")
-        return files
+        converted = load_model_files(home, model.id)
+        progress(f"{model.id}: up to date (revision {wanted}, {facts.architecture}) in {converted.path}")
+        return converted
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -108,6 +108,11 @@ def ensure_converted(home: Path, model: CatalogueModel | None = None,
             "id": model.id, "name": model.name, "revision": wanted, "source": model.source.describe(),
             "architecture": facts.architecture, "context_length": model.context_length or facts.context_length,
         }))
+    except Exception as error:  # transformers could not read it: one line (the traceback at debug level)
+        shutil.rmtree(staging, ignore_errors=True)
+        log.debug("converting %s failed", model.id, exc_info=True)
+        first_line = (str(error).splitlines() or [""])[0]
+        raise SourceError(f"model {model.id}: the conversion failed: {type(error).__name__}: {first_line}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -163,3 +163,10 @@ def test_the_built_in_engine_runs_the_llama_family_only_for_now():
     with pytest.raises(UnsupportedArchitecture, match=r"^model gemma3: the built-in engine does not run "
                                                       r"architecture 'gemma3'; it runs: llama$"):
         check_engine_supports("gemma3", "gemma3")
+
+
+def test_a_source_transformers_cannot_read_is_refused_in_one_line(tmp_path):
+    write_gguf(tmp_path / "broken.gguf", "llama")  # a llama GGUF without a llama's tensors or tokenizer
+    with pytest.raises(SourceError, match=r"^model tiny: the conversion failed: \w+: [^\n]*$"):
+        ensure_converted(tmp_path / "home", model(tmp_path, '{ kind = "gguf", path = "broken.gguf" }'))
+    assert not (tmp_path / "home" / "models" / "tiny.partial").exists()
