@@ -9,13 +9,15 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO
 
+from gguf.constants import GGUFValueType
+
 MAGIC = b"GGUF"
 
-# GGUF value types: (struct format, size) of the fixed-size ones.
-_FIXED = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-          6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
-_STRING = 8
-_ARRAY = 9
+# The fixed-size value types (the gguf package's own numbering): their struct formats.
+_FIXED = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+          GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+          GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+          GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
 
 
 class NotGguf(ValueError):
@@ -45,15 +47,15 @@ def read_gguf_metadata(stream: BinaryIO, wanted: set[str]) -> dict[str, object]:
 
 def _value(stream: BinaryIO, kind: int) -> object:
     if kind in _FIXED:
-        fmt, size = _FIXED[kind]
-        return struct.unpack(fmt, _exactly(stream, size))[0]
-    if kind == _STRING:
+        fmt = _FIXED[kind]
+        return struct.unpack(fmt, _exactly(stream, struct.calcsize(fmt)))[0]
+    if kind == GGUFValueType.STRING:
         return _string(stream)
-    if kind == _ARRAY:
+    if kind == GGUFValueType.ARRAY:
         (item_kind,) = struct.unpack("<I", _exactly(stream, 4))
         (count,) = struct.unpack("<Q", _exactly(stream, 8))
         if item_kind in _FIXED:
-            _exactly(stream, count * _FIXED[item_kind][1])
+            _exactly(stream, count * struct.calcsize(_FIXED[item_kind]))
         else:  # strings (a tokenizer's vocabulary) or nested arrays: one by one
             for _ in range(count):
                 _value(stream, item_kind)
