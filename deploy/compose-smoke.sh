@@ -19,7 +19,8 @@
 #   - this host's extra CA certificates go into the build (deploy/ca-certificates/), so
 #     pip works behind a TLS-inspecting proxy;
 #   - torch's CPU build comes from the folder pip on this host finds it in (PIP_FIND_LINKS
-#     or pip's find-links setting, mounted into the build), else from TORCH_INDEX_URL;
+#     or pip's find-links setting, mounted into the build), else from TORCH_INDEX_URL, else
+#     from this host's pip index-url (PIP_INDEX_URL or pip's setting): the Dockerfile names none;
 #   - redis:7-alpine, prom/prometheus, otel-collector and Jaeger are replaced or left out
 #     through deploy/compose.smoke.yml (the script says so);
 #   - podman runs health checks from systemd timers; without systemd this script runs
@@ -200,9 +201,12 @@ else
   say "no extra CA certificates in $EXTRA_CA_DIR"
 fi
 
+# pip_setting NAME: this host's pip configuration (global.NAME), empty when unset. The build names no
+# index or mirror of its own: torch comes from where this host's pip finds packages.
+pip_setting() { (pip config get "global.$1" || python3 -m pip config get "global.$1") 2>/dev/null || true; }
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 torch_source=""
-find_links="${NLPMESH_TORCH_FIND_LINKS:-${PIP_FIND_LINKS:-$( (pip config get global.find-links || python3 -m pip config get global.find-links) 2>/dev/null || true)}}"
+find_links="${NLPMESH_TORCH_FIND_LINKS:-${PIP_FIND_LINKS:-$(pip_setting find-links)}}"
 for folder in $find_links; do
   folder="${folder#file://}"
   if compgen -G "$folder/torch-2.13.0+cpu-cp311-*.whl" >/dev/null; then
@@ -212,8 +216,10 @@ for folder in $find_links; do
   fi
 done
 if [ -z "$torch_source" ]; then
-  torch_source="the index ${TORCH_INDEX_URL:-the Dockerfile names (its TORCH_INDEX_URL default)}"
-  [ -n "${TORCH_INDEX_URL:-}" ] && build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+  torch_index="${TORCH_INDEX_URL:-${PIP_INDEX_URL:-$(pip_setting index-url)}}"
+  [ -n "$torch_index" ] || fail "no torch-2.13.0+cpu wheel in pip's find-links ($find_links) and no index: set TORCH_INDEX_URL (or pip's index-url)"
+  build_args+=(--build-arg "TORCH_INDEX_URL=$torch_index")
+  torch_source="the index $torch_index (TORCH_INDEX_URL, else this host's pip index-url)"
 fi
 say "torch 2.13.0 CPU build from $torch_source"
 
