@@ -3,7 +3,7 @@ containers run the same services with the same settings."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -26,25 +26,58 @@ class ServiceDef:
     port: int
     depends_on: tuple[str, ...]
     metrics_port: int = 0  # Prometheus /metrics; 0 = none
+    # The service it runs, whose NLPMESH_<KIND>_* settings it reads: its name, or "inference" for a
+    # per-model compose service "inference-<model id>"; and that model (its NLPMESH_<KIND>_MODEL).
+    kind: str = ""
+    model: str = ""
 
 
-def load_topology(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
-    """The mesh's gRPC services in start order.
+def compose_services(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
+    """Every gRPC service of the compose file as compose runs it, one per compose service.
 
-    Redis is handled apart; the other infrastructure (collector, Jaeger,
-    Prometheus) has no NLPMESH_<NAME>_PORT and is not run locally.
+    Redis and the other infrastructure (collector, Jaeger, Prometheus) have no
+    NLPMESH_<NAME>_PORT and are left out.
     """
     document = yaml.safe_load(compose_file.read_text())
     services = []
     for name, spec in document["services"].items():
         environment = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
-        if f"NLPMESH_{name.upper()}_PORT" not in environment:
+        kind = _kind(name, environment)
+        if kind is None:
             continue
-        port = int(environment[f"NLPMESH_{name.upper()}_PORT"])
-        metrics_port = int(environment.get(f"NLPMESH_{name.upper()}_METRICS_PORT", 0))
-        services.append(ServiceDef(name, tuple(spec["command"]), environment, port,
-                                   tuple(spec.get("depends_on") or ()), metrics_port))
-    return _start_order(services)
+        prefix = f"NLPMESH_{kind.upper()}_"
+        services.append(ServiceDef(
+            name, tuple(spec["command"]), environment, int(environment[prefix + "PORT"]),
+            tuple(spec.get("depends_on") or ()), int(environment.get(prefix + "METRICS_PORT", 0)),
+            kind, environment.get(prefix + "MODEL", "")))
+    return services
+
+
+def _kind(name: str, environment: dict[str, str]) -> str | None:
+    """The service a compose service runs: its name, or ``<kind>`` for ``<kind>-<model>`` serving that model."""
+    if f"NLPMESH_{name.upper()}_PORT" in environment:
+        return name
+    kind, _, model = name.partition("-")
+    if model and environment.get(f"NLPMESH_{kind.upper()}_MODEL") == model and \
+            f"NLPMESH_{kind.upper()}_PORT" in environment:
+        return kind
+    return None
+
+
+def load_topology(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:
+    """The processes the launcher runs, in start order: one per kind of service, named after it.
+
+    Of the per-model inference services it runs the first compose lists (the default model's);
+    the gateway then reaches that one process (local_environment) and learns its model from it.
+    """
+    every = compose_services(compose_file)
+    kind_of = {service.name: service.kind for service in every}
+    first: dict[str, ServiceDef] = {}
+    for service in every:
+        first.setdefault(service.kind, service)
+    return _start_order([replace(s, name=s.kind,
+                                 depends_on=tuple(dict.fromkeys(kind_of.get(d, d) for d in s.depends_on)))
+                         for s in first.values()])
 
 
 def _start_order(services: list[ServiceDef]) -> list[ServiceDef]:
@@ -97,6 +130,12 @@ def local_environment(service: ServiceDef, ports: dict[str, int], redis_url: str
         if key == "NLPMESH_TLS_DIR":
             continue  # a path inside the containers; the launcher sets its own (LocalMesh.tls_environment)
         match = _ADDRESS.match(value)
+        if key.endswith("_ADDRS"):
+            # A map of per-model services ({model: address}): locally one process of that kind runs
+            # (load_topology), reached at one address; the gateway learns its model from it.
+            kind = key.removeprefix(f"NLPMESH_{service.name.upper()}_").removesuffix("_ADDRS").lower()
+            env[key.removesuffix("S")] = replica_addresses(ports, kind)
+            continue
         if key.endswith("_HOST"):
             value = "127.0.0.1"
         elif key == f"NLPMESH_{service.name.upper()}_PORT":

@@ -5,10 +5,12 @@
 #
 # Builds nlpmesh:dev from the Dockerfile, brings docker-compose.yml up with docker-compose
 # (1.29 or v2) against a podman socket as project "nlpmesh", waits for every health check,
-# with two inference replicas (`up --scale inference=2`), asks the finance question through
-# the gateway twice (the second answer must be a prompt-cache hit), scrapes Prometheus (every
-# replica's /metrics, found by DNS), sends distinct short questions and checks through
-# Prometheus that both inference replicas generated, and takes the stack down (also on failure).
+# with one inference service per model and two replicas of the default model's
+# (`up --scale inference-smollm2=2`), asks the finance question through the gateway twice (the
+# second answer must be a prompt-cache hit), scrapes Prometheus (every replica's /metrics, found
+# by DNS), asks the question of gemma3 and checks through Prometheus that inference-gemma3
+# generated it, sends distinct short questions and checks through Prometheus that both replicas
+# of the default model generated, and takes the stack down (also on failure).
 #
 # Needs root, podman (with runc), docker-compose, curl, python3; debootstrap when no
 # base image is given. Made for a machine that reaches a Debian mirror and PyPI but no
@@ -35,7 +37,8 @@
 # NLPMESH_EXTRA_CA_DIR (default /usr/local/share/ca-certificates), COMPOSE (default docker-compose),
 # NLPMESH_SMOKE_HEALTH_INTERVAL_S (5), NLPMESH_SMOKE_HEALTH_TIMEOUT_S (900),
 # NLPMESH_SMOKE_REBUILD=1 (build the images even if they exist), NLPMESH_SMOKE_NETNS (1),
-# NLPMESH_SMOKE_INFERENCE_REPLICAS (2; 1 runs one inference container and skips the replica check),
+# NLPMESH_SMOKE_INFERENCE_REPLICAS (2: replicas of the default model's inference service; 1 skips the
+# replica check),
 # NLPMESH_SMOKE_REPLICA_QUESTIONS (10: the distinct questions sent to show both replicas serve).
 set -euo pipefail
 
@@ -50,13 +53,17 @@ DEBIAN_SUITE=bookworm  # its python3 is 3.11, the Python the pinned wheels are f
 HEALTH_INTERVAL_S="${NLPMESH_SMOKE_HEALTH_INTERVAL_S:-5}"
 HEALTH_TIMEOUT_S="${NLPMESH_SMOKE_HEALTH_TIMEOUT_S:-900}"
 NETNS=""; [ "${NLPMESH_SMOKE_NETNS:-1}" = 1 ] && NETNS=nlpmesh-smoke
-HEALTHY_SERVICES=(redis template tokenizer cache inference gateway)
+# One inference service per catalogue model (docker-compose.yml); the default model's is scaled.
+SCALED=inference-smollm2
+OTHER_MODEL=gemma3
+HEALTHY_SERVICES=(redis template tokenizer cache "$SCALED" "inference-$OTHER_MODEL" gateway)
 INFERENCE_REPLICAS="${NLPMESH_SMOKE_INFERENCE_REPLICAS:-2}"
 [[ "$INFERENCE_REPLICAS" =~ ^[1-4]$ ]] || { echo "NLPMESH_SMOKE_INFERENCE_REPLICAS: 1 to 4, not $INFERENCE_REPLICAS" >&2; exit 2; }
 REPLICA_QUESTIONS="${NLPMESH_SMOKE_REPLICA_QUESTIONS:-10}"
 [[ "$REPLICA_QUESTIONS" =~ ^[0-9]+$ ]] && ((REPLICA_QUESTIONS >= 2 && REPLICA_QUESTIONS <= 20)) \
   || { echo "NLPMESH_SMOKE_REPLICA_QUESTIONS: 2 to 20, not $REPLICA_QUESTIONS" >&2; exit 2; }
-METRICS_TARGETS=$((4 + INFERENCE_REPLICAS))  # one /metrics per container: gateway, template, tokenizer, cache, each inference
+# one /metrics per container: gateway, template, tokenizer, cache, inference-gemma3, each default-model replica
+METRICS_TARGETS=$((5 + INFERENCE_REPLICAS))
 QUESTION="What are the applications of real-time AI in the financial industry?"  # cli/main.py DEMO_QUESTION
 STARTED=$SECONDS
 
@@ -281,7 +288,7 @@ for c in json.load(sys.stdin):
     print(labels.get("com.docker.compose.service", c["Name"]), health.get("Status") or c["State"]["Status"], c["Name"].lstrip("/"))'
 }
 expected_containers() {  # expected_containers SERVICE: how many containers it runs
-  if [ "$1" = inference ]; then echo "$INFERENCE_REPLICAS"; else echo 1; fi
+  if [ "$1" = "$SCALED" ]; then echo "$INFERENCE_REPLICAS"; else echo 1; fi
 }
 container_addresses() {  # "<address> <container name>" for each container of the project
   podman ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.ID}}' \
@@ -303,8 +310,8 @@ compose config -q || fail "$COMPOSE rejects docker-compose.yml with deploy/compo
 say "$COMPOSE config -q: docker-compose.yml and deploy/compose.smoke.yml are valid"
 STACK_UP=1
 compose down -v --remove-orphans >/dev/null 2>&1 || true  # a stack left by an interrupted run
-run_logged "$COMPOSE -p $PROJECT up -d --no-build --scale inference=$INFERENCE_REPLICAS (waits for the dependencies' health)" \
-  "$SMOKE_DIR/logs/compose-up.log" compose up -d --no-build --scale "inference=$INFERENCE_REPLICAS"
+run_logged "$COMPOSE -p $PROJECT up -d --no-build --scale $SCALED=$INFERENCE_REPLICAS (waits for the dependencies' health)" \
+  "$SMOKE_DIR/logs/compose-up.log" compose up -d --no-build --scale "$SCALED=$INFERENCE_REPLICAS"
 sed 's/^/    /' "$SMOKE_DIR/logs/compose-up.log"
 
 say "waiting for every health check (${HEALTH_TIMEOUT_S}s at most)"
@@ -325,10 +332,10 @@ say "every health check passes ($INFERENCE_REPLICAS inference replicas):"
 sort <<<"$states" | awk '{printf "    %-12s %-8s %s\n", $1, $2, $3}'
 
 # ---------------------------------------------------------------- the finance question, twice
-ask() {  # ask CACHE_MODE: through the gateway's published port, over TLS, with the API key
+ask() {  # ask CACHE_MODE [nlpmesh ask options]: through the gateway's published port, over TLS, with the API key
   in_ns podman run --rm --network host -e NLPMESH_API_KEY -v "$SMOKE_DIR/certs:/certs:ro" "$IMAGE" \
     nlpmesh ask --addr 127.0.0.1:50051 --tls-dir /certs --template finance_question \
-    --var "question=$QUESTION" --cache "$1"
+    --var "question=$QUESTION" --cache "$@"
 }
 show() {  # the answer's first line, then nlpmesh ask's timing table
   local answer=${1%%$'\n'cache_hit=*}
@@ -392,9 +399,25 @@ for r in json.load(sys.stdin)["data"]["result"]:
 done
 say "Prometheus scraped all $METRICS_TARGETS /metrics targets (every replica, found by DNS) and recorded the cache hit"
 
+# ---------------------------------------------------------------- the other model
+# The gateway routes by `model`: the question asked of gemma3 is generated by its own service.
+OTHER_GENERATIONS="sum(nlpmesh_rpc_handled_total{service=\"inference\",compose_service=\"inference-$OTHER_MODEL\",method=~\".*Generate\"})"
+say "asking the finance question of $OTHER_MODEL (nlpmesh ask --model $OTHER_MODEL), cache refresh"
+other=$(ask refresh --model "$OTHER_MODEL") || fail "asking $OTHER_MODEL failed: $other"
+show "$other"
+deadline=$((SECONDS + 60))
+until prom query "$OTHER_GENERATIONS" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["data"]["result"]
+sys.exit(0 if r and float(r[0]["value"][1]) >= 1 else 1)' 2>/dev/null; do
+  ((SECONDS > deadline)) && fail "Prometheus counts no generation on inference-$OTHER_MODEL within 60 s"
+  sleep 3
+done
+say "inference-$OTHER_MODEL generated the answer: the gateway routed the request by its model"
+
 # ---------------------------------------------------------------- both inference replicas serve
 # Generations per inference replica, as Prometheus last scraped them: "<instance> <count>" lines.
-GENERATIONS='sum by (instance) (nlpmesh_rpc_handled_total{service="inference",method=~".*Generate"})'
+GENERATIONS="sum by (instance) (nlpmesh_rpc_handled_total{service=\"inference\",compose_service=\"$SCALED\",method=~\".*Generate\"})"
 generations() {
   prom query "$GENERATIONS" | python3 -c '
 import json, sys
@@ -490,14 +513,14 @@ if ((INFERENCE_REPLICAS > 1)); then
   serving=$(awk '$3 > 0' "$SMOKE_DIR/distinct.txt" | wc -l)
   ((serving == INFERENCE_REPLICAS)) \
     || fail "$serving of $INFERENCE_REPLICAS inference replicas generated for $REPLICA_QUESTIONS prompts with distinct first blocks"
-  say "every inference replica ($INFERENCE_REPLICAS) generated: the gateway reaches each one through dns:///inference:50055"
+  say "every $SCALED replica ($INFERENCE_REPLICAS) generated: the gateway reaches each one through dns:///$SCALED:50055"
 
   states=$(health_status)
-  up=$(prom query 'up{job="nlpmesh",compose_service="inference"}' | python3 -c '
+  up=$(prom query "up{job=\"nlpmesh\",compose_service=\"$SCALED\"}" | python3 -c '
 import json, sys
 print(" ".join("%s=%s" % (r["metric"]["instance"], r["value"][1]) for r in json.load(sys.stdin)["data"]["result"]))')
-  say "inference replicas now: $(grep '^inference ' <<<"$states" | awk '{print $3, $2}' | tr '\n' ' ')| Prometheus up: $up"
-  (($(grep -c '^inference healthy ' <<<"$states") == INFERENCE_REPLICAS)) || fail "not every inference replica is healthy: $states"
+  say "$SCALED replicas now: $(grep "^$SCALED " <<<"$states" | awk '{print $3, $2}' | tr '\n' ' ')| Prometheus up: $up"
+  (($(grep -c "^$SCALED healthy " <<<"$states") == INFERENCE_REPLICAS)) || fail "not every $SCALED replica is healthy: $states"
   (($(grep -o '=1' <<<"$up" | wc -l) == INFERENCE_REPLICAS)) || fail "Prometheus does not scrape every inference replica up: $up"
 else
   say "one inference replica (NLPMESH_SMOKE_INFERENCE_REPLICAS=1): no replica check"

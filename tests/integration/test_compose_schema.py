@@ -1,9 +1,12 @@
-"""docker-compose.yml validates under compose v2 and under docker-compose 1.29.
+"""docker-compose.yml validates under compose v2 and under docker-compose 1.29, and runs one
+inference service per catalogue model.
 
 docker-compose 1.29 (Debian's, what `deploy/compose-smoke.sh` runs over podman) rejects
 top-level keys it does not know, `name:` among them; the project name goes on the command
 line (`-p nlpmesh`) instead.
 """
+import copy
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +16,7 @@ import pytest
 import yaml
 
 from cli.topology import COMPOSE_FILE
+from tests.catalogue_services import ADDRS_ENV, MODEL_ENV, catalogue_ids, coverage_problems, inference_service
 
 # The top-level keys docker-compose 1.29's schema (compose_spec.json) accepts, besides `x-*`.
 COMPOSE_129_TOP_LEVEL = {"version", "services", "networks", "volumes", "secrets", "configs"}
@@ -75,3 +79,49 @@ def test_docker_compose_1_29_rejects_the_file_with_a_top_level_name(tmp_path):
     result = _config_quiet(binary, broken)
     assert result.returncode != 0
     assert "name" in result.stderr
+
+
+# --- one inference service per catalogue model --------------------------------------------
+
+def model_coverage(document: dict, ids: tuple[str, ...]) -> list[str]:
+    """What the compose file lacks for the catalogue (tests/catalogue_services.py), and the
+    gateway's start: it waits for the default model's service to be healthy."""
+    services = document["services"]
+    served = {name: spec["environment"][MODEL_ENV] for name, spec in services.items()
+              if MODEL_ENV in (spec.get("environment") or {})}
+    port = int(services[inference_service(ids[0])]["environment"]["NLPMESH_INFERENCE_PORT"]) \
+        if inference_service(ids[0]) in services else 0
+    gateway = services["gateway"]
+    problems = coverage_problems(served, gateway["environment"], port, ids)
+    for name in served:
+        if name not in gateway.get("depends_on", {}):
+            problems.append(f"gateway: no depends_on {name}")
+    if gateway.get("depends_on", {}).get(inference_service(ids[0])) != {"condition": "service_healthy"}:
+        problems.append(f"gateway: must wait for {inference_service(ids[0])} (the default model) to be healthy")
+    return problems
+
+
+@pytest.fixture
+def document() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_every_catalogue_model_has_its_inference_service_and_the_gateway_routes_to_it(document):
+    assert len(catalogue_ids()) >= 2
+    assert model_coverage(document, catalogue_ids()) == []
+
+
+def test_a_model_without_its_service_or_its_address_is_reported(document):
+    default, other = catalogue_ids()[:2]
+    without_service = copy.deepcopy(document)
+    del without_service["services"][inference_service(other)]
+    assert any(f"no inference service for catalogue model {other!r}" in p
+               for p in model_coverage(without_service, catalogue_ids()))
+    without_address = copy.deepcopy(document)
+    env = without_address["services"]["gateway"]["environment"]
+    env[ADDRS_ENV] = json.dumps({k: v for k, v in json.loads(env[ADDRS_ENV]).items() if k != other})
+    assert any(ADDRS_ENV in p for p in model_coverage(without_address, catalogue_ids()))
+    misnamed = copy.deepcopy(document)
+    misnamed["services"][inference_service(other)]["environment"][MODEL_ENV] = default
+    assert model_coverage(misnamed, catalogue_ids()) != []
+    assert model_coverage(document, (*catalogue_ids(), "another")) != []  # a model added to the catalogue only

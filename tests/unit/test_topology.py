@@ -3,7 +3,7 @@ from pathlib import Path
 
 import yaml
 
-from cli.topology import COMPOSE_FILE, load_topology, local_environment
+from cli.topology import COMPOSE_FILE, compose_services, load_topology, local_environment
 from meshkit.settings import DEFAULT_PORTS
 
 
@@ -19,10 +19,28 @@ def test_compose_ports_match_the_documented_defaults():
 
 def test_every_compose_service_has_a_grpc_health_check():
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    for name in DEFAULT_PORTS:
-        test = services[name]["healthcheck"]["test"]
-        assert test[:3] == ["CMD", "nlpmesh", "health"], name
-        assert test[-1].endswith(f":{DEFAULT_PORTS[name]}"), name
+    for service in compose_services():
+        test = services[service.name]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "nlpmesh", "health"], service.name
+        assert test[-1].endswith(f":{DEFAULT_PORTS[service.kind]}"), service.name
+
+
+def test_inference_runs_as_one_compose_service_per_model_and_the_launcher_runs_the_first():
+    inference = [s for s in compose_services() if s.kind == "inference"]
+    assert [s.name for s in inference] == [f"inference-{s.model}" for s in inference]
+    assert len(inference) >= 2 and len({s.model for s in inference}) == len(inference)
+    (local,) = [s for s in load_topology() if s.kind == "inference"]
+    assert (local.name, local.model, local.environment) == ("inference", inference[0].model, inference[0].environment)
+    gateway = next(s for s in load_topology() if s.name == "gateway")
+    assert "inference" in gateway.depends_on and not any(d.startswith("inference-") for d in gateway.depends_on)
+
+
+def test_the_gateways_per_model_address_map_becomes_the_one_local_inference_address():
+    gateway = next(s for s in load_topology() if s.name == "gateway")
+    assert "NLPMESH_GATEWAY_INFERENCE_ADDRS" in gateway.environment
+    env = local_environment(gateway, {**DEFAULT_PORTS, "inference": 51055}, "")
+    assert env["NLPMESH_GATEWAY_INFERENCE_ADDR"] == "127.0.0.1:51055"
+    assert "NLPMESH_GATEWAY_INFERENCE_ADDRS" not in env
 
 
 def test_local_environment_points_service_names_at_local_ports():
@@ -51,7 +69,7 @@ def test_every_compose_service_declares_its_own_metrics_port():
     metrics_ports = {s.name: s.metrics_port for s in load_topology()}
     assert all(metrics_ports.values()) and len(set(metrics_ports.values())) == len(metrics_ports)
     assert not set(metrics_ports.values()) & set(DEFAULT_PORTS.values())
-    for service in load_topology():
+    for service in compose_services():
         assert _container_ports(services[service.name]) == {service.port, service.metrics_port}, service.name
 
 
@@ -63,7 +81,7 @@ def test_internal_services_publish_no_host_port_so_compose_can_scale_them():
     """`docker compose up --scale inference=2` fails on a fixed host port ("port is already
     allocated"): template, tokenizer, cache and inference only expose theirs in the network."""
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    for name in DEFAULT_PORTS.keys() - {"gateway"}:
+    for name in (s.name for s in compose_services() if s.kind != "gateway"):
         assert "ports" not in services[name], name
         assert services[name]["expose"], name
     for name, ports in PUBLISHED.items():
@@ -75,7 +93,7 @@ def test_prometheus_finds_every_replica_of_every_service_by_dns():
     (job,) = prometheus["scrape_configs"]
     assert "static_configs" not in job
     found = {(c["names"][0], c["port"]) for c in job["dns_sd_configs"] if c["type"] == "A"}
-    assert found == {(s.name, s.metrics_port) for s in load_topology()}
+    assert found == {(s.name, s.metrics_port) for s in compose_services()}
 
 
 def test_local_environment_sets_the_assigned_metrics_port_and_none_without_one():
@@ -112,7 +130,7 @@ def test_the_compose_gateway_checks_keys_from_a_mounted_folder_and_the_launcher_
 
 def test_every_compose_service_reads_the_mounted_certificates_and_the_launcher_sets_its_own():
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    for service in load_topology():
+    for service in compose_services():
         folder = service.environment["NLPMESH_TLS_DIR"]
         assert any(v.endswith(f":{folder}:ro") for v in services[service.name]["volumes"]), service.name
         assert "NLPMESH_TLS_DIR" not in local_environment(service, dict(DEFAULT_PORTS), "")
