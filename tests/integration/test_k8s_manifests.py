@@ -1,5 +1,6 @@
 """deploy/k8s: every object valid against the Kubernetes schemas, and the same topology as
-docker-compose.yml (ports, variables, commands, probes, trust), without a cluster.
+docker-compose.yml (ports, variables, commands, probes, trust, one inference Deployment per
+catalogue model), without a cluster.
 
 The base is rendered by tests/k8s_render.py (kustomize where installed, else a reader of the
 features the base uses; a test checks they agree). Nothing here needs the network:
@@ -8,6 +9,7 @@ kubernetes-validate carries its schemas.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -22,10 +24,11 @@ import pytest
 import yaml
 
 from cli import redis_acl
-from cli.certs import DEFAULT_NAMESPACE, SERVICES, dns_names, init_certs
-from cli.topology import COMPOSE_FILE, REPO_ROOT, load_topology
+from cli.certs import DEFAULT_NAMESPACE, dns_names, init_certs
+from cli.topology import COMPOSE_FILE, REPO_ROOT, compose_services
 from meshkit.settings import TLS_DIR_ENV, ServiceSettings
 from meshkit.tls import CA_FILE, PROBE
+from tests.catalogue_services import MODEL_ENV, catalogue_ids, coverage_problems, inference_service
 from tests.k8s_render import (
     container,
     containers_of,
@@ -42,7 +45,12 @@ from tests.k8s_render import (
 
 # The oldest Kubernetes the base is meant for, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
-INTERNAL = ("template", "tokenizer", "cache", "inference")
+# Each Deployment of the base, named as its compose service, and the service it runs (its
+# settings' NLPMESH_<KIND>_ prefix, its certificate): inference-<model> runs inference.
+DEPLOYMENTS = {s.name: s.kind for s in compose_services()}
+INTERNAL = tuple(name for name, kind in DEPLOYMENTS.items() if kind != "gateway")
+MODEL_DEPLOYMENTS = tuple(name for name, kind in DEPLOYMENTS.items() if kind == "inference")
+DEFAULT_INFERENCE = inference_service(catalogue_ids()[0])
 # Variables only the Kubernetes base sets, each checked below against what it points at.
 K8S_ONLY_ENV = {
     "template": {"NLPMESH_TEMPLATE_TEMPLATES_DIR"},  # the templates ConfigMap's mount
@@ -92,10 +100,13 @@ def drift(compose: dict, objects: list[dict]) -> list[str]:
     """Every difference between compose's topology and the base's; empty when they agree."""
     problems: list[str] = []
     try:
-        topology = load_topology_from(compose)
+        topology = compose_services_from(compose)
     except (KeyError, ValueError) as error:
         return [f"docker-compose.yml: {error}"]
     names = {s.name for s in topology}
+    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+    if deployments != names:
+        problems.append(f"Deployments {sorted(deployments)}, compose's services {sorted(names)}")
     for service in topology:
         try:
             problems += _service_drift(service, compose, objects, names)
@@ -108,12 +119,12 @@ def drift(compose: dict, objects: list[dict]) -> list[str]:
     return problems
 
 
-def load_topology_from(compose: dict):
-    """cli.topology.load_topology over a compose document (a copy of the real one, in tests)."""
+def compose_services_from(compose: dict):
+    """cli.topology.compose_services over a compose document (a copy of the real one, in tests)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "docker-compose.yml"
-        path.write_text(yaml.safe_dump(compose))
-        return load_topology(path)
+        path.write_text(yaml.safe_dump(compose, sort_keys=False))
+        return compose_services(path)
 
 
 def startup_window(compose: dict, name: str) -> float:
@@ -214,15 +225,15 @@ def test_the_base_and_compose_have_one_topology(compose, objects):
 @pytest.mark.parametrize("change", [
     "a port", "an exposed port", "a published port", "a metrics port", "a variable's name", "a variable's value", "a command",
     "a healthcheck", "a healthcheck's retries", "an internal address", "a Redis password variable",
-    "redis's maxmemory policy",
+    "redis's maxmemory policy", "a model's address", "the model a service serves",
 ])
 def test_a_change_on_one_side_only_is_drift(compose, objects, change):
     """The comparison is not vacuous: each kind of edit to compose alone is reported."""
     edited = copy.deepcopy(compose)
     services = edited["services"]
     if change == "a port":
-        services["inference"]["environment"]["NLPMESH_INFERENCE_PORT"] = "50065"
-        services["inference"]["expose"][0] = "50065"
+        services[DEFAULT_INFERENCE]["environment"]["NLPMESH_INFERENCE_PORT"] = "50065"
+        services[DEFAULT_INFERENCE]["expose"][0] = "50065"
     elif change == "an exposed port":  # `expose:` alone, the service's variables unchanged
         services["tokenizer"]["expose"][1] = "9163"
     elif change == "a published port":
@@ -232,13 +243,13 @@ def test_a_change_on_one_side_only_is_drift(compose, objects, change):
     elif change == "a variable's name":
         services["template"]["environment"]["NLPMESH_TEMPLATE_MAX_VARIABLES"] = "10"
     elif change == "a variable's value":
-        services["inference"]["environment"]["NLPMESH_INFERENCE_THREADS"] = "4"
+        services[DEFAULT_INFERENCE]["environment"]["NLPMESH_INFERENCE_THREADS"] = "4"
     elif change == "a command":
         services["tokenizer"]["command"] = ["python", "-m", "services.tokenizer", "--verbose"]
     elif change == "a healthcheck":
         services["gateway"]["healthcheck"]["test"] = ["CMD", "nlpmesh", "health", "--addr", "127.0.0.1:50061"]
     elif change == "a healthcheck's retries":
-        services["inference"]["healthcheck"]["retries"] = 120
+        services[DEFAULT_INFERENCE]["healthcheck"]["retries"] = 120
     elif change == "an internal address":
         services["gateway"]["environment"]["NLPMESH_GATEWAY_CACHE_ADDR"] = "cache:50064"
     elif change == "a Redis password variable":
@@ -248,6 +259,12 @@ def test_a_change_on_one_side_only_is_drift(compose, objects, change):
     elif change == "redis's maxmemory policy":
         command = services["redis"]["command"]
         command[command.index("allkeys-lru")] = "noeviction"
+    elif change == "a model's address":
+        env = services["gateway"]["environment"]
+        env["NLPMESH_GATEWAY_INFERENCE_ADDRS"] = env["NLPMESH_GATEWAY_INFERENCE_ADDRS"].replace(":50055", ":50065", 1)
+    elif change == "the model a service serves":
+        services[MODEL_DEPLOYMENTS[-1]]["environment"] = {**services[MODEL_DEPLOYMENTS[-1]]["environment"],
+                                                          MODEL_ENV: "another"}
     assert drift(edited, objects) != []
 
 
@@ -274,9 +291,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(objects, version)
 
 
 def test_validation_rejects_a_misspelled_field_and_a_wrong_type(objects):
-    misspelled = copy.deepcopy(workload(objects, "inference"))
+    misspelled = copy.deepcopy(workload(objects, DEFAULT_INFERENCE))
     misspelled["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
-    wrong_type = copy.deepcopy(workload(objects, "inference"))
+    wrong_type = copy.deepcopy(workload(objects, DEFAULT_INFERENCE))
     wrong_type["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "grpc"
     for broken in (misspelled, wrong_type):
         with pytest.raises(kubernetes_validate.ValidationError):
@@ -296,9 +313,10 @@ def test_the_objects_of_the_base(objects):
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
     assert kinds == sorted([
         ("Namespace", DEFAULT_NAMESPACE), ("ConfigMap", "nlpmesh-budgets"), ("ConfigMap", "nlpmesh-templates"),
-        *[("Deployment", s) for s in SERVICES], *[("Service", s) for s in SERVICES],
+        *[("Deployment", s) for s in DEPLOYMENTS], *[("Service", s) for s in DEPLOYMENTS],
         ("StatefulSet", "redis"), ("Service", "redis"),
-        ("PodDisruptionBudget", "inference"), ("HorizontalPodAutoscaler", "inference"),
+        *[("PodDisruptionBudget", s) for s in MODEL_DEPLOYMENTS],
+        *[("HorizontalPodAutoscaler", s) for s in MODEL_DEPLOYMENTS],
     ])
     # No Secret is committed: the base refers to them, the README says how to make them.
     assert not [o for o in objects if o["kind"] == "Secret"]
@@ -310,7 +328,7 @@ def test_internal_services_are_headless_and_the_gateway_is_not(objects):
     for name in (*INTERNAL, "redis"):
         assert find(objects, "Service", name)["spec"]["clusterIP"] == "None", name
     assert find(objects, "Service", "gateway")["spec"].get("clusterIP") in (None, "")
-    for name in (*SERVICES, "redis"):
+    for name in (*DEPLOYMENTS, "redis"):
         selector = find(objects, "Service", name)["spec"]["selector"]
         pod_labels = workload(objects, name)["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= pod_labels.items(), name
@@ -320,7 +338,7 @@ def test_internal_services_are_headless_and_the_gateway_is_not(objects):
 
 def test_the_gateway_reaches_every_pod_of_each_service_by_a_name_its_certificate_holds(objects):
     env = env_of(container(objects, "gateway"))
-    for name in INTERNAL:
+    for name in (n for n in INTERNAL if n not in MODEL_DEPLOYMENTS):
         target = env[f"NLPMESH_GATEWAY_{name.upper()}_ADDR"]["value"]
         match = re.fullmatch(r"dns:///([a-z0-9.-]+):(\d+)", target)
         assert match, target
@@ -328,14 +346,56 @@ def test_the_gateway_reaches_every_pod_of_each_service_by_a_name_its_certificate
         assert find(objects, "Service", match[1].split(".")[0])["spec"]["clusterIP"] == "None"
 
 
+def test_the_gateway_reaches_each_models_inference_pods_through_that_models_headless_service(objects):
+    addrs = json.loads(env_of(container(objects, "gateway"))["NLPMESH_GATEWAY_INFERENCE_ADDRS"]["value"])
+    for model, target in addrs.items():
+        match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
+        assert match, target
+        service = find(objects, "Service", match[1])
+        assert service["spec"]["clusterIP"] == "None"
+        pods = [o for o in objects if o["kind"] == "Deployment" and service["spec"]["selector"].items()
+                <= o["spec"]["template"]["metadata"]["labels"].items()]
+        assert [o["metadata"]["name"] for o in pods] == [inference_service(model)], model
+        assert env_of(container(objects, inference_service(model)))[MODEL_ENV]["value"] == model
+
+
+def k8s_model_coverage(objects: list[dict], ids: tuple[str, ...]) -> list[str]:
+    """What the base lacks for the catalogue (tests/catalogue_services.py), read from the
+    Deployments that set NLPMESH_INFERENCE_MODEL and the gateway's variables."""
+    served = {o["metadata"]["name"]: env_of(c)[MODEL_ENV]["value"] for o in objects if o["kind"] == "Deployment"
+              for c in containers_of(o) if MODEL_ENV in env_of(c)}
+    gateway_env = {k: e.get("value", "") for k, e in env_of(container(objects, "gateway")).items()}
+    ports = {p["containerPort"] for name in served for p in container(objects, name)["ports"] if p["name"] == "grpc"}
+    problems = [f"inference Deployments on different gRPC ports {sorted(ports)}"] if len(ports) > 1 else []
+    return problems + coverage_problems(served, gateway_env, min(ports, default=0), ids)
+
+
+def test_every_catalogue_model_has_its_deployment_and_the_gateway_routes_to_it(objects):
+    assert len(catalogue_ids()) >= 2
+    assert k8s_model_coverage(objects, catalogue_ids()) == []
+
+
+def test_a_model_without_its_deployment_or_its_address_is_reported(objects):
+    other = catalogue_ids()[1]
+    without_deployment = [o for o in objects if (o["kind"], o["metadata"]["name"]) != ("Deployment",
+                                                                                      inference_service(other))]
+    assert any(f"no inference service for catalogue model {other!r}" in p
+               for p in k8s_model_coverage(without_deployment, catalogue_ids()))
+    without_address = copy.deepcopy(objects)
+    variable = env_of(container(without_address, "gateway"))["NLPMESH_GATEWAY_INFERENCE_ADDRS"]
+    variable["value"] = json.dumps({k: v for k, v in json.loads(variable["value"]).items() if k != other})
+    assert k8s_model_coverage(without_address, catalogue_ids()) != []
+    assert k8s_model_coverage(objects, (*catalogue_ids(), "another")) != []  # a model added to the catalogue only
+
+
 def test_every_deployment_has_resources_and_outlasts_its_drain(objects):
-    for name in SERVICES:
+    for name, kind in DEPLOYMENTS.items():
         pod = workload(objects, name)["spec"]["template"]["spec"]
         resources = container(objects, name)["resources"]
         assert {"cpu", "memory"} <= resources["requests"].keys() <= resources["limits"].keys(), name
         env = env_of(container(objects, name))
-        grace = f"NLPMESH_{name.upper()}_GRACE_S"
-        drain = float(env[grace]["value"]) if grace in env else _default_grace(name)
+        grace = f"NLPMESH_{kind.upper()}_GRACE_S"
+        drain = float(env[grace]["value"]) if grace in env else _default_grace(kind)
         if name == "gateway":  # then the pending cache stores (gateway/__main__.py close)
             from gateway.settings import GatewaySettings
             store = "NLPMESH_GATEWAY_CACHE_STORE_TIMEOUT_S"
@@ -343,9 +403,10 @@ def test_every_deployment_has_resources_and_outlasts_its_drain(objects):
                 GatewaySettings.model_fields["cache_store_timeout_s"].default
         # Margin for the process to start draining and to close its clients.
         assert pod["terminationGracePeriodSeconds"] >= drain + 5, (name, drain)
-    threads = env_of(container(objects, "inference"))["NLPMESH_INFERENCE_THREADS"]["value"]
-    requests = container(objects, "inference")["resources"]["requests"]
-    assert float(requests["cpu"]) >= float(threads)  # the model's threads have their cores
+    for name in MODEL_DEPLOYMENTS:
+        threads = env_of(container(objects, name))["NLPMESH_INFERENCE_THREADS"]["value"]
+        requests = container(objects, name)["resources"]["requests"]
+        assert float(requests["cpu"]) >= float(threads), name  # the model's threads have their cores
 
 
 def _default_grace(name: str) -> float:
@@ -372,16 +433,24 @@ def _bytes(quantity: str) -> int:
     return int(match[1]) * units[match[2]]
 
 
-def test_inference_has_a_disruption_budget_and_an_autoscaler(objects):
-    pod_labels = workload(objects, "inference")["spec"]["template"]["metadata"]["labels"]
-    pdb = find(objects, "PodDisruptionBudget", "inference")["spec"]
+@pytest.mark.parametrize("name", MODEL_DEPLOYMENTS)
+def test_each_models_inference_has_a_disruption_budget_and_an_autoscaler_of_its_own(objects, name):
+    pod_labels = workload(objects, name)["spec"]["template"]["metadata"]["labels"]
+    pdb = find(objects, "PodDisruptionBudget", name)["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
-    hpa = find(objects, "HorizontalPodAutoscaler", "inference")
+    # Its own pods only: another model's replicas neither count toward its budget nor its spread.
+    for other in (o for o in MODEL_DEPLOYMENTS if o != name):
+        other_labels = workload(objects, other)["spec"]["template"]["metadata"]["labels"]
+        assert not pdb["selector"]["matchLabels"].items() <= other_labels.items(), other
+        assert not find(objects, "Service", name)["spec"]["selector"].items() <= other_labels.items(), other
+        for spread in workload(objects, name)["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+            assert not spread["labelSelector"]["matchLabels"].items() <= other_labels.items(), other
+    hpa = find(objects, "HorizontalPodAutoscaler", name)
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "inference"}
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     # The autoscaler owns the count: a replicas field would reset it at every apply.
-    assert "replicas" not in workload(objects, "inference")["spec"]
+    assert "replicas" not in workload(objects, name)["spec"]
     # A PodDisruptionBudget that allows no disruption would block every node drain.
     assert pdb.get("maxUnavailable", 1) >= 1
     if "minAvailable" in pdb:
@@ -397,12 +466,12 @@ def test_the_quota_split_follows_the_gateway_replicas(objects):
 
 def test_each_service_gets_its_own_certificate_the_ca_and_the_probes_never_the_ca_key(objects, tmp_path):
     init_certs(tmp_path)  # what `nlpmesh certs init` makes: the Secret's keys
-    for name in SERVICES:
+    for name, kind in DEPLOYMENTS.items():  # every model's inference pods: the inference certificate
         folder = env_of(container(objects, name))[TLS_DIR_ENV]["value"]
         volume = mounts(objects, name)[folder]
         assert volume["secret"]["secretName"] == "nlpmesh-certs"
         items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
-        wanted = [CA_FILE, f"{name}.crt", f"{name}.key", f"{PROBE}.crt", f"{PROBE}.key"]
+        wanted = [CA_FILE, f"{kind}.crt", f"{kind}.key", f"{PROBE}.crt", f"{PROBE}.key"]
         assert items == {k: k for k in wanted}, name
         assert all((tmp_path / key).is_file() for key in items)
         assert volume["secret"]["defaultMode"] == 0o400
@@ -422,15 +491,15 @@ def test_redis_users_and_passwords_are_those_nlpmesh_redis_acl_makes(objects, tm
     env_keys = {line.split("=", 1)[0] for line in env_file.read_text().splitlines()
                 if "=" in line and not line.startswith("#")}
     users = {}
-    for name in SERVICES:
+    for name, kind in DEPLOYMENTS.items():
         env = env_of(container(objects, name))
         if "REDIS_URL" not in env:
             continue
         match = re.fullmatch(r"redis://(\w+):\$\((\w+)\)@redis:6379/0", env["REDIS_URL"]["value"])
         assert match, f"{name}: REDIS_URL must take its password from the Secret, not hold one"
-        users[name] = match[1]
+        assert users.setdefault(kind, match[1]) == match[1], f"{name}: another Redis user than its service's"
         assert match[2] == redis_acl.password_env(match[1]) and match[2] in env_keys
-    # One Redis user per service, the user named after it, as in docker-compose.yml.
+    # One Redis user per service (every model's inference shares one), named after it, as in docker-compose.yml.
     assert users == {user: user for user in redis_acl.SERVICE_USERS}
     volume = mounts(objects, "redis")["/etc/redis"]
     assert volume["secret"] == {"secretName": "nlpmesh-redis-acl", "items": [{"key": acl.name, "path": acl.name}]}

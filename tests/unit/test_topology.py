@@ -78,7 +78,7 @@ PUBLISHED = {"gateway": ["50051:50051", "9151:9151"], "redis": ["6379:6379"], "p
 
 
 def test_internal_services_publish_no_host_port_so_compose_can_scale_them():
-    """`docker compose up --scale inference=2` fails on a fixed host port ("port is already
+    """`docker compose up --scale inference-smollm2=2` fails on a fixed host port ("port is already
     allocated"): template, tokenizer, cache and inference only expose theirs in the network."""
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     for name in (s.name for s in compose_services() if s.kind != "gateway"):
