@@ -11,6 +11,7 @@ listening host (loopback), Redis's host name (``redis`` resolves nowhere here), 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -27,14 +28,17 @@ import redis
 
 from cli import redis_acl
 from cli.ask import ask, build_request
-from cli.certs import SERVICES, init_certs
+from cli.certs import init_certs
 from cli.connect import GatewayAccess
 from cli.launcher import check_health, distinct_free_ports
 from cli.main import DEMO_QUESTION
 from gateway.api_keys import create_key
 from gateway.tenant import Tenant
-from meshkit.settings import TLS_DIR_ENV
+from meshkit.settings import TLS_DIR_ENV, default_home
 from meshkit.tls import CA_FILE
+from modelfiles.architectures import engine_supports
+from modelfiles.convert import load_model_files
+from tests.catalogue_services import ADDRS_ENV, catalogue_ids, inference_service
 from tests.conftest import free_port, running_redis_server
 from tests.k8s_render import container, find, kubelet_layout, render, workload
 from tests.polling import wait_until
@@ -135,9 +139,9 @@ def start_pod(objects: list[dict], name: str, root: Path, secrets: dict[str, dic
             value = "127.0.0.1"
         elif key.endswith("_PORT") and value.isdigit() and int(value) in ports:
             value = str(ports[int(value)])
-        for host, port in hosts.items():
+        for host, port in hosts.items():  # also inside the gateway's JSON map of per-model addresses
             value = re.sub(rf"@{host}:\d+/", f"@127.0.0.1:{port}/", value)
-            value = re.sub(rf"^dns:///{host}:\d+$", f"dns:///localhost:{port}", value)
+            value = re.sub(rf"dns:///{host}:\d+\b", f"dns:///localhost:{port}", value)
         env[key] = value
     args = [sys.executable if part == "python" else part for part in spec["args"]]
     full_env = {**os.environ, **env}  # NLPMESH_HOME as set up: the converted model, as in the image
@@ -253,15 +257,24 @@ def _admin(server, users: redis_acl.RedisUsers) -> redis.Redis:
 def test_the_whole_base_answers_through_the_gateway_and_the_second_answer_is_a_cache_hit(
         objects, tmp_path, certs_secret):
     """Every pod of the base at once: the gateway reaches the others through dns:/// targets
-    with each pod's own certificate, Redis as each service's user, the budgets and templates
-    from their ConfigMaps and the API key from its Secret; then each drains on SIGTERM
-    within its grace period."""
+    (each model's inference Deployment through its own) with each pod's own certificate, Redis
+    as each service's user, the budgets and templates from their ConfigMaps and the API key
+    from its Secret; each model the engine runs answers; then each drains on SIGTERM within its
+    grace period. A model the built-in engine does not run yet has no pod here: its address
+    points at a port nothing listens on, and the gateway serves the other models without it."""
     made = make_secrets(tmp_path / "made", certs_secret)
+    home = default_home()
+    runs = [m for m in catalogue_ids() if engine_supports(load_model_files(home, m).architecture)]
+    assert catalogue_ids()[0] in runs, "the default model must run"
+    inference = tuple(inference_service(m) for m in runs)
+    left_out = [inference_service(m) for m in catalogue_ids() if m not in runs]
+    print(f"inference pods: {', '.join(inference)}; not run (the engine does not run them yet): {left_out or 'none'}")
     with redis_statefulset(objects, tmp_path, made.secrets) as server, _admin(server, made.users) as admin:
-        order = ("template", "tokenizer", "cache", "inference", "gateway")
+        order = ("template", "tokenizer", "cache", *inference, "gateway")
         # Every port at once, all different (one by one, a port picked and released could come again).
-        picked = iter(distinct_free_ports(len(SERVICES) + sum(len(container(objects, n)["ports"]) for n in order)))
-        ports = {name: next(picked) for name in SERVICES}
+        picked = iter(distinct_free_ports(len(order) + len(left_out)
+                                          + sum(len(container(objects, n)["ports"]) for n in order)))
+        ports = {name: next(picked) for name in (*order, *left_out)}
         hosts = {"redis": server.port, **ports}
         pods: dict[str, LocalPod] = {}
         try:
@@ -274,13 +287,22 @@ def test_the_whole_base_answers_through_the_gateway_and_the_second_answer_is_a_c
                 print(f"{name}: startup probe passed {pod.wait_started():.1f} s after its start")
                 for which in ("readinessProbe", "livenessProbe"):
                     assert pod.probe(which).returncode == 0, (name, which)
-            targets = {pods["gateway"].env[f"NLPMESH_GATEWAY_{n.upper()}_ADDR"] for n in SERVICES if n != "gateway"}
-            assert targets == {f"dns:///localhost:{ports[n]}" for n in SERVICES if n != "gateway"}
+            fixed = ("template", "tokenizer", "cache")
+            targets = {pods["gateway"].env[f"NLPMESH_GATEWAY_{n.upper()}_ADDR"] for n in fixed}
+            assert targets == {f"dns:///localhost:{ports[n]}" for n in fixed}
+            assert json.loads(pods["gateway"].env[ADDRS_ENV]) == \
+                {m: f"dns:///localhost:{ports[inference_service(m)]}" for m in catalogue_ids()}
             access = GatewayAccess(f"localhost:{ports['gateway']}",
                                    ca_file=Path(pods["gateway"].env[TLS_DIR_ENV]) / CA_FILE, api_key=made.api_key)
+            for model in runs[1:]:  # each other model the engine runs, by name, from its own Deployment
+                other = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION}, 8, 0.0, None, 2)
+                other.model = model
+                answer = ask(access, other, out=io.StringIO())
+                assert answer.text and answer.final.model == model
             request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION}, 8, 0.0, None, 3)
             first = ask(access, request, out=io.StringIO())
             assert first.text and not first.final.cache_hit
+            assert first.final.model == catalogue_ids()[0]  # no model named: the default
             request.cache_mode = 1
             second = wait_until(lambda: (lambda r: r if r.final.cache_hit else None)(
                 ask(access, request, out=io.StringIO())), timeout_s=10, every_s=0.5,
