@@ -98,6 +98,8 @@ def model_coverage(document: dict, ids: tuple[str, ...]) -> list[str]:
             problems.append(f"gateway: no depends_on {name}")
     if gateway.get("depends_on", {}).get(inference_service(ids[0])) != {"condition": "service_healthy"}:
         problems.append(f"gateway: must wait for {inference_service(ids[0])} (the default model) to be healthy")
+    if served and next(iter(served)) != inference_service(ids[0]):  # the one `nlpmesh up` runs (cli/topology.py)
+        problems.append(f"the first inference service is {next(iter(served))}, not the default model's")
     return problems
 
 
@@ -125,3 +127,6 @@ def test_a_model_without_its_service_or_its_address_is_reported(document):
     misnamed["services"][inference_service(other)]["environment"][MODEL_ENV] = default
     assert model_coverage(misnamed, catalogue_ids()) != []
     assert model_coverage(document, (*catalogue_ids(), "another")) != []  # a model added to the catalogue only
+    reordered = copy.deepcopy(document)
+    reordered["services"][inference_service(default)] = reordered["services"].pop(inference_service(default))
+    assert any("not the default model's" in p for p in model_coverage(reordered, catalogue_ids()))
