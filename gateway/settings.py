@@ -19,6 +19,13 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     tokenizer_addr: str = "127.0.0.1:50053"
     cache_addr: str = "127.0.0.1:50054"
     inference_addr: str = "127.0.0.1:50055"
+    # Several models (gateway/model_routes.py): a JSON object {catalogue id: address}, each address as
+    # inference_addr takes it (host:port, a comma list, dns:///name:port), e.g.
+    # {"smollm2": "127.0.0.1:50055", "gemma3": "127.0.0.1:50065"}. Empty: one model, at inference_addr,
+    # the one its replicas report.
+    inference_addrs: dict[str, str] = Field(default_factory=dict)
+    # The model a request without `model` gets: a key of inference_addrs; empty = its first.
+    default_model: str = ""
     # The gateway reads the prompt cache straight from Redis (one hop fewer on a
     # hit); stores go through the cache service. Empty = no prompt cache.
     redis_url: str = Field(
