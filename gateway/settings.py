@@ -53,11 +53,11 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     quota_replicas: int = Field(default=1, ge=1)
     quota_fallback_s: float = 5.0
     quota_stream_lease_s: float = 30.0
-    # Admission control, i.e. capacity (gateway/capacity.py): a cache miss is refused with
-    # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many
-    # generations in flight as the inference service holds (its reported max_running +
-    # max_queue, or admission_max_in_flight when set), or while the inference service's
-    # latest report, younger than admission_full_hold_s, said it was full.
+    # Admission control, i.e. capacity (gateway/capacity.py), per model: a cache miss is refused with
+    # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many of the
+    # model's generations in flight as its inference replicas hold (their reported max_running +
+    # max_queue, or admission_max_in_flight when set), or while their latest reports, younger
+    # than admission_full_hold_s, said they were full.
     admission: Literal["on", "off"] = "on"
     admission_max_in_flight: int = Field(default=0, ge=0)
     admission_full_hold_s: float = Field(default=0.5, ge=0)
