@@ -45,6 +45,7 @@ from cli.topology import (
     model_replica_names,
     replica_names,
 )
+from gateway.health_names import model_health_name
 from meshkit.redis_connect import redact_url
 from meshkit.server import LAUNCHER_PID_ENV
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
@@ -326,6 +327,22 @@ class LocalMesh:
                 self.progress(f"waiting for {', '.join(waiting)}: {self._latest_line(waiting[-1])}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout_s:.0f}s: {', '.join(waiting)}")
+            if waiting:
+                time.sleep(0.2)
+        self._wait_for_models(deadline, credentials)
+
+    def _wait_for_models(self, deadline: float, credentials: grpc.ChannelCredentials | None) -> None:
+        """Waits until the gateway serves every model: it turns SERVING with the default one, and serves each
+        other from its first ModelInfo answer (gateway/model_routes.py), moments after that model's process is
+        SERVING."""
+        if "gateway" not in self.processes:
+            return
+        waiting = list(self.model_instances)
+        while waiting:
+            waiting = [m for m in waiting if check_health(self.gateway_address, 0.5, credentials,
+                                                          model_health_name(m)) != "SERVING"]
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway does not serve {', '.join(waiting)}; see {self.log_path('gateway')}")
             if waiting:
                 time.sleep(0.2)
 

@@ -20,6 +20,7 @@ from cli.launcher import LocalMesh, check_health
 from cli.restarts import RestartPolicy
 from cli.topology import REPO_ROOT
 from cli.traces import default_trace_dir, show_budgets, show_trace
+from gateway.health_names import model_health_name
 from meshkit.settings import TLS_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 
@@ -234,8 +235,6 @@ def cmd_health(args) -> int:
         return _health_of_every_replica(args)
     service = args.service
     if args.model:
-        from gateway.downstream_health import model_health_name  # only here: the gateway's modules load slowly
-
         service = model_health_name(args.model)
     status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)), service)
     print(status)
@@ -257,8 +256,6 @@ def _health_of_every_replica(args) -> int:
         statuses[name] = check_health(f"127.0.0.1:{port}", args.timeout, credentials)
         print(f"{name:<{width}}  127.0.0.1:{port:<5}  {statuses[name]}", flush=True)
     if state.get("models") and "gateway" in ports:
-        from gateway.downstream_health import model_health_name  # only here: the gateway's modules load slowly
-
         for model in state["models"]:
             status = check_health(f"127.0.0.1:{ports['gateway']}", args.timeout, credentials, model_health_name(model))
             statuses[f"model {model}"] = status

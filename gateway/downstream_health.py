@@ -7,8 +7,9 @@ gateway that cannot make them. Each model has a health name of its own,
 ``model_health_name(id)`` (``nlpmesh.gateway.v1.Gateway/models/<id>``): SERVING
 while the gateway knows the model (its ModelInfo answered) and its inference
 replicas answer SERVING; one model down leaves the others (and, unless it is the
-default, the generation path) SERVING. Cache hits need none of them (the gateway reads the prompt cache from
-Redis itself), so ``CACHE_PATH`` stays SERVING once the gateway is ready.
+default, the generation path) SERVING. Cache hits need none of them (the gateway
+reads the prompt cache from Redis itself), so ``CACHE_PATH`` stays SERVING once the
+gateway is ready. The names are in gateway/health_names.py.
 
 The checks go over the gateway's own channels to those services (gateway/
 downstream.py), so they present its client certificate when the mesh runs mTLS.
@@ -29,21 +30,12 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from nlpmesh.gateway.v1 import gateway_pb2
 
+from gateway.health_names import CACHE_PATH, GENERATION_PATH, model_health_name
 from gateway.model_routes import ModelRoutes
 from meshkit.server import NOT_SERVING, SERVING
 
 log = logging.getLogger("nlpmesh.gateway.health")
-
-GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-GENERATION_PATH = ("", GATEWAY_SERVICE)
-CACHE_PATH = f"{GATEWAY_SERVICE}/cache"
-
-
-def model_health_name(model: str) -> str:
-    """The grpc.health.v1 service name of one model's generations."""
-    return f"{GATEWAY_SERVICE}/models/{model}"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from cli.launcher import LocalMesh, check_health
-from gateway.downstream_health import model_health_name
+from gateway.health_names import model_health_name
 from meshkit.settings import default_home
 from modelfiles.architectures import engine_supports
 from modelfiles.catalogue import MODELS_FILE_ENV

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.__main__ import build_spec as gateway_spec
-from gateway.downstream_health import model_health_name
+from gateway.health_names import model_health_name
 from gateway.settings import GatewaySettings
 from meshkit.server import NOT_SERVING, SERVING
 from services.cache.servicer import build_spec as cache_spec
