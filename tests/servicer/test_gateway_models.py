@@ -200,3 +200,15 @@ async def _is(mesh: ModelsMesh, name: str, status: int) -> bool:
 
 async def _all_serving(mesh: ModelsMesh, *names: str) -> bool:
     return all([await mesh.health(name) == SERVING for name in names])
+
+
+def test_replicas_serving_another_model_than_their_address_says_are_never_routed_to(inprocess_server):
+    async def scenario(mesh):
+        stub = await mesh.start({"smollm2": FakeInference(), "gemma3": FakeInference(model="smollm2")})
+        await until(lambda: _is(mesh, model_health_name("smollm2"), SERVING), what="smollm2 SERVING")
+        return (await outcome(stub.Generate(chat("gemma3"), timeout=10)),
+                await stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10))
+
+    misrouted, listed = run(inprocess_server, scenario)
+    assert misrouted.code() == grpc.StatusCode.UNAVAILABLE and misrouted.details() == "model gemma3 is not ready yet"
+    assert [(m.id, m.ready) for m in listed.models] == [("smollm2", True), ("gemma3", False)]
