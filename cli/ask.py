@@ -20,11 +20,12 @@ class AskResult:
 
 def build_request(question: str | None, template: str | None, variables: dict[str, str],
                   max_new_tokens: int, temperature: float, seed: int | None,
-                  cache_mode: int) -> gateway_pb2.GenerateRequest:
+                  cache_mode: int, model: str = "") -> gateway_pb2.GenerateRequest:
+    """``model``: a catalogue id (or its name); empty = the mesh's default model."""
     sampling = gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     if seed is not None:
         sampling.seed = seed
-    request = gateway_pb2.GenerateRequest(sampling=sampling, cache_mode=cache_mode)
+    request = gateway_pb2.GenerateRequest(sampling=sampling, cache_mode=cache_mode, model=model)
     if template:
         values = struct_pb2.Struct()
         values.update(variables)

@@ -34,18 +34,23 @@ from cli.connect import GatewayAccess
 from cli.processes import die_with_this_thread, start_time
 from cli.restarts import Backoff, RestartPolicy
 from cli.topology import (
+    INFERENCE,
     MAX_REPLICAS,
     REPLICA_PORT_STEP,
     REPO_ROOT,
     ServiceDef,
     load_topology,
     local_environment,
+    model_environment,
+    model_replica_names,
     replica_names,
 )
+from gateway.health_names import model_health_name
 from meshkit.redis_connect import redact_url
 from meshkit.server import LAUNCHER_PID_ENV
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
+from modelfiles.catalogue import load_catalogue
 
 
 def free_port() -> int:
@@ -105,7 +110,11 @@ class LocalMesh:
     services: list[ServiceDef] = field(default_factory=load_topology)
     # Replicas per service (`nlpmesh up --scale inference=2`); 1 for any not named. Replica i (from 2)
     # runs as "<service>-<i>" on ports of its own, and the gateway's address of the service lists them all.
+    # For inference: replicas per model.
     scale: dict[str, int] = field(default_factory=dict)
+    # The catalogue ids served, the default first, each by inference processes of its own (inference for
+    # the first, inference-<id> for another); empty = the catalogue's default model only.
+    models: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # by process name (inference-2)
     ports: dict[str, int] = field(default_factory=dict)  # by process name
     metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per process
@@ -174,6 +183,18 @@ class LocalMesh:
         return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
 
     @property
+    def model_instances(self) -> dict[str, list[str]]:
+        """Each model served (the default first): the names of its inference processes."""
+        catalogue = load_catalogue()
+        models = self.models or catalogue.ids[:1]
+        unknown = [model for model in models if model not in catalogue.ids]
+        if unknown or len(set(models)) != len(models):
+            raise ValueError(f"--model: {', '.join(unknown) or 'a model named twice'}; the catalogue "
+                             f"({catalogue.path}) has {', '.join(catalogue.ids)}")
+        count = self.scale.get(INFERENCE, 1)
+        return {model: model_replica_names(index, model, count) for index, model in enumerate(models)}
+
+    @property
     def instances(self) -> dict[str, ServiceDef]:
         """Every process of the mesh, by name, in start order: each service's replicas together."""
         unknown = set(self.scale) - {s.name for s in self.services}
@@ -184,7 +205,9 @@ class LocalMesh:
             count = self.scale.get(service.name, 1)
             if not 1 <= count <= MAX_REPLICAS:
                 raise ValueError(f"--scale {service.name}={count}: between 1 and {MAX_REPLICAS} replicas")
-            instances.update(dict.fromkeys(replica_names(service.name, count), service))
+            names = (replica_names(service.name, count) if service.name != INFERENCE
+                     else [name for names in self.model_instances.values() for name in names])
+            instances.update(dict.fromkeys(names, service))
         return instances
 
     def replicas(self, service: str) -> list[str]:
@@ -270,6 +293,7 @@ class LocalMesh:
         instance = instance or service.name
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
         env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports, instance),
+               **model_environment(service.name, instance, self.model_instances, self.ports),
                **self.tls_environment(), **auth_env, **self.extra_env, "PYTHONUNBUFFERED": "1",
                TRACE_DIR_ENV: str(self.trace_dir or ""), LAUNCHER_PID_ENV: str(os.getpid())}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
@@ -303,6 +327,22 @@ class LocalMesh:
                 self.progress(f"waiting for {', '.join(waiting)}: {self._latest_line(waiting[-1])}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout_s:.0f}s: {', '.join(waiting)}")
+            if waiting:
+                time.sleep(0.2)
+        self._wait_for_models(deadline, credentials)
+
+    def _wait_for_models(self, deadline: float, credentials: grpc.ChannelCredentials | None) -> None:
+        """Waits until the gateway serves every model: it turns SERVING with the default one, and serves each
+        other from its first ModelInfo answer (gateway/model_routes.py), moments after that model's process is
+        SERVING."""
+        if "gateway" not in self.processes:
+            return
+        waiting = list(self.model_instances)
+        while waiting:
+            waiting = [m for m in waiting if check_health(self.gateway_address, 0.5, credentials,
+                                                          model_health_name(m)) != "SERVING"]
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway does not serve {', '.join(waiting)}; see {self.log_path('gateway')}")
             if waiting:
                 time.sleep(0.2)
 
@@ -403,6 +443,7 @@ class LocalMesh:
                 "started": {name: start_time(p.pid) or "" for name, p in processes.items()},
                 "ports": self.ports, "metrics_ports": self.metrics_ports,
                 "replicas": {s.name: self.replicas(s.name) for s in self.services},
+                "models": self.model_instances,
                 "tls_dir": str(self.tls_dir) if self.tls_dir else None}
 
     def __enter__(self) -> LocalMesh:

@@ -20,6 +20,7 @@ from cli.launcher import LocalMesh, check_health
 from cli.restarts import RestartPolicy
 from cli.topology import REPO_ROOT
 from cli.traces import default_trace_dir, show_budgets, show_trace
+from gateway.health_names import model_health_name
 from meshkit.settings import TLS_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 
@@ -68,9 +69,9 @@ def _launch(args) -> int:
     run_dir = default_home() / "run"
     mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, tls=not args.plaintext,
                      keys_file=keys.default_keys_file(), api_key=keys.local_key(), restart=RestartPolicy(),
-                     scale=args.scale)
+                     scale=_scale_of(args), models=_models_to_serve(args.model))
     try:
-        _ = mesh.instances  # an unknown service or a count out of range stops here, before anything starts
+        _ = mesh.instances  # an unknown service or model, or a count out of range, stops here, before anything starts
     except ValueError as error:
         _say(str(error))
         return 2
@@ -102,8 +103,27 @@ def _launch(args) -> int:
     return 0
 
 
+def _scale_of(args) -> dict[str, int]:
+    """--scale, with --inference-replicas as the inference replicas per model."""
+    return {**args.scale, "inference": args.inference_replicas} if args.inference_replicas else args.scale
+
+
+def _models_to_serve(requested: list[str]) -> tuple[str, ...]:
+    """The models `up` and `demo` serve: those asked for (the first is the default), else every catalogue
+    model the built-in engine can serve here, each one left out named with the reason."""
+    if requested:
+        return tuple(requested)
+    servable, not_served = models.servable_models(default_home())
+    for line in not_served:
+        _say(f"not serving {line}")
+    return tuple(servable)
+
+
 def _announce(mesh: LocalMesh, run_dir: Path, args) -> None:
     _say(f"mesh ready: gateway at {mesh.gateway_address}; logs in {run_dir / 'logs'}")
+    served = list(mesh.model_instances)
+    _say(f"models: {', '.join(served)} (default {served[0]}); `nlpmesh ask --model ID` picks one, "
+         "`nlpmesh health --all` shows each")
     _say(f"auth on: keys in {mesh.keys_file}; `nlpmesh ask` sends the local key ({keys.local_key_file()})")
     if mesh.trace_dir is not None:
         _say(f"spans in {mesh.trace_dir}: `nlpmesh trace --last` draws the latest request, `nlpmesh budgets` sums up")
@@ -126,7 +146,8 @@ def _up_detached(args) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "cli.main", "up", "--launcher-of-detached", "--timeout", str(args.timeout)]
     command += ["--free-ports"] * args.free_ports + ["--plaintext"] * args.plaintext
-    command += [part for name, count in args.scale.items() for part in ("--scale", f"{name}={count}")]
+    command += [part for name, count in _scale_of(args).items() for part in ("--scale", f"{name}={count}")]
+    command += [part for model in args.model for part in ("--model", model)]
     with log_path.open("w") as log:
         launcher = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -199,7 +220,7 @@ def cmd_ask(args) -> int:
         return 2
     cache_mode = {"use": 1, "bypass": 2, "refresh": 3}[args.cache]
     request = build_request(args.question, args.template, variables, args.max_new_tokens,
-                            args.temperature, args.seed, cache_mode)
+                            args.temperature, args.seed, cache_mode, args.model)
     try:
         result = ask(_gateway_access(args), request)
     except grpc.RpcError as error:
@@ -212,14 +233,19 @@ def cmd_ask(args) -> int:
 def cmd_health(args) -> int:
     if args.all:
         return _health_of_every_replica(args)
-    status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)), args.service)
+    service = args.service
+    if args.model:
+        service = model_health_name(args.model)
+    status = check_health(_gateway_address(args), args.timeout, probe_credentials(_tls_dir(args)), service)
     print(status)
     return 0 if status == "SERVING" else 1
 
 
 def _health_of_every_replica(args) -> int:
-    """One line per process of the running mesh (each replica apart): name, address, health. 0 when all SERVING."""
-    ports = (run_state.read(_state_file()) or {}).get("ports") or {}
+    """One line per process of the running mesh (each replica apart): name, address, health; then one per model
+    served, as the gateway routes to it. 0 when all SERVING."""
+    state = run_state.read(_state_file()) or {}
+    ports = state.get("ports") or {}
     if not ports:
         _say("no mesh is up")
         return 1
@@ -229,6 +255,11 @@ def _health_of_every_replica(args) -> int:
     for name, port in ports.items():
         statuses[name] = check_health(f"127.0.0.1:{port}", args.timeout, credentials)
         print(f"{name:<{width}}  127.0.0.1:{port:<5}  {statuses[name]}", flush=True)
+    if state.get("models") and "gateway" in ports:
+        for model in state["models"]:
+            status = check_health(f"127.0.0.1:{ports['gateway']}", args.timeout, credentials, model_health_name(model))
+            statuses[f"model {model}"] = status
+            print(f"model {model}: {status} (the gateway's {model_health_name(model)})", flush=True)
     return 0 if all(status == "SERVING" for status in statuses.values()) else 1
 
 
@@ -248,28 +279,41 @@ class _ScaleAction(argparse.Action):
 
 
 def cmd_demo(args) -> int:
-    """The main job: the mesh up, the finance question answered twice, timings shown."""
+    """The main job: the mesh up with every model it can serve, the finance question answered twice by each
+    (generated, then from the cache), timings shown."""
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-demo-"))
-    _say("starting the mesh (free local ports, private Redis when REDIS_URL is unset)")
-    with LocalMesh(run_dir, free_ports=True, progress=_say, tls=not args.plaintext,
+    served = _models_to_serve(args.model)
+    _say(f"starting the mesh with {', '.join(served) or 'the default model'} "
+         "(free local ports, private Redis when REDIS_URL is unset)")
+    with LocalMesh(run_dir, free_ports=True, progress=_say, tls=not args.plaintext, models=served,
                    keys_file=keys.default_keys_file(), api_key=keys.local_key(), restart=RestartPolicy()) as mesh:
         mesh.supervise_in_background()
-        for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
-            _say(f"{label}\n> {DEMO_QUESTION}")
-            request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
-                                    args.max_new_tokens, 0.0, None, mode)
-            started = time.perf_counter()
-            try:
-                result = ask(mesh.gateway_access(), request)
-            except grpc.RpcError as error:
-                _say(f"{error.code().name}: {error.details()}")
+        for model in mesh.model_instances:
+            if _demo_model(mesh, model, args.max_new_tokens) != 0:
                 return 1
-            print(timing_table(result))
-            _say(f"client-side wall time {1000 * (time.perf_counter() - started):.2f} ms\n")
-            if mode == 3:
-                _say("the answer is stored after it was sent, off the caller's path; asking again in 0.5 s")
-                time.sleep(0.5)
         _say("stopping the mesh")
+    return 0
+
+
+def _demo_model(mesh: LocalMesh, model: str, max_new_tokens: int) -> int:
+    """The finance question to ``model`` twice: generated (cache refresh), then the same request again."""
+    for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
+        _say(f"model {model}, {label}\n> {DEMO_QUESTION}")
+        request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
+                                max_new_tokens, 0.0, None, mode, model)
+        started = time.perf_counter()
+        try:
+            result = ask(mesh.gateway_access(), request)
+        except grpc.RpcError as error:
+            _say(f"model {model}: {error.code().name}: {error.details()}")
+            return 1
+        print(timing_table(result))
+        source = "the prompt cache" if result.final.cache_hit else "generated"
+        _say(f"answered by model {result.final.model} ({source}); client-side wall time "
+             f"{1000 * (time.perf_counter() - started):.2f} ms\n")
+        if mode == 3:
+            _say("the answer is stored after it was sent, off the caller's path; asking again in 0.5 s")
+            time.sleep(0.5)
     return 0
 
 
@@ -289,6 +333,12 @@ def _tls_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--tls-dir",
                          help="the mesh's certificates (default: $NLPMESH_TLS_DIR, else the running mesh's)")
     command.add_argument("--plaintext", action="store_true", help="no TLS")
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", action="append", default=[], metavar="ID",
+                         help="a catalogue model to serve, the first the default; repeatable (default: every "
+                              "catalogue model the built-in engine can serve here)")
 
 
 def cmd_trace(args) -> int:
@@ -331,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
                          "(like `docker compose up --scale`); repeatable")
     up.add_argument("--plaintext", action="store_true",
                     help="no TLS (default: TLS at the gateway, mTLS inside, certificates in $NLPMESH_HOME/certs)")
+    _model_arguments(up)
+    up.add_argument("--inference-replicas", type=int, default=0, metavar="N",
+                    help="inference replicas per model (the same as --scale inference=N)")
     up.set_defaults(run=cmd_up)
     sub.add_parser("down", help="stop the running mesh (detached or not), or clear a stale state file"
                    ).set_defaults(run=cmd_down)
@@ -342,6 +395,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--seed", type=int)
     a.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
+    a.add_argument("--model", default="", help="a catalogue id, e.g. gemma3 (default: the mesh's default model)")
     a.add_argument("--addr", help="gateway address (default: the running mesh, else 127.0.0.1:50051)")
     _tls_arguments(a)
     a.set_defaults(run=cmd_ask)
@@ -350,13 +404,17 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--service", default="",
                    help="a health name, e.g. nlpmesh.gateway.v1.Gateway/cache (default: the server as a whole)")
     h.add_argument("--timeout", type=float, default=2.0)
+    h.add_argument("--model", metavar="ID",
+                   help="a model's health as the gateway routes to it (nlpmesh.gateway.v1.Gateway/models/ID)")
     h.add_argument("--all", action="store_true",
-                   help="every process of the running mesh, each replica apart, with its address and status")
+                   help="every process of the running mesh, each replica apart, with its address and status, "
+                        "then each model as the gateway routes to it")
     _tls_arguments(h)
     h.set_defaults(run=cmd_health)
-    d = sub.add_parser("demo", help="the mesh up, the finance question answered twice")
+    d = sub.add_parser("demo", help="the mesh up, the finance question answered twice by each model")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS at the gateway, mTLS inside)")
+    _model_arguments(d)
     d.set_defaults(run=cmd_demo)
     c = sub.add_parser("certs", help="development certificates for TLS at the gateway and mTLS inside")
     c_sub = c.add_subparsers(dest="certs_command", required=True)

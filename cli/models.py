@@ -7,7 +7,7 @@ from pathlib import Path
 from meshkit.settings import default_home
 from modelfiles.architectures import UnsupportedArchitecture, check_convertible, engine_supports
 from modelfiles.catalogue import Catalogue, CatalogueError, CatalogueModel, load_catalogue
-from modelfiles.convert import converted_revision
+from modelfiles.convert import ModelNotConverted, converted_revision, load_model_files
 from modelfiles.sources import SourceError, inspect, locate, revision
 
 COLUMNS = ("ID", "SOURCE", "REVISION", "ARCHITECTURE", "CONTEXT", "CONVERTED", "PRECISION")
@@ -46,6 +46,23 @@ def models_table(catalogue: Catalogue, home: Path) -> tuple[int, str]:
     problems = [row.problem for row in rows if row.problem]
     lines += [f"refused: {problem}" for problem in problems]
     return (1 if problems else 0), "\n".join(lines)
+
+
+def servable_models(home: Path) -> tuple[list[str], list[str]]:
+    """The catalogue ids the built-in engine can serve here now (converted, of an architecture it runs), in the
+    catalogue's order; and one line for each of the others, saying why not."""
+    servable, not_served = [], []
+    for model in load_catalogue().ids:
+        try:
+            architecture = load_model_files(home, model).architecture
+        except ModelNotConverted:
+            not_served.append(f"{model}: not converted (python -m modelfiles convert --model {model})")
+            continue
+        if engine_supports(architecture):
+            servable.append(model)
+        else:
+            not_served.append(f"{model}: the built-in engine does not run {architecture} models yet")
+    return servable, not_served
 
 
 def cmd_list(args) -> int:

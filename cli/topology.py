@@ -2,6 +2,7 @@
 containers run the same services with the same settings."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ _ADDRESS = re.compile(r"^(?:dns:///)?([a-z][a-z0-9_-]*):(\d+)$")
 # Local replicas of a service (`nlpmesh up --scale inference=2`): replica i (from 2) is "<service>-<i>",
 # on the service's ports plus REPLICA_PORT_STEP * (i - 1) when the compose ports are used.
 REPLICA_PORT_STEP = 10
+INFERENCE = "inference"  # the service that runs one model per process
 MAX_REPLICAS = 8
 _URL_HOST = re.compile(r"^[a-z]+://([a-z][a-z0-9_-]*):\d+")
 
@@ -101,8 +103,34 @@ def replica_names(service: str, count: int) -> list[str]:
 def replica_addresses(ports: dict[str, int], service: str) -> str:
     """How a client reaches every local replica of ``service``: one address, or an ``ipv4:`` list
     that the gateway's channel balances (gateway/balancing.py)."""
-    endpoints = [f"127.0.0.1:{ports[name]}" for name in _replicas_in(ports, service)]
+    return addresses_of(ports, _replicas_in(ports, service))
+
+
+def addresses_of(ports: dict[str, int], names: list[str]) -> str:
+    """How a client reaches the local processes ``names``: one address, or an ``ipv4:`` list."""
+    endpoints = [f"127.0.0.1:{ports[name]}" for name in names]
     return endpoints[0] if len(endpoints) == 1 else "ipv4:" + ",".join(endpoints)
+
+
+def model_replica_names(index: int, model: str, count: int) -> list[str]:
+    """The inference processes of the ``index``-th model served: the first model's keep the service's
+    names (inference, inference-2, ...), so a mesh of one model is named as before; another's are
+    inference-<id>, inference-<id>-2, ..."""
+    return replica_names(INFERENCE if index == 0 else f"{INFERENCE}-{model}", count)
+
+
+def model_environment(service: str, instance: str, models: dict[str, list[str]], ports: dict[str, int]
+                      ) -> dict[str, str]:
+    """What tells ``instance`` of ``service`` which models it serves or routes to; ``models``: each model's
+    inference processes, the default model first."""
+    if service == INFERENCE:
+        return {"NLPMESH_INFERENCE_MODEL": next(m for m, names in models.items() if instance in names)}
+    if service == "gateway":
+        return {"NLPMESH_GATEWAY_INFERENCE_ADDRS": json.dumps({m: addresses_of(ports, n) for m, n in models.items()}),
+                "NLPMESH_GATEWAY_DEFAULT_MODEL": next(iter(models))}
+    if service == "tokenizer":
+        return {"NLPMESH_TOKENIZER_MODELS": ",".join(models)}
+    return {}
 
 
 def _replicas_in(ports: dict[str, int], service: str) -> list[str]:

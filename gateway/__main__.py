@@ -10,9 +10,9 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.answer import Answerer
 from gateway.auth import authenticator
 from gateway.budgets import BudgetPolicy
-from gateway.capacity import CapacityGate
 from gateway.downstream import Downstream
 from gateway.downstream_health import CACHE_PATH, DownstreamHealth
+from gateway.model_routes import ModelRoutes
 from gateway.quotas import Quotas
 from gateway.scope import RequestScopes
 from gateway.servicer import GatewayServicer
@@ -21,6 +21,7 @@ from gateway.template_index import TemplateIndex
 from meshkit.errors import MeshError
 from meshkit.server import ServiceSpec, run
 from meshkit.tracing.provider import configure_tracing, tracer
+from modelfiles.catalogue import load_catalogue
 from promptcache.near_tier import NearCache
 from promptcache.redis_tier import PromptCache, redis_client
 
@@ -29,8 +30,8 @@ log = logging.getLogger("nlpmesh.gateway")
 
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
     policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
-    capacity = CapacityGate(settings.capacity_settings())
-    downstream = Downstream(settings, on_inference_load=capacity.observe, on_inference_cancel=capacity.cancelled)
+    models = ModelRoutes.from_settings(settings, load_catalogue())  # so does a default model not routed to
+    downstream = Downstream(settings, models.pools)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")
@@ -41,18 +42,23 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
     async def warm_up() -> None:
         auth.start()  # the keys file is watched from now on, while the services warm up
         await downstream.open()
-        model = await _until_ready("inference", lambda: downstream.model_info(settings.inference_timeout_s),
-                                   settings.ready_timeout_s)
+        # Serving starts with the default model; the others are served as each answers.
+        default = models.default
+        await _until_ready("inference", lambda: default.model_info(settings.inference_timeout_s),
+                           settings.ready_timeout_s)
+        models.learn_in_background([pool for pool in models.pools if pool is not default],
+                                   settings.inference_timeout_s)
         await _until_ready("template", templates.refresh, settings.ready_timeout_s)
         await downstream.connected(settings.ready_timeout_s)
+        await default.connected(settings.ready_timeout_s)
         cache = _prompt_cache(settings)
         if cache is not None:
             await cache.warm_up()
         state["cache"] = cache
         state["quotas"] = _quotas(settings)
         await state["quotas"].warm_up()
-        state["answerer"] = Answerer(downstream, cache, templates, model, settings, capacity)
-        servicer.attach(state["answerer"], state["quotas"])
+        state["answerer"] = Answerer(downstream, cache, templates, models, settings)
+        servicer.attach(state["answerer"], state["quotas"], models)
 
     async def close() -> None:
         await auth.close()
@@ -62,6 +68,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
             await state["answerer"].drain()
         if state.get("cache") is not None:
             await state["cache"].close()
+        await models.close()
         await downstream.close()
 
     return ServiceSpec(
@@ -71,8 +78,9 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         warm_up=warm_up,
         close=close,
         health_names=(CACHE_PATH,),
-        watch_health=lambda health: DownstreamHealth(downstream.required_channels(), settings.health_checks())
-        .watch(health),
+        watch_health=lambda health: DownstreamHealth(
+            {**downstream.required_channels(), "inference": models.default.channel}, settings.health_checks(),
+            models).watch(health),
     )
 
 

@@ -2,7 +2,7 @@
 
 Requests that share a prompt prefix go to the same replica, so its local prefix-KV
 tier (services/inference/prefix.py) keeps hitting; Redis stays the shared tier behind
-it. The route key is a hash of the tenant and the prompt's first ``block_tokens`` token
+it. The route key is a hash of the model, the tenant and the prompt's first ``block_tokens`` token
 ids (16 by default), which the gateway has from the tokenizer hop: prompts that agree that
 far (a system prompt, a template's head) share a replica. It need not equal the inference
 service's ``prefix_block_tokens`` (the unit its KV blocks are cut in, 4): a longer route key
@@ -38,14 +38,16 @@ from meshkit.wire import InferenceLoad
 VNODES = 64
 
 
-def route_key(token_ids: Sequence[int], block_tokens: int, tenant: str) -> bytes | None:
+def route_key(token_ids: Sequence[int], block_tokens: int, tenant: str, model: str) -> bytes | None:
     """The hash a prompt is routed on; None when it has no full block to reuse (at least one token is
-    always left to prefill, as in the inference service)."""
+    always left to prefill, as in the inference service). The model is in it: the same token ids mean
+    another prompt to another model, whose replicas hold KV blocks of their own."""
     if block_tokens < 1 or len(token_ids) <= block_tokens:
         return None
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(tenant.encode())
-    digest.update(b"\0")
+    for part in (model, tenant):
+        digest.update(part.encode())
+        digest.update(b"\0")
     digest.update(b"".join(int(t).to_bytes(4, "little", signed=False) for t in token_ids[:block_tokens]))
     return digest.digest()
 

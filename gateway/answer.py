@@ -11,16 +11,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.capacity import CapacityGate
-from gateway.downstream import Downstream, GenerationEnd, ModelInfo, TokenDelta
+from gateway.downstream import Downstream
 from gateway.hop import Hop
+from gateway.inference_pool import InferencePool
+from gateway.inference_stream import GenerationEnd, TokenDelta
+from gateway.model_routes import ModelRoutes
 from gateway.prompt_capture import record_completion, record_prompt
 from gateway.request import CacheMode, Chat, PromptRequest, TemplateCall
 from gateway.scope import RequestScope
 from gateway.template_index import TemplateIndex
 from gateway.tenant import Tenant
 from gateway.timings import HopTiming
-from meshkit.errors import NotFound
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.redis_tier import CachedAnswer, PromptCache
@@ -44,29 +45,24 @@ class Outcome:
 
 class Answerer:
     def __init__(self, downstream: Downstream, cache: PromptCache | None, templates: TemplateIndex,
-                 model: ModelInfo, settings, capacity: CapacityGate):
+                 models: ModelRoutes, settings):
         self._downstream = downstream
-        self._capacity = capacity
         self._cache = cache
         self._templates = templates
-        self._model = model
+        self._models = models
         self._settings = settings
         self._background: set[asyncio.Task] = set()
-
-    def resolve_model(self, requested: str) -> str:
-        if requested and requested != self._model.model:
-            raise NotFound(f"unknown model {requested!r}")
-        return self._model.model
 
     async def stream(self, request: PromptRequest, scope: RequestScope) -> AsyncIterator[TokenDelta | Outcome]:
         capture = self._settings.capture_content
         if capture:
             record_prompt(scope.span, request.prompt)
-        model = self.resolve_model(request.model)
+        pool = self._models.resolve(request.model)
+        model = pool.info.model
         sampling = request.sampling
         if not sampling.max_new_tokens:
-            sampling = sampling.with_max_new_tokens(self._model.default_max_new_tokens)
-        key = await self._cache_key(request, sampling, model, scope.tenant)
+            sampling = sampling.with_max_new_tokens(pool.info.default_max_new_tokens)
+        key = await self._cache_key(request, sampling, pool, scope.tenant)
         if key is not None and request.cache_mode.reads:
             hit = await self._lookup(key, scope)
             if hit is not None:
@@ -78,14 +74,15 @@ class Answerer:
                               True, model, scope.finish())
                 return
         # A miss: admitted, or refused with RetryInfo, before any hop is spent on it.
-        with self._capacity.generation():
-            async for event in self._generated(request, key, sampling, model, scope):
+        with pool.capacity.generation():
+            async for event in self._generated(request, key, sampling, pool, scope):
                 yield event
 
-    async def _generated(self, request: PromptRequest, key: PromptCacheKey | None, sampling: Sampling, model: str,
-                         scope: RequestScope) -> AsyncIterator[TokenDelta | Outcome]:
+    async def _generated(self, request: PromptRequest, key: PromptCacheKey | None, sampling: Sampling,
+                         pool: InferencePool, scope: RequestScope) -> AsyncIterator[TokenDelta | Outcome]:
         """A miss's answer: template, tokenizer and inference hops; the answer is stored for next time."""
         capture = self._settings.capture_content
+        model = pool.info.model
         # A key names the template version it was derived with: render exactly that
         # one, so the answer stored under the key is the answer to the key.
         prompt = request.prompt
@@ -99,7 +96,7 @@ class Answerer:
         scope.ensure_can_cover(_PATH_TO_FIRST_TOKEN[2:])  # no inference for a request already lost
         parts: list[str] = []
         end = None
-        async for event in self._generate(token_ids, sampling, model, scope):
+        async for event in self._generate(token_ids, sampling, pool, scope):
             if isinstance(event, TokenDelta):
                 parts.append(event.text)
                 yield event
@@ -117,14 +114,13 @@ class Answerer:
             record_completion(scope.span, outcome.text)
         yield outcome
 
-    async def _generate(self, token_ids: list[int], sampling: Sampling, model: str, scope: RequestScope
+    async def _generate(self, token_ids: list[int], sampling: Sampling, pool: InferencePool, scope: RequestScope
                         ) -> AsyncIterator[TokenDelta | GenerationEnd]:
         """The inference hop, timing the first token (inference.ttft) inside it."""
         with scope.hop(Hop.INFERENCE) as hop:
             begun = time.perf_counter()
             first_seen = False
-            async for event in self._downstream.generate(token_ids, sampling, model, scope.tenant.id,
-                                                         hop.timeout_s, hop.metadata):
+            async for event in pool.generate(token_ids, sampling, scope.tenant.id, hop.timeout_s, hop.metadata):
                 if not first_seen:  # the first text, or the end when there is none
                     first_seen = True
                     scope.record_first_token(begun, time.perf_counter(), hop.span)
@@ -141,7 +137,7 @@ class Answerer:
 
     async def count_tokens(self, prompt: TemplateCall | Chat, requested_model: str, scope: RequestScope
                            ) -> tuple[int, str]:
-        model = self.resolve_model(requested_model)
+        model = self._models.resolve(requested_model).info.model
         chat = await self.messages(prompt, scope)
         with scope.hop(Hop.TOKENIZER) as hop:
             count = await self._downstream.count_chat(chat, model, hop.timeout_s, hop.metadata)
@@ -155,11 +151,12 @@ class Answerer:
             rendered = await self._downstream.render(prompt, hop.timeout_s, hop.metadata)
         return Chat(rendered.messages)
 
-    async def _cache_key(self, request: PromptRequest, sampling: Sampling, model: str,
+    async def _cache_key(self, request: PromptRequest, sampling: Sampling, pool: InferencePool,
                          tenant: Tenant) -> PromptCacheKey | None:
         """The request's one prompt-cache key, or None when its answer may not be cached.
 
-        The tenant salts the key: one tenant never reads another's answer. A tenant
+        The tenant salts the key: one tenant never reads another's answer. The model's id and revision
+        are in it: one model never answers from another's entries, nor a new revision from an old one's. A tenant
         without the prompt cache gets no key, so it neither reads nor writes.
         """
         if (self._cache is None or not tenant.prompt_cache or request.cache_mode == CacheMode.BYPASS
@@ -173,7 +170,7 @@ class Answerer:
             key_prompt = TemplatePrompt(prompt.id, version, prompt.variables)
         else:
             key_prompt = ChatPrompt(prompt.messages)
-        return PromptCacheKey(tenant.id, model, self._model.revision, key_prompt, sampling)
+        return PromptCacheKey(tenant.id, pool.info.model, pool.info.revision, key_prompt, sampling)
 
     def _store_later(self, key: PromptCacheKey, outcome: Outcome, scope: RequestScope) -> None:
         """Stores the answer off the caller's path; a failure is logged, never raised."""

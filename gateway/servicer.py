@@ -14,7 +14,8 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.answer import Answerer, Outcome
 from gateway.auth import KeyFileAuth, OpenAccess
-from gateway.downstream import TokenDelta
+from gateway.inference_stream import TokenDelta
+from gateway.model_routes import ModelRoutes
 from gateway.quotas import Quotas
 from gateway.request import PromptRequest, TemplateCall, prompt_from_pb
 from gateway.scope import RequestScopes
@@ -35,14 +36,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, templates: TemplateIndex, scopes: RequestScopes, tracer, auth: KeyFileAuth | OpenAccess):
         self._answerer: Answerer | None = None
         self._quotas: Quotas | None = None
+        self._models: ModelRoutes | None = None
         self._templates = templates
         self._scopes = scopes
         self._tracer = tracer
         self._auth = auth
 
-    def attach(self, answerer: Answerer, quotas: Quotas) -> None:
+    def attach(self, answerer: Answerer, quotas: Quotas, models: ModelRoutes) -> None:
         """Called once the internal services answer (the gateway's warm-up)."""
-        self._answerer, self._quotas = answerer, quotas
+        self._answerer, self._quotas, self._models = answerer, quotas, models
 
     @property
     def answerer(self) -> Answerer:
@@ -118,6 +120,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 for t in self._templates.entries
             ]
         )
+
+    @rpc_method
+    async def ListModels(self, request, context):
+        self._tenant(context)
+        await _send_request_id(context, request_id_from(context.invocation_metadata()))
+        if self._models is None:
+            raise Unavailable("the gateway is starting")
+        return gateway_pb2.ListModelsResponse(models=[
+            gateway_pb2.ModelInfo(id=m.id, revision=m.revision, context_length=m.context_length, engine=m.engine,
+                                  ready=m.ready, default=m.default)
+            for m in self._models.listing()
+        ])
 
     def _tenant(self, context) -> Tenant:
         """The caller's tenant, from its API key; UNAUTHENTICATED without a valid one.

@@ -19,6 +19,13 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     tokenizer_addr: str = "127.0.0.1:50053"
     cache_addr: str = "127.0.0.1:50054"
     inference_addr: str = "127.0.0.1:50055"
+    # Several models (gateway/model_routes.py): a JSON object {catalogue id: address}, each address as
+    # inference_addr takes it (host:port, a comma list, dns:///name:port), e.g.
+    # {"smollm2": "127.0.0.1:50055", "gemma3": "127.0.0.1:50065"}. Empty: one model, at inference_addr,
+    # the one its replicas report.
+    inference_addrs: dict[str, str] = Field(default_factory=dict)
+    # The model a request without `model` gets: a key of inference_addrs; empty = its first.
+    default_model: str = ""
     # The gateway reads the prompt cache straight from Redis (one hop fewer on a
     # hit); stores go through the cache service. Empty = no prompt cache.
     redis_url: str = Field(
@@ -46,11 +53,11 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     quota_replicas: int = Field(default=1, ge=1)
     quota_fallback_s: float = 5.0
     quota_stream_lease_s: float = 30.0
-    # Admission control, i.e. capacity (gateway/capacity.py): a cache miss is refused with
-    # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many
-    # generations in flight as the inference service holds (its reported max_running +
-    # max_queue, or admission_max_in_flight when set), or while the inference service's
-    # latest report, younger than admission_full_hold_s, said it was full.
+    # Admission control, i.e. capacity (gateway/capacity.py), per model: a cache miss is refused with
+    # RESOURCE_EXHAUSTED and RetryInfo, before any hop, while this gateway has as many of the
+    # model's generations in flight as its inference replicas hold (their reported max_running +
+    # max_queue, or admission_max_in_flight when set), or while their latest reports, younger
+    # than admission_full_hold_s, said they were full.
     admission: Literal["on", "off"] = "on"
     admission_max_in_flight: int = Field(default=0, ge=0)
     admission_full_hold_s: float = Field(default=0.5, ge=0)

@@ -22,7 +22,9 @@ from modelfiles.sources import SourceError, SourceFiles, family, inspect, locate
 
 log = logging.getLogger("nlpmesh.model")
 
-DEFAULT_MODEL = "smollm2"  # the catalogue id of the model served when a request names none
+# The catalogue id of the model served when a request names none: the shipped catalogue's first entry.
+# A catalogue of its own (NLPMESH_MODELS_FILE) has its own first entry: default_model_id().
+DEFAULT_MODEL = "smollm2"
 _MANIFEST = "nlpmesh-model.json"
 # Before the catalogue, the one model was converted to a folder named after it: still found there
 # (not moved: a checkout of an older commit may be reading it).
@@ -45,6 +47,11 @@ class ModelFiles:
 
 def converted_dir(home: Path, model_id: str = DEFAULT_MODEL) -> Path:
     return home / "models" / model_id
+
+
+def default_model_id() -> str:
+    """The catalogue's default model: its first entry (read at call time: NLPMESH_MODELS_FILE may name another)."""
+    return load_catalogue().ids[0]
 
 
 def load_model_files(home: Path, name: str = DEFAULT_MODEL) -> ModelFiles:

@@ -1,4 +1,4 @@
-"""`python -m services.inference`: serves the model on port 50055."""
+"""`python -m services.inference`: serves one catalogue model (NLPMESH_INFERENCE_MODEL) on port 50055."""
 import os
 import sys
 

@@ -10,7 +10,7 @@ from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
 from modelfiles.architectures import check_engine_supports
-from modelfiles.convert import ModelFiles, load_model_files
+from modelfiles.convert import ModelFiles, default_model_id, load_model_files
 from services.inference.cpu_features import read_cpu_features
 from services.inference.device import describe, resolve_device
 from services.inference.engine import Engine
@@ -52,14 +52,15 @@ def load_model(files: ModelFiles, dtype: str = "float32",
 def load_engine(settings: InferenceSettings) -> Engine:
     """The real model in a started engine. Blocking: run it in a thread."""
     started = time.monotonic()
-    files = load_model_files(settings.home)
+    files = load_model_files(settings.home, settings.model or default_model_id())
     check_engine_supports(files.model_id, files.architecture)
     device = resolve_device(settings.device)
     log.info("inference device: %s (NLPMESH_INFERENCE_DEVICE=%s)", describe(device), settings.device)
     model, tokenizer = load_model(files, settings.dtype, device)
     log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
     options = settings.engine_options()
-    return Engine(model, tokenizer, options, model_name=files.name, revision=files.revision,
+    # The engine names the model by its catalogue id: what the gateway routes by and callers see.
+    return Engine(model, tokenizer, options, model_name=files.model_id, revision=files.revision,
                   prefix_cache=prefix_cache(settings, files))
 
 
@@ -83,7 +84,7 @@ def prefix_cache(settings: InferenceSettings, files: ModelFiles) -> PrefixCache 
              f"shared through Redis once seen {settings.prefix_redis_min_sightings} time(s)" if shared
              else "no Redis tier")
     return PrefixCache(
-        model=files.name,
+        model=files.model_id,  # with the revision: two models (or revisions) never share a KV block
         revision=files.revision,
         block_tokens=settings.prefix_block_tokens,
         local_bytes=settings.prefix_cache_bytes,

@@ -24,6 +24,7 @@ from services.inference.settings import InferenceSettings
 from services.inference.threads import in_thread_that_ends
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ENGINE_KIND = "builtin"  # ModelInfo.engine: this service runs the built-in engine
 
 log = logging.getLogger("nlpmesh.inference")
 
@@ -78,6 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             revision=engine.revision,
             context_length=engine.context_length,
             default_max_new_tokens=engine.limits.default_max_new_tokens,
+            engine=ENGINE_KIND,
         )
 
     def _load_report(self, engine: Engine) -> tuple[tuple[str, str], ...]:
@@ -87,8 +89,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _serving(self, model: str) -> Engine:
         if self.engine is None:
             raise Unavailable("the model is still loading")
-        if model and model != self.engine.model_name:
-            raise NotFound(f"unknown model {model!r}")
+        if model and model != self.engine.model_name:  # the catalogue id this process serves
+            raise NotFound(f"unknown model {model!r}; this inference service serves {self.engine.model_name}")
         return self.engine
 
 

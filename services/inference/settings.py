@@ -16,6 +16,9 @@ _ENGINE = EngineOptions()  # the engine's defaults, written once there
 
 class InferenceSettings(ServiceSettings, service="inference"):
     home: Path = Field(default_factory=default_home)
+    # The catalogue id of the model this process serves (deploy/models.toml); empty = the catalogue's
+    # default, its first entry. One process serves one model: the gateway routes by model.
+    model: str = ""
     # The engine's options (services/inference/engine.py EngineOptions), by the same names.
     threads: int = _ENGINE.threads  # torch intra-op threads for the model's one worker thread
     # Added to the process's nice value at start. The engine's step keeps the cores busy, while

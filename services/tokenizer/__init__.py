@@ -1,1 +1,1 @@
-"""The tokenizer service: the model's own tokenizer and chat template."""
+"""The tokenizer service: each served model's own tokenizer and chat template."""

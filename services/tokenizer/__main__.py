@@ -1,4 +1,4 @@
-"""`python -m services.tokenizer`: serves the model's tokenizer on port 50053."""
+"""`python -m services.tokenizer`: serves the models' tokenizers and chat templates on port 50053."""
 from meshkit.server import run
 from meshkit.tracing.provider import configure_tracing
 from services.tokenizer.servicer import build_spec

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshkit.errors import FieldViolation, InvalidArgument, NotFound
+from meshkit.errors import FieldViolation, InvalidArgument
 
 ROLES = ("system", "user", "assistant")
 _FIELD = "chat.messages"  # the public API path (docs/api.md: Chat.messages)
@@ -40,7 +40,7 @@ class ChatLimits:
 
 class ChatTokenizer:
     def __init__(self, name: str, tokenizer: Any, context_length: int, limits: ChatLimits = ChatLimits()):
-        self.name = name
+        self.name = name  # the model's catalogue id
         self.context_length = context_length
         self.limits = limits
         self._tokenizer = tokenizer
@@ -57,11 +57,6 @@ class ChatTokenizer:
         if not tokenizer.chat_template:
             raise ValueError(f"{folder}: the tokenizer has no chat template")
         return cls(name, tokenizer, int(config["max_position_embeddings"]), limits)
-
-    def check_model(self, requested: str) -> None:
-        """An empty name means this, the default model; any other name must be it."""
-        if requested and requested != self.name:
-            raise NotFound(f"no model {requested!r}; this tokenizer serves {self.name!r}")
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt ids the model is fed: the chat template with the generation prompt."""

@@ -1,17 +1,22 @@
-"""gRPC edge of the tokenizer service: protobuf in, domain calls, protobuf out."""
+"""gRPC edge of the tokenizer service: protobuf in, domain calls, protobuf out.
+
+It serves every model of NLPMESH_TOKENIZER_MODELS (empty: every converted catalogue model), each with its
+own tokenizer and chat template, by catalogue id; a request without a model gets the first.
+"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from meshkit import span_names
-from meshkit.errors import ResourceExhausted, Unavailable
+from meshkit.errors import NotFound, ResourceExhausted, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing.provider import tracer
-from modelfiles.convert import load_model_files
+from modelfiles.catalogue import load_catalogue
+from modelfiles.convert import converted_revision, load_model_files
 from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
 from services.tokenizer.settings import TokenizerSettings
 
@@ -21,17 +26,20 @@ _tracer = tracer("tokenizer")
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, load: Callable[[], ChatTokenizer]):
+    """``load`` gives the tokenizers served, the default (for a request without a model) first."""
+
+    def __init__(self, load: Callable[[], Sequence[ChatTokenizer]]):
         self._load = load
-        self._tokenizer: ChatTokenizer | None = None
+        self._tokenizers: dict[str, ChatTokenizer] = {}
 
     async def warm_up(self) -> None:
-        # Loading reads files and builds the Rust tokenizer: keep it off the event loop.
-        tokenizer = await asyncio.to_thread(self._load)
-        # One encode compiles the chat template and starts the worker thread,
-        # so the first caller does not pay for either.
-        await asyncio.to_thread(tokenizer.encode_chat, [ChatMessage("user", "warm-up")])
-        self._tokenizer = tokenizer
+        # Loading reads files and builds the Rust tokenizers: keep it off the event loop.
+        tokenizers = await asyncio.to_thread(self._load)
+        for tokenizer in tokenizers:
+            # One encode compiles the chat template and starts the worker thread,
+            # so the first caller does not pay for either.
+            await asyncio.to_thread(tokenizer.encode_chat, [ChatMessage("user", "warm-up")])
+        self._tokenizers = {tokenizer.name: tokenizer for tokenizer in tokenizers}
 
     @rpc_method
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
@@ -56,10 +64,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return tokenizer_pb2.DecodeResponse(text=text)
 
     def _serving(self, model: str) -> ChatTokenizer:
-        if self._tokenizer is None:
+        """The tokenizer of ``model`` (empty: the default); NotFound naming the models served."""
+        if not self._tokenizers:
             raise Unavailable("the tokenizer is still loading")
-        self._tokenizer.check_model(model)
-        return self._tokenizer
+        if not model:
+            return next(iter(self._tokenizers.values()))
+        tokenizer = self._tokenizers.get(model)
+        if tokenizer is None:
+            raise NotFound(f"no model {model!r}; this tokenizer serves {', '.join(self._tokenizers)}")
+        return tokenizer
 
 
 async def _within_limit(tokenizer: ChatTokenizer, work, messages: list[ChatMessage]):
@@ -84,10 +97,23 @@ def _messages_from_pb(request: tokenizer_pb2.EncodeChatRequest) -> list[ChatMess
     return [ChatMessage(role=m.role, content=m.content) for m in request.messages]
 
 
+def served_models(settings: TokenizerSettings) -> list[str]:
+    """The catalogue ids to serve: NLPMESH_TOKENIZER_MODELS, else every converted catalogue model (a model
+    named there that is not converted stops the start, naming how to convert it)."""
+    if settings.models.strip():
+        return [model.strip() for model in settings.models.split(",") if model.strip()]
+    catalogue = load_catalogue()
+    converted = [model for model in catalogue.ids if converted_revision(settings.home, model) is not None]
+    return converted or [catalogue.ids[0]]  # none converted: the default's load says how to convert it
+
+
 def build_spec(settings: TokenizerSettings) -> ServiceSpec:
-    def load() -> ChatTokenizer:
-        files = load_model_files(settings.home)
-        return ChatTokenizer.from_folder(files.path, files.name, settings.limits)
+    def load() -> list[ChatTokenizer]:
+        tokenizers = []
+        for model in served_models(settings):
+            files = load_model_files(settings.home, model)
+            tokenizers.append(ChatTokenizer.from_folder(files.path, files.model_id, settings.limits))
+        return tokenizers
 
     servicer = TokenizerServicer(load)
 

@@ -13,6 +13,9 @@ _LIMITS = ChatLimits()
 
 class TokenizerSettings(ServiceSettings, service="tokenizer"):
     home: Path = Field(default_factory=default_home)
+    # The models served, a comma list of catalogue ids (deploy/models.toml), the default first; empty =
+    # every converted catalogue model, in the catalogue's order.
+    models: str = ""
     max_messages: int = Field(default=_LIMITS.max_messages, gt=0)
     max_message_chars: int = Field(default=_LIMITS.max_message_chars, gt=0)
     max_chat_chars: int = Field(default=_LIMITS.max_chat_chars, gt=0)

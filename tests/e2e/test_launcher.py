@@ -22,6 +22,7 @@ from tests.polling import wait_until
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 READY_S = 300.0
+ONE_MODEL = ("--model", "smollm2")  # these tests are about the launcher: one model starts fastest
 CHILDREN_GONE_S = 20.0  # SIGTERM from the parent-death signal, the services' drain, interpreter exit
 
 
@@ -42,7 +43,8 @@ class Launched:
 
     def up(self) -> Launched:
         with self.output.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--free-ports"], cwd=REPO_ROOT,
+            self.process = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--free-ports", *ONE_MODEL],
+                                            cwd=REPO_ROOT,
                                             env=self.env(), stdout=out, stderr=subprocess.STDOUT)
         wait_until(lambda: "mesh ready" in self.said() or self.process.poll() is not None, READY_S, 0.5,
                    what="the mesh ready")
@@ -155,7 +157,7 @@ def test_a_sigkilled_launcher_takes_its_children_with_it_and_down_twice_is_fine(
 def test_a_detached_mesh_outlives_the_cli_and_down_stops_it_all(home):
     mesh = Launched(home)
     try:
-        started = mesh.cli("up", "--detach", "--free-ports", timeout_s=READY_S)
+        started = mesh.cli("up", "--detach", "--free-ports", *ONE_MODEL, timeout_s=READY_S)
         assert started.returncode == 0, started.stdout + started.stderr
         assert "mesh ready" in started.stdout and "running in the background" in started.stdout
         state = mesh.state()

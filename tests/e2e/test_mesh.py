@@ -167,7 +167,7 @@ def test_count_tokens_equals_the_tokenizers_own_count(gateway):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                         tokenize=True, return_dict=True)["input_ids"]
     assert reply.prompt_tokens == len(ids)
-    assert reply.model == "SmolLM2-135M-Instruct"
+    assert reply.model == "smollm2"  # the default model, by its catalogue id
 
 
 def test_an_unknown_template_is_not_found(gateway):

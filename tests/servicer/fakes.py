@@ -90,8 +90,11 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer, Recorder):
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
     """``capacity``: report the load (x-nlpmesh-inference-load) as the real service does, with that capacity."""
 
-    def __init__(self, deltas=("Hel", "lo", " 世界"), first_token_delay_s: float = 0.0, capacity: int | None = None):
+    def __init__(self, deltas=("Hel", "lo", " 世界"), first_token_delay_s: float = 0.0, capacity: int | None = None,
+                 model: str = "smollm2", revision: str = "r1"):
         Recorder.__init__(self)
+        self.model, self.revision = model, revision  # what ModelInfo reports
+        self.request_models: list[str] = []  # the GenerateRequest.model field of each call
         self.deltas = deltas
         self.first_token_delay_s = first_token_delay_s
         self.fail_with: Exception | None = None
@@ -107,6 +110,7 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
     async def Generate(self, request, context):
         self.saw(context)
         self.request_tenants.append(request.tenant)
+        self.request_models.append(request.model)
         if self.fail_with is not None:
             raise self.fail_with
         self.active += 1
@@ -126,7 +130,7 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer, Recorder):
     @rpc_method
     async def ModelInfo(self, request, context):
         await self._report_load(context)
-        return inference_pb2.ModelInfoResponse(model="SmolLM2-135M-Instruct", revision="r1", context_length=8192,
+        return inference_pb2.ModelInfoResponse(model=self.model, revision=self.revision, context_length=8192,
                                                default_max_new_tokens=16)
 
 

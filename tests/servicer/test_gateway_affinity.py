@@ -1,9 +1,10 @@
-"""Prefix-affine routing over real in-process inference replicas (fakes), through the gateway's Downstream."""
+"""Prefix-affine routing over real in-process inference replicas (fakes), through a model's InferencePool."""
 import asyncio
 from contextlib import AsyncExitStack
 
 from gateway import balancing
-from gateway.downstream import Downstream, GenerationEnd
+from gateway.inference_pool import InferencePool
+from gateway.inference_stream import GenerationEnd
 from gateway.settings import GatewaySettings
 from meshkit.sampling import Sampling
 from meshkit.server import NOT_SERVING, SERVING
@@ -21,7 +22,7 @@ async def _mesh(stack, inprocess_server, fakes, routing="prefix"):
     settings = GatewaySettings(template_addr=other.address, tokenizer_addr=tok.address, cache_addr=tok.address,
                                inference_addr=",".join(r.address for r in replicas), inference_routing=routing,
                                affinity_block_tokens=BLOCK)
-    downstream = Downstream(settings)
+    downstream = InferencePool(settings)
     await downstream.open()
     stack.push_async_callback(downstream.close)
     await downstream.connected(5.0)
@@ -30,7 +31,7 @@ async def _mesh(stack, inprocess_server, fakes, routing="prefix"):
 
 
 async def _generate(downstream, token_ids, tenant="t"):
-    events = [e async for e in downstream.generate(token_ids, Sampling(), "m", tenant, 5.0)]
+    events = [e async for e in downstream.generate(token_ids, Sampling(), tenant, 5.0)]
     assert isinstance(events[-1], GenerationEnd)
 
 
@@ -114,7 +115,7 @@ async def _mesh_rr(stack, inprocess_server, fakes):
     tok = await stack.enter_async_context(inprocess_server(fake_spec("tok", FakeTokenizer()), GatewaySettings()))
     settings = GatewaySettings(template_addr=tok.address, tokenizer_addr=tok.address, cache_addr=tok.address,
                                inference_addr=",".join(r.address for r in replicas), inference_routing="round_robin")
-    downstream = Downstream(settings)
+    downstream = InferencePool(settings)
     await downstream.open()
     stack.push_async_callback(downstream.close)
     assert downstream.router is None
@@ -141,11 +142,11 @@ def test_a_dns_address_is_followed_replicas_joining_and_leaving_the_ring(inproce
                 assert (host, port) == ("inference.test", 50055)
                 return resolved[0]
 
-            monkeypatch.setattr(Downstream, "_resolve", resolve)
+            monkeypatch.setattr(InferencePool, "_resolve", resolve)
             settings = GatewaySettings(template_addr=tok.address, tokenizer_addr=tok.address, cache_addr=tok.address,
                                        inference_addr="dns:///inference.test:50055", affinity_block_tokens=BLOCK,
                                        affinity_resolve_s=0.05)
-            downstream = Downstream(settings)
+            downstream = InferencePool(settings)
             await downstream.open()
             stack.push_async_callback(downstream.close)
             router = downstream.router

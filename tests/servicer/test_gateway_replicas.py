@@ -9,8 +9,9 @@ from grpc_health.v1 import health, health_pb2
 from nlpmesh.inference.v1 import inference_pb2
 
 from gateway import balancing
-from gateway.downstream import Downstream, GenerationEnd, TokenDelta
+from gateway.downstream import Downstream
 from gateway.downstream_health import GENERATION_PATH, DownstreamHealth, HealthChecks
+from gateway.inference_stream import GenerationEnd, TokenDelta
 from gateway.request import TemplateCall
 from gateway.settings import GatewaySettings
 from meshkit.errors import Unavailable
@@ -67,11 +68,12 @@ async def _downstream(stack, inprocess_server, inference=(), template=None) -> t
     await downstream.open()
     stack.push_async_callback(downstream.close)
     await downstream.connected(5.0)
+    await downstream.pools[0].connected(5.0)
     return downstream, replicas
 
 
 async def _generate(downstream: Downstream, timeout: float = 5.0) -> list:
-    return [event async for event in downstream.generate([1, 2, 3], Sampling(), "m", "t", timeout)]
+    return [event async for event in downstream.pools[0].generate([1, 2, 3], Sampling(), "t", timeout)]
 
 
 async def _set_health(replica, status) -> None:
@@ -138,7 +140,7 @@ def test_a_stream_that_sent_a_token_is_never_retried_it_ends_unavailable(inproce
             for attempt in range(1, 5):
                 seen = []
                 with pytest.raises(Unavailable):
-                    async for event in downstream.generate([1], Sampling(), "m", "t", 5.0):
+                    async for event in downstream.pools[0].generate([1], Sampling(), "t", 5.0):
                         seen.append(event)
                 assert seen == [TokenDelta("Hel")]
                 assert sum(f.calls for f in fakes) == attempt  # one call per stream: no retry after a token
@@ -179,7 +181,7 @@ def test_the_generation_path_stays_serving_while_one_replica_is_and_turns_not_se
             for name in GENERATION_PATH:
                 await gateway.set(name, SERVING)
             checks = HealthChecks(interval_s=0.05, timeout_s=0.5, failures=2)
-            watch = asyncio.create_task(DownstreamHealth(downstream.required_channels(), checks).watch(gateway))
+            watch = asyncio.create_task(DownstreamHealth(_generation_path(downstream), checks).watch(gateway))
             stack.callback(watch.cancel)
             await _set_health(replicas[0], NOT_SERVING)
             for _ in range(10):  # many checks, on both replicas' turns: still SERVING
@@ -191,6 +193,11 @@ def test_the_generation_path_stays_serving_while_one_replica_is_and_turns_not_se
             await until(lambda: _is(gateway, SERVING), what="generation SERVING again")
 
     asyncio.run(scenario())
+
+
+def _generation_path(downstream: Downstream) -> dict:
+    """The channels the gateway's generation path watches: template, tokenizer and the default model's inference."""
+    return {**downstream.required_channels(), "inference": downstream.pools[0].channel}
 
 
 async def _status(servicer) -> int:

@@ -7,7 +7,8 @@ from contextlib import AsyncExitStack
 import pytest
 
 from cli.certs import init_certs
-from gateway.downstream import Downstream, GenerationEnd
+from gateway.inference_pool import InferencePool
+from gateway.inference_stream import GenerationEnd
 from gateway.settings import GatewaySettings
 from meshkit.sampling import Sampling
 from meshkit.settings import ServiceSettings
@@ -43,11 +44,11 @@ def test_generations_reach_both_replicas_over_mtls(inprocess_server, certs, rout
                 async def resolve(self, host, port):
                     return [f"127.0.0.1:{p}" for p in ports]
 
-                Downstream._resolve, original = resolve, Downstream._resolve
-                stack.callback(setattr, Downstream, "_resolve", original)
+                InferencePool._resolve, original = resolve, InferencePool._resolve
+                stack.callback(setattr, InferencePool, "_resolve", original)
             settings = GatewaySettings(tls_dir=str(certs), inference_addr=inference_addr, inference_routing=routing,
                                        affinity_block_tokens=4, affinity_resolve_s=0.05)
-            downstream = Downstream(settings)
+            downstream = InferencePool(settings)
             await downstream.open()
             stack.push_async_callback(downstream.close)
             if routing == "prefix":  # connected and SERVING: the health checks went over mTLS too
@@ -59,7 +60,7 @@ def test_generations_reach_both_replicas_over_mtls(inprocess_server, certs, rout
                 # Prefix routing is deterministic per prompt, and the ring changes with the free ports: 8
                 # prompts all owned by one replica was a 1-in-128 chance. Up to 64 distinct prompts (2^-63).
                 for prefix in range(64):
-                    events = [e async for e in downstream.generate([prefix] * 8, Sampling(), "m", "t", 5.0)]
+                    events = [e async for e in downstream.generate([prefix] * 8, Sampling(), "t", 5.0)]
                     assert isinstance(events[-1], GenerationEnd)
                     if all(f.calls for f in fakes):
                         return True

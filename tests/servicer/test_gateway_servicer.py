@@ -166,7 +166,7 @@ def test_count_tokens_renders_then_counts(inprocess_server, redis_server):
         return await stub.CountTokens(request), inference.calls
 
     reply, calls = run_mesh(inprocess_server, redis_server, scenario)
-    assert reply.prompt_tokens == 4 and reply.model == "SmolLM2-135M-Instruct" and calls == 0
+    assert reply.prompt_tokens == 4 and reply.model == "smollm2" and calls == 0
 
 
 def test_a_version_published_while_the_catalog_is_stale_keeps_the_stored_key_the_looked_up_key(

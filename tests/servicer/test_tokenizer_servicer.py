@@ -27,8 +27,9 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
 
 
 def run_against(inprocess_server, scenario, settings: TokenizerSettings | None = None, warm: bool = True):
-    """Runs ``scenario(stub, running)`` against a fresh in-process tokenizer service."""
-    settings = settings or TokenizerSettings()
+    """Runs ``scenario(stub, running)`` against a fresh in-process tokenizer service (by default serving
+    smollm2 only: one tokenizer loads faster than every converted one)."""
+    settings = settings or TokenizerSettings(models="smollm2")
 
     async def main():
         async with inprocess_server(build_spec(settings), settings, warm=warm) as running:
@@ -52,8 +53,9 @@ def test_encode_count_and_decode_agree(inprocess_server):
         decoded = await stub.Decode(tokenizer_pb2.DecodeRequest(token_ids=encoded.token_ids), timeout=10)
         return encoded, counted, decoded
 
-    encoded, counted, decoded = run_against(inprocess_server, scenario)
-    assert encoded.model == counted.model == "SmolLM2-135M-Instruct"
+    # No models named: every converted catalogue model, the catalogue's first the default.
+    encoded, counted, decoded = run_against(inprocess_server, scenario, TokenizerSettings(models=""))
+    assert encoded.model == counted.model == "smollm2"  # the catalogue's default, by its id
     assert counted.count == len(encoded.token_ids) > 0
     assert decoded.text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert decoded.text.endswith("<|im_start|>assistant\n")
@@ -113,8 +115,29 @@ def test_an_unknown_model_is_not_found(inprocess_server):
         request = tokenizer_pb2.EncodeChatRequest(model="gpt-9", messages=CHAT)
         return await outcome(stub.EncodeChat(request, timeout=10))
 
-    error = run_against(inprocess_server, scenario)
+    error = run_against(inprocess_server, scenario, TokenizerSettings(models="smollm2"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == "no model 'gpt-9'; this tokenizer serves smollm2"
+
+
+def test_each_model_is_encoded_with_its_own_tokenizer_and_chat_template(inprocess_server):
+    async def scenario(stub, running):
+        replies = {}
+        for model in ("smollm2", "gemma3", ""):
+            encoded = await stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(model=model, messages=CHAT), timeout=10)
+            decoded = await stub.Decode(tokenizer_pb2.DecodeRequest(model=model, token_ids=encoded.token_ids),
+                                        timeout=10)
+            replies[model] = (encoded.model, decoded.text)
+        unknown = await outcome(stub.CountChat(tokenizer_pb2.EncodeChatRequest(model="gpt-9", messages=CHAT),
+                                               timeout=10))
+        return replies, unknown
+
+    replies, unknown = run_against(inprocess_server, scenario, TokenizerSettings(models="smollm2,gemma3"))
+    assert replies[""] == replies["smollm2"]  # the first listed is the default
+    assert replies["smollm2"][0] == "smollm2" and "<|im_start|>user\nHi!<|im_end|>" in replies["smollm2"][1]
+    assert replies["gemma3"][0] == "gemma3" and "<start_of_turn>user\n" in replies["gemma3"][1]
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND
+    assert unknown.details() == "no model 'gpt-9'; this tokenizer serves smollm2, gemma3"
 
 
 # Legal in the sandbox, and seconds long. Finite: a render cannot be stopped, and the
@@ -133,8 +156,8 @@ def test_a_chat_template_over_the_time_limit_is_resource_exhausted(inprocess_ser
 
     files = load_model_files(default_home())
     hf_tokenizer = AutoTokenizer.from_pretrained(files.path)
-    slow = ChatTokenizer(files.name, hf_tokenizer, 2048, ChatLimits(render_timeout_ms=100))
-    servicer = TokenizerServicer(lambda: slow)
+    slow = ChatTokenizer(files.model_id, hf_tokenizer, 2048, ChatLimits(render_timeout_ms=100))
+    servicer = TokenizerServicer(lambda: [slow])
 
     async def scenario(stub, running):
         hf_tokenizer.chat_template = SLOW_CHAT_TEMPLATE  # after the warm-up's encode

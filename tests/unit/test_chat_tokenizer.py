@@ -4,7 +4,7 @@ import copy
 import pytest
 from jinja2.exceptions import SecurityError
 
-from meshkit.errors import InvalidArgument, NotFound
+from meshkit.errors import InvalidArgument
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
 from services.tokenizer.chat_tokenizer import ChatLimits, ChatMessage, ChatTokenizer
@@ -99,13 +99,6 @@ def test_a_prompt_longer_than_the_context_is_rejected(chat_tokenizer, hf_tokeniz
         small.encode_chat([ChatMessage("user", "word " * 40)])
     assert field_of(raised) == ["prompt"]
     small.encode_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "hi")])
-
-
-def test_an_empty_model_name_is_the_default_and_any_other_is_not_found(chat_tokenizer):
-    chat_tokenizer.check_model("")
-    chat_tokenizer.check_model("SmolLM2-135M-Instruct")
-    with pytest.raises(NotFound, match="gpt-9"):
-        chat_tokenizer.check_model("gpt-9")
 
 
 def test_decode_rejects_ids_outside_the_vocabulary(chat_tokenizer):

@@ -22,16 +22,18 @@ def _router(endpoints=ENDPOINTS, **kwargs):
 
 
 def _keys(count):
-    return [route_key(list(range(i, i + 20)), 16, "t") for i in range(count)]
+    return [route_key(list(range(i, i + 20)), 16, "t", "m") for i in range(count)]
 
 
-def test_the_key_is_the_first_block_salted_by_tenant_and_none_without_a_full_block_to_reuse():
+def test_the_key_is_the_first_block_salted_by_tenant_and_model_and_none_without_a_full_block_to_reuse():
     prompt = list(range(40))
-    assert route_key(prompt, 16, "a") == route_key(prompt[:16] + [999] * 30, 16, "a")  # only the first block
-    assert route_key(prompt, 16, "a") != route_key([1] + prompt[1:], 16, "a")
-    assert route_key(prompt, 16, "a") != route_key(prompt, 16, "b")  # tenants never share blocks
-    assert route_key(prompt[:16], 16, "a") is None  # one block, all of it prefilled: nothing to reuse
-    assert route_key(prompt[:17], 16, "a") is not None
+    assert route_key(prompt, 16, "a", "m") == route_key(prompt[:16] + [999] * 30, 16, "a", "m")  # only the first block
+    assert route_key(prompt, 16, "a", "m") != route_key([1] + prompt[1:], 16, "a", "m")
+    assert route_key(prompt, 16, "a", "m") != route_key(prompt, 16, "b", "m")  # tenants never share blocks
+    assert route_key(prompt, 16, "a", "m") != route_key(prompt, 16, "a", "n")  # nor do models
+    assert route_key(prompt, 16, "a", "m") != route_key(prompt, 16, "am", "")  # the parts are delimited
+    assert route_key(prompt[:16], 16, "a", "m") is None  # one block, all of it prefilled: nothing to reuse
+    assert route_key(prompt[:17], 16, "a", "m") is not None
 
 
 def test_the_ring_spreads_keys_and_losing_an_endpoint_moves_only_its_keys():
