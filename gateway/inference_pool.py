@@ -33,6 +33,10 @@ from meshkit.tls import TlsConfig
 from meshkit.wire import InferenceLoad
 
 log = logging.getLogger("nlpmesh.gateway.inference")
+# Under TLS every inference replica's certificate is checked against the service's name, whatever address
+# reaches it (a list of endpoints, the per-model inference-<id> names of compose and Kubernetes): `nlpmesh certs
+# init` issues one inference certificate for every model's replicas.
+TLS_NAME = "inference"
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,7 @@ class InferencePool:
         return self.expected_model or (self.info.model if self.info else None)
 
     async def open(self) -> None:
-        # Under TLS a list of endpoints has no one host name to check: each replica's certificate is checked
-        # against the service's name (``nlpmesh certs init`` issues it with that name).
-        listed = len(balancing.endpoints(self.address)) > 1
-        self.channel = self._new_channel(balancing.grpc_target(self.address), "inference" if listed else None)
+        self.channel = self._new_channel(balancing.grpc_target(self.address), TLS_NAME)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.router = self._affine_router()
 
@@ -103,7 +104,7 @@ class InferencePool:
         if len(endpoints) < 2:
             return None
         family = balancing.grpc_target(self.address).partition(":")[0]
-        self._route_to(router, {e: f"{family}:{e}" for e in endpoints}, "inference")
+        self._route_to(router, {e: f"{family}:{e}" for e in endpoints}, TLS_NAME)
         return router
 
     def _route_to(self, router: AffineRouter, targets: dict[str, str], host: str) -> None:
@@ -132,7 +133,7 @@ class InferencePool:
                 targets = {e: f"{'ipv6' if e.startswith('[') else 'ipv4'}:{e}" for e in endpoints}
                 if set(targets) != set(router.endpoints):
                     log.info("inference endpoints for prefix-affine routing: %d (%s)", len(targets), host)
-                    self._route_to(router, targets, host)
+                    self._route_to(router, targets, TLS_NAME)
             except (TimeoutError, OSError) as error:  # the balanced channel still routes meanwhile
                 log.warning("resolving %s for prefix-affine routing failed: %s", host, type(error).__name__)
             except Exception:  # a bug here must not end the routing: the endpoints stay as they were
