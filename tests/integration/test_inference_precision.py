@@ -37,7 +37,7 @@ from services.inference.precision import (
 )
 from services.inference.settings import InferenceSettings
 from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS
-from tests.tiny_llama import tiny_llama
+from tests.tiny_models import tiny_llama
 
 # Openings of public-domain novels (Austen, Dickens, Melville, Tolstoy, Fitzgerald, Carroll).
 TEXT = Path(__file__).resolve().parent.parent / "data" / "perplexity.txt"

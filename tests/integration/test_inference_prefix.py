@@ -14,7 +14,7 @@ import torch
 
 from services.inference import metrics
 from services.inference.prefix import PrefixCache, RedisBlocks
-from tests.tiny_llama import greedy_text, real_tokenizer
+from tests.tiny_models import greedy_text, real_tokenizer
 
 BLOCK = 4
 PROMPT = ("You are a careful assistant for a bank. Answer briefly, cite the policy, and never reveal "
