@@ -2,7 +2,7 @@
 and in prefill (a tail after a reused prefix, or the whole prompt).
 
 The default precision must be a faster one than float32 whose perplexity, on a
-fixed text, stays within 3% of float32. The perplexity is measured through the
+fixed text, stays within 3% of float32, for every model of the catalogue. The perplexity is measured through the
 decode kernels (the float32 GEMM that prefill uses is switched off), since
 those produce every generated token.
 """
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from meshkit.settings import default_home
+from modelfiles.catalogue import DEFAULT_MODELS_FILE, load_catalogue
 from modelfiles.convert import load_model_files
 from services.inference.attention import tiled_sdpa_attention
 from services.inference.cpu_features import read_cpu_features
@@ -44,8 +45,15 @@ TEXT = Path(__file__).resolve().parent.parent / "data" / "perplexity.txt"
 MAX_RELATIVE_INCREASE = 0.03
 
 
-def perplexity(dtype: str) -> float:
-    model, tokenizer = load_model(load_model_files(default_home()), dtype)
+CATALOGUE = load_catalogue(DEFAULT_MODELS_FILE)
+# (model, precision) for each precision other than float32 that ``auto`` may pick for each catalogue model:
+# the faster ones its entry allows.
+AUTO_CHOICES = [(model.id, precision) for model in CATALOGUE.models if "auto" in model.precisions
+                for precision in FASTEST_FIRST if precision != "float32" and precision in model.precisions]
+
+
+def perplexity(model_id: str, dtype: str) -> float:
+    model, tokenizer = load_model(load_model_files(default_home(), model_id), dtype)
     kernel_plan(model).gemm_rows = 10**9
     ids = tokenizer(TEXT.read_text(), return_tensors="pt")["input_ids"]
     with torch.inference_mode():
@@ -54,16 +62,16 @@ def perplexity(dtype: str) -> float:
 
 
 @functools.cache
-def float32_perplexity() -> float:
-    return perplexity("float32")
+def float32_perplexity(model_id: str) -> float:
+    return perplexity(model_id, "float32")
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("precision", [precision for precision in FASTEST_FIRST if precision != "float32"])
-def test_every_precision_auto_may_pick_stays_within_three_percent_of_float32(precision):
-    reference, candidate = float32_perplexity(), perplexity(precision)
+@pytest.mark.parametrize(("model_id", "precision"), AUTO_CHOICES, ids=["-".join(choice) for choice in AUTO_CHOICES])
+def test_every_precision_auto_may_pick_stays_within_three_percent_of_float32(model_id, precision):
+    reference, candidate = float32_perplexity(model_id), perplexity(model_id, precision)
     increase = candidate / reference - 1
-    print(f"perplexity float32 {reference:.3f}, {precision} {candidate:.3f} ({100 * increase:+.2f}%)")
+    print(f"{model_id}: perplexity float32 {reference:.3f}, {precision} {candidate:.3f} ({100 * increase:+.2f}%)")
     assert increase <= MAX_RELATIVE_INCREASE
 
 
@@ -291,6 +299,15 @@ def test_a_one_tile_gemm_runs_in_parts_only_where_each_part_keeps_the_bits_of_th
             assert calls == [2]
         layer(x[:4])  # a float32 decode step: its one 16-row tile is never split
         assert calls == [2]
+
+
+def test_auto_picks_among_the_precisions_the_model_allows_only():
+    model = apply_fastest_precision(tiny_llama, read_cpu_features(), allowed=("auto", "int8", "float32"))
+    assert model_precision(model) == "int8"  # int4, faster, is not allowed
+    model = apply_fastest_precision(tiny_llama, read_cpu_features(), allowed=("float32",))
+    assert model_precision(model) == "float32"
+    with pytest.raises(ValueError, match="auto needs one of int4, int8, bfloat16, float32 allowed"):
+        apply_fastest_precision(tiny_llama, read_cpu_features(), allowed=("auto",))
 
 
 def test_auto_passes_over_int4_for_layer_shapes_it_cannot_take():
