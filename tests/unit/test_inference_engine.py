@@ -382,3 +382,37 @@ def test_the_start_up_refusal_list_names_exactly_the_families_the_engine_knows()
     from services.inference.families import FAMILIES as KNOWN
 
     assert sorted(family.name for family in KNOWN) == sorted(BUILT_IN_ENGINE) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_past_the_sliding_window_are_those_of_transformers_generate(family):
+    """transformers builds its own masks (Gemma's sliding window among them) and its own cache; the engine's
+    float32 answer for a prompt longer than the tiny Gemma's window is the same tokens. Were the window
+    ignored, the answer would differ (checked, so the test can fail)."""
+    import torch
+
+    from services.inference.precision import apply_precision
+    from tests.tiny_models import EOS_ID, SLIDING_WINDOW
+
+    prompt = [3 + (i * 37) % 5000 for i in range(2 * SLIDING_WINDOW + 7)]
+
+    def engine_answer(model) -> str:
+        engine = tiny_engine(apply_precision(model, "float32"))
+
+        async def answer():
+            return await collect(engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=16))))
+
+        try:
+            return asyncio.run(answer())[0]
+        finally:
+            engine.close()
+
+    with torch.inference_mode():
+        output = tiny_model(family).generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
+                                              eos_token_id=EOS_ID)
+    expected = real_tokenizer().decode(output[0, len(prompt) :].tolist(), skip_special_tokens=True)
+    assert expected and engine_answer(tiny_model(family)) == expected
+    if family == "gemma3":
+        unwindowed = tiny_model(family)
+        unwindowed.config.sliding_window = 10**6
+        assert engine_answer(unwindowed) != expected
