@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from meshkit.settings import default_home
+from modelfiles.catalogue import DEFAULT_MODELS_FILE, load_catalogue
 from modelfiles.convert import load_model_files
 from services.inference.decode_linear import DecodeKernel
 from services.inference.decode_step import decode_step_for
@@ -85,10 +86,12 @@ def test_a_model_whose_linear_layers_are_not_the_engines_keeps_its_own_forward(f
 
 
 @pytest.mark.model
-def test_on_the_real_model_the_decode_step_gives_the_models_own_logits_bit_for_bit():
-    model, _ = load_model(load_model_files(default_home()), "int8")
+@pytest.mark.parametrize("model_id", load_catalogue(DEFAULT_MODELS_FILE).ids)
+def test_on_each_real_model_the_decode_step_gives_the_models_own_logits_bit_for_bit(model_id):
+    model, _ = load_model(load_model_files(default_home(), model_id), "int8")
     compare(model, [30])
     compare(model, [12, 40, 7, 100, 64, 33, 90, 18])
+    compare(model, [700, 20])  # past Gemma 3's 512-token sliding window
     compare_prefill(model, 300, [0, 128, 268])
 
 
