@@ -360,3 +360,22 @@ def test_a_prefill_through_one_model_leaves_another_models_forwards_decoding(mon
         with kernel_plan(second).prefill(5):
             layer(x)
         assert gemm_rows == [3]  # its own prefill: the tiled float32 GEMM
+
+
+def test_the_tile_placement_check_tries_the_mask_of_each_layer_type(monkeypatch):
+    """A sliding-window layer's mask hides a long prompt's first keys: the check tries it too, so attention
+    that rounds a row by its tile's rows only under such a mask still keeps rows placed by position."""
+    from services.inference import kernel_checks
+    from tests.tiny_models import tiny_model
+
+    unpatched = choose_tile_placement(apply_precision(tiny_model("llama"), "float32"))
+    real = kernel_checks.prefill_attention
+
+    def odd_tiles_round_windowed_rows_their_own_way(query, key, value, mask, offset, *args):
+        out = real(query, key, value, mask, offset, *args)
+        windowed = not bool(mask[..., 0].all())  # some row's first keys hidden
+        return out + 1e-3 * (query.shape[2] % 2) if windowed else out
+
+    monkeypatch.setattr(kernel_checks, "prefill_attention", odd_tiles_round_windowed_rows_their_own_way)
+    assert choose_tile_placement(apply_precision(tiny_model("gemma3"), "float32")) == BY_POSITION
+    assert choose_tile_placement(apply_precision(tiny_model("llama"), "float32")) == unpatched  # causal only
