@@ -98,7 +98,7 @@ def test_a_repeated_prompt_skips_the_cached_prefix_with_the_same_greedy_output(e
     assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - reusable(ids)
 
 
-@pytest.mark.parametrize("precision", [None, "int8"])  # None: the model's own forward and layers
+@pytest.mark.parametrize("precision", [None, "int8", "int4", "float32"])  # None: the model's own forward and layers
 @pytest.mark.parametrize("family", FAMILIES)
 def test_for_each_family_a_prefix_hit_gives_the_greedy_answer_of_a_cold_prefill(family, precision):
     """The prompt runs well past the tiny Gemma's sliding window: a reused prefix holds every position's

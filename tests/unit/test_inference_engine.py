@@ -416,3 +416,26 @@ def test_greedy_tokens_past_the_sliding_window_are_those_of_transformers_generat
         unwindowed = tiny_model(family)
         unwindowed.config.sliding_window = 10**6
         assert engine_answer(unwindowed) != expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_tiny_model_of_each_family_loads_the_way_a_converted_one_does_and_answers_as_before(family, tmp_path):
+    """load_model reads a folder with transformers' Auto classes, as for a converted model: each family's
+    class comes back, and the engine gives the answer of the model it was saved from."""
+    from modelfiles.convert import ModelFiles
+    from services.inference.loading import load_model
+    from services.inference.precision import apply_precision
+
+    tiny_model(family).save_pretrained(tmp_path)
+    real_tokenizer().save_pretrained(tmp_path)
+    files = ModelFiles(name=f"tiny-{family}", path=tmp_path, revision="test", model_id="tiny", architecture=family)
+    loaded, _ = load_model(files, "int8")
+    assert type(loaded) is type(tiny_model(family))
+    answers = []
+    for model in (loaded, apply_precision(tiny_model(family), "int8")):
+        engine = tiny_engine(model)
+        try:
+            answers.append(run(engine, "The capital of France is", max_new_tokens=12)[0])
+        finally:
+            engine.close()
+    assert answers[0] and answers[0] == answers[1]
