@@ -4,8 +4,9 @@ Random weights produce arbitrary tokens, byte-level pieces of multi-byte
 characters included, which is what the streaming-text tests want. Every family
 gets the same small shapes (which int4's groups of 32 inputs and rows by 16
 accept) and the parts that make it differ: Qwen2's q/k/v biases, Qwen3's
-per-head norms, Gemma 3's norms, scaled embeddings and a sliding-window layer
-beside a full one, with a window short enough for the tests' prompts to pass it.
+per-head norms, Gemma 3's norms and scaled embeddings; Gemma 3 and Qwen2 have a
+sliding-window layer beside a full one, with a window short enough for the
+tests' prompts to pass it.
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def _llama(context_length: int) -> PreTrainedModel:
 
 
 def _qwen2(context_length: int) -> PreTrainedModel:
-    return Qwen2ForCausalLM(Qwen2Config(**_SHAPES, max_position_embeddings=context_length))
+    # Qwen2 turns sliding-window layers on from max_window_layers on: the second layer here.
+    return Qwen2ForCausalLM(Qwen2Config(**_SHAPES, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                                        max_window_layers=1, max_position_embeddings=context_length))
 
 
 def _qwen3(context_length: int) -> PreTrainedModel:
