@@ -25,6 +25,14 @@ Everything else is read off the model's own modules: the activation is the MLP's
 ``act_fn``, the scaling the attention module's, the embedding its forward, the
 rotary embedding the model's ``rotary_emb``, so a family's rule names only what
 changes the order of operations.
+
+What is not generic, and why these four share it: the engine reaches into the
+layers by transformers' module names (``self_attn.q_proj`` .. ``o_proj``,
+``q_norm``/``k_norm``, ``mlp.gate_proj``/``up_proj``/``down_proj``/``act_fn``, the
+layer norms named above) and calls a layer's forward with transformers' decoder
+layer keywords (``attention_mask``, ``position_embeddings``, ``position_ids``,
+``cache``). A family with fused projections (Phi-3's ``qkv_proj``), another MLP
+or another attention (MLA, softcapped logits) needs more than a rule here.
 """
 from __future__ import annotations
 
