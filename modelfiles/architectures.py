@@ -1,17 +1,18 @@
 """Which model architectures nlpmesh can convert, and which its built-in engine runs.
 
-Two lists on purpose: a model is converted and listed as soon as transformers reads it (Gemma 3
-today), and served by the built-in engine once the engine knows its layout (the Llama family today;
-Gemma 3 and Qwen next, issue 18). Each refusal is one line naming the model, the architecture found
-and the ones supported.
+Two lists on purpose: a model is converted and listed as soon as transformers reads it and a real
+one is tested, and served by the built-in engine once the engine knows its layout
+(services/inference/families.py: Llama, Qwen2, Qwen3 and Gemma 3, each checked bit for bit against
+transformers on a tiny model, Llama and Gemma 3 on the real catalogue models too). Each refusal is one
+line naming the model, the architecture found and the ones supported.
 """
 from __future__ import annotations
 
 # Architectures (families, as modelfiles.sources.family names them) that conversion accepts:
 # transformers 5 reads their GGUF and Hugging Face folders, and a real model of each is tested.
 CONVERTIBLE = ("llama", "gemma3")
-# Architectures whose layout the built-in engine knows (services/inference/decode_step.py, layered.py).
-BUILT_IN_ENGINE = ("llama",)
+# Architectures whose layout the built-in engine knows (services/inference/families.py holds each one's rule).
+BUILT_IN_ENGINE = ("llama", "gemma3", "qwen2", "qwen3")
 
 
 class UnsupportedArchitecture(ValueError):

@@ -47,6 +47,7 @@ from meshkit.errors import ResourceExhausted, Unavailable
 from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
 from services.inference.decode_step import DecodeStep, decode_step_for
+from services.inference.families import Family, family_of
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from services.inference.kernel_checks import (
     PLACEMENT_NOTES,
@@ -118,6 +119,8 @@ class Engine:
     ):
         self.model_name = model_name
         self.revision = revision
+        # The layout the engine's forwards follow; a model of another family is refused here, at start.
+        self.family: Family = family_of(model.config)
         self.tokenizer = tokenizer
         self.context_length: int = model.config.max_position_embeddings
         self.limits = _limits(model, options)
@@ -126,7 +129,7 @@ class Engine:
         # forward is a prefill): chosen for this CPU by the start-up checks, held by the model, not the process.
         self.kernels: KernelPlan = kernel_plan(model)
         self._options = options
-        self._eos_ids = eos_token_ids(model)
+        self._eos_ids = eos_token_ids(model, tokenizer, self.family)
         # The decode step without transformers' wrappers (bit-identical logits; made in the worker, as
         # joining layers runs torch); None: the model's forward.
         self._decode: DecodeStep | None = None
@@ -371,8 +374,8 @@ class Engine:
         sequences = [job.sequence for job in jobs]
         started = time.perf_counter()
         try:
-            positions, mask = self._kv.decode([sequence.length for sequence in sequences])
-            logits = self._forward([[sequence.next_token] for sequence in sequences], positions, mask)
+            positions, masks = self._kv.decode([sequence.length for sequence in sequences])
+            logits = self._forward([[sequence.next_token] for sequence in sequences], positions, masks)
             forwarded = time.perf_counter()
             metrics.BATCH_SIZE.observe(len(jobs))
             texts = []
@@ -392,13 +395,14 @@ class Engine:
         whole = step.forward + step.sampling_and_text + step.delivery
         self._step_s = whole if self._step_s is None else _EMA * whole + (1 - _EMA) * self._step_s
 
-    def _forward(self, rows: list[list[int]], positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, rows: list[list[int]], positions: torch.Tensor, masks: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
         """The last position's logits, (batch, 1, vocab), for a forward the KV rows were set up for."""
         ids = torch.tensor(rows, device=self.device)
         if self._decode is not None:
-            return self._decode.forward(ids, positions, mask, self._kv)
-        output = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=self._kv, use_cache=True,
-                            logits_to_keep=1)
+            return self._decode.forward(ids, positions, masks, self._kv)
+        output = self.model(input_ids=ids, position_ids=positions, attention_mask=self.family.model_mask(masks),
+                            cache=self._kv, use_cache=True, logits_to_keep=1)
         logits = output.logits[:, -1:, :]
         return logits if logits.device.type == "cpu" else logits.float().cpu()  # one copy a step, for the samplers
 
@@ -468,14 +472,15 @@ def _kernels_name(model: PreTrainedModel, kv_dtype: torch.dtype) -> str:
     return f"{name}/{torch.backends.cpu.get_cpu_capability()}" if model.device.type == "cpu" else name
 
 
-def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
-    """The end-of-sequence ids from the model's generation config (an int or a list)."""
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: Family) -> frozenset[int]:
+    """The end-of-sequence ids from the model's generation config (an int or a list), and the family's
+    end-of-turn tokens where the tokenizer has them (a converted GGUF's config may name only ``<eos>``)."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = model.config.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
+    ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    vocab = tokenizer.get_vocab()
+    return frozenset(ids | {vocab[token] for token in family.end_of_turn if token in vocab})
 
 
 def _limits(model: PreTrainedModel, options: EngineOptions) -> RequestLimits:

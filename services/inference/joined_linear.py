@@ -22,14 +22,15 @@ _OUTPUT_BUFFERS = {"int8": (("weight_int8", 0), ("scales", 0)), "int4": (("weigh
 
 
 class JoinedLinear(DecodeKernel):
-    """The decode kernel of ``linears`` (the same inputs and precision, no bias) over their weights side
-    by side. Decode only: it holds no float32 copy for prefill. Its weights are a copy of theirs."""
+    """The decode kernel of ``linears`` (the same inputs and precision, a bias on all or none: Qwen2's
+    q, k and v have one) over their weights and biases side by side. Decode only: it holds no float32
+    copy for prefill. Its weights are a copy of theirs."""
 
     def __init__(self, linears: list[DecodeLinear]):
         super().__init__()
         if not joinable(linears):
             raise ValueError("only layers of one precision with a joinable decode kernel, the same inputs and "
-                             "no bias can be joined")
+                             "a bias on all or none can be joined")
         first = linears[0]
         self.in_features, self.out_features = first.in_features, sum(linear.out_features for linear in linears)
         self.precision = first.precision
@@ -39,7 +40,8 @@ class JoinedLinear(DecodeKernel):
             else:
                 self.register_buffer(name, torch.cat([getattr(linear, name) for linear in linears], dim=dim)
                                      .contiguous())
-        self.register_buffer("bias", None)
+        biases = [linear.bias for linear in linears]
+        self.register_buffer("bias", None if biases[0] is None else torch.cat(biases))
 
     @classmethod
     def join(cls, linears: list[DecodeLinear]) -> JoinedLinear | None:
@@ -64,5 +66,5 @@ class JoinedLinear(DecodeKernel):
 def joinable(linears: list[DecodeLinear]) -> bool:
     first = linears[0]
     return first.precision in _OUTPUT_BUFFERS and all(
-        linear.precision == first.precision and linear.in_features == first.in_features and linear.bias is None
-        for linear in linears)
+        linear.precision == first.precision and linear.in_features == first.in_features
+        and (linear.bias is None) == (first.bias is None) for linear in linears)

@@ -23,6 +23,7 @@ from torch import nn
 from services.inference.attention import prefill_attention
 from services.inference.cpu_features import CpuFeatures
 from services.inference.decode_linear import DECODE_KERNELS, DecodeLinear, layers_by_shape
+from services.inference.families import attention_windows
 from services.inference.kernel_plan import KernelPlan, kernel_plan
 from services.inference.tiled_gemm import one_tile_in_parts
 from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS, TILE_ROWS
@@ -84,9 +85,10 @@ def _first_tail_unlike_whole(plan: KernelPlan, layer: DecodeLinear, x: torch.Ten
 
 def choose_tile_placement(model: nn.Module) -> str:
     """``FROM_START`` where, on this CPU, every distinct prefill GEMM shape of ``model`` and its tiled
-    attention give a prompt's rows the same bits when a prefill starts at any token (its rows then
-    sit elsewhere in their tiles, and in fewer tiles) as in a prefill of the whole prompt; else
-    ``BY_POSITION``, which needs no such luck (``check_row_independence`` has checked it)."""
+    attention (under the mask of each of its layer types) give a prompt's rows the same bits when a
+    prefill starts at any token (its rows then sit elsewhere in their tiles, and in fewer tiles) as in
+    a prefill of the whole prompt; else ``BY_POSITION``, which needs no such luck
+    (``check_row_independence`` has checked it)."""
     plan = kernel_plan(model)
     generator = torch.Generator().manual_seed(1)
     starts = (1, TILE_ROWS - 3, GEMM_TILE_ROWS + 5, 2 * GEMM_TILE_ROWS + 13, 3 * GEMM_TILE_ROWS - 1)
@@ -104,14 +106,24 @@ def choose_tile_placement(model: nn.Module) -> str:
             width = rows + 2 * TILE_ROWS  # the aligned width of a longer prompt: columns past each row masked
             query = torch.randn(1, heads, rows, head_dim, generator=generator).to(dtype)
             key, value = (torch.randn(1, kv_heads, width, head_dim, generator=generator).to(dtype) for _ in range(2))
-            mask = torch.arange(width)[None, :] <= torch.arange(rows)[:, None]
-            whole = prefill_attention(query, key, value, mask[None, None], plan.first_row(0, TILE_ROWS))
-            for start in starts:
-                tail = prefill_attention(query[:, :, start:], key, value, mask[None, None, start:],
-                                         plan.first_row(start, TILE_ROWS))
-                if not torch.equal(tail, whole[:, start:]):
-                    return BY_POSITION
+            for mask in _attention_masks(model.config, rows, width):
+                whole = prefill_attention(query, key, value, mask[None, None], plan.first_row(0, TILE_ROWS))
+                for start in starts:
+                    tail = prefill_attention(query[:, :, start:], key, value, mask[None, None, start:],
+                                             plan.first_row(start, TILE_ROWS))
+                    if not torch.equal(tail, whole[:, start:]):
+                        return BY_POSITION
     return FROM_START
+
+
+def _attention_masks(config, rows: int, width: int) -> list[torch.Tensor]:
+    """One (rows, width) mask per layer type of the model, of the kinds ``SlotKV`` makes: causal, and for a
+    sliding-window type also hiding the keys before a window (no longer than half the rows, so that the
+    check's rows have keys hidden at their start, as a long prompt's rows have)."""
+    columns, positions = torch.arange(width)[None, :], torch.arange(rows)[:, None]
+    causal = columns <= positions
+    return [causal if window is None else causal & (columns > positions - min(window, rows // 2))
+            for window in attention_windows(config).values()]
 
 
 def _attention_shapes(model: nn.Module) -> tuple[int, int, int, torch.dtype] | None:

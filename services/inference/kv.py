@@ -17,14 +17,22 @@ by chunk, and joins the decoding rows with ``mark_ready``. A forward is one of
   prompt of ``total`` tokens;
 - ``decode(lengths)``: one new token for each of the rows ``0 .. B - 1``.
 
-The model is called with our 4-D boolean mask and explicit position ids, which
-transformers uses as given. Freeing a row moves another row into it, so
+The model is called with our 4-D boolean masks, one per layer type (full or
+sliding-window attention, services/inference/families.py), and explicit position
+ids, which transformers uses as given. A sliding-window layer's row keeps every
+token's keys and values too, not a ring of the last ``window``: its mask hides
+the keys before the window (``key position > query position - window``), as the
+model's own mask does. That keeps one KV layout for every layer (one tensor, one
+row move, prefix blocks of the same shape), so a reused prefix block holds what
+any layer type needs, at the price of memory the window would not need. Freeing a row moves another row into it, so
 sequences must ask ``row_of`` after each ``free``.
 """
 from __future__ import annotations
 
 import torch
 from transformers import PretrainedConfig
+
+from services.inference.families import attention_windows
 
 # Columns are added in steps of this many tokens (grown by doubling past it).
 INITIAL_CAPACITY = 512
@@ -46,6 +54,7 @@ class SlotKV:
         self.layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.windows = attention_windows(config)  # layer type -> positions a query sees (None: all)
         self.rows = rows
         self.dtype = dtype
         self.device = torch.device(device)
@@ -148,8 +157,10 @@ class SlotKV:
 
     # -- forwards -------------------------------------------------------------
 
-    def prefill(self, row: int, start: int, count: int, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sets up a forward of ``count`` tokens for ``row``; returns (position_ids, attention_mask).
+    def prefill(self, row: int, start: int, count: int, total: int | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sets up a forward of ``count`` tokens for ``row``; returns (position_ids, masks): a 4-D boolean
+        mask (1, 1, count, width) for each layer type.
 
         Attention spans the whole prompt's aligned width (``total`` tokens; ``start + count``
         by default) whichever chunk of it this is, columns past the chunk masked: every
@@ -163,17 +174,25 @@ class SlotKV:
         self.reserve(width)
         self._forward = _Prefill(row, start, count, width)
         positions = torch.arange(start, start + count, device=self.device)
-        mask = torch.arange(width, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (count, width)
-        return positions.unsqueeze(0), mask[None, None]
+        masks = self._masks(positions, width)  # (count, width) each
+        return positions.unsqueeze(0), {kind: mask[None, None] for kind, mask in masks.items()}
 
-    def decode(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sets up one token for each of rows ``0 .. len(lengths) - 1``, where row ``r`` holds ``lengths[r]``."""
+    def decode(self, lengths: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sets up one token for each of rows ``0 .. len(lengths) - 1``, where row ``r`` holds ``lengths[r]``;
+        returns (position_ids, masks): a 4-D boolean mask (B, 1, 1, width) for each layer type."""
         width = _aligned(max(lengths) + 1)
         self.reserve(width)
         positions = torch.tensor(lengths, device=self.device)
         self._forward = _Decode(torch.arange(len(lengths), device=self.device), positions, width)
-        mask = torch.arange(width, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (B, width)
-        return positions.unsqueeze(1), mask[:, None, None, :]
+        masks = self._masks(positions, width)  # (B, width) each
+        return positions.unsqueeze(1), {kind: mask[:, None, None, :] for kind, mask in masks.items()}
+
+    def _masks(self, positions: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+        """For each layer type, (len(positions), width): which columns each position attends to."""
+        columns = torch.arange(width, device=self.device).unsqueeze(0)
+        causal = columns <= positions.unsqueeze(1)
+        return {kind: causal if window is None else causal & (columns > positions.unsqueeze(1) - window)
+                for kind, window in self.windows.items()}
 
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, **_

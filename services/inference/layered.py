@@ -11,7 +11,8 @@ The layers are the model's own modules called as its own forward calls them
 (embeddings, rotary embeddings, each decoder layer, the final norm, the output
 layer on the last position), so a chunk run in groups gives the very bits of
 one forward; tests/integration/test_inference_real_model.py checks that on the real
-model. This is the Llama family's layout (SmolLM2 is one).
+model. Each layer gets its type's rotary embedding and mask (full or sliding-window
+attention) as the family's rule says (services/inference/families.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from services.inference.decode_step import decoder_layer, unsqueezed
+from services.inference.families import family_of, layer_types
 from services.inference.kernel_plan import kernel_plan
 from services.inference.kv import SlotKV
 from services.inference.tiles import GEMM_TILE_ROWS, tile_count
@@ -32,6 +34,7 @@ class ChunkForward:
         self.start, self.end, self.total = start, end, len(prompt)
         self._unwrapped = unwrapped
         self._model, self._base, self._kv = model, model.base_model, kv
+        self._family, self._kinds = family_of(model.config), layer_types(model.config)
         self._plan = kernel_plan(model)  # the model's: its layers read the phase and the placement from it
         self._ids = prompt[start:end]
         self.layer = 0  # the next decoder layer to run
@@ -52,12 +55,12 @@ class ChunkForward:
     def run(self, row: int, layers: int) -> torch.Tensor | None:
         """Runs the next ``layers`` decoder layers with the chunk's KV going to ``row``. Returns the last
         position's logits (1, 1, vocab) once the prompt's last chunk has run all layers, else None."""
-        positions, mask = self._kv.prefill(row, self.start, self.end - self.start, self.total)
-        base = self._base
+        positions, masks = self._kv.prefill(row, self.start, self.end - self.start, self.total)
+        base, family, kinds = self._base, self._family, self._kinds
         with self._plan.prefill(self.start):
             if self._hidden is None:
                 self._hidden = base.embed_tokens(torch.tensor([self._ids], device=positions.device))
-            rotary = base.rotary_emb(self._hidden, position_ids=positions)
+            rotary = family.rotary(base, self._hidden, positions)
             stop = min(self.layer + layers, self.layer_count)
             if self._unwrapped:
                 rotary = unsqueezed(rotary)
@@ -65,14 +68,17 @@ class ChunkForward:
                 for index in range(self.layer, stop):
                     # The last layer's output feeds the logits only: the prompt's last row, or none before.
                     outputs = None if index < last else (1 if self.end == self.total else 0)
-                    self._hidden = decoder_layer(base.layers[index], index, self._hidden, rotary, mask, self._kv,
-                                                 self._plan, decode=False, outputs=outputs)
+                    kind = kinds[index]
+                    self._hidden = decoder_layer(base.layers[index], index, self._hidden, rotary[kind], masks[kind],
+                                                 self._kv, self._plan, family, decode=False, outputs=outputs)
             else:
-                for layer in base.layers[self.layer : stop]:
-                    self._hidden = layer(self._hidden, attention_mask=mask, position_embeddings=rotary,
-                                         position_ids=positions, cache=self._kv, use_cache=True)
+                for index in range(self.layer, stop):
+                    kind = kinds[index]
+                    self._hidden = base.layers[index](self._hidden, attention_mask=masks[kind],
+                                                      position_embeddings=rotary[kind], position_ids=positions,
+                                                      cache=self._kv, use_cache=True)
             self.layer = stop
             if not self.done or self.end < self.total:
                 return None
             hidden = base.norm(self._hidden)
-            return self._model.get_output_embeddings()(hidden[:, -1:, :])
+            return family.logits(self._model.config, self._model.get_output_embeddings()(hidden[:, -1:, :]))

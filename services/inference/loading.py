@@ -15,20 +15,21 @@ from services.inference.cpu_features import read_cpu_features
 from services.inference.device import describe, resolve_device
 from services.inference.engine import Engine
 from services.inference.generation_types import GenerationRequest
-from services.inference.precision import apply_fastest_precision, apply_precision
+from services.inference.precision import FASTEST_FIRST, apply_fastest_precision, apply_precision
 from services.inference.prefix import PrefixCache, RedisBlocks
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("nlpmesh.inference")
 
 
-def load_model(files: ModelFiles, dtype: str = "float32",
-               device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(files: ModelFiles, dtype: str = "float32", device: torch.device | str = "cpu",
+               allowed: tuple[str, ...] = FASTEST_FIRST) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (eval mode) and its tokenizer from a converted folder.
 
     On the CPU ``dtype`` is auto, int4, int8, bfloat16 or float32 (services/inference/precision.py;
-    auto: the fastest whose kernels keep rows independent on this CPU); on CUDA the model runs in
-    bfloat16 with SDPA attention (services/inference/device.py).
+    auto: the fastest of ``allowed``, the catalogue entry's precisions, whose kernels keep rows
+    independent on this CPU); on CUDA the model runs in bfloat16 with SDPA attention
+    (services/inference/device.py).
     """
     device = torch.device(device)
     log.info("loading the tokenizer of %s (revision %s) from %s", files.name, files.revision, files.path)
@@ -45,7 +46,7 @@ def load_model(files: ModelFiles, dtype: str = "float32",
         return AutoModelForCausalLM.from_pretrained(files.path, dtype=torch.float32)
 
     if dtype == "auto":
-        return apply_fastest_precision(weights, read_cpu_features()).eval(), tokenizer
+        return apply_fastest_precision(weights, read_cpu_features(), allowed).eval(), tokenizer
     return apply_precision(weights(), dtype).eval(), tokenizer
 
 

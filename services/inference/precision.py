@@ -65,12 +65,18 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def apply_fastest_precision(load: Callable[[], nn.Module], features: CpuFeatures) -> nn.Module:
-    """``auto``: the model from ``load()`` in the first precision of ``FASTEST_FIRST`` whose kernels pass
-    ``check_row_independence`` on this CPU (for the largest decode batch), each refusal and the choice
-    logged. Loads again after a refusal (``apply_precision`` converts in place)."""
+def apply_fastest_precision(load: Callable[[], nn.Module], features: CpuFeatures,
+                            allowed: tuple[str, ...] = FASTEST_FIRST) -> nn.Module:
+    """``auto``: the model from ``load()`` in the first precision of ``FASTEST_FIRST`` among ``allowed`` (the
+    model's catalogue entry's ``precisions``: a model may lose too much in one, as Gemma 3 270M does in int4)
+    whose kernels pass ``check_row_independence`` on this CPU (for the largest decode batch), each refusal
+    and the choice logged. Loads again after a refusal (``apply_precision`` converts in place)."""
+    candidates = [precision for precision in FASTEST_FIRST if precision in allowed]
+    if not candidates:
+        raise ValueError(f"precision auto needs one of {', '.join(FASTEST_FIRST)} allowed; the model allows "
+                         f"{', '.join(allowed)}")
     refusals = []
-    for precision in FASTEST_FIRST:
+    for precision in candidates:
         try:
             model = apply_precision(load(), precision)
             check_row_independence(model, MAX_DECODE_ROWS, features)
@@ -82,7 +88,7 @@ def apply_fastest_precision(load: Callable[[], nn.Module], features: CpuFeatures
                  f" ({', '.join(refusals)} refused)" if refusals else "")
         return model
     raise RowDependence(f"no precision keeps greedy output independent of the batch on this CPU "
-                        f"({features.summary()}); tried {', '.join(FASTEST_FIRST)}")
+                        f"({features.summary()}); tried {', '.join(candidates)}")
 
 
 def model_precision(model: nn.Module) -> str | None:

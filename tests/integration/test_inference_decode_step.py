@@ -1,24 +1,28 @@
-"""The engine's decode step (services/inference/decode_step.py) gives the very logits of the model's forward."""
+"""The engine's decode step (services/inference/decode_step.py) gives the very logits of the model's forward,
+for a tiny model of every family it runs."""
 import pytest
 import torch
 from torch import nn
 
 from meshkit.settings import default_home
+from modelfiles.catalogue import DEFAULT_MODELS_FILE, load_catalogue
 from modelfiles.convert import load_model_files
 from services.inference.decode_linear import DecodeKernel
 from services.inference.decode_step import decode_step_for
+from services.inference.families import family_of
 from services.inference.joined_linear import JoinedLinear
 from services.inference.kv import SlotKV
 from services.inference.layered import ChunkForward
 from services.inference.loading import load_model
 from services.inference.precision import apply_precision
-from tests.tiny_llama import tiny_llama
+from tests.tiny_models import FAMILIES, tiny_llama, tiny_model
 
 
 def compare(model: nn.Module, lengths: list[int]) -> None:
     """Fills KV rows with a prefill of random tokens, then one decode step both ways on the same rows."""
     step = decode_step_for(model)
     assert step is not None
+    family = family_of(model.config)
     dtype = model.get_input_embeddings().weight.dtype
     generator = torch.Generator().manual_seed(len(lengths))
     kv = SlotKV(model.config, len(lengths), dtype)
@@ -26,16 +30,16 @@ def compare(model: nn.Module, lengths: list[int]) -> None:
     with torch.inference_mode():
         for row, length in enumerate(lengths):
             kv.allocate(row)
-            positions, mask = kv.prefill(row, 0, length)
+            positions, masks = kv.prefill(row, 0, length)
             model(input_ids=torch.randint(0, vocab, (1, length), generator=generator), position_ids=positions,
-                  attention_mask=mask, cache=kv, use_cache=True, logits_to_keep=1)
+                  attention_mask=family.model_mask(masks), cache=kv, use_cache=True, logits_to_keep=1)
             kv.mark_ready(row)
         ids = torch.randint(0, vocab, (len(lengths), 1), generator=generator)
-        positions, mask = kv.decode(lengths)
-        expected = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=kv, use_cache=True,
-                         logits_to_keep=1).logits
-        positions, mask = kv.decode(lengths)  # the same token written again at the same columns
-        got = step.forward(ids, positions, mask, kv)
+        positions, masks = kv.decode(lengths)
+        expected = model(input_ids=ids, position_ids=positions, attention_mask=family.model_mask(masks), cache=kv,
+                         use_cache=True, logits_to_keep=1).logits
+        positions, masks = kv.decode(lengths)  # the same token written again at the same columns
+        got = step.forward(ids, positions, masks, kv)
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
 
@@ -60,29 +64,34 @@ def compare_prefill(model: nn.Module, length: int, starts: list[int]) -> None:
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
-def test_a_prefill_through_the_unwrapped_layers_leaves_the_kv_and_logits_of_the_models_layers(precision):
-    model = apply_precision(tiny_llama(), precision).eval()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefill_through_the_unwrapped_layers_leaves_the_kv_and_logits_of_the_models_layers(family, precision):
+    model = apply_precision(tiny_model(family), precision).eval()
     compare_prefill(model, 75, [0, 32, 64])
     compare_prefill(model, 40, [0])
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "bfloat16", "float32"])
-def test_the_decode_step_gives_the_models_own_logits_bit_for_bit(precision):
-    model = apply_precision(tiny_llama(), precision).eval()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decode_step_gives_the_models_own_logits_bit_for_bit(family, precision):
+    model = apply_precision(tiny_model(family), precision).eval()
     compare(model, [5])
     compare(model, [3, 17, 40])
 
 
-def test_a_model_whose_linear_layers_are_not_the_engines_keeps_its_own_forward():
-    assert decode_step_for(tiny_llama().eval()) is None  # plain nn.Linear: the model's forward
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_whose_linear_layers_are_not_the_engines_keeps_its_own_forward(family):
+    assert decode_step_for(tiny_model(family)) is None  # plain nn.Linear: the model's forward
     assert decode_step_for(nn.Sequential(nn.Linear(4, 4))) is None
 
 
 @pytest.mark.model
-def test_on_the_real_model_the_decode_step_gives_the_models_own_logits_bit_for_bit():
-    model, _ = load_model(load_model_files(default_home()), "int8")
+@pytest.mark.parametrize("model_id", load_catalogue(DEFAULT_MODELS_FILE).ids)
+def test_on_each_real_model_the_decode_step_gives_the_models_own_logits_bit_for_bit(model_id):
+    model, _ = load_model(load_model_files(default_home(), model_id), "int8")
     compare(model, [30])
     compare(model, [12, 40, 7, 100, 64, 33, 90, 18])
+    compare(model, [700, 20])  # past Gemma 3's 512-token sliding window
     compare_prefill(model, 300, [0, 128, 268])
 
 
@@ -105,9 +114,10 @@ def test_a_prefills_last_layer_computes_the_last_rows_output_only_and_nothing_be
     assert (logits is not None) == final
 
 
-def test_projections_are_joined_only_where_the_joined_kernel_keeps_each_ones_bits(monkeypatch):
-    assert decode_step_for(apply_precision(tiny_llama(), "float32").eval())._joined is None  # tiled GEMM: never
-    assert decode_step_for(apply_precision(tiny_llama(), "int8").eval())._joined is not None  # a row per output
+@pytest.mark.parametrize("family", FAMILIES)
+def test_projections_are_joined_only_where_the_joined_kernel_keeps_each_ones_bits(family, monkeypatch):
+    assert decode_step_for(apply_precision(tiny_model(family), "float32").eval())._joined is None  # tiled GEMM
+    assert decode_step_for(apply_precision(tiny_model(family), "int8").eval())._joined is not None  # row by row
     real = DecodeKernel.decode_rows
 
     def joined_rounds_its_own_way(self, flat):
@@ -115,6 +125,6 @@ def test_projections_are_joined_only_where_the_joined_kernel_keeps_each_ones_bit
         return out + 1e-2 if isinstance(self, JoinedLinear) else out
 
     monkeypatch.setattr(DecodeKernel, "decode_rows", joined_rounds_its_own_way)
-    model = apply_precision(tiny_llama(), "int8").eval()
+    model = apply_precision(tiny_model(family), "int8").eval()
     assert decode_step_for(model)._joined is None
     compare(model, [3, 17, 40])  # the per-projection path: still the model's own logits

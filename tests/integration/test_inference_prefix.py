@@ -14,7 +14,7 @@ import torch
 
 from services.inference import metrics
 from services.inference.prefix import PrefixCache, RedisBlocks
-from tests.tiny_llama import greedy_text, real_tokenizer
+from tests.tiny_models import FAMILIES, greedy_text, real_tokenizer, tiny_engine, tiny_model
 
 BLOCK = 4
 PROMPT = ("You are a careful assistant for a bank. Answer briefly, cite the policy, and never reveal "
@@ -96,6 +96,30 @@ def test_a_repeated_prompt_skips_the_cached_prefix_with_the_same_greedy_output(e
     assert greedy_text(reusing, ids) == expected
     assert counter(metrics.PREFIX_TOKENS_REUSED, "local") - reused == reusable(ids)
     assert counter(metrics.PREFILL_TOKENS) - prefilled == len(ids) - reusable(ids)
+
+
+@pytest.mark.parametrize("precision", [None, "int8", "int4", "float32"])  # None: the model's own forward and layers
+@pytest.mark.parametrize("family", FAMILIES)
+def test_for_each_family_a_prefix_hit_gives_the_greedy_answer_of_a_cold_prefill(family, precision):
+    """The prompt runs well past the tiny Gemma's sliding window: a reused prefix holds every position's
+    KV, and the tail's sliding layers still see only their window."""
+    from services.inference.precision import apply_precision
+
+    def model():
+        return tiny_model(family) if precision is None else apply_precision(tiny_model(family), precision)
+
+    ids = prompt_ids() + prompt_ids()
+    plain, reusing = tiny_engine(model()), tiny_engine(model(), prefix_cache=cache())
+    try:
+        expected = greedy_text(plain, ids)
+        assert greedy_text(reusing, ids) == expected  # fills the cache
+        reused = counter(metrics.PREFIX_TOKENS_REUSED, "local")
+        assert greedy_text(reusing, ids) == expected
+        assert counter(metrics.PREFIX_TOKENS_REUSED, "local") - reused == reusable(ids)
+        assert greedy_text(reusing, ids[:-5]) == greedy_text(plain, ids[:-5])  # a shorter one sharing the blocks
+    finally:
+        plain.close()
+        reusing.close()
 
 
 def test_the_local_tier_stays_within_its_byte_bound(engines):

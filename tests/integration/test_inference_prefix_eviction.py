@@ -13,7 +13,7 @@ import redis
 from services.inference import metrics
 from services.inference.prefix import PrefixCache, RedisBlocks, block_name
 from tests.conftest import fill_until_refused, running_redis_server
-from tests.tiny_llama import greedy_text
+from tests.tiny_models import greedy_text
 
 BLOCK = 4
 TINY_REDIS = ("--maxmemory", "2mb")

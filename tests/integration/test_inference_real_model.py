@@ -1,4 +1,5 @@
-"""The engine with the real SmolLM2-135M-Instruct, in each precision it offers.
+"""The engine with each real model of the catalogue (SmolLM2-135M-Instruct, a Llama; Gemma 3 270M), in each
+precision it offers.
 
 - float32: the greedy answer equals transformers' own ``generate``;
 - every precision: 8 concurrent greedy requests give the same tokens as the
@@ -19,9 +20,11 @@ import torch
 
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
+from modelfiles.catalogue import DEFAULT_MODELS_FILE, load_catalogue
 from modelfiles.convert import load_model_files
 from services.inference.cpu_features import read_cpu_features
-from services.inference.engine import Engine, EngineOptions
+from services.inference.engine import Engine, EngineOptions, eos_token_ids
+from services.inference.families import family_of
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.kernel_checks import RowDependence
 from services.inference.kernel_plan import kernel_plan
@@ -46,9 +49,17 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16", "int8", "int4"])
+CATALOGUE = load_catalogue(DEFAULT_MODELS_FILE)
+MODELS = CATALOGUE.ids
+
+
+@pytest.fixture(scope="module", params=[(model.id, precision) for model in CATALOGUE.models
+                                        for precision in ("float32", "bfloat16", "int8", "int4")
+                                        if precision in model.precisions],  # those its entry allows
+                ids=lambda param: "-".join(param))
 def model_and_tokenizer(request):
-    return load_model(load_model_files(default_home()), request.param)
+    model_id, precision = request.param
+    return load_model(load_model_files(default_home(), model_id), precision)
 
 
 def start_engine(*args, **kwargs) -> Engine:
@@ -78,17 +89,20 @@ async def generate(engine: Engine, prompt: list[int]) -> tuple[str, int, FinishR
     return "".join(item.text for item in items[:-1]), items[-1].completion_tokens, items[-1].finish_reason
 
 
-def test_greedy_answer_is_the_decoded_answer_of_transformers_generate_in_float32():
+@pytest.mark.parametrize("model_id", MODELS)
+def test_greedy_answer_is_the_decoded_answer_of_transformers_generate_in_float32(model_id):
     # float32 only: generate attends over exact widths, which rounds differently in lower precisions.
-    model, tokenizer = load_model(load_model_files(default_home()), "float32")
+    model, tokenizer = load_model(load_model_files(default_home(), model_id), "float32")
     engine = start_engine(model, tokenizer, EngineOptions())
     try:
         prompt = question_ids(tokenizer, QUESTIONS[0])
         text, completion_tokens, reason = asyncio.run(generate(engine, prompt))
     finally:
         engine.close()
+    stops = sorted(eos_token_ids(model, tokenizer, family_of(model.config)))  # generate stops where the engine does
     with torch.inference_mode():
-        output = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+        output = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                eos_token_id=stops)
     expected = output[0, len(prompt) :].tolist()
     assert text.strip()
     assert text == tokenizer.decode(expected, skip_special_tokens=True)
@@ -142,10 +156,11 @@ def test_a_prompt_prefilled_in_chunks_leaves_the_very_kv_and_logits_of_one_forwa
     kv = SlotKV(model.config, 3, model.get_input_embeddings().weight.dtype)
     with torch.inference_mode():
         row = kv.allocate("one forward")
-        positions, mask = kv.prefill(row, 0, len(prompt))
+        positions, masks = kv.prefill(row, 0, len(prompt))
         with kernel_plan(model).prefill(0):
-            whole = model(input_ids=torch.tensor([prompt]), position_ids=positions, attention_mask=mask, cache=kv,
-                          use_cache=True, logits_to_keep=1).logits
+            whole = model(input_ids=torch.tensor([prompt]), position_ids=positions,
+                          attention_mask=family_of(model.config).model_mask(masks), cache=kv, use_cache=True,
+                          logits_to_keep=1).logits
         kv.mark_ready("one forward")
 
         def chunked(owner: str, bounds: list[int], layer_groups: list[int]) -> torch.Tensor:
@@ -162,7 +177,8 @@ def test_a_prompt_prefilled_in_chunks_leaves_the_very_kv_and_logits_of_one_forwa
         layers = model.config.num_hidden_layers
         tiles = [0, GEMM_TILE_ROWS, 3 * GEMM_TILE_ROWS, 4 * GEMM_TILE_ROWS, len(prompt)]
         assert torch.equal(chunked("chunks", tiles, [layers]), whole)
-        assert torch.equal(chunked("layer groups", tiles, [7, 11, layers - 18]), whole)
+        third = layers // 3
+        assert torch.equal(chunked("layer groups", tiles, [third, third + 1, layers - 2 * third - 1]), whole)
     for other in (1, 2):
         assert torch.equal(kv.read(other, 0, len(prompt)), kv.read(0, 0, len(prompt)))
 
@@ -178,8 +194,9 @@ def test_a_long_prompt_chunked_beside_a_running_stream_gives_the_greedy_answer_o
     finally:
         one_forward.close()
     chunks = []
-    # half a decode step's time a turn: each chunk's layers spread over several turns
-    chunking = start_engine(model, tokenizer, EngineOptions(prefill_share=0.5))
+    # a fifth of a decode step's time a turn: each chunk's layers spread over several turns, even where the
+    # output layer makes the decode step long (Gemma's 262k-token vocabulary in float32)
+    chunking = start_engine(model, tokenizer, EngineOptions(prefill_share=0.2))
     advance = chunking._advance
 
     def recording(job, layers):

@@ -32,7 +32,7 @@ def test_gemma3_renders_its_chat_template_with_its_own_control_tokens():
     from transformers import AutoTokenizer
 
     files = load_model_files(default_home(), "gemma3")
-    assert files.architecture == "gemma3" and not engine_supports("gemma3")
+    assert files.architecture == "gemma3" and engine_supports("gemma3")
     tokenizer = AutoTokenizer.from_pretrained(files.path)
     text = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
                                           {"role": "user", "content": "What is a bond?"}],

@@ -6,7 +6,7 @@ import pytest
 from meshkit.sampling import Sampling
 from services.inference import metrics
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
-from tests.tiny_llama import real_tokenizer, tiny_engine
+from tests.tiny_models import real_tokenizer, tiny_engine
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from services.inference.engine import chunk_end
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
 from services.inference.precision import apply_precision
 from services.inference.tiles import BY_POSITION, FROM_START, GEMM_TILE_ROWS
-from tests.tiny_llama import tiny_engine, tiny_llama
+from tests.tiny_models import FAMILIES, tiny_engine, tiny_model
 
 T = GEMM_TILE_ROWS
 
@@ -55,19 +55,20 @@ def run_greedy(engine, prompt: list[int], max_new_tokens: int) -> list[str]:
     return asyncio.run(run())
 
 
-def float32_tiny():
-    return apply_precision(tiny_llama(), "float32")  # the real model's tiled prefill kernels
+def float32_tiny(family: str = "llama"):
+    return apply_precision(tiny_model(family), "float32")  # the real model's tiled prefill kernels
 
 
-def test_a_long_prompt_admitted_beside_a_running_stream_is_chunked_and_both_answers_hold():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_long_prompt_admitted_beside_a_running_stream_is_chunked_and_both_answers_hold(family):
     # The tiny model: 4 * T + 5 prompt tokens come in 5 chunks while the short stream decodes.
-    alone_engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=0)
+    alone_engine = tiny_engine(float32_tiny(family), max_running=4, max_batched_tokens=0)
     try:
         short, long = list(range(5, 15)), [3 + (i * 7) % 200 for i in range(4 * T + 5)]
         expected_short, expected_long = run_greedy(alone_engine, short, 40), run_greedy(alone_engine, long, 8)
     finally:
         alone_engine.close()
-    engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=T + 2, prefill_share=0)
+    engine = tiny_engine(float32_tiny(family), max_running=4, max_batched_tokens=T + 2, prefill_share=0)
     chunks = record_chunks(engine)
     try:
         async def together():
@@ -86,15 +87,16 @@ def test_a_long_prompt_admitted_beside_a_running_stream_is_chunked_and_both_answ
         (0, T, 2), (T, 2 * T, 2), (2 * T, 3 * T, 2), (3 * T, 4 * T, 2), (4 * T, 4 * T + 5, 2)]  # all layers at once
 
 
-def test_under_a_short_time_budget_a_chunk_runs_its_layers_over_several_turns():
-    alone_engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=0)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_under_a_short_time_budget_a_chunk_runs_its_layers_over_several_turns(family):
+    alone_engine = tiny_engine(float32_tiny(family), max_running=4, max_batched_tokens=0)
     try:
         short, long = list(range(5, 15)), [3 + (i * 7) % 200 for i in range(2 * T + 5)]
         expected_short, expected_long = run_greedy(alone_engine, short, 40), run_greedy(alone_engine, long, 8)
     finally:
         alone_engine.close()
     # a decode step's billionth: one layer a turn (the least), a decode step between two
-    engine = tiny_engine(float32_tiny(), max_running=4, max_batched_tokens=T + 2, prefill_share=1e-9)
+    engine = tiny_engine(float32_tiny(family), max_running=4, max_batched_tokens=T + 2, prefill_share=1e-9)
     chunks = record_chunks(engine)
     try:
         async def together():

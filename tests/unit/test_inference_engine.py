@@ -1,4 +1,5 @@
-"""The engine on a tiny random Llama: determinism, sampling, limits, cancellation."""
+"""The engine on tiny random models (a Llama unless a test names each family): determinism, sampling, limits,
+cancellation, the families it runs."""
 import asyncio
 import time
 
@@ -8,7 +9,7 @@ from meshkit.errors import InvalidArgument, ResourceExhausted, Unavailable
 from meshkit.sampling import Sampling
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
 from tests.polling import until, wait_until
-from tests.tiny_llama import real_tokenizer, tiny_engine, tiny_llama
+from tests.tiny_models import FAMILIES, real_tokenizer, tiny_engine, tiny_llama, tiny_model
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "日本語のテキスト"]
 LONG = 2000  # more tokens than a test ever waits for
@@ -45,15 +46,60 @@ async def wait_idle(engine, within_s: float = 1.0) -> None:
     assert engine.active_count == 0 and engine.queue_depth == 0
 
 
-def test_greedy_output_is_the_same_alone_and_alongside_other_requests(engine):
-    alone = [run(engine, prompt, max_new_tokens=24)[0] for prompt in PROMPTS]
+@pytest.mark.parametrize("precision", [None, "int8", "float32"])  # None: the model's own forward and layers
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_is_the_same_alone_and_alongside_other_requests(family, precision):
+    from services.inference.precision import apply_precision
 
-    async def together():
-        return await asyncio.gather(*(generate(engine, p, max_new_tokens=24) for p in PROMPTS))
+    model = tiny_model(family) if precision is None else apply_precision(tiny_model(family), precision)
+    engine = tiny_engine(model, max_running=4, max_queue=4)
+    try:
+        alone = [run(engine, prompt, max_new_tokens=24)[0] for prompt in PROMPTS]
 
-    concurrent = [text for text, _ in asyncio.run(together())]
+        async def together():
+            return await asyncio.gather(*(generate(engine, p, max_new_tokens=24) for p in PROMPTS))
+
+        concurrent = [text for text, _ in asyncio.run(together())]
+    finally:
+        engine.close()
     assert concurrent == alone
     assert len(set(alone)) == len(PROMPTS)
+
+
+def test_a_model_of_a_family_the_engine_does_not_run_is_refused_at_start_with_its_type_named():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from modelfiles.architectures import UnsupportedArchitecture
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(UnsupportedArchitecture, match=r"model type 'mistral'.*runs: llama, qwen2, qwen3, gemma3"):
+        tiny_engine(model)
+
+
+def test_a_gemma_asking_for_an_attention_logit_softcap_is_refused_at_start():
+    from modelfiles.architectures import UnsupportedArchitecture
+
+    model = tiny_model("gemma3")
+    model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(UnsupportedArchitecture, match="attn_logit_softcapping"):
+        tiny_engine(model)
+
+
+def test_the_families_end_of_turn_token_stops_beside_the_generation_configs_eos():
+    from services.inference.engine import eos_token_ids
+    from services.inference.families import GEMMA3, LLAMA
+
+    class Vocabulary:  # the part of a tokenizer eos_token_ids reads
+        def get_vocab(self):
+            return {"<eos>": 1, "<end_of_turn>": 106}
+
+    model = tiny_model("gemma3")
+    model.generation_config.eos_token_id = 1
+    assert eos_token_ids(model, Vocabulary(), GEMMA3) == {1, 106}
+    assert eos_token_ids(model, Vocabulary(), LLAMA) == {1}
+    model.generation_config.eos_token_id = [1, 7]
+    assert eos_token_ids(model, real_tokenizer(), GEMMA3) == {1, 7}  # a tokenizer without the token: none added
 
 
 def test_max_new_tokens_ends_with_length_after_exactly_that_many_tokens(engine):
@@ -328,3 +374,68 @@ def test_two_engines_in_one_process_keep_their_own_kernel_settings():
             second.close()
     finally:
         first.close()
+
+
+def test_the_start_up_refusal_list_names_exactly_the_families_the_engine_knows():
+    """modelfiles sits below services, so it keeps its own list: this keeps the two from drifting apart."""
+    from modelfiles.architectures import BUILT_IN_ENGINE
+    from services.inference.families import FAMILIES as KNOWN
+
+    assert sorted(family.name for family in KNOWN) == sorted(BUILT_IN_ENGINE) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_past_the_sliding_window_are_those_of_transformers_generate(family):
+    """transformers builds its own masks (Gemma's sliding window among them) and its own cache; the engine's
+    float32 answer for a prompt longer than the tiny Gemma's window is the same tokens. Were the window
+    ignored, the answer would differ (checked, so the test can fail)."""
+    import torch
+
+    from services.inference.precision import apply_precision
+    from tests.tiny_models import EOS_ID, SLIDING_WINDOW
+
+    prompt = [3 + (i * 37) % 5000 for i in range(2 * SLIDING_WINDOW + 7)]
+
+    def engine_answer(model) -> str:
+        engine = tiny_engine(apply_precision(model, "float32"))
+
+        async def answer():
+            return await collect(engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=16))))
+
+        try:
+            return asyncio.run(answer())[0]
+        finally:
+            engine.close()
+
+    with torch.inference_mode():
+        output = tiny_model(family).generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
+                                              eos_token_id=EOS_ID)
+    expected = real_tokenizer().decode(output[0, len(prompt) :].tolist(), skip_special_tokens=True)
+    assert expected and engine_answer(tiny_model(family)) == expected
+    if family in ("gemma3", "qwen2"):  # the tiny ones with a sliding-window layer
+        unwindowed = tiny_model(family)
+        unwindowed.config.sliding_window = 10**6
+        assert engine_answer(unwindowed) != expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_tiny_model_of_each_family_loads_the_way_a_converted_one_does_and_answers_as_before(family, tmp_path):
+    """load_model reads a folder with transformers' Auto classes, as for a converted model: each family's
+    class comes back, and the engine gives the answer of the model it was saved from."""
+    from modelfiles.convert import ModelFiles
+    from services.inference.loading import load_model
+    from services.inference.precision import apply_precision
+
+    tiny_model(family).save_pretrained(tmp_path)
+    real_tokenizer().save_pretrained(tmp_path)
+    files = ModelFiles(name=f"tiny-{family}", path=tmp_path, revision="test", model_id="tiny", architecture=family)
+    loaded, _ = load_model(files, "int8")
+    assert type(loaded) is type(tiny_model(family))
+    answers = []
+    for model in (loaded, apply_precision(tiny_model(family), "int8")):
+        engine = tiny_engine(model)
+        try:
+            answers.append(run(engine, "The capital of France is", max_new_tokens=12)[0])
+        finally:
+            engine.close()
+    assert answers[0] and answers[0] == answers[1]

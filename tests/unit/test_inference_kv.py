@@ -1,8 +1,10 @@
 """SlotKV: packed rows, aligned attention widths, masks, and moving a row on free."""
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import Gemma3TextConfig, LlamaConfig
+from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
 
+from services.inference.families import FULL, SLIDING
 from services.inference.kv import WIDTH_ALIGN, SlotKV
 
 CONFIG = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2)
@@ -23,7 +25,8 @@ def test_decode_masks_each_row_past_its_own_length_over_an_aligned_width():
     kv = new_kv()
     filled(kv, "a", 5, 1.0)
     filled(kv, "b", 20, 2.0)
-    positions, mask = kv.decode([5, 20])
+    positions, masks = kv.decode([5, 20])
+    mask = masks[FULL]
     assert positions.tolist() == [[5], [20]]
     assert mask.shape == (2, 1, 1, 2 * WIDTH_ALIGN)  # 21 columns needed, rounded up
     assert mask[0, 0, 0].nonzero().flatten().tolist() == list(range(6))  # its 5 tokens + the new one
@@ -45,7 +48,8 @@ def test_update_writes_each_rows_new_token_at_its_own_column():
 def test_prefill_after_a_reused_prefix_is_causal_from_its_start():
     kv = new_kv()
     row = filled(kv, "a", 16, 1.0)
-    positions, mask = kv.prefill(row, 16, 3)
+    positions, masks = kv.prefill(row, 16, 3)
+    mask = masks[FULL]
     assert positions.tolist() == [[16, 17, 18]]
     assert mask.shape == (1, 1, 3, 2 * WIDTH_ALIGN)
     assert [int(m.sum()) for m in mask[0, 0]] == [17, 18, 19]
@@ -106,9 +110,35 @@ def test_only_one_row_is_prefilled_at_a_time_and_it_may_leave_before_it_is_ready
 def test_every_chunk_of_a_prompt_attends_over_the_whole_prompts_aligned_width():
     kv = new_kv()
     row = kv.allocate("a")
-    positions, mask = kv.prefill(row, 32, 32, total=100)
+    positions, masks = kv.prefill(row, 32, 32, total=100)
+    mask = masks[FULL]
     assert positions.tolist() == [list(range(32, 64))]
     assert mask.shape == (1, 1, 32, 112)  # 100 tokens, aligned: the width of one forward over them all
     assert [int(m.sum()) for m in mask[0, 0]] == list(range(33, 65))  # causal, nothing past the chunk
     with pytest.raises(ValueError):
         kv.prefill(row, 96, 8, total=100)
+
+
+GEMMA = Gemma3TextConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_hidden_layers=2,
+                         sliding_window=5, layer_types=[SLIDING, FULL])
+
+
+def transformers_mask(kind: str, queries: list[int], width: int) -> torch.Tensor:
+    """The mask transformers' own mask functions give those query positions over ``width`` columns."""
+    rule = causal_mask_function if kind == FULL else and_masks(causal_mask_function, sliding_window_overlay(5))
+    return torch.tensor([[bool(rule(0, 0, torch.tensor(q), torch.tensor(k))) for k in range(width)] for q in queries])
+
+
+def test_a_sliding_window_layer_type_gets_the_models_own_window_and_a_full_one_the_causal_mask():
+    kv = SlotKV(GEMMA, 3, torch.float32)
+    filled(kv, "a", 3, 1.0)
+    filled(kv, "b", 20, 2.0)
+    _, masks = kv.decode([3, 20])
+    assert set(masks) == {FULL, SLIDING}
+    for kind in (FULL, SLIDING):
+        assert torch.equal(masks[kind][:, 0, 0], transformers_mask(kind, [3, 20], 2 * WIDTH_ALIGN))
+    assert masks[SLIDING][1, 0, 0].nonzero().flatten().tolist() == [16, 17, 18, 19, 20]  # the last 5 only
+    row = kv.allocate("c")
+    _, masks = kv.prefill(row, 16, 8, total=40)  # a chunk after a reused prefix
+    for kind in (FULL, SLIDING):
+        assert torch.equal(masks[kind][0, 0], transformers_mask(kind, list(range(16, 24)), 48))

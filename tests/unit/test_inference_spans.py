@@ -11,7 +11,7 @@ from opentelemetry import trace
 from meshkit import span_names as names
 from meshkit.sampling import Sampling
 from services.inference.generation_types import FinishReason, GenerationRequest
-from tests.tiny_llama import real_tokenizer, tiny_engine
+from tests.tiny_models import real_tokenizer, tiny_engine
 
 ENGINE_SPANS = (names.INFERENCE_QUEUE_WAIT, names.INFERENCE_PREFILL, names.INFERENCE_DECODE)
 

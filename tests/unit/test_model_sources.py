@@ -157,12 +157,12 @@ def test_a_model_not_converted_says_how_to_convert_it(tmp_path):
         load_model_files(tmp_path, "gemma3")
 
 
-def test_the_built_in_engine_runs_the_llama_family_only_for_now():
-    assert engine_supports("llama") and not engine_supports("gemma3")
-    check_engine_supports("smollm2", "llama")
-    with pytest.raises(UnsupportedArchitecture, match=r"^model gemma3: the built-in engine does not run "
-                                                      r"architecture 'gemma3'; it runs: llama$"):
-        check_engine_supports("gemma3", "gemma3")
+def test_the_built_in_engine_runs_the_llama_gemma3_and_qwen_families_and_refuses_others():
+    assert all(engine_supports(family) for family in ("llama", "gemma3", "qwen2", "qwen3"))
+    check_engine_supports("gemma3", "gemma3")
+    with pytest.raises(UnsupportedArchitecture, match=r"^model m: the built-in engine does not run "
+                                                      r"architecture 'mistral'; it runs: llama, gemma3, qwen2, qwen3$"):
+        check_engine_supports("m", "mistral")
 
 
 def test_a_source_transformers_cannot_read_is_refused_in_one_line(tmp_path):
