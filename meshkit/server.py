@@ -36,6 +36,16 @@ from meshkit.tracing import server_span
 
 log = logging.getLogger("nlpmesh.server")
 
+
+# The exit status of a service that refused its configuration at start (StartRefused).
+START_REFUSED_EXIT = 2
+
+
+class StartRefused(Exception):
+    """A service cannot serve as configured (a model that is not in the catalogue, not converted, of an
+    architecture the engine does not run, in a precision its entry excludes): raised by ``warm_up``, logged
+    as one line naming what and why, and the process exits with ``START_REFUSED_EXIT``, no traceback."""
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -129,6 +139,9 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
             await asyncio.wait([warm, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
             if not warm.done():
                 warm.cancel()
+            elif isinstance(warm.exception(), StartRefused):
+                log.error("%s refused to start: %s", spec.name, warm.exception())
+                raise SystemExit(START_REFUSED_EXIT)
             else:
                 warm.result()
         if not stop.is_set():

@@ -9,8 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from meshkit.sampling import Sampling
-from modelfiles.architectures import check_engine_supports
-from modelfiles.convert import ModelFiles, default_model_id, load_model_files
+from meshkit.server import StartRefused
+from modelfiles.architectures import UnsupportedArchitecture, check_engine_supports
+from modelfiles.catalogue import CatalogueError, CatalogueModel, load_catalogue
+from modelfiles.convert import ModelFiles, ModelNotConverted, default_model_id, load_model_files
 from services.inference.cpu_features import read_cpu_features
 from services.inference.device import describe, resolve_device
 from services.inference.engine import Engine
@@ -51,18 +53,35 @@ def load_model(files: ModelFiles, dtype: str = "float32", device: torch.device |
 
 
 def load_engine(settings: InferenceSettings) -> Engine:
-    """The real model in a started engine. Blocking: run it in a thread."""
+    """The real model in a started engine. Blocking: run it in a thread. ``StartRefused`` (one line, no
+    traceback) for a model the catalogue lacks, that is not converted, that the engine does not run, or a
+    precision its catalogue entry excludes."""
     started = time.monotonic()
-    files = load_model_files(settings.home, settings.model or default_model_id())
-    check_engine_supports(files.model_id, files.architecture)
+    try:
+        entry = load_catalogue().get(settings.model or default_model_id())
+        files = load_model_files(settings.home, entry.id)
+        check_engine_supports(files.model_id, files.architecture)
+        check_precision(entry, settings.dtype)
+    except (CatalogueError, ModelNotConverted, UnsupportedArchitecture) as error:
+        raise StartRefused(str(error)) from None
     device = resolve_device(settings.device)
     log.info("inference device: %s (NLPMESH_INFERENCE_DEVICE=%s)", describe(device), settings.device)
-    model, tokenizer = load_model(files, settings.dtype, device)
+    try:
+        model, tokenizer = load_model(files, settings.dtype, device, allowed=entry.precisions)
+    except UnsupportedArchitecture as error:  # what the model's config says, read with its weights
+        raise StartRefused(f"model {entry.id}: {error}") from None
     log.info("model loaded in %.1f s; starting the engine", time.monotonic() - started)
     options = settings.engine_options()
     # The engine names the model by its catalogue id: what the gateway routes by and callers see.
     return Engine(model, tokenizer, options, model_name=files.model_id, revision=files.revision,
                   prefix_cache=prefix_cache(settings, files))
+
+
+def check_precision(entry: CatalogueModel, dtype: str) -> None:
+    """Refuses a precision the model's catalogue entry does not allow (``auto`` picks among those it does)."""
+    if dtype != "auto" and dtype not in entry.precisions:
+        raise UnsupportedArchitecture(f"model {entry.id}: NLPMESH_INFERENCE_DTYPE={dtype} is not among its "
+                                      f"catalogue precisions ({', '.join(entry.precisions)})")
 
 
 def prefix_cache(settings: InferenceSettings, files: ModelFiles) -> PrefixCache | None:
