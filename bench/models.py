@@ -129,7 +129,7 @@ def _first_chunk_ms(call) -> float:
 
 def _inference_channel(mesh: LocalMesh, model: str) -> grpc.Channel:
     """A channel straight to the model's (first) inference replica (the bench's mesh runs plaintext)."""
-    return grpc.insecure_channel(mesh.address(mesh.inference_replicas(model)[0]))
+    return grpc.insecure_channel(mesh.address(mesh.model_instances[model][0]))
 
 
 def lines(result: dict) -> list[str]:

@@ -195,7 +195,8 @@ def main() -> int:
 
 def _bench_one_mesh(args, results: dict) -> None:
     served = args.models if args.only in (None, "models") else [DEFAULT_MODEL]
-    mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-")), free_ports=True, progress=say, models=served)
+    mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-")), free_ports=True, progress=say,
+                     models=tuple(served))
     mesh.start()
     try:
         redis_url = mesh.resolved_redis_url
