@@ -24,7 +24,7 @@ from bench import cache_hits, engine_speed, generation, models, routing, variant
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 from modelfiles.catalogue import load_catalogue
-from modelfiles.convert import DEFAULT_MODEL
+from modelfiles.convert import default_model_id
 
 QUESTION = "What are the applications of real-time AI in the financial industry?"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -194,7 +194,7 @@ def main() -> int:
 
 
 def _bench_one_mesh(args, results: dict) -> None:
-    served = args.models if args.only in (None, "models") else [DEFAULT_MODEL]
+    served = args.models if args.only in (None, "models") else [default_model_id()]
     mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-")), free_ports=True, progress=say,
                      models=tuple(served))
     mesh.start()
