@@ -136,22 +136,23 @@ def bench_decode(mesh: LocalMesh, hf: HfGenerate, tokenizer, rounds: int, max_ne
     return result
 
 
-def bypass_request(index: int, max_new_tokens: int) -> gateway_pb2.GenerateRequest:
-    """Question ``index`` as a chat, the prompt cache bypassed: always a generation."""
+def bypass_request(index: int, max_new_tokens: int, model: str = "") -> gateway_pb2.GenerateRequest:
+    """Question ``index`` as a chat to ``model`` (empty: the default), the prompt cache bypassed: always a
+    generation."""
     return gateway_pb2.GenerateRequest(
         chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(index))]),
-        sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+        model=model, sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
         cache_mode=gateway_pb2.CACHE_MODE_BYPASS,
     )
 
 
-def gateway_streams(stub, streams: int, max_new_tokens: int) -> list[StreamTimes]:
-    """``streams`` concurrent GenerateStream calls (cache bypassed), one thread each."""
+def gateway_streams(stub, streams: int, max_new_tokens: int, model: str = "") -> list[StreamTimes]:
+    """``streams`` concurrent GenerateStream calls to ``model`` (cache bypassed), one thread each."""
     times: list[StreamTimes | None] = [None] * streams
     barrier = threading.Barrier(streams)
 
     def run(index: int) -> None:
-        request = bypass_request(index, max_new_tokens)
+        request = bypass_request(index, max_new_tokens, model)
         barrier.wait()
         first = last = None
         tokens = 0

@@ -13,13 +13,14 @@ from __future__ import annotations
 import sys
 
 from bench.worker_process import WorkerProcess, serve
+from modelfiles.convert import DEFAULT_MODEL
 
 
 class HfGenerate(WorkerProcess):
     """The client: ``python -m bench.hf_generate`` asked for figures."""
 
-    def __init__(self, dtype: str, threads: int):
-        super().__init__("bench.hf_generate", dtype, str(threads))
+    def __init__(self, dtype: str, threads: int, model: str = DEFAULT_MODEL):
+        super().__init__("bench.hf_generate", dtype, str(threads), model)
 
     def decode_tok_s(self, prompts: list[list[int]], max_new_tokens: int) -> float:
         return self.ask(op="decode_tok_s", prompts=prompts, max_new_tokens=max_new_tokens)
@@ -27,23 +28,29 @@ class HfGenerate(WorkerProcess):
     def first_token_ms(self, prompt: list[int]) -> float:
         return self.ask(op="first_token_ms", prompt=prompt)
 
+    def precision(self) -> str:
+        """The precision the weights run in (what ``auto`` chose on this CPU, as the inference service does)."""
+        return self.ask(op="precision")
 
-def _serve(dtype: str, threads: int) -> None:
+
+def _serve(dtype: str, threads: int, model_id: str) -> None:
     import torch
 
     from bench.generation import hf_decode_tok_s, hf_first_token_ms
     from meshkit.settings import default_home
     from modelfiles.convert import load_model_files
     from services.inference.loading import load_model
+    from services.inference.precision import model_precision
 
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(load_model_files(default_home()), dtype)
+    model, tokenizer = load_model(load_model_files(default_home(), model_id), dtype)
     serve({
         "decode_tok_s": lambda request: hf_decode_tok_s(model, tokenizer, request["prompts"],
                                                          request["max_new_tokens"]),
         "first_token_ms": lambda request: hf_first_token_ms(model, request["prompt"]),
+        "precision": lambda request: model_precision(model) or str(model.dtype).removeprefix("torch."),
     })
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]))
+    _serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -19,21 +19,32 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+from pathlib import Path
 
 from bench.worker_process import WorkerProcess, serve
-from modelfiles.convert import gguf_path
+from modelfiles.catalogue import load_catalogue
+from modelfiles.convert import DEFAULT_MODEL
+from modelfiles.sources import locate
 
 
-def available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+def available(model: str = DEFAULT_MODEL) -> bool:
+    """Whether llama.cpp is installed and can open ``model``'s GGUF as one file."""
+    return importlib.util.find_spec("llama_cpp") is not None and gguf_path(model) is not None
+
+
+def gguf_path(model: str = DEFAULT_MODEL) -> Path | None:
+    """The catalogue model's GGUF file; None where it is not one GGUF file (an HF folder, or a GGUF split
+    over several packages' chunks, which llama.cpp cannot open as they are)."""
+    parts = locate(load_catalogue().get(model)).gguf_parts
+    return parts[0] if len(parts) == 1 else None
 
 
 class LlamaCpp(WorkerProcess):
     """The client: ``python -m bench.llama_cpp`` asked for figures."""
 
-    def __init__(self, threads: int):
-        self.model_path = gguf_path()
-        super().__init__("bench.llama_cpp", "--threads", str(threads))
+    def __init__(self, threads: int, model: str = DEFAULT_MODEL):
+        self.model_path = gguf_path(model)
+        super().__init__("bench.llama_cpp", "--threads", str(threads), "--model", model)
 
     def decode_tok_s(self, prompt: list[int], max_new_tokens: int) -> float:
         return self.ask(op="decode_tok_s", prompt=prompt, max_new_tokens=max_new_tokens)
@@ -62,10 +73,10 @@ def _decode_tok_s(llama, request: dict) -> float:
     return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
-def _serve(threads: int) -> None:
+def _serve(threads: int, model: str) -> None:
     from llama_cpp import Llama
 
-    llama = Llama(model_path=str(gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+    llama = Llama(model_path=str(gguf_path(model)), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
                   n_batch=512, verbose=False)
     serve({
         "decode_tok_s": lambda request: _decode_tok_s(llama, request),
@@ -74,4 +85,4 @@ def _serve(threads: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[sys.argv.index("--threads") + 1]))
+    _serve(int(sys.argv[sys.argv.index("--threads") + 1]), sys.argv[sys.argv.index("--model") + 1])

@@ -20,9 +20,11 @@ from pathlib import Path
 import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from bench import cache_hits, engine_speed, generation, routing, variants
+from bench import cache_hits, engine_speed, generation, models, routing, variants
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
+from modelfiles.catalogue import load_catalogue
+from modelfiles.convert import default_model_id
 
 QUESTION = "What are the applications of real-time AI in the financial industry?"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,6 +131,8 @@ def table(results: dict) -> str:
         lines += generation.lines(results["generation"])
     if "engine" in results:
         lines += [""] + engine_speed.lines(results["engine"])
+    if "models" in results:
+        lines += [""] + models.lines(results["models"])
     if "routing" in results:
         lines += [""] + routing.lines(results["routing"])
     return "\n".join(lines)
@@ -162,15 +166,20 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="new tokens a stream; the engine part needs every stream decoding at once for a while, "
                              "and later streams through the gateway wait for their prefill beside the first ones")
-    parser.add_argument("--only", choices=("cache", "generation", "engine", "routing"),
+    parser.add_argument("--only", choices=("cache", "generation", "engine", "models", "routing"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
-                             "engine (bench/engine_speed.py) or routing (bench/routing.py: 2 inference replicas)")
+                             "engine (bench/engine_speed.py), models (bench/models.py: every model of --model "
+                             "through one mesh) or routing (bench/routing.py: 2 inference replicas)")
+    parser.add_argument("--model", dest="models", action="append", metavar="ID",
+                        help="a catalogue model the models part measures (repeat it; default: every model in "
+                             "the catalogue). The mesh serves these; the other parts use the default model")
     parser.add_argument("--baseline-tree", type=Path,
                         help="another checkout (e.g. a worktree of the parent commit, after its `make protos`) whose "
                              "gateway takes turns with this one's on the same services, and whose engine's decode "
                              "tok/s (1 and 8 streams) is measured in a process of its own, rounds interleaved with "
                              "this tree's: before/after in one run")
     args = parser.parse_args()
+    args.models = args.models or list(load_catalogue().ids)
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
     if args.only != "routing":
         _bench_one_mesh(args, results)
@@ -185,7 +194,9 @@ def main() -> int:
 
 
 def _bench_one_mesh(args, results: dict) -> None:
-    mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-")), free_ports=True, progress=say)
+    served = args.models if args.only in (None, "models") else [default_model_id()]
+    mesh = LocalMesh(Path(tempfile.mkdtemp(prefix="nlpmesh-bench-")), free_ports=True, progress=say,
+                     models=tuple(served))
     mesh.start()
     try:
         redis_url = mesh.resolved_redis_url
@@ -195,6 +206,8 @@ def _bench_one_mesh(args, results: dict) -> None:
             results["generation"] = generation.bench(mesh, args.gen_rounds, args.max_new_tokens)
         if args.only in (None, "engine"):
             results["engine"] = engine_speed.bench(mesh, args.gen_rounds, args.max_new_tokens, args.baseline_tree)
+        if args.only in (None, "models"):
+            results["models"] = models.bench(mesh, args.models, args.gen_rounds, args.max_new_tokens)
     finally:
         mesh.stop()
 

@@ -62,6 +62,14 @@ def headline(results: dict) -> list[tuple[str, str]]:
         if "ratio_to_cold_p50" in ttft.get(name, {}):
             rows.append((f"the same, {label} (p50)",
                          f"{ttft[name]['p50_ms']:.0f} ms, {ttft[name]['ratio_to_cold_p50']:.2f}x cold"))
+    for model, row in results.get("models", {}).items():
+        one, many = row["decode"]["1_streams"], row["decode"]["8_streams"]
+        rows.append((f"{model} ({row['precision']}): 1 and 8 streams through the gateway, tok/s in all (p50)",
+                     f"{one['gateway_tok_s']['p50']:.1f} and {many['gateway_tok_s']['p50']:.1f} tok/s, "
+                     f"{one['ratio_to_hf_generate']:.2f}x and {many['ratio_to_hf_generate']:.2f}x `generate`"))
+        ttft = row["ttft_300"]
+        rows.append((f"{model}: time to first token, 300-token prompt, cold, through the gateway (p50)",
+                     f"{ttft['gateway']['p50_ms']:.0f} ms, the gateway's part {ttft['gateway_adds_p50_ms']:.1f} ms"))
     routing = results.get("routing", {}).get("routing", {})
     if {"affine", "round_robin"} <= routing.keys():
         rows.append(("time to first token, 2 replicas, prefix-affine against round_robin (p50)",
@@ -83,7 +91,10 @@ def full_section(results: dict | None) -> str:
         return FILL.format(what="section")
     from bench.run import table  # the bench's own tables, as `make bench` prints them
 
-    parts = [f"From `bench/results/latest.json` (run {results.get('when', '?')}).", "",
+    runs = results.get("parts_when")
+    when = ("; ".join(f"{part} run {at}" for part, at in runs.items()) if runs
+            else f"run {results.get('when', '?')}")
+    parts = [f"From `bench/results/latest.json` ({when}).", "",
              headline_table(results, ""), "", "Every figure of that run, as `make bench` printed it:", "",
              "```text", table(results), "```"]
     return "\n".join(parts)
@@ -107,22 +118,38 @@ def rendered(results: dict | None) -> dict[Path, str]:
                            headline_table(results, "docs/performance.md#what-each-figure-means"))}
 
 
-def take_newest() -> Path:
+def take_newest(merge: bool = False) -> Path:
+    """Makes the newest bench run latest.json; with ``merge``, only the parts that run measured replace
+    those of latest.json (a `--only` run), each part keeping the time of its own run."""
     runs = sorted(RESULTS.glob("bench-*.json"), key=lambda path: path.stat().st_mtime)
     if not runs:
         raise SystemExit("no bench/results/bench-*.json: run `make bench` first")
-    shutil.copyfile(runs[-1], LATEST)
+    if not merge or not LATEST.is_file():
+        shutil.copyfile(runs[-1], LATEST)
+        return runs[-1]
+    newest, latest = json.loads(runs[-1].read_text()), json.loads(LATEST.read_text())
+    when = latest.pop("parts_when", None) or {part: latest["when"] for part in latest if part not in _RUN_FIELDS}
+    for part, value in newest.items():
+        if part not in _RUN_FIELDS:
+            latest[part], when[part] = value, newest["when"]
+    latest.update(when=newest["when"], machine=newest["machine"], parts_when=when)
+    LATEST.write_text(json.dumps(latest, indent=2))
     return runs[-1]
+
+
+_RUN_FIELDS = ("when", "machine", "parts_when")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m docs.gen.performance", description=__doc__.split("\n")[0])
     parser.add_argument("--newest", action="store_true",
                         help="first copy the newest bench/results/bench-*.json to bench/results/latest.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --newest: keep latest.json's parts the newest run did not measure (a --only run)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a page differs, write nothing")
     args = parser.parse_args(argv)
     if args.newest:
-        print(f"bench/results/latest.json is now {take_newest().name}")
+        print(f"bench/results/latest.json is now {take_newest(args.merge).name}{' (merged)' if args.merge else ''}")
     stale = []
     for path, text in rendered(load()).items():
         if path.read_text() == text:

@@ -59,6 +59,16 @@ def bench_results() -> dict:
                                                                    "max_ms": 27.0, "p99_over_alone_p50": 1.96,
                                                                    "long_prompt_ttft_p50_ms": 3717.0}},
         },
+        "models": {
+            model: {"precision": "int4", "revision": "0123456789abcdef",
+                    "decode": {"1_streams": {"gateway_tok_s": _rate(one), "hf_generate_tok_s": _rate(one / 1.1),
+                                             "ratio_to_hf_generate": 1.1},
+                               "8_streams": {"gateway_tok_s": _rate(one * 4), "hf_generate_tok_s": _rate(one * 3),
+                                             "ratio_to_hf_generate": 1.33}},
+                    "ttft_300": {"gateway": _latency(ttft + 2.4), "inference_direct": _latency(ttft),
+                                 "hf_generate": _latency(ttft * 1.1), "gateway_adds_p50_ms": 2.4}}
+            for model, one, ttft in (("smollm2", 70.0, 600.0), ("gemma3", 30.0, 900.0))
+        },
         "routing": {
             "replicas": 2,
             "workload": {"rounds": 3, "groups": 6, "questions": 4, "max_new_tokens": 2, "callers": 2},
@@ -87,9 +97,36 @@ def test_the_headline_names_each_figure_the_run_measured():
     assert "362 against 424 ms" in rows["time to first token, 2 replicas, prefix-affine against round_robin (p50)"]
 
 
+def test_every_model_of_the_run_has_its_rows_in_the_headline_and_the_table():
+    rows = dict(performance.headline(bench_results()))
+    assert rows["gemma3 (int4): 1 and 8 streams through the gateway, tok/s in all (p50)"] == (
+        "30.0 and 120.0 tok/s, 1.10x and 1.33x `generate`")
+    assert rows["smollm2: time to first token, 300-token prompt, cold, through the gateway (p50)"] == (
+        "602 ms, the gateway's part 2.4 ms")
+    printed = table(bench_results())
+    assert "gemma3 (precision int4, revision 0123456789abcdef)" in printed
+    assert "the gateway adds to TTFT p50: 2.4 ms" in printed
+
+
+def test_a_models_only_run_merged_keeps_the_parts_it_did_not_measure(tmp_path, monkeypatch):
+    monkeypatch.setattr(performance, "RESULTS", tmp_path)
+    monkeypatch.setattr(performance, "LATEST", tmp_path / "latest.json")
+    earlier = bench_results()
+    (tmp_path / "latest.json").write_text(json.dumps(earlier))
+    newest = {"when": "LATER", "machine": "bench-host", "models": {"gemma3": earlier["models"]["gemma3"]}}
+    (tmp_path / "bench-2.json").write_text(json.dumps(newest))
+    performance.take_newest(merge=True)
+    merged = json.loads((tmp_path / "latest.json").read_text())
+    assert merged["models"] == newest["models"] and merged["cache_hits"] == earlier["cache_hits"]
+    assert merged["parts_when"]["models"] == "LATER" and merged["parts_when"]["cache_hits"] == "RUN-TIME"
+    assert "models run LATER" in performance.full_section(merged)
+    performance.take_newest()
+    assert json.loads((tmp_path / "latest.json").read_text()) == newest
+
+
 def test_a_partial_run_gives_the_figures_it_has():
     results = bench_results()
-    del results["engine"], results["routing"], results["generation"]
+    del results["engine"], results["routing"], results["generation"], results["models"]
     figures = [figure for figure, _ in performance.headline(results)]
     assert figures and not any("stream" in f or "replicas" in f or "first token" in f for f in figures)
 
