@@ -53,7 +53,7 @@ class ChatTokenizer:
         from transformers import AutoTokenizer  # slow import, needed only here
 
         config = json.loads((folder / "config.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = with_added_tokens_read_once(AutoTokenizer.from_pretrained(folder))
         if not tokenizer.chat_template:
             raise ValueError(f"{folder}: the tokenizer has no chat template")
         return cls(name, tokenizer, int(config["max_position_embeddings"]), limits)
@@ -119,3 +119,23 @@ class ChatTokenizer:
         if violations:
             shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:3])
             raise InvalidArgument(f"invalid chat: {shown}", violations)
+
+
+def with_added_tokens_read_once(tokenizer: Any) -> Any:
+    """``tokenizer`` with its added-token tables read once, at load.
+
+    transformers rebuilds ``added_tokens_decoder`` from the Rust tokenizer on every access, and a chat
+    template call with ``sanitize_control_tokens`` reads it twice (to find the control tokens a caller's
+    text must not forge, and to encode). For Gemma's thousands of added tokens that rebuild was most of
+    a call's time. The tables do not change after load (this service adds no tokens), so each access
+    gets a copy of the ones read here.
+    """
+    decoder, encoder = dict(tokenizer.added_tokens_decoder), dict(tokenizer.added_tokens_encoder)
+    loaded = type(tokenizer)
+    fixed = type(loaded.__name__, (loaded,), {
+        "added_tokens_decoder": property(lambda self: dict(decoder)),
+        "added_tokens_encoder": property(lambda self: dict(encoder)),
+        "__doc__": loaded.__doc__,
+    })
+    tokenizer.__class__ = fixed
+    return tokenizer
