@@ -165,11 +165,22 @@ def gateway_streams(stub, streams: int, max_new_tokens: int, model: str = "") ->
                 tokens = chunk.usage.completion_tokens
         times[index] = StreamTimes(first, last, tokens)
 
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(streams)]
+    failures: list[grpc.RpcError] = []
+
+    def guarded(index: int) -> None:
+        try:
+            run(index)
+        except grpc.RpcError as error:  # reported once all streams are done
+            failures.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(index,)) for index in range(streams)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        error = failures[0]
+        raise RuntimeError(f"{len(failures)} of {streams} streams failed, e.g. {error.code().name}: {error.details()}")
     return times
 
 
