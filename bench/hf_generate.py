@@ -38,12 +38,15 @@ def _serve(dtype: str, threads: int, model_id: str) -> None:
 
     from bench.generation import hf_decode_tok_s, hf_first_token_ms
     from meshkit.settings import default_home
+    from modelfiles.catalogue import load_catalogue
     from modelfiles.convert import load_model_files
     from services.inference.loading import load_model
     from services.inference.precision import model_precision
 
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(load_model_files(default_home(), model_id), dtype)
+    # The precisions the model's catalogue entry allows, as its inference service is limited to them.
+    allowed = load_catalogue().get(model_id).precisions
+    model, tokenizer = load_model(load_model_files(default_home(), model_id), dtype, allowed=allowed)
     serve({
         "decode_tok_s": lambda request: hf_decode_tok_s(model, tokenizer, request["prompts"],
                                                          request["max_new_tokens"]),
