@@ -29,7 +29,7 @@ def test_models_list_shows_each_model_and_refuses_the_unsupported_one(tmp_path, 
                                            "PRECISION"]
     tiny, gem, gpt = rows(out)["tiny"], rows(out)["gem"], rows(out)["gpt"]
     assert tiny[4:] == ["llama", "2048", "no", "int8"]
-    assert gem[4:] == ["gemma3", "(engine:", "not", "yet)", "4096", "no", "auto", "(chosen", "at", "start)"]
+    assert gem[4:] == ["gemma3", "4096", "no", "auto", "(chosen", "at", "start)"]
     assert gpt[4:] == ["-", "-", "-", "no", "auto", "(chosen", "at", "start)"]
     assert "refused: model gpt: architecture 'gpt2' is not supported; supported: llama, gemma3" in out
     assert "Traceback" not in out
