@@ -77,10 +77,12 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     # same prompt, deterministic sampling, not CACHE_MODE_BYPASS) share one generation. "off": each generates.
     coalescing: Literal["on", "off"] = "on"
     # Across replicas sharing the prompt cache's Redis (gateway/coalescing_replicas.py): the generating replica
-    # holds a lease on the key, lapsing after coalescing_lease_s unless renewed; another replica's request waits
-    # for the stored answer, polling every coalescing_poll_s, for at most coalescing_wait_s (and its budget).
+    # holds a lease on the key, which lapses after this long unless renewed (it is, every third of it).
     coalescing_lease_s: float = Field(default=2.0, gt=0)
+    # The most a request waits for the answer another replica generates (its budget bounds it too); then it
+    # generates its own.
     coalescing_wait_s: float = Field(default=30.0, ge=0)
+    # How often a request waiting for another replica's answer looks for it in Redis.
     coalescing_poll_s: float = Field(default=0.025, gt=0)
     # A lease call slower than this counts as Redis failing: coalescing stays within the replica a while.
     coalescing_redis_timeout_s: float = Field(default=0.1, gt=0)
