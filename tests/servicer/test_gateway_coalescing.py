@@ -231,14 +231,31 @@ def test_without_the_lease_each_gateway_generates_its_own(inprocess_server, redi
     assert asyncio.run(two_gateways(inprocess_server, redis_server, scenario, coalescing="off")) == 2
 
 
-async def two_gateways(inprocess_server, redis_url: str, scenario, **gateway_settings):
+def test_leases_are_taken_renewed_and_released_as_the_gateways_redis_user(inprocess_server, acl_redis):
+    """deploy/redis/users.acl lets the gateway's user hold leases: across gateways one generation, none refused."""
+    async def scenario(first, second, inference):
+        request = question()
+        one = asyncio.ensure_future(first.Generate(request, timeout=30))
+        await asyncio.sleep(0.1)
+        two = await second.Generate(request, timeout=30)
+        return await one, two, inference.calls
+
+    one, two, generations = asyncio.run(two_gateways(
+        inprocess_server, acl_redis.url("gateway"), scenario, key_prefix="nlpmesh:pc",
+        cache_redis_url=acl_redis.url("cache"), coalescing_lease_s=0.2))  # renewed while the generation runs
+    assert generations == 1 and one.text == two.text == ANSWER
+    assert acl_redis.refused() == []
+
+
+async def two_gateways(inprocess_server, redis_url: str, scenario, key_prefix: str | None = None,
+                       cache_redis_url: str | None = None, **gateway_settings):
     """Template, cache, fake tokenizer and inference, and two gateways sharing them and one Redis (and key
     prefix): scenario(first stub, second stub, inference)."""
-    key_prefix = f"test:coalesce-{uuid.uuid4().hex}"
+    key_prefix = key_prefix or f"test:coalesce-{uuid.uuid4().hex}"
     inference = slow_inference()
     async with (
         inprocess_server(template_spec(TemplateSettings()), TemplateSettings()) as template,
-        inprocess_server(cache_spec(CacheSettings(redis_url=redis_url, key_prefix=key_prefix)),
+        inprocess_server(cache_spec(CacheSettings(redis_url=cache_redis_url or redis_url, key_prefix=key_prefix)),
                          CacheSettings()) as cache,
         inprocess_server(fake_spec("tok", FakeTokenizer()), GatewaySettings()) as tok,
         inprocess_server(fake_spec("inf", inference), GatewaySettings()) as inf,
