@@ -191,7 +191,7 @@ class Coalescer:
         scope.record_coalesced(begun, time.perf_counter())
         scope.span.set_attribute(span_names.COALESCED, SHARED_STREAM)
         COALESCED.labels(SHARED_STREAM).inc()
-        yield dataclasses.replace(flight.final, cache_hit=False, timings=scope.finish())
+        yield dataclasses.replace(flight.final, timings=scope.finish())
 
 
 def _first_callers_fault(error: BaseException | None) -> bool:
