@@ -268,3 +268,18 @@ async def two_gateways(inprocess_server, redis_url: str, scenario, key_prefix: s
                     inprocess_server(gateway_spec(settings), settings) as second):
             return await scenario(gateway_pb2_grpc.GatewayStub(first.channel),
                                   gateway_pb2_grpc.GatewayStub(second.channel), inference)
+
+
+def test_followers_request_spans_say_they_shared_and_a_coalesced_hop_span_times_the_wait(
+        inprocess_server, redis_server, finished_spans):
+    async def scenario(stub, tokenizer, inference):
+        finished_spans.clear()
+        request = question()
+        await asyncio.gather(*(stub.Generate(request, timeout=30) for _ in range(3)))
+
+    run_mesh(inprocess_server, redis_server, scenario, inference=slow_inference())
+    spans = finished_spans.get_finished_spans()
+    requests = [s for s in spans if s.name == "nlpmesh.gateway.v1.Gateway/Generate"]
+    assert sorted(str(s.attributes.get("nlpmesh.coalesced")) for s in requests) == ["None", "stream", "stream"]
+    assert len([s for s in spans if s.name == "hop coalesced"]) == 2
+    assert len([s for s in spans if s.name == "hop inference"]) == 1
