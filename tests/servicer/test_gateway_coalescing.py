@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from cli.launcher import free_port
 from gateway.__main__ import build_spec as gateway_spec
 from gateway.api_keys import create_key
 from gateway.settings import GatewaySettings
@@ -86,6 +87,19 @@ def test_identical_streams_coalesce_without_redis_and_each_gets_every_delta(inpr
     assert generations == 1
     assert [text for text, _ in results] == [ANSWER] * 5
     assert sorted("coalesced" in hops(last) for _, last in results) == [False] + [True] * 4
+
+
+def test_a_redis_that_fails_leaves_coalescing_within_the_gateway(inprocess_server, redis_server):
+    async def scenario(stub, tokenizer, inference):
+        request = question()
+        replies = await asyncio.gather(*(stub.Generate(request, timeout=30) for _ in range(5)))
+        return replies, inference.calls
+
+    # The gateway's Redis refuses every connection: no lease, no cache, and no error for the callers.
+    replies, generations = run_mesh(inprocess_server, f"redis://127.0.0.1:{free_port()}/0", scenario,
+                                    inference=slow_inference(), cache_redis_url=redis_server)
+    assert generations == 1
+    assert [r.text for r in replies] == [ANSWER] * 5
 
 
 def test_a_sampled_request_is_never_coalesced(inprocess_server, redis_server):
