@@ -108,9 +108,6 @@ class Coalescer:
     def __init__(self):
         self._flights: dict[str, Flight] = {}
 
-    def in_flight(self) -> int:
-        return len(self._flights)
-
     async def stream(self, key: PromptCacheKey, scope: RequestScope,
                      lead: Callable[[RequestScope], AsyncIterator]) -> AsyncIterator:
         """The answer to ``key``: a flight's, joined, or one started with ``lead(scope)``.
@@ -147,7 +144,7 @@ class Coalescer:
             async with contextlib.aclosing(events):
                 async for event in events:
                     flight.publish(event)
-        except BaseException as caught:  # every subscriber gets it; nothing is left unretrieved
+        except (Exception, asyncio.CancelledError) as caught:  # each subscriber gets it; none is left unretrieved
             error = caught
         finally:
             if self._flights.get(flight.name) is flight:
