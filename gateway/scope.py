@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from gateway import hop_metrics
 from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
-from gateway.hop import Hop
+from gateway.hop import Hop, budgeted_as
 from gateway.hop_spans import hop_span, record_hop, record_measured_hop
 from gateway.quotas import QuotaLease
 from gateway.tenant import Tenant
@@ -79,6 +79,13 @@ class RequestScope:
             record_measured_hop(self.tracer, Hop.INFERENCE_TTFT, parent, _wall_ns(begun), _wall_ns(ended),
                                 timing.elapsed_ms, timing.budget_ms, timing.over_budget)
 
+    def record_coalesced(self, begun: float, ended: float) -> None:
+        """A follower's wait for the generation it shares (perf_counter readings), with a span of its own."""
+        timing = self._record(Hop.COALESCED, begun, ended)
+        if self.span.is_recording():
+            record_measured_hop(self.tracer, Hop.COALESCED, self.span, _wall_ns(begun), _wall_ns(ended),
+                                timing.elapsed_ms, timing.budget_ms, timing.over_budget)
+
     def finish(self) -> list[HopTiming]:
         """The hops so far plus ``total``, the gateway's own wall time against the total budget."""
         self._record(Hop.TOTAL, self.started, time.perf_counter())
@@ -93,7 +100,7 @@ class RequestScope:
 
     def _record(self, hop: Hop, begun: float, ended: float, span: trace.Span | None = None,
                 succeeded: bool = True) -> HopTiming:
-        timing = HopTiming(hop, (ended - begun) * 1000.0, self.budget.budget_for(hop))
+        timing = HopTiming(hop, (ended - begun) * 1000.0, self.budget.budget_for(budgeted_as(hop)))
         self.hops.append(timing)
         hop_metrics.observe_hop(hop, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
         if span is not None:

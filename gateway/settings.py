@@ -73,6 +73,19 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     affinity_load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
     # How often a dns:/// inference address is resolved again for prefix-affine routing.
     affinity_resolve_s: float = Field(default=5.0, gt=0)
+    # Request coalescing (gateway/coalescing.py): identical concurrent requests (one tenant, one model, the
+    # same prompt, deterministic sampling, not CACHE_MODE_BYPASS) share one generation. "off": each generates.
+    coalescing: Literal["on", "off"] = "on"
+    # Across replicas sharing the prompt cache's Redis (gateway/coalescing_replicas.py): the generating replica
+    # holds a lease on the key, which lapses after this long unless renewed (it is, every third of it).
+    coalescing_lease_s: float = Field(default=2.0, gt=0)
+    # The most a request waits for the answer another replica generates (its budget bounds it too); then it
+    # generates its own.
+    coalescing_wait_s: float = Field(default=30.0, ge=0)
+    # How often a request waiting for another replica's answer looks for it in Redis.
+    coalescing_poll_s: float = Field(default=0.025, gt=0)
+    # A lease call slower than this counts as Redis failing: coalescing stays within the replica a while.
+    coalescing_redis_timeout_s: float = Field(default=0.1, gt=0)
     # Per-hop budgets and the default total (gateway/budgets.py).
     budgets_file: Path = Field(default_factory=lambda: REPO_ROOT / "deploy" / "budgets.toml")
     # Calls made outside any request: warm-up probes, the catalog refresh, stores.

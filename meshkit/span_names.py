@@ -15,6 +15,9 @@ HOP = "nlpmesh.hop"
 BUDGET_MS = "nlpmesh.budget_ms"
 ELAPSED_MS = "nlpmesh.elapsed_ms"
 OVER_BUDGET = "nlpmesh.over_budget"
+# On the request span of a request answered by a generation another identical request started
+# (gateway/coalescing.py): "stream" (joined in this gateway) or "stored" (another replica's answer).
+COALESCED = "nlpmesh.coalesced"
 
 # Server spans, one per served RPC (meshkit.tracing.server_span.server_interceptors).
 RPC_SYSTEM = "rpc.system"
