@@ -158,6 +158,9 @@ class Engine:
         # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
         self._step_s: float | None = None  # a decode step
         self._layer_s: float | None = None  # one decoder layer of one prefill GEMM tile
+        # Actual over estimated first-token time of recent requests (a moving average): the deadline estimate's
+        # correction, learnt from what the estimates missed (packed forwards cost less a tile than one alone).
+        self._estimate_bias = 1.0
         # False from an idle engine until its first decode step: the prompts admitted meanwhile
         # (a burst) stall nobody, so they are all prefilled whole before decoding starts.
         self._decoding_started = False
@@ -292,9 +295,13 @@ class Engine:
             prompt = len(job.request.prompt_token_ids)
             own = -(-(prompt - (job.sequence.length if job.sequence else 0)) // GEMM_TILE_ROWS)
             deadline = job.request.deadline
-            if job.sequence is None and deadline is not None and now + (ahead + own) * per_tile > deadline:
-                self._refuse(job, now, (ahead + own) * per_tile)
-                continue
+            if job.sequence is None and deadline is not None:
+                needed_s = (ahead + own) * per_tile
+                if job.estimate is None:
+                    job.estimate = (now, needed_s)  # checked against its first token (``_learn_from``)
+                if now + needed_s * self._estimate_bias > deadline:
+                    self._refuse(job, now, needed_s * self._estimate_bias)
+                    continue
             ahead += own
 
     def _refuse(self, job: Job, now: float, needed_s: float) -> None:
@@ -309,6 +316,16 @@ class Engine:
             job.deliver(error)
         else:
             self._retire(job, error, locked=True)
+
+    def _learn_from(self, job: Job) -> None:
+        """Moves the deadline estimate's correction towards what ``job``'s first token actually took against
+        what was estimated for it when it was first checked."""
+        if job.estimate is None:
+            return
+        checked, estimated_s = job.estimate
+        if estimated_s > 0:
+            ratio = min(max((time.monotonic() - checked) / estimated_s, 0.25), 2.0)
+            self._estimate_bias = _EMA * ratio + (1 - _EMA) * self._estimate_bias
 
     def _seconds_per_tile(self) -> float | None:
         """What one GEMM tile of prefill costs through every layer, in wall time: measured, and beside
@@ -450,6 +467,7 @@ class Engine:
                     self._prefix.remember(job.prefix_keys, job.prefix_known,
                                           lambda first, last, row=row: self._kv.read(row, first, last))
                 texts.append((job, job.sequence.accept(last[0].float().cpu())))
+                self._learn_from(job)
         except Exception as error:
             self._batch = None
             for job in batch.jobs:

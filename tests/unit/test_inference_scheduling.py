@@ -123,3 +123,29 @@ def test_a_request_whose_first_token_cannot_come_by_its_deadline_is_refused_befo
     assert all(len(hopeless) not in lengths for lengths, _ in forwards)  # no compute spent on it
     assert any(len(feasible) in lengths for lengths, _ in forwards)
     assert metrics.DEADLINE_REFUSALS._value.get() == refused_before + 1
+
+
+def test_the_estimate_learns_from_first_tokens_that_came_sooner_than_it_said():
+    engine = tiny_engine(float32_tiny(), max_running=4)
+    engine._seconds_per_tile = lambda: 0.2  # far more than the tiny model's tile costs: estimates run long
+    try:
+        async def run(left_s: float, count: int) -> list:
+            now = time.monotonic()
+            results = []
+            for index in range(count):
+                stream = engine.submit(GenerationRequest(prompt(index, 20), Sampling(max_new_tokens=1),
+                                                         deadline=now + left_s))
+                try:
+                    results.append([item async for item in stream][-1].finish_reason)
+                except DeadlineExceeded as error:
+                    results.append(error)
+            return results
+
+        first = asyncio.run(run(0.15, 1))  # estimated 0.2 s for a 0.15 s deadline: refused
+        served = asyncio.run(run(30.0, 8))  # each came far sooner than its 0.2 s estimate
+        after = asyncio.run(run(0.15, 1))
+    finally:
+        engine.close()
+    assert isinstance(first[0], DeadlineExceeded)
+    assert served == [FinishReason.LENGTH] * 8
+    assert after == [FinishReason.LENGTH]  # the corrected estimate fits the same deadline
