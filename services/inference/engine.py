@@ -308,7 +308,8 @@ class Engine:
         waited_ms, left_ms = (now - job.submitted) * 1000, max(job.request.deadline - now, 0) * 1000
         error = DeadlineExceeded(
             f"the inference queue cannot give a first token by the deadline: {waited_ms:.0f} ms waited in the "
-            f"queue, about {needed_s * 1000:.0f} ms of prefill to go with {left_ms:.0f} ms left", hop="inference")
+            f"queue, about {needed_s * 1000:.0f} ms of prefill to go with {left_ms:.0f} ms left", hop="inference",
+            facts={"queue_wait_ms": f"{waited_ms:.0f}", "first_token_estimate_ms": f"{needed_s * 1000:.0f}"})
         metrics.DEADLINE_REFUSALS.inc()
         if job in self._waiting:
             self._waiting.remove(job)

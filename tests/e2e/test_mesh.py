@@ -257,12 +257,10 @@ def test_a_request_whose_first_token_cannot_come_by_its_deadline_is_refused_by_t
     next(iter(running))  # decoding now
     try:
         refused_before, prefilled_before = refusals_and_prefill_tokens()
-        started = time.perf_counter()
         with pytest.raises(grpc.RpcError) as caught:
             request = chat_request(long_prompt, max_new_tokens=8)
             request.budget_ms = 400
             gateway.Generate(request, timeout=30)
-        elapsed = time.perf_counter() - started
         refused_after, prefilled_after = refusals_and_prefill_tokens()
     finally:
         running.cancel()
@@ -273,8 +271,8 @@ def test_a_request_whose_first_token_cannot_come_by_its_deadline_is_refused_by_t
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
             infos.append(info)
-    assert infos and infos[0].metadata["hop"] == "inference"
+    assert infos and all(info.metadata["hop"] == "inference" for info in infos)
+    assert any("queue_wait_ms" in info.metadata for info in infos)  # the engine's own refusal, relayed
     assert "waited in the queue" in error.details()
     assert refused_after == refused_before + 1
-    assert elapsed < 0.4  # refused, not run out
     assert prefilled_after - prefilled_before < 900  # the running stream's tokens only, none of the long prompt's
