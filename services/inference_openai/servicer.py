@@ -202,6 +202,7 @@ def _chunk_to_pb(item: Delta | Finished) -> inference_pb2.GenerateChunk:
 
 
 def build_spec(settings: AdapterSettings) -> ServiceSpec:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request, with the engine's URL: not needed
     catalogue = load_catalogue()
     servicer = AdapterServicer(settings, catalogue.get(settings.model or catalogue.ids[0]))
 
