@@ -1,7 +1,7 @@
 """An external engine behind the inference hop, for real: llama.cpp's OpenAI-compatible server (llama-cpp-python)
 serving the SmolLM2 GGUF, started here on a free port, and a mesh whose catalogue has the built-in smollm2 and
 an external entry ("llamacpp") on that server, both served through one gateway. The adapter
-(services/inference_openai) stands in the inference hop of the external one.
+(services/inference/external) stands in the inference hop of the external one.
 
 llama-cpp-python's server takes text prompts only, so the entry says prompt = "text"; its server queues
 concurrent requests rather than refusing them, so the overload refused here is the adapter's max_in_flight.

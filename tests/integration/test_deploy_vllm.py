@@ -23,7 +23,7 @@ VLLM_COMPOSE = REPO_ROOT / "deploy" / "compose.vllm.yml"
 COMPONENT = "overlays/vllm"
 IN_IMAGE = "/app/deploy/models.vllm.toml"  # the Dockerfile's WORKDIR /app holds the repository
 READS_CATALOGUE = ("tokenizer", "gateway")  # the services that must know the external entry
-ADAPTER = "services.inference_openai"
+ADAPTER = "services.inference.external"
 
 
 def test_the_vllm_catalogue_is_the_base_catalogue_and_one_external_model():

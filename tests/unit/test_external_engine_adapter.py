@@ -1,4 +1,4 @@
-"""The external-engine adapter's mapping (services/inference_openai): the /v1/completions request it sends, the
+"""The external-engine adapter's mapping (services/inference/external): the /v1/completions request it sends, the
 streamed answer it reads, the engine's errors as gRPC statuses without the engine's text, replica choice, and
 the engine's load from its /metrics. The engine here is an in-process httpx transport; the real one
 (llama.cpp's server) is in tests/e2e/test_external_engine.py."""
@@ -14,8 +14,7 @@ from google.rpc import error_details_pb2
 from meshkit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from meshkit.sampling import Sampling
 from modelfiles.catalogue import ExternalEngine
-from services.inference.generation_types import Delta, Finished, FinishReason
-from services.inference_openai.engine import (
+from services.inference.external.engine import (
     ENGINE_HOP,
     EngineClient,
     EngineUnavailable,
@@ -23,7 +22,8 @@ from services.inference_openai.engine import (
     error_for_status,
     unhonoured,
 )
-from services.inference_openai.load import requests_held
+from services.inference.external.load import requests_held
+from services.inference.generation_types import Delta, Finished, FinishReason
 
 SECRET_PROMPT = "my card number is 4111"
 

@@ -27,13 +27,13 @@ from meshkit.tracing.provider import tracer
 from meshkit.wire import InferenceLoad
 from modelfiles.catalogue import CatalogueModel, load_catalogue
 from modelfiles.convert import load_model_files
+from services.inference.external.engine import EngineClient, completion_body, unhonoured
+from services.inference.external.load import EngineLoad
+from services.inference.external.settings import AdapterSettings
 from services.inference.generation_types import Delta, Finished, GenerationRequest
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.spans import job_spans
 from services.inference.validation import RequestLimits, resolve_request
-from services.inference_openai.engine import EngineClient, completion_body, unhonoured
-from services.inference_openai.load import EngineLoad
-from services.inference_openai.settings import AdapterSettings
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 log = logging.getLogger("nlpmesh.inference.openai")
@@ -78,10 +78,7 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._revision = hashlib.sha256(f"{external.kind}\0{external.served_model}\0{files.revision}".encode()
                                         ).hexdigest()[:16]
         if external.prompt == "text":
-            from services.tokenizer.chat_tokenizer import ChatTokenizer
-
-            tokenizer = await asyncio.to_thread(ChatTokenizer.from_folder, files.path, self.entry.id)
-            self._decode = tokenizer.decode
+            self._decode = await asyncio.to_thread(_text_decoder, files.path)
         self.client = EngineClient(
             external, connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s,
             replica_down_s=s.replica_down_s, max_connections=s.max_connections, retry_after_s=s.retry_after_s)
@@ -185,6 +182,14 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
         if model and model != self.entry.id:
             raise NotFound(f"unknown model {model!r}; this inference service serves {self.entry.id}")
         return self.client
+
+
+def _text_decoder(folder):
+    """Token ids -> the text an engine that takes text prompts tokenises again (special tokens kept)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return lambda ids, skip_special_tokens=False: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _model_ids(response) -> set[str]:

@@ -1,11 +1,11 @@
-"""`python -m services.inference_openai`: serves one catalogue model whose entry names an external engine
+"""`python -m services.inference.external`: serves one catalogue model whose entry names an external engine
 (NLPMESH_INFERENCE_MODEL) on the inference port, 50055."""
 import sys
 
 from meshkit.server import run
 from meshkit.tracing.provider import configure_tracing
-from services.inference_openai.servicer import build_spec
-from services.inference_openai.settings import AdapterSettings
+from services.inference.external.servicer import build_spec
+from services.inference.external.settings import AdapterSettings
 
 
 def main() -> int:
