@@ -159,3 +159,16 @@ def test_the_engines_load_is_read_from_vllm_metrics_and_absent_elsewhere():
             '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 2.0\n')
     assert requests_held(vllm) == 5
     assert requests_held("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.0\n") is None
+
+
+def test_the_docs_page_lists_every_setting_of_the_adapters_own():
+    from pathlib import Path
+
+    from meshkit.settings import ServiceSettings
+    from services.inference.external.settings import AdapterSettings
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "operating" / "external-engine.md").read_text()
+    own = set(AdapterSettings.model_fields) - set(ServiceSettings.model_fields) - {"home", "model"}
+    missing = [name for name in sorted(own) if f"NLPMESH_INFERENCE_{name.upper()}" not in page
+               and f"`_{name.upper()}`" not in page]
+    assert missing == []
