@@ -3,7 +3,8 @@
 llama.cpp's OpenAI-compatible server (llama-cpp-python, started through tests/llama_server.py) serves the
 default model's GGUF; a mesh serves it as the external catalogue entry ``llamacpp`` beside the built-in model.
 Rounds interleaved, at 1 and 8 streams submitted at once (cache bypassed, a different question per stream):
-- through the gateway (template, tokenizer, adapter), and
+- through the gateway (template, tokenizer, adapter),
+- straight to the adapter over gRPC with the chat's token ids (what the adapter alone adds), and
 - straight to the server over HTTP (httpx, streamed /v1/completions) with the same prompt text;
 time to first token per stream and aggregate decode tok/s (from the first stream's first token to the last
 stream's last). The server runs one request at a time (it queues the others), so at 8 streams the later
@@ -13,6 +14,7 @@ model against one on the built-in model, through the same gateway.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 import grpc
 import httpx
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from transformers import AutoTokenizer
 
 from bench.generation import question, rate_summary
@@ -108,10 +111,19 @@ def _together(streams: int, one) -> list[Stream]:
     return results
 
 
+_calls = itertools.count()
+
+
+def _fresh(index: int) -> str:
+    """Question ``index`` with a tag no call had: the server reuses the KV of the prompt before (its prefix
+    cache), and neither path may get the other's."""
+    return f"{question(index)} (ref {next(_calls)})"
+
+
 def _through_gateway(stub, max_new_tokens: int):
     def one(index: int) -> Stream:
         request = gateway_pb2.GenerateRequest(
-            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(index))]),
+            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=_fresh(index))]),
             model=EXTERNAL, sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
             cache_mode=gateway_pb2.CACHE_MODE_BYPASS)
         started, first, last, tokens = time.perf_counter(), None, None, 0
@@ -125,9 +137,31 @@ def _through_gateway(stub, max_new_tokens: int):
     return one
 
 
-def _direct(client: httpx.Client, port: int, prompts: list[str], max_new_tokens: int):
+def _adapter(stub, tokenizer, max_new_tokens: int):
+    """Straight to the adapter (the external model's inference service) with the chat's token ids: what the
+    adapter alone adds to the engine, without the gateway's template and tokenizer hops."""
     def one(index: int) -> Stream:
-        body = {"model": SERVED, "prompt": prompts[index % len(prompts)], "stream": True,
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": _fresh(index)}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=False)
+        request = inference_pb2.GenerateRequest(model=EXTERNAL, prompt_token_ids=list(ids),
+                                                sampling=inference_pb2.Sampling(max_new_tokens=max_new_tokens))
+        started, first, last, tokens = time.perf_counter(), None, None, 0
+        for chunk in stub.Generate(request, timeout=600):
+            now = time.perf_counter()
+            if chunk.delta:
+                first, last = first or now, now
+            if chunk.done:
+                tokens = chunk.completion_tokens
+        return Stream(started, first, last, tokens)
+    return one
+
+
+def _direct(client: httpx.Client, port: int, tokenizer, max_new_tokens: int):
+    """The same chat as the gateway sends, rendered with the model's chat template here (before the clock)."""
+    def one(index: int) -> Stream:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": _fresh(index)}], tokenize=False,
+                                               add_generation_prompt=True)
+        body = {"model": SERVED, "prompt": prompt, "stream": True,
                 "max_tokens": max_new_tokens, "temperature": 0.0}
         started, first, last, tokens = time.perf_counter(), None, None, 0
         with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as response:
@@ -177,17 +211,20 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
     try:
         mesh.start()
         tokenizer = AutoTokenizer.from_pretrained(load_model_files(default_home(), builtin).path)
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": question(i)}], tokenize=False,
-                                                 add_generation_prompt=True) for i in range(max(STREAMS))]
         result: dict = {"max_new_tokens": max_new_tokens, "engine": "llama-cpp-python server (CPU, 2 threads)"}
-        with grpc.insecure_channel(mesh.gateway_address) as channel, httpx.Client() as client:
+        adapter_address = mesh.address(mesh.model_instances[EXTERNAL][0])
+        with grpc.insecure_channel(mesh.gateway_address) as channel, httpx.Client() as client, \
+                grpc.insecure_channel(adapter_address) as adapter_channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             paths = {"gateway": _through_gateway(stub, max_new_tokens),
-                     "direct_http": _direct(client, port, prompts, max_new_tokens)}
+                     "adapter": _adapter(inference_pb2_grpc.InferenceServiceStub(adapter_channel), tokenizer,
+                                         max_new_tokens),
+                     "direct_http": _direct(client, port, tokenizer, max_new_tokens)}
             samples = {(n, p): {"ttft": [], "tok_s": []} for n in STREAMS for p in paths}
             for round_index in range(rounds):
                 for streams in STREAMS:
-                    for name, one in (paths.items() if round_index % 2 == 0 else reversed(paths.items())):
+                    order = list(paths.items())
+                    for name, one in (order if round_index % 2 == 0 else order[::-1]):
                         times = _together(streams, one)
                         samples[streams, name]["ttft"] += [s.first - s.started for s in times]
                         samples[streams, name]["tok_s"].append(_decode_tok_s(times))
@@ -198,6 +235,8 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
                 gateway, direct = row["gateway"], row["direct_http"]
                 row["ttft_added_p50_ms"] = gateway["ttft"]["p50_ms"] - direct["ttft"]["p50_ms"]
                 row["decode_ratio_p50"] = gateway["decode_tok_s"]["p50"] / direct["decode_tok_s"]["p50"]
+                row["adapter_ttft_added_p50_ms"] = row["adapter"]["ttft"]["p50_ms"] - direct["ttft"]["p50_ms"]
+                row["adapter_decode_ratio_p50"] = row["adapter"]["decode_tok_s"]["p50"] / direct["decode_tok_s"]["p50"]
                 result[f"{streams}_streams"] = row
             result["cache_hit"] = {EXTERNAL: summary_ms(_hits_ms(stub, EXTERNAL)),
                                    builtin: summary_ms(_hits_ms(stub, builtin))}
@@ -223,6 +262,8 @@ def lines(result: dict) -> list[str]:
         out.append(f"{streams:<10}{row['gateway']['ttft']['p50_ms']:>12.1f}ms{row['direct_http']['ttft']['p50_ms']:>8.1f}ms"
                    f"{row['ttft_added_p50_ms']:>8.1f}ms{row['gateway']['decode_tok_s']['p50']:>11.1f}"
                    f"{row['direct_http']['decode_tok_s']['p50']:>10.1f}{row['decode_ratio_p50']:>7.2f}x")
+        out.append(f"{'':<10}adapter alone: TTFT p50 {row['adapter']['ttft']['p50_ms']:.1f}ms, added "
+                   f"{row['adapter_ttft_added_p50_ms']:.1f}ms, decode {row['adapter_decode_ratio_p50']:.2f}x direct")
     hits = result["cache_hit"]
     models = ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in hits.items() if isinstance(v, dict))
     out.append(f"cache hit p50: {models} (external/built-in {hits['ratio_external_to_builtin_p50']:.2f}x)")
