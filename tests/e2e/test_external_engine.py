@@ -24,6 +24,7 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from cli.launcher import LocalMesh, free_port
 from cli.processes import die_with_this_thread
 from cli.topology import REPO_ROOT
+from cli.traces import show_trace
 from modelfiles.catalogue import MODELS_FILE_ENV
 from modelfiles.convert import gguf_path
 from tests.budget_policy import ENV as BUDGETS_ENV
@@ -154,6 +155,22 @@ def test_the_second_call_is_a_cache_hit(stub):
     second = wait_until(lambda: (reply := stub.Generate(request, timeout=120)).cache_hit and reply, 30, 0.2,
                         what="the answer cached")
     assert second.text == first.text and second.model == "llamacpp"
+
+
+def test_the_adapter_traces_and_counts_as_the_built_in_inference_does(stub, mesh):
+    reply = stub.Generate(ask("What is a loan?", 16), timeout=120)
+    assert reply.trace_id
+    wanted = ("inference queue wait", "inference prefill", "inference decode", "inference engine")
+    wait_until(lambda: all(name in show_trace(mesh.trace_dir, reply.trace_id)[1] for name in wanted), 30, 0.2,
+               what="the adapter's spans in the request's trace")
+    metrics = httpx.get(mesh.metrics_url("inference-llamacpp"), timeout=10).text
+    for name in ("nlpmesh_inference_time_to_first_token_seconds_count", "nlpmesh_inference_completion_tokens_total",
+                 "nlpmesh_inference_tokens_per_second_count"):
+        assert _sample(metrics, name) > 0, name
+
+
+def _sample(metrics: str, name: str) -> float:
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def test_a_cancel_stops_the_servers_generation(stub, llama):

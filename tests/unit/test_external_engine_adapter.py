@@ -161,6 +161,28 @@ def test_the_engines_load_is_read_from_vllm_metrics_and_absent_elsewhere():
     assert requests_held("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.0\n") is None
 
 
+def test_the_load_poller_reads_each_replicas_metrics_and_stops_asking_one_without_them():
+    from services.inference.external.load import EngineLoad
+
+    asked = []
+
+    def handler(request):
+        asked.append(request.url.host)
+        if request.url.host == "vllm":
+            return httpx.Response(200, text="vllm:num_requests_running 4.0\nvllm:num_requests_waiting 1.0\n")
+        return httpx.Response(404)
+
+    async def two_polls():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            load = EngineLoad(http, ("http://vllm:1", "http://plain:1"), poll_s=0.01)
+            task = asyncio.create_task(load.run())
+            await asyncio.sleep(0.1)
+            task.cancel()
+            return load.engine_held
+    assert asyncio.run(two_polls()) == 5
+    assert asked.count("plain") == 1 and asked.count("vllm") > 1
+
+
 def test_the_docs_page_lists_every_setting_of_the_adapters_own():
     from pathlib import Path
 
