@@ -81,3 +81,21 @@ def test_an_external_entry_cannot_share_another_external_entrys_tokenizer():
                       '[models.other.endpoint]\nurls = ["http://x:1"]\nmodel = "m"\n'
     with pytest.raises(CatalogueError, match=r"model 'other', field 'tokenizer'.*built-in: smollm2"):
         parse_catalogue(text, WHERE)
+
+
+def test_models_list_shows_an_external_entry_by_its_engine_and_servable_needs_its_tokenizer_entry(
+        tmp_path, monkeypatch):
+    from cli.models import model_row, servable_models
+    from modelfiles.catalogue import MODELS_FILE_ENV
+
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text(EXTERNAL)
+    monkeypatch.setenv(MODELS_FILE_ENV, str(catalogue))
+    fleet = parse_catalogue(EXTERNAL, catalogue).get("fleet")
+    row = model_row(fleet, tmp_path / "home")
+    assert row.problem is None
+    assert row.cells[1] == "openai http://vllm-0:8000 (+1)"
+    assert row.cells[3] == "external: HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert row.cells[5] == "tokenizer of smollm2: no"
+    servable, not_served = servable_models(tmp_path / "home")
+    assert servable == [] and not_served[1] == "fleet: not converted (python -m modelfiles convert --model smollm2)"
