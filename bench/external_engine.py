@@ -120,20 +120,27 @@ def _fresh(index: int) -> str:
     return f"{question(index)} (ref {next(_calls)})"
 
 
+def _timed(started: float, chunks, tokens_of) -> Stream:
+    """A gRPC stream of chunks with ``delta`` and ``done`` (the gateway's or the inference service's)."""
+    first = last = None
+    tokens = 0
+    for chunk in chunks:
+        now = time.perf_counter()
+        if chunk.delta:
+            first, last = first or now, now
+        if chunk.done:
+            tokens = tokens_of(chunk)
+    return Stream(started, first, last, tokens)
+
+
 def _through_gateway(stub, max_new_tokens: int):
     def one(index: int) -> Stream:
         request = gateway_pb2.GenerateRequest(
             chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=_fresh(index))]),
             model=EXTERNAL, sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
             cache_mode=gateway_pb2.CACHE_MODE_BYPASS)
-        started, first, last, tokens = time.perf_counter(), None, None, 0
-        for chunk in stub.GenerateStream(request, timeout=600):
-            now = time.perf_counter()
-            if chunk.delta:
-                first, last = first or now, now
-            if chunk.done:
-                tokens = chunk.usage.completion_tokens
-        return Stream(started, first, last, tokens)
+        started = time.perf_counter()
+        return _timed(started, stub.GenerateStream(request, timeout=600), lambda done: done.usage.completion_tokens)
     return one
 
 
@@ -145,14 +152,8 @@ def _adapter(stub, tokenizer, max_new_tokens: int):
                                             add_generation_prompt=True, return_dict=False)
         request = inference_pb2.GenerateRequest(model=EXTERNAL, prompt_token_ids=list(ids),
                                                 sampling=inference_pb2.Sampling(max_new_tokens=max_new_tokens))
-        started, first, last, tokens = time.perf_counter(), None, None, 0
-        for chunk in stub.Generate(request, timeout=600):
-            now = time.perf_counter()
-            if chunk.delta:
-                first, last = first or now, now
-            if chunk.done:
-                tokens = chunk.completion_tokens
-        return Stream(started, first, last, tokens)
+        started = time.perf_counter()
+        return _timed(started, stub.Generate(request, timeout=600), lambda done: done.completion_tokens)
     return one
 
 
