@@ -127,6 +127,16 @@ def test_a_silent_engine_is_deadline_exceeded_naming_the_engine_hop():
     assert late.value.hop == ENGINE_HOP
 
 
+def test_a_full_connection_pool_is_resource_exhausted_and_the_replica_stays_up():
+    def handler(request):
+        raise httpx.PoolTimeout("busy", request=request)
+    client = client_for(handler, engine("http://a:1", "http://b:1"))
+    order = client.order([1, 2, 3])
+    with pytest.raises(ResourceExhausted) as refused:
+        run(client)
+    assert refused.value.retry_after_s == 2.0 and client.order([1, 2, 3]) == order
+
+
 def test_an_unreachable_replica_is_skipped_for_the_next_and_all_unreachable_is_unavailable():
     tried = []
 

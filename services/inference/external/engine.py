@@ -165,7 +165,10 @@ class EngineClient:
                     async for item in self._items(response, len(prompt_token_ids), body.get("stop") or ()):
                         yield item
                     return
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+            except httpx.PoolTimeout:  # every kept connection busy: this adapter's limit, not the replica's fault
+                raise ResourceExhausted("the adapter's connections to the inference engine are all in use",
+                                        retry_after_s=self._retry_after_s, reason="ENGINE_AT_CAPACITY") from None
+            except (httpx.ConnectError, httpx.ConnectTimeout):
                 log.warning("inference engine replica %s unreachable; trying the next", url)
                 self._mark_down(url)
             except httpx.ReadTimeout:
