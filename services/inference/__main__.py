@@ -7,13 +7,22 @@ import sys
 
 from meshkit.server import run
 from meshkit.tracing.provider import configure_tracing
-from modelfiles.catalogue import load_catalogue
+from modelfiles.catalogue import CatalogueError, load_catalogue
 from services.inference.external.settings import AdapterSettings
 
 
+def _external(model: str) -> bool:
+    """Whether ``model``'s catalogue entry names an external engine; False where the catalogue lacks it or is
+    unreadable: the built-in path then refuses to start with that error in one line (``load_engine``)."""
+    try:
+        catalogue = load_catalogue()
+        return catalogue.get(model or catalogue.ids[0]).external is not None
+    except CatalogueError:
+        return False
+
+
 def main() -> int:
-    catalogue = load_catalogue()
-    if catalogue.get(AdapterSettings.load().model or catalogue.ids[0]).external is not None:
+    if _external(AdapterSettings.load().model):
         from services.inference.external.__main__ import main as adapter_main
 
         return adapter_main()
