@@ -56,6 +56,7 @@ from services.inference.generation_types import Delta, Finished, FinishReason, G
 from services.inference.kernel_checks import (
     PLACEMENT_NOTES,
     check_row_independence,
+    choose_min_tiles,
     choose_one_tile_parts,
     choose_tile_placement,
 )
@@ -588,10 +589,12 @@ def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
     torch.set_num_threads(options.threads)  # as the worker will run (this is the worker)
     check_row_independence(model, options.max_running, features)
     plan = kernel_plan(model)
+    plan.min_tiles = choose_min_tiles(model)
     placement = plan.placement = choose_tile_placement(model)
     parts = plan.one_tile_parts = choose_one_tile_parts(model, torch.get_num_threads())
-    log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s", features.summary(),
-             kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "")
+    log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s%s", features.summary(),
+             kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "",
+             "" if plan.min_tiles == 1 else ", else beside a zero tile (one tile alone rounds otherwise here)")
 
 
 def _kernels_name(model: PreTrainedModel, kv_dtype: torch.dtype) -> str:
