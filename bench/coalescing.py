@@ -13,7 +13,6 @@ leader's time. `python -m bench.coalescing` runs it and writes bench/results/ben
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import urllib.request
@@ -30,7 +29,6 @@ from bench import variants
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FINISHED = "nlpmesh_inference_requests_finished_total"
 GOAL_RATIO = 1.2
 
@@ -142,10 +140,9 @@ def main() -> int:
     args = parser.parse_args()
     result = bench(args.requests, args.max_new_tokens)
     print("\n".join(lines(result)), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-coalescing-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2))
-    say(f"written {out}")
+    from bench.run import write_results  # bench.run imports this module
+
+    write_results(result, "bench-coalescing")
     return 0
 
 

@@ -11,6 +11,7 @@ main thread only; one JSON request a line on stdin, one answer a line on stdout.
 from __future__ import annotations
 
 import sys
+import time
 
 from bench.worker_process import WorkerProcess, serve
 from modelfiles.convert import DEFAULT_MODEL
@@ -27,6 +28,11 @@ class HfGenerate(WorkerProcess):
 
     def first_token_ms(self, prompt: list[int]) -> float:
         return self.ask(op="first_token_ms", prompt=prompt)
+
+    def serve_load(self, requests: list[dict], max_new_tokens: int, limit_s: float) -> dict:
+        """Serves requests (``{"at": seconds from now, "prompt": ids}``) as they arrive, batching those that
+        have arrived whenever ``generate`` is free (``serve_load`` below)."""
+        return self.ask(op="serve_load", requests=requests, max_new_tokens=max_new_tokens, limit_s=limit_s)
 
     def precision(self) -> str:
         """The precision the weights run in (what ``auto`` chose on this CPU, as the inference service does)."""
@@ -51,8 +57,56 @@ def _serve(dtype: str, threads: int, model_id: str) -> None:
         "decode_tok_s": lambda request: hf_decode_tok_s(model, tokenizer, request["prompts"],
                                                          request["max_new_tokens"]),
         "first_token_ms": lambda request: hf_first_token_ms(model, request["prompt"]),
+        "serve_load": lambda request: serve_load(model, tokenizer, request["requests"], request["max_new_tokens"],
+                                                 request["limit_s"]),
         "precision": lambda request: model_precision(model) or str(model.dtype).removeprefix("torch."),
     })
+
+
+def serve_load(model, tokenizer, requests: list[dict], max_new_tokens: int, limit_s: float,
+               max_batch: int = 8) -> dict:
+    """``generate`` as a server that batches what has arrived: whenever it is free, the requests that have
+    arrived (at most ``max_batch``, first come first) go as one left-padded batch of ``max_new_tokens`` greedy
+    tokens each. Each request's first token is the end of its batch's prefill, its gaps the batch's steps,
+    its end the batch's end (``generate`` hands over every token at the end); all from its arrival. A request
+    not started within ``limit_s`` is None."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.steps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.steps.append(time.perf_counter())
+            return scores
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    start = time.perf_counter()
+    results: list[dict | None] = [None] * len(requests)
+    pending = list(range(len(requests)))
+    while pending and time.perf_counter() - start < limit_s:
+        now = time.perf_counter() - start
+        arrived = [index for index in pending if requests[index]["at"] <= now][:max_batch]
+        if not arrived:
+            time.sleep(min(requests[pending[0]]["at"] - now, 0.05))
+            continue
+        prompts = [requests[index]["prompt"] for index in arrived]
+        width = max(len(prompt) for prompt in prompts)
+        ids = torch.tensor([[pad] * (width - len(prompt)) + prompt for prompt in prompts])
+        mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts])
+        clock = Clock()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([clock]),
+                           pad_token_id=pad)
+        end = time.perf_counter()
+        for index in arrived:
+            arrival = start + requests[index]["at"]
+            results[index] = {"ttft_s": clock.steps[0] - arrival, "e2e_s": end - arrival, "tokens": max_new_tokens,
+                              "gaps_s": [b - a for a, b in zip(clock.steps, clock.steps[1:])]}
+            pending.remove(index)
+    return {"requests": results, "seconds": time.perf_counter() - start}
 
 
 if __name__ == "__main__":

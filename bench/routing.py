@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 import urllib.request
@@ -38,7 +37,6 @@ from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 
 REPLICAS = 2
-RESULTS = Path(__file__).resolve().parent / "results"
 PREFILLED = "nlpmesh_inference_prefill_tokens_total"  # run through the model; with the reused ones, the prompt
 REUSED = "nlpmesh_inference_prefix_tokens_reused_total"
 TOPICS = ("retail banking", "equity research", "insurance claims", "payments fraud", "tax filing",
@@ -226,10 +224,9 @@ def main() -> int:
     result = bench(args.rounds, args.groups, args.questions, args.max_new_tokens, args.callers,
                    args.hit_rounds, args.hits_per_round)
     print("\n".join(lines(result)), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-routing-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2))
-    say(f"written {out}")
+    from bench.run import write_results  # bench.run imports this module
+
+    write_results(result, "bench-routing")
     return 0
 
 

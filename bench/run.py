@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from bench import cache_hits, engine_speed, generation, models, routing, variants
+from bench import cache_hits, coalescing, engine_speed, external_engine, generation, models, routing, serving, variants
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 from modelfiles.catalogue import load_catalogue
@@ -135,6 +135,12 @@ def table(results: dict) -> str:
         lines += [""] + models.lines(results["models"])
     if "routing" in results:
         lines += [""] + routing.lines(results["routing"])
+    if "serving" in results:
+        lines += [""] + serving.lines(results["serving"])
+    if "coalescing" in results:
+        lines += [""] + coalescing.lines(results["coalescing"])
+    if "external_engine" in results:
+        lines += [""] + external_engine.lines(results["external_engine"])
     return "\n".join(lines)
 
 
@@ -166,10 +172,14 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="new tokens a stream; the engine part needs every stream decoding at once for a while, "
                              "and later streams through the gateway wait for their prefill beside the first ones")
-    parser.add_argument("--only", choices=("cache", "generation", "engine", "models", "routing"),
+    parser.add_argument("--only", choices=OWN_MESH_PARTS + ("routing", "coalescing", "external"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
                              "engine (bench/engine_speed.py), models (bench/models.py: every model of --model "
-                             "through one mesh) or routing (bench/routing.py: 2 inference replicas)")
+                             "through one mesh), serving (bench/serving.py: a burst and Poisson arrivals with "
+                             "deadlines, against generate), routing (bench/routing.py: 2 inference replicas), "
+                             "coalescing (bench/coalescing.py: identical requests at once, 1 and 2 gateways) or "
+                             "external (bench/external_engine.py: llama.cpp's server behind the adapter vs called "
+                             "directly)")
     parser.add_argument("--model", dest="models", action="append", metavar="ID",
                         help="a catalogue model the models part measures (repeat it; default: every model in "
                              "the catalogue). The mesh serves these; the other parts use the default model")
@@ -181,16 +191,30 @@ def main() -> int:
     args = parser.parse_args()
     args.models = args.models or list(load_catalogue().ids)
     results = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node()}
-    if args.only != "routing":
+    if args.only in (None, *OWN_MESH_PARTS):
         _bench_one_mesh(args, results)
     if args.only in (None, "routing"):  # a mesh of its own, with 2 inference replicas
         results["routing"] = routing.bench()
+    if args.only in (None, "coalescing"):  # a mesh of its own, and a second gateway
+        results["coalescing"] = coalescing.bench()
+    if args.only in (None, "external") and external_engine.available():  # its own mesh and llama.cpp server
+        results["external_engine"] = external_engine.bench(args.gen_rounds, args.max_new_tokens)
     print(table(results))
+    write_results(results, "bench")
+    return 0
+
+
+def write_results(results: dict, name: str) -> Path:
+    """bench/results/<name>-<time>.json (what `python -m docs.gen.performance --newest` takes)."""
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
     say(f"written {out}")
-    return 0
+    return out
+
+
+# The parts measured on one mesh serving the default model (models: every model of --model).
+OWN_MESH_PARTS = ("cache", "generation", "engine", "models", "serving")
 
 
 def _bench_one_mesh(args, results: dict) -> None:
@@ -208,6 +232,8 @@ def _bench_one_mesh(args, results: dict) -> None:
             results["engine"] = engine_speed.bench(mesh, args.gen_rounds, args.max_new_tokens, args.baseline_tree)
         if args.only in (None, "models"):
             results["models"] = models.bench(mesh, args.models, args.gen_rounds, args.max_new_tokens)
+        if args.only in (None, "serving"):
+            results["serving"] = serving.bench(mesh)
     finally:
         mesh.stop()
 

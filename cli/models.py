@@ -20,6 +20,12 @@ class ModelRow:
 
 
 def model_row(model: CatalogueModel, home: Path) -> ModelRow:
+    if model.external is not None:  # served by its engine: only its tokenizer entry's files are the mesh's
+        urls = model.external.urls
+        where = f"{model.external.kind} {urls[0]}" + (f" (+{len(urls) - 1})" if len(urls) > 1 else "")
+        tokenizer = "yes" if converted_revision(home, model.files_id) is not None else "no"
+        return ModelRow((model.id, where, "-", f"external: {model.external.served_model}",
+                         str(model.context_length or "-"), f"tokenizer of {model.files_id}: {tokenizer}", "-"), None)
     precision = "auto (chosen at start)" if "auto" in model.precisions else "/".join(model.precisions)
     try:
         files = locate(model)
@@ -49,16 +55,19 @@ def models_table(catalogue: Catalogue, home: Path) -> tuple[int, str]:
 
 
 def servable_models(home: Path) -> tuple[list[str], list[str]]:
-    """The catalogue ids the built-in engine can serve here now (converted, of an architecture it runs), in the
-    catalogue's order; and one line for each of the others, saying why not."""
+    """The catalogue ids this mesh can serve here now (converted, of an architecture the built-in engine runs; an
+    external engine's entry: its tokenizer entry converted), in the catalogue's order; and one line for each of
+    the others, saying why not."""
     servable, not_served = [], []
-    for model in load_catalogue().ids:
+    catalogue = load_catalogue()
+    for model in catalogue.ids:
+        files_id = catalogue.get(model).files_id  # an external engine's entry: its tokenizer entry
         try:
-            architecture = load_model_files(home, model).architecture
+            architecture = load_model_files(home, files_id).architecture
         except ModelNotConverted:
-            not_served.append(f"{model}: not converted (python -m modelfiles convert --model {model})")
+            not_served.append(f"{model}: not converted (python -m modelfiles convert --model {files_id})")
             continue
-        if engine_supports(architecture):
+        if files_id != model or engine_supports(architecture):  # an external engine runs its own model
             servable.append(model)
         else:
             not_served.append(f"{model}: the built-in engine does not run {architecture} models yet")

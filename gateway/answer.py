@@ -33,8 +33,11 @@ from promptcache.redis_tier import CachedAnswer, PromptCache
 
 log = logging.getLogger("nlpmesh.gateway")
 
-# The hops a generated answer needs before its first token, in order.
-_PATH_TO_FIRST_TOKEN = (Hop.TEMPLATE, Hop.TOKENIZER, Hop.INFERENCE_TTFT)
+# The hops a generated answer needs before the inference hop, in order. Whether the first token can come
+# in the time left is the inference service's to judge: its engine knows its queue and its prefill rate,
+# and refuses before any compute (DEADLINE_EXCEEDED naming the inference hop). A median of past first
+# tokens would go on refusing short budgets long after a burst that raised it had passed.
+_PATH_TO_FIRST_TOKEN = (Hop.TEMPLATE, Hop.TOKENIZER)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,6 @@ class Answerer:
         scope.ensure_can_cover(_PATH_TO_FIRST_TOKEN[1:])
         with scope.hop(Hop.TOKENIZER) as hop:
             token_ids = await self._downstream.encode_chat(chat, pool.info.model, hop.timeout_s, hop.metadata)
-        scope.ensure_can_cover(_PATH_TO_FIRST_TOKEN[2:])  # no inference for a request already lost
         parts: list[str] = []
         end = None
         async for event in self._generate(token_ids, miss.sampling, pool, scope):

@@ -125,13 +125,15 @@ class ResourceExhausted(MeshError):
 class DeadlineExceeded(MeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
-    def __init__(self, message: str, hop: str):
+    def __init__(self, message: str, hop: str, facts: dict[str, str] | None = None):
+        """``facts``: more ErrorInfo metadata (counts and times only, e.g. the queue wait of a refusal)."""
         super().__init__(message)
         self.hop = hop
+        self.facts = dict(facts or {})
 
     def details(self) -> list[any_pb2.Any]:
         info = error_details_pb2.ErrorInfo(
-            reason="HOP_DEADLINE_EXCEEDED", domain=ERROR_DOMAIN, metadata={"hop": self.hop}
+            reason="HOP_DEADLINE_EXCEEDED", domain=ERROR_DOMAIN, metadata={**self.facts, "hop": self.hop}
         )
         return [_pack(info)]
 
@@ -181,7 +183,9 @@ def from_rpc_error(error: grpc.RpcError, hop: str) -> MeshError:
     code = error.code()
     details = _details_of(error)
     if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        mapped = DeadlineExceeded(f"the {hop} hop ran out of time", hop=hop)
+        # A mesh service that refused in time says why (the engine: its queue wait), in its own words.
+        why = error.details() if _mesh_deadline_refusal(details) and error.details() else "ran out of time"
+        mapped = DeadlineExceeded(f"the {hop} hop {why}" if why == "ran out of time" else why, hop=hop)
     elif code == grpc.StatusCode.UNAVAILABLE:
         mapped = Unavailable(f"the {hop} service is unavailable")
     elif code in _BY_CODE:
@@ -201,6 +205,15 @@ class InternalFault(MeshError):
     """A downstream bug seen from upstream: INTERNAL, never with the inner message."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+def _mesh_deadline_refusal(details: list[any_pb2.Any]) -> bool:
+    """Whether a downstream mesh service itself refused with DEADLINE_EXCEEDED (its ErrorInfo says so)."""
+    for detail in details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN and info.reason == "HOP_DEADLINE_EXCEEDED":
+            return True
+    return False
 
 
 def _details_of(error: grpc.RpcError) -> list[any_pb2.Any]:

@@ -40,6 +40,8 @@ CACHE_REMOVED = "nlpmesh.cache.removed"
 INFERENCE_QUEUE_WAIT = "inference queue wait"
 INFERENCE_PREFILL = "inference prefill"
 INFERENCE_DECODE = "inference decode"
+# An external engine's part of a generation: its HTTP request, from sent to the last byte (services/inference/external).
+INFERENCE_ENGINE = "inference engine"
 FINISH_REASON = "nlpmesh.finish_reason"
 
 # gen_ai semantic conventions, on the inference spans.

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         catalogue = load_catalogue()
-        models = [catalogue.get(model_id) for model_id in args.model] if args.model else list(catalogue.models)
+        named = [catalogue.get(model_id) for model_id in args.model] if args.model else list(catalogue.models)
+        # An external engine's entry has nothing to convert but the built-in entry whose tokenizer it shares.
+        models = [catalogue.get(files_id) for files_id in dict.fromkeys(model.files_id for model in named)]
     except CatalogueError as error:
         _say(str(error))
         return 2

@@ -7,11 +7,13 @@ documented in docs/models.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from meshkit.sampling import Sampling
 
@@ -24,6 +26,16 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop")
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ENTRY_FIELDS = {"name", "source", "chat_template", "context_length", "sampling", "precisions"}
+# An entry served by an external engine (engine = "openai"): no source of its own; the tokenizer and chat
+# template of the built-in entry it names in ``tokenizer``, and the engine's endpoint.
+_EXTERNAL_FIELDS = {"name", "engine", "tokenizer", "endpoint", "context_length", "sampling"}
+ENGINE_KINDS = ("builtin", "openai")
+# The sampling fields an OpenAI-compatible engine may honour (SAMPLING_FIELDS and seed); an endpoint's
+# ``sampling_fields`` names those its engine does, and a request setting another is refused.
+ENGINE_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+_ENDPOINT_FIELDS = {"urls", "model", "token_file", "token_env", "ca_file", "prompt", "max_in_flight",
+                    "sampling_fields"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class CatalogueError(ValueError):
@@ -67,6 +79,39 @@ Source = PypiSource | GgufFileSource | HfFolderSource
 
 
 @dataclass(frozen=True)
+class ExternalEngine:
+    """An OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp's) that generates for a catalogue entry."""
+
+    kind: str  # "openai": /v1/completions, streamed
+    urls: tuple[str, ...]  # its replicas' base URLs (http or https), without /v1
+    served_model: str  # the model's name on that server (the request's "model")
+    token_file: Path | None = None  # a bearer token, read at start; never logged
+    token_env: str | None = None  # or the variable holding it
+    ca_file: Path | None = None  # the CA that signed its TLS certificate; None = the system's
+    # "token_ids" sends the mesh's token ids (vLLM, SGLang, llama.cpp's C++ server); "text" sends them
+    # decoded (servers that take only text, e.g. llama-cpp-python's): the engine tokenises again.
+    prompt: str = "token_ids"
+    max_in_flight: int = 64  # requests the adapter sends at once; beyond, RESOURCE_EXHAUSTED
+    sampling_fields: tuple[str, ...] = ENGINE_SAMPLING_FIELDS  # what it honours; the rest is refused
+
+    def token(self) -> str | None:
+        """The bearer token, or None; a named file or variable that is missing or empty is an error."""
+        if self.token_file is not None:
+            try:
+                token = self.token_file.read_text().strip()
+            except OSError as error:
+                raise CatalogueError(f"cannot read the engine token file {self.token_file}: "
+                                     f"{error.strerror or error}") from None
+        elif self.token_env is not None:
+            token = os.environ.get(self.token_env, "").strip()
+        else:
+            return None
+        if not token:
+            raise CatalogueError(f"the engine token ({self.token_file or '$' + str(self.token_env)}) is empty")
+        return token
+
+
+@dataclass(frozen=True)
 class CatalogueModel:
     id: str  # what callers put in `model`
     name: str  # the name the model reports (ModelInfo.model); the id unless the entry says otherwise
@@ -75,6 +120,14 @@ class CatalogueModel:
     context_length: int | None  # None = the model's own
     sampling: Sampling  # the defaults a request's unset fields take
     precisions: tuple[str, ...]  # the CPU precisions the engine may run it in
+    engine: str = "builtin"  # ENGINE_KINDS
+    external: ExternalEngine | None = None  # where it runs, for an external engine
+    tokenizer: str = ""  # an external entry's built-in entry whose tokenizer and template it uses
+
+    @property
+    def files_id(self) -> str:
+        """The catalogue id whose converted files hold this model's tokenizer and chat template."""
+        return self.tokenizer or self.id
 
 
 @dataclass(frozen=True)
@@ -119,7 +172,21 @@ def parse_catalogue(text: str, path: Path) -> Catalogue:
     entries = document.get("models")
     if not isinstance(entries, dict) or not entries:
         raise CatalogueError(f"{path}: no models; add at least one [models.<id>] table")
-    return Catalogue(path, tuple(_entry(_Where(path, model_id), body) for model_id, body in entries.items()))
+    models = tuple(_entry(_Where(path, model_id), body) for model_id, body in entries.items())
+    return Catalogue(path, tuple(_resolved_tokenizer(_Where(path, model.id), model, models) for model in models))
+
+
+def _resolved_tokenizer(where: _Where, model: CatalogueModel, models: tuple[CatalogueModel, ...]) -> CatalogueModel:
+    """An external entry with its tokenizer entry's source (where its tokenizer comes from)."""
+    if model.external is None:
+        return model
+    shared = next((other for other in models if other.id == model.tokenizer), None)
+    if shared is None or shared.external is not None:
+        builtin = ", ".join(other.id for other in models if other.external is None) or "none"
+        raise where.error("tokenizer", f"{model.tokenizer!r} is not a built-in entry of this catalogue "
+                                       f"(built-in: {builtin})")
+    return dataclasses.replace(model, source=shared.source, chat_template=shared.chat_template,
+                               context_length=model.context_length or shared.context_length)
 
 
 @dataclass(frozen=True)
@@ -142,23 +209,123 @@ def _entry(where: _Where, body: object) -> CatalogueModel:
         raise where.error("id", "an id is 1-64 lower-case letters, digits, '.', '_' or '-'")
     if not isinstance(body, dict):
         raise where.error("id", "must be a table ([models.<id>])")
-    unknown = sorted(set(body) - _ENTRY_FIELDS)
+    engine = body.get("engine", "builtin")
+    if engine not in ENGINE_KINDS:
+        raise where.error("engine", f"{engine!r} is not an engine kind; expected {', '.join(ENGINE_KINDS)}")
+    if engine != "builtin":
+        return _external_entry(where, body)
+    unknown = sorted(set(body) - _ENTRY_FIELDS - {"engine"})
     if unknown:
         raise where.error(unknown[0], f"unknown field; the fields are {', '.join(sorted(_ENTRY_FIELDS))}")
     if "source" not in body:
         raise where.error("source", "missing; say where the model's files come from (kind = pypi, gguf or hf)")
-    name = body.get("name", where.model_id)
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise where.error("name", "must be 1-128 letters, digits, '.', '_' or '-'")
     return CatalogueModel(
         id=where.model_id,
-        name=name,
+        name=_name(where, body),
         source=_source(where, body["source"]),
         chat_template=_chat_template(where, body.get("chat_template", "model")),
         context_length=_context_length(where, body.get("context_length")),
         sampling=_sampling(where, body.get("sampling", {})),
         precisions=_precisions(where, body.get("precisions", list(PRECISIONS))),
     )
+
+
+def _name(where: _Where, body: dict) -> str:
+    name = body.get("name", where.model_id)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise where.error("name", "must be 1-128 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _external_entry(where: _Where, body: dict) -> CatalogueModel:
+    unknown = sorted(set(body) - _EXTERNAL_FIELDS)
+    if unknown:
+        raise where.error(unknown[0], f"unknown field for an external engine's entry; the fields are "
+                                      f"{', '.join(sorted(_EXTERNAL_FIELDS))}")
+    tokenizer = body.get("tokenizer")
+    if not isinstance(tokenizer, str) or not _ID.fullmatch(tokenizer):
+        raise where.error("tokenizer", "missing; name the built-in entry whose tokenizer and chat template "
+                                       "the engine's model uses")
+    if "endpoint" not in body:
+        raise where.error("endpoint", "missing; say where the engine is ([models.<id>.endpoint] urls, model)")
+    return CatalogueModel(
+        id=where.model_id,
+        name=_name(where, body),
+        source=PypiSource("", ""),  # replaced by the tokenizer entry's (_resolved_tokenizer)
+        chat_template=None,
+        context_length=_context_length(where, body.get("context_length")),
+        sampling=_sampling(where, body.get("sampling", {})),
+        precisions=(),
+        engine=body["engine"],
+        external=_endpoint(where, body["engine"], body["endpoint"]),
+        tokenizer=tokenizer,
+    )
+
+
+def _endpoint(where: _Where, kind: str, body: object) -> ExternalEngine:
+    if not isinstance(body, dict):
+        raise where.error("endpoint", "must be a table: urls, model, and optionally token_file or token_env, "
+                                      "ca_file, prompt, max_in_flight, sampling_fields")
+    unknown = sorted(set(body) - _ENDPOINT_FIELDS)
+    if unknown:
+        fields = ", ".join(sorted(_ENDPOINT_FIELDS))
+        raise where.error(f"endpoint.{unknown[0]}", f"unknown field; the fields are {fields}")
+    urls = body.get("urls")
+    if not isinstance(urls, list) or not urls or len(urls) > 64:
+        raise where.error("endpoint.urls", "must be a list of 1-64 base URLs (http://host:port)")
+    for url in urls:
+        problem = _url_problem(url)
+        if problem:
+            raise where.error("endpoint.urls", problem)
+    if len(set(urls)) != len(urls):
+        raise where.error("endpoint.urls", "a URL is listed twice")
+    served = body.get("model")
+    if not isinstance(served, str) or not served or len(served) > 256 or not served.isprintable():
+        raise where.error("endpoint.model", "missing; the model's name on the engine (its /v1/models id)")
+    if "token_file" in body and "token_env" in body:
+        raise where.error("endpoint.token_env", "give the token in token_file or token_env, not both")
+    token_env = body.get("token_env")
+    if token_env is not None and (not isinstance(token_env, str) or not _ENV_NAME.fullmatch(token_env)):
+        raise where.error("endpoint.token_env", "must be an environment variable's name")
+    prompt = body.get("prompt", "token_ids")
+    if prompt not in ("token_ids", "text"):
+        raise where.error("endpoint.prompt", f"{prompt!r}: expected \"token_ids\" or \"text\"")
+    in_flight = body.get("max_in_flight", 64)
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or not 1 <= in_flight <= 100_000:
+        raise where.error("endpoint.max_in_flight", "must be a whole number in [1, 100000]")
+    fields = body.get("sampling_fields", list(ENGINE_SAMPLING_FIELDS))
+    if not isinstance(fields, list) or any(field not in ENGINE_SAMPLING_FIELDS for field in fields):
+        raise where.error("endpoint.sampling_fields", f"must be a list of {', '.join(ENGINE_SAMPLING_FIELDS)}")
+    return ExternalEngine(
+        kind=kind, urls=tuple(url.rstrip("/") for url in urls), served_model=served,
+        token_file=_optional_path(where, body, "token_file"), token_env=token_env,
+        ca_file=_optional_path(where, body, "ca_file"), prompt=prompt, max_in_flight=in_flight,
+        sampling_fields=tuple(fields),
+    )
+
+
+def _url_problem(url: object) -> str | None:
+    if not isinstance(url, str):
+        return "each URL must be a string"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http:// or https:// URL"
+    if parts.username or parts.password:
+        return "a URL must not hold credentials; use token_file or token_env"
+    if parts.query or parts.fragment:
+        return f"{url!r}: a base URL has no query or fragment"
+    if parts.path.rstrip("/").endswith("/v1"):
+        return f"{url!r}: give the base URL, without /v1"
+    return None
+
+
+def _optional_path(where: _Where, body: dict, field: str) -> Path | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise where.error(f"endpoint.{field}", "must be a file's path")
+    return where.relative(value)
 
 
 def _source(where: _Where, body: object) -> Source:

@@ -29,7 +29,7 @@ FILL = ("No bench results are committed yet: `make bench`, then `.venv/bin/pytho
 
 def headline(results: dict) -> list[tuple[str, str]]:
     """(figure, value) for what a newcomer asks first; each only where the run measured it."""
-    rows = []
+    rows = serving_rows(results.get("serving"))
     hits = results.get("cache_hits", {})
     if "cache_hit_c1[default]" in hits:
         row = hits["cache_hit_c1[default]"]
@@ -75,6 +75,28 @@ def headline(results: dict) -> list[tuple[str, str]]:
         rows.append(("time to first token, 2 replicas, prefix-affine against round_robin (p50)",
                      f"{routing['affine']['ttft']['p50_ms']:.0f} against "
                      f"{routing['round_robin']['ttft']['p50_ms']:.0f} ms"))
+    return rows
+
+
+def serving_rows(serving: dict | None) -> list[tuple[str, str]]:
+    """What callers see under traffic (bench/serving.py): the burst, and goodput under deadlines."""
+    if not serving:
+        return []
+    burst, baseline = serving["burst"], serving["burst_hf_generate"]
+    rows = [("a burst of 8 streams of 64 tokens through the gateway, tok/s in all, submission to last token",
+             f"{burst['tok_s']:.0f} tok/s (transformers' `generate`, batched: {baseline['tok_s']:.0f} tok/s)"),
+            ("... its first tokens, earliest to latest; inter-token p99",
+             f"{burst['ttft_first_ms']:.0f} to {burst['ttft_last_ms']:.0f} ms ({burst['ttft_last_over_first']:.1f}x); "
+             f"{burst['inter_token_p99_ms']:.0f} ms ({burst['inter_token_p99_over_p50']:.1f}x p50)")]
+    for row in serving["rates"]:
+        mesh, hf = row["mesh"], row["hf_generate"]
+        ttft = mesh["ttft"]
+        rows.append((f"Poisson arrivals at {row['fraction_of_capacity']:g}x capacity ({row['rate_req_s']:.2f} req/s, "
+                     "mixed prompts): goodput; TTFT p50 / p90 / p99",
+                     f"{100 * mesh['goodput_share']:.0f}% within deadline ({mesh['goodput_req_s']:.2f} req/s; "
+                     f"`generate` {100 * hf['goodput_share']:.0f}%); "
+                     f"{ttft.get('p50_ms', 0):.0f} / {ttft.get('p90_ms', 0):.0f} / {ttft.get('p99_ms', 0):.0f} ms"))
+    rows.append(("goodput at 1.5x capacity, against the peak", f"{100 * serving['goodput_at_1_5x_over_peak']:.0f}%"))
     return rows
 
 

@@ -122,7 +122,7 @@ class DecodeLinear(DecodeKernel):
         plan = self.plan
         if rows >= plan.gemm_rows or (plan.prefilling and self.tiled_prefill):
             out = tiled_gemm(flat, self.weight_float32, self.bias, GEMM_TILE_ROWS, plan.tile_offset(GEMM_TILE_ROWS),
-                             plan.one_tile_parts).to(x.dtype)
+                             plan.one_tile_parts, plan.min_tiles).to(x.dtype)
         else:
             out = self.decode_rows(flat)
         return out.reshape(*x.shape[:-1], self.out_features)

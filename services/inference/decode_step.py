@@ -48,8 +48,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                  mask: torch.Tensor, kv, plan: KernelPlan, family: Family, *, decode: bool,
-                  outputs: int | None = None) -> torch.Tensor:
+                  mask, kv, plan: KernelPlan, family: Family, *, decode: bool,
+                  outputs: int | None = None, attend=None) -> torch.Tensor:
     """One decoder layer of ``family`` as its forward computes it, without its wrappers: ``hidden``
     (B, n, hidden), ``rotary`` the model's (cos, sin) for this layer's type already unsqueezed to
     (B, 1, n, head_dim), ``mask`` this layer type's. A decode step (``decode``) takes each linear
@@ -62,12 +62,15 @@ def decoder_layer(layer: nn.Module, index: int, hidden: torch.Tensor, rotary: tu
     placement places a prefill from it (``KernelPlan.rows_skipped``; where rows go from each prefill's
     start, a row's bits are checked not to depend on its place), so with the same bits; with 0 the
     input comes back unchanged.
+    ``attend`` (prefill only): the attention function, in place of the model's attention interface (a
+    packed prefill's: services/inference/layered.py), given ``mask`` as it is.
     The model's last layer needs only the prompt's last row, for the logits, and nothing in a chunk
     before the prompt's last."""
     attention, mlp, norm = layer.self_attn, layer.mlp, family.norm
     rows = hidden.shape[:-1]
     project = _decode_rows if decode else _prefill_rows
-    attend = sdpa_attention_forward if decode else ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
+    if attend is None:
+        attend = sdpa_attention_forward if decode else ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
     cos, sin = rotary
     head_dim = attention.head_dim
     x = norm(hidden, layer.input_layernorm)

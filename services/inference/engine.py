@@ -8,17 +8,21 @@
 
 Continuous batching: every turn of the worker loop
 1. drops cancelled requests (their KV row is free for the next one);
-2. admits waiting requests, up to ``max_running``, into the prefill line;
-3. prefills prompts from the head of that line under the step's token budget
-   (``max_batched_tokens``, vLLM's ``max_num_batched_tokens``): each decoding
-   sequence counts one token, the rest goes to prompt tokens, in whole GEMM
-   tiles (at least one per turn). Beside decoding streams a turn's prefill
-   also keeps to a time budget (``prefill_share`` decode steps): a chunk's
-   decoder layers are spread over turns (services/inference/layered.py). A
-   long prompt is thus prefilled over many turns, so it never stalls the
-   running streams for its whole duration; with nothing decoding, a prompt
-   goes in one forward. A prompt whose last chunk is done yields its first
-   token and joins the batch;
+2. refuses, before any compute, each waiting request whose first token can no
+   longer come by its deadline (``_refuse_late``), and admits waiting requests,
+   earliest deadline first, up to ``max_running``, into the prefill line, which
+   is kept in earliest-deadline-first order too;
+3. prefills chunks of the prompts from the head of that line, packed into one
+   forward (services/inference/layered.py ``PackedForward``), under the step's
+   token budget (``max_batched_tokens``, vLLM's ``max_num_batched_tokens``):
+   each decoding sequence counts one token, the rest goes to prompt tokens, in
+   whole GEMM tiles (at least one per turn). Beside decoding streams a turn's
+   prefill also keeps to a time budget (``prefill_share`` decode steps): a
+   forward's decoder layers are spread over turns. A long prompt is thus
+   prefilled over many turns, so it never stalls the running streams for its
+   whole duration; with nothing decoding, the prompts in line go whole, packed
+   up to ``max_prefill_batch_tokens``. A prompt whose last chunk is done yields
+   its first token and joins the batch;
 4. runs ONE forward for all decoding sequences, one new token each.
 A request joins at any step and leaves when it is done, stopped or cancelled,
 while the others go on. Each keeps its own sampler, seed, stop sequences and
@@ -43,7 +47,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from meshkit.errors import ResourceExhausted, Unavailable
+from meshkit.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from services.inference import metrics
 from services.inference.cpu_features import read_cpu_features
 from services.inference.decode_step import DecodeStep, decode_step_for
@@ -52,12 +56,13 @@ from services.inference.generation_types import Delta, Finished, FinishReason, G
 from services.inference.kernel_checks import (
     PLACEMENT_NOTES,
     check_row_independence,
+    choose_min_tiles,
     choose_one_tile_parts,
     choose_tile_placement,
 )
 from services.inference.kernel_plan import KernelPlan, kernel_plan
 from services.inference.kv import INITIAL_CAPACITY, SlotKV
-from services.inference.layered import ChunkForward
+from services.inference.layered import ChunkForward, PackedForward
 from services.inference.precision import kernel_paths, model_precision
 from services.inference.prefix import NO_MATCH, PrefixCache
 from services.inference.sequence import Sequence
@@ -85,7 +90,10 @@ class EngineOptions:
     max_stop_chars: int = 64
     # A turn's token budget: one per decoding sequence, the rest for prompt tokens in
     # whole GEMM tiles (GEMM_TILE_ROWS), at least one tile; 0 prefills every prompt in one forward.
-    max_batched_tokens: int = 64
+    max_batched_tokens: int = 256
+    # With nothing decoding, the prompts in line are prefilled whole, packed into forwards of at most this
+    # many prompt tokens (a first prompt longer than that goes alone, in one forward).
+    max_prefill_batch_tokens: int = 512
     # Beside decoding streams, a turn's prefill runs at most this many decode steps' time: a chunk's
     # decoder layers are spread over turns to keep to it (at least one layer a turn); 0: no time limit.
     # Smaller keeps a running stream's gaps even, larger gets a long prompt its first token sooner; the
@@ -144,12 +152,16 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []  # admitted: being prefilled, waiting for it, or decoding
-        self._prefills: collections.deque[Job] = collections.deque()  # admitted, prompt not yet all in KV
+        self._prefills: list[Job] = []  # admitted, prompt not yet all in KV: the line, earliest deadline first
+        self._batch: _Batch | None = None  # the packed prefill forward under way (its jobs are in the line)
         self._closing = False
         self.worker_threads = 0
         # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
         self._step_s: float | None = None  # a decode step
         self._layer_s: float | None = None  # one decoder layer of one prefill GEMM tile
+        # Actual over estimated first-token time of recent requests (a moving average): the deadline estimate's
+        # correction, learnt from what the estimates missed (packed forwards cost less a tile than one alone).
+        self._estimate_bias = 1.0
         # False from an idle engine until its first decode step: the prompts admitted meanwhile
         # (a burst) stall nobody, so they are all prefilled whole before decoding starts.
         self._decoding_started = False
@@ -235,6 +247,7 @@ class Engine:
             while (admitted := self._next_round()) is not None:
                 self._drop_cancelled()
                 self._prefills.extend(job for job in admitted if not job.cancelled)
+                self._prefills.sort(key=_deadline_order)  # stable: first come first among equal deadlines
                 self._prefill_turn()
                 if self._kv.ready and (self._decoding_started or not self._prefills):
                     self._decode_step()
@@ -252,14 +265,88 @@ class Engine:
                     self._kv.shrink()  # idle that long: give a long prompt's memory back
             if self._closing:
                 return None
+            self._refuse_late()
             free = self._options.max_running - len(self._running)
-            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            admitted = sorted(self._waiting, key=_deadline_order)[:free]
+            for job in admitted:
+                self._waiting.remove(job)
             self._running += admitted
             return admitted
 
     def _drop_cancelled(self) -> None:
-        for job in [job for job in self._running if job.cancelled]:
+        in_flight = self._batch.jobs if self._batch is not None else ()  # retired once their forward is done
+        for job in [job for job in self._running if job.cancelled and job not in in_flight]:
             self._retire(job, job.finished(FinishReason.CANCELLED))
+
+    def _refuse_late(self) -> None:
+        """Refuses, before any compute is spent on it, each request (waiting for a row, or admitted but not
+        begun) whose first token cannot come by its deadline: the prefill ahead of it in earliest-deadline
+        order, and its own, at the measured cost of a tile (``_seconds_per_tile``), would end past it. Called
+        holding the lock."""
+        per_tile = self._seconds_per_tile()
+        if per_tile is None:
+            return  # nothing measured yet
+        now = time.monotonic()
+        ahead = 0.0  # tiles of prefill before the next request in line could have its first token
+        if self._batch is not None:
+            forward = self._batch.forward
+            ahead = forward.cost_tokens / GEMM_TILE_ROWS * (forward.layer_count - forward.layer) / forward.layer_count
+        line = [job for job in self._prefills if self._batch is None or job not in self._batch.jobs]
+        for job in line + sorted(self._waiting, key=_deadline_order):
+            prompt = len(job.request.prompt_token_ids)
+            own = -(-(prompt - (job.sequence.length if job.sequence else 0)) // GEMM_TILE_ROWS)
+            deadline = job.request.deadline
+            if job.sequence is None and deadline is not None:
+                needed_s = (ahead + own) * per_tile
+                if job.estimate is None:
+                    job.estimate = (now, needed_s)  # checked against its first token (``_learn_from``)
+                if now + needed_s * self._estimate_bias > deadline:
+                    self._refuse(job, now, needed_s * self._estimate_bias)
+                    continue
+            ahead += own
+
+    def _refuse(self, job: Job, now: float, needed_s: float) -> None:
+        waited_ms, left_ms = (now - job.submitted) * 1000, max(job.request.deadline - now, 0) * 1000
+        error = DeadlineExceeded(
+            f"the inference queue cannot give a first token by the deadline: {waited_ms:.0f} ms waited in the "
+            f"queue, about {needed_s * 1000:.0f} ms of prefill to go with {left_ms:.0f} ms left", hop="inference",
+            facts={"queue_wait_ms": f"{waited_ms:.0f}", "first_token_estimate_ms": f"{needed_s * 1000:.0f}"})
+        metrics.DEADLINE_REFUSALS.inc()
+        if job in self._waiting:
+            self._waiting.remove(job)
+            job.spans.finished(error)
+            job.deliver(error)
+        else:
+            self._retire(job, error, locked=True)
+
+    def _learn_from(self, job: Job) -> None:
+        """Moves the deadline estimate's correction towards what ``job``'s first token actually took against
+        what was estimated for it when it was first checked."""
+        if job.estimate is None:
+            return
+        checked, estimated_s = job.estimate
+        if estimated_s > 0:
+            ratio = min(max((time.monotonic() - checked) / estimated_s, 0.25), 2.0)
+            self._estimate_bias = _EMA * ratio + (1 - _EMA) * self._estimate_bias
+
+    def _seconds_per_tile(self) -> float | None:
+        """What one GEMM tile of prefill costs through every layer, in wall time: measured, and beside
+        decoding streams stretched by the share of each turn prefill gets."""
+        if self._layer_s is None:
+            return None
+        tile_s = self._layer_s * len(self.model.base_model.layers)
+        metrics.PREFILL_SECONDS_PER_TILE.set(tile_s)
+        share = self._share()
+        if self._stalls_anyone() and share and self._options.max_batched_tokens and self._step_s is not None:
+            tile_s *= (1 + share) / share  # a turn: a decode step and at most ``share`` steps of prefill
+        return tile_s
+
+    def _share(self) -> float:
+        """Beside decoding streams, how many decode steps' time a turn's prefill may take: ``prefill_share``,
+        times the prompts waiting for their first token per decoding stream where more wait than decode. A
+        burst arriving beside a few streams is then not held back to keep those few streams' gaps short:
+        the time prefill takes weighs the callers waiting for it against the callers it delays."""
+        return self._options.prefill_share * max(1.0, len(self._prefills) / max(self._kv.ready, 1))
 
     def _prefill_budget(self) -> int | None:
         """Prompt tokens this turn may still take beside the decoding rows; None: no limit."""
@@ -273,36 +360,56 @@ class Engine:
 
     def _prefill_turn(self) -> None:
         """Prefills from the head of the line within this turn's token budget and, beside decoding
-        streams, its time budget (at least one layer of one tile)."""
+        streams, its time budget (at least one layer of one tile): a packed forward of chunks of the
+        prompts in line, spread over turns if need be."""
         spent, started = 0, time.perf_counter()
         while self._prefills:
-            job = self._prefills[0]
-            budget = self._prefill_budget()
-            left = None if budget is None else budget - spent
+            if self._batch is None:
+                budget = self._prefill_budget()
+                self._batch = self._next_batch(None if budget is None else budget - spent, first=spent == 0)
+                if self._batch is None:
+                    return
+            batch = self._batch
+            layers = self._layers_this_turn(batch.forward, time.perf_counter() - started, first=spent == 0)
+            if layers == 0 or not self._advance(batch, layers):
+                return
+            spent += batch.forward.cost_tokens
+            if self._batch is not None or any(job in self._prefills for job in batch.jobs):
+                return  # the budget is spent in the middle of this forward or of a prompt
+
+    def _next_batch(self, left: int | None, first: bool) -> _Batch | None:
+        """The next packed forward: a chunk of each prompt from the head of the line while the ``left``
+        prompt tokens last (None: nothing decodes, so each prompt whole, while the forward stays within
+        ``max_prefill_batch_tokens``); one prompt at a time where the layers run through the model's own
+        forward. None when nothing fits."""
+        jobs, chunks = [], []
+        room = self._options.max_prefill_batch_tokens if left is None else left
+        for job in list(self._prefills):
+            if chunks and (room <= 0 or self._decode is None):
+                break
             if job.sequence is None and not self._begin(job):
                 continue  # failed and retired
-            total = len(job.request.prompt_token_ids)
-            if job.chunk is None:
-                start = job.sequence.length
-                end = chunk_end(start, total, left, first=spent == 0, placement=self.kernels.placement)
-                if end <= start:
-                    return
-                job.chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end,
-                                         unwrapped=self._decode is not None)
-            chunk = job.chunk
-            layers = self._layers_this_turn(chunk, time.perf_counter() - started, first=spent == 0)
-            if layers == 0 or not self._advance(job, layers):
-                return
-            spent += chunk.cost_tokens
-            if job.chunk is not None or job.sequence.length < total:
-                return  # the budget is spent in the middle of this chunk or this prompt
+            start, total = job.sequence.length, len(job.request.prompt_token_ids)
+            budget = left if not chunks else room
+            end = chunk_end(start, total, budget, first=first and not chunks, placement=self.kernels.placement)
+            if end <= start or (chunks and left is None and end < total):
+                break  # nothing of it fits (with nothing decoding, later prompts go whole or wait)
+            chunk = ChunkForward(self.model, self._kv, job.request.prompt_token_ids, start, end,
+                                 unwrapped=self._decode is not None)
+            jobs.append(job)
+            chunks.append(chunk)
+            room -= chunk.cost_tokens
+        if not chunks:
+            return None
+        metrics.PREFILL_BATCH_PROMPTS.observe(len(chunks))
+        return _Batch(jobs, PackedForward(self.model, self._kv, chunks))
 
-    def _layers_this_turn(self, chunk: ChunkForward, elapsed_s: float, first: bool) -> int:
+    def _layers_this_turn(self, chunk: PackedForward, elapsed_s: float, first: bool) -> int:
         """The chunk's layers that fit in what is left of this turn's prefill time: beside decoding
-        streams, ``prefill_share`` times a decode step (both as recently measured); all of them with
+        streams, ``_share()`` times a decode step (both as recently measured); all of them with
         nothing decoding, a share of 0 or chunking off. At least one for the turn's first piece of work."""
         remaining = chunk.layer_count - chunk.layer
-        share = self._options.prefill_share
+        share = self._share()
         if not self._stalls_anyone() or not share or not self._options.max_batched_tokens:
             return remaining  # nothing to stall, no time limit, or no chunking at all
         if self._layer_s is None or self._step_s is None:
@@ -329,43 +436,50 @@ class Engine:
             return False
         return True
 
-    def _advance(self, job: Job, layers: int) -> bool:
-        """Runs ``layers`` more layers of the job's chunk (services/inference/layered.py). A chunk
-        done moves the prompt on; the prompt's last one also makes the first token and moves the
-        job into the decoding batch. False if it failed.
+    def _advance(self, batch: _Batch, layers: int) -> bool:
+        """Runs ``layers`` more layers of the batch's packed forward (services/inference/layered.py). Once it
+        is done, each chunk moves its prompt on; a prompt's last one also makes its first token and moves
+        the job into the decoding batch. False if it failed.
 
         In a prefill (``KernelPlan.prefill``) every layer takes the float32 GEMM and attention in
         fixed tiles (services/inference/tiles.py), so a row's bits do not depend on how
-        many rows there are: the tail after a reused prefix, or a chunk, comes out as it
-        would in a cold prefill of the whole prompt, and neither the prefix cache nor
-        chunking ever changes a greedy answer.
+        many rows there are: the tail after a reused prefix, or a chunk, alone or packed with
+        others, comes out as it would in a cold prefill of the whole prompt, and neither the
+        prefix cache, nor chunking, nor other prompts ever change a greedy answer.
         """
-        sequence, chunk = job.sequence, job.chunk
+        forward = batch.forward
+        texts = []
         try:
             started = time.perf_counter()
-            logits = chunk.run(self._kv.row_of(job), layers)
-            per_layer = (time.perf_counter() - started) / layers * GEMM_TILE_ROWS / chunk.cost_tokens
+            logits = forward.run([self._kv.row_of(job) for job in batch.jobs], layers)
+            per_layer = (time.perf_counter() - started) / layers * GEMM_TILE_ROWS / forward.cost_tokens
             self._layer_s = per_layer if self._layer_s is None else _EMA * per_layer + (1 - _EMA) * self._layer_s
-            if not chunk.done:
+            if not forward.done:
                 return True
-            job.chunk = None
-            metrics.PREFILL_TOKENS.inc(chunk.end - chunk.start)
-            sequence.length = chunk.end
-            if chunk.end < chunk.total:
-                return True
-            self._prefills.popleft()
-            self._kv.mark_ready(job)
-            if job.prefix_keys:
-                row = self._kv.row_of(job)
-                self._prefix.remember(job.prefix_keys, job.prefix_known,
-                                      lambda first, last: self._kv.read(row, first, last))
-            text = sequence.accept(logits[0].float().cpu())
+            self._batch = None
+            for job, chunk, last in zip(batch.jobs, forward.chunks, logits):
+                metrics.PREFILL_TOKENS.inc(chunk.end - chunk.start)
+                job.sequence.length = chunk.end
+                if chunk.end < chunk.total:
+                    continue
+                self._prefills.remove(job)
+                self._kv.mark_ready(job)
+                if job.prefix_keys:
+                    row = self._kv.row_of(job)
+                    self._prefix.remember(job.prefix_keys, job.prefix_known,
+                                          lambda first, last, row=row: self._kv.read(row, first, last))
+                texts.append((job, job.sequence.accept(last[0].float().cpu())))
+                self._learn_from(job)
         except Exception as error:
-            # The worker thread has no request context: the line names its request itself.
-            log.exception("prefill failed", extra={"request_id": job.request.request_id})
-            self._retire(job, error)
+            self._batch = None
+            for job in batch.jobs:
+                # The worker thread has no request context: the line names its request itself.
+                log.exception("prefill failed", extra={"request_id": job.request.request_id})
+                if job in self._running:
+                    self._retire(job, error)
             return False
-        self._emit(job, text)
+        for job, text in texts:
+            self._emit(job, text)
         return True
 
     def _decode_step(self) -> None:
@@ -414,13 +528,17 @@ class Engine:
         if sequence.finish_reason is not None:
             self._retire(job, job.finished(sequence.finish_reason))
 
-    def _retire(self, job: Job, last: Finished | BaseException) -> None:
+    def _retire(self, job: Job, last: Finished | BaseException, locked: bool = False) -> None:
+        """Ends ``job`` with ``last``; ``locked``: the caller holds the lock."""
         if job in self._kv.owners:
             self._kv.free(job)
         if job in self._prefills:
             self._prefills.remove(job)
-        with self._lock:
+        if locked:
             self._running.remove(job)
+        else:
+            with self._lock:
+                self._running.remove(job)
         job.spans.finished(last)
         job.deliver(last)
 
@@ -430,10 +548,22 @@ class Engine:
             self._waiting.clear()
             self._running.clear()
         self._prefills.clear()
+        self._batch = None
         for job in jobs:
             error = Unavailable("the inference engine shut down")
             job.spans.finished(error)
             job.deliver(error)
+
+
+class _Batch(NamedTuple):
+    """A packed prefill forward and the jobs whose chunks it runs, in the same order."""
+    jobs: list[Job]
+    forward: PackedForward
+
+
+def _deadline_order(job: Job) -> float:
+    """Earliest deadline first; a request without one after every one with one."""
+    return job.request.deadline if job.request.deadline is not None else float("inf")
 
 
 def chunk_end(start: int, total: int, budget: int | None, first: bool, placement: str) -> int:
@@ -459,10 +589,12 @@ def _check_kernels(model: PreTrainedModel, options: EngineOptions) -> None:
     torch.set_num_threads(options.threads)  # as the worker will run (this is the worker)
     check_row_independence(model, options.max_running, features)
     plan = kernel_plan(model)
+    plan.min_tiles = choose_min_tiles(model)
     placement = plan.placement = choose_tile_placement(model)
     parts = plan.one_tile_parts = choose_one_tile_parts(model, torch.get_num_threads())
-    log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s", features.summary(),
-             kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "")
+    log.info("CPU %s; kernels: %s; prefill tiles: %s; a one-tile prefill GEMM in %d part%s%s", features.summary(),
+             kernel_paths(model), PLACEMENT_NOTES[placement], parts, "s" if parts > 1 else "",
+             "" if plan.min_tiles == 1 else ", else beside a zero tile (one tile alone rounds otherwise here)")
 
 
 def _kernels_name(model: PreTrainedModel, kv_dtype: torch.dtype) -> str:

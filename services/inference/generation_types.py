@@ -24,6 +24,9 @@ class GenerationRequest:
     sampling: Sampling = field(default_factory=Sampling)
     request_id: str = ""
     tenant: str = ""  # whose prompt: prefix KV is never shared across tenants
+    # When the caller stops waiting (time.monotonic()); None: never. Waiting prefills go earliest deadline
+    # first, and one whose first token cannot come by it is refused before any compute.
+    deadline: float | None = None
     # The caller's trace context: the engine's spans are its children. None = not traced.
     trace_context: Context | None = field(default=None, compare=False, repr=False)
 

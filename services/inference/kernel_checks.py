@@ -136,10 +136,31 @@ def _attention_shapes(model: nn.Module) -> tuple[int, int, int, torch.dtype] | N
     return config.num_attention_heads, config.num_key_value_heads, head_dim, dtype
 
 
+def choose_min_tiles(model: nn.Module) -> int:
+    """1 where every prefill GEMM shape of ``model`` gives a tile multiplied alone the very bits of the same
+    tile multiplied among several on this CPU, else 2 (one tile then goes with a zero tile: the library may
+    split a batch of one along the inner dimension, and round otherwise)."""
+    generator = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        for layer in layers_by_shape(model):
+            if not layer.tiled_prefill:
+                continue
+            tiles = torch.randn(2, GEMM_TILE_ROWS, layer.in_features, generator=generator)
+            weight = layer.weight_float32.t()
+            if not torch.equal(torch.bmm(tiles[:1], weight[None])[0], _among_several(tiles, weight)):
+                return 2
+    return 1
+
+
+def _among_several(tiles: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """The first of ``tiles`` multiplied in one batch with the others: what a tile gets in a prefill of several."""
+    return torch.bmm(tiles, weight_t.expand(tiles.shape[0], *weight_t.shape))[0]
+
+
 def choose_one_tile_parts(model: nn.Module, threads: int) -> int:
     """``threads`` where every prefill GEMM shape of ``model`` gives a one-tile multiply split in that
-    many parts the very bits of the whole multiply on this CPU (and there are 2 threads or more), else 1.
-    Prefill GEMM tiles only: the float32 decode tile and the output layer are never split."""
+    many parts the very bits of the tile multiplied among several on this CPU (and there are 2 threads or
+    more), else 1. Prefill GEMM tiles only: the float32 decode tile and the output layer are never split."""
     if threads < 2:
         return 1
     generator = torch.Generator().manual_seed(3)
@@ -147,8 +168,8 @@ def choose_one_tile_parts(model: nn.Module, threads: int) -> int:
         for layer in layers_by_shape(model):
             if not layer.tiled_prefill or layer.out_features % threads:
                 continue
-            tile = torch.randn(GEMM_TILE_ROWS, layer.in_features, generator=generator)
-            whole = torch.bmm(tile[None], layer.weight_float32.t()[None])[0]
-            if not torch.equal(one_tile_in_parts(tile, layer.weight_float32, threads), whole):
+            tiles = torch.randn(2, GEMM_TILE_ROWS, layer.in_features, generator=generator)
+            whole = _among_several(tiles, layer.weight_float32.t())
+            if not torch.equal(one_tile_in_parts(tiles[0], layer.weight_float32, threads), whole):
                 return 1
     return threads

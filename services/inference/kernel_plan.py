@@ -26,12 +26,17 @@ ATTRIBUTE = "kernel_plan"  # the plan's name on the model and on its attention m
 class KernelPlan:
     """A model's kernel settings and the phase of the forward running through it."""
 
-    def __init__(self, placement: str = BY_POSITION, one_tile_parts: int = 1, gemm_rows: int = MAX_DECODE_ROWS + 1):
+    def __init__(self, placement: str = BY_POSITION, one_tile_parts: int = 1, gemm_rows: int = MAX_DECODE_ROWS + 1,
+                 min_tiles: int = 2):
         # Where prefill rows go in their tiles (services/inference/tiles.py); by position until the
         # engine has checked this CPU.
         self.placement = check_placement(placement)
         # A one-tile prefill GEMM in this many multiplies (services/inference/tiled_gemm.py).
         self.one_tile_parts = one_tile_parts
+        # A prefill GEMM of fewer tiles runs with zero tiles added up to this many: on some CPUs a batched
+        # multiply of one tile rounds unlike the same tile among several (services/inference/tiled_gemm.py).
+        # 2 until the engine has checked this CPU (kernel_checks.choose_min_tiles).
+        self.min_tiles = min_tiles
         # A forward of this many rows or more takes the float32 GEMM even outside a prefill (a test sets
         # it out of reach to measure the decode kernels).
         self.gemm_rows = gemm_rows
@@ -39,7 +44,7 @@ class KernelPlan:
 
     def __repr__(self) -> str:
         return (f"KernelPlan(placement={self.placement!r}, one_tile_parts={self.one_tile_parts}, "
-                f"gemm_rows={self.gemm_rows}, prefill_start={self._prefill_start})")
+                f"gemm_rows={self.gemm_rows}, min_tiles={self.min_tiles}, prefill_start={self._prefill_start})")
 
     @property
     def prefilling(self) -> bool:

@@ -9,12 +9,14 @@ where row ``r`` holds one sequence's tokens in columns ``0 .. length - 1``. Rows
 stay packed (``0 .. used - 1``), so a decode step reads plain views and copies
 no KV: each row writes its new token at its own column and the attention mask
 hides every row's columns past its own length. The decoding rows come first
-(``0 .. ready - 1``); at most one row after them is still being prefilled, chunk
-by chunk, and joins the decoding rows with ``mark_ready``. A forward is one of
+(``0 .. ready - 1``); the rows after them are still being prefilled, chunk by
+chunk, and each joins the decoding rows with ``mark_ready``. A forward is one of
 
 - ``prefill(row, start, n, total)``: ``n`` prompt tokens of one row, after
   ``start`` tokens already in place (a reused prefix, or earlier chunks), of a
   prompt of ``total`` tokens;
+- ``prefill_packed(segments)``: several such prompt chunks, each of its own row,
+  in one forward (services/inference/layered.py ``PackedForward``);
 - ``decode(lengths)``: one new token for each of the rows ``0 .. B - 1``.
 
 The model is called with our 4-D boolean masks, one per layer type (full or
@@ -28,6 +30,8 @@ any layer type needs, at the price of memory the window would not need. Freeing 
 sequences must ask ``row_of`` after each ``free``.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from transformers import PretrainedConfig
@@ -64,7 +68,7 @@ class SlotKV:
         self._values = torch.empty(0)
         self._owners: list[object] = []  # row -> its sequence
         self.ready = 0  # rows 0 .. ready - 1 decode; a row after them is being prefilled
-        self._forward: _Prefill | _Decode | None = None
+        self._forward: _Prefill | _Packed | _Decode | None = None
 
     # -- rows ---------------------------------------------------------------
 
@@ -89,23 +93,24 @@ class SlotKV:
             self.capacity = 0
 
     def allocate(self, owner: object) -> int:
-        """A row for a sequence about to be prefilled (one at a time: the previous one must be ready)."""
+        """A row for a sequence about to be prefilled, after the decoding rows and those being prefilled."""
         if self.used >= self.rows:
             raise RuntimeError("no free KV row")  # the engine admits at most `rows` sequences
-        if self.used > self.ready:
-            raise RuntimeError("another row is still being prefilled")
         self._owners.append(owner)
         return self.used - 1
 
     def mark_ready(self, owner: object) -> None:
-        """``owner``'s prompt is all in its row: from the next step it decodes with the others."""
-        if self.row_of(owner) != self.ready:
-            raise RuntimeError("only the row being prefilled can become ready")
+        """``owner``'s prompt is all in its row: from the next step it decodes with the others. Its row
+        trades places with the first row being prefilled, so the decoding rows stay ``0 .. ready - 1``."""
+        row = self.row_of(owner)
+        if row < self.ready:
+            raise RuntimeError("that row already decodes")
+        self._swap(row, self.ready)
         self.ready += 1
 
     def free(self, owner: object) -> None:
-        """Releases ``owner``'s row. A decoding row takes the last decoding row's place and a row
-        being prefilled moves down behind it, so both groups stay packed (their KV moves too)."""
+        """Releases ``owner``'s row. The last decoding row takes a decoding row's place and the last row
+        fills the hole this leaves, so both groups stay packed (their KV moves too)."""
         row = self._owners.index(owner)
         if row < self.ready:
             self.ready -= 1
@@ -113,6 +118,15 @@ class SlotKV:
             row = self.ready
         self._move(self.used - 1, row)  # ... and the row being prefilled, if any, the one it left
         self._owners.pop()
+
+    def _swap(self, one: int, other: int) -> None:
+        if one != other:
+            if self.capacity:
+                for buffers in (self._keys, self._values):
+                    held = buffers[:, one].clone()
+                    buffers[:, one] = buffers[:, other]
+                    buffers[:, other] = held
+            self._owners[one], self._owners[other] = self._owners[other], self._owners[one]
 
     def _move(self, source: int, target: int) -> None:
         if source != target:
@@ -177,6 +191,25 @@ class SlotKV:
         masks = self._masks(positions, width)  # (count, width) each
         return positions.unsqueeze(0), {kind: mask[None, None] for kind, mask in masks.items()}
 
+    def prefill_packed(self, chunks: list[PackedChunk], rows: int
+                       ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Sets up one forward of several prompts' chunks, each at ``first .. first + count - 1`` of ``rows``
+        packed rows (the rows between them are padding, never written to the KV); returns (position_ids
+        (1, rows), padding at 0) and each chunk's masks as ``prefill`` gives them."""
+        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        masks = []
+        for chunk in chunks:
+            chunk_positions, chunk_masks = self.prefill(chunk.row, chunk.start, chunk.count, chunk.total)
+            positions[chunk.first : chunk.first + chunk.count] = chunk_positions[0]
+            masks.append(chunk_masks)
+        self._forward = _Packed(tuple(chunks))
+        return positions.unsqueeze(0), masks
+
+    def row_kv(self, layer: int, row: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row's keys and values of one layer, (1, kv_heads, width, head_dim) each: what a chunk of a
+        packed prefill attends over."""
+        return self._keys[layer, row : row + 1, :, :width], self._values[layer, row : row + 1, :, :width]
+
     def decode(self, lengths: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sets up one token for each of rows ``0 .. len(lengths) - 1``, where row ``r`` holds ``lengths[r]``;
         returns (position_ids, masks): a 4-D boolean mask (B, 1, 1, width) for each layer type."""
@@ -200,6 +233,12 @@ class SlotKV:
         """Called by each attention layer with the new tokens' (B, kv_heads, n, head_dim)."""
         all_keys, all_values = self._keys[layer_idx], self._values[layer_idx]
         forward = self._forward
+        if isinstance(forward, _Packed):  # each chunk's rows to its own row; attention reads them with row_kv
+            for chunk in forward.chunks:
+                rows = slice(chunk.first, chunk.first + chunk.count)
+                all_keys[chunk.row, :, chunk.start : chunk.start + chunk.count] = keys[0, :, rows]
+                all_values[chunk.row, :, chunk.start : chunk.start + chunk.count] = values[0, :, rows]
+            return keys, values
         if isinstance(forward, _Prefill):
             row, start, end = forward.row, forward.start, forward.start + forward.count
             all_keys[row, :, start:end] = keys[0]
@@ -219,6 +258,23 @@ class _Prefill:
 
     def __init__(self, row: int, start: int, count: int, width: int):
         self.row, self.start, self.count, self.width = row, start, count, width
+
+
+class PackedChunk(NamedTuple):
+    """One prompt's chunk in a packed prefill: tokens ``start .. start + count - 1`` of a ``total``-token
+    prompt, going to KV row ``row``, at packed rows ``first ..``."""
+    row: int
+    start: int
+    count: int
+    total: int
+    first: int
+
+
+class _Packed:
+    __slots__ = ("chunks",)
+
+    def __init__(self, chunks: tuple[PackedChunk, ...]):
+        self.chunks = chunks
 
 
 class _Decode:

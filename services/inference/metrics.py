@@ -101,3 +101,14 @@ PREFIX_LOOKUPS = Counter(
 )
 PREFIX_TOKENS_REUSED = Counter(
     "nlpmesh_inference_prefix_tokens_reused_total", "Prompt tokens whose prefill was skipped, by tier.", ["tier"])
+PREFILL_BATCH_PROMPTS = Histogram(
+    "nlpmesh_inference_prefill_batch_prompts", "Prompts whose chunks went through each packed prefill forward.",
+    buckets=(1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32),
+)
+DEADLINE_REFUSALS = Counter(
+    "nlpmesh_inference_deadline_refusals_total",
+    "Requests refused before any compute: their first token could not come by their deadline.")
+PREFILL_SECONDS_PER_TILE = Gauge(
+    "nlpmesh_inference_prefill_seconds_per_tile",
+    "The measured cost of one prefill GEMM tile through every layer (a moving average), which deadline "
+    "refusals estimate from.")

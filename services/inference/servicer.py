@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 
@@ -56,7 +57,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = self._serving(request.model)
         log.debug("generation requested: %d prompt tokens", len(request.prompt_token_ids))
         try:
-            stream = engine.submit(_generation_request_from_pb(request, request_id_from(context.invocation_metadata())))
+            stream = engine.submit(_generation_request_from_pb(request, request_id_from(context.invocation_metadata()),
+                                                               context.time_remaining()))
         finally:  # a refusal (queue full) reports the load too
             context.set_trailing_metadata(self._load_report(engine))
         await context.send_initial_metadata(self._load_report(engine))
@@ -94,13 +96,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return self.engine
 
 
-def _generation_request_from_pb(request: inference_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
+def _generation_request_from_pb(request: inference_pb2.GenerateRequest, request_id: str,
+                                time_remaining_s: float | None) -> GenerationRequest:
+    """``time_remaining_s``: the call's deadline as gRPC gives it (None: the caller set none)."""
     return GenerationRequest(
         prompt_token_ids=list(request.prompt_token_ids),
         sampling=Sampling.from_pb(request.sampling),
         request_id=request_id,
         tenant=request.tenant,
         trace_context=_trace_context(),
+        deadline=None if time_remaining_s is None else time.monotonic() + time_remaining_s,
     )
 
 

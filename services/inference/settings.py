@@ -36,6 +36,9 @@ class InferenceSettings(ServiceSettings, service="inference"):
     # decoding sequence and the rest for prompt tokens, in whole 32-token tiles, at least one
     # a turn; 0 prefills every prompt in one forward, stalling the running streams meanwhile.
     max_batched_tokens: int = Field(default=_ENGINE.max_batched_tokens, ge=0, le=65536)
+    # With nothing decoding, the prompts in line are prefilled whole, packed into forwards of at most
+    # this many prompt tokens (a first prompt longer than that goes alone, in one forward).
+    max_prefill_batch_tokens: int = Field(default=_ENGINE.max_prefill_batch_tokens, ge=32, le=65536)
     # Beside decoding streams, a turn's prefill takes at most this many decode steps' time (a
     # chunk's layers spread over turns, one layer at least); 0: whole chunks, no time limit.
     prefill_share: float = Field(default=_ENGINE.prefill_share, ge=0, le=100)

@@ -7,6 +7,7 @@ the GenerationStream reads.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
@@ -62,6 +63,9 @@ class Job:
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, spans=NO_SPANS):
         self.request = request
+        self.submitted = time.monotonic()  # for the queue wait a refusal reports
+        # (when, seconds to its first token) as the engine first estimated it, against its deadline (worker thread)
+        self.estimate: tuple[float, float] | None = None
         self.spans = spans  # services.inference.spans: queue wait, prefill, decode
         self.queue: asyncio.Queue[Delta | Finished | BaseException] = asyncio.Queue()
         self.cancelled = False

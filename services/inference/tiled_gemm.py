@@ -25,12 +25,17 @@ from services.inference.tiles import tile_count
 
 
 def tiled_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_rows: int, offset: int,
-               parts: int = 1) -> torch.Tensor:
+               parts: int = 1, min_tiles: int = 1) -> torch.Tensor:
     """``x @ weight.T + bias`` in float32, (rows, in) -> (rows, out), as one batched multiply of
     ``tile_rows``-row tiles, the first row at row ``offset`` of the first tile; a single tile in ``parts``
-    multiplies of a share of the outputs each."""
+    multiplies of a share of the outputs each, or with zero tiles added up to ``min_tiles`` (where one tile
+    alone rounds unlike a tile among several: ``kernel_checks.choose_min_tiles``)."""
     rows, columns = x.shape
     tiles = tile_count(offset, rows, tile_rows)
+    if tiles == 1 and parts > 1 and weight.shape[0] % parts == 0:
+        pass  # split in parts, checked at start to give the bits of a tile among several
+    elif tiles < min_tiles:
+        tiles = min_tiles
     if offset == 0 and rows == tiles * tile_rows:  # whole tiles: nothing to pad
         padded = x.to(torch.float32)
     else:

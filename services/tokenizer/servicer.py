@@ -103,16 +103,18 @@ def served_models(settings: TokenizerSettings) -> list[str]:
     if settings.models.strip():
         return [model.strip() for model in settings.models.split(",") if model.strip()]
     catalogue = load_catalogue()
-    converted = [model for model in catalogue.ids if converted_revision(settings.home, model) is not None]
+    converted = [model.id for model in catalogue.models
+                 if converted_revision(settings.home, model.files_id) is not None]
     return converted or [catalogue.ids[0]]  # none converted: the default's load says how to convert it
 
 
 def build_spec(settings: TokenizerSettings) -> ServiceSpec:
     def load() -> list[ChatTokenizer]:
-        tokenizers = []
+        tokenizers, catalogue = [], load_catalogue()
         for model in served_models(settings):
-            files = load_model_files(settings.home, model)
-            tokenizers.append(ChatTokenizer.from_folder(files.path, files.model_id, settings.limits))
+            # An external engine's entry shares a built-in entry's files (its files_id).
+            files = load_model_files(settings.home, catalogue.get(model).files_id if model in catalogue.ids else model)
+            tokenizers.append(ChatTokenizer.from_folder(files.path, model, settings.limits))
         return tokenizers
 
     servicer = TokenizerServicer(load)

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import grpc
 import psutil
@@ -236,3 +237,42 @@ def test_inference_yields_the_cores_to_the_latency_bound_services(mesh):
     nice = {name: psutil.Process(process.pid).nice() for name, process in mesh.processes.items()}
     assert nice["inference"] == nice["gateway"] + 5
     assert nice["template"] == nice["tokenizer"] == nice["cache"] == nice["gateway"]
+
+
+def test_a_request_whose_first_token_cannot_come_by_its_deadline_is_refused_by_the_engine_before_its_prefill(
+        mesh, gateway):
+    # A stream decodes; a 1,000-token prompt with 400 ms left cannot have its first token in time: the engine
+    # refuses it at once, naming the inference hop and its queue wait, and spends no prefill on it.
+    def refusals_and_prefill_tokens() -> tuple[float, float]:
+        text = urllib.request.urlopen(mesh.metrics_url("inference"), timeout=5).read().decode()
+        values = {sample.name: sample.value for family in text_string_to_metric_families(text)
+                  for sample in family.samples}
+        return (values.get("nlpmesh_inference_deadline_refusals_total", 0.0),
+                values.get("nlpmesh_inference_prefill_tokens_total", 0.0))
+
+    words = (Path(__file__).parents[1] / "data" / "perplexity.txt").read_text().split()  # about 1,000 tokens
+    long_prompt = unique(" ".join(words[:800]))
+    running = gateway.GenerateStream(chat_request(unique("Write a long essay about rivers."), max_new_tokens=200),
+                                     timeout=120)
+    next(iter(running))  # decoding now
+    try:
+        refused_before, prefilled_before = refusals_and_prefill_tokens()
+        with pytest.raises(grpc.RpcError) as caught:
+            request = chat_request(long_prompt, max_new_tokens=8)
+            request.budget_ms = 400
+            gateway.Generate(request, timeout=30)
+        refused_after, prefilled_after = refusals_and_prefill_tokens()
+    finally:
+        running.cancel()
+    error = caught.value
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    infos = []
+    for detail in rpc_status.from_call(error).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            infos.append(info)
+    assert infos and all(info.metadata["hop"] == "inference" for info in infos)
+    assert any("queue_wait_ms" in info.metadata for info in infos)  # the engine's own refusal, relayed
+    assert "waited in the queue" in error.details()
+    assert refused_after == refused_before + 1
+    assert prefilled_after - prefilled_before < 900  # the running stream's tokens only, none of the long prompt's

@@ -196,12 +196,12 @@ def test_a_long_prompt_chunked_beside_a_running_stream_gives_the_greedy_answer_o
     chunks = []
     # a fifth of a decode step's time a turn: each chunk's layers spread over several turns, even where the
     # output layer makes the decode step long (Gemma's 262k-token vocabulary in float32)
-    chunking = start_engine(model, tokenizer, EngineOptions(prefill_share=0.2))
+    chunking = start_engine(model, tokenizer, EngineOptions(prefill_share=0.2, max_batched_tokens=64))
     advance = chunking._advance
 
-    def recording(job, layers):
-        chunks.append((job.chunk.total, job.chunk.start, job.chunk.end, layers))
-        return advance(job, layers)
+    def recording(batch, layers):
+        chunks.extend((chunk.total, chunk.start, chunk.end, layers) for chunk in batch.forward.chunks)
+        return advance(batch, layers)
 
     chunking._advance = recording
     try:

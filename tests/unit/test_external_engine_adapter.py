@@ -1,0 +1,206 @@
+"""The external-engine adapter's mapping (services/inference/external): the /v1/completions request it sends, the
+streamed answer it reads, the engine's errors as gRPC statuses without the engine's text, replica choice, and
+the engine's load from its /metrics. The engine here is an in-process httpx transport; the real one
+(llama.cpp's server) is in tests/e2e/test_external_engine.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from google.rpc import error_details_pb2
+
+from meshkit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from meshkit.sampling import Sampling
+from modelfiles.catalogue import ExternalEngine
+from services.inference.external.engine import (
+    ENGINE_HOP,
+    EngineClient,
+    EngineUnavailable,
+    completion_body,
+    error_for_status,
+    unhonoured,
+)
+from services.inference.external.load import requests_held
+from services.inference.generation_types import Delta, Finished, FinishReason
+
+SECRET_PROMPT = "my card number is 4111"
+
+
+def engine(*urls: str, **fields) -> ExternalEngine:
+    return ExternalEngine("openai", urls or ("http://a:1",), "served", **fields)
+
+
+def client_for(handler, external: ExternalEngine | None = None) -> EngineClient:
+    return EngineClient(external or engine(), connect_timeout_s=1, read_timeout_s=1, replica_down_s=60,
+                        max_connections=4, retry_after_s=2.0, transport=httpx.MockTransport(handler))
+
+
+def sse(*chunks: dict | str) -> bytes:
+    return "".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n" for c in chunks).encode()
+
+
+def run(client: EngineClient, body: dict | None = None, ids=(1, 2, 3)) -> list:
+    async def collect():
+        try:
+            return [item async for item in client.generate(body or {"stop": []}, list(ids))]
+        finally:
+            await client.close()
+    return asyncio.run(collect())
+
+
+def test_the_request_carries_token_ids_and_every_sampling_field_set():
+    body = completion_body("served", [5, 6], Sampling(max_new_tokens=9, temperature=0.5, top_p=0.9, top_k=7,
+                                                      seed=11, stop=("##",)))
+    assert body == {"model": "served", "prompt": [5, 6], "stream": True, "max_tokens": 9, "temperature": 0.5,
+                    "top_p": 0.9, "top_k": 7, "seed": 11, "stop": ["##"], "stream_options": {"include_usage": True}}
+    greedy = completion_body("served", "text", Sampling(max_new_tokens=4))
+    assert "top_k" not in greedy and "seed" not in greedy and "stop" not in greedy
+    assert (greedy["temperature"], greedy["top_p"]) == (0.0, 1.0)
+
+
+def test_fields_the_engine_cannot_honour_are_named_and_unset_ones_pass():
+    honoured = ("max_new_tokens", "temperature", "top_p", "stop")
+    found = unhonoured(Sampling(top_k=5, seed=1, temperature=0.3), honoured)
+    assert [v.field for v in found] == ["sampling.top_k", "sampling.seed"]
+    assert unhonoured(Sampling(temperature=0.3, max_new_tokens=5), honoured) == []
+
+
+def test_a_stream_becomes_deltas_then_finished_with_the_engines_usage():
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url == "http://a:1/v1/completions"
+        assert json.loads(request.content) == {"stop": []}  # the body as given
+        return httpx.Response(200, content=b": ping\n\n" + sse(
+            {"choices": [{"text": "Hel", "finish_reason": None}]},
+            {"choices": [{"text": "lo", "finish_reason": None}]},
+            {"choices": [{"text": "", "finish_reason": "length"}]},
+            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}, "[DONE]"))
+    assert run(client_for(handler)) == [Delta("Hel"), Delta("lo"), Finished(FinishReason.LENGTH, 3, 2)]
+
+
+def test_a_stop_sequence_the_engine_names_is_a_stop_sequence_finish():
+    def handler(request):
+        return httpx.Response(200, content=sse(
+            {"choices": [{"text": "a", "finish_reason": "stop", "stop_reason": "##"}]}, "[DONE]"))
+    assert run(client_for(handler), {"stop": ["##"]})[-1] == Finished(FinishReason.STOP_SEQUENCE, 3, 1)
+
+
+@pytest.mark.parametrize("body", [sse({"choices": [{"text": "a", "finish_reason": None}]}),  # no finish
+                                  sse({"error": {"message": SECRET_PROMPT}}),
+                                  b"data: {not json\n\n"])
+def test_a_broken_or_failing_stream_is_unavailable_without_the_engines_text(body):
+    with pytest.raises(Unavailable) as failed:
+        run(client_for(lambda request: httpx.Response(200, content=body)))
+    assert SECRET_PROMPT not in failed.value.message
+
+
+def test_429_is_resource_exhausted_with_retry_info_from_retry_after_and_no_engine_text():
+    def handler(request):
+        return httpx.Response(429, headers={"Retry-After": "7"}, json={"error": SECRET_PROMPT})
+    with pytest.raises(ResourceExhausted) as refused:
+        run(client_for(handler))
+    assert refused.value.retry_after_s == 7.0 and SECRET_PROMPT not in refused.value.message
+    assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in refused.value.details())
+
+
+@pytest.mark.parametrize(("status", "retry_after", "kind", "retry_s"), [
+    (429, None, ResourceExhausted, 2.0), (429, "soon", ResourceExhausted, 2.0),
+    (503, "3", EngineUnavailable, 3.0), (400, None, InvalidArgument, None), (422, None, InvalidArgument, None),
+    (504, None, DeadlineExceeded, None), (401, None, Unavailable, None), (500, None, Unavailable, None),
+])
+def test_each_http_status_maps_to_its_grpc_error(status, retry_after, kind, retry_s):
+    error = error_for_status(status, retry_after, 2.0)
+    assert type(error) is kind and f"HTTP {status}" in error.message
+    assert getattr(error, "retry_after_s", None) == retry_s
+    if kind is DeadlineExceeded:
+        assert error.hop == ENGINE_HOP
+    if kind is EngineUnavailable:
+        assert error.details()[0].Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+
+
+def test_a_silent_engine_is_deadline_exceeded_naming_the_engine_hop():
+    def handler(request):
+        raise httpx.ReadTimeout("slow", request=request)
+    with pytest.raises(DeadlineExceeded) as late:
+        run(client_for(handler))
+    assert late.value.hop == ENGINE_HOP
+
+
+def test_a_full_connection_pool_is_resource_exhausted_and_the_replica_stays_up():
+    def handler(request):
+        raise httpx.PoolTimeout("busy", request=request)
+    client = client_for(handler, engine("http://a:1", "http://b:1"))
+    order = client.order([1, 2, 3])
+    with pytest.raises(ResourceExhausted) as refused:
+        run(client)
+    assert refused.value.retry_after_s == 2.0 and client.order([1, 2, 3]) == order
+
+
+def test_an_unreachable_replica_is_skipped_for_the_next_and_all_unreachable_is_unavailable():
+    tried = []
+
+    def handler(request):
+        tried.append(str(request.url.host))
+        if request.url.host == "a":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, content=sse({"choices": [{"text": "x", "finish_reason": "stop"}]}, "[DONE]"))
+    client = client_for(handler, engine("http://a:1", "http://b:1"))
+    order = client.order([1, 2, 3])
+    assert run(client)[-1].finish_reason == FinishReason.STOP
+    assert tried == (["a", "b"] if order[0] == "http://a:1" else ["b"])
+
+    def down(request):
+        raise httpx.ConnectError("refused", request=request)
+    with pytest.raises(Unavailable, match="2 tried"):
+        run(client_for(down, engine("http://a:1", "http://b:1")))
+
+
+def test_one_prefix_goes_to_one_replica_and_prefixes_spread_over_replicas():
+    client = client_for(lambda request: httpx.Response(200), engine(*(f"http://r{i}:1" for i in range(4))))
+    shared = list(range(100, 164))
+    assert {client.order(shared + [i])[0] for i in range(20)} == {client.order(shared)[0]}
+    assert len({client.order([i, i + 1])[0] for i in range(64)}) == 4
+    asyncio.run(client.close())
+
+
+def test_the_engines_load_is_read_from_vllm_metrics_and_absent_elsewhere():
+    vllm = ('# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} 3.0\n'
+            '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="m"} 2.0\n')
+    assert requests_held(vllm) == 5
+    assert requests_held("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.0\n") is None
+
+
+def test_the_load_poller_reads_each_replicas_metrics_and_stops_asking_one_without_them():
+    from services.inference.external.load import EngineLoad
+
+    asked = []
+
+    def handler(request):
+        asked.append(request.url.host)
+        if request.url.host == "vllm":
+            return httpx.Response(200, text="vllm:num_requests_running 4.0\nvllm:num_requests_waiting 1.0\n")
+        return httpx.Response(404)
+
+    async def two_polls():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            load = EngineLoad(http, ("http://vllm:1", "http://plain:1"), poll_s=0.01)
+            task = asyncio.create_task(load.run())
+            await asyncio.sleep(0.1)
+            task.cancel()
+            return load.engine_held
+    assert asyncio.run(two_polls()) == 5
+    assert asked.count("plain") == 1 and asked.count("vllm") > 1
+
+
+def test_the_docs_page_lists_every_setting_of_the_adapters_own():
+    from pathlib import Path
+
+    from meshkit.settings import ServiceSettings
+    from services.inference.external.settings import AdapterSettings
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "operating" / "external-engine.md").read_text()
+    own = set(AdapterSettings.model_fields) - set(ServiceSettings.model_fields) - {"home", "model"}
+    missing = [name for name in sorted(own) if f"NLPMESH_INFERENCE_{name.upper()}" not in page
+               and f"`_{name.upper()}`" not in page]
+    assert missing == []
