@@ -2,7 +2,6 @@
 itself however it is stopped, restarts what crashes, and the gateway's health says what it can serve."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -13,81 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from cli.processes import start_time
-from cli.topology import REPO_ROOT
 from gateway.downstream_health import CACHE_PATH
-from meshkit.settings import default_home
+from tests.launched import CHILDREN_GONE_S, ONE_MODEL, READY_S, Launched, kill, own_home, running
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
-READY_S = 300.0
-ONE_MODEL = ("--model", "smollm2")  # these tests are about the launcher: one model starts fastest
-CHILDREN_GONE_S = 20.0  # SIGTERM from the parent-death signal, the services' drain, interpreter exit
-
-
-class Launched:
-    """One `nlpmesh up --free-ports` in a home of its own, its output in a file."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.output = home / "up.out"
-        self.process: subprocess.Popen | None = None
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "NLPMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
-
-    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT, env=self.env(),
-                              capture_output=True, text=True, timeout=timeout_s)
-
-    def up(self) -> Launched:
-        with self.output.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--free-ports", *ONE_MODEL],
-                                            cwd=REPO_ROOT,
-                                            env=self.env(), stdout=out, stderr=subprocess.STDOUT)
-        wait_until(lambda: "mesh ready" in self.said() or self.process.poll() is not None, READY_S, 0.5,
-                   what="the mesh ready")
-        assert self.process.poll() is None, self.said()
-        return self
-
-    def said(self) -> str:
-        return self.output.read_text(errors="replace")
-
-    @property
-    def state_file(self) -> Path:
-        return self.home / "run" / "mesh.json"
-
-    def state(self) -> dict:
-        return json.loads(self.state_file.read_text())
-
-    def health(self, service: str = "") -> str:
-        return self.cli("health", "--timeout", "2", *(["--service", service] if service else [])).stdout.strip()
-
-    def kill_everything(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if self.state_file.exists():
-            for pid in self.state()["pids"].values():
-                _kill(pid, signal.SIGCONT)
-                _kill(pid, signal.SIGKILL)
-
-
-def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _running(pids) -> list[int]:
-    return [pid for pid in pids if start_time(pid) is not None]
-
 
 @pytest.fixture
 def home(tmp_path) -> Path:
-    """A home of its own, with the converted model of the usual one (read-only use)."""
-    (tmp_path / "models").symlink_to(default_home() / "models")
-    return tmp_path
+    return own_home(tmp_path)
 
 
 def test_the_launcher_replaces_a_stale_state_restarts_a_crash_tracks_health_and_cleans_up_on_sigterm(home):
@@ -127,7 +61,7 @@ def test_the_launcher_replaces_a_stale_state_restarts_a_crash_tracks_health_and_
         assert mesh.process.wait(timeout=60) == 0, mesh.said()
         assert "stopping (SIGTERM)" in mesh.said()
         assert not mesh.state_file.exists()
-        assert _running(children) == []
+        assert running(children) == []
     finally:
         mesh.kill_everything()
 
@@ -137,12 +71,12 @@ def test_a_sigkilled_launcher_takes_its_children_with_it_and_down_twice_is_fine(
     try:
         mesh.up()
         children = list(mesh.state()["pids"].values())
-        assert len(_running(children)) == 6  # five services and the private Redis
+        assert len(running(children)) == 6  # five services and the private Redis
         mesh.process.kill()
         mesh.process.wait()
         started = time.monotonic()
-        wait_until(lambda: _running(children) == [], CHILDREN_GONE_S, 0.2,
-                   what=lambda: f"the children gone; still running: {_running(children)}")
+        wait_until(lambda: running(children) == [], CHILDREN_GONE_S, 0.2,
+                   what=lambda: f"the children gone; still running: {running(children)}")
         print(f"children gone {time.monotonic() - started:.1f}s after the launcher's SIGKILL")
 
         first = mesh.cli("down")
@@ -163,13 +97,13 @@ def test_a_detached_mesh_outlives_the_cli_and_down_stops_it_all(home):
         state = mesh.state()
         assert mesh.health() == "SERVING"
         processes = [state["launcher"]["pid"], *state["pids"].values()]
-        assert len(_running(processes)) == 7  # the launcher, five services, Redis
+        assert len(running(processes)) == 7  # the launcher, five services, Redis
 
         stopped = mesh.cli("down")
         assert stopped.returncode == 0, stopped.stdout
-        assert _running(processes) == []
+        assert running(processes) == []
         assert not mesh.state_file.exists()
     finally:
         if mesh.state_file.exists():
-            _kill(mesh.state()["launcher"]["pid"], signal.SIGKILL)
+            kill(mesh.state()["launcher"]["pid"], signal.SIGKILL)
         mesh.kill_everything()

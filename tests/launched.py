@@ -1,0 +1,83 @@
+"""`nlpmesh up` run as a user runs it, for the e2e tests that need a whole launched mesh: a subprocess in an
+NLPMESH_HOME of its own, its output in a file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from cli.processes import start_time
+from cli.topology import REPO_ROOT
+from meshkit.settings import default_home
+from tests.polling import wait_until
+
+READY_S = 300.0
+ONE_MODEL = ("--model", "smollm2")  # one model starts fastest
+CHILDREN_GONE_S = 20.0  # SIGTERM from the parent-death signal, the services' drain, interpreter exit
+
+
+class Launched:
+    """One `nlpmesh up --free-ports` in a home of its own, its output in a file."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.output = home / "up.out"
+        self.process: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "NLPMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT, env=self.env(),
+                              capture_output=True, text=True, timeout=timeout_s)
+
+    def up(self) -> Launched:
+        with self.output.open("w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--free-ports", *ONE_MODEL],
+                                            cwd=REPO_ROOT,
+                                            env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: "mesh ready" in self.said() or self.process.poll() is not None, READY_S, 0.5,
+                   what="the mesh ready")
+        assert self.process.poll() is None, self.said()
+        return self
+
+    def said(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "run" / "mesh.json"
+
+    def state(self) -> dict:
+        return json.loads(self.state_file.read_text())
+
+    def health(self, service: str = "") -> str:
+        return self.cli("health", "--timeout", "2", *(["--service", service] if service else [])).stdout.strip()
+
+    def kill_everything(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.state_file.exists():
+            for pid in self.state()["pids"].values():
+                kill(pid, signal.SIGCONT)
+                kill(pid, signal.SIGKILL)
+
+
+def kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def running(pids) -> list[int]:
+    return [pid for pid in pids if start_time(pid) is not None]
+
+
+def own_home(tmp_path: Path) -> Path:
+    """A home of its own, with the converted models of the usual one (read-only use)."""
+    (tmp_path / "models").symlink_to(default_home() / "models")
+    return tmp_path
