@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, revoke_key
-from gateway.tenant import Tenant, TenantLimits
+from gateway.tenant import KeyScope, Tenant, TenantLimits
 from meshkit.settings import default_home
 
 LOCAL_TENANT = "local"
@@ -64,8 +64,10 @@ def _write_private(path: Path, text: str) -> None:
 
 def cmd_create(args) -> int:
     limits = TenantLimits(requests_per_s=args.rps, tokens_per_min=args.tokens_per_min, max_streams=args.max_streams)
+    scope = KeyScope(_ids(args.templates), _ids(args.models))
     try:
-        key_id, key = create_key(_file(args), Tenant(args.tenant, limits, prompt_cache=not args.no_prompt_cache))
+        key_id, key = create_key(_file(args), Tenant(args.tenant, limits, prompt_cache=not args.no_prompt_cache,
+                                                     scope=scope))
     except (ValueError, KeyFileError) as error:
         print(f"[nlpmesh] {error}")
         return 2
@@ -81,12 +83,12 @@ def cmd_list(args) -> int:
     except KeyFileError as error:
         print(f"[nlpmesh] {error}")
         return 1
-    print(f"{'key id':<18}{'tenant':<20}{'rps':>8}{'tokens/min':>12}{'streams':>9}  {'cache':<6}created")
+    print(f"{'key id':<18}{'tenant':<20}{'rps':>8}{'tokens/min':>12}{'streams':>9}  {'cache':<6}{'created':<22}scope")
     for record in sorted(records.values(), key=lambda r: (r.tenant.id, r.created)):
         tenant, limits = record.tenant, record.tenant.limits
         print(f"{record.key_id:<18}{tenant.id:<20}{_limit(limits.requests_per_s):>8}"
               f"{_limit(limits.tokens_per_min):>12}{_limit(limits.max_streams):>9}"
-              f"  {'on' if tenant.prompt_cache else 'off':<6}{record.created}")
+              f"  {'on' if tenant.prompt_cache else 'off':<6}{record.created:<22}{_scope(tenant.scope)}")
     return 0
 
 
@@ -100,6 +102,17 @@ def cmd_revoke(args) -> int:
 
 def _file(args) -> Path:
     return Path(args.file) if args.file else default_keys_file()
+
+
+def _ids(listed: str | None) -> frozenset[str] | None:
+    """``a,b`` from the command line; None (every one) when not given."""
+    return None if listed is None else frozenset(one.strip() for one in listed.split(",") if one.strip())
+
+
+def _scope(scope: KeyScope) -> str:
+    parts = [f"{what}={','.join(sorted(ids))}" for what, ids in (("templates", scope.templates),
+                                                                 ("models", scope.models)) if ids is not None]
+    return " ".join(parts) or "all"
 
 
 def _limit(value) -> str:
@@ -116,6 +129,9 @@ def add_parser(sub) -> None:
     create.add_argument("--tokens-per-min", type=int, help="generated tokens per minute (default: no limit)")
     create.add_argument("--max-streams", type=int, help="requests in flight at once (default: no limit)")
     create.add_argument("--no-prompt-cache", action="store_true", help="the tenant neither reads nor writes it")
+    create.add_argument("--templates", metavar="ID,ID",
+                        help="the only templates the key may render (default: every one; with a list, no chat)")
+    create.add_argument("--models", metavar="ID,ID", help="the only models the key may use (default: every one)")
     create.add_argument("--file", help=file_help)
     create.set_defaults(run=cmd_create)
     listing = actions.add_parser("list", help="key ids, tenants and limits (never keys or hashes)")

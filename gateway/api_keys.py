@@ -16,6 +16,8 @@ The file (TOML, mode 0600), one table per key::
     requests_per_s = 5.0     # each limit absent = none
     tokens_per_min = 20000
     max_streams = 4
+    templates = ["finance_qa"]  # the key's scope; each absent = every one
+    models = ["smollm2"]
 
 Writers (``nlpmesh keys``) replace it atomically under a lock file, so a gateway
 never reads half a file and two writers never lose each other's key.
@@ -36,13 +38,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.tenant import Tenant, TenantLimits
+from gateway.tenant import KeyScope, Tenant, TenantLimits
 
 KEY_PREFIX = "nlpm"
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 # Tenant ids travel as gRPC metadata and into logs: a short, plain charset.
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Template and model ids in a key's scope are written into the file unescaped: a plain charset.
+_SCOPE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+MAX_SCOPE_IDS = 256
 
 
 class KeyFileError(ValueError):
@@ -116,7 +121,8 @@ def _record(key_id: str, table, where: str) -> KeyRecord:
         prompt_cache = table.get("prompt_cache", True)
         if not isinstance(prompt_cache, bool):
             raise ValueError("prompt_cache must be true or false")
-        tenant = Tenant(check_tenant_id(str(table["tenant"])), limits, prompt_cache)
+        scope = KeyScope(_scope_ids(table, "templates"), _scope_ids(table, "models"))
+        tenant = Tenant(check_tenant_id(str(table["tenant"])), limits, prompt_cache, scope)
         return KeyRecord(key_id, tenant, table["secret_sha256"], str(table.get("created", "")))
     except (KeyError, TypeError, ValueError) as error:
         # Names the key id and the problem only: never a hash or a value.
@@ -132,6 +138,22 @@ def _optional(table: dict, name: str, kind: type):
     return kind(value)
 
 
+def check_scope_ids(what: str, ids) -> frozenset[str]:
+    """A key's scope list (``templates`` or ``models``), validated; ValueError names what is wrong."""
+    if not isinstance(ids, list | tuple | set | frozenset) or not ids:
+        raise ValueError(f"{what} must be a non-empty list of ids")
+    if len(ids) > MAX_SCOPE_IDS:
+        raise ValueError(f"{what}: at most {MAX_SCOPE_IDS} ids")
+    for one in ids:
+        if not isinstance(one, str) or not _SCOPE_ID.match(one):
+            raise ValueError(f"{what}: each id is 1 to 128 of letters, digits, '.', '_', ':', '/', '-'")
+    return frozenset(ids)
+
+
+def _scope_ids(table: dict, what: str) -> frozenset[str] | None:
+    return None if what not in table else check_scope_ids(what, table[what])
+
+
 def render_keys(records: dict[str, KeyRecord]) -> str:
     """The file's text. Every value is validated or generated, so no escaping is needed."""
     lines = ["# nlpmesh API keys: key ids, tenants, limits and the sha256 of each key's secret.",
@@ -145,6 +167,9 @@ def render_keys(records: dict[str, KeyRecord]) -> str:
                             ("max_streams", tenant.limits.max_streams)):
             if value is not None:
                 lines.append(f"{name} = {value!r}")
+        for name, ids in (("templates", tenant.scope.templates), ("models", tenant.scope.models)):
+            if ids is not None:
+                lines.append(f"{name} = [" + ", ".join(f'"{one}"' for one in sorted(ids)) + "]")
         lines.append("")
     return "\n".join(lines)
 
@@ -178,6 +203,9 @@ def _write(path: Path, records: dict[str, KeyRecord]) -> None:
 def create_key(path: Path, tenant: Tenant) -> tuple[str, str]:
     """Adds a new key for ``tenant``; returns (key_id, key). The key exists nowhere else: show it once."""
     check_tenant_id(tenant.id)
+    for what, ids in (("templates", tenant.scope.templates), ("models", tenant.scope.models)):
+        if ids is not None:
+            check_scope_ids(what, ids)
     with _locked(path):
         records = load_keys(path)
         key_id = secrets.token_hex(8)

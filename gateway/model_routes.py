@@ -64,6 +64,13 @@ class ModelRoutes:
     def ids(self) -> list[str]:
         return [pool.model for pool in self.pools if pool.model is not None]
 
+    def model_id(self, requested: str) -> str | None:
+        """The id of the model ``requested`` names, an alias resolved (empty: the default's), before any
+        readiness check; None for the default while its replicas have not said which model they serve."""
+        if requested:
+            return self._aliases.get(requested, requested)
+        return self.default.model
+
     def resolve(self, requested: str) -> InferencePool:
         """The pool of the model ``requested`` names (empty: the default). NotFound naming the models served,
         for a model this mesh does not serve; Unavailable for one whose replicas have not answered yet."""

@@ -1,8 +1,10 @@
 """The public gateway servicer: protobuf at the edge, the Answerer inside.
 
 Every RPC first learns who calls (``_tenant``: the API key, before the request is
-even read, so a caller without a key learns nothing else), then opens the
-request's one scope with that tenant.
+even read, so a caller without a key learns nothing else), checks the template and
+model asked for against the key's scope (``_check_scope``: PERMISSION_DENIED before
+any hop), then opens the request's one scope with that tenant. The listings show a
+key only what its scope allows.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         started = time.perf_counter()
         tenant = self._tenant(context)
         prompt_request = PromptRequest.from_pb(request)
+        self._check_scope(tenant, prompt_request.template_id, prompt_request.model)
         async with self._scope(context, tenant, "Generate", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
             await _send_request_id(context, scope.request_id)
@@ -79,6 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         started = time.perf_counter()
         tenant = self._tenant(context)
         prompt_request = PromptRequest.from_pb(request)
+        self._check_scope(tenant, prompt_request.template_id, prompt_request.model)
         async with self._scope(context, tenant, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
             await _send_request_id(context, scope.request_id)
@@ -100,6 +104,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tenant = self._tenant(context)
         prompt = prompt_from_pb(request)
         template_id = prompt.id if isinstance(prompt, TemplateCall) else None
+        self._check_scope(tenant, template_id, request.model)
         async with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope:
             await _send_request_id(context, scope.request_id)
             count, model = await self.answerer.count_tokens(prompt, request.model, scope)
@@ -107,7 +112,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_method
     async def ListTemplates(self, request, context):
-        self._tenant(context)
+        scope = self._tenant(context).scope
         await _send_request_id(context, request_id_from(context.invocation_metadata()))
         await self._templates.refresh()
         return gateway_pb2.ListTemplatesResponse(
@@ -117,20 +122,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     variables=[gateway_pb2.TemplateVariable(name=n, required=r, description=d)
                                for n, r, d in t.variables],
                 )
-                for t in self._templates.entries
+                for t in self._templates.entries if scope.allows_template(t.id)
             ]
         )
 
     @rpc_method
     async def ListModels(self, request, context):
-        self._tenant(context)
+        scope = self._tenant(context).scope
         await _send_request_id(context, request_id_from(context.invocation_metadata()))
         if self._models is None:
             raise Unavailable("the gateway is starting")
         return gateway_pb2.ListModelsResponse(models=[
             gateway_pb2.ModelInfo(id=m.id, revision=m.revision, context_length=m.context_length, engine=m.engine,
                                   ready=m.ready, default=m.default)
-            for m in self._models.listing()
+            for m in self._models.listing() if scope.allows_model(m.id)
         ])
 
     def _tenant(self, context) -> Tenant:
@@ -139,6 +144,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         Health and reflection are other gRPC services, never gated here.
         """
         return self._auth.tenant_for(context.invocation_metadata())
+
+    def _check_scope(self, tenant: Tenant, template_id: str | None, model: str) -> None:
+        """PERMISSION_DENIED (ErrorInfo reason KEY_SCOPE) for a template or model outside the caller's key's scope,
+        before any hop and before the quota counts the call."""
+        tenant.scope.check_template(template_id)
+        if tenant.scope.models is not None:
+            model_id = self._models.model_id(model) if self._models is not None else None
+            if model_id is None:
+                raise Unavailable("the gateway is starting")
+            tenant.scope.check_model(model_id)
 
     @asynccontextmanager
     async def _scope(self, context, tenant: Tenant, name: str, template_id: str | None, budget_ms: int,

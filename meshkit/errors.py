@@ -92,6 +92,17 @@ class Unauthenticated(MeshError):
 class PermissionDenied(MeshError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
+    def __init__(self, message: str, reason: str | None = None, metadata: dict[str, str] | None = None):
+        """``reason``: a google.rpc.ErrorInfo reason (e.g. KEY_SCOPE), with ``metadata`` naming what was refused."""
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[any_pb2.Any]:
+        if not self.reason:
+            return []
+        return [_pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))]
+
 
 class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -68,3 +68,35 @@ def test_a_key_revoked_with_the_cli_is_refused_by_every_gateway_within_seconds(k
     finally:
         second.terminate()
         second.wait(timeout=10)
+
+
+def test_a_key_scoped_with_the_cli_gets_its_template_and_permission_denied_outside_it(keyed_mesh, capsys):
+    assert nlpmesh(["keys", "create", "--tenant", "desk", "--templates", "finance_question", "--models", "smollm2",
+                    "--file", str(keyed_mesh.keys_file)]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    metadata = (("authorization", f"Bearer {key}"),)
+    finance = gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="finance_question"),
+                                          sampling=gateway_pb2.SamplingParams(max_new_tokens=2))
+    finance.template.variables.update({"question": "What is a bond?"})
+    chat = gateway_pb2.GenerateRequest(chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user",
+                                                                                               content="Hi")]))
+    with grpc.insecure_channel(keyed_mesh.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        wait_until(lambda: _code(lambda: stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=metadata,
+                                                         timeout=10)) == grpc.StatusCode.OK,
+                   REVOKED_WITHIN_S, 0.1, what="the gateway to accept the new key")
+        assert stub.Generate(finance, metadata=metadata, timeout=120).usage.completion_tokens > 0
+        assert _code(lambda: stub.Generate(chat, metadata=metadata, timeout=30)) == grpc.StatusCode.PERMISSION_DENIED
+        other = gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="support_answer"))
+        assert _code(lambda: list(stub.GenerateStream(other, metadata=metadata, timeout=30))) == \
+            grpc.StatusCode.PERMISSION_DENIED
+        listed = stub.ListTemplates(gateway_pb2.ListTemplatesRequest(), metadata=metadata, timeout=10)
+        assert {t.id for t in listed.templates} == {"finance_question"}
+
+
+def _code(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.api_keys import create_key, revoke_key
-from gateway.tenant import Tenant
+from gateway.tenant import KeyScope, Tenant
 from promptcache.keys import tenant_namespace
 from tests.polling import until
 from tests.servicer.gateway_mesh import run_mesh
@@ -194,3 +194,76 @@ def test_auth_off_serves_every_caller_as_the_configured_tenant(inprocess_server,
     reply, tenants = run_mesh(inprocess_server, redis_server, scenario, key_prefix=f"test:auth:{uuid.uuid4().hex}",
                               pass_channel=True, auth="off", tenant="public")
     assert reply.text == "Hello 世界" and tenants == ["public"]
+
+
+def _key_scope_refusal(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """The code, the ErrorInfo reason and its metadata of a refusal."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    infos = []
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+    assert len(infos) == 1, infos
+    return error.code(), infos[0].reason, dict(infos[0].metadata)
+
+
+def test_a_key_outside_its_scope_is_permission_denied_before_any_hop_and_lists_only_its_scope(
+        inprocess_server, redis_server, tmp_path):
+    keys = tmp_path / "keys.toml"
+    _, finance_only = create_key(keys, Tenant("desk", scope=KeyScope(templates=frozenset({"finance_question"}))))
+    _, other_model = create_key(keys, Tenant("desk", scope=KeyScope(models=frozenset({"gemma3-270m"}))))
+    _, this_model = create_key(keys, Tenant("desk", scope=KeyScope(models=frozenset({"smollm2"}))))
+    raw = gateway_pb2.GenerateRequest(chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content="Hi")]),
+                                      sampling=gateway_pb2.SamplingParams(max_new_tokens=3))
+    support = gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="support_answer"))
+
+    async def scenario(channel, tokenizer, inference):
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        listings = {}
+        for name, key in (("finance_only", finance_only), ("other_model", other_model), ("this_model", this_model)):
+            templates = await stub.ListTemplates(gateway_pb2.ListTemplatesRequest(), metadata=bearer(key), timeout=5)
+            models = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=bearer(key), timeout=5)
+            listings[name] = ([t.id for t in templates.templates], [m.id for m in models.models])
+        allowed = [await stub.Generate(finance(), metadata=bearer(finance_only), timeout=10),
+                   await stub.Generate(raw, metadata=bearer(this_model), timeout=10)]
+        refusals, reached = {}, {}
+        for name, key in (("finance_only", finance_only), ("other_model", other_model)):
+            for rpc, call in (*every_rpc(stub, bearer(key))[:4],
+                              ("Generate raw", lambda key=key: stub.Generate(raw, metadata=bearer(key), timeout=5)),
+                              ("Generate support", lambda key=key: stub.Generate(support, metadata=bearer(key),
+                                                                                  timeout=5))):
+                calls = (tokenizer.calls, inference.calls)
+                try:
+                    result = call()
+                    if hasattr(result, "__aiter__"):
+                        [_ async for _ in result]
+                    else:
+                        await result
+                    refusals[name, rpc] = None
+                except grpc.aio.AioRpcError as error:
+                    refusals[name, rpc] = _key_scope_refusal(error) if error.code() == \
+                        grpc.StatusCode.PERMISSION_DENIED else error.code()
+                    reached[name, rpc] = calls != (tokenizer.calls, inference.calls)
+        return listings, allowed, reached, refusals
+
+    listings, allowed, reached, refusals = auth_mesh(inprocess_server, redis_server, tmp_path, scenario)
+    assert set(listings["finance_only"][0]) == {"finance_question"} and listings["finance_only"][1] == ["smollm2"]
+    assert listings["other_model"][1] == [] and "support_answer" in listings["other_model"][0]
+    assert listings["this_model"][1] == ["smollm2"]
+    assert [reply.text for reply in allowed] == ["Hello 世界"] * 2
+    assert len(reached) == 7 and not any(reached.values())  # no refused call reached a hop
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    # The finance-only key: its template everywhere, a raw prompt or another template nowhere.
+    assert refusals["finance_only", "Generate"] is None and refusals["finance_only", "GenerateStream"] is None
+    assert refusals["finance_only", "CountTokens"] is None and refusals["finance_only", "ListTemplates"] is None
+    assert refusals["finance_only", "Generate raw"] == (denied, "KEY_SCOPE", {"template": ""})
+    assert refusals["finance_only", "Generate support"] == (denied, "KEY_SCOPE", {"template": "support_answer"})
+    # The other model's key: every generation and count refused for the default model, by name.
+    for rpc in ("Generate", "GenerateStream", "CountTokens", "Generate raw", "Generate support"):
+        assert refusals["other_model", rpc] == (denied, "KEY_SCOPE", {"model": "smollm2"}), rpc
+    assert refusals["other_model", "ListTemplates"] is None

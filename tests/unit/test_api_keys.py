@@ -11,7 +11,7 @@ import pytest
 from gateway import api_keys
 from gateway.api_keys import KeyFileError, create_key, load_keys, parse_key, revoke_key
 from gateway.auth import MALFORMED, MISSING, UNKNOWN, KeyFileAuth
-from gateway.tenant import Tenant, TenantLimits
+from gateway.tenant import KeyScope, Tenant, TenantLimits
 from meshkit.errors import Unauthenticated
 from tests.polling import until
 
@@ -159,3 +159,15 @@ def test_an_invalid_record_is_a_key_file_error(tmp_path):
     path.write_text('[keys.0123456789abcdef]\ntenant = "acme"\nsecret_sha256 = "' + "a" * 64 + '"\nmax_streams = -1\n')
     with pytest.raises(KeyFileError):
         load_keys(path)
+
+
+def test_a_keys_scope_survives_the_file_and_a_malformed_scope_is_a_key_file_error(tmp_path):
+    path = tmp_path / "keys.toml"
+    key_id, _ = create_key(path, Tenant("desk", scope=KeyScope(templates=frozenset({"a", "b.v2"}))))
+    record = load_keys(path)[key_id]
+    assert record.tenant.scope == KeyScope(templates=frozenset({"a", "b.v2"}), models=None)
+    text = path.read_text()
+    for bad in ('models = []', 'models = "a"', 'models = [1]', 'models = ["a b"]'):
+        path.write_text(text + bad + "\n")
+        with pytest.raises(KeyFileError, match=key_id):
+            load_keys(path)
