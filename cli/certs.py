@@ -1,8 +1,9 @@
 """`nlpmesh certs init`: a development CA and one certificate per service, in one folder.
 
 The folder's layout is the one ``NLPMESH_TLS_DIR`` names (meshkit/tls.py): ``ca.crt``,
-and ``<name>.crt`` / ``<name>.key`` for each service and for ``probe``, the health
-checks' client certificate. The CA's key (``ca.key``) stays beside them so that a
+and ``<name>.crt`` / ``<name>.key`` for each service, for ``redis`` (the server
+certificate of compose's and Kubernetes' Redis, which serves TLS only) and for
+``probe``, the health checks' client certificate. The CA's key (``ca.key``) stays beside them so that a
 second ``init`` can issue what is missing; a production mesh would keep it elsewhere.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from meshkit.settings import DEFAULT_PORTS
 from meshkit.tls import CA_FILE, PROBE
 
 SERVICES = tuple(DEFAULT_PORTS)  # gateway, template, tokenizer, cache, inference
+REDIS = "redis"  # a server only: the services authenticate to it with their ACL users' passwords
 DEFAULT_NAMESPACE = "nlpmesh"
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -117,7 +119,7 @@ def init_certs(directory: Path, namespace: str = DEFAULT_NAMESPACE, force: bool 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     report = InitReport(directory)
-    names = [*SERVICES, PROBE]
+    names = [*SERVICES, REDIS, PROBE]
     if force:
         for name in ("ca", *names):
             for suffix in (".crt", ".key"):
@@ -141,6 +143,8 @@ def init_certs(directory: Path, namespace: str = DEFAULT_NAMESPACE, force: bool 
             continue
         if name == PROBE:
             cert, key = issue(authority, name, [name], server=False, client=True)  # strict verifiers want a SAN
+        elif name == REDIS:
+            cert, key = issue(authority, name, dns_names(name, namespace), ["127.0.0.1", "::1"], client=False)
         else:
             cert, key = issue(authority, name, dns_names(name, namespace), ["127.0.0.1", "::1"])
         write_pair(directory, name, cert, key)

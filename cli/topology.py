@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +33,25 @@ class ServiceDef:
     # per-model compose service "inference-<model id>"; and that model (its NLPMESH_<KIND>_MODEL).
     kind: str = ""
     model: str = ""
+
+
+# compose's Redis starts as a shell that hands the redis user its key, then runs redis-server as that user.
+_AS_REDIS = ("exec", "su-exec", "redis")
+
+
+def compose_redis_server_args(compose_file: Path = COMPOSE_FILE) -> list[str]:
+    """The redis-server command line compose's Redis runs (``${...}`` left as written); the Kubernetes base runs
+    the same one."""
+    return redis_server_args(yaml.safe_load(compose_file.read_text())["services"]["redis"]["command"])
+
+
+def redis_server_args(command: list[str]) -> list[str]:
+    """The redis-server command line of compose's Redis ``command``."""
+    words = shlex.split(command[-1])
+    starts = [i for i in range(len(words)) if tuple(words[i:i + 3]) == _AS_REDIS]
+    if command[:2] != ["sh", "-c"] or len(command) != 3 or len(starts) != 1:
+        raise ValueError("redis's command must be sh -c '... && exec su-exec redis redis-server ...'")
+    return words[starts[0] + 3:]
 
 
 def compose_services(compose_file: Path = COMPOSE_FILE) -> list[ServiceDef]:

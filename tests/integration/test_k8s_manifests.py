@@ -25,7 +25,7 @@ import yaml
 
 from cli import redis_acl
 from cli.certs import DEFAULT_NAMESPACE, dns_names, init_certs
-from cli.topology import COMPOSE_FILE, REPO_ROOT, compose_services
+from cli.topology import COMPOSE_FILE, REPO_ROOT, compose_services, redis_server_args
 from meshkit.settings import TLS_DIR_ENV, ServiceSettings
 from meshkit.tls import CA_FILE, PROBE
 from tests.catalogue_services import MODEL_ENV, catalogue_ids, coverage_problems, inference_service
@@ -202,7 +202,7 @@ def _service_drift(service, compose: dict, objects: list[dict], names: set[str])
 def _redis_drift(spec: dict, objects: list[dict]) -> list[str]:
     problems = []
     c = container(objects, "redis")
-    command = [_DEFAULTED.sub(r"\2", str(part)) for part in spec["command"]]
+    command = [_DEFAULTED.sub(r"\2", part) for part in redis_server_args(spec["command"])]
     if c.get("args") != command or "command" in c:
         problems.append(f"redis: args {c.get('args')}, compose {command}")
     if c.get("image") != spec["image"]:
@@ -258,7 +258,7 @@ def test_a_change_on_one_side_only_is_drift(compose, objects, change):
                                                                     "NLPMESH_REDIS_CACHE_SECRET")
     elif change == "redis's maxmemory policy":
         command = services["redis"]["command"]
-        command[command.index("allkeys-lru")] = "noeviction"
+        command[-1] = command[-1].replace("allkeys-lru", "noeviction")
     elif change == "a model's address":
         env = services["gateway"]["environment"]
         env["NLPMESH_GATEWAY_INFERENCE_ADDRS"] = env["NLPMESH_GATEWAY_INFERENCE_ADDRS"].replace(":50055", ":50065", 1)
@@ -317,6 +317,10 @@ def test_the_objects_of_the_base(objects):
         ("StatefulSet", "redis"), ("Service", "redis"),
         *[("PodDisruptionBudget", s) for s in MODEL_DEPLOYMENTS],
         *[("HorizontalPodAutoscaler", s) for s in MODEL_DEPLOYMENTS],
+        *[("NetworkPolicy", p) for p in ("default-deny-ingress", "gateway-grpc-from-anywhere",
+                                         "template-grpc-from-gateway", "tokenizer-grpc-from-gateway",
+                                         "cache-grpc-from-gateway", "inference-grpc-from-gateway",
+                                         "redis-from-its-users", "metrics-from-monitoring")],
     ])
     # No Secret is committed: the base refers to them, the README says how to make them.
     assert not [o for o in objects if o["kind"] == "Secret"]
@@ -495,7 +499,8 @@ def test_redis_users_and_passwords_are_those_nlpmesh_redis_acl_makes(objects, tm
         env = env_of(container(objects, name))
         if "REDIS_URL" not in env:
             continue
-        match = re.fullmatch(r"redis://(\w+):\$\((\w+)\)@redis:6379/0", env["REDIS_URL"]["value"])
+        match = re.fullmatch(r"rediss://(\w+):\$\((\w+)\)@redis:6379/0\?ssl_ca_certs=/etc/nlpmesh/certs/ca\.crt",
+                             env["REDIS_URL"]["value"])
         assert match, f"{name}: REDIS_URL must take its password from the Secret, not hold one"
         assert users.setdefault(kind, match[1]) == match[1], f"{name}: another Redis user than its service's"
         assert match[2] == redis_acl.password_env(match[1]) and match[2] in env_keys
@@ -595,3 +600,121 @@ def test_the_gateway_reads_the_mounted_budgets(objects, tmp_path):
     data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
     root = kubelet_layout(tmp_path / "budgets", data, volume["configMap"].get("items"))
     assert BudgetPolicy.load(root / path.name) == BudgetPolicy.load(REPO_ROOT / "deploy" / "budgets.toml")
+
+
+# --- network policies ---------------------------------------------------------------------
+# A reader of the NetworkPolicy features the base uses (matchLabels, named ports, peers by pod or namespace);
+# anything else fails loudly rather than being read as "allowed".
+
+OUTSIDE = "outside"  # a client out of the cluster, or in another namespace
+MONITORING = "monitoring"  # a Prometheus pod in the namespace "monitoring"
+_PEER_KEYS = {"podSelector", "namespaceSelector"}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if set(selector) - {"matchLabels"}:
+        raise ValueError(f"this reader knows matchLabels only: {selector}")
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def _source(objects: list[dict], name: str) -> tuple[dict | None, dict]:
+    """(its namespace's labels or None outside the cluster, its pod's labels)."""
+    if name == OUTSIDE:
+        return None, {}
+    if name == MONITORING:
+        return {"kubernetes.io/metadata.name": "monitoring"}, {"app.kubernetes.io/name": "prometheus"}
+    return {"kubernetes.io/metadata.name": DEFAULT_NAMESPACE}, _pod_labels(workload(objects, name))
+
+
+def _pod_labels(obj: dict) -> dict:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def _peer_matches(peer: dict, namespace: dict | None, pod: dict) -> bool:
+    if set(peer) - _PEER_KEYS or not peer:
+        raise ValueError(f"this reader knows podSelector and namespaceSelector peers only: {peer}")
+    if namespace is None:
+        return False  # a selector names pods of the cluster only
+    in_namespace = (_selects(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer
+                    else namespace.get("kubernetes.io/metadata.name") == DEFAULT_NAMESPACE)
+    return in_namespace and _selects(peer.get("podSelector", {}), pod)
+
+
+def allowed(objects: list[dict], source: str, target: str, port: str) -> bool:
+    """Whether ``source`` may connect to ``target``'s container port named ``port``, as Kubernetes reads the
+    base's NetworkPolicies (a pod no policy selects for ingress takes every connection)."""
+    namespace, pod = _source(objects, source)
+    labels = _pod_labels(workload(objects, target))
+    policies = [p for p in objects if p["kind"] == "NetworkPolicy" and _selects(p["spec"]["podSelector"], labels)
+                and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return True
+    for rule in (rule for policy in policies for rule in policy["spec"].get("ingress", [])):
+        ports = rule.get("ports")
+        if ports is not None and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            continue
+        if "from" not in rule or any(_peer_matches(peer, namespace, pod) for peer in rule["from"]):
+            return True
+    return False
+
+
+def callers(objects: list[dict]) -> dict[str, set[str]]:
+    """Each workload's callers in the base: the workloads whose environment names one of its Services
+    (``dns:///template:50052``, ``...@redis:6379/0``, ``model=dns:///inference-gemma3:50055``)."""
+    services = {obj["metadata"]["name"]: obj["spec"]["selector"] for obj in objects if obj["kind"] == "Service"
+                and "selector" in obj["spec"]}
+    workloads = [obj["metadata"]["name"] for obj in objects if obj["kind"] in ("Deployment", "StatefulSet")]
+    found: dict[str, set[str]] = {name: set() for name in workloads}
+    for caller in workloads:
+        values = " ".join(str(e.get("value", "")) for c in containers_of(workload(objects, caller))
+                          for e in c.get("env", []))
+        for service, selector in services.items():
+            if re.search(rf"(^|[/@=,\s]){re.escape(service)}:\d+", values):
+                for target in workloads:
+                    if target != caller and _selects({"matchLabels": selector}, _pod_labels(workload(objects, target))):
+                        found[target].add(caller)
+    return found
+
+
+def policy_problems(objects: list[dict]) -> list[str]:
+    """Every (source, target, port) the policies decide otherwise than "the gateway's gRPC from anywhere, each
+    service from its callers only, metrics from monitoring only"."""
+    who_calls = callers(objects)
+    sources = [*who_calls, OUTSIDE, MONITORING]
+    problems = []
+    for target, its_callers in who_calls.items():
+        for port in (p["name"] for c in containers_of(workload(objects, target)) for p in c.get("ports", [])):
+            for source in sources:
+                if port == "metrics":
+                    expected = source == MONITORING
+                elif target == "gateway" and port == "grpc":
+                    expected = True
+                else:
+                    expected = source in its_callers
+                if allowed(objects, source, target, port) != expected:
+                    problems.append(f"{source} -> {target}:{port} {'refused' if expected else 'allowed'}")
+    return problems
+
+
+def test_only_the_gateway_is_reachable_from_outside_redis_only_from_its_users_and_metrics_from_monitoring(objects):
+    who_calls = callers(objects)
+    assert who_calls["redis"] == {"gateway", "cache", *MODEL_DEPLOYMENTS}  # read from the REDIS_URLs
+    assert who_calls["template"] == {"gateway"} and who_calls[DEFAULT_INFERENCE] == {"gateway"}
+    assert policy_problems(objects) == []
+
+
+@pytest.mark.parametrize("change", ["no default deny", "redis open to every pod", "metrics from anywhere",
+                                    "an internal service from outside"])
+def test_a_policy_too_open_is_found(objects, change):
+    edited = copy.deepcopy(objects)
+    policy = {p["metadata"]["name"]: p for p in edited if p["kind"] == "NetworkPolicy"}
+    if change == "no default deny":
+        edited.remove(policy["default-deny-ingress"])
+        edited.remove(policy["metrics-from-monitoring"])
+    elif change == "redis open to every pod":
+        policy["redis-from-its-users"]["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+    elif change == "metrics from anywhere":
+        del policy["metrics-from-monitoring"]["spec"]["ingress"][0]["from"]
+    elif change == "an internal service from outside":
+        del policy["tokenizer-grpc-from-gateway"]["spec"]["ingress"][0]["from"]
+    assert policy_problems(edited) != []

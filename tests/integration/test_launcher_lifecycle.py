@@ -4,13 +4,12 @@ import subprocess
 import sys
 
 import redis
-import yaml
 
 from cli import run_state
 from cli.launcher import LocalMesh
 from cli.processes import same_process, start_time
 from cli.restarts import Backoff, RestartPolicy
-from cli.topology import COMPOSE_FILE
+from cli.topology import compose_redis_server_args
 from meshkit.server import LAUNCHER_PID_ENV, launcher_is_gone
 
 
@@ -78,7 +77,7 @@ def test_the_private_redis_is_bounded_and_evicts_least_recently_used(tmp_path, m
 
 
 def test_the_compose_redis_is_bounded_the_same_way():
-    command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["redis"]["command"]
+    command = compose_redis_server_args()
     assert command[command.index("--maxmemory") + 1] == "${NLPMESH_REDIS_MAXMEMORY:-256mb}"
     assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
 

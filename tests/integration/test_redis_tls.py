@@ -3,21 +3,29 @@ looks up over it; plaintext, a client without its certificate, or one trusting a
 import asyncio
 import datetime
 import ipaddress
+import re
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cli.redis_acl import RedisUsers, write
+from cli.certs import init_certs
+from cli.redis_acl import RedisUsers, password_env, read_passwords, write
+from cli.topology import COMPOSE_FILE, compose_redis_server_args
+from meshkit.redis_connect import redis_from_url
 from meshkit.sampling import Sampling
 from promptcache.keys import PromptCacheKey, TemplatePrompt
 from promptcache.redis_tier import CachedAnswer, PromptCache, redis_client
 from tests.conftest import free_port, running_redis_server
+from tests.polling import wait_until
 
 ANSWER = CachedAnswer(text="Paris.", finish_reason=1, prompt_tokens=12, completion_tokens=2, model="m1")
 
@@ -109,3 +117,56 @@ def test_a_server_certificate_from_another_ca_is_refused(tls_redis, tmp_path):
     with redis.Redis.from_url(tls_redis("cache", ca=other_ca), socket_timeout=2) as client, \
             pytest.raises(redis.ConnectionError, match=r"(?i)certificate verify failed"):
         client.ping()
+
+
+def _compose_value(text: str, passwords: dict[str, str], replacements: dict[str, str]) -> str:
+    """A compose string as compose would run it here: ``${VAR:?..}`` from ``passwords``, ``${VAR:-d}`` as d, then
+    the container's paths and addresses replaced by this test's."""
+    text = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: passwords[m[1]], text)
+    text = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+    for container_path, here in replacements.items():
+        text = text.replace(container_path, here)
+    return text
+
+
+def test_composes_redis_serves_only_tls_and_each_services_url_reaches_it_with_the_mesh_ca(tmp_path):
+    """docker-compose.yml's redis-server command line (the Kubernetes base runs the same one), run for real with
+    the certificates of `nlpmesh certs init` and the users of `nlpmesh redis-acl`: every service's compose
+    REDIS_URL connects over TLS verified with the mesh CA, the healthcheck's line answers, and plaintext or a
+    client trusting another CA gets nowhere."""
+    certs = tmp_path / "certs"
+    init_certs(certs)
+    acl_file, env_file = write(tmp_path, RedisUsers.make(), "redis", 6379)
+    passwords = {password_env(user): password for user, password in read_passwords(env_file).items()}
+    port = free_port()
+    replacements = {"/etc/nlpmesh/certs/": f"{certs}/", "/run/redis-tls/": f"{certs}/",
+                    "/etc/redis/users.acl": str(acl_file), "@redis:6379/": f"@127.0.0.1:{port}/"}
+    args = [_compose_value(arg, passwords, replacements) for arg in compose_redis_server_args()]
+    assert args[args.index("--port") + 1] == "0"  # no plaintext port at all
+    args[args.index("--tls-port") + 1] = str(port)
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    process = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", *args[1:],
+                                "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        health = _compose_value(compose["redis"]["healthcheck"]["test"][1], passwords, replacements)
+        health = health.replace("redis-cli ", f"redis-cli -p {port} ", 1)
+        wait_until(lambda: subprocess.run(["sh", "-c", health], timeout=5).returncode == 0, 10, 0.1,
+                   what="compose's healthcheck to pass")
+        urls = {name: _compose_value(spec["environment"]["REDIS_URL"], passwords, replacements)
+                for name, spec in compose.items() if "REDIS_URL" in spec.get("environment", {})}
+        assert {"gateway", "cache"} <= set(urls) and any(name.startswith("inference") for name in urls)
+        for name, url in urls.items():
+            assert url.startswith("rediss://"), name
+            with redis_from_url(redis.Redis, url, socket_timeout=2) as client:
+                assert client.ping(), name
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2) as plain, \
+                pytest.raises(redis.ConnectionError):
+            plain.ping()
+        other = tmp_path / "other"
+        init_certs(other)
+        stranger = urls["cache"].replace(f"{certs}/ca.crt", f"{other}/ca.crt")
+        with redis_from_url(redis.Redis, stranger, socket_timeout=2) as client, pytest.raises(redis.ConnectionError):
+            client.ping()
+    finally:
+        process.kill()
+        process.wait()

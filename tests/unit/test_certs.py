@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import ClientVerifier, PolicyBuilder, ServerVerifier, Store, VerificationError
 
-from cli.certs import SERVICES, init_certs, load_authority, make_authority, write_pair
+from cli.certs import REDIS, SERVICES, init_certs, load_authority, make_authority, write_pair
 from cli.main import main
 
 
@@ -28,7 +28,7 @@ def _client_verifier(folder) -> ClientVerifier:
 
 def test_every_service_certificate_serves_under_its_compose_kubernetes_and_local_names(tmp_path):
     init_certs(tmp_path, namespace="prod")
-    for service in SERVICES:
+    for service in (*SERVICES, REDIS):
         cert = _cert(tmp_path, service)
         for name in (service, f"{service}.prod.svc", f"{service}.prod.svc.cluster.local", "localhost", "127.0.0.1"):
             _server_verifier(tmp_path, name).verify(cert, [])  # chain, SAN and serverAuth; raises if not
@@ -48,6 +48,8 @@ def test_service_and_probe_certificates_are_clients_of_the_mesh_and_the_probe_se
         _client_verifier(tmp_path).verify(_cert(tmp_path, name), [])
     with pytest.raises(VerificationError):
         _server_verifier(tmp_path, "localhost").verify(_cert(tmp_path, "probe"), [])
+    with pytest.raises(VerificationError):  # Redis's serves only: the services authenticate to it with passwords
+        _client_verifier(tmp_path).verify(_cert(tmp_path, REDIS), [])
 
 
 def test_a_certificate_from_another_ca_does_not_verify(tmp_path):
@@ -60,7 +62,7 @@ def test_a_certificate_from_another_ca_does_not_verify(tmp_path):
 def test_keys_are_readable_by_the_owner_only(tmp_path):
     init_certs(tmp_path / "certs")
     keys = sorted((tmp_path / "certs").glob("*.key"))
-    assert len(keys) == len(SERVICES) + 2  # and ca.key, probe.key
+    assert len(keys) == len(SERVICES) + 3  # and ca.key, redis.key, probe.key
     for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key.name
     assert stat.S_IMODE((tmp_path / "certs").stat().st_mode) == 0o700
