@@ -73,6 +73,11 @@ from services.inference.validation import RequestLimits, resolve_request
 
 log = logging.getLogger("nlpmesh.inference.engine")
 
+# A prefill cost measured longer ago than this, with no prefill under way to measure it again, no longer
+# refuses the head of the line: that request runs, and its measurement replaces the old average (else an
+# estimate inflated by a spell of load would refuse every request with a deadline, and with no prefill run
+# it would never be corrected).
+_ESTIMATE_STALE_S = 5.0
 _EMA = 0.2  # the weight of the latest measurement in the moving averages of step and layer times
 
 # What a refused caller is told to wait: about one short generation.
@@ -159,6 +164,7 @@ class Engine:
         # Recent costs, for the prefill's time budget beside decoding streams (moving averages, seconds):
         self._step_s: float | None = None  # a decode step
         self._layer_s: float | None = None  # one decoder layer of one prefill GEMM tile
+        self._layer_measured_at: float | None = None  # when (time.monotonic()) a prefill last measured it
         # Actual over estimated first-token time of recent requests (a moving average): the deadline estimate's
         # correction, learnt from what the estimates missed (packed forwards cost less a tile than one alone).
         self._estimate_bias = 1.0
@@ -292,6 +298,7 @@ class Engine:
             forward = self._batch.forward
             ahead = forward.cost_tokens / GEMM_TILE_ROWS * (forward.layer_count - forward.layer) / forward.layer_count
         line = [job for job in self._prefills if self._batch is None or job not in self._batch.jobs]
+        probe = self._estimate_is_stale(now)
         for job in line + sorted(self._waiting, key=_deadline_order):
             prompt = len(job.request.prompt_token_ids)
             own = -(-(prompt - (job.sequence.length if job.sequence else 0)) // GEMM_TILE_ROWS)
@@ -301,9 +308,22 @@ class Engine:
                 if job.estimate is None:
                     job.estimate = (now, needed_s)  # checked against its first token (``_learn_from``)
                 if now + needed_s * self._estimate_bias > deadline:
-                    self._refuse(job, now, needed_s * self._estimate_bias)
-                    continue
+                    if not probe:
+                        self._refuse(job, now, needed_s * self._estimate_bias)
+                        continue
+                    probe = False  # this one runs, and its prefill measures the cost again
+                    metrics.ESTIMATE_PROBES.inc()
+                    log.info("the prefill cost was measured %.0f s ago and nothing measures it now: one request "
+                             "that estimate would refuse runs to measure it again", now - self._layer_measured_at,
+                             extra={"request_id": job.request.request_id})
             ahead += own
+
+    def _estimate_is_stale(self, now: float) -> bool:
+        """The prefill cost was measured long ago (``_ESTIMATE_STALE_S``), and no prefill under way will measure
+        it again: the estimate may not refuse the head of the line. Called holding the lock."""
+        if self._layer_measured_at is None or now - self._layer_measured_at <= _ESTIMATE_STALE_S:
+            return False
+        return self._batch is None and all(job.sequence is None for job in self._prefills)
 
     def _refuse(self, job: Job, now: float, needed_s: float) -> None:
         waited_ms, left_ms = (now - job.submitted) * 1000, max(job.request.deadline - now, 0) * 1000
@@ -453,7 +473,11 @@ class Engine:
             started = time.perf_counter()
             logits = forward.run([self._kv.row_of(job) for job in batch.jobs], layers)
             per_layer = (time.perf_counter() - started) / layers * GEMM_TILE_ROWS / forward.cost_tokens
-            self._layer_s = per_layer if self._layer_s is None else _EMA * per_layer + (1 - _EMA) * self._layer_s
+            now = time.monotonic()
+            # An average last fed long ago says less than this measurement: it starts over from it.
+            fresh = self._layer_measured_at is not None and now - self._layer_measured_at <= _ESTIMATE_STALE_S
+            self._layer_s = _EMA * per_layer + (1 - _EMA) * self._layer_s if fresh else per_layer
+            self._layer_measured_at = now
             if not forward.done:
                 return True
             self._batch = None

@@ -108,6 +108,10 @@ PREFILL_BATCH_PROMPTS = Histogram(
 DEADLINE_REFUSALS = Counter(
     "nlpmesh_inference_deadline_refusals_total",
     "Requests refused before any compute: their first token could not come by their deadline.")
+ESTIMATE_PROBES = Counter(
+    "nlpmesh_inference_deadline_estimate_probes_total",
+    "Requests the deadline estimate would have refused, run anyway because that estimate was measured long ago "
+    "and no prefill was under way to measure it again.")
 PREFILL_SECONDS_PER_TILE = Gauge(
     "nlpmesh_inference_prefill_seconds_per_tile",
     "The measured cost of one prefill GEMM tile through every layer (a moving average), which deadline "

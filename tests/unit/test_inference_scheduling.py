@@ -149,3 +149,38 @@ def test_the_estimate_learns_from_first_tokens_that_came_sooner_than_it_said():
     assert isinstance(first[0], DeadlineExceeded)
     assert served == [FinishReason.LENGTH] * 8
     assert after == [FinishReason.LENGTH]  # the corrected estimate fits the same deadline
+
+
+@pytest.mark.parametrize("measured_s_ago", [60.0, 0.0])
+def test_an_estimate_measured_long_ago_lets_one_request_run_to_measure_it_again(measured_s_ago):
+    """A prefill cost inflated (as by a spell of heavy load) refuses every request with a deadline while it is
+    fresh; once old, with nothing prefilling, the next request runs and its prefill corrects the estimate."""
+    engine = tiny_engine(float32_tiny(), max_running=4)
+    probes_before = metrics.ESTIMATE_PROBES._value.get()
+    try:
+        with engine._lock:
+            engine._layer_s = 10.0  # far beyond the tiny model's: every estimate runs minutes
+            engine._layer_measured_at = time.monotonic() - measured_s_ago
+
+        async def run() -> list:
+            results = []
+            for index in range(2):
+                stream = engine.submit(GenerationRequest(prompt(index, 20), Sampling(max_new_tokens=1),
+                                                         deadline=time.monotonic() + 5.0))
+                try:
+                    results.append([item async for item in stream][-1].finish_reason)
+                except DeadlineExceeded as error:
+                    results.append(error)
+            return results
+
+        results = asyncio.run(run())
+        layer_s = engine._layer_s
+    finally:
+        engine.close()
+    if measured_s_ago:
+        # The first ran as a probe; its prefill measured the real cost, so the second fits its deadline too.
+        assert results == [FinishReason.LENGTH, FinishReason.LENGTH]
+        assert layer_s < 0.1 and metrics.ESTIMATE_PROBES._value.get() == probes_before + 1
+    else:
+        assert all(isinstance(result, DeadlineExceeded) for result in results)
+        assert layer_s == 10.0 and metrics.ESTIMATE_PROBES._value.get() == probes_before
