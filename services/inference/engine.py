@@ -217,6 +217,13 @@ class Engine:
             self._lock.notify()
         return GenerationStream(job, self._cancel)
 
+    def forget_costs(self) -> None:
+        """Drops the measured costs of a decode step and of a prefill tile (the deadline estimate's basis), as
+        after the warm-up: the first forwards pay for lazy set-up, and would make every estimate run long."""
+        with self._lock:
+            self._step_s = self._layer_s = self._layer_measured_at = None
+            self._estimate_bias = 1.0
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stops the worker; requests still held end with Unavailable."""
         with self._lock:

@@ -121,4 +121,5 @@ async def warm_up_engine(engine: Engine) -> None:
     async with stream:
         async for _ in stream:
             pass
+    engine.forget_costs()  # measured cold: the first real prefills measure them afresh
     log.info("warm-up generation took %.2f s", time.monotonic() - started)
