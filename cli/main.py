@@ -1,4 +1,4 @@
-"""The `nlpmesh` command: up, down, ask, health, demo, certs, keys, cache, redis-acl, trace, budgets, models."""
+"""The `nlpmesh` command: up, down, ask, health, logs, demo, certs, keys, cache, redis-acl, trace, budgets, models."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from cli import invalidate, keys, models, redis_acl, run_state
+from cli import invalidate, keys, logs, models, redis_acl, run_state
 from cli.ask import ask, build_request, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
@@ -435,6 +435,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=cmd_budgets)
     keys.add_parser(sub)
     models.add_parser(sub)
+    logs.add_parser(sub)
     invalidate.add_parser(sub, run=lambda args: invalidate.cmd_invalidate(args, _cache_address(args)))
     r = sub.add_parser("redis-acl", help="write the Redis users (users.acl, hashed) and their passwords (redis.env)")
     r.add_argument("--out", required=True, help="the folder to write into, e.g. .redis (docker-compose.yml mounts it)")
