@@ -10,6 +10,10 @@ Every process the mesh starts gets SIGTERM when the thread that started it ends
 (Linux's parent-death signal), so a launcher killed outright leaves nothing
 behind. With a ``restart`` policy, ``supervise()`` restarts a process that exited,
 with backoff, as compose's ``restart: unless-stopped`` does.
+
+A port is owned by one process: the mesh does not start while another process holds one of its
+ports (another mesh on the same ports, say), and a service that exits because its port is taken
+(``PORT_IN_USE_EXIT``) is not restarted: ``PortTaken`` says which.
 """
 from __future__ import annotations
 
@@ -46,8 +50,9 @@ from cli.topology import (
     replica_names,
 )
 from gateway.health_names import model_health_name
+from meshkit.ports import port_in_use
 from meshkit.redis_connect import redact_url
-from meshkit.server import LAUNCHER_PID_ENV
+from meshkit.server import LAUNCHER_PID_ENV, PORT_IN_USE_EXIT
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 from modelfiles.catalogue import load_catalogue
@@ -70,6 +75,11 @@ def distinct_free_ports(count: int) -> list[int]:
 
 
 DEFAULT_REDIS_MAXMEMORY = "256mb"
+
+
+class PortTaken(RuntimeError):
+    """Another process holds a port of the mesh: nothing is started, or the process that needs it is not
+    restarted."""
 
 
 def check_health(address: str, timeout_s: float = 1.0,
@@ -133,6 +143,7 @@ class LocalMesh:
     _restart_due: dict[str, float] = field(default_factory=dict)
     _awaiting_serving: dict[str, float] = field(default_factory=dict)  # restarted, not yet SERVING again
     _stopping: bool = False
+    _given_up: set[str] = field(default_factory=set)  # exited, not to be restarted (their port is taken)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _supervisor: threading.Thread | None = None
 
@@ -226,6 +237,7 @@ class LocalMesh:
                 self.metrics_ports[name] = next(picked)
             elif service.metrics_port:
                 self.metrics_ports[name] = service.metrics_port + step
+        self._ensure_ports_free()
         if self.tls_dir is not None:
             report = init_certs(self.tls_dir)
             self.progress(f"tls: certificates in {self.tls_dir}" + (f" (made {', '.join(report.made)})"
@@ -235,6 +247,15 @@ class LocalMesh:
             self._spawn(service, self.redis_url_for(service.name), instance=name)
         self.wait_ready(ready_timeout_s)
         return self
+
+    def _ensure_ports_free(self) -> None:
+        """PortTaken, before anything starts (or any log is rewritten), when a process listens on a port of the
+        mesh: another mesh on the same ports, most likely."""
+        wanted = {**self.ports, **{f"{name} metrics": port for name, port in self.metrics_ports.items()}}
+        taken = [f"{name} (port {port})" for name, port in wanted.items() if port_in_use(f"127.0.0.1:{port}")]
+        if taken:
+            raise PortTaken(f"in use by another process: {', '.join(taken)}; is another mesh running on these "
+                            "ports (`nlpmesh down` in its NLPMESH_HOME), or use --free-ports")
 
     def redis_url_for(self, service: str) -> str:
         """The Redis URL ``service`` connects with ("" for none)."""
@@ -317,8 +338,9 @@ class LocalMesh:
         while waiting:
             for name in list(waiting):
                 if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {self.processes[name].returncode}; "
-                                       f"see {self.log_path(name)}:\n{self.log_tail(name)}")
+                    error = PortTaken if self.processes[name].returncode == PORT_IN_USE_EXIT else RuntimeError
+                    raise error(f"{name} exited with code {self.processes[name].returncode}; "
+                                f"see {self.log_path(name)}:\n{self.log_tail(name)}")
                 if check_health(self.address(name), 0.5, credentials) == "SERVING":
                     waiting.remove(name)
                     self.progress(f"{name}: SERVING after {time.monotonic() - started:.1f}s")
@@ -375,7 +397,11 @@ class LocalMesh:
                     if now >= due:
                         del self._restart_due[name]
                         self._restart(name)
-                elif process.poll() is not None:
+                elif process.poll() is not None and name not in self._given_up:
+                    if process.returncode == PORT_IN_USE_EXIT:  # restarting it would only fail the same way
+                        self._given_up.add(name)
+                        raise PortTaken(f"{name}: exited because another process holds its port; not restarting "
+                                        f"it (log: {self.log_path(name)}):\n{self.log_tail(name, 3)}")
                     ran_s = now - self._started_at[name]
                     backoff = self._backoff.setdefault(name, Backoff(self.restart))
                     delay = backoff.delay_after(ran_s)
@@ -388,7 +414,10 @@ class LocalMesh:
         """``supervise`` on a thread of its own until ``stop``."""
         def loop() -> None:
             while not self._stopping:
-                self.supervise()
+                try:
+                    self.supervise()
+                except PortTaken as taken:
+                    self.progress(str(taken))
                 time.sleep(every_s)
 
         self._supervisor = threading.Thread(target=loop, name="mesh-supervisor", daemon=True)

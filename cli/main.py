@@ -1,4 +1,4 @@
-"""The `nlpmesh` command: up, down, ask, health, demo, certs, keys, cache, redis-acl, trace, budgets, models."""
+"""The `nlpmesh` command: up, down, ask, health, logs, demo, certs, keys, cache, redis-acl, trace, budgets, models."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from cli import invalidate, keys, models, redis_acl, run_state
+from cli import invalidate, keys, logs, models, redis_acl, run_state
 from cli.ask import ask, build_request, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
@@ -62,9 +62,9 @@ def cmd_up(args) -> int:
 def _launch(args) -> int:
     """The launcher: the mesh up, then supervised until a signal (from Ctrl-C, `nlpmesh down`, ...)."""
     state_file = _state_file()
-    if not run_state.clear_if_stale(state_file, _say):
-        _say(f"a mesh is already up ({run_state.describe(run_state.read(state_file) or {})}); "
-             "run `nlpmesh down` first")
+    refusal = _another_mesh_up(state_file)
+    if refusal:
+        _say(refusal)
         return 1
     run_dir = default_home() / "run"
     mesh = LocalMesh(run_dir, free_ports=args.free_ports, progress=_say, tls=not args.plaintext,
@@ -78,6 +78,7 @@ def _launch(args) -> int:
     launcher = {"launcher": run_state.this_launcher(), "ready": False}
     mesh.on_change = lambda: run_state.write(state_file, {**mesh.state(), **launcher})
     run_state.write(state_file, launcher)  # claimed: a second `up` now refuses, `down` can stop this one
+    run_state.claim(state_file)  # the same, should the state file be removed while this runs
     stopped_by = None
     try:
         mesh.start(ready_timeout_s=args.timeout)
@@ -99,8 +100,22 @@ def _launch(args) -> int:
         mesh.stop()
         if run_state.written_by_me(run_state.read(state_file)):
             state_file.unlink(missing_ok=True)
+        run_state.release(state_file)
         _say("stopped")
     return 0
+
+
+def _another_mesh_up(state_file: Path) -> str | None:
+    """Why `up` must refuse: another launcher of this home runs (by its state file, else by its pid file; with
+    both removed, its ports refuse: cli/launcher.py). None when the home is free (a stale state file cleared)."""
+    if not run_state.clear_if_stale(state_file, _say):
+        return (f"a mesh is already up ({run_state.describe(run_state.read(state_file) or {})}); "
+                "run `nlpmesh down` first")
+    pid = run_state.running_launcher(state_file)
+    if pid is not None:
+        return (f"a mesh is already up (launcher pid {pid}, in {run_state.pid_file(state_file)}; its state file "
+                f"{state_file} is gone); run `nlpmesh down` first")
+    return None
 
 
 def _scale_of(args) -> dict[str, int]:
@@ -138,9 +153,9 @@ def _up_detached(args) -> int:
     """Starts the launcher as a background process of its own session, shows its progress until the mesh is
     ready, and leaves it running: it supervises the mesh until `nlpmesh down` signals it."""
     state_file = _state_file()
-    if not run_state.clear_if_stale(state_file, _say):
-        _say(f"a mesh is already up ({run_state.describe(run_state.read(state_file) or {})}); "
-             "run `nlpmesh down` first")
+    refusal = _another_mesh_up(state_file)
+    if refusal:
+        _say(refusal)
         return 1
     log_path = default_home() / "run" / "launcher.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +192,7 @@ def _up_detached(args) -> int:
 
 
 def cmd_down(args) -> int:
-    if run_state.read(_state_file()) is None:
+    if run_state.read(_state_file()) is None and run_state.running_launcher(_state_file()) is None:
         _say("no mesh is up")
         return 0
     stopped = run_state.stop(_state_file(), _say)
@@ -435,6 +450,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(run=cmd_budgets)
     keys.add_parser(sub)
     models.add_parser(sub)
+    logs.add_parser(sub)
     invalidate.add_parser(sub, run=lambda args: invalidate.cmd_invalidate(args, _cache_address(args)))
     r = sub.add_parser("redis-acl", help="write the Redis users (users.acl, hashed) and their passwords (redis.env)")
     r.add_argument("--out", required=True, help="the folder to write into, e.g. .redis (docker-compose.yml mounts it)")

@@ -3,6 +3,10 @@
 The launcher writes it when it starts, rewrites it whenever a process is replaced
 and removes it when it stops. A file whose launcher is gone is stale: whatever of
 its processes still run are stopped, and the file is replaced.
+
+Beside it, next to the launcher's log, the launcher's pid file (``launcher.pid``: its pid and
+start time) is written once and removed when the launcher stops: a script that removes the
+state file leaves it, so `up` still refuses and `down` still finds the launcher.
 """
 from __future__ import annotations
 
@@ -35,6 +39,35 @@ def write(path: Path, state: dict) -> None:
 
 def this_launcher() -> dict:
     return {"pid": os.getpid(), "started": start_time(os.getpid()) or ""}
+
+
+def pid_file(path: Path) -> Path:
+    """The launcher's pid file beside the state file ``path``."""
+    return path.with_name("launcher.pid")
+
+
+def claim(path: Path) -> None:
+    """Records this process as the launcher in the pid file beside ``path``."""
+    write(pid_file(path), {"launcher": this_launcher()})
+
+
+def release(path: Path) -> None:
+    """Removes the pid file beside ``path`` when it names this process."""
+    if written_by_me(read(pid_file(path))):
+        pid_file(path).unlink(missing_ok=True)
+
+
+def running_launcher(path: Path) -> int | None:
+    """The pid of the launcher the pid file beside ``path`` names, when that very process (same start time)
+    still runs; a pid file whose launcher is gone is removed."""
+    recorded = read(pid_file(path))
+    if recorded is None:
+        return None
+    if launcher_running(recorded) and not written_by_me(recorded):
+        return recorded["launcher"]["pid"]
+    if not written_by_me(recorded):
+        pid_file(path).unlink(missing_ok=True)
+    return None
 
 
 def launcher_running(state: dict) -> bool:
@@ -76,10 +109,13 @@ def clear_if_stale(path: Path, say: Callable[[str], None], grace_s: float = 10.0
 
 
 def stop(path: Path, say: Callable[[str], None], grace_s: float = 10.0) -> list[str]:
-    """Stops the mesh ``path`` records (its launcher, then anything left) and removes the file; the names stopped."""
+    """Stops the mesh ``path`` records (its launcher, then anything left) and removes the file; the names stopped.
+
+    Without the file, the launcher its pid file names is stopped (its processes die with it).
+    """
     state = read(path)
     if state is None:
-        return []
+        return stop_unrecorded(path, say, grace_s)
     names = list(leftovers(state))
     if launcher_running(state):
         pid = state["launcher"]["pid"]
@@ -95,4 +131,16 @@ def stop(path: Path, say: Callable[[str], None], grace_s: float = 10.0) -> list[
     while leftovers(state) and time.monotonic() < deadline:
         time.sleep(0.05)
     path.unlink(missing_ok=True)
+    pid_file(path).unlink(missing_ok=True)
     return names
+
+
+def stop_unrecorded(path: Path, say: Callable[[str], None], grace_s: float = 10.0) -> list[str]:
+    """Stops the launcher the pid file beside ``path`` names, when the state file is gone; ["launcher"] or []."""
+    pid = running_launcher(path)
+    if pid is None:
+        return []
+    say(f"{path} is gone, but the launcher in {pid_file(path)} (pid {pid}) runs: stopping it and its processes")
+    terminate_all([pid], grace_s + 10.0)  # the launcher gives its children grace_s, then kills them
+    pid_file(path).unlink(missing_ok=True)
+    return ["launcher"]

@@ -7,6 +7,7 @@ import time
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from gateway.access_log import AccessLogInterceptor
 from gateway.answer import Answerer
 from gateway.auth import authenticator
 from gateway.budgets import BudgetPolicy
@@ -78,6 +79,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         warm_up=warm_up,
         close=close,
         health_names=(CACHE_PATH,),
+        call_log=AccessLogInterceptor() if settings.access_log else None,
         watch_health=lambda health: DownstreamHealth(
             {**downstream.required_channels(), "inference": models.default.channel}, settings.health_checks(),
             models).watch(health),

@@ -8,12 +8,12 @@ key only what its scope allows.
 """
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import asynccontextmanager
 
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from gateway import access_log
 from gateway.answer import Answerer, Outcome
 from gateway.auth import KeyFileAuth, OpenAccess
 from gateway.inference_stream import TokenDelta
@@ -30,8 +30,6 @@ from meshkit.server import rpc_method
 from meshkit.tracing.propagation import trace_id_hex
 from meshkit.tracing.server_span import request_span
 from meshkit.wire import REQUEST_ID_HEADER, SERVER_TIMING_TRAILER
-
-log = logging.getLogger("nlpmesh.gateway")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -58,7 +56,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request, context):
         started = time.perf_counter()
         tenant = self._tenant(context)
-        prompt_request = PromptRequest.from_pb(request)
+        prompt_request = self._prompt_request(request)
         self._check_scope(tenant, prompt_request.template_id, prompt_request.model)
         async with self._scope(context, tenant, "Generate", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
@@ -69,6 +67,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if isinstance(event, TokenDelta):
                     parts.append(event.text)
                 else:
+                    self._note_outcome(event, prompt_request)
                     context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     return gateway_pb2.GenerateResponse(
                         text="".join(parts), finish_reason=event.finish_reason, usage=_usage_to_pb(event),
@@ -81,7 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
         tenant = self._tenant(context)
-        prompt_request = PromptRequest.from_pb(request)
+        prompt_request = self._prompt_request(request)
         self._check_scope(tenant, prompt_request.template_id, prompt_request.model)
         async with self._scope(context, tenant, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
                          started) as scope:
@@ -91,6 +90,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if isinstance(event, TokenDelta):
                     yield gateway_pb2.GenerateChunk(delta=event.text)
                 elif isinstance(event, Outcome):
+                    self._note_outcome(event, prompt_request)
                     context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     yield gateway_pb2.GenerateChunk(
                         done=True, finish_reason=event.finish_reason, usage=_usage_to_pb(event),
@@ -104,10 +104,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tenant = self._tenant(context)
         prompt = prompt_from_pb(request)
         template_id = prompt.id if isinstance(prompt, TemplateCall) else None
+        access_log.note(model=request.model, **_template_fields(prompt))
         self._check_scope(tenant, template_id, request.model)
         async with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope:
             await _send_request_id(context, scope.request_id)
             count, model = await self.answerer.count_tokens(prompt, request.model, scope)
+            access_log.note(model=model, prompt_tokens=count)
             return gateway_pb2.CountTokensResponse(prompt_tokens=count, model=model)
 
     @rpc_method
@@ -143,7 +145,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         Health and reflection are other gRPC services, never gated here.
         """
-        return self._auth.tenant_for(context.invocation_metadata())
+        tenant = self._auth.tenant_for(context.invocation_metadata())
+        access_log.note(tenant=tenant.id)
+        return tenant
+
+    @staticmethod
+    def _prompt_request(request) -> PromptRequest:
+        if request.WhichOneof("prompt") == "template":  # noted before validation: a refused call says it too
+            access_log.note(template_id=request.template.id, template_version=request.template.version)
+        access_log.note(model=request.model)
+        return PromptRequest.from_pb(request)
+
+    def _note_outcome(self, outcome: Outcome, request: PromptRequest) -> None:
+        template = request.prompt
+        version = (self._templates.known_version(template.id, template.version)
+                   if isinstance(template, TemplateCall) else None)
+        access_log.note(model=outcome.model, cache_hit=outcome.cache_hit, prompt_tokens=outcome.prompt_tokens,
+                        completion_tokens=outcome.completion_tokens,
+                        **({"template_version": version} if version else {}))
 
     def _check_scope(self, tenant: Tenant, template_id: str | None, model: str) -> None:
         """PERMISSION_DENIED (ErrorInfo reason KEY_SCOPE) for a template or model outside the caller's key's scope,
@@ -161,22 +180,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # The server span the tracing interceptor opened is the request's span: hops hang from it.
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
+        access_log.note(request_id=request_id)
         with bind_request_id(request_id), request_span(self._tracer, metadata, f"gateway.{name}") as span:
             if self._quotas is None:
                 raise Unavailable("the gateway is starting")
             # Once per request, after the key named the tenant and before any hop; RESOURCE_EXHAUSTED
             # with QuotaFailure and RetryInfo when the tenant is over a limit.
-            try:
-                async with await self._quotas.admit(tenant) as quota_lease:
-                    yield self._scopes.open(quota_lease=quota_lease, span=span, request_id=request_id,
-                                            template_id=template_id, budget_ms=budget_ms,
-                                            time_left=context.time_remaining, started=started)
-            finally:
-                log.debug("%s ended after %.1f ms", name, (time.perf_counter() - started) * 1000)
+            async with await self._quotas.admit(tenant) as quota_lease:
+                scope = self._scopes.open(quota_lease=quota_lease, span=span, request_id=request_id,
+                                          template_id=template_id, budget_ms=budget_ms,
+                                          time_left=context.time_remaining, started=started)
+                access_log.note(hops=scope.hops)  # the hops done by the end, failures included
+                yield scope
 
 
 async def _send_request_id(context, request_id: str) -> None:
+    access_log.note(request_id=request_id)
     await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+
+
+def _template_fields(prompt) -> dict[str, str]:
+    """The template a prompt names (id and version as called, empty = newest), for the access line."""
+    return {"template_id": prompt.id, "template_version": prompt.version} if isinstance(prompt, TemplateCall) else {}
 
 
 def _usage_to_pb(outcome: Outcome) -> gateway_pb2.Usage:

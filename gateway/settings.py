@@ -99,6 +99,10 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     downstream_health_interval_s: float = Field(default=1.0, gt=0)
     downstream_health_timeout_s: float = Field(default=1.0, gt=0)
     downstream_health_failures: int = Field(default=2, ge=1)
+    # The access log (gateway/access_log.py): one INFO line per finished call (ids, tenant, model, template,
+    # status, cache, per-hop ms, tokens; never prompt or answer text). False: none, or a plain line per call at
+    # DEBUG, as every service writes.
+    access_log: bool = True
     # The edge: callers are not asked for a certificate (API keys name them); the
     # internal services do ask the gateway for one.
     tls_require_client_cert: bool = False

@@ -51,6 +51,10 @@ class TemplateIndex:
             resolved = self._lookup(template_id, version)
         return resolved
 
+    def known_version(self, template_id: str, version: str) -> str | None:
+        """The concrete version a call names, as this view knows it now (no refresh), or None."""
+        return self._lookup(template_id, version)
+
     def _lookup(self, template_id: str, version: str) -> str | None:
         if not version:
             return self._newest.get(template_id)

@@ -9,6 +9,7 @@ hop, tier, reason), never request ids, tenants or template variables.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -16,6 +17,7 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from meshkit.interceptor import ObservingInterceptor, observed
+from meshkit.ports import PortInUse
 
 log = logging.getLogger("nlpmesh.metrics")
 
@@ -43,11 +45,17 @@ def server_interceptors(service: str) -> list:
 def start_metrics_server(settings):
     """Serves /metrics on ``settings.metrics_port`` (0 = no endpoint); returns the HTTP server or None.
 
-    A port that cannot be bound raises OSError: a service must not run unseen.
+    A port that cannot be bound raises OSError (PortInUse when another process holds it): a service must
+    not run unseen.
     """
     if settings.metrics_port <= 0:
         return None
-    server, _thread = start_http_server(settings.metrics_port, addr=settings.host)
+    try:
+        server, _thread = start_http_server(settings.metrics_port, addr=settings.host)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise PortInUse("metrics", f"{settings.host}:{settings.metrics_port}") from None
+        raise
     log.info("metrics at http://%s:%d/metrics", settings.host, settings.metrics_port)
     return server
 

@@ -39,6 +39,9 @@ _VALID_ID = re.compile(r"[!-~]{1,128}")
 _request_id: ContextVar[str] = ContextVar("nlpmesh.request_id", default=NO_ID)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s request_id=%(request_id)s trace_id=%(trace_id)s"
+# A record's structured fields (``extra={FIELDS: {...}}``, e.g. an access log line's): after the message as
+# ``name=value`` in the text format, keys of their own in the JSON one.
+FIELDS = "fields"
 
 
 def incoming_request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -124,9 +127,29 @@ class TextFormatter(logging.Formatter):
     def formatException(self, ei) -> str:
         return super().formatException(ei) if self.capture_content else content_free_traceback(ei[1])
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, FIELDS, None)
+        if fields:
+            record.message = f"{record.message} {text_fields(fields)}"
+        return super().formatMessage(record)
+
+
+def text_fields(fields: dict) -> str:
+    """``name=value`` pairs, one word each: a value with a space or a quote is JSON-quoted; a dict is
+    ``key:value`` pairs joined by commas."""
+    return " ".join(f"{name}={_text_value(value)}" for name, value in fields.items())
+
+
+def _text_value(value) -> str:
+    if isinstance(value, dict):
+        value = ",".join(f"{key}:{item}" for key, item in value.items())
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in "\"'" for c in text) else text
+
 
 class JsonLineFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers: ts, level, logger, message, request_id, trace_id, exc.
+    """One JSON object per line, for log shippers: ts, level, logger, message, request_id, trace_id, exc,
+    and the record's structured fields (``FIELDS``), each a key of its own.
 
     ``exc`` is a traceback without exception messages unless ``capture_content``.
     """
@@ -147,6 +170,8 @@ class JsonLineFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", NO_ID),
             "trace_id": getattr(record, "trace_id", NO_ID),
         }
+        for name, value in (getattr(record, FIELDS, None) or {}).items():
+            line.setdefault(name, value)  # never in place of the keys above
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -25,9 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshkit import metrics
+from meshkit.call_log import CallLogInterceptor
 from meshkit.content_capture import warn_if_capturing
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
+from meshkit.ports import PortInUse, port_in_use
 from meshkit.request_decoding import RequestDecodingInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
@@ -39,6 +41,8 @@ log = logging.getLogger("nlpmesh.server")
 
 # The exit status of a service that refused its configuration at start (StartRefused).
 START_REFUSED_EXIT = 2
+# The exit status of a service whose port another process holds (PortInUse): the launcher does not restart it.
+PORT_IN_USE_EXIT = 3
 
 
 class StartRefused(Exception):
@@ -65,6 +69,8 @@ class ServiceSpec:
     # Runs once the service is ready, until it stops; may set any health name through the servicer
     # (e.g. NOT_SERVING while something the service needs is down).
     watch_health: Callable[[health.aio.HealthServicer], Awaitable[None]] | None = None
+    # The line logged per served call (meshkit/call_log.py); None: one at DEBUG.
+    call_log: CallLogInterceptor | None = None
 
 
 # Set by the local launcher (cli/launcher.py) to its pid. It arms each child's parent-death
@@ -84,6 +90,20 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# gRPC sets SO_REUSEPORT by default: a second server on a busy port would bind it too, and the kernel would
+# split the calls between the two. Off, a port in use fails the start (PortInUse).
+SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """What every server of the mesh is created with: one process per port, message sizes, connection age."""
+    options = [*SERVER_OPTIONS, *channel_options(settings.max_message_bytes)]
+    if settings.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
+    return options
+
+
 async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     """Builds and starts the server; returns (server, port, health servicer).
 
@@ -91,16 +111,15 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     """
     interceptors = [*server_span.server_interceptors(spec.name), *metrics.server_interceptors(spec.name),
                     *spec.interceptors]
+    call_log = spec.call_log or CallLogInterceptor()
+    if call_log.enabled():  # inside the tracing interceptor: the line has the call's trace id
+        interceptors.append(call_log)
     if settings.fault_delay_ms > 0:
         log.warning("%s: fault injection on, every call delayed %.0f ms", spec.name, settings.fault_delay_ms)
         interceptors.append(DelayInterceptor(settings.fault_delay_ms))
     # Last, so innermost: the tracing and metrics interceptors see a malformed request's INVALID_ARGUMENT.
     interceptors.append(RequestDecodingInterceptor())
-    options = channel_options(settings.max_message_bytes)
-    if settings.max_connection_age_s > 0:
-        options += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     spec.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -108,17 +127,25 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     if settings.reflection:
         reflection.enable_server_reflection(names + (reflection.SERVICE_NAME,), server)
     tls = TlsConfig.from_settings(settings)
-    credentials = tls.server_credentials()
-    if credentials is None:
-        port = server.add_insecure_port(settings.address)
-    else:
-        port = server.add_secure_port(settings.address, credentials)
-    if port == 0:
-        raise OSError(f"{spec.name}: cannot bind {settings.address}")
+    port = _bind(server, settings.address, tls.server_credentials(), spec.name)
     await server.start()
     for name in ("", *spec.service_names, *spec.health_names):
         await health_servicer.set(name, NOT_SERVING)
     return server, port, health_servicer
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials, name: str) -> int:
+    """The port bound; PortInUse when another process holds it (gRPC says only that it could not bind)."""
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        if port_in_use(address):
+            raise PortInUse(name, address)
+        raise OSError(f"{name}: cannot bind {address}")
+    return port
 
 
 async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
@@ -171,12 +198,16 @@ def run(spec_factory: Callable[[ServiceSettings], ServiceSpec], settings: Servic
         log.error("the launcher that started this service (pid %s) is gone: not starting",
                   os.environ[LAUNCHER_PID_ENV])
         raise SystemExit(1)
-    if settings.event_loop == "uvloop":
-        import uvloop
+    try:
+        if settings.event_loop == "uvloop":
+            import uvloop
 
-        uvloop.run(_run(spec_factory, settings))
-    else:
-        asyncio.run(_run(spec_factory, settings))
+            uvloop.run(_run(spec_factory, settings))
+        else:
+            asyncio.run(_run(spec_factory, settings))
+    except PortInUse as error:
+        log.error("%s: not starting", error)
+        raise SystemExit(PORT_IN_USE_EXIT) from None
 
 
 async def _run(spec_factory, settings) -> None:

@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli.connect import GatewayAccess
 from cli.processes import start_time
 from cli.topology import REPO_ROOT
 from meshkit.settings import default_home
+from meshkit.tls import CA_FILE
 from tests.polling import wait_until
 
 READY_S = 300.0
@@ -21,23 +23,29 @@ CHILDREN_GONE_S = 20.0  # SIGTERM from the parent-death signal, the services' dr
 
 
 class Launched:
-    """One `nlpmesh up --free-ports` in a home of its own, its output in a file."""
+    """One `nlpmesh up` (on free ports unless told otherwise) in a home of its own, its output in a file.
 
-    def __init__(self, home: Path):
+    ``name``: the output file's (``<name>.out``), for a second launcher in the same home. ``extra_env``:
+    for every command run, e.g. the services' log levels.
+    """
+
+    def __init__(self, home: Path, name: str = "up", extra_env: dict[str, str] | None = None):
         self.home = home
-        self.output = home / "up.out"
+        self.output = home / f"{name}.out"
+        self.extra_env = extra_env or {}
         self.process: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "NLPMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, **self.extra_env, "NLPMESH_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
 
     def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT, env=self.env(),
                               capture_output=True, text=True, timeout=timeout_s)
 
-    def up(self) -> Launched:
+    def up(self, free_ports: bool = True) -> Launched:
+        ports = ["--free-ports"] if free_ports else []
         with self.output.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--free-ports", *ONE_MODEL],
+            self.process = subprocess.Popen([sys.executable, "-m", "cli.main", "up", *ports, *ONE_MODEL],
                                             cwd=REPO_ROOT,
                                             env=self.env(), stdout=out, stderr=subprocess.STDOUT)
         wait_until(lambda: "mesh ready" in self.said() or self.process.poll() is not None, READY_S, 0.5,
@@ -54,6 +62,16 @@ class Launched:
 
     def state(self) -> dict:
         return json.loads(self.state_file.read_text())
+
+    def gateway_access(self) -> GatewayAccess:
+        """How `nlpmesh ask` reaches this mesh's gateway: TLS with the mesh CA, the local key."""
+        state = self.state()
+        return GatewayAccess(state["gateway"], ca_file=Path(state["tls_dir"]) / CA_FILE,
+                             api_key=(self.home / "local.key").read_text().strip())
+
+    def log_path(self, name: str) -> Path:
+        """Where the launcher writes process ``name``'s output (cli/launcher.py)."""
+        return self.home / "run" / "logs" / f"{name}.log"
 
     def health(self, service: str = "") -> str:
         return self.cli("health", "--timeout", "2", *(["--service", service] if service else [])).stdout.strip()

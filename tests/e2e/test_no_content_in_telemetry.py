@@ -1,9 +1,10 @@
 """No request text in telemetry: a canary sent every way a prompt can travel (chat and template,
-unary and stream, a miss, a cache hit, requests that fail validation) reaches no log line, no span
-file, no /metrics page, and no error a caller gets back. tests/servicer/test_gateway_prompt_capture.py
+unary and stream, a miss, a cache hit, requests that fail validation) reaches no log line (the access
+log's included), no span file, no /metrics page, and no error a caller gets back. tests/servicer/test_gateway_prompt_capture.py
 shows the same search finding it with capture_content on."""
 from __future__ import annotations
 
+import json
 import urllib.request
 import uuid
 
@@ -102,6 +103,15 @@ def test_the_canary_reaches_no_log_span_metric_or_error(verbose_mesh):
     spans = {path.name: path.read_text() for path in sorted(verbose_mesh.trace_dir.glob("*.jsonl"))}
     # The search sees real telemetry: the run's request ids and the template it rendered.
     assert "canary-run-" in logs["gateway"] and "canary-run-" in logs["inference"]
+    # ...the access log's line for each call (the refused ones too), and each service's line per call.
+    records = [json.loads(line) for line in logs["gateway"].splitlines() if line.startswith("{")]
+    access = [record for record in records
+              if record["logger"] == "nlpmesh.access" and record["request_id"].startswith("canary-run-")]
+    statuses = [line["status"] for line in access]
+    assert statuses.count("INVALID_ARGUMENT") == 2 * len(FAILING) and statuses.count("OK") >= 5, statuses
+    assert {line["template"] for line in access} == {"-", "finance_question"}
+    for name in ("template", "tokenizer", "inference"):
+        assert '"logger": "nlpmesh.calls"' in logs[name], name
     assert set(spans) == {f"{name}.jsonl" for name in SERVICES}
     assert '"nlpmesh.template.id":"finance_question"' in spans["template.jsonl"]
     for name, text in logs.items():

@@ -17,6 +17,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from cli.launcher import LocalMesh
 from cli.traces import show_trace
 from meshkit import span_names as names
+from meshkit.server import SERVER_OPTIONS
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -83,7 +84,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 @pytest.fixture(scope="module")
 def collector():
     servicer = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -1,16 +1,20 @@
-"""The launcher's restart backoff, its state file, and the bounds of its private Redis, without starting a mesh."""
+"""The launcher's restart backoff, its state and pid files, its ports, and the bounds of its private Redis, without
+starting a mesh."""
 import os
+import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import redis
 
 from cli import run_state
-from cli.launcher import LocalMesh
+from cli.launcher import LocalMesh, PortTaken
 from cli.processes import same_process, start_time
 from cli.restarts import Backoff, RestartPolicy
-from cli.topology import compose_redis_server_args
-from meshkit.server import LAUNCHER_PID_ENV, launcher_is_gone
+from cli.topology import ServiceDef, compose_redis_server_args
+from meshkit.server import LAUNCHER_PID_ENV, PORT_IN_USE_EXIT, launcher_is_gone
 
 
 def test_restart_delays_double_up_to_the_bound_and_reset_after_a_long_run():
@@ -92,3 +96,77 @@ def test_a_service_whose_launcher_died_before_arming_its_signal_does_not_start(t
     assert done.returncode == 1
     assert "the launcher that started this service" in done.stderr
     assert launcher_is_gone() is False  # this test's own parent was never named
+
+
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_a_pid_file_names_a_running_launcher_only_while_that_very_process_runs(tmp_path):
+    path = tmp_path / "mesh.json"
+    launcher = sleeper()
+    try:
+        run_state.write(run_state.pid_file(path), {"launcher": {"pid": launcher.pid,
+                                                               "started": start_time(launcher.pid)}})
+        assert run_state.running_launcher(path) == launcher.pid
+        # The same pid with another start time is another process (a recycled pid): never it.
+        run_state.write(run_state.pid_file(path), {"launcher": {"pid": launcher.pid, "started": "1"}})
+        assert run_state.running_launcher(path) is None
+        assert not run_state.pid_file(path).exists()  # stale: removed
+        assert launcher.poll() is None
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_down_without_a_state_file_stops_the_launcher_its_pid_file_names(tmp_path):
+    path = tmp_path / "mesh.json"
+    launcher = sleeper()
+    said = []
+    try:
+        run_state.write(run_state.pid_file(path), {"launcher": {"pid": launcher.pid,
+                                                               "started": start_time(launcher.pid)}})
+        assert run_state.stop(path, said.append, grace_s=2.0) == ["launcher"]
+        assert launcher.wait(timeout=10) != 0
+        assert f"(pid {launcher.pid}) runs: stopping it" in said[0]
+        assert not run_state.pid_file(path).exists()
+        assert run_state.stop(path, said.append) == []  # nothing left to stop
+    finally:
+        launcher.kill()
+
+
+def test_this_launchers_own_pid_file_is_its_to_release_and_no_refusal_of_itself(tmp_path):
+    path = tmp_path / "mesh.json"
+    run_state.claim(path)
+    assert run_state.running_launcher(path) is None  # it is this process
+    run_state.release(path)
+    assert not run_state.pid_file(path).exists()
+
+
+def a_service_on(port: int, metrics_port: int = 0) -> ServiceDef:
+    return ServiceDef("template", (sys.executable, "-c", "pass"), {}, port, (), metrics_port)
+
+
+def test_a_mesh_whose_port_another_process_holds_starts_nothing_and_says_which_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        mesh = LocalMesh(tmp_path, services=[a_service_on(port)], progress=lambda line: None)
+        with pytest.raises(PortTaken, match=f"template \\(port {port}\\)"):
+            mesh.start(ready_timeout_s=5)
+        assert mesh.processes == {} and not mesh.log_path("template").exists()
+
+
+def test_a_process_that_exited_because_its_port_is_taken_is_not_restarted(tmp_path):
+    said = []
+    mesh = LocalMesh(tmp_path, services=[a_service_on(1)], progress=said.append, restart=RestartPolicy())
+    (tmp_path / "logs").mkdir()
+    mesh.processes["template"] = taken = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({PORT_IN_USE_EXIT})"])
+    taken.wait()
+    mesh._started_at["template"] = time.monotonic()
+    with pytest.raises(PortTaken, match="template: exited because another process holds its port"):
+        mesh.supervise()
+    mesh.supervise()  # given up: neither restarted nor refused again
+    assert mesh.processes["template"] is taken and not any("restart" in line for line in said)

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.downstream_health import CACHE_PATH, GENERATION_PATH, DownstreamHealth, HealthChecks
-from meshkit.server import NOT_SERVING, SERVING
+from meshkit.server import NOT_SERVING, SERVER_OPTIONS, SERVING
 from tests.polling import until
 
 NAMES = ("template", "tokenizer", "inference")
@@ -18,7 +18,7 @@ async def downstream():
     """Three health servers standing in for the internal services, and the gateway's channels to them."""
     servers, servicers, channels = {}, {}, {}
     for name in NAMES:
-        servers[name] = grpc.aio.server()
+        servers[name] = grpc.aio.server(options=SERVER_OPTIONS)
         servicers[name] = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicers[name], servers[name])
         port = servers[name].add_insecure_port("127.0.0.1:0")

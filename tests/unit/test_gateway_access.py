@@ -7,6 +7,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cli.connect import GatewayAccess
+from meshkit.server import SERVER_OPTIONS
 
 
 class RecordingHealth(health.HealthServicer):
@@ -22,7 +23,7 @@ class RecordingHealth(health.HealthServicer):
 def serve() -> tuple[grpc.Server, RecordingHealth, str]:
     from concurrent import futures
 
-    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=SERVER_OPTIONS)
     servicer = RecordingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

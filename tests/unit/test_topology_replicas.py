@@ -6,6 +6,7 @@ import pytest
 from cli.launcher import LocalMesh
 from cli.main import parser
 from cli.topology import load_topology, local_environment, replica_addresses
+from meshkit.server import SERVER_OPTIONS
 from meshkit.settings import DEFAULT_PORTS
 
 
@@ -70,7 +71,7 @@ def test_health_all_lists_every_replica_with_its_address_and_status(tmp_path, mo
     try:
         for name, status in (("inference", health_pb2.HealthCheckResponse.SERVING),
                              ("inference-2", health_pb2.HealthCheckResponse.NOT_SERVING)):
-            server = grpc.server(futures.ThreadPoolExecutor(2))
+            server = grpc.server(futures.ThreadPoolExecutor(2), options=SERVER_OPTIONS)
             servicer = health.HealthServicer()
             servicer.set("", status)
             health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
