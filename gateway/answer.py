@@ -60,6 +60,7 @@ class Outcome:
     cache_hit: bool
     model: str
     timings: list[HopTiming]
+    logprobs: tuple = ()  # those of tokens no TokenDelta carried (the inference service's TokenLogprob)
 
 
 class Answerer:
@@ -153,7 +154,7 @@ class Answerer:
         if end is None or end.cancelled:
             return
         outcome = Outcome("".join(parts), end.finish_reason, end.prompt_tokens, end.completion_tokens,
-                          False, pool.info.model, scope.finish())
+                          False, pool.info.model, scope.finish(), end.logprobs)
         if miss.cached and request.cache_mode.writes:
             self._store_later(key, outcome, scope, lease)
         yield outcome
@@ -203,9 +204,10 @@ class Answerer:
         one generation by (gateway/coalescing.py). The tenant salts it: one tenant never reads another's
         answer, nor joins another's generation. The model's id and revision are in it: one model never answers
         from another's entries, nor a new revision from an old one's. Sampled requests (neither greedy nor
-        seeded) and CACHE_MODE_BYPASS ones (they ask for a generation of their own) get none.
+        seeded), those asking for log-probabilities (the cache keeps none) and CACHE_MODE_BYPASS ones (they ask
+        for a generation of their own) get none.
         """
-        if request.cache_mode == CacheMode.BYPASS or not sampling.deterministic:
+        if request.cache_mode == CacheMode.BYPASS or not sampling.cacheable:
             return None
         prompt = request.prompt
         if isinstance(prompt, TemplateCall):

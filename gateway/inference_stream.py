@@ -22,6 +22,9 @@ from meshkit.wire import InferenceLoad
 @dataclass(frozen=True)
 class TokenDelta:
     text: str
+    # SamplingParams.logprobs set: the tokens generated since the previous event, as the inference service sent
+    # them (nlpmesh.inference.v1.TokenLogprob, the gateway's TokenLogprob field for field).
+    logprobs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class GenerationEnd:
     finish_reason: int  # nlpmesh.inference.v1.FinishReason, passed on as the gateway's (equal values: a test checks)
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple = ()  # those of tokens no delta carried
 
     @property
     def cancelled(self) -> bool:
@@ -40,9 +44,10 @@ def events_of(chunk: inference_pb2.GenerateChunk) -> list[TokenDelta | Generatio
     """What one chunk of the stream tells the caller: its text, then its end."""
     events: list[TokenDelta | GenerationEnd] = []
     if chunk.delta:
-        events.append(TokenDelta(chunk.delta))
+        events.append(TokenDelta(chunk.delta, tuple(chunk.logprobs)))
     if chunk.done:
-        events.append(GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens))
+        logprobs = () if chunk.delta else tuple(chunk.logprobs)
+        events.append(GenerationEnd(chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens, logprobs))
     return events
 
 

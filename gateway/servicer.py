@@ -63,16 +63,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await _send_request_id(context, scope.request_id)
             trace_id = trace_id_hex(scope.span)
             parts: list[str] = []
+            logprobs: list = []
             async for event in self.answerer.stream(prompt_request, scope):
                 if isinstance(event, TokenDelta):
                     parts.append(event.text)
+                    logprobs += event.logprobs
                 else:
                     self._note_outcome(event, prompt_request)
                     context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     return gateway_pb2.GenerateResponse(
                         text="".join(parts), finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_to_pb(event.timings),
+                        timings=_timings_to_pb(event.timings), logprobs=_logprobs_to_pb([*logprobs, *event.logprobs]),
                     )
             return gateway_pb2.GenerateResponse(trace_id=trace_id)
 
@@ -88,14 +90,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             trace_id = trace_id_hex(scope.span)
             async for event in self.answerer.stream(prompt_request, scope):
                 if isinstance(event, TokenDelta):
-                    yield gateway_pb2.GenerateChunk(delta=event.text)
+                    yield gateway_pb2.GenerateChunk(delta=event.text, logprobs=_logprobs_to_pb(event.logprobs))
                 elif isinstance(event, Outcome):
                     self._note_outcome(event, prompt_request)
                     context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     yield gateway_pb2.GenerateChunk(
                         done=True, finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_to_pb(event.timings),
+                        timings=_timings_to_pb(event.timings), logprobs=_logprobs_to_pb(event.logprobs),
                     )
 
     @rpc_method
@@ -206,6 +208,11 @@ def _template_fields(prompt) -> dict[str, str]:
 
 def _usage_to_pb(outcome: Outcome) -> gateway_pb2.Usage:
     return gateway_pb2.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
+
+
+def _logprobs_to_pb(logprobs) -> list[gateway_pb2.TokenLogprob]:
+    """The inference service's TokenLogprob messages as the gateway's: the same fields and numbers."""
+    return [gateway_pb2.TokenLogprob.FromString(one.SerializeToString()) for one in logprobs]
 
 
 def _timings_to_pb(timings: list[HopTiming]) -> list[gateway_pb2.HopTiming]:

@@ -33,6 +33,10 @@ class SamplingLimits:
     max_new_tokens: int = 2048
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
+    # OpenAI's ranges for the penalties, and its bound on the alternatives per token.
+    max_repetition_penalty: float = 2.0
+    max_abs_penalty: float = 2.0
+    max_logprobs: int = 20
 
 
 API_LIMITS = SamplingLimits()
@@ -46,6 +50,14 @@ class Sampling:
     top_k: int = 0  # 0 = unset
     seed: int | None = None  # None = a fresh random seed
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 0.0  # 0 = unset (1: none)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None = none; k = each token's log-probability and the k most likely
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty not in (0.0, 1.0) or bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -53,8 +65,14 @@ class Sampling:
 
     @property
     def deterministic(self) -> bool:
-        """The one rule for what may be cached: the same request always gives the same answer."""
+        """The same request always gives the same answer."""
         return self.greedy or self.seed is not None
+
+    @property
+    def cacheable(self) -> bool:
+        """The one rule for what may be read from or written to the prompt cache, or shared with identical
+        requests: a deterministic answer, without log-probabilities (which the cache does not hold)."""
+        return self.deterministic and self.logprobs is None
 
     def violations(self, limits: SamplingLimits = API_LIMITS) -> list[FieldViolation]:
         """Every field out of its range, named as the public API names it (``sampling.top_p``)."""
@@ -69,6 +87,17 @@ class Sampling:
         if not 0 <= self.max_new_tokens <= limits.max_new_tokens:
             found.append(FieldViolation("sampling.max_new_tokens",
                                         f"must be in [0, {limits.max_new_tokens}] (0 = the server's default)"))
+        if not (math.isfinite(self.repetition_penalty) and 0 <= self.repetition_penalty
+                <= limits.max_repetition_penalty):
+            found.append(FieldViolation("sampling.repetition_penalty",
+                                        f"must be a number in [0, {limits.max_repetition_penalty:g}] (0 = unset, 1)"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and abs(value) <= limits.max_abs_penalty):
+                found.append(FieldViolation(f"sampling.{name}", f"must be a number in [-{limits.max_abs_penalty:g}, "
+                                                                f"{limits.max_abs_penalty:g}] (0 = off)"))
+        if self.logprobs is not None and not 0 <= self.logprobs <= limits.max_logprobs:
+            found.append(FieldViolation("sampling.logprobs", f"must be in [0, {limits.max_logprobs}] when set"))
         return found + self._stop_violations(limits)
 
     def _stop_violations(self, limits: SamplingLimits) -> list[FieldViolation]:
@@ -93,11 +122,19 @@ class Sampling:
             top_k=pb.top_k,
             seed=pb.seed if pb.HasField("seed") else None,
             stop=tuple(pb.stop),
+            repetition_penalty=round(pb.repetition_penalty, _FLOAT_DIGITS),
+            presence_penalty=round(pb.presence_penalty, _FLOAT_DIGITS),
+            frequency_penalty=round(pb.frequency_penalty, _FLOAT_DIGITS),
+            logprobs=pb.logprobs if pb.HasField("logprobs") else None,
         )
 
     def to_pb(self, message_type):
         pb = message_type(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                          top_p=self.top_p, top_k=self.top_k, stop=list(self.stop))
+                          top_p=self.top_p, top_k=self.top_k, stop=list(self.stop),
+                          repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                          frequency_penalty=self.frequency_penalty)
         if self.seed is not None:
             pb.seed = self.seed
+        if self.logprobs is not None:
+            pb.logprobs = self.logprobs
         return pb

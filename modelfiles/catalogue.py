@@ -32,7 +32,8 @@ _EXTERNAL_FIELDS = {"name", "engine", "tokenizer", "endpoint", "context_length",
 ENGINE_KINDS = ("builtin", "openai")
 # The sampling fields an OpenAI-compatible engine may honour (SAMPLING_FIELDS and seed); an endpoint's
 # ``sampling_fields`` names those its engine does, and a request setting another is refused.
-ENGINE_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+ENGINE_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty",
+                          "frequency_penalty")
 _ENDPOINT_FIELDS = {"urls", "model", "token_file", "token_env", "ca_file", "prompt", "max_in_flight",
                     "sampling_fields"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")

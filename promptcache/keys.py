@@ -146,6 +146,10 @@ def _require(violations: list[FieldViolation], value: str, field: str) -> None:
 
 def _canonical_sampling(sampling: Sampling) -> dict:
     fields = {"max_new_tokens": sampling.max_new_tokens, "stop": list(sampling.stop)}
+    if sampling.penalised:  # absent when off, so the keys of answers stored before the penalties stay as they were
+        fields |= {"repetition_penalty": _round(sampling.repetition_penalty or 1.0),
+                   "presence_penalty": _round(sampling.presence_penalty),
+                   "frequency_penalty": _round(sampling.frequency_penalty)}
     if sampling.greedy:
         return fields | {"temperature": 0}
     return fields | {

@@ -220,7 +220,7 @@ class PromptCache:
             return await self._store(key, answer, ttl_s)
 
     async def _store(self, key: PromptCacheKey, answer: CachedAnswer, ttl_s: int | None) -> bool:
-        if not key.sampling.deterministic:
+        if not key.sampling.cacheable:
             metrics.record_store("skipped")
             return False
         payload = answer.to_json()

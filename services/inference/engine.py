@@ -555,7 +555,7 @@ class Engine:
         sequence = job.sequence
         job.spans.stepped(sequence.finish_reason is not None)
         if text:
-            job.deliver(Delta(text))
+            job.deliver(Delta(text, sequence.take_logprobs()))
         if sequence.finish_reason is not None:
             self._retire(job, job.finished(sequence.finish_reason))
 

@@ -32,10 +32,30 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str  # the token alone, decoded
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely tokens at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """New text since the previous item; never ends inside a character."""
 
     text: str
+    # Sampling.logprobs set: the tokens generated since the previous item (one whose text is held back
+    # comes later).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,3 +65,4 @@ class Finished:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens no Delta carried

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from services.inference.generation_types import FinishReason, GenerationRequest
-from services.inference.sampling import TokenSampler
+from services.inference.generation_types import FinishReason, GenerationRequest, TokenLogprob
+from services.inference.sampling import TokenSampler, token_logprob
 from services.inference.text_stream import TextStream
 
 
@@ -25,6 +25,8 @@ class Sequence:
         self._sampler = TokenSampler(request.sampling)
         self._text = TextStream(tokenizer, request.sampling.stop)
         self._token_ids = list(request.prompt_token_ids)  # prompt + generated, for the sampler
+        self._tokenizer = tokenizer
+        self._logprobs: list[TokenLogprob] = []  # Sampling.logprobs set: those not yet taken (``take_logprobs``)
 
     @property
     def next_token(self) -> int:
@@ -32,7 +34,11 @@ class Sequence:
 
     def accept(self, logits: torch.Tensor) -> str:
         """Takes the next token from the last position's logits (1, vocab); returns the text it released."""
-        token = self._sampler(self._token_ids, logits.float())  # sampling works in float32
+        logits = logits.float()  # sampling works in float32
+        token = self._sampler(self._token_ids, logits, len(self.request.prompt_token_ids))
+        alternatives = self.request.sampling.logprobs
+        if alternatives is not None:
+            self._logprobs.append(token_logprob(logits, token, alternatives, self._decode_one))
         self.generated.append(token)
         self._token_ids.append(token)
         if token in self._eos_ids:
@@ -43,6 +49,14 @@ class Sequence:
         if len(self.generated) >= self.request.sampling.max_new_tokens:
             return self._finish(FinishReason.LENGTH, text + self._text.finish())
         return text
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the tokens accepted since the last call (none unless asked for)."""
+        taken, self._logprobs = tuple(self._logprobs), []
+        return taken
+
+    def _decode_one(self, token: int) -> str:
+        return self._tokenizer.decode([token], skip_special_tokens=False)
 
     def _finish(self, reason: FinishReason, text: str) -> str:
         self.finish_reason = reason

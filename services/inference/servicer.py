@@ -17,8 +17,9 @@ from meshkit.request_log import request_id_from
 from meshkit.sampling import Sampling
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.wire import InferenceLoad
+from services.inference.chunks import chunk_to_pb
 from services.inference.engine import Engine
-from services.inference.generation_types import Delta, Finished, GenerationRequest
+from services.inference.generation_types import GenerationRequest
 from services.inference.loading import load_engine, warm_up_engine
 from services.inference.metrics import GenerationTimer, unwatch_engine, watch_engine
 from services.inference.settings import InferenceSettings
@@ -66,7 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             async for item in stream:
                 timer.seen(item)
-                yield _chunk_to_pb(item)
+                yield chunk_to_pb(item)
         finally:  # the caller went away or the deadline passed: free the slot
             stream.cancel()
             timer.abandoned()
@@ -112,17 +113,6 @@ def _generation_request_from_pb(request: inference_pb2.GenerateRequest, request_
 def _trace_context() -> otel_context.Context | None:
     """The server span's context, for the engine's spans; None when nothing is recorded."""
     return otel_context.get_current() if trace.get_current_span().is_recording() else None
-
-
-def _chunk_to_pb(item: Delta | Finished) -> inference_pb2.GenerateChunk:
-    if isinstance(item, Delta):
-        return inference_pb2.GenerateChunk(delta=item.text)
-    return inference_pb2.GenerateChunk(
-        done=True,
-        finish_reason=int(item.finish_reason),
-        prompt_tokens=item.prompt_tokens,
-        completion_tokens=item.completion_tokens,
-    )
 
 
 def build_spec(

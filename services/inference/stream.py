@@ -77,7 +77,8 @@ class Job:
 
     def finished(self, reason: FinishReason) -> Finished:
         generated = len(self.sequence.generated) if self.sequence else 0
-        return Finished(reason, len(self.request.prompt_token_ids), generated)
+        logprobs = self.sequence.take_logprobs() if self.sequence else ()
+        return Finished(reason, len(self.request.prompt_token_ids), generated, logprobs)
 
     def deliver(self, item: Delta | Finished | BaseException) -> None:
         try:

@@ -108,11 +108,23 @@ def test_each_chat_message_changes_the_key(messages):
         {"seed": None},
         {"stop": ("\n", "END")},
         {"stop": ()},
+        {"repetition_penalty": 1.2},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": -0.5},
     ],
 )
 def test_each_sampling_field_changes_a_sampled_key(changes):
     sampling = replace(template_key().sampling, **changes)
     assert template_key(sampling=sampling).digest() != template_key().digest()
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 1.2}, {"presence_penalty": 0.5},
+                                     {"frequency_penalty": 1.0}])
+def test_a_penalty_changes_a_greedy_key_and_one_left_off_keeps_the_key_it_had(penalty):
+    greedy = Sampling(max_new_tokens=64, stop=("\n",))
+    assert template_key(sampling=replace(greedy, **penalty)).digest() != template_key(sampling=greedy).digest()
+    off = replace(greedy, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    assert template_key(sampling=off).digest() == template_key(sampling=greedy).digest()
 
 
 def test_stop_order_matters():

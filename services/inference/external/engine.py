@@ -30,7 +30,7 @@ from meshkit.errors import (
     _pack,
 )
 from meshkit.sampling import Sampling
-from modelfiles.catalogue import ExternalEngine
+from modelfiles.catalogue import ENGINE_SAMPLING_FIELDS, ExternalEngine
 from services.inference.generation_types import Delta, Finished, FinishReason
 
 log = logging.getLogger("nlpmesh.inference.openai")
@@ -57,10 +57,11 @@ class EngineUnavailable(Unavailable):
 
 
 def unhonoured(sampling: Sampling, honoured: Sequence[str]) -> list[FieldViolation]:
-    """The sampling fields a request sets (away from their defaults) that the engine cannot honour."""
+    """The sampling fields a request sets (away from their defaults) that the engine cannot honour:
+    those its entry does not list, and repetition_penalty and logprobs, which the adapter never passes on."""
     unset = Sampling()
     return [FieldViolation(f"sampling.{name}", "this model's engine does not support it; leave it unset")
-            for name in ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+            for name in (*ENGINE_SAMPLING_FIELDS, "repetition_penalty", "logprobs")
             if name not in honoured and getattr(sampling, name) != getattr(unset, name)]
 
 
@@ -75,6 +76,9 @@ def completion_body(served_model: str, prompt: list[int] | str, sampling: Sampli
         body["stop"] = list(sampling.stop)
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(sampling, name):
+            body[name] = getattr(sampling, name)
     return body
 
 

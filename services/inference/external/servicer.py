@@ -27,6 +27,7 @@ from meshkit.tracing.provider import tracer
 from meshkit.wire import InferenceLoad
 from modelfiles.catalogue import CatalogueModel, load_catalogue
 from modelfiles.convert import load_model_files
+from services.inference.chunks import chunk_to_pb
 from services.inference.external.engine import EngineClient, completion_body, unhonoured
 from services.inference.external.load import EngineLoad
 from services.inference.external.settings import AdapterSettings
@@ -149,7 +150,7 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
                         spans.stepped(False)
                     else:
                         last = item
-                    yield _chunk_to_pb(item)
+                    yield chunk_to_pb(item)
             finally:
                 await stream.aclose()  # the HTTP response closes: the engine stops generating
         except BaseException as error:
@@ -197,13 +198,6 @@ def _model_ids(response) -> set[str]:
         return {str(model.get("id")) for model in response.json().get("data", ())}
     except (ValueError, AttributeError):
         return set()
-
-
-def _chunk_to_pb(item: Delta | Finished) -> inference_pb2.GenerateChunk:
-    if isinstance(item, Delta):
-        return inference_pb2.GenerateChunk(delta=item.text)
-    return inference_pb2.GenerateChunk(done=True, finish_reason=int(item.finish_reason),
-                                       prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens)
 
 
 def build_spec(settings: AdapterSettings) -> ServiceSpec:
