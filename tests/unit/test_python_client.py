@@ -272,3 +272,14 @@ def test_the_retry_policy_never_waits_less_than_retry_info_and_grows_without_it(
     assert policy.delay_s(bad, 1, 60) is None
     assert policy.delay_s(refused, 1, 1.0) is None  # would outlive the deadline
     assert RetryPolicy(max_delay_s=0.5).delay_s(refused, 1, 60) is None
+
+
+def test_the_bench_waits_for_the_very_request_it_times():
+    # bench/run.py waits for a cache hit through the client, then times bare stubs sending cache_hits' request.
+    from nlpmesh_client.calls import generate_request
+
+    from bench.cache_hits import generate_request as timed_request
+    from bench.run import QUESTION
+
+    waited = generate_request(QUESTION, "", Sampling(max_new_tokens=32), "use", 0)
+    assert waited.SerializeToString() == timed_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE).SerializeToString()
