@@ -18,7 +18,7 @@ const gatewayPackage = grpc.loadPackageDefinition(
   protoLoader.loadSync('nlpmesh/gateway/v1/gateway.proto', { ...LOADER_OPTIONS, includeDirs: [PROTOS] }));
 const Gateway = gatewayPackage.nlpmesh.gateway.v1.Gateway;
 
-const rpcTypes = protobuf.loadSync(path.join(__dirname, 'google_rpc.proto'));
+const rpcTypes = new protobuf.Root().loadSync(path.join(__dirname, 'google_rpc.proto'), { keepCase: true });
 rpcTypes.resolveAll();
 const Status = rpcTypes.lookupType('google.rpc.Status');
 
