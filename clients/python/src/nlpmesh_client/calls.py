@@ -97,6 +97,29 @@ class StreamState:
                                   server_timing(trailing_metadata))
 
 
+class StreamBase:
+    """What a sync and an asyncio GenerateStream share: the call, its request id, and the answer once it ended."""
+
+    def __init__(self, method, request, attempts: Attempts):
+        self._method, self._request, self._attempts = method, request, attempts
+        self._call = None
+        self._result: Generation | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._attempts.request_id
+
+    @property
+    def result(self) -> Generation:
+        if self._result is None:
+            raise RuntimeError("the stream has not ended yet: iterate over it first")
+        return self._result
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+
 def generation(response, attempts: Attempts, initial_metadata, trailing_metadata) -> Generation:
     return Generation.from_pb(response, response.text, attempts.echoed_request_id(initial_metadata),
                               server_timing(trailing_metadata))

@@ -91,27 +91,8 @@ class Client(ClientBase):
         raise AssertionError("unreachable")
 
 
-class TextStream:
+class TextStream(calls.StreamBase):
     """One GenerateStream: iterating yields the text deltas (once); ``result`` is the whole answer after."""
-
-    def __init__(self, method, request, attempts: calls.Attempts):
-        self._method, self._request, self._attempts = method, request, attempts
-        self._call = None
-        self._result: Generation | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self._attempts.request_id
-
-    @property
-    def result(self) -> Generation:
-        if self._result is None:
-            raise RuntimeError("the stream has not ended yet: iterate over it first")
-        return self._result
-
-    def cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
 
     def __iter__(self) -> Iterator[str]:
         state = calls.StreamState()
