@@ -117,6 +117,17 @@ def test_the_python_client_answers_the_finance_question_over_tls_with_a_key(laun
     assert counted.prompt_tokens == answer.usage.prompt_tokens and "finance_question" in templates
 
 
+def test_nlpmesh_ask_answers_through_the_client_and_names_a_refusal(launched):
+    asked = launched.cli("ask", "--template", "finance_question", "--var", f"question={DEMO_QUESTION}",
+                         "--max-new-tokens", "8", "--cache", "bypass")
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    lines = asked.stdout.splitlines()
+    assert lines[0].strip() and "finish=" in asked.stdout and "x-request-id=" in asked.stdout
+    assert {line.split()[0] for line in lines[3:] if line.split()} >= {"template", "inference", "total"}
+    unknown = launched.cli("ask", "--template", "no_such_template", "--var", "question=x")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stdout + unknown.stderr
+
+
 def test_the_async_client_streams_the_same_answer(launched):
     access = Access(launched)
 
