@@ -3,6 +3,7 @@ mesh's own error tree (meshkit.errors.to_status), so the client reads what the r
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent import futures
 
@@ -47,6 +48,7 @@ class FakeGateway:
     def __init__(self, script: list | None = None):
         self.script = list(script or [])
         self.calls: list[dict] = []
+        self.ended = threading.Event()  # an "endless" stream's RPC ended
 
     def _next_failure(self, context):
         self.calls.append({"metadata": dict(context.invocation_metadata()), "at": time.monotonic(),
@@ -68,6 +70,12 @@ class FakeGateway:
 
     def generate_stream(self, request, context):
         failure = self._next_failure(context)
+        if failure == "endless":
+            context.add_callback(self.ended.set)
+            while context.is_active():
+                yield gateway_pb2.GenerateChunk(delta="more ")
+                time.sleep(0.01)
+            return
         error, after = failure if isinstance(failure, tuple) else (failure, 0)
         self._echo(context)
         for i, delta in enumerate(ANSWER):
@@ -213,6 +221,28 @@ def test_a_stream_is_retried_before_its_first_token_only(fake):
         with pytest.raises(Unavailable):
             received.extend(stream)
     assert received == ["Bonds "] and len(fake.calls) == 3
+
+
+def test_leaving_a_stream_early_cancels_it_at_the_gateway(fake):
+    fake.script = ["endless"]
+    with client(fake) as c:
+        stream = c.stream("Hi")  # held: its call is not freed (and so cancelled) by the garbage collector
+        for delta in stream:
+            assert delta == "more "
+            break
+        assert fake.ended.wait(5)
+
+    fake.ended.clear()
+    fake.script = ["endless"]
+
+    async def main():
+        async with AsyncClient(fake.address, plaintext=True) as c:
+            stream = c.stream("Hi")
+            async for _ in stream:
+                break  # the dropped async generator is closed by asyncio's finalizer hook
+            return await asyncio.to_thread(fake.ended.wait, 5)
+
+    assert asyncio.run(main())
 
 
 def test_the_async_client_makes_the_same_calls(fake):

@@ -82,6 +82,14 @@ class AsyncTextStream(calls.StreamBase):
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[str]:
+        try:
+            async for delta in self._attempted():
+                yield delta
+        finally:
+            if self._result is None:  # left early (break, an error): the gateway stops generating
+                self.cancel()
+
+    async def _attempted(self) -> AsyncIterator[str]:
         state = calls.StreamState()
         for attempt in count(1):
             self._call = self._method(self._request, timeout=self._attempts.time_left_s(),

@@ -95,6 +95,13 @@ class TextStream(calls.StreamBase):
     """One GenerateStream: iterating yields the text deltas (once); ``result`` is the whole answer after."""
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._deltas()
+        finally:
+            if self._result is None:  # left early (break, an error): the gateway stops generating
+                self.cancel()
+
+    def _deltas(self) -> Iterator[str]:
         state = calls.StreamState()
         for attempt in count(1):
             self._call = self._method(self._request, timeout=self._attempts.time_left_s(),
