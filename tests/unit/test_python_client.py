@@ -309,7 +309,7 @@ def test_the_bench_waits_for_the_very_request_it_times():
     from nlpmesh_client.calls import generate_request
 
     from bench.cache_hits import generate_request as timed_request
-    from bench.run import QUESTION
 
-    waited = generate_request(QUESTION, "", Sampling(max_new_tokens=32), "use", 0)
-    assert waited.SerializeToString() == timed_request(QUESTION, 32, gateway_pb2.CACHE_MODE_USE).SerializeToString()
+    question = "What are the applications of real-time AI in the financial industry?"
+    waited = generate_request(question, "", Sampling(max_new_tokens=32), "use", 0)
+    assert waited.SerializeToString() == timed_request(question, 32, gateway_pb2.CACHE_MODE_USE).SerializeToString()
