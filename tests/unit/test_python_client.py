@@ -284,8 +284,9 @@ def test_bad_arguments_are_refused_before_any_call(fake):
     with client(fake) as c:
         with pytest.raises(ValueError, match="cache"):
             c.generate("Hi", cache="sometimes")
-        with pytest.raises(ValueError, match="request_id"):
-            c.generate("Hi", request_id="x" * 129)
+        for bad in ("x" * 129, "", "two words", "é"):
+            with pytest.raises(ValueError, match="request_id"):
+                c.generate("Hi", request_id=bad)
         with pytest.raises(TypeError, match="prompt"):
             c.generate([])
     assert fake.calls == []

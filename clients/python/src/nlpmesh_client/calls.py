@@ -2,6 +2,7 @@
 after a failed attempt, and the result built from the last message and the call's metadata."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -15,15 +16,15 @@ from nlpmesh_client.types import CACHE_MODES, Generation, Prompt, Sampling, pars
 
 REQUEST_ID = "x-request-id"
 SERVER_TIMING = "server-timing"
-MAX_REQUEST_ID = 128
+VALID_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # what the gateway keeps: printable ASCII, no spaces
 
 
 class Attempts:
     """One logical call: a request id and one deadline across all its attempts."""
 
     def __init__(self, config: Config, timeout_s: float | None, request_id: str | None):
-        if request_id is not None and not 1 <= len(request_id) <= MAX_REQUEST_ID:
-            raise ValueError(f"request_id: 1 to {MAX_REQUEST_ID} characters")
+        if request_id is not None and not VALID_REQUEST_ID.fullmatch(request_id):
+            raise ValueError("request_id: 1 to 128 printable ASCII characters, no spaces (the gateway's rule)")
         self.request_id = request_id or uuid.uuid4().hex
         self.policy = config.retry
         timeout_s = config.timeout_s if timeout_s is None else timeout_s
