@@ -45,7 +45,8 @@ $(CLIENT_STAMP): $(STAMP) clients/python/pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e ./clients/python
 	touch $(CLIENT_STAMP)
 
-# Without npm (no Node.js here) nothing is installed: `make contract` then fails, the Node client's test skips.
+# Without npm (no Node.js here) nothing is installed: `make contract` then fails, and so does the Node client's
+# test where `node` itself is there (it skips where it is not).
 node: $(NODE_MODULES)
 
 %/node_modules/.installed: %/package.json %/package-lock.json
