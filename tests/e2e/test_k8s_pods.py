@@ -10,6 +10,7 @@ listening host (loopback), Redis's host name (``redis`` resolves nowhere here), 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -27,7 +28,7 @@ import pytest
 import redis
 
 from cli import redis_acl
-from cli.ask import ask, build_request
+from cli.ask import ask, build_question
 from cli.certs import init_certs
 from cli.connect import GatewayAccess
 from cli.launcher import check_health, distinct_free_ports
@@ -295,16 +296,17 @@ def test_the_whole_base_answers_through_the_gateway_and_the_second_answer_is_a_c
             access = GatewayAccess(f"localhost:{ports['gateway']}",
                                    ca_file=Path(pods["gateway"].env[TLS_DIR_ENV]) / CA_FILE, api_key=made.api_key)
             for model in runs[1:]:  # each other model the engine runs, by name, from its own Deployment
-                other = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION}, 8, 0.0, None, 2)
-                other.model = model
+                other = build_question(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION}, 8, 0.0, None,
+                                       "bypass", model)
                 answer = ask(access, other, out=io.StringIO())
-                assert answer.text and answer.final.model == model
-            request = build_request(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION}, 8, 0.0, None, 3)
+                assert answer.text and answer.model == model
+            request = build_question(DEMO_QUESTION, "finance_question", {"question": DEMO_QUESTION}, 8, 0.0, None,
+                                     "refresh")
             first = ask(access, request, out=io.StringIO())
-            assert first.text and not first.final.cache_hit
-            assert first.final.model == catalogue_ids()[0]  # no model named: the default
-            request.cache_mode = 1
-            second = wait_until(lambda: (lambda r: r if r.final.cache_hit else None)(
+            assert first.text and not first.cache_hit
+            assert first.model == catalogue_ids()[0]  # no model named: the default
+            request = dataclasses.replace(request, cache="use")
+            second = wait_until(lambda: (lambda r: r if r.cache_hit else None)(
                 ask(access, request, out=io.StringIO())), timeout_s=10, every_s=0.5,
                 what="the second answer from the prompt cache")
             assert second.text == first.text
