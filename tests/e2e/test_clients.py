@@ -15,6 +15,7 @@ import pytest
 from nlpmesh_client import (
     AsyncClient,
     Client,
+    InvalidArgument,
     ResourceExhausted,
     RetryPolicy,
     Sampling,
@@ -115,6 +116,28 @@ def test_the_python_client_answers_the_finance_question_over_tls_with_a_key(laun
     assert set(answer.server_timing) == {t.hop for t in answer.timings}
     assert answer.model == model.id == "smollm2" and model.ready and model.default
     assert counted.prompt_tokens == answer.usage.prompt_tokens and "finance_question" in templates
+
+
+def test_logprobs_and_penalties_reach_the_engine_through_the_gateway_and_are_never_cached(launched):
+    access = Access(launched)
+    asked = Sampling(max_new_tokens=12, logprobs=3)
+    with access.client() as client:
+        first = client.generate(FINANCE, sampling=asked)
+        again = client.generate(FINANCE, sampling=asked)
+        stream = client.stream(FINANCE, sampling=asked)
+        list(stream)
+        free = client.generate(FINANCE, sampling=Sampling(max_new_tokens=12), cache="bypass")
+        penalised = client.generate(FINANCE, sampling=Sampling(max_new_tokens=12, frequency_penalty=2.0,
+                                                               presence_penalty=2.0, repetition_penalty=1.5))
+        with pytest.raises(InvalidArgument) as bad:
+            client.generate(FINANCE, sampling=Sampling(max_new_tokens=4, logprobs=21))
+    assert len(first.logprobs) == first.usage.completion_tokens == 12
+    assert all(one.top[0].token_id == one.token_id and len(one.top) == 3 for one in first.logprobs)  # greedy
+    assert all(one.logprob <= 0 for one in first.logprobs) and not free.logprobs
+    assert not again.cache_hit and again.logprobs == first.logprobs  # generated again: the cache holds no logprobs
+    assert stream.result.logprobs == first.logprobs  # the stream's chunks carry the same, in order
+    assert first.text == free.text and penalised.text != free.text
+    assert [field for field, _ in bad.value.field_violations] == ["sampling.logprobs"]
 
 
 def test_nlpmesh_ask_answers_through_the_client_and_names_a_refusal(launched):

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 
 from meshkit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from meshkit.sampling import Sampling
-from modelfiles.catalogue import ExternalEngine
+from modelfiles.catalogue import ENGINE_SAMPLING_FIELDS, ExternalEngine
 from services.inference.external.engine import (
     ENGINE_HOP,
     EngineClient,
@@ -65,6 +65,12 @@ def test_fields_the_engine_cannot_honour_are_named_and_unset_ones_pass():
     found = unhonoured(Sampling(top_k=5, seed=1, temperature=0.3), honoured)
     assert [v.field for v in found] == ["sampling.top_k", "sampling.seed"]
     assert unhonoured(Sampling(temperature=0.3, max_new_tokens=5), honoured) == []
+    # Never passed on, whatever the entry lists; presence and frequency penalties are by default.
+    every = ENGINE_SAMPLING_FIELDS
+    found = unhonoured(Sampling(repetition_penalty=1.2, logprobs=0, presence_penalty=0.5), every)
+    assert [v.field for v in found] == ["sampling.repetition_penalty", "sampling.logprobs"]
+    body = completion_body("served", [5], Sampling(max_new_tokens=2, presence_penalty=0.5, frequency_penalty=-1.0))
+    assert (body["presence_penalty"], body["frequency_penalty"]) == (0.5, -1.0)
 
 
 def test_a_stream_becomes_deltas_then_finished_with_the_engines_usage():

@@ -23,6 +23,8 @@ from nlpmesh_client.types import (
     TemplateInfo,
     TemplateVariable,
     TokenCount,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -30,5 +32,6 @@ __all__ = [
     "NO_RETRY", "AsyncClient", "AsyncTextStream", "Client", "Config", "DeadlineExceeded", "Generation", "HopTiming",
     "InvalidArgument", "Message", "ModelInfo", "NlpmeshError", "NotFound", "PermissionDenied", "ResourceExhausted",
     "RetryPolicy", "Sampling", "Template", "TemplateInfo", "TemplateVariable", "TextStream", "TokenCount",
+    "TokenLogprob", "TopLogprob",
     "Unauthenticated", "Unavailable", "Usage",
 ]

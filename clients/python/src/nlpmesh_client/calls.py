@@ -77,11 +77,13 @@ class StreamState:
 
     def __init__(self):
         self.parts: list[str] = []
+        self.logprobs: list = []
         self.final = None
 
     def take(self, chunk) -> str:
         if chunk.delta:
             self.parts.append(chunk.delta)
+        self.logprobs += chunk.logprobs
         if chunk.done:
             self.final = chunk
         return chunk.delta
@@ -95,7 +97,7 @@ class StreamState:
             raise NlpmeshError(grpc.StatusCode.INTERNAL, "the stream ended without its last chunk",
                                request_id=attempts.request_id)
         return Generation.from_pb(self.final, "".join(self.parts), attempts.echoed_request_id(initial_metadata),
-                                  server_timing(trailing_metadata))
+                                  server_timing(trailing_metadata), self.logprobs)
 
 
 class StreamBase:

@@ -41,6 +41,10 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 0.0  # 0 = unset (1: none)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
 
     def to_pb(self, request) -> None:
         sampling = request.sampling
@@ -49,6 +53,10 @@ class Sampling:
         if self.seed is not None:
             sampling.seed = self.seed
         sampling.stop.extend(self.stop)
+        sampling.repetition_penalty = self.repetition_penalty
+        sampling.presence_penalty, sampling.frequency_penalty = self.presence_penalty, self.frequency_penalty
+        if self.logprobs is not None:
+            sampling.logprobs = self.logprobs
 
 
 def prompt_to_pb(prompt: Prompt, request) -> None:
@@ -79,6 +87,27 @@ class HopTiming:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the most likely tokens at its position."""
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...]
+
+    @classmethod
+    def from_pb(cls, pb) -> TokenLogprob:
+        return cls(pb.token_id, pb.token, pb.logprob,
+                   tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in pb.top))
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -100,14 +129,17 @@ class Generation:
     timings: tuple[HopTiming, ...]
     request_id: str
     server_timing: Mapping[str, float]
+    logprobs: tuple[TokenLogprob, ...] = ()  # Sampling.logprobs set: every generated token's, in order
 
     @classmethod
-    def from_pb(cls, pb, text: str, request_id: str, server_timing: Mapping[str, float]) -> Generation:
-        """``pb``: a GenerateResponse, or the last GenerateChunk of a stream."""
+    def from_pb(cls, pb, text: str, request_id: str, server_timing: Mapping[str, float],
+                logprobs=None) -> Generation:
+        """``pb``: a GenerateResponse, or the last GenerateChunk of a stream (``logprobs``: the whole stream's)."""
         reason = messages.FINISH_REASON.values_by_number[pb.finish_reason].name.removeprefix("FINISH_REASON_")
         return cls(text, reason.lower(), Usage(pb.usage.prompt_tokens, pb.usage.completion_tokens), pb.cache_hit,
                    pb.model, pb.trace_id, tuple(HopTiming.from_pb(t) for t in pb.timings), request_id,
-                   server_timing)
+                   server_timing, tuple(TokenLogprob.from_pb(one) for one in (pb.logprobs if logprobs is None
+                                                                                else logprobs)))
 
 
 @dataclass(frozen=True)
