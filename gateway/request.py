@@ -1,6 +1,7 @@
 """The caller's request as a domain object, validated at the edge."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from google.protobuf import json_format
 from nlpmesh.gateway.v1 import gateway_pb2
 
 from meshkit.errors import FieldViolation, InvalidArgument
+from meshkit.response_format import ResponseFormat
 from meshkit.sampling import Sampling
 
 MAX_CHAT_MESSAGES = 64
@@ -60,8 +62,11 @@ class PromptRequest:
         """From a public ``GenerateRequest``, validated (InvalidArgument names every bad field)."""
         if request.cache_mode not in CacheMode._value2member_map_:
             raise InvalidArgument.for_field("cache_mode", f"unknown value {request.cache_mode}")
-        return validate(cls(prompt_from_pb(request), request.model, Sampling.from_pb(request.sampling),
-                            CacheMode(request.cache_mode), request.budget_ms))
+        sampling = Sampling.from_pb(request.sampling)
+        if request.HasField("response_format"):
+            sampling = dataclasses.replace(sampling, response_format=ResponseFormat.from_pb(request.response_format))
+        return validate(cls(prompt_from_pb(request), request.model, sampling, CacheMode(request.cache_mode),
+                            request.budget_ms))
 
 
 def prompt_from_pb(request) -> TemplateCall | Chat:

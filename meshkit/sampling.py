@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from meshkit.errors import FieldViolation
+from meshkit.response_format import ResponseFormat
 
 # float32 on the wire: 0.7 arrives as 0.699999988; rounding gives back the caller's literal.
 _FLOAT_DIGITS = 6
@@ -54,6 +55,9 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = none; k = each token's log-probability and the k most likely
+    # The form the answer must take (guided decoding); None = free text. The public API carries it beside
+    # the sampling (GenerateRequest.response_format), the internal protos inside it.
+    response_format: ResponseFormat | None = None
 
     @property
     def penalised(self) -> bool:
@@ -98,6 +102,7 @@ class Sampling:
                                                                 f"{limits.max_abs_penalty:g}] (0 = off)"))
         if self.logprobs is not None and not 0 <= self.logprobs <= limits.max_logprobs:
             found.append(FieldViolation("sampling.logprobs", f"must be in [0, {limits.max_logprobs}] when set"))
+        found += self.response_format.violations() if self.response_format is not None else []
         return found + self._stop_violations(limits)
 
     def _stop_violations(self, limits: SamplingLimits) -> list[FieldViolation]:
@@ -126,6 +131,8 @@ class Sampling:
             presence_penalty=round(pb.presence_penalty, _FLOAT_DIGITS),
             frequency_penalty=round(pb.frequency_penalty, _FLOAT_DIGITS),
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+            response_format=(ResponseFormat.from_pb(pb.response_format)
+                             if "response_format" in pb.DESCRIPTOR.fields_by_name else None),
         )
 
     def to_pb(self, message_type):
@@ -137,4 +144,8 @@ class Sampling:
             pb.seed = self.seed
         if self.logprobs is not None:
             pb.logprobs = self.logprobs
+        if self.response_format is not None:
+            if "response_format" not in pb.DESCRIPTOR.fields_by_name:
+                raise ValueError(f"{pb.DESCRIPTOR.full_name} has no response_format: the request carries it")
+            self.response_format.to_pb(pb.response_format)
         return pb

@@ -150,6 +150,8 @@ def _canonical_sampling(sampling: Sampling) -> dict:
         fields |= {"repetition_penalty": _round(sampling.repetition_penalty or 1.0),
                    "presence_penalty": _round(sampling.presence_penalty),
                    "frequency_penalty": _round(sampling.frequency_penalty)}
+    if sampling.response_format is not None:  # absent when unset: free-text keys stay as they were
+        fields |= {"response_format": sampling.response_format.canonical()}
     if sampling.greedy:
         return fields | {"temperature": 0}
     return fields | {

@@ -53,6 +53,7 @@ from services.inference.cpu_features import read_cpu_features
 from services.inference.decode_step import DecodeStep, decode_step_for
 from services.inference.families import Family, family_of
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest
+from services.inference.guided import GuidedDecoding
 from services.inference.kernel_checks import (
     PLACEMENT_NOTES,
     check_row_independence,
@@ -109,6 +110,9 @@ class EngineOptions:
     # been idle this long (s): growing them again (allocating, zeroing and copying every layer's
     # buffers) would stall every running stream at each long prompt. 0: dropped as soon as it is idle.
     kv_shrink_idle_s: float = 30.0
+    # Guided decoding: formats (schemas, regexes, choice lists) kept compiled, the least recently used
+    # dropped beyond this many.
+    max_grammars: int = 64
 
 
 class StepTime(NamedTuple):
@@ -147,6 +151,8 @@ class Engine:
         # joining layers runs torch); None: the model's forward.
         self._decode: DecodeStep | None = None
         self._text_tokenizer = tokenizer.backend_tokenizer  # the fast (Rust) tokenizer
+        self._guided: GuidedDecoding | None = None  # made at the first constrained request (prepare_guided)
+        self._guided_lock = threading.Lock()
         kv_dtype = model.get_input_embeddings().weight.dtype
         self.device = model.device
         self._kv = SlotKV(model.config, options.max_running, kv_dtype, self.device)
@@ -216,6 +222,15 @@ class Engine:
             self._waiting.append(job)
             self._lock.notify()
         return GenerationStream(job, self._cancel)
+
+    def prepare_guided(self) -> GuidedDecoding:
+        """Guided decoding's view of the vocabulary (about half a second to make): at the first constrained
+        request, or at the service's warm-up so that no request waits for it."""
+        with self._guided_lock:
+            if self._guided is None:
+                self._guided = GuidedDecoding(self.tokenizer, self.model.config.vocab_size, self._eos_ids,
+                                              self._options.max_grammars)
+            return self._guided
 
     def forget_costs(self) -> None:
         """Drops the measured costs of a decode step and of a prefill tile (the deadline estimate's basis), as
@@ -449,7 +464,9 @@ class Engine:
         """A row for the head of the line, with any cached prefix of its prompt copied in."""
         job.spans.admitted()
         try:
-            sequence = job.sequence = Sequence(job.request, self._text_tokenizer, self._eos_ids)
+            response_format = job.request.sampling.response_format
+            guide = self.prepare_guided().guide(response_format) if response_format is not None else None
+            sequence = job.sequence = Sequence(job.request, self._text_tokenizer, self._eos_ids, guide)
             row = self._kv.allocate(job)
             keys = self._prefix.keys(job.request.tenant, job.request.prompt_token_ids) if self._prefix else []
             match = self._prefix.match(keys) if keys else NO_MATCH

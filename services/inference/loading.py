@@ -1,6 +1,7 @@
 """Loads the model into an engine and warms it up (called off the event loop)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -122,4 +123,5 @@ async def warm_up_engine(engine: Engine) -> None:
         async for _ in stream:
             pass
     engine.forget_costs()  # measured cold: the first real prefills measure them afresh
+    await asyncio.to_thread(engine.prepare_guided)  # no constrained request waits for it
     log.info("warm-up generation took %.2f s", time.monotonic() - started)

@@ -108,6 +108,9 @@ PREFILL_BATCH_PROMPTS = Histogram(
 DEADLINE_REFUSALS = Counter(
     "nlpmesh_inference_deadline_refusals_total",
     "Requests refused before any compute: their first token could not come by their deadline.")
+GRAMMARS = Counter(
+    "nlpmesh_inference_guided_grammars_total",
+    "Guided decoding's formats by outcome: compiled (a cache miss) or hit (a compiled one reused).", ["outcome"])
 ESTIMATE_PROBES = Counter(
     "nlpmesh_inference_deadline_estimate_probes_total",
     "Requests the deadline estimate would have refused, run anyway because that estimate was measured long ago "

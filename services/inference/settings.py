@@ -32,6 +32,8 @@ class InferenceSettings(ServiceSettings, service="inference"):
     max_stop_sequences: int = _ENGINE.max_stop_sequences
     max_stop_chars: int = _ENGINE.max_stop_chars
     kv_shrink_idle_s: float = Field(default=_ENGINE.kv_shrink_idle_s, ge=0)  # EngineOptions: a long prompt's KV kept
+    # Guided decoding (response_format): formats kept compiled, the least recently used dropped beyond this many.
+    max_grammars: int = Field(default=_ENGINE.max_grammars, ge=1, le=4096)
     # Chunked prefill: a turn's token budget (vLLM's max_num_batched_tokens), one token per
     # decoding sequence and the rest for prompt tokens, in whole 32-token tiles, at least one
     # a turn; 0 prefills every prompt in one forward, stalling the running streams meanwhile.

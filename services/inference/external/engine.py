@@ -58,11 +58,15 @@ class EngineUnavailable(Unavailable):
 
 def unhonoured(sampling: Sampling, honoured: Sequence[str]) -> list[FieldViolation]:
     """The sampling fields a request sets (away from their defaults) that the engine cannot honour:
-    those its entry does not list, and repetition_penalty and logprobs, which the adapter never passes on."""
+    those its entry does not list, and repetition_penalty, logprobs and response_format, which the adapter never
+    passes on."""
     unset = Sampling()
-    return [FieldViolation(f"sampling.{name}", "this model's engine does not support it; leave it unset")
-            for name in (*ENGINE_SAMPLING_FIELDS, "repetition_penalty", "logprobs")
-            if name not in honoured and getattr(sampling, name) != getattr(unset, name)]
+    found = [FieldViolation(f"sampling.{name}", "this model's engine does not support it; leave it unset")
+             for name in (*ENGINE_SAMPLING_FIELDS, "repetition_penalty", "logprobs")
+             if name not in honoured and getattr(sampling, name) != getattr(unset, name)]
+    if sampling.response_format is not None:
+        found.append(FieldViolation("response_format", "guided decoding is not passed on to this model's engine"))
+    return found
 
 
 def completion_body(served_model: str, prompt: list[int] | str, sampling: Sampling) -> dict:
