@@ -20,6 +20,10 @@ MAX_SCHEMA_BYTES = 16 * 1024
 MAX_REGEX_BYTES = 1024
 MAX_CHOICES = 64
 MAX_CHOICE_CHARS = 256
+# JSON between its tokens takes one space after each separator and no other whitespace: with flexible whitespace
+# (llguidance's default) a model may spend its whole answer on newlines and indentation before the first key.
+# An override, so a schema's own "x-guidance" options cannot turn it back on.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class ResponseFormat:
     def grammar(self) -> str:
         """llguidance's grammar for it (a choice list is a regex alternation of the escaped choices)."""
         if self.kind == JSON_SCHEMA:
-            return llguidance.LLMatcher.grammar_from_json_schema(self.value)
+            return llguidance.LLMatcher.grammar_from_json_schema(self.value, overrides=JSON_LAYOUT)
         if self.kind == REGEX:
             return llguidance.LLMatcher.grammar_from_regex(self.value)
         return llguidance.LLMatcher.grammar_from_regex("|".join(_escaped(choice) for choice in self.value))

@@ -271,18 +271,25 @@ class Engine:
         torch.set_num_threads(self._options.threads)
         self.worker_threads = torch.get_num_threads()  # the intra-op threads the forwards get (logged)
         log.info("engine worker: %d torch threads", self.worker_threads)
-        with torch.inference_mode():
-            while (admitted := self._next_round()) is not None:
-                self._drop_cancelled()
-                self._prefills.extend(job for job in admitted if not job.cancelled)
-                self._prefills.sort(key=_deadline_order)  # stable: first come first among equal deadlines
-                self._prefill_turn()
-                if self._kv.ready and (self._decoding_started or not self._prefills):
-                    self._decode_step()
-                    self._decoding_started = True
-                if not self._running:
-                    self._decoding_started = False
-        self._fail_remaining()
+        try:
+            with torch.inference_mode():
+                while (admitted := self._next_round()) is not None:
+                    self._drop_cancelled()
+                    self._prefills.extend(job for job in admitted if not job.cancelled)
+                    self._prefills.sort(key=_deadline_order)  # stable: first come first among equal deadlines
+                    self._prefill_turn()
+                    if self._kv.ready and (self._decoding_started or not self._prefills):
+                        self._decode_step()
+                        self._decoding_started = True
+                    if not self._running:
+                        self._decoding_started = False
+        except BaseException:
+            # A fault outside the per-batch handlers ends the worker: nothing may wait on it any more.
+            log.exception("the inference engine's worker stopped on an error")
+        finally:
+            with self._lock:
+                self._closing = True  # a later submit is Unavailable, not queued for a worker that is gone
+            self._fail_remaining()
 
     def _next_round(self) -> list[Job] | None:
         """The jobs admitted for this turn (maybe none); blocks while idle; None to stop."""

@@ -27,20 +27,26 @@ from meshkit.errors import InvalidArgument
 from meshkit.response_format import ResponseFormat
 from services.inference import metrics
 
+# Bit b of a 32-bit word of llguidance's bitmask is token 32 * word + b (1: allowed). int32's top bit is its sign.
+_BITS = torch.tensor([1 << b if b < 31 else -(1 << 31) for b in range(32)], dtype=torch.int32)
+
 
 class Guide:
     """One request's constraint: masks its row's logits, then follows the tokens chosen."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self._matcher = matcher
-        self._bitmask = llguidance_torch.allocate_token_bitmask(1, vocab_size)
+        self._bitmask = torch.full(llguidance_torch.get_bitmask_shape(1, vocab_size), -1, dtype=torch.int32)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (1, vocab) with every token the format forbids next at -inf."""
+        """``logits`` (1, vocab) with every token the format forbids next at -inf. Plain torch: llguidance's own
+        apply_token_bitmask_inplace is a torch.compile kernel, which would compile C++ at the first request."""
         llguidance_torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
-        masked = logits.clone()
-        llguidance_torch.apply_token_bitmask_inplace(masked, self._bitmask)
-        return masked
+        allowed = ((self._bitmask.unsqueeze(-1) & _BITS) != 0).flatten(1)
+        vocab = logits.shape[-1]
+        if allowed.shape[1] < vocab:  # the model's rows past the tokenizer's vocabulary are never allowed
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+        return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from meshkit.errors import DeadlineExceeded
+from meshkit.errors import DeadlineExceeded, Unavailable
 from meshkit.sampling import Sampling
 from services.inference import metrics
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest
@@ -201,3 +201,27 @@ def test_the_warm_up_leaves_no_measured_cost_behind():
         engine.close()
     assert costs == (None, None, None)
     assert served and measured is not None  # the first real prefill measures it
+
+
+class _WorkerFault(BaseException):
+    """Not an Exception: what the per-batch handlers do not catch (pytest's own failures are such)."""
+
+
+def test_a_worker_stopped_by_a_fault_ends_its_streams_unavailable_and_refuses_new_ones():
+    engine = tiny_engine(float32_tiny(), max_running=4)
+    try:
+        def fault():
+            raise _WorkerFault()
+        engine._prefill_turn = fault
+
+        async def first():
+            return [item async for item in engine.submit(GenerationRequest(prompt(1, 8), Sampling(max_new_tokens=4)))]
+        with pytest.raises(Unavailable):
+            asyncio.run(asyncio.wait_for(first(), 30))  # ended, not left waiting on a worker that is gone
+
+        async def second():
+            engine.submit(GenerationRequest(prompt(2, 8), Sampling(max_new_tokens=4)))
+        with pytest.raises(Unavailable):
+            asyncio.run(second())
+    finally:
+        engine.close()
