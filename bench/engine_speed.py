@@ -44,6 +44,7 @@ from bench.worker_process import WorkerProcess
 from cli.launcher import LocalMesh
 from cli.topology import REPO_ROOT
 from meshkit.percentile import percentile
+from meshkit.response_format import ResponseFormat
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
 from modelfiles.convert import load_model_files
@@ -257,11 +258,13 @@ def aggregate_tok_s(streams: list[Arrivals]) -> float:
     return generation.aggregate_tok_s([StreamTimes(times[0], times[-1], times.tokens) for times in streams])
 
 
-def engine_streams(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[Arrivals]:
+def engine_streams(engine: Engine, prompts: list[list[int]], max_new_tokens: int,
+                   response_format: ResponseFormat | None = None) -> list[Arrivals]:
     """The prompts as concurrent greedy requests to ``engine``, in one event loop of this process."""
     async def one(prompt: list[int]) -> Arrivals:
         arrivals = Arrivals()
-        stream = engine.submit(GenerationRequest(prompt, Sampling(max_new_tokens=max_new_tokens)))
+        sampling = Sampling(max_new_tokens=max_new_tokens, response_format=response_format)
+        stream = engine.submit(GenerationRequest(prompt, sampling))
         async for item in stream:
             if isinstance(item, Delta):
                 arrivals.append(time.perf_counter())

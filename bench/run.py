@@ -21,7 +21,18 @@ import grpc
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from nlpmesh_client import Sampling
 
-from bench import cache_hits, coalescing, engine_speed, external_engine, generation, models, routing, serving, variants
+from bench import (
+    cache_hits,
+    coalescing,
+    engine_speed,
+    external_engine,
+    generation,
+    guided,
+    models,
+    routing,
+    serving,
+    variants,
+)
 from bench.stats import summary_ms
 from cli.launcher import LocalMesh
 from modelfiles.catalogue import load_catalogue
@@ -146,6 +157,8 @@ def table(results: dict) -> str:
         lines += [""] + coalescing.lines(results["coalescing"])
     if "external_engine" in results:
         lines += [""] + external_engine.lines(results["external_engine"])
+    if "guided" in results:
+        lines += [""] + guided.lines(results["guided"])
     return "\n".join(lines)
 
 
@@ -177,14 +190,15 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="new tokens a stream; the engine part needs every stream decoding at once for a while, "
                              "and later streams through the gateway wait for their prefill beside the first ones")
-    parser.add_argument("--only", choices=OWN_MESH_PARTS + ("routing", "coalescing", "external"),
+    parser.add_argument("--only", choices=OWN_MESH_PARTS + ("routing", "coalescing", "external", "guided"),
                         help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
                              "engine (bench/engine_speed.py), models (bench/models.py: every model of --model "
                              "through one mesh), serving (bench/serving.py: a burst and Poisson arrivals with "
                              "deadlines, against generate), routing (bench/routing.py: 2 inference replicas), "
                              "coalescing (bench/coalescing.py: identical requests at once, 1 and 2 gateways) or "
                              "external (bench/external_engine.py: llama.cpp's server behind the adapter vs called "
-                             "directly)")
+                             "directly) or guided (bench/guided.py: guided decoding against free decoding, in "
+                             "this process)")
     parser.add_argument("--model", dest="models", action="append", metavar="ID",
                         help="a catalogue model the models part measures (repeat it; default: every model in "
                              "the catalogue). The mesh serves these; the other parts use the default model")
@@ -202,6 +216,8 @@ def main() -> int:
         results["routing"] = routing.bench()
     if args.only in (None, "coalescing"):  # a mesh of its own, and a second gateway
         results["coalescing"] = coalescing.bench()
+    if args.only in (None, "guided"):  # the engine in this process
+        results["guided"] = guided.bench(args.gen_rounds)
     if args.only in (None, "external") and external_engine.available():  # its own mesh and llama.cpp server
         results["external_engine"] = external_engine.bench(args.gen_rounds, args.max_new_tokens)
     print(table(results))

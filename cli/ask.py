@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from nlpmesh_client import Generation, Sampling, Template
+from nlpmesh_client import Generation, ResponseFormat, Sampling, Template
 from nlpmesh_client.types import Prompt
 
 from cli.connect import GatewayAccess
@@ -21,10 +21,21 @@ class Question:
 
 
 def build_question(question: str | None, template: str | None, variables: dict[str, str], max_new_tokens: int,
-                   temperature: float, seed: int | None, cache: str, model: str = "") -> Question:
+                   temperature: float, seed: int | None, cache: str, model: str = "",
+                   response_format: ResponseFormat | None = None) -> Question:
     prompt = Template(template, variables) if template else (question or "")
-    return Question(prompt, model, Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
-                    cache)
+    return Question(prompt, model, Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                            response_format=response_format), cache)
+
+
+def response_format_from(json_schema_file: str | None, regex: str | None) -> ResponseFormat | None:
+    """``--json-schema FILE`` (the schema's JSON text, checked by the gateway) or ``--regex``; neither: None."""
+    if json_schema_file and regex:
+        raise ValueError("give --json-schema or --regex, not both")
+    if json_schema_file:
+        with open(json_schema_file, encoding="utf-8") as schema:
+            return ResponseFormat.json_schema(schema.read())
+    return ResponseFormat.regex(regex) if regex else None
 
 
 def ask(access: GatewayAccess, question: Question, out: TextIO = sys.stdout, timeout_s: float = 300.0) -> Generation:

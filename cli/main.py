@@ -13,7 +13,7 @@ from pathlib import Path
 from nlpmesh_client import NlpmeshError
 
 from cli import invalidate, keys, logs, models, redis_acl, run_state
-from cli.ask import ask, build_question, timing_table
+from cli.ask import ask, build_question, response_format_from, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh, check_health
@@ -233,8 +233,13 @@ def cmd_ask(args) -> int:
     if not args.template and not args.question:
         _say("give a question, or --template with --var name=value")
         return 2
+    try:
+        response_format = response_format_from(args.json_schema, args.regex)
+    except (OSError, ValueError) as error:
+        _say(f"ask: {error}")
+        return 2
     question = build_question(args.question, args.template, variables, args.max_new_tokens,
-                              args.temperature, args.seed, args.cache, args.model)
+                              args.temperature, args.seed, args.cache, args.model, response_format)
     try:
         result = ask(_gateway_access(args), question)
     except NlpmeshError as error:
@@ -409,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--seed", type=int)
     a.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
+    a.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid against this JSON Schema file")
+    a.add_argument("--regex", help="answer with text that matches this regular expression (Rust syntax)")
     a.add_argument("--model", default="", help="a catalogue id, e.g. gemma3 (default: the mesh's default model)")
     a.add_argument("--addr", help="gateway address (default: the running mesh, else 127.0.0.1:50051)")
     _tls_arguments(a)

@@ -6,6 +6,7 @@ protobuf here. ``stream`` yields text deltas and ends with one ``Outcome``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -25,6 +26,7 @@ from gateway.scope import RequestScope
 from gateway.template_index import TemplateIndex
 from gateway.tenant import Tenant
 from gateway.timings import HopTiming
+from meshkit.response_format import ResponseFormat
 from meshkit.sampling import Sampling
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt
 from promptcache.leases import GenerationLeases
@@ -137,13 +139,17 @@ class Answerer:
         if key is not None and isinstance(key.prompt, TemplatePrompt):
             prompt = TemplateCall(key.prompt.id, key.prompt.version, key.prompt.variables)
         scope.ensure_can_cover(_PATH_TO_FIRST_TOKEN[0 if isinstance(prompt, TemplateCall) else 1:])
-        chat = await self.messages(prompt, scope)
+        chat, declared_format = await self._rendered(prompt, scope)
+        sampling = miss.sampling
+        if sampling.response_format is None and declared_format is not None:
+            # The version's declared form; the key names that version, so the answer stored under it has that form.
+            sampling = dataclasses.replace(sampling, response_format=declared_format)
         scope.ensure_can_cover(_PATH_TO_FIRST_TOKEN[1:])
         with scope.hop(Hop.TOKENIZER) as hop:
             token_ids = await self._downstream.encode_chat(chat, pool.info.model, hop.timeout_s, hop.metadata)
         parts: list[str] = []
         end = None
-        async for event in self._generate(token_ids, miss.sampling, pool, scope):
+        async for event in self._generate(token_ids, sampling, pool, scope):
             if isinstance(event, TokenDelta):
                 parts.append(event.text)
                 yield event
@@ -190,11 +196,16 @@ class Answerer:
 
     async def messages(self, prompt: TemplateCall | Chat, scope: RequestScope) -> Chat:
         """The chat messages a prompt stands for (a template is rendered)."""
+        return (await self._rendered(prompt, scope))[0]
+
+    async def _rendered(self, prompt: TemplateCall | Chat, scope: RequestScope
+                        ) -> tuple[Chat, ResponseFormat | None]:
+        """The chat messages a prompt stands for, and the response format its template version declares."""
         if isinstance(prompt, Chat):
-            return prompt
+            return prompt, None
         with scope.hop(Hop.TEMPLATE) as hop:
             rendered = await self._downstream.render(prompt, hop.timeout_s, hop.metadata)
-        return Chat(rendered.messages)
+        return Chat(rendered.messages), rendered.response_format
 
     async def _request_key(self, request: PromptRequest, sampling: Sampling, pool: InferencePool,
                            tenant: Tenant) -> PromptCacheKey | None:

@@ -23,6 +23,7 @@ from gateway.hop import Hop
 from gateway.inference_pool import InferencePool
 from gateway.request import Chat, TemplateCall
 from meshkit.errors import from_rpc_error
+from meshkit.response_format import ResponseFormat
 from meshkit.tls import TlsConfig
 from promptcache.keys import PromptCacheKey
 from promptcache.redis_tier import CachedAnswer
@@ -34,6 +35,7 @@ log = logging.getLogger("nlpmesh.gateway.downstream")
 class RenderedPrompt:
     version: str
     messages: tuple[tuple[str, str], ...]
+    response_format: ResponseFormat | None = None  # the version's own, if it declares one
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TemplateEntry:
     description: str
     variables: tuple[tuple[str, bool, str], ...]  # (name, required, description)
     newest: bool
+    response_format: ResponseFormat | None = None
 
 
 @asynccontextmanager
@@ -111,7 +114,8 @@ class Downstream:
         request = template_pb2.RenderRequest(id=call.id, version=call.version, variables=variables)
         async with _hop(Hop.TEMPLATE):
             reply = await self.template.Render(request, timeout=timeout, metadata=metadata)
-        return RenderedPrompt(reply.version, tuple((m.role, m.content) for m in reply.messages))
+        return RenderedPrompt(reply.version, tuple((m.role, m.content) for m in reply.messages),
+                              ResponseFormat.from_pb(reply.response_format))
 
     async def list_templates(self, timeout: float, metadata=()) -> list[TemplateEntry]:
         async with _hop(Hop.TEMPLATE):
@@ -122,6 +126,7 @@ class Downstream:
             TemplateEntry(
                 t.id, t.version, t.description,
                 tuple((v.name, v.required, v.description) for v in t.variables), t.newest,
+                ResponseFormat.from_pb(t.response_format),
             )
             for t in reply.templates
         ]

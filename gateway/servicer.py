@@ -16,6 +16,7 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway import access_log
 from gateway.answer import Answerer, Outcome
 from gateway.auth import KeyFileAuth, OpenAccess
+from gateway.downstream import TemplateEntry
 from gateway.inference_stream import TokenDelta
 from gateway.model_routes import ModelRoutes
 from gateway.quotas import Quotas
@@ -120,14 +121,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await _send_request_id(context, request_id_from(context.invocation_metadata()))
         await self._templates.refresh()
         return gateway_pb2.ListTemplatesResponse(
-            templates=[
-                gateway_pb2.TemplateInfo(
-                    id=t.id, version=t.version, description=t.description,
-                    variables=[gateway_pb2.TemplateVariable(name=n, required=r, description=d)
-                               for n, r, d in t.variables],
-                )
-                for t in self._templates.entries if scope.allows_template(t.id)
-            ]
+            templates=[_template_info(t) for t in self._templates.entries if scope.allows_template(t.id)]
         )
 
     @rpc_method
@@ -220,3 +214,13 @@ def _timings_to_pb(timings: list[HopTiming]) -> list[gateway_pb2.HopTiming]:
         gateway_pb2.HopTiming(hop=t.hop, elapsed_ms=t.elapsed_ms, budget_ms=t.budget_ms, over_budget=t.over_budget)
         for t in timings
     ]
+
+
+def _template_info(entry: TemplateEntry) -> gateway_pb2.TemplateInfo:
+    info = gateway_pb2.TemplateInfo(
+        id=entry.id, version=entry.version, description=entry.description,
+        variables=[gateway_pb2.TemplateVariable(name=n, required=r, description=d) for n, r, d in entry.variables],
+    )
+    if entry.response_format is not None:
+        entry.response_format.to_pb(info.response_format)
+    return info

@@ -22,10 +22,12 @@ from jinja2 import meta
 from packaging.version import InvalidVersion, Version
 
 from meshkit.errors import InvalidArgument, NotFound
+from meshkit.response_format import CHOICE, JSON_SCHEMA, REGEX, ResponseFormat
 from services.template.prompt import ROLES, MessageTemplate, PromptTemplate, Variable
 from services.template.render import sandbox_environment
 
-_TEMPLATE_KEYS = {"id", "version", "description", "variables", "messages"}
+_TEMPLATE_KEYS = {"id", "version", "description", "variables", "messages", "response_format"}
+_RESPONSE_FORMAT_KEYS = {JSON_SCHEMA, REGEX, CHOICE}
 _VARIABLE_KEYS = {"name", "required", "description", "max_chars"}
 _MESSAGE_KEYS = {"role", "content"}
 
@@ -119,7 +121,29 @@ def _template_from(data: dict[str, Any], path: Path, environment: jinja2.Environ
     messages = tuple(_message_from(m, path, environment, set(names)) for m in data.get("messages", []))
     if not messages:
         raise TemplateFileError(f"{path}: a template needs at least one [[messages]] entry")
-    return PromptTemplate(template_id, version, _text(data, "description", path), variables, messages)
+    return PromptTemplate(template_id, version, _text(data, "description", path), variables, messages,
+                          _response_format_from(data.get("response_format"), path))
+
+
+def _response_format_from(data: Any, path: Path) -> ResponseFormat | None:
+    """A version's ``[response_format]``: exactly one of json_schema (JSON text), regex, or choice (a list of
+    strings), checked as a request's would be, so that a format guided decoding cannot serve stops the start."""
+    if data is None:
+        return None
+    _check_keys(data, _RESPONSE_FORMAT_KEYS, "[response_format]", path)
+    if len(data) != 1:
+        raise TemplateFileError(f"{path}: [response_format] takes exactly one of {sorted(_RESPONSE_FORMAT_KEYS)}")
+    (kind, value), = data.items()
+    if kind == CHOICE:
+        if not isinstance(value, list) or not all(isinstance(choice, str) for choice in value):
+            raise TemplateFileError(f"{path}: [response_format] choice must be a list of strings")
+        value = tuple(value)
+    elif not isinstance(value, str):
+        raise TemplateFileError(f"{path}: [response_format] {kind} must be a string")
+    response_format = ResponseFormat(kind, value)
+    for violation in response_format.violations():
+        raise TemplateFileError(f"{path}: [response_format] {kind}: {violation.description}")
+    return response_format
 
 
 def _check_size(template: PromptTemplate, path: Path, limits: TemplateLimits) -> PromptTemplate:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import jinja2
 from packaging.version import Version
 
+from meshkit.response_format import ResponseFormat
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -38,6 +40,9 @@ class PromptTemplate:
     description: str
     variables: tuple[Variable, ...]
     messages: tuple[MessageTemplate, ...]
+    # The form this version's answers take (guided decoding), when the file declares one: a caller's own
+    # response_format replaces it.
+    response_format: ResponseFormat | None = None
 
     @property
     def semver(self) -> Version:

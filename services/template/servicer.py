@@ -33,11 +33,14 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
         }):
             messages = render_template(template, variables, max_variables=self._max_variables,
                                        limits=self._limits)
-        return template_pb2.RenderResponse(
+        reply = template_pb2.RenderResponse(
             id=template.id,
             version=template.version,
             messages=[template_pb2.Message(role=m.role, content=m.content) for m in messages],
         )
+        if template.response_format is not None:
+            template.response_format.to_pb(reply.response_format)
+        return reply
 
     @rpc_method
     async def ListTemplates(self, request, context) -> template_pb2.ListTemplatesResponse:
@@ -47,7 +50,7 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
 
 
 def _template_to_pb(template: PromptTemplate, newest: bool) -> template_pb2.Template:
-    return template_pb2.Template(
+    listed = template_pb2.Template(
         id=template.id,
         version=template.version,
         description=template.description,
@@ -59,6 +62,9 @@ def _template_to_pb(template: PromptTemplate, newest: bool) -> template_pb2.Temp
             for v in template.variables
         ],
     )
+    if template.response_format is not None:
+        template.response_format.to_pb(listed.response_format)
+    return listed
 
 
 def build_spec(settings: TemplateSettings) -> ServiceSpec:

@@ -1,4 +1,5 @@
 """The catalog: shipped templates load, versions resolve, bad files stop the start."""
+import json
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,30 @@ def test_two_files_for_the_same_version_fail_loudly(tmp_path):
     write(tmp_path, "probe", "1.0.0")
     with pytest.raises(TemplateFileError, match="same version"):
         TemplateCatalog.from_dir(tmp_path)
+
+
+def test_support_answer_1_1_declares_a_json_schema_and_1_0_stays_free_text(catalog):
+    declared = catalog.resolve("support_answer", "1.1.0").response_format
+    assert declared is not None and declared.kind == "json_schema"
+    assert set(json.loads(declared.value)["required"]) == {"intent", "order_id", "reply"}
+    assert catalog.resolve("support_answer", "1.0.0").response_format is None
+
+
+@pytest.mark.parametrize(("table", "complaint"), [
+    ('regex = "(("', "regex"),
+    ('json_schema = "{not json"', "JSON Schema"),
+    ('choice = []', "choices"),
+    ('regex = "a"\nchoice = ["a"]', "exactly one"),
+    ('grammar = "x"', "grammar"),
+])
+def test_a_response_format_guided_decoding_cannot_serve_stops_the_start_naming_the_file(tmp_path, table, complaint):
+    path = write(tmp_path, "probe", "1.0.0", PROBE + f"\n[response_format]\n{table}\n")
+    with pytest.raises(TemplateFileError) as refused:
+        TemplateCatalog.from_dir(tmp_path)
+    assert str(path) in str(refused.value) and complaint in str(refused.value)
+
+
+def test_a_choice_list_in_a_template_loads_as_a_choice_format(tmp_path):
+    write(tmp_path, "probe", "1.0.0", PROBE + '\n[response_format]\nchoice = ["yes", "no"]\n')
+    declared = TemplateCatalog.from_dir(tmp_path).resolve("probe").response_format
+    assert (declared.kind, declared.value) == ("choice", ("yes", "no"))

@@ -18,6 +18,7 @@ from nlpmesh_client.types import (
     HopTiming,
     Message,
     ModelInfo,
+    ResponseFormat,
     Sampling,
     Template,
     TemplateInfo,
@@ -31,7 +32,7 @@ from nlpmesh_client.types import (
 __all__ = [
     "NO_RETRY", "AsyncClient", "AsyncTextStream", "Client", "Config", "DeadlineExceeded", "Generation", "HopTiming",
     "InvalidArgument", "Message", "ModelInfo", "NlpmeshError", "NotFound", "PermissionDenied", "ResourceExhausted",
-    "RetryPolicy", "Sampling", "Template", "TemplateInfo", "TemplateVariable", "TextStream", "TokenCount",
-    "TokenLogprob", "TopLogprob",
+    "ResponseFormat", "RetryPolicy", "Sampling", "Template", "TemplateInfo", "TemplateVariable", "TextStream",
+    "TokenCount", "TokenLogprob", "TopLogprob",
     "Unauthenticated", "Unavailable", "Usage",
 ]

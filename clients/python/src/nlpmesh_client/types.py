@@ -5,6 +5,7 @@ Each owns its conversion: ``to_pb`` for what goes out, ``from_pb`` for what come
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,41 @@ Prompt = str | Template | Sequence[Message]
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """The form an answer must take (guided decoding): make one with ``json_schema``, ``regex`` or ``choice``."""
+    kind: str  # "json_schema", "regex" or "choice"
+    value: str | tuple[str, ...]
+
+    @classmethod
+    def json_schema(cls, schema: Mapping | str) -> ResponseFormat:
+        """A JSON Schema (a mapping, or its JSON text): the answer is one JSON value valid against it."""
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    @classmethod
+    def regex(cls, pattern: str) -> ResponseFormat:
+        """The whole answer matches ``pattern`` (Rust regex syntax)."""
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> ResponseFormat:
+        """The answer is exactly one of ``choices``."""
+        return cls("choice", tuple(choices))
+
+    def to_pb(self, pb) -> None:
+        if self.kind == "choice":
+            pb.choice.choices.extend(self.value)
+        else:
+            setattr(pb, self.kind, self.value)
+
+    @classmethod
+    def from_pb(cls, pb) -> ResponseFormat | None:
+        kind = pb.WhichOneof("format")
+        if kind is None:
+            return None
+        return cls(kind, tuple(pb.choice.choices) if kind == "choice" else getattr(pb, kind))
+
+
+@dataclass(frozen=True)
 class Sampling:
     """How to generate; every zero means the server's default (greedy, 256 new tokens)."""
     max_new_tokens: int = 0
@@ -45,6 +81,9 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    # The answer's form (guided decoding); None: free text, or the template version's declared form.
+    # The wire carries it beside the sampling, as GenerateRequest.response_format.
+    response_format: ResponseFormat | None = None
 
     def to_pb(self, request) -> None:
         sampling = request.sampling
@@ -57,6 +96,8 @@ class Sampling:
         sampling.presence_penalty, sampling.frequency_penalty = self.presence_penalty, self.frequency_penalty
         if self.logprobs is not None:
             sampling.logprobs = self.logprobs
+        if self.response_format is not None:
+            self.response_format.to_pb(request.response_format)
 
 
 def prompt_to_pb(prompt: Prompt, request) -> None:
@@ -165,11 +206,13 @@ class TemplateInfo:
     version: str
     description: str
     variables: tuple[TemplateVariable, ...]
+    response_format: ResponseFormat | None = None  # the form this version's answers take, if it declares one
 
     @classmethod
     def from_pb(cls, pb) -> TemplateInfo:
         return cls(pb.id, pb.version, pb.description,
-                   tuple(TemplateVariable(v.name, v.required, v.description) for v in pb.variables))
+                   tuple(TemplateVariable(v.name, v.required, v.description) for v in pb.variables),
+                   ResponseFormat.from_pb(pb.response_format))
 
 
 @dataclass(frozen=True)
