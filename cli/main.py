@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from meshkit.settings import TLS_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 
 DEMO_QUESTION = "What are the applications of real-time AI in the financial industry?"
+DEMO_SUPPORT = "Where is my order AB-1234? It was due last week."
 
 
 def _state_file() -> Path:
@@ -333,6 +335,24 @@ def _demo_model(mesh: LocalMesh, model: str, max_new_tokens: int) -> int:
         if cache == "refresh":
             _say("the answer is stored after it was sent, off the caller's path; asking again in 0.5 s")
             time.sleep(0.5)
+    return _demo_structured(mesh, model, max_new_tokens)
+
+
+def _demo_structured(mesh: LocalMesh, model: str, max_new_tokens: int) -> int:
+    """support_answer (its newest version declares a JSON Schema): the answer is JSON of that schema."""
+    _say(f"model {model}, support_answer (guided decoding: its version declares a JSON Schema)\n> {DEMO_SUPPORT}")
+    question = build_question(DEMO_SUPPORT, "support_answer", {"question": DEMO_SUPPORT},
+                              max(max_new_tokens, 256), 0.0, None, "use", model)
+    try:
+        result = ask(mesh.gateway_access(), question)
+        fields = json.loads(result.text)
+    except NlpmeshError as error:
+        _say(f"model {model}: {error.code.name}: {error.message}")
+        return 1
+    except ValueError:
+        _say(f"model {model}: support_answer's answer is not JSON (finish={result.finish_reason})")
+        return 1
+    _say(f"structured: intent={fields.get('intent')!r} order_id={fields.get('order_id')!r}\n")
     return 0
 
 

@@ -75,7 +75,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return gateway_pb2.GenerateResponse(
                         text="".join(parts), finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_to_pb(event.timings), logprobs=_logprobs_to_pb([*logprobs, *event.logprobs]),
+                        timings=_timings_to_pb(event.timings), token_logprobs=_logprobs_to_pb([*logprobs, *event.logprobs]),
                     )
             return gateway_pb2.GenerateResponse(trace_id=trace_id)
 
@@ -91,14 +91,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             trace_id = trace_id_hex(scope.span)
             async for event in self.answerer.stream(prompt_request, scope):
                 if isinstance(event, TokenDelta):
-                    yield gateway_pb2.GenerateChunk(delta=event.text, logprobs=_logprobs_to_pb(event.logprobs))
+                    yield gateway_pb2.GenerateChunk(delta=event.text, token_logprobs=_logprobs_to_pb(event.logprobs))
                 elif isinstance(event, Outcome):
                     self._note_outcome(event, prompt_request)
                     context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(event.timings)),))
                     yield gateway_pb2.GenerateChunk(
                         done=True, finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_to_pb(event.timings), logprobs=_logprobs_to_pb(event.logprobs),
+                        timings=_timings_to_pb(event.timings), token_logprobs=_logprobs_to_pb(event.logprobs),
                     )
 
     @rpc_method

@@ -67,7 +67,7 @@ def test_support_answer_1_1_answers_as_its_declared_schema_says(gateway):
     assert declared["1.0.0"] == "" and declared["1.1.0"]
     request = gateway_pb2.GenerateRequest(template=gateway_pb2.TemplateCall(id="support_answer", version="1.1.0"),
                                           cache_mode=gateway_pb2.CACHE_MODE_BYPASS,
-                                          sampling=gateway_pb2.SamplingParams(max_new_tokens=160))
+                                          sampling=gateway_pb2.SamplingParams(max_new_tokens=256))
     request.template.variables.update({"question": "Where is my order AB-1234? It is two weeks late."})
     reply = gateway.Generate(request, timeout=120)
     answer = json.loads(reply.text)

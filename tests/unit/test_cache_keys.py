@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 from redis.crc import key_slot
 
+from meshkit.response_format import ResponseFormat
 from meshkit.sampling import Sampling
 from promptcache import keys
 from promptcache.keys import ChatPrompt, PromptCacheKey, TemplatePrompt, tenant_tag
@@ -188,3 +189,17 @@ def test_determinism_is_greedy_or_seeded():
     assert Sampling(temperature=0.0).deterministic
     assert Sampling(temperature=0.8, seed=1).deterministic
     assert not Sampling(temperature=0.8).deterministic
+
+
+def test_a_response_format_changes_the_key_and_a_schema_spacing_does_not():
+    greedy = Sampling(max_new_tokens=64)
+
+    def digest(response_format):
+        return template_key(sampling=replace(greedy, response_format=response_format)).digest()
+    schema = ResponseFormat("json_schema", '{"type": "object", "required": ["a"]}')
+    respaced = ResponseFormat("json_schema", '{"required":["a"],"type":"object"}')
+    other = ResponseFormat("json_schema", '{"type": "object", "required": ["b"]}')
+    digests = {digest(None), digest(schema), digest(other), digest(ResponseFormat("regex", "a+")),
+               digest(ResponseFormat("choice", ("a", "b"))), digest(ResponseFormat("choice", ("b", "a")))}
+    assert len(digests) == 6
+    assert digest(respaced) == digest(schema)

@@ -83,7 +83,7 @@ class StreamState:
     def take(self, chunk) -> str:
         if chunk.delta:
             self.parts.append(chunk.delta)
-        self.logprobs += chunk.logprobs
+        self.logprobs += chunk.token_logprobs
         if chunk.done:
             self.final = chunk
         return chunk.delta

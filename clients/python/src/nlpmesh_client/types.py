@@ -179,7 +179,7 @@ class Generation:
         reason = messages.FINISH_REASON.values_by_number[pb.finish_reason].name.removeprefix("FINISH_REASON_")
         return cls(text, reason.lower(), Usage(pb.usage.prompt_tokens, pb.usage.completion_tokens), pb.cache_hit,
                    pb.model, pb.trace_id, tuple(HopTiming.from_pb(t) for t in pb.timings), request_id,
-                   server_timing, tuple(TokenLogprob.from_pb(one) for one in (pb.logprobs if logprobs is None
+                   server_timing, tuple(TokenLogprob.from_pb(one) for one in (pb.token_logprobs if logprobs is None
                                                                                 else logprobs)))
 
 
