@@ -75,7 +75,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return gateway_pb2.GenerateResponse(
                         text="".join(parts), finish_reason=event.finish_reason, usage=_usage_to_pb(event),
                         cache_hit=event.cache_hit, model=event.model, trace_id=trace_id,
-                        timings=_timings_to_pb(event.timings), token_logprobs=_logprobs_to_pb([*logprobs, *event.logprobs]),
+                        timings=_timings_to_pb(event.timings),
+                        token_logprobs=_logprobs_to_pb([*logprobs, *event.logprobs]),
                     )
             return gateway_pb2.GenerateResponse(trace_id=trace_id)
 
