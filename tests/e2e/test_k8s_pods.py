@@ -40,7 +40,7 @@ from meshkit.tls import CA_FILE
 from modelfiles.architectures import engine_supports
 from modelfiles.convert import load_model_files
 from tests.catalogue_services import ADDRS_ENV, catalogue_ids, inference_service
-from tests.conftest import free_port, running_redis_server
+from tests.conftest import free_port
 from tests.k8s_render import container, find, kubelet_layout, render, workload
 from tests.polling import wait_until
 
@@ -60,6 +60,7 @@ class LocalPod:
     spec: dict
     grace_s: int
     started_at: float = 0.0  # time.monotonic() at the process's start
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)  # a mount path -> its local folder
 
     def probe(self, which: str) -> subprocess.CompletedProcess:
         """The container's exec probe, as the kubelet runs it: in the container's environment,
@@ -82,6 +83,7 @@ class LocalPod:
         return time.monotonic() - self.started_at
 
     def _local(self, text: str) -> str:
+        text = local_paths(text, self.paths)
         for pod_port, port in self.ports.items():
             text = text.replace(f"127.0.0.1:{pod_port}", f"127.0.0.1:{port}")
             text = re.sub(r"\bredis-cli\b(?! -p)", f"redis-cli -p {port}", text) if pod_port == 6379 else text
@@ -109,18 +111,7 @@ def start_pod(objects: list[dict], name: str, root: Path, secrets: dict[str, dic
     target) is rewritten to; ``ports``: the pod's port -> a local one (default: free ones)."""
     spec = container(objects, name)
     pod = workload(objects, name)["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    paths = {}
-    for mount in spec.get("volumeMounts", []):
-        volume = volumes[mount["name"]]
-        source = volume.get("secret") or volume["configMap"]
-        data = secrets[source["secretName"]] if "secret" in volume else \
-            find(objects, "ConfigMap", source["name"])["data"]
-        local = kubelet_layout(root / "volumes" / name / mount["name"], data, source.get("items"))
-        for path in local.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                path.chmod(source.get("defaultMode", 0o644))
-        paths[mount["mountPath"]] = str(local)
+    paths = mounted_volumes(objects, name, root, secrets)
     ports = ports or {p["containerPort"]: free_port() for p in spec["ports"]}
     env: dict[str, str] = {}
     for entry in spec.get("env", []):
@@ -133,9 +124,7 @@ def start_pod(objects: list[dict], name: str, root: Path, secrets: dict[str, dic
         if key.startswith("OTEL_"):
             del env[key]
             continue
-        for mount_path, local in paths.items():
-            if value == mount_path or value.startswith(mount_path + "/"):
-                value = local + value[len(mount_path):]
+        value = local_paths(value, paths)  # also inside a URL (rediss://...?ssl_ca_certs=/etc/...)
         if key.endswith("_HOST"):
             value = "127.0.0.1"
         elif key.endswith("_PORT") and value.isdigit() and int(value) in ports:
@@ -150,7 +139,35 @@ def start_pod(objects: list[dict], name: str, root: Path, secrets: dict[str, dic
     with open(root / f"{name}.log", "w") as log:
         process = subprocess.Popen(args, env=full_env, cwd=Path(__file__).resolve().parents[2],
                                    stdout=log, stderr=subprocess.STDOUT)
-    return LocalPod(name, process, full_env, ports, spec, pod["terminationGracePeriodSeconds"], time.monotonic())
+    return LocalPod(name, process, full_env, ports, spec, pod["terminationGracePeriodSeconds"], time.monotonic(),
+                    paths)
+
+
+def mounted_volumes(objects: list[dict], name: str, root: Path, secrets: dict[str, dict[str, str]]
+                    ) -> dict[str, str]:
+    """``name``'s container's Secret and ConfigMap volumes laid out under ``root`` as the kubelet lays them
+    out, with their modes: a mount path -> its local folder."""
+    spec = container(objects, name)
+    volumes = {v["name"]: v for v in workload(objects, name)["spec"]["template"]["spec"].get("volumes", [])}
+    paths = {}
+    for mount in spec.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        source = volume.get("secret") or volume["configMap"]
+        data = secrets[source["secretName"]] if "secret" in volume else \
+            find(objects, "ConfigMap", source["name"])["data"]
+        local = kubelet_layout(root / "volumes" / name / mount["name"], data, source.get("items"))
+        for path in local.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(source.get("defaultMode", 0o644))
+        paths[mount["mountPath"]] = str(local)
+    return paths
+
+
+def local_paths(text: str, paths: dict[str, str]) -> str:
+    """``text`` with each mount path (alone, or as a folder anywhere in it) made its local folder."""
+    for mount_path, local in paths.items():
+        text = local if text == mount_path else text.replace(mount_path + "/", local + "/")
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -181,15 +198,46 @@ def make_secrets(folder: Path, certs: dict[str, str]) -> MeshSecrets:
                        users, api_key)
 
 
+@dataclass
+class LocalRedis:
+    process: subprocess.Popen
+    port: int  # its TLS port: the StatefulSet serves no plaintext
+    paths: dict[str, str]  # its mount paths -> their local folders
+
+    @property
+    def ca_file(self) -> str:
+        return local_paths("/etc/nlpmesh/certs/ca.crt", self.paths)
+
+
 @contextmanager
 def redis_statefulset(objects: list[dict], root: Path, secrets: dict[str, dict[str, str]]):
-    """redis-server with the StatefulSet's own arguments, its ACL file from the Secret's volume."""
+    """redis-server with the StatefulSet's own arguments (TLS only), its ACL file, certificate and key from the
+    Secrets' volumes; only its TLS port is a free local one, on loopback."""
     args = container(objects, "redis")["args"]
-    volume = workload(objects, "redis")["spec"]["template"]["spec"]["volumes"][0]["secret"]
-    acl_dir = kubelet_layout(root / "redis-volume", secrets[volume["secretName"]], volume["items"])
-    local_args = [str(acl_dir / Path(a).name) if a.startswith("/etc/redis/") else a for a in args[1:]]
-    with running_redis_server(*local_args) as server:
+    paths = mounted_volumes(objects, "redis", root, secrets)
+    port = free_port()
+    local_args = [local_paths(a, paths) for a in args[1:]]
+    local_args[local_args.index("--tls-port") + 1] = str(port)
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    process = subprocess.Popen([binary, *local_args, "--bind", "127.0.0.1", "--daemonize", "no"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = LocalRedis(process, port, paths)
+    try:
+        def answers() -> bool:
+            assert process.poll() is None, f"redis-server exited with {process.returncode}"
+            try:
+                redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=server.ca_file,
+                            socket_timeout=1).ping()
+            except redis.AuthenticationError:
+                return True  # up: its default user is off
+            except redis.RedisError:
+                return False
+            return True
+        wait_until(answers, timeout_s=15, what="the Redis StatefulSet's redis-server to answer over TLS")
         yield server
+    finally:
+        process.kill()
+        process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -229,9 +277,12 @@ def test_the_cache_pod_reaches_the_redis_statefulset_as_its_own_user(objects, tm
         config = admin.config_get("maxmemory*")
         assert config["maxmemory-policy"] == "allkeys-lru" and int(config["maxmemory"]) == 256 * 2**20
         redis_pod = LocalPod("redis", server.process, dict(os.environ), {6379: server.port},
-                             container(objects, "redis"), 10)
+                             container(objects, "redis"), 10, paths=server.paths)
         for which in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert redis_pod.probe(which).returncode == 0, which
+        # Plaintext gets nowhere: the StatefulSet serves TLS only.
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2).ping()
         pod = start_pod(objects, "cache", tmp_path, made.secrets, {"redis": server.port})
         try:
             pod.wait_started()
@@ -247,9 +298,9 @@ def test_the_cache_pod_reaches_the_redis_statefulset_as_its_own_user(objects, tm
             assert pod.stop() < pod.grace_s
 
 
-def _admin(server, users: redis_acl.RedisUsers) -> redis.Redis:
+def _admin(server: LocalRedis, users: redis_acl.RedisUsers) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=server.port, username="admin", password=users.passwords["admin"],
-                       socket_timeout=5)
+                       socket_timeout=5, ssl=True, ssl_ca_certs=server.ca_file)
 
 
 @pytest.mark.model
