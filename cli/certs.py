@@ -141,15 +141,36 @@ def init_certs(directory: Path, namespace: str = DEFAULT_NAMESPACE, force: bool 
         if (directory / f"{name}.crt").exists() and (directory / f"{name}.key").exists():
             report.kept.append(name)
             continue
-        if name == PROBE:
-            cert, key = issue(authority, name, [name], server=False, client=True)  # strict verifiers want a SAN
-        elif name == REDIS:
-            cert, key = issue(authority, name, dns_names(name, namespace), ["127.0.0.1", "::1"], client=False)
-        else:
-            cert, key = issue(authority, name, dns_names(name, namespace), ["127.0.0.1", "::1"])
-        write_pair(directory, name, cert, key)
+        _issue_leaf(directory, authority, name, namespace)
         report.made.append(name)
     return report
+
+
+def rotate_certs(directory: Path, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+    """New certificates and keys for every service, Redis and the probe, from the same CA; returns their names.
+
+    Each pair is written key first, each file atomically: a running server that reads the pair between the
+    two sees a key that is not its certificate's and keeps serving the old pair until both are new
+    (meshkit.tls.CertificateReloader). The CA stays: every client keeps trusting the new certificates.
+    """
+    directory = Path(directory)
+    if not ((directory / CA_FILE).exists() and (directory / "ca.key").exists()):
+        raise FileNotFoundError(f"{directory} has no CA (ca.crt, ca.key): run `nlpmesh certs init` first")
+    authority = load_authority(directory)
+    names = [*SERVICES, REDIS, PROBE]
+    for name in names:
+        _issue_leaf(directory, authority, name, namespace)
+    return names
+
+
+def _issue_leaf(directory: Path, authority: Authority, name: str, namespace: str) -> None:
+    if name == PROBE:
+        cert, key = issue(authority, name, [name], server=False, client=True)  # strict verifiers want a SAN
+    elif name == REDIS:
+        cert, key = issue(authority, name, dns_names(name, namespace), ["127.0.0.1", "::1"], client=False)
+    else:
+        cert, key = issue(authority, name, dns_names(name, namespace), ["127.0.0.1", "::1"])
+    write_pair(directory, name, cert, key)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

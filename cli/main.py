@@ -15,7 +15,7 @@ from nlpmesh_client import NlpmeshError
 
 from cli import invalidate, keys, logs, models, redis_acl, run_state
 from cli.ask import ask, build_question, response_format_from, timing_table
-from cli.certs import DEFAULT_NAMESPACE, init_certs
+from cli.certs import DEFAULT_NAMESPACE, init_certs, rotate_certs
 from cli.connect import GatewayAccess
 from cli.launcher import LocalMesh, check_health
 from cli.restarts import RestartPolicy
@@ -356,6 +356,19 @@ def _demo_structured(mesh: LocalMesh, model: str, max_new_tokens: int) -> int:
     return 0
 
 
+def cmd_certs_rotate(args) -> int:
+    directory = Path(args.dir) if args.dir else default_home() / "certs"
+    try:
+        names = rotate_certs(directory, args.namespace)
+    except FileNotFoundError as error:
+        _say(str(error))
+        return 1
+    _say(f"certificates in {directory}: new {', '.join(names)} (the CA kept); servers serve them from their "
+         "next new connection. redis-server reads its certificate at start only: restart it, or CONFIG SET "
+         "tls-cert-file and tls-key-file")
+    return 0
+
+
 def cmd_certs(args) -> int:
     directory = Path(args.dir) if args.dir else default_home() / "certs"
     try:
@@ -464,6 +477,11 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Kubernetes namespace in the names")
     init.add_argument("--force", action="store_true", help="replace every certificate and the CA")
     init.set_defaults(run=cmd_certs)
+    rotate = c_sub.add_parser("rotate", help="new certificates for every service from the same CA; running "
+                                             "servers serve them from their next connection, without a restart")
+    rotate.add_argument("--dir", help="where (default: $NLPMESH_HOME/certs)")
+    rotate.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Kubernetes namespace in the names")
+    rotate.set_defaults(run=cmd_certs_rotate)
     t = sub.add_parser("trace", help="draw one request's spans as a waterfall, with hop budgets and overruns")
     t.add_argument("trace_id", nargs="?", help="the trace_id a response carries")
     t.add_argument("--last", action="store_true", help="the most recent request instead")

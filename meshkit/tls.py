@@ -13,14 +13,25 @@ One ``TlsConfig`` per process, from its settings:
   A file named on its own wins over the folder.
 
 Files are read when the credentials are built, at start: a missing file stops the
-process rather than leaving it in plaintext.
+process rather than leaving it in plaintext. A server then reloads its certificate, key and CA
+when the files change (``CertificateReloader``, behind grpc's dynamic server credentials):
+each new connection's handshake checks them, and connections already open keep theirs. A
+pair that does not match (a certificate written before its key) is not served: the previous
+one stays until the files agree.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+log = logging.getLogger("nlpmesh.tls")
 
 CA_FILE = "ca.crt"
 PROBE = "probe"  # the client certificate health checks present
@@ -67,16 +78,15 @@ class TlsConfig:
             return "plaintext"
         return "TLS, client certificates " + ("required (mTLS)" if self.require_client_cert else "not required")
 
-    def server_credentials(self) -> grpc.ServerCredentials | None:
+    def server_credentials(self, on_reload: Callable[[], None] | None = None) -> grpc.ServerCredentials | None:
         """None = plaintext. With ``require_client_cert``, a client without a certificate the CA
-        signed fails the handshake and never reaches a handler."""
+        signed fails the handshake and never reaches a handler. The files are read again when they
+        change (``CertificateReloader``; ``on_reload`` runs after each reload)."""
         if not self.serves_tls:
             return None
-        pair = (self.key_file.read_bytes(), self.cert_file.read_bytes())
-        if not self.require_client_cert:
-            return grpc.ssl_server_credentials([pair])
-        return grpc.ssl_server_credentials([pair], root_certificates=self.ca_file.read_bytes(),
-                                           require_client_auth=True)
+        reloader = CertificateReloader(self, on_reload)
+        return grpc.dynamic_ssl_server_credentials(reloader.initial(), reloader,
+                                                   require_client_authentication=self.require_client_cert)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """How this process calls the mesh: None (plaintext) without a CA; else it verifies the
@@ -88,6 +98,72 @@ class TlsConfig:
         return grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes(),
                                             private_key=self.key_file.read_bytes(),
                                             certificate_chain=self.cert_file.read_bytes())
+
+
+class CertificateReloader:
+    """grpc's certificate configuration fetcher for one server: called at each new connection's handshake, it
+    gives a new configuration when the certificate, key or CA files changed, else None (keep the current one).
+    """
+
+    def __init__(self, config: TlsConfig, on_reload: Callable[[], None] | None = None):
+        self._config = config
+        self._on_reload = on_reload
+        self._files = [path for path in (config.cert_file, config.key_file, config.ca_file) if path is not None]
+        self._seen = ""
+        self._refused = ""  # the contents last refused: warned about once
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        """The configuration at start: unreadable or mismatched files stop the process."""
+        contents = self._read()
+        self._seen = _digest(contents)
+        return self._configuration(contents)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            contents = self._read()
+        except OSError:  # a file being replaced: the next handshake looks again
+            return None
+        digest = _digest(contents)
+        if digest == self._seen:
+            return None
+        try:
+            configuration = self._configuration(contents)
+        except ValueError as error:
+            if digest != self._refused:
+                self._refused = digest
+                log.warning("TLS files changed but are not served, the previous certificate stays: %s", error)
+            return None
+        self._seen = digest
+        log.info("TLS certificate reloaded from %s (serial %x)", self._config.cert_file,
+                 x509.load_pem_x509_certificate(contents[0]).serial_number)
+        if self._on_reload is not None:
+            self._on_reload()
+        return configuration
+
+    def _read(self) -> list[bytes]:
+        return [path.read_bytes() for path in self._files]
+
+    def _configuration(self, contents: list[bytes]) -> grpc.ServerCertificateConfiguration:
+        certificate, key = contents[0], contents[1]
+        _check_pair(certificate, key)
+        roots = contents[2] if self._config.require_client_cert else None
+        return grpc.ssl_server_certificate_configuration([(key, certificate)], root_certificates=roots)
+
+
+def _digest(contents: list[bytes]) -> str:
+    return hashlib.sha256(b"\0".join(contents)).hexdigest()
+
+
+def _check_pair(certificate_pem: bytes, key_pem: bytes) -> None:
+    """ValueError unless the key is the certificate's (its text is never part of the message)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"a certificate or key does not parse ({type(error).__name__})") from None
+    public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificate.public_key().public_bytes(*public) != key.public_key().public_bytes(*public):
+        raise ValueError("the key is not the certificate's")
 
 
 def probe_credentials(folder: Path | None) -> grpc.ChannelCredentials | None:
