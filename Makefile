@@ -19,7 +19,7 @@ CLIENT_STAMP := $(VENV)/.client-installed
 # npm packages, each folder from its package-lock.json: buf's CLI (make contract) and the Node client of the tests.
 NODE_MODULES := tools/buf/node_modules/.installed clients/node/node_modules/.installed
 
-.PHONY: setup protos model engines client node contract demo test test-fast lint bench soak up clean
+.PHONY: setup protos model engines client node contract rules demo test test-fast lint bench soak up clean
 
 setup: $(STAMP) protos model engines client node
 
@@ -92,6 +92,12 @@ test-fast: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The Prometheus rules: checked, and each alert's promtool test (series that fire it and that do not).
+# promtool comes with Debian's prometheus package (.ci/run installs it).
+rules:
+	promtool check rules deploy/prometheus/rules/*.yml
+	cd deploy/prometheus/tests && promtool test rules *.yml
 
 bench: setup
 	$(PY) -m bench.run

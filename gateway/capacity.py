@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from gateway.refusal_metrics import ADMISSION_REFUSALS
 from meshkit.errors import ResourceExhausted
 from meshkit.wire import InferenceLoad
 
@@ -115,4 +116,5 @@ class CapacityGate:
                                 "INFERENCE_AT_CAPACITY")
 
     def _refusal(self, why: str, reason: str) -> ResourceExhausted:
+        ADMISSION_REFUSALS.labels(reason).inc()
         return ResourceExhausted(f"{why}; retry later", retry_after_s=self._settings.retry_after_s, reason=reason)

@@ -40,12 +40,13 @@ class _HopSeries:
 _hops: dict[str, _HopSeries] = {}
 
 
-def observe_hop(hop: str, elapsed_ms: float, budget_ms: float, over_budget: bool) -> None:
-    """One hop of one gateway request: latency histogram and over-budget counter."""
+def observe_hop(hop: str, elapsed_ms: float, budget_ms: float, over_budget: bool, trace_id: int = 0) -> None:
+    """One hop of one gateway request: latency histogram and over-budget counter. ``trace_id`` (the request's,
+    0 = none) goes with the latency as an OpenMetrics exemplar: a slow bucket links to a trace that fell in it."""
     series = _hops.get(hop)
     if series is None:
         series = _hops.setdefault(hop, _HopSeries(hop))
-    series.latency.observe(elapsed_ms / 1000.0)
+    series.latency.observe(elapsed_ms / 1000.0, {"trace_id": format(trace_id, "032x")} if trace_id else None)
     if budget_ms > 0:
         series.budget_used.observe(elapsed_ms / budget_ms)
     if over_budget:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from gateway.refusal_metrics import QUOTA_REFUSALS
 from gateway.tenant import Tenant, TenantLimits
 from meshkit.errors import QuotaViolation, ResourceExhausted
 from meshkit.redis_failure import REDIS_FAILURES, RedisBackoff, describe_failure
@@ -417,6 +418,8 @@ def _refusal(limits: TenantLimits, over: dict[str, float], local: bool) -> Resou
     violations = [QuotaViolation(f"tenant:{name}", described[name]() + share) for name in over]
     waits = [STREAM_RETRY_S if name == MAX_STREAMS else wait for name, wait in over.items()]
     names = ", ".join(over)
+    for name in over:
+        QUOTA_REFUSALS.labels(name).inc()
     return ResourceExhausted(f"tenant over its quota: {names}", retry_after_s=max(waits), violations=violations)
 
 

@@ -102,7 +102,8 @@ class RequestScope:
                 succeeded: bool = True) -> HopTiming:
         timing = HopTiming(hop, (ended - begun) * 1000.0, self.budget.budget_for(budgeted_as(hop)))
         self.hops.append(timing)
-        hop_metrics.observe_hop(hop, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
+        hop_metrics.observe_hop(hop, timing.elapsed_ms, timing.budget_ms, timing.over_budget,
+                                self.span.get_span_context().trace_id)
         if span is not None:
             record_hop(span, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
         if succeeded:

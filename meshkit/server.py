@@ -33,7 +33,7 @@ from meshkit.ports import PortInUse, port_in_use
 from meshkit.request_decoding import RequestDecodingInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
 from meshkit.settings import ServiceSettings
-from meshkit.tls import TlsConfig
+from meshkit.tls import TlsConfig, export_certificate_expiry
 from meshkit.tracing import server_span
 
 log = logging.getLogger("nlpmesh.server")
@@ -127,7 +127,9 @@ async def create_server(spec: ServiceSpec, settings: ServiceSettings):
     if settings.reflection:
         reflection.enable_server_reflection(names + (reflection.SERVICE_NAME,), server)
     tls = TlsConfig.from_settings(settings)
-    port = _bind(server, settings.address, tls.server_credentials(), spec.name)
+    export_certificate_expiry(tls, spec.name)
+    credentials = tls.server_credentials(on_reload=lambda: export_certificate_expiry(tls, spec.name))
+    port = _bind(server, settings.address, credentials, spec.name)
     await server.start()
     for name in ("", *spec.service_names, *spec.health_names):
         await health_servicer.set(name, NOT_SERVING)

@@ -30,8 +30,15 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import Gauge
 
 log = logging.getLogger("nlpmesh.tls")
+
+CERTIFICATE_NOT_AFTER = Gauge(
+    "nlpmesh_certificate_not_after_seconds",
+    "When the certificate this server presents stops being valid (Unix seconds), set at start and at each reload.",
+    ["service"],
+)
 
 CA_FILE = "ca.crt"
 PROBE = "probe"  # the client certificate health checks present
@@ -164,6 +171,14 @@ def _check_pair(certificate_pem: bytes, key_pem: bytes) -> None:
     public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     if certificate.public_key().public_bytes(*public) != key.public_key().public_bytes(*public):
         raise ValueError("the key is not the certificate's")
+
+
+def export_certificate_expiry(config: TlsConfig, service: str) -> None:
+    """Sets ``nlpmesh_certificate_not_after_seconds{service}`` from the certificate file (nothing in plaintext)."""
+    if config.cert_file is None:
+        return
+    certificate = x509.load_pem_x509_certificate(config.cert_file.read_bytes())
+    CERTIFICATE_NOT_AFTER.labels(service).set(certificate.not_valid_after_utc.timestamp())
 
 
 def probe_credentials(folder: Path | None) -> grpc.ChannelCredentials | None:

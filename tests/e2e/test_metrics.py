@@ -1,15 +1,19 @@
 """Prometheus /metrics from every service, scraped over HTTP from real processes."""
 from __future__ import annotations
 
+import re
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshkit.tracing.span_file import read_spans
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -132,3 +136,52 @@ def test_no_label_carries_request_content(served):
     for name, metrics in served.after.items():
         assert QUESTION not in metrics.text, name
         assert "finance_question" not in metrics.text, name
+
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
+PROMETHEUS_OWN = {"up"}  # series Prometheus makes itself, not a service
+
+
+def rule_metric_names() -> set[str]:
+    """Every metric name the rules read: identifiers before a selector or a range, not functions, recording
+    rules' own names (with colons), or label names."""
+    names = set()
+    for path in RULES.glob("*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                expr = re.sub(r"\{[^}]*\}", "{}", rule["expr"])  # label matchers out
+                names |= set(re.findall(r"(?<![:\w])(nlpmesh_[a-z0-9_]+|up)\b", expr))
+    return names
+
+
+def exported_families(scrape_text: str) -> set[str]:
+    """The metric names a scrape declares (``# TYPE``), with a histogram's _bucket/_count/_sum and a counter's
+    _total as Prometheus names them in queries."""
+    found = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", scrape_text, re.MULTILINE):
+        found.add(name)
+        if kind == "histogram":
+            found |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+        if kind == "counter" and not name.endswith("_total"):
+            found.add(f"{name}_total")
+    return found
+
+
+def test_every_metric_an_alert_rule_reads_exists_in_a_scrape_of_the_running_mesh(served):
+    read = rule_metric_names() - PROMETHEUS_OWN
+    assert {"nlpmesh_hop_over_budget_total", "nlpmesh_certificate_not_after_seconds"} <= read  # the parse works
+    exported = set().union(*(exported_families(scrape.text) for scrape in served.after.values()))
+    assert read - exported == set()
+
+
+def test_hop_latency_buckets_carry_trace_ids_as_exemplars_that_name_real_traces(mesh, served):
+    request = urllib.request.Request(mesh.metrics_url("gateway"),
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = reply.read().decode()
+    exemplars = set(re.findall(r'^nlpmesh_hop_latency_seconds_bucket\{[^}]*\} \S+ # \{trace_id="([0-9a-f]{32})"\}',
+                               text, re.MULTILINE))
+    assert exemplars
+    wait_until(lambda: exemplars & {s.trace_id for s in read_spans(mesh.trace_dir)}, timeout_s=10,
+               what="an exemplar's trace in the span files")

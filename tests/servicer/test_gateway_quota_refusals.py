@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 from nlpmesh.gateway.v1 import gateway_pb2_grpc
 
 from gateway.api_keys import create_key
+from gateway.refusal_metrics import QUOTA_REFUSALS
 from gateway.tenant import Tenant, TenantLimits
 from tests.servicer.test_gateway_auth import auth_mesh, bearer, finance
 
@@ -45,9 +46,11 @@ def test_a_tenant_over_its_requests_per_second_is_refused_with_the_limit_and_a_r
             await stub.Generate(finance(), metadata=bearer(free), timeout=5)
         return outcomes
 
+    counted = QUOTA_REFUSALS.labels("requests_per_s")._value.get()
     outcomes = auth_mesh(inprocess_server, redis_server, tmp_path, scenario)
     refusals = [o for o in outcomes if o != "ok"]
     assert 1 <= outcomes.count("ok") <= 3 and refusals  # 2 at once, and a third if the bucket refilled
+    assert QUOTA_REFUSALS.labels("requests_per_s")._value.get() == counted + len(refusals)  # what the alert reads
     for error in refusals:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         subjects, retry_s = quota_details(error)

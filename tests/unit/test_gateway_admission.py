@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.capacity import CapacityGate, CapacitySettings
+from gateway.refusal_metrics import ADMISSION_REFUSALS
 from meshkit.errors import ResourceExhausted
 from meshkit.wire import LOAD_HEADER, InferenceLoad
 
@@ -36,9 +37,11 @@ def test_before_any_report_every_generation_is_admitted():
 def test_in_flight_at_the_reported_capacity_is_refused_with_retry_info():
     gate = capacity_gate(retry_after_s=0.5)
     gate.observe(InferenceLoad(active=0, capacity=2))
+    counted = ADMISSION_REFUSALS.labels("GATEWAY_AT_CAPACITY")._value.get()
     with gate.generation(), gate.generation():
         refused = refusal(gate)
     assert refused.retry_after_s == 0.5 and refused.reason == "GATEWAY_AT_CAPACITY"
+    assert ADMISSION_REFUSALS.labels("GATEWAY_AT_CAPACITY")._value.get() == counted + 1  # what the alert reads
     assert gate.in_flight == 0  # the refused one never counted
     with gate.generation():  # a place freed: admitted again
         pass

@@ -59,3 +59,20 @@ def test_rotate_keeps_the_ca_writes_keys_private_and_needs_a_ca(certs, tmp_path_
     assert stat.S_IMODE((certs / "inference.key").stat().st_mode) == 0o600
     with pytest.raises(FileNotFoundError, match="nlpmesh certs init"):
         rotate_certs(tmp_path_factory.mktemp("empty"))
+
+
+def test_the_expiry_gauge_follows_the_certificate_a_reload_serves(certs):
+    from meshkit.tls import CERTIFICATE_NOT_AFTER, export_certificate_expiry
+
+    config = TlsConfig.from_dir(certs, "cache", require_client_cert=True)
+    reloader = CertificateReloader(config, on_reload=lambda: export_certificate_expiry(config, "cache"))
+    reloader.initial()
+    export_certificate_expiry(config, "cache")
+
+    def not_after() -> float:
+        return x509.load_pem_x509_certificate((certs / "cache.crt").read_bytes()).not_valid_after_utc.timestamp()
+    assert CERTIFICATE_NOT_AFTER.labels("cache")._value.get() == not_after()
+    CERTIFICATE_NOT_AFTER.labels("cache").set(0)  # what a reload must overwrite
+    rotate_certs(certs)
+    assert reloader() is not None
+    assert CERTIFICATE_NOT_AFTER.labels("cache")._value.get() == not_after()

@@ -96,6 +96,16 @@ def test_prometheus_finds_every_replica_of_every_service_by_dns():
     assert found == {(s.name, s.metrics_port) for s in compose_services()}
 
 
+def test_compose_prometheus_loads_every_rule_file_from_the_folder_it_mounts():
+    prometheus = yaml.safe_load((COMPOSE_FILE.parent / "deploy" / "prometheus.yml").read_text())
+    volumes = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["prometheus"]["volumes"]
+    mounted = {target: source for source, target, *_ in (v.split(":") for v in volumes)}
+    (pattern,) = prometheus["rule_files"]
+    folder, _, glob = pattern.rpartition("/")
+    rules = sorted((COMPOSE_FILE.parent / mounted[folder]).glob(glob))
+    assert [path.name for path in rules] == ["nlpmesh.yml"]
+
+
 def test_local_environment_sets_the_assigned_metrics_port_and_none_without_one():
     inference = next(s for s in load_topology() if s.name == "inference")
     ports = dict(DEFAULT_PORTS)
