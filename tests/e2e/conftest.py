@@ -34,6 +34,18 @@ def mesh(tmp_path_factory, mesh_redis):
     local.stop()
 
 
+@pytest.fixture(scope="module")
+def tls_mesh(tmp_path_factory, mesh_redis):
+    """The mesh `nlpmesh up` runs: TLS at the gateway, mTLS inside, with certificates `nlpmesh certs init`
+    makes in a folder of its own (one mesh per test module)."""
+    local = LocalMesh(tmp_path_factory.mktemp("tls-mesh"), free_ports=True, redis_url=mesh_redis.url,
+                      tls=True, certs_dir=tmp_path_factory.mktemp("certs"),
+                      progress=lambda line: print(f"[tls-mesh] {line}"))
+    local.start(ready_timeout_s=300)
+    yield local
+    local.stop()
+
+
 @pytest.fixture
 def own_mesh(tmp_path, disposable_redis_server):
     """A mesh and a Redis (``disposable_redis_server``) for one test, which may stop either."""

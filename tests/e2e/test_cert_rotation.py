@@ -13,20 +13,9 @@ import pytest
 from cryptography import x509
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from cli.launcher import LocalMesh
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
-
-
-@pytest.fixture(scope="module")
-def tls_mesh(tmp_path_factory, mesh_redis):
-    local = LocalMesh(tmp_path_factory.mktemp("rotation-mesh"), free_ports=True, redis_url=mesh_redis.url,
-                      tls=True, certs_dir=tmp_path_factory.mktemp("certs"),
-                      progress=lambda line: print(f"[rotation-mesh] {line}"))
-    local.start(ready_timeout_s=300)
-    yield local
-    local.stop()
 
 
 def served_serial(port: int, certs: Path, client: str | None = None) -> int:

@@ -17,7 +17,6 @@ from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from cli.certs import issue, make_authority, write_pair
-from cli.launcher import LocalMesh
 from cli.main import main
 from cli.topology import REPO_ROOT
 from meshkit.tls import TlsConfig
@@ -25,16 +24,6 @@ from meshkit.tls import TlsConfig
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 INTERNAL = ("template", "tokenizer", "cache", "inference")
-
-
-@pytest.fixture(scope="module")
-def tls_mesh(tmp_path_factory, mesh_redis):
-    local = LocalMesh(tmp_path_factory.mktemp("tls-mesh"), free_ports=True, redis_url=mesh_redis.url,
-                      tls=True, certs_dir=tmp_path_factory.mktemp("certs"),
-                      progress=lambda line: print(f"[tls-mesh] {line}"))
-    local.start(ready_timeout_s=300)
-    yield local
-    local.stop()
 
 
 @pytest.fixture(scope="module")
