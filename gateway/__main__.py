@@ -81,8 +81,8 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         health_names=(CACHE_PATH,),
         call_log=AccessLogInterceptor() if settings.access_log else None,
         watch_health=lambda health: DownstreamHealth(
-            {**downstream.required_channels(), "inference": models.default.channel}, settings.health_checks(),
-            models).watch(health),
+            lambda: {**downstream.required_channels(), "inference": models.default.channel},
+            settings.health_checks(), models).watch(health),
     )
 
 

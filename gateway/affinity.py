@@ -108,6 +108,11 @@ class AffineRouter:
                            for address, channel in channels.items()}
         self._ring = HashRing(list(channels))
 
+    def replace_channels(self, channels: dict[str, grpc.aio.Channel]) -> None:
+        """The same endpoints over new channels (new TLS credentials); each keeps its load and calls in flight."""
+        for address, channel in channels.items():
+            self._endpoints[address].channel = channel
+
     @property
     def endpoints(self) -> list[str]:
         return list(self._endpoints)

@@ -65,18 +65,54 @@ class Downstream:
         self.pools = pools if pools is not None else [InferencePool(settings)]
         self._channels: list[grpc.aio.Channel] = []
         self._by_service: dict[str, grpc.aio.Channel] = {}
-        # mTLS to the internal services when the mesh CA is configured.
-        self._credentials = TlsConfig.from_settings(settings).channel_credentials()
+        # mTLS to the internal services when the mesh CA is configured; read again when its files change.
+        self._tls = TlsConfig.from_settings(settings)
+        self._tls_digest = self._tls.files_digest()
+        self._credentials = self._tls.channel_credentials()
+        self._tls_follower: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
 
     async def open(self) -> None:
+        self._open_stubs()
+        for pool in self.pools:
+            await pool.open()
+        if self._credentials is not None and self._settings.tls_reload_s > 0:
+            self._tls_follower = asyncio.get_running_loop().create_task(self._follow_tls())
+
+    def _open_stubs(self) -> None:
         s = self._settings
         self.template = template_pb2_grpc.TemplateServiceStub(
             self._channel("template", s.template_addr, balancing.TEMPLATE_SERVICE))
         self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(
             self._channel("tokenizer", s.tokenizer_addr, balancing.TOKENIZER_SERVICE))
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channel("cache", s.cache_addr, balancing.CACHE_SERVICE))
+
+    async def _follow_tls(self) -> None:
+        """Every ``tls_reload_s``: when the CA bundle, certificate or key changed, new channels with them."""
+        while True:
+            await asyncio.sleep(self._settings.tls_reload_s)
+            try:
+                digest = self._tls.files_digest()
+                if digest != self._tls_digest:
+                    self.reconnect(self._tls.channel_credentials())
+                    self._tls_digest = digest
+                    log.info("TLS files changed: new channels to the internal services with them")
+            except (OSError, ValueError) as error:  # a file half written: the next round reads it again
+                log.warning("TLS files changed but could not be read (%s); the current channels stay",
+                            type(error).__name__)
+
+    def reconnect(self, credentials: grpc.ChannelCredentials | None) -> None:
+        """New channels with ``credentials`` to every internal service; calls in flight finish on the old
+        channels, which then close (at most the inference timeout later)."""
+        old, self._channels = self._channels, []
+        self._credentials = credentials
+        self._open_stubs()
         for pool in self.pools:
-            await pool.open()
+            pool.reconnect(credentials)
+        for channel in old:
+            retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
 
     def _channel(self, name: str, address: str, service: str) -> grpc.aio.Channel:
         """One channel over every replica at ``address``, balanced and retried by its service config
@@ -103,10 +139,14 @@ class Downstream:
                                timeout_s)
 
     async def close(self) -> None:
+        if self._tls_follower is not None:
+            self._tls_follower.cancel()
         for pool in self.pools:
             await pool.close()
         for channel in self._channels:
             await channel.close()
+        for retire in list(self._retiring):
+            retire.cancel()
 
     async def render(self, call: TemplateCall, timeout: float, metadata=()) -> RenderedPrompt:
         variables = struct_pb2.Struct()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -50,18 +51,18 @@ class DownstreamHealth:
     """``channels``: the services the generation path needs, by name; ``models``: each model's pool, whose
     health name follows its own inference replicas."""
 
-    def __init__(self, channels: dict[str, grpc.aio.Channel], checks: HealthChecks,
+    def __init__(self, channels: Callable[[], dict[str, grpc.aio.Channel]], checks: HealthChecks,
                  models: ModelRoutes | None = None):
-        self._stubs = {name: health_pb2_grpc.HealthStub(channel) for name, channel in channels.items()}
+        self._channels = channels  # read at each check: the gateway opens new channels when its TLS files change
         self._checks = checks
-        self._failed = dict.fromkeys(channels, 0)
+        self._failed = dict.fromkeys(channels(), 0)
         self._models = models
         self._model_failed: dict[str, int] = {}
         self._model_serving: dict[str, bool] = {}
 
     async def check(self, name: str) -> str | None:
         """None when ``name`` is SERVING, else why not (its status, or the call's error code)."""
-        return await self._check(self._stubs[name])
+        return await self._check(health_pb2_grpc.HealthStub(self._channels()[name]))
 
     async def _check(self, stub: health_pb2_grpc.HealthStub) -> str | None:
         try:
@@ -92,7 +93,7 @@ class DownstreamHealth:
 
     async def down(self) -> list[str]:
         """The services down now ("tokenizer (DEADLINE_EXCEEDED)"), each after ``failures`` failed checks in a row."""
-        names = list(self._stubs)
+        names = list(self._failed)
         reasons = await asyncio.gather(*(self.check(name) for name in names))
         down = []
         for name, reason in zip(names, reasons):

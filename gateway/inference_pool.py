@@ -120,9 +120,7 @@ class InferencePool:
             channel = router.channel(endpoint)
             self._channels.remove(channel)
             del self._stubs[endpoint]
-            retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
-            self._retiring[retire] = channel
-            retire.add_done_callback(lambda task: self._retiring.pop(task, None))
+            self._retire(channel)
         router.update(channels)
 
     async def _follow_dns(self, router: AffineRouter, host: str, port: int) -> None:
@@ -143,6 +141,27 @@ class InferencePool:
     async def _resolve(self, host: str, port: int) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         return sorted({balancing.endpoint_of(info[4][0], info[4][1]) for info in infos})
+
+    def reconnect(self, credentials: grpc.ChannelCredentials | None) -> None:
+        """New channels with ``credentials`` (the gateway's TLS files changed) for the balanced target and every
+        prefix-affine endpoint; the old ones close once their calls are done."""
+        old, self._channels = self._channels, []
+        self._credentials = credentials
+        self.channel = self._new_channel(balancing.grpc_target(self.address), TLS_NAME)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        if self.router is not None and self.router.endpoints:
+            family = {e: f"{'ipv6' if e.startswith('[') else 'ipv4'}:{e}" for e in self.router.endpoints}
+            channels = {e: self._new_channel(target, TLS_NAME) for e, target in family.items()}
+            self._stubs.update({e: inference_pb2_grpc.InferenceServiceStub(c) for e, c in channels.items()})
+            self.router.replace_channels(channels)
+        for channel in old:
+            self._retire(channel)
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        """Closes ``channel`` once its calls are done (at most the inference timeout), off the caller's path."""
+        retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
+        self._retiring[retire] = channel
+        retire.add_done_callback(lambda task: self._retiring.pop(task, None))
 
     async def connected(self, timeout_s: float) -> None:
         """Waits until the balanced channel is connected, so the first request pays no handshake."""

@@ -106,6 +106,10 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     # The edge: callers are not asked for a certificate (API keys name them); the
     # internal services do ask the gateway for one.
     tls_require_client_cert: bool = False
+    # How often (s) the gateway reads its TLS files as a client of the internal services: when its CA bundle,
+    # certificate or key changed, it opens new channels with them and retires the old ones (calls in flight
+    # finish on them). 0: read at start only.
+    tls_reload_s: float = Field(default=10.0, ge=0)
 
     def quota_settings(self) -> QuotaSettings:
         return QuotaSettings(key_prefix=self.quota_key_prefix, timeout_s=self.quota_timeout_s,

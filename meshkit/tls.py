@@ -95,6 +95,17 @@ class TlsConfig:
         return grpc.dynamic_ssl_server_credentials(reloader.initial(), reloader,
                                                    require_client_authentication=self.require_client_cert)
 
+    def files_digest(self) -> str:
+        """A digest of the files this configuration names (an unreadable one counts as empty): a client
+        compares it to know when to build its credentials again."""
+        contents = []
+        for path in (self.cert_file, self.key_file, self.ca_file):
+            try:
+                contents.append(path.read_bytes() if path is not None else b"")
+            except OSError:
+                contents.append(b"")
+        return _digest(contents)
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """How this process calls the mesh: None (plaintext) without a CA; else it verifies the
         server against the CA and presents its own certificate when it has one."""

@@ -34,14 +34,19 @@ def mesh(tmp_path_factory, mesh_redis):
     local.stop()
 
 
-@pytest.fixture(scope="module")
-def tls_mesh(tmp_path_factory, mesh_redis):
+def started_tls_mesh(tmp_path_factory, redis_url: str, extra_env: dict[str, str] | None = None) -> LocalMesh:
     """The mesh `nlpmesh up` runs: TLS at the gateway, mTLS inside, with certificates `nlpmesh certs init`
-    makes in a folder of its own (one mesh per test module)."""
-    local = LocalMesh(tmp_path_factory.mktemp("tls-mesh"), free_ports=True, redis_url=mesh_redis.url,
-                      tls=True, certs_dir=tmp_path_factory.mktemp("certs"),
+    makes in a folder of its own."""
+    local = LocalMesh(tmp_path_factory.mktemp("tls-mesh"), free_ports=True, redis_url=redis_url,
+                      tls=True, certs_dir=tmp_path_factory.mktemp("certs"), extra_env=extra_env or {},
                       progress=lambda line: print(f"[tls-mesh] {line}"))
     local.start(ready_timeout_s=300)
+    return local
+
+
+@pytest.fixture(scope="module")
+def tls_mesh(tmp_path_factory, mesh_redis):
+    local = started_tls_mesh(tmp_path_factory, mesh_redis.url)
     yield local
     local.stop()
 

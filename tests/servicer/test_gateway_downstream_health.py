@@ -44,7 +44,7 @@ def test_the_generation_path_is_not_serving_while_a_required_service_is_not_and_
             gateway = health.aio.HealthServicer()
             for name in (*GENERATION_PATH, CACHE_PATH):
                 await gateway.set(name, SERVING)
-            watch = asyncio.create_task(DownstreamHealth(channels, FAST).watch(gateway))
+            watch = asyncio.create_task(DownstreamHealth(lambda: channels, FAST).watch(gateway))
             try:
                 await servicers["tokenizer"].set("", NOT_SERVING)
                 for name in GENERATION_PATH:
@@ -62,7 +62,7 @@ def test_the_generation_path_is_not_serving_while_a_required_service_is_not_and_
 def test_an_unreachable_service_counts_as_down_only_after_consecutive_failures():
     async def scenario():
         async with downstream() as (_, channels, servers):
-            checks = DownstreamHealth(channels, FAST)
+            checks = DownstreamHealth(lambda: channels, FAST)
             assert await checks.down() == []
             await servers["inference"].stop(None)
             assert await checks.down() == []  # one failure: not yet

@@ -181,7 +181,7 @@ def test_the_generation_path_stays_serving_while_one_replica_is_and_turns_not_se
             for name in GENERATION_PATH:
                 await gateway.set(name, SERVING)
             checks = HealthChecks(interval_s=0.05, timeout_s=0.5, failures=2)
-            watch = asyncio.create_task(DownstreamHealth(_generation_path(downstream), checks).watch(gateway))
+            watch = asyncio.create_task(DownstreamHealth(lambda: _generation_path(downstream), checks).watch(gateway))
             stack.callback(watch.cancel)
             await _set_health(replicas[0], NOT_SERVING)
             for _ in range(10):  # many checks, on both replicas' turns: still SERVING
