@@ -8,7 +8,8 @@ import sys
 
 import uvicorn
 
-from meshkit.ports import port_in_use
+from meshkit.metrics import start_metrics_server
+from meshkit.ports import PortInUse, port_in_use
 from meshkit.server import PORT_IN_USE_EXIT, configure_logging
 from meshkit.tls import TlsConfig
 from services.openai_edge.app import build_app
@@ -23,6 +24,11 @@ def main() -> int:
     configure_logging(settings.log_level, settings.log_format, settings.capture_content)
     if port_in_use(settings.address):
         log.error("edge: %s is in use by another process: not starting", settings.address)
+        return PORT_IN_USE_EXIT
+    try:
+        start_metrics_server(settings)
+    except PortInUse as error:
+        log.error("%s: not starting", error)
         return PORT_IN_USE_EXIT
     tls = TlsConfig.from_settings(settings)
     gateway = Gateway(settings.gateway_addr, tls.ca_file if tls.serves_tls else None, settings.timeout_s)

@@ -22,12 +22,14 @@ import uuid
 import grpc
 from nlpmesh_client import NlpmeshError, TokenLogprob
 from nlpmesh_client.calls import VALID_REQUEST_ID
+from prometheus_client import Counter, Histogram
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from meshkit.metrics import LATENCY_BUCKETS_S
 from services.openai_edge import mapping
 from services.openai_edge.gateway_calls import TRACE_HEADERS, Caller, Gateway
 from services.openai_edge.mapping import BadRequest, Call
@@ -47,6 +49,12 @@ ERRORS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", None),
 }
 INTERNAL = (500, "api_error", None)
+
+REQUESTS = Counter("nlpmesh_edge_requests_total", "HTTP requests the edge answered, by route and status.",
+                   ["route", "status"])
+LATENCY = Histogram("nlpmesh_edge_request_duration_seconds",
+                    "Time to an HTTP request's response (a stream: to its first chunk), by route.", ["route"],
+                    buckets=LATENCY_BUCKETS_S)
 
 
 class HttpError(Exception):
@@ -170,12 +178,25 @@ def build_app(gateway: Gateway, max_body_bytes: int) -> Starlette:
                                        kind), status_code=status)
 
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", measured("chat_completions", chat_completions), methods=["POST"]),
+        Route("/v1/completions", measured("completions", completions), methods=["POST"]),
+        Route("/v1/models", measured("models", list_models), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+
+
+def measured(route: str, handler):
+    latency = LATENCY.labels(route)
+
+    async def handle(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await handler(request)
+        latency.observe(time.perf_counter() - started)
+        REQUESTS.labels(route, str(response.status_code)).inc()
+        return response
+
+    return handle
 
 
 async def _chained(first: list, rest):

@@ -27,7 +27,7 @@ COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "temperature", "
                            "presence_penalty", "frequency_penalty", "n", "nlpmesh"})
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
-NLPMESH_FIELDS = frozenset({"template", "cache", "budget_ms"})
+EXTENSION_FIELDS = frozenset({"template", "cache", "budget_ms"})
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -149,7 +149,7 @@ def _template(given: dict) -> Template | None:
         return None
     if not isinstance(extension, dict):
         raise BadRequest("nlpmesh: an object", "nlpmesh")
-    unknown = sorted(set(extension) - NLPMESH_FIELDS)
+    unknown = sorted(set(extension) - EXTENSION_FIELDS)
     if unknown:
         raise BadRequest(f"not supported by this server: {', '.join('nlpmesh.' + u for u in unknown)}",
                          "nlpmesh." + unknown[0])
