@@ -142,6 +142,8 @@ def _announce(mesh: LocalMesh, run_dir: Path, args) -> None:
     _say(f"models: {', '.join(served)} (default {served[0]}); `nlpmesh ask --model ID` picks one, "
          "`nlpmesh health --all` shows each")
     _say(f"auth on: keys in {mesh.keys_file}; `nlpmesh ask` sends the local key ({keys.local_key_file()})")
+    if EDGE in mesh.ports:
+        _say(f"OpenAI-compatible API at {mesh.edge_url()}/v1 (the same key as Bearer; docs/openai.md)")
     if mesh.trace_dir is not None:
         _say(f"spans in {mesh.trace_dir}: `nlpmesh trace --last` draws the latest request, `nlpmesh budgets` sums up")
     for name in mesh.metrics_ports:
