@@ -3,7 +3,9 @@
 TLS as at the gateway: with the mesh's certificates (tls_dir) it serves HTTPS with edge.crt and calls the gateway
 over TLS, verified with the mesh CA; without them, plaintext both ways.
 """
+import contextlib
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -17,6 +19,16 @@ from services.openai_edge.gateway_calls import Gateway
 from services.openai_edge.settings import EdgeSettings
 
 log = logging.getLogger("nlpmesh.edge")
+
+
+class Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """SIGTERM and SIGINT drain (grace_s) and the process exits 0, as every service does; uvicorn's own
+        re-raises the signal once drained, which ends the process as killed by it."""
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self.handle_exit)
+        yield
 
 
 def main() -> int:
@@ -39,7 +51,7 @@ def main() -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.grace_s,
                             loop="uvloop" if settings.event_loop == "uvloop" else "asyncio", **ssl)
-    uvicorn.Server(config).run()
+    Server(config).run()
     return 0
 
 
