@@ -2,16 +2,20 @@
 mesh, turns interleaved (`python -m bench.run --only edge`).
 
     grpc          a bare gRPC stub's Generate on the gateway (as bench/cache_hits.py times it)
-    edge_http     POST /v1/chat/completions on the edge, one kept-alive httpx connection: the edge's own cost
+    edge_http     POST /v1/chat/completions on the edge over one kept-alive connection of the standard library's
+                  http.client, the bare HTTP counterpart of the bare stub: the edge's cost, not a client library's
     edge_openai   the same through the official `openai` package (its client-side parsing included)
 
 The issue's goal: edge_http's p50 at most 2x grpc's.
 """
 from __future__ import annotations
 
+import json
+import ssl
 import time
+from http.client import HTTPConnection, HTTPSConnection
+from urllib.parse import urlsplit
 
-import httpx
 import openai
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -28,18 +32,26 @@ def bench(mesh: LocalMesh, rounds: int, per_round: int, block: int = 10) -> dict
     access = mesh.gateway_access()
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": MAX_NEW_TOKENS}
     request = cache_hits.generate_request(QUESTION, MAX_NEW_TOKENS, gateway_pb2.CACHE_MODE_USE)
-    headers = {"authorization": f"Bearer {access.api_key}"} if access.api_key else {}
+    headers = {"content-type": "application/json"}
+    if access.api_key:
+        headers["authorization"] = f"Bearer {access.api_key}"
+    payload = json.dumps(body).encode()
     verify = str(mesh.tls_dir / "ca.crt") if mesh.tls_dir else True
     channel = access.channel()
-    http = httpx.Client(base_url=mesh.edge_url(), headers=headers, verify=verify, timeout=30)
+    url = urlsplit(mesh.edge_url())
+    http = (HTTPSConnection(url.hostname, url.port, timeout=30,
+                                        context=ssl.create_default_context(cafile=verify))
+            if url.scheme == "https" else HTTPConnection(url.hostname, url.port, timeout=30))
     sdk = openai.OpenAI(base_url=mesh.edge_url() + "/v1", api_key=access.api_key or "none", max_retries=0,
                         http_client=openai.DefaultHttpxClient(verify=verify))
     stub = gateway_pb2_grpc.GatewayStub(channel)
 
     def edge_http():
-        reply = http.post("/v1/chat/completions", json=body)
-        if reply.status_code != 200 or not reply.json()["nlpmesh"]["cache_hit"]:
-            raise RuntimeError(f"expected a cache hit through the edge: {reply.status_code} {reply.text[:200]}")
+        http.request("POST", "/v1/chat/completions", body=payload, headers=headers)
+        reply = http.getresponse()
+        text = reply.read()
+        if reply.status != 200 or not json.loads(text)["nlpmesh"]["cache_hit"]:
+            raise RuntimeError(f"expected a cache hit through the edge: {reply.status} {text[:200]!r}")
 
     def edge_openai():
         if not sdk.chat.completions.create(model="", **body).model_extra["nlpmesh"]["cache_hit"]:

@@ -49,7 +49,8 @@ def main() -> int:
     log.info("edge: serving OpenAI's API on %s (%s), gateway %s", settings.address,
              "HTTPS" if tls.serves_tls else "plaintext HTTP", settings.gateway_addr)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.grace_s,
+                            log_level=settings.log_level.lower(), access_log=settings.access_log,
+                            timeout_graceful_shutdown=settings.grace_s, http="httptools",
                             loop="uvloop" if settings.event_loop == "uvloop" else "asyncio", **ssl)
     Server(config).run()
     return 0

@@ -13,3 +13,8 @@ class EdgeSettings(ServiceSettings, service="edge"):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     # Every gateway call's deadline, unless the request's nlpmesh.budget_ms is shorter.
     timeout_s: float = Field(default=120.0, gt=0)
+    # uvicorn's line per HTTP request (method, path, status; never a body). Off: the gateway logs every call the
+    # edge makes, under the same x-request-id, and nlpmesh_edge_requests_total counts each answer.
+    access_log: bool = False
+    # uvloop here by default: the edge's cost per request is mostly its event loop's (bench/edge.py).
+    event_loop: str = "uvloop"
