@@ -17,6 +17,7 @@ from meshkit.tls import TlsConfig
 from services.openai_edge.app import build_app
 from services.openai_edge.gateway_calls import Gateway
 from services.openai_edge.settings import EdgeSettings
+from services.openai_edge.tls_reload import CertificateWatcher
 
 log = logging.getLogger("nlpmesh.edge")
 
@@ -52,6 +53,9 @@ def main() -> int:
                             log_level=settings.log_level.lower(), access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.grace_s, http="httptools",
                             loop="uvloop" if settings.event_loop == "uvloop" else "asyncio", **ssl)
+    if tls.serves_tls:
+        config.load()  # the SSL context, made now so that the watcher swaps its pair when the files change
+        CertificateWatcher(config.ssl, tls.cert_file, tls.key_file).start()
     Server(config).run()
     return 0
 
