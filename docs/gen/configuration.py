@@ -148,8 +148,8 @@ def settings_classes() -> list[tuple[str, type]]:
     from gateway.settings import GatewaySettings
     from meshkit.settings import ServiceSettings
     from services.cache.settings import CacheSettings
-    from services.openai_edge.settings import EdgeSettings
     from services.inference.settings import InferenceSettings
+    from services.openai_edge.settings import EdgeSettings
     from services.template.settings import TemplateSettings
     from services.tokenizer.settings import TokenizerSettings
 
