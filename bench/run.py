@@ -24,6 +24,7 @@ from nlpmesh_client import Sampling
 from bench import (
     cache_hits,
     coalescing,
+    edge,
     engine_speed,
     external_engine,
     generation,
@@ -159,6 +160,8 @@ def table(results: dict) -> str:
         lines += [""] + external_engine.lines(results["external_engine"])
     if "guided" in results:
         lines += [""] + guided.lines(results["guided"])
+    if "edge" in results:
+        lines += [""] + edge.lines(results["edge"])
     return "\n".join(lines)
 
 
@@ -194,7 +197,8 @@ def main() -> int:
                         help="run one part: cache (the cache-hit variants, tracing overhead included), generation, "
                              "engine (bench/engine_speed.py), models (bench/models.py: every model of --model "
                              "through one mesh), serving (bench/serving.py: a burst and Poisson arrivals with "
-                             "deadlines, against generate), routing (bench/routing.py: 2 inference replicas), "
+                             "deadlines, against generate), edge (bench/edge.py: a cache hit through the OpenAI edge "
+                             "vs through gRPC), routing (bench/routing.py: 2 inference replicas), "
                              "coalescing (bench/coalescing.py: identical requests at once, 1 and 2 gateways) or "
                              "external (bench/external_engine.py: llama.cpp's server behind the adapter vs called "
                              "directly) or guided (bench/guided.py: guided decoding against free decoding, in "
@@ -235,7 +239,7 @@ def write_results(results: dict, name: str) -> Path:
 
 
 # The parts measured on one mesh serving the default model (models: every model of --model).
-OWN_MESH_PARTS = ("cache", "generation", "engine", "models", "serving")
+OWN_MESH_PARTS = ("cache", "generation", "engine", "models", "serving", "edge")
 
 
 def _bench_one_mesh(args, results: dict) -> None:
@@ -255,6 +259,8 @@ def _bench_one_mesh(args, results: dict) -> None:
             results["models"] = models.bench(mesh, args.models, args.gen_rounds, args.max_new_tokens)
         if args.only in (None, "serving"):
             results["serving"] = serving.bench(mesh)
+        if args.only in (None, "edge"):
+            results["edge"] = edge.bench(mesh, args.rounds, args.per_round)
     finally:
         mesh.stop()
 

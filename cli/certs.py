@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from meshkit.settings import DEFAULT_PORTS
 from meshkit.tls import CA_FILE, PROBE
 
-SERVICES = tuple(DEFAULT_PORTS)  # gateway, template, tokenizer, cache, inference
+SERVICES = tuple(DEFAULT_PORTS)  # gateway, template, tokenizer, cache, inference, edge
 REDIS = "redis"  # a server only: the services authenticate to it with their ACL users' passwords
 DEFAULT_NAMESPACE = "nlpmesh"
 CA_DAYS = 3650

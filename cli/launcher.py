@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli import redis_acl
@@ -56,6 +58,8 @@ from meshkit.server import LAUNCHER_PID_ENV, PORT_IN_USE_EXIT
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 from modelfiles.catalogue import load_catalogue
+
+EDGE = "edge"  # the OpenAI-compatible HTTP edge: checked by its /healthz, not grpc.health.v1
 
 
 def free_port() -> int:
@@ -97,6 +101,17 @@ def check_health(address: str, timeout_s: float = 1.0,
         except grpc.RpcError as error:
             return "UNKNOWN_SERVICE_NAME" if error.code() == grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def check_http_health(url: str, timeout_s: float = 1.0, ca_file: Path | None = None) -> str:
+    """SERVING when GET ``url`` (an HTTP service's /healthz, e.g. the OpenAI edge's) answers 200, NOT_SERVING on
+    another status, UNREACHABLE when nothing answers. An https URL is verified with ``ca_file`` (the mesh CA)."""
+    verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+    try:
+        reply = httpx.get(url, timeout=timeout_s, verify=verify)
+    except httpx.HTTPError:
+        return "UNREACHABLE"
+    return "SERVING" if reply.status_code == 200 else "NOT_SERVING"
 
 
 @dataclass
@@ -189,6 +204,17 @@ class LocalMesh:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def edge_url(self, name: str = EDGE) -> str:
+        """The OpenAI-compatible edge's base URL (https when the mesh runs TLS)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.ports[name]}"
+
+    def health(self, name: str, timeout_s: float, credentials: grpc.ChannelCredentials | None) -> str:
+        """A process's health: grpc.health.v1 of a gRPC service, /healthz of the HTTP edge."""
+        if self.instances[name].name == EDGE:
+            return check_http_health(f"{self.edge_url(name)}/healthz", timeout_s,
+                                     self.tls_dir / CA_FILE if self.tls_dir else None)
+        return check_health(self.address(name), timeout_s, credentials)
 
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
@@ -341,7 +367,7 @@ class LocalMesh:
                     error = PortTaken if self.processes[name].returncode == PORT_IN_USE_EXIT else RuntimeError
                     raise error(f"{name} exited with code {self.processes[name].returncode}; "
                                 f"see {self.log_path(name)}:\n{self.log_tail(name)}")
-                if check_health(self.address(name), 0.5, credentials) == "SERVING":
+                if self.health(name, 0.5, credentials) == "SERVING":
                     waiting.remove(name)
                     self.progress(f"{name}: SERVING after {time.monotonic() - started:.1f}s")
             if waiting and time.monotonic() - last_note > 3.0:
@@ -441,7 +467,7 @@ class LocalMesh:
             if now - checked < 0.5:
                 continue
             self._awaiting_serving[name] = now
-            if check_health(self.address(name), 0.3, self.probe_credentials()) == "SERVING":
+            if self.health(name, 0.3, self.probe_credentials()) == "SERVING":
                 del self._awaiting_serving[name]
                 self.progress(f"{name}: SERVING again, {now - self._started_at[name]:.1f}s after its restart")
 
@@ -468,6 +494,7 @@ class LocalMesh:
         """What `nlpmesh` records of this mesh in its state file (cli/run_state.py)."""
         processes = self._supervised()
         return {"gateway": self.gateway_address if "gateway" in self.ports else None,
+                "edge": self.edge_url() if EDGE in self.ports else None,
                 "pids": {name: p.pid for name, p in processes.items()},
                 "started": {name: start_time(p.pid) or "" for name, p in processes.items()},
                 "ports": self.ports, "metrics_ports": self.metrics_ports,

@@ -17,7 +17,7 @@ from cli import invalidate, keys, logs, models, redis_acl, run_state
 from cli.ask import ask, build_question, response_format_from, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs, rotate_certs
 from cli.connect import GatewayAccess
-from cli.launcher import LocalMesh, check_health
+from cli.launcher import EDGE, LocalMesh, check_health, check_http_health
 from cli.restarts import RestartPolicy
 from cli.topology import REPO_ROOT
 from cli.traces import default_trace_dir, show_budgets, show_trace
@@ -142,6 +142,8 @@ def _announce(mesh: LocalMesh, run_dir: Path, args) -> None:
     _say(f"models: {', '.join(served)} (default {served[0]}); `nlpmesh ask --model ID` picks one, "
          "`nlpmesh health --all` shows each")
     _say(f"auth on: keys in {mesh.keys_file}; `nlpmesh ask` sends the local key ({keys.local_key_file()})")
+    if EDGE in mesh.ports:
+        _say(f"OpenAI-compatible API at {mesh.edge_url()}/v1 (the same key as Bearer; docs/openai.md)")
     if mesh.trace_dir is not None:
         _say(f"spans in {mesh.trace_dir}: `nlpmesh trace --last` draws the latest request, `nlpmesh budgets` sums up")
     for name in mesh.metrics_ports:
@@ -252,6 +254,11 @@ def cmd_ask(args) -> int:
 
 
 def cmd_health(args) -> int:
+    if args.http:
+        tls_dir = _tls_dir(args)
+        status = check_http_health(args.http, args.timeout, tls_dir / CA_FILE if tls_dir else None)
+        print(status)
+        return 0 if status == "SERVING" else 1
     if args.all:
         return _health_of_every_replica(args)
     service = args.service
@@ -273,8 +280,13 @@ def _health_of_every_replica(args) -> int:
     credentials = probe_credentials(_tls_dir(args))
     width = max(len(name) for name in ports)
     statuses = {}
+    tls_dir = _tls_dir(args)
     for name, port in ports.items():
-        statuses[name] = check_health(f"127.0.0.1:{port}", args.timeout, credentials)
+        if name == EDGE and state.get("edge"):
+            statuses[name] = check_http_health(f"{state['edge']}/healthz", args.timeout,
+                                               tls_dir / CA_FILE if tls_dir else None)
+        else:
+            statuses[name] = check_health(f"127.0.0.1:{port}", args.timeout, credentials)
         print(f"{name:<{width}}  127.0.0.1:{port:<5}  {statuses[name]}", flush=True)
     if state.get("models") and "gateway" in ports:
         for model in state["models"]:
@@ -460,6 +472,8 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout", type=float, default=2.0)
     h.add_argument("--model", metavar="ID",
                    help="a model's health as the gateway routes to it (nlpmesh.gateway.v1.Gateway/models/ID)")
+    h.add_argument("--http", metavar="URL",
+                   help="an HTTP service's health URL instead (the OpenAI edge's https://HOST:50056/healthz)")
     h.add_argument("--all", action="store_true",
                    help="every process of the running mesh, each replica apart, with its address and status, "
                         "then each model as the gateway routes to it")

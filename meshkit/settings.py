@@ -24,8 +24,10 @@ TRACE_DIR_ENV = "NLPMESH_TRACE_DIR"
 # One folder of certificates for the whole mesh (ServiceSettings.tls_dir, meshkit/tls.py).
 TLS_DIR_ENV = "NLPMESH_TLS_DIR"
 
-# The mesh's well-known ports (docs/api.md): the gateway on 50051, the rest after it.
-DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055}
+# The mesh's well-known ports (docs/api.md): the gateway on 50051, the rest after it; the OpenAI-compatible
+# HTTP edge (services/openai_edge) last.
+DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055,
+                 "edge": 50056}
 
 
 def default_home() -> Path:

@@ -149,11 +149,13 @@ def settings_classes() -> list[tuple[str, type]]:
     from meshkit.settings import ServiceSettings
     from services.cache.settings import CacheSettings
     from services.inference.settings import InferenceSettings
+    from services.openai_edge.settings import EdgeSettings
     from services.template.settings import TemplateSettings
     from services.tokenizer.settings import TokenizerSettings
 
     return [("Every service", ServiceSettings), ("gateway", GatewaySettings), ("template", TemplateSettings),
-            ("tokenizer", TokenizerSettings), ("cache", CacheSettings), ("inference", InferenceSettings)]
+            ("tokenizer", TokenizerSettings), ("cache", CacheSettings), ("inference", InferenceSettings),
+            ("edge", EdgeSettings)]
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -309,6 +311,9 @@ SECTION_INTRO = {
     "tokenizer": "`services/tokenizer/settings.py` (`TokenizerSettings`).",
     "cache": "`services/cache/settings.py` (`CacheSettings`).",
     "inference": "`services/inference/settings.py` (`InferenceSettings`).",
+    "edge": "`services/openai_edge/settings.py` (`EdgeSettings`): the OpenAI-compatible HTTP edge (docs/openai.md). "
+            "Of the shared settings it uses host, port, grace_s, log_level, log_format, metrics_port, event_loop and "
+            "the TLS ones.",
 }
 
 

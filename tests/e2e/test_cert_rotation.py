@@ -62,8 +62,10 @@ def file_serial(certs: Path, name: str) -> int:
 def test_a_rotation_mid_stream_lets_the_stream_finish_and_new_connections_get_the_new_certificates(tls_mesh):
     certs, ports = tls_mesh.tls_dir, tls_mesh.ports
     pids = {name: process.pid for name, process in tls_mesh.processes.items()}
-    old = {"gateway": file_serial(certs, "gateway"), "tokenizer": file_serial(certs, "tokenizer")}
+    old = {"gateway": file_serial(certs, "gateway"), "tokenizer": file_serial(certs, "tokenizer"),
+           "edge": file_serial(certs, "edge")}
     assert served_serial(ports["gateway"], certs) == old["gateway"]
+    assert served_serial(ports["edge"], certs) == old["edge"]  # the OpenAI edge's HTTPS port
     assert served_serial(ports["tokenizer"], certs, client="probe") == old["tokenizer"]
     request = chat_request()
     with tls_mesh.gateway_access().channel() as channel:
@@ -79,6 +81,8 @@ def test_a_rotation_mid_stream_lets_the_stream_finish_and_new_connections_get_th
     wait_until(lambda: served_serial(ports["gateway"], certs) == new["gateway"], timeout_s=10,
                what="the gateway to serve its new certificate")
     assert served_serial(ports["tokenizer"], certs, client="probe") == new["tokenizer"]
+    wait_until(lambda: served_serial(ports["edge"], certs) == file_serial(certs, "edge") != old["edge"], timeout_s=10,
+               what="the edge to serve its new certificate")
     with tls_mesh.gateway_access().channel() as channel:  # a new connection, through every hop
         reply = gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=300)
     assert reply.text

@@ -175,7 +175,8 @@ def send_garbage(port: int, payload: bytes) -> None:
 def test_garbage_on_every_port_leaves_every_process_up(chaos_mesh, gateway):
     pids = {name: process.pid for name, process in chaos_mesh.processes.items()}
     ports = {**{f"{n} grpc": chaos_mesh.ports[n] for n in SERVICES},
-             **{f"{n} metrics": chaos_mesh.metrics_ports[n] for n in SERVICES}}
+             **{f"{n} metrics": chaos_mesh.metrics_ports[n] for n in (*SERVICES, "edge")},
+             "edge http": chaos_mesh.ports["edge"]}
     payloads = garbage_payloads(seed=10)
     started = time.monotonic()
     for port in ports.values():
@@ -184,7 +185,7 @@ def test_garbage_on_every_port_leaves_every_process_up(chaos_mesh, gateway):
     took = time.monotonic() - started
     for name, process in chaos_mesh.processes.items():
         assert process.poll() is None and process.pid == pids[name], f"{name} did not survive the garbage"
-        assert check_health(chaos_mesh.address(name), 5.0) == "SERVING", name
+        assert chaos_mesh.health(name, 5.0, None) == "SERVING", name
         with urllib.request.urlopen(chaos_mesh.metrics_url(name), timeout=5) as page:
             assert page.status == 200, f"{name}'s /metrics"
     recovered = answered_again(gateway, 30)

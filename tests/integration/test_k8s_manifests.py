@@ -48,7 +48,9 @@ KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
 # Each Deployment of the base, named as its compose service, and the service it runs (its
 # settings' NLPMESH_<KIND>_ prefix, its certificate): inference-<model> runs inference.
 DEPLOYMENTS = {s.name: s.kind for s in compose_services()}
-INTERNAL = tuple(name for name, kind in DEPLOYMENTS.items() if kind != "gateway")
+# Reached from outside the mesh: the gateway (gRPC) and the OpenAI-compatible edge (HTTPS); the rest is internal.
+PUBLIC = {"gateway": "grpc", "edge": "http"}
+INTERNAL = tuple(name for name, kind in DEPLOYMENTS.items() if kind not in PUBLIC)
 MODEL_DEPLOYMENTS = tuple(name for name, kind in DEPLOYMENTS.items() if kind == "inference")
 DEFAULT_INFERENCE = inference_service(catalogue_ids()[0])
 # Variables only the Kubernetes base sets, each checked below against what it points at.
@@ -150,7 +152,7 @@ def _service_drift(service, compose: dict, objects: list[dict], names: set[str])
     # internal services, which publish nothing so that they scale).
     published = sorted([int(str(p).rsplit(":", 1)[-1]) for p in spec.get("ports", [])]
                        + [int(p) for p in spec.get("expose", [])])
-    if ports.get("grpc") != service.port or ports.get("metrics") != service.metrics_port:
+    if ports.get(PUBLIC.get(service.kind, "grpc")) != service.port or ports.get("metrics") != service.metrics_port:
         problems.append(f"{name}: ports {ports}, compose grpc {service.port}, metrics {service.metrics_port}")
     if sorted(ports.values()) != published:
         problems.append(f"{name}: container ports {sorted(ports.values())}, compose ports {published}")
@@ -317,7 +319,7 @@ def test_the_objects_of_the_base(objects):
         ("StatefulSet", "redis"), ("Service", "redis"),
         *[("PodDisruptionBudget", s) for s in MODEL_DEPLOYMENTS],
         *[("HorizontalPodAutoscaler", s) for s in MODEL_DEPLOYMENTS],
-        *[("NetworkPolicy", p) for p in ("default-deny-ingress", "gateway-grpc-from-anywhere",
+        *[("NetworkPolicy", p) for p in ("default-deny-ingress", "gateway-grpc-from-anywhere", "edge-http-from-anywhere",
                                          "template-grpc-from-gateway", "tokenizer-grpc-from-gateway",
                                          "cache-grpc-from-gateway", "inference-grpc-from-gateway",
                                          "redis-from-its-users", "metrics-from-monitoring")],
@@ -328,10 +330,11 @@ def test_the_objects_of_the_base(objects):
     assert {o["metadata"].get("namespace", o["metadata"]["name"]) for o in objects} == {DEFAULT_NAMESPACE}
 
 
-def test_internal_services_are_headless_and_the_gateway_is_not(objects):
+def test_internal_services_are_headless_and_the_gateway_and_the_edge_are_not(objects):
     for name in (*INTERNAL, "redis"):
         assert find(objects, "Service", name)["spec"]["clusterIP"] == "None", name
-    assert find(objects, "Service", "gateway")["spec"].get("clusterIP") in (None, "")
+    for name in PUBLIC:
+        assert find(objects, "Service", name)["spec"].get("clusterIP") in (None, ""), name
     for name in (*DEPLOYMENTS, "redis"):
         selector = find(objects, "Service", name)["spec"]["selector"]
         pod_labels = workload(objects, name)["spec"]["template"]["metadata"]["labels"]
@@ -413,10 +416,13 @@ def test_every_deployment_has_resources_and_outlasts_its_drain(objects):
         assert float(requests["cpu"]) >= float(threads), name  # the model's threads have their cores
 
 
+PACKAGES = {"edge": "openai_edge"}  # a service whose package is not named after it
+
+
 def _default_grace(name: str) -> float:
     """grace_s as the service's settings define it: the base class's, which no service overrides
     (checked in the source: importing the inference settings would load torch)."""
-    package = REPO_ROOT / name if name == "gateway" else REPO_ROOT / "services" / name
+    package = REPO_ROOT / name if name == "gateway" else REPO_ROOT / "services" / PACKAGES.get(name, name)
     source = (package / "settings.py").read_text()
     assert not re.search(r"^\s+grace_s\s*:", source, re.M), f"{name} overrides grace_s: read it here"
     return ServiceSettings.model_fields["grace_s"].default
@@ -687,7 +693,7 @@ def policy_problems(objects: list[dict]) -> list[str]:
             for source in sources:
                 if port == "metrics":
                     expected = source == MONITORING
-                elif target == "gateway" and port == "grpc":
+                elif PUBLIC.get(target) == port:
                     expected = True
                 else:
                     expected = source in its_callers
@@ -696,16 +702,20 @@ def policy_problems(objects: list[dict]) -> list[str]:
     return problems
 
 
-def test_only_the_gateway_is_reachable_from_outside_redis_only_from_its_users_and_metrics_from_monitoring(objects):
+def test_only_the_gateway_and_the_edge_are_reachable_from_outside_redis_only_from_its_users_and_metrics_from_monitoring(
+        objects):
     who_calls = callers(objects)
+    assert who_calls["gateway"] == {"edge"}  # read from NLPMESH_EDGE_GATEWAY_ADDR
+    assert allowed(objects, "edge", "gateway", "grpc") and allowed(objects, OUTSIDE, "edge", "http")
+    assert not allowed(objects, "edge", "template", "grpc")
     assert who_calls["redis"] == {"gateway", "cache", *MODEL_DEPLOYMENTS}  # read from the REDIS_URLs
     assert who_calls["template"] == {"gateway"} and who_calls[DEFAULT_INFERENCE] == {"gateway"}
     assert policy_problems(objects) == []
 
 
 @pytest.mark.parametrize("change", ["no default deny", "redis open to every pod", "metrics from anywhere",
-                                    "an internal service from outside"])
-def test_a_policy_too_open_is_found(objects, change):
+                                    "an internal service from outside", "the edge from the gateway only"])
+def test_a_policy_too_open_or_too_closed_is_found(objects, change):
     edited = copy.deepcopy(objects)
     policy = {p["metadata"]["name"]: p for p in edited if p["kind"] == "NetworkPolicy"}
     if change == "no default deny":
@@ -715,6 +725,9 @@ def test_a_policy_too_open_is_found(objects, change):
         policy["redis-from-its-users"]["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
     elif change == "metrics from anywhere":
         del policy["metrics-from-monitoring"]["spec"]["ingress"][0]["from"]
+    elif change == "the edge from the gateway only":
+        policy["edge-http-from-anywhere"]["spec"]["ingress"][0]["from"] = [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]
     elif change == "an internal service from outside":
         del policy["tokenizer-grpc-from-gateway"]["spec"]["ingress"][0]["from"]
     assert policy_problems(edited) != []

@@ -7,22 +7,25 @@ from cli.topology import COMPOSE_FILE, compose_services, load_topology, local_en
 from meshkit.settings import DEFAULT_PORTS
 
 
-def test_the_launcher_starts_every_compose_service_with_the_gateway_last():
+def test_the_launcher_starts_every_compose_service_with_the_gateway_then_the_edge_last():
     names = [s.name for s in load_topology()]
     assert sorted(names) == sorted(DEFAULT_PORTS)
-    assert names[-1] == "gateway"
+    assert names[-2:] == ["gateway", "edge"]
 
 
 def test_compose_ports_match_the_documented_defaults():
     assert {s.name: s.port for s in load_topology()} == DEFAULT_PORTS
 
 
-def test_every_compose_service_has_a_grpc_health_check():
+def test_every_compose_service_has_a_health_check_grpc_or_the_edge_s_http():
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     for service in compose_services():
         test = services[service.name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "nlpmesh", "health"], service.name
-        assert test[-1].endswith(f":{DEFAULT_PORTS[service.kind]}"), service.name
+        if service.kind == "edge":
+            assert test[3:] == ["--http", f"https://127.0.0.1:{DEFAULT_PORTS['edge']}/healthz"]
+        else:
+            assert test[-1].endswith(f":{DEFAULT_PORTS[service.kind]}"), service.name
 
 
 def test_inference_runs_as_one_compose_service_per_model_and_the_launcher_runs_the_first():
@@ -74,14 +77,14 @@ def test_every_compose_service_declares_its_own_metrics_port():
 
 
 # Published on the host: what callers and operators reach. The rest only `expose:`.
-PUBLISHED = {"gateway": ["50051:50051", "9151:9151"], "redis": ["6379:6379"], "prometheus": ["9090:9090"]}
+PUBLISHED = {"gateway": ["50051:50051", "9151:9151"], "edge": ["50056:50056", "9156:9156"], "redis": ["6379:6379"], "prometheus": ["9090:9090"]}
 
 
 def test_internal_services_publish_no_host_port_so_compose_can_scale_them():
     """`docker compose up --scale inference-smollm2=2` fails on a fixed host port ("port is already
     allocated"): template, tokenizer, cache and inference only expose theirs in the network."""
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    for name in (s.name for s in compose_services() if s.kind != "gateway"):
+    for name in (s.name for s in compose_services() if s.kind not in ("gateway", "edge")):
         assert "ports" not in services[name], name
         assert services[name]["expose"], name
     for name, ports in PUBLISHED.items():
