@@ -32,7 +32,7 @@ log = logging.getLogger("nlpmesh.gateway")
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
     policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
     models = ModelRoutes.from_settings(settings, load_catalogue())  # so does a default model not routed to
-    downstream = Downstream(settings, models.pools)
+    downstream = Downstream(settings, models.pools, longest_call_s=policy.longest_total_ms / 1000)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")

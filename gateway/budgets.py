@@ -40,6 +40,12 @@ class BudgetPolicy:
         }
         return cls(base.default_total_ms, base.hops, overrides)
 
+    @property
+    def longest_total_ms(self) -> float:
+        """The longest a request may last: the largest total budget of any template (a caller's budget_ms and
+        deadline only shorten it)."""
+        return max([self.default_total_ms, *(policy.default_total_ms for policy in self.templates.values())])
+
     def for_template(self, template_id: str | None) -> BudgetPolicy:
         return self.templates.get(template_id or "", self)
 

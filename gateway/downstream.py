@@ -60,8 +60,11 @@ class Downstream:
     """Channels and stubs to template, tokenizer and cache, and to each model's inference replicas
     (``pools``, gateway/inference_pool.py)."""
 
-    def __init__(self, settings, pools: list[InferencePool] | None = None):
+    def __init__(self, settings, pools: list[InferencePool] | None = None, longest_call_s: float = 600.0):
         self._settings = settings
+        # Channels replaced by new TLS files stay open this long for the calls already on them: the longest a
+        # request may last (gateway/budgets.py), so none is cut short.
+        self._retire_grace_s = longest_call_s
         self.pools = pools if pools is not None else [InferencePool(settings)]
         self._channels: list[grpc.aio.Channel] = []
         self._by_service: dict[str, grpc.aio.Channel] = {}
@@ -103,14 +106,14 @@ class Downstream:
 
     def reconnect(self, credentials: grpc.ChannelCredentials | None) -> None:
         """New channels with ``credentials`` to every internal service; calls in flight finish on the old
-        channels, which then close (at most the inference timeout later)."""
+        channels, which close once those calls are done."""
         old, self._channels = self._channels, []
         self._credentials = credentials
         self._open_stubs()
         for pool in self.pools:
-            pool.reconnect(credentials)
+            pool.reconnect(credentials, self._retire_grace_s)
         for channel in old:
-            retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
+            retire = asyncio.get_running_loop().create_task(channel.close(grace=self._retire_grace_s))
             self._retiring.add(retire)
             retire.add_done_callback(self._retiring.discard)
 

@@ -120,7 +120,7 @@ class InferencePool:
             channel = router.channel(endpoint)
             self._channels.remove(channel)
             del self._stubs[endpoint]
-            self._retire(channel)
+            self._retire(channel, self._settings.inference_timeout_s)
         router.update(channels)
 
     async def _follow_dns(self, router: AffineRouter, host: str, port: int) -> None:
@@ -142,9 +142,9 @@ class InferencePool:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         return sorted({balancing.endpoint_of(info[4][0], info[4][1]) for info in infos})
 
-    def reconnect(self, credentials: grpc.ChannelCredentials | None) -> None:
+    def reconnect(self, credentials: grpc.ChannelCredentials | None, grace_s: float) -> None:
         """New channels with ``credentials`` (the gateway's TLS files changed) for the balanced target and every
-        prefix-affine endpoint; the old ones close once their calls are done."""
+        prefix-affine endpoint; the old ones close once their calls are done (at most ``grace_s``)."""
         old, self._channels = self._channels, []
         self._credentials = credentials
         self.channel = self._new_channel(balancing.grpc_target(self.address), TLS_NAME)
@@ -155,11 +155,11 @@ class InferencePool:
             self._stubs.update({e: inference_pb2_grpc.InferenceServiceStub(c) for e, c in channels.items()})
             self.router.replace_channels(channels)
         for channel in old:
-            self._retire(channel)
+            self._retire(channel, grace_s)
 
-    def _retire(self, channel: grpc.aio.Channel) -> None:
-        """Closes ``channel`` once its calls are done (at most the inference timeout), off the caller's path."""
-        retire = asyncio.get_running_loop().create_task(channel.close(grace=self._settings.inference_timeout_s))
+    def _retire(self, channel: grpc.aio.Channel, grace_s: float) -> None:
+        """Closes ``channel`` once its calls are done (at most ``grace_s``), off the caller's path."""
+        retire = asyncio.get_running_loop().create_task(channel.close(grace=grace_s))
         self._retiring[retire] = channel
         retire.add_done_callback(lambda task: self._retiring.pop(task, None))
 

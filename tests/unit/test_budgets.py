@@ -42,6 +42,13 @@ def test_a_template_overrides_only_what_it_names(tmp_path):
     assert loaded.for_template("other") is loaded
 
 
+def test_the_longest_total_is_the_largest_of_the_default_and_every_template(tmp_path):
+    base = policy(tmp_path).default_total_ms
+    longer = policy(tmp_path, BASE + f'[templates.long]\ndefault_total_ms = {base + 7000:g}\n')
+    assert longer.longest_total_ms == base + 7000  # what a channel replaced mid-call must wait for
+    assert policy(tmp_path, BASE + '[templates.short]\ndefault_total_ms = 1\n').longest_total_ms == base
+
+
 @pytest.mark.parametrize("text", [
     BASE.replace("cache = 5", "cache = 0"),
     BASE.replace("cache = 5", 'cache = "fast"'),
