@@ -174,6 +174,9 @@ class Engine:
         # Actual over estimated first-token time of recent requests (a moving average): the deadline estimate's
         # correction, learnt from what the estimates missed (packed forwards cost less a tile than one alone).
         self._estimate_bias = 1.0
+        # Bumped by forget_costs: a decode step begun before it does not write its cost after it (the step's
+        # last tokens reach their callers before its cost is written).
+        self._cost_epoch = 0
         # False from an idle engine until its first decode step: the prompts admitted meanwhile
         # (a burst) stall nobody, so they are all prefilled whole before decoding starts.
         self._decoding_started = False
@@ -238,6 +241,7 @@ class Engine:
         with self._lock:
             self._step_s = self._layer_s = self._layer_measured_at = None
             self._estimate_bias = 1.0
+            self._cost_epoch += 1
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stops the worker; requests still held end with Unavailable."""
@@ -541,6 +545,7 @@ class Engine:
         """One forward for every decoding sequence (rows 0 .. B - 1), one token each."""
         jobs: list[Job] = list(self._kv.ready_owners)
         sequences = [job.sequence for job in jobs]
+        epoch = self._cost_epoch
         started = time.perf_counter()
         try:
             positions, masks = self._kv.decode([sequence.length for sequence in sequences])
@@ -562,7 +567,9 @@ class Engine:
         step = StepTime(len(jobs), forwarded - started, accepted - forwarded, time.perf_counter() - accepted)
         self.step_times.append(step)
         whole = step.forward + step.sampling_and_text + step.delivery
-        self._step_s = whole if self._step_s is None else _EMA * whole + (1 - _EMA) * self._step_s
+        with self._lock:
+            if epoch == self._cost_epoch:  # else forgotten meanwhile (the warm-up's last step): not written back
+                self._step_s = whole if self._step_s is None else _EMA * whole + (1 - _EMA) * self._step_s
 
     def _forward(self, rows: list[list[int]], positions: torch.Tensor, masks: dict[str, torch.Tensor]
                  ) -> torch.Tensor:
