@@ -6,6 +6,7 @@ from meshkit.settings import default_home
 from modelfiles.architectures import UnsupportedArchitecture
 from modelfiles.catalogue import CatalogueError, load_catalogue
 from modelfiles.convert import ensure_converted
+from modelfiles.embedding import ensure_unpacked
 from modelfiles.sources import SourceError
 
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for model in models:
         try:
-            files = ensure_converted(default_home(), model, progress=_say)
+            convert = ensure_unpacked if model.task == "embedding" else ensure_converted
+            files = convert(default_home(), model, progress=_say)
         except (SourceError, UnsupportedArchitecture) as error:
             _say(f"refused: {error}")
             failed += 1

@@ -30,6 +30,11 @@ _ENTRY_FIELDS = {"name", "source", "chat_template", "context_length", "sampling"
 # template of the built-in entry it names in ``tokenizer``, and the engine's endpoint.
 _EXTERNAL_FIELDS = {"name", "engine", "tokenizer", "endpoint", "context_length", "sampling"}
 ENGINE_KINDS = ("builtin", "openai")
+# What an entry does: generate text (Generate; the default), or embed texts (Embed: services/embedding).
+TASKS = ("generation", "embedding")
+# An embedding entry: a sentence-transformers folder (a zip of one in a PyPI package, or a local folder), and
+# the most tokens one text may have (default: the folder's sentence_bert_config.json max_seq_length).
+_EMBEDDING_FIELDS = {"name", "task", "source", "max_tokens"}
 # The sampling fields an OpenAI-compatible engine may honour (SAMPLING_FIELDS and seed); an endpoint's
 # ``sampling_fields`` names those its engine does, and a request setting another is refused.
 ENGINE_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty",
@@ -124,6 +129,8 @@ class CatalogueModel:
     engine: str = "builtin"  # ENGINE_KINDS
     external: ExternalEngine | None = None  # where it runs, for an external engine
     tokenizer: str = ""  # an external entry's built-in entry whose tokenizer and template it uses
+    task: str = "generation"  # TASKS
+    max_tokens: int | None = None  # an embedding entry's limit per text; None = the model folder's own
 
     @property
     def files_id(self) -> str:
@@ -138,13 +145,19 @@ class Catalogue:
 
     @property
     def ids(self) -> tuple[str, ...]:
-        return tuple(model.id for model in self.models)
+        """The generative models' ids, the default first (what Generate serves)."""
+        return tuple(model.id for model in self.models if model.task == "generation")
+
+    @property
+    def embedding_ids(self) -> tuple[str, ...]:
+        return tuple(model.id for model in self.models if model.task == "embedding")
 
     def get(self, model_id: str) -> CatalogueModel:
         for model in self.models:
             if model.id == model_id:
                 return model
-        raise CatalogueError(f"{self.path}: no model {model_id!r}; the catalogue has {', '.join(self.ids)}")
+        every = ", ".join(model.id for model in self.models)
+        raise CatalogueError(f"{self.path}: no model {model_id!r}; the catalogue has {every}")
 
 
 def models_file() -> Path:
@@ -174,6 +187,9 @@ def parse_catalogue(text: str, path: Path) -> Catalogue:
     if not isinstance(entries, dict) or not entries:
         raise CatalogueError(f"{path}: no models; add at least one [models.<id>] table")
     models = tuple(_entry(_Where(path, model_id), body) for model_id, body in entries.items())
+    if models[0].task != "generation":
+        raise _Where(path, models[0].id).error("task", "the first entry is the default model and must generate; "
+                                                       "list embedding models after it")
     return Catalogue(path, tuple(_resolved_tokenizer(_Where(path, model.id), model, models) for model in models))
 
 
@@ -213,9 +229,14 @@ def _entry(where: _Where, body: object) -> CatalogueModel:
     engine = body.get("engine", "builtin")
     if engine not in ENGINE_KINDS:
         raise where.error("engine", f"{engine!r} is not an engine kind; expected {', '.join(ENGINE_KINDS)}")
+    task = body.get("task", "generation")
+    if task not in TASKS:
+        raise where.error("task", f"{task!r} is not a task; expected {', '.join(TASKS)}")
+    if task == "embedding":
+        return _embedding_entry(where, body)
     if engine != "builtin":
         return _external_entry(where, body)
-    unknown = sorted(set(body) - _ENTRY_FIELDS - {"engine"})
+    unknown = sorted(set(body) - _ENTRY_FIELDS - {"engine", "task"})
     if unknown:
         raise where.error(unknown[0], f"unknown field; the fields are {', '.join(sorted(_ENTRY_FIELDS))}")
     if "source" not in body:
@@ -229,6 +250,26 @@ def _entry(where: _Where, body: object) -> CatalogueModel:
         sampling=_sampling(where, body.get("sampling", {})),
         precisions=_precisions(where, body.get("precisions", list(PRECISIONS))),
     )
+
+
+def _embedding_entry(where: _Where, body: dict) -> CatalogueModel:
+    unknown = sorted(set(body) - _EMBEDDING_FIELDS)
+    if unknown:
+        raise where.error(unknown[0], f"unknown field for an embedding entry; the fields are "
+                                      f"{', '.join(sorted(_EMBEDDING_FIELDS))}")
+    if "source" not in body:
+        raise where.error("source", "missing; say where the model's files come from (kind = pypi or hf)")
+    source = _source(where, body["source"])
+    if isinstance(source, GgufFileSource) or (isinstance(source, PypiSource) and source.parts):
+        raise where.error("source", "an embedding model is a sentence-transformers folder: a local one "
+                                    "(kind = \"hf\") or a zip of one in a package (kind = \"pypi\")")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or not 1 <= max_tokens <= 8192):
+        raise where.error("max_tokens", "must be a whole number of tokens in [1, 8192]")
+    return CatalogueModel(id=where.model_id, name=_name(where, body), source=source, chat_template=None,
+                          context_length=None, sampling=Sampling(), precisions=(), task="embedding",
+                          max_tokens=max_tokens)
 
 
 def _name(where: _Where, body: dict) -> str:

@@ -98,13 +98,13 @@ def _messages_from_pb(request: tokenizer_pb2.EncodeChatRequest) -> list[ChatMess
 
 
 def served_models(settings: TokenizerSettings) -> list[str]:
-    """The catalogue ids to serve: NLPMESH_TOKENIZER_MODELS, else every converted catalogue model (a model
+    """The catalogue ids to serve: NLPMESH_TOKENIZER_MODELS, else every converted generative catalogue model (a model
     named there that is not converted stops the start, naming how to convert it)."""
     if settings.models.strip():
         return [model.strip() for model in settings.models.split(",") if model.strip()]
     catalogue = load_catalogue()
-    converted = [model.id for model in catalogue.models
-                 if converted_revision(settings.home, model.files_id) is not None]
+    converted = [model.id for model in catalogue.models if model.task == "generation"
+                 and converted_revision(settings.home, model.files_id) is not None]
     return converted or [catalogue.ids[0]]  # none converted: the default's load says how to convert it
 
 
