@@ -25,9 +25,9 @@ TRACE_DIR_ENV = "NLPMESH_TRACE_DIR"
 TLS_DIR_ENV = "NLPMESH_TLS_DIR"
 
 # The mesh's well-known ports (docs/api.md): the gateway on 50051, the rest after it; the OpenAI-compatible
-# HTTP edge (services/openai_edge) last.
+# HTTP edge (services/openai_edge), then the embedding replicas (services/embedding).
 DEFAULT_PORTS = {"gateway": 50051, "template": 50052, "tokenizer": 50053, "cache": 50054, "inference": 50055,
-                 "edge": 50056}
+                 "edge": 50056, "embedding": 50057}
 
 
 def default_home() -> Path:

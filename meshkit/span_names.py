@@ -37,6 +37,8 @@ CACHE_HIT = "nlpmesh.cache.hit"
 # Which tier answered a lookup: "near" (in-process) or "redis".
 CACHE_TIER = "nlpmesh.cache.tier"
 CACHE_REMOVED = "nlpmesh.cache.removed"
+EMBEDDING_FORWARD = "embedding forward"  # one batched forward; its texts in EMBEDDING_BATCH_TEXTS
+EMBEDDING_BATCH_TEXTS = "nlpmesh.embedding.batch_texts"
 INFERENCE_QUEUE_WAIT = "inference queue wait"
 INFERENCE_PREFILL = "inference prefill"
 INFERENCE_DECODE = "inference decode"
