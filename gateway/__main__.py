@@ -13,6 +13,7 @@ from gateway.auth import authenticator
 from gateway.budgets import BudgetPolicy
 from gateway.downstream import Downstream
 from gateway.downstream_health import CACHE_PATH, DownstreamHealth
+from gateway.embeddings import EmbeddingRoute
 from gateway.model_routes import ModelRoutes
 from gateway.quotas import Quotas
 from gateway.scope import RequestScopes
@@ -31,8 +32,10 @@ log = logging.getLogger("nlpmesh.gateway")
 
 def build_spec(settings: GatewaySettings) -> ServiceSpec:
     policy = BudgetPolicy.load(settings.budgets_file)  # a bad file stops the start
-    models = ModelRoutes.from_settings(settings, load_catalogue())  # so does a default model not routed to
+    catalogue = load_catalogue()
+    models = ModelRoutes.from_settings(settings, catalogue)  # so does a default model not routed to
     downstream = Downstream(settings, models.pools, longest_call_s=policy.longest_total_ms / 1000)
+    embeddings = EmbeddingRoute(downstream, catalogue, settings)
     templates = TemplateIndex(lambda: downstream.list_templates(settings.template_timeout_s),
                               settings.catalog_refresh_s)
     gateway_tracer = tracer("gateway")
@@ -43,6 +46,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
     async def warm_up() -> None:
         auth.start()  # the keys file is watched from now on, while the services warm up
         await downstream.open()
+        embeddings.start()  # learnt in the background: Embed is UNAVAILABLE until its replicas answer
         # Serving starts with the default model; the others are served as each answers.
         default = models.default
         await _until_ready("inference", lambda: default.model_info(settings.inference_timeout_s),
@@ -59,7 +63,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         state["quotas"] = _quotas(settings)
         await state["quotas"].warm_up()
         state["answerer"] = Answerer(downstream, cache, templates, models, settings)
-        servicer.attach(state["answerer"], state["quotas"], models)
+        servicer.attach(state["answerer"], state["quotas"], models, embeddings)
 
     async def close() -> None:
         await auth.close()
@@ -70,6 +74,7 @@ def build_spec(settings: GatewaySettings) -> ServiceSpec:
         if state.get("cache") is not None:
             await state["cache"].close()
         await models.close()
+        await embeddings.close()
         await downstream.close()
 
     return ServiceSpec(

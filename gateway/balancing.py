@@ -23,6 +23,7 @@ import ipaddress
 import json
 
 from nlpmesh.cache.v1 import cache_pb2
+from nlpmesh.embedding.v1 import embedding_pb2
 from nlpmesh.inference.v1 import inference_pb2
 from nlpmesh.template.v1 import template_pb2
 from nlpmesh.tokenizer.v1 import tokenizer_pb2
@@ -35,6 +36,7 @@ TEMPLATE_SERVICE = template_pb2.DESCRIPTOR.services_by_name["TemplateService"].f
 TOKENIZER_SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 CACHE_SERVICE = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 # The calls that may run twice with the same effect: template render, tokenizer encode/count,
 # cache lookup/store (a store writes the same answer under the same key).
@@ -43,6 +45,7 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
     TOKENIZER_SERVICE: ("EncodeChat", "CountChat", "Decode"),
     CACHE_SERVICE: ("Lookup", "Store"),
     INFERENCE_SERVICE: (),
+    EMBEDDING_SERVICE: ("Embed", "ModelInfo"),  # no side effects: another replica may answer
 }
 
 RETRY_POLICY = {

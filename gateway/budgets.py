@@ -15,6 +15,8 @@ from meshkit.errors import DeadlineExceeded
 
 # The names a policy file uses for the hops.
 HOPS = tuple(str(hop) for hop in BUDGETED)
+# Hops added after policy files were written: a file that leaves one out gets this budget for it.
+HOP_DEFAULTS_MS = {str(Hop.EMBEDDING): 2000.0}
 
 
 class BudgetPolicyError(ValueError):
@@ -62,7 +64,7 @@ def _policy(section: dict, where: str, base: BudgetPolicy | None) -> BudgetPolic
     stray = set(section.get("hops", {})) - set(HOPS) if base is None else set()
     if stray:
         raise BudgetPolicyError(f"{where}: unknown hops {sorted(stray)}; the hops are {list(HOPS)}")
-    hops = dict(base.hops) if base else {}
+    hops = dict(base.hops) if base else dict(HOP_DEFAULTS_MS)
     hops.update(section.get("hops", {}) if base is None else {h: section[h] for h in HOPS if h in section})
     total = section.get("default_total_ms", base.default_total_ms if base else None)
     missing = [hop for hop in HOPS if hop not in hops]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import struct_pb2
 from nlpmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from nlpmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from nlpmesh.template.v1 import template_pb2, template_pb2_grpc
 from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -89,6 +90,8 @@ class Downstream:
         self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(
             self._channel("tokenizer", s.tokenizer_addr, balancing.TOKENIZER_SERVICE))
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channel("cache", s.cache_addr, balancing.CACHE_SERVICE))
+        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(
+            self._channel("embedding", s.embedding_addr, balancing.EMBEDDING_SERVICE)) if s.embedding_addr else None
 
     async def _follow_tls(self) -> None:
         """Every ``tls_reload_s``: when the CA bundle, certificate or key changed, new channels with them."""
@@ -173,6 +176,16 @@ class Downstream:
             )
             for t in reply.templates
         ]
+
+    async def embed(self, texts: list[str], model: str, timeout: float, metadata=()) -> embedding_pb2.EmbedResponse:
+        async with _hop(Hop.EMBEDDING):
+            return await self.embedding.Embed(embedding_pb2.EmbedRequest(model=model, texts=texts), timeout=timeout,
+                                              metadata=metadata)
+
+    async def embedding_info(self, timeout: float) -> embedding_pb2.ModelInfoResponse:
+        async with _hop(Hop.EMBEDDING):
+            return await self.embedding.ModelInfo(embedding_pb2.ModelInfoRequest(), timeout=timeout,
+                                                  wait_for_ready=True)
 
     async def encode_chat(self, chat: Chat, model: str, timeout: float, metadata=()) -> list[int]:
         async with _hop(Hop.TOKENIZER):

@@ -10,6 +10,7 @@ class Hop(enum.StrEnum):
     TOKENIZER = "tokenizer"
     INFERENCE_TTFT = "inference.ttft"  # time to first token, inside the inference hop
     INFERENCE = "inference"
+    EMBEDDING = "embedding"  # Embed's call to an embedding replica
     TOTAL = "total"  # the gateway's own wall time against the request's total budget
     # A request answered by a generation another identical request started (gateway/coalescing.py):
     # its wait for that answer, in place of its own template, tokenizer and inference hops.

@@ -17,6 +17,7 @@ from gateway import access_log
 from gateway.answer import Answerer, Outcome
 from gateway.auth import KeyFileAuth, OpenAccess
 from gateway.downstream import TemplateEntry
+from gateway.embeddings import EmbeddingRoute
 from gateway.inference_stream import TokenDelta
 from gateway.model_routes import ModelRoutes
 from gateway.quotas import Quotas
@@ -38,14 +39,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._answerer: Answerer | None = None
         self._quotas: Quotas | None = None
         self._models: ModelRoutes | None = None
+        self._embeddings: EmbeddingRoute | None = None
         self._templates = templates
         self._scopes = scopes
         self._tracer = tracer
         self._auth = auth
 
-    def attach(self, answerer: Answerer, quotas: Quotas, models: ModelRoutes) -> None:
+    def attach(self, answerer: Answerer, quotas: Quotas, models: ModelRoutes,
+               embeddings: EmbeddingRoute | None = None) -> None:
         """Called once the internal services answer (the gateway's warm-up)."""
         self._answerer, self._quotas, self._models = answerer, quotas, models
+        self._embeddings = embeddings
 
     @property
     def answerer(self) -> Answerer:
@@ -131,11 +135,37 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await _send_request_id(context, request_id_from(context.invocation_metadata()))
         if self._models is None:
             raise Unavailable("the gateway is starting")
-        return gateway_pb2.ListModelsResponse(models=[
-            gateway_pb2.ModelInfo(id=m.id, revision=m.revision, context_length=m.context_length, engine=m.engine,
-                                  ready=m.ready, default=m.default)
-            for m in self._models.listing() if scope.allows_model(m.id)
-        ])
+        listed = [gateway_pb2.ModelInfo(id=m.id, revision=m.revision, context_length=m.context_length,
+                                        engine=m.engine, ready=m.ready, default=m.default, task="generation")
+                  for m in self._models.listing() if scope.allows_model(m.id)]
+        embedding = self._embeddings.model if self._embeddings is not None else None
+        if embedding is not None and scope.allows_model(embedding.id):
+            listed.append(gateway_pb2.ModelInfo(id=embedding.id, revision=embedding.revision,
+                                                context_length=embedding.max_tokens, engine="builtin", ready=True,
+                                                default=True, task="embedding"))
+        return gateway_pb2.ListModelsResponse(models=listed)
+
+    @rpc_method
+    async def Embed(self, request, context):
+        started = time.perf_counter()
+        tenant = self._tenant(context)
+        access_log.note(model=request.model)
+        if self._embeddings is None:
+            raise Unavailable("the gateway is starting")
+        self._embeddings.check_texts(request.texts)
+        model_id = self._embeddings.model_id(request.model)
+        tenant.scope.check_model(model_id)
+        async with self._scope(context, tenant, "Embed", None, request.budget_ms, started) as scope:
+            await _send_request_id(context, scope.request_id)
+            embedded = await self._embeddings.embed(list(request.texts), model_id, scope)
+            timings = scope.finish()
+            access_log.note(model=embedded.model, prompt_tokens=embedded.prompt_tokens)
+            context.set_trailing_metadata(((SERVER_TIMING_TRAILER, server_timing(timings)),))
+            response = embedded.response
+            response.usage.prompt_tokens = embedded.prompt_tokens
+            response.trace_id = trace_id_hex(scope.span)
+            response.timings.extend(_timings_to_pb(timings))
+            return response
 
     def _tenant(self, context) -> Tenant:
         """The caller's tenant, from its API key; UNAUTHENTICATED without a valid one.

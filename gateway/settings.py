@@ -26,6 +26,13 @@ class GatewaySettings(ServiceSettings, service="gateway"):
     inference_addrs: dict[str, str] = Field(default_factory=dict)
     # The model a request without `model` gets: a key of inference_addrs; empty = its first.
     default_model: str = ""
+    # The embedding replicas (services/embedding) Embed reaches, as inference_addr takes it; empty = Embed
+    # answers NOT_FOUND (this mesh embeds nothing). The model is the one they report.
+    embedding_addr: str = ""
+    # The most texts one Embed request may carry.
+    embed_max_texts: int = Field(default=256, ge=1)
+    # The most characters one text may have (the embedding replica then holds it to the model's token limit).
+    embed_max_text_chars: int = Field(default=32768, ge=1)
     # The gateway reads the prompt cache straight from Redis (one hop fewer on a
     # hit); stores go through the cache service. Empty = no prompt cache.
     redis_url: str = Field(
