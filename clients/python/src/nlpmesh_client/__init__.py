@@ -14,6 +14,7 @@ from nlpmesh_client.errors import (
 )
 from nlpmesh_client.retry import NO_RETRY, RetryPolicy
 from nlpmesh_client.types import (
+    Embeddings,
     Generation,
     HopTiming,
     Message,
@@ -30,7 +31,8 @@ from nlpmesh_client.types import (
 )
 
 __all__ = [
-    "NO_RETRY", "AsyncClient", "AsyncTextStream", "Client", "Config", "DeadlineExceeded", "Generation", "HopTiming",
+    "NO_RETRY", "AsyncClient", "AsyncTextStream", "Client", "Config", "DeadlineExceeded", "Embeddings", "Generation",
+    "HopTiming",
     "InvalidArgument", "Message", "ModelInfo", "NlpmeshError", "NotFound", "PermissionDenied", "ResourceExhausted",
     "ResponseFormat", "RetryPolicy", "Sampling", "Template", "TemplateInfo", "TemplateVariable", "TextStream",
     "TokenCount", "TokenLogprob", "TopLogprob",

@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from itertools import count
 
 import grpc
 
 from nlpmesh_client import calls, messages
 from nlpmesh_client.client import ClientBase
-from nlpmesh_client.types import Generation, ModelInfo, Prompt, Sampling, TemplateInfo, TokenCount
+from nlpmesh_client.types import Embeddings, Generation, ModelInfo, Prompt, Sampling, TemplateInfo, TokenCount
 
 
 class AsyncClient(ClientBase):
@@ -53,6 +53,14 @@ class AsyncClient(ClientBase):
         request = calls.count_tokens_request(prompt, model)
         response, _ = await self._unary("CountTokens", request, messages.CountTokensResponse, attempts)
         return TokenCount.from_pb(response)
+
+    async def embed(self, texts: Sequence[str], *, model: str = "", budget_ms: int = 0,
+                    timeout_s: float | None = None, request_id: str | None = None) -> Embeddings:
+        """One vector per text, from an embedding model (empty ``model``: the mesh's default one)."""
+        attempts = self._attempts(timeout_s, request_id)
+        response, call = await self._unary("Embed", calls.embed_request(texts, model, budget_ms),
+                                           messages.EmbedResponse, attempts)
+        return calls.embeddings(response, attempts, await call.initial_metadata(), await call.trailing_metadata())
 
     async def list_templates(self, *, timeout_s: float | None = None) -> tuple[TemplateInfo, ...]:
         response, _ = await self._unary("ListTemplates", messages.ListTemplatesRequest(),

@@ -12,7 +12,15 @@ import grpc
 from nlpmesh_client import messages
 from nlpmesh_client.config import Config
 from nlpmesh_client.errors import NlpmeshError, from_rpc_error
-from nlpmesh_client.types import CACHE_MODES, Generation, Prompt, Sampling, parse_server_timing, prompt_to_pb
+from nlpmesh_client.types import (
+    CACHE_MODES,
+    Embeddings,
+    Generation,
+    Prompt,
+    Sampling,
+    parse_server_timing,
+    prompt_to_pb,
+)
 
 REQUEST_ID = "x-request-id"
 SERVER_TIMING = "server-timing"
@@ -64,6 +72,16 @@ def generate_request(prompt: Prompt, model: str, sampling: Sampling | None, cach
     prompt_to_pb(prompt, request)
     (sampling or Sampling()).to_pb(request)
     return request
+
+
+def embed_request(texts, model: str, budget_ms: int):
+    if isinstance(texts, str):
+        raise TypeError("texts: a list of strings (one text is [text])")
+    return messages.EmbedRequest(texts=list(texts), model=model, budget_ms=budget_ms)
+
+
+def embeddings(response, attempts: Attempts, initial_metadata, trailing_metadata) -> Embeddings:
+    return Embeddings.from_pb(response, attempts.echoed_request_id(initial_metadata), server_timing(trailing_metadata))
 
 
 def count_tokens_request(prompt: Prompt, model: str):

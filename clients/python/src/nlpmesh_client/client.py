@@ -10,7 +10,7 @@ retries RESOURCE_EXHAUSTED and UNAVAILABLE as ``RetryPolicy`` says. A failure ra
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import count
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import grpc
 from nlpmesh_client import calls, messages
 from nlpmesh_client.config import DEFAULT_TIMEOUT_S, Config
 from nlpmesh_client.retry import RetryPolicy
-from nlpmesh_client.types import Generation, ModelInfo, Prompt, Sampling, TemplateInfo, TokenCount
+from nlpmesh_client.types import Embeddings, Generation, ModelInfo, Prompt, Sampling, TemplateInfo, TokenCount
 
 
 class ClientBase:
@@ -70,6 +70,14 @@ class Client(ClientBase):
         request = calls.count_tokens_request(prompt, model)
         response, _ = self._unary("CountTokens", request, messages.CountTokensResponse, attempts)
         return TokenCount.from_pb(response)
+
+    def embed(self, texts: Sequence[str], *, model: str = "", budget_ms: int = 0, timeout_s: float | None = None,
+              request_id: str | None = None) -> Embeddings:
+        """One vector per text, from an embedding model (empty ``model``: the mesh's default one)."""
+        attempts = self._attempts(timeout_s, request_id)
+        response, call = self._unary("Embed", calls.embed_request(texts, model, budget_ms), messages.EmbedResponse,
+                                     attempts)
+        return calls.embeddings(response, attempts, call.initial_metadata(), call.trailing_metadata())
 
     def list_templates(self, *, timeout_s: float | None = None) -> tuple[TemplateInfo, ...]:
         response, _ = self._unary("ListTemplates", messages.ListTemplatesRequest(), messages.ListTemplatesResponse,

@@ -38,6 +38,8 @@ ListTemplatesRequest = _message("ListTemplatesRequest")
 ListTemplatesResponse = _message("ListTemplatesResponse")
 ListModelsRequest = _message("ListModelsRequest")
 ListModelsResponse = _message("ListModelsResponse")
+EmbedRequest = _message("EmbedRequest")
+EmbedResponse = _message("EmbedResponse")
 FINISH_REASON = _POOL.FindEnumTypeByName(f"{PACKAGE}.FinishReason")
 CACHE_MODE = _POOL.FindEnumTypeByName(f"{PACKAGE}.CacheMode")
 

@@ -194,6 +194,24 @@ class TokenCount:
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    """Embed's answer: one vector per text, in the order given."""
+    vectors: tuple[tuple[float, ...], ...]
+    model: str
+    dimensions: int
+    prompt_tokens: int
+    trace_id: str
+    timings: tuple[HopTiming, ...]
+    request_id: str
+    server_timing: Mapping[str, float]
+
+    @classmethod
+    def from_pb(cls, pb, request_id: str, server_timing: Mapping[str, float]) -> Embeddings:
+        return cls(tuple(tuple(one.values) for one in pb.embeddings), pb.model, pb.dimensions, pb.usage.prompt_tokens,
+                   pb.trace_id, tuple(HopTiming.from_pb(t) for t in pb.timings), request_id, server_timing)
+
+
+@dataclass(frozen=True)
 class TemplateVariable:
     name: str
     required: bool
@@ -223,10 +241,11 @@ class ModelInfo:
     engine: str
     ready: bool
     default: bool
+    task: str = "generation"  # or "embedding" (Embed)
 
     @classmethod
     def from_pb(cls, pb) -> ModelInfo:
-        return cls(pb.id, pb.revision, pb.context_length, pb.engine, pb.ready, pb.default)
+        return cls(pb.id, pb.revision, pb.context_length, pb.engine, pb.ready, pb.default, pb.task or "generation")
 
 
 def parse_server_timing(value: str) -> dict[str, float]:
