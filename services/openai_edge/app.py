@@ -3,6 +3,7 @@
     POST /v1/chat/completions   Generate, or GenerateStream as server-sent events (stream: true)
     POST /v1/completions        the same, the prompt sent as one user message
     GET  /v1/models             ListModels
+    POST /v1/embeddings         Embed
     GET  /healthz               the process is up (no gateway call)
 
 Failures come back in OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}), the gateway's status
@@ -157,6 +158,25 @@ def build_app(gateway: Gateway, max_body_bytes: int) -> Starlette:
 
         return EventSourceResponse(events(), headers={"x-request-id": stream.request_id}, ping=15)
 
+    async def create_embeddings(request: Request) -> Response:
+        try:
+            who = caller(request)
+            call = mapping.embedding_call(mapping.parse_json(await read_body(request, max_body_bytes)))
+        except BadRequest as bad:
+            return JSONResponse(error_body(bad.message, "invalid_request_error", bad.param), status_code=400)
+        except HttpError as refused:
+            return JSONResponse(error_body(refused.message, refused.kind, refused.param, refused.code),
+                                status_code=refused.status)
+        try:
+            response = await gateway.embed(call, who)
+        except NlpmeshError as error:
+            return gateway_error_response(error)
+        if call.dimensions is not None and call.dimensions != response.dimensions:
+            return JSONResponse(error_body(f"dimensions: model {response.model} gives {response.dimensions}; "
+                                           "shortened vectors are not supported", "invalid_request_error",
+                                           "dimensions"), status_code=400)
+        return JSONResponse(mapping.embeddings(call, response), headers={"x-request-id": who.request_id})
+
     async def list_models(request: Request) -> Response:
         try:
             who = caller(request)
@@ -181,6 +201,7 @@ def build_app(gateway: Gateway, max_body_bytes: int) -> Starlette:
         Route("/v1/chat/completions", measured("chat_completions", chat_completions), methods=["POST"]),
         Route("/v1/completions", measured("completions", completions), methods=["POST"]),
         Route("/v1/models", measured("models", list_models), methods=["GET"]),
+        Route("/v1/embeddings", measured("embeddings", create_embeddings), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from nlpmesh_client import NO_RETRY, Config, Generation, ModelInfo, calls, messages
 
-from services.openai_edge.mapping import Call
+from services.openai_edge.mapping import Call, EmbeddingCall
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -60,6 +60,16 @@ class Gateway:
         rpc = calls.stream_method(self._channel)(request, timeout=attempts.time_left_s(),
                                                  metadata=attempts.metadata + who.trace)
         return GenerationStream(rpc, attempts)
+
+    async def embed(self, call: EmbeddingCall, who: Caller):
+        """The gateway's EmbedResponse (its vectors passed on as they are, not unpacked into Python floats)."""
+        attempts = self.attempts(who, call.budget_ms)
+        method = calls.unary_method(self._channel, "Embed", messages.EmbedResponse)
+        try:
+            return await method(calls.embed_request(call.texts, call.model, call.budget_ms),
+                                timeout=attempts.time_left_s(), metadata=attempts.metadata + who.trace)
+        except grpc.RpcError as error:
+            raise attempts.failure(error) from None
 
     async def list_models(self, who: Caller) -> tuple[ModelInfo, ...]:
         attempts = self.attempts(who)

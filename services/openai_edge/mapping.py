@@ -10,8 +10,11 @@ A template replaces ``messages`` (chat) or ``prompt`` (completions), which must 
 """
 from __future__ import annotations
 
+import array
+import base64
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "temperature", "
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
 EXTENSION_FIELDS = frozenset({"template", "cache", "budget_ms"})
+EMBEDDING_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user", "nlpmesh"})
+ENCODING_FORMATS = ("float", "base64")
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -100,6 +105,55 @@ def completion_call(body: Mapping) -> Call:
         raise BadRequest("prompt: one non-empty string (a list of several prompts is not supported)", "prompt")
     logprobs = _bounded_int(given, "logprobs", 0, MAX_COMPLETION_LOGPROBS, None)
     return _call(given, chosen, logprobs, None, "max_tokens", chat=False)
+
+
+@dataclass(frozen=True)
+class EmbeddingCall:
+    """One /v1/embeddings request, as the gateway's Embed is asked for it."""
+    texts: tuple[str, ...]
+    model: str
+    encoding_format: str  # float: lists of numbers; base64: each vector's float32 bytes (little-endian)
+    dimensions: int | None  # what the caller expects; the model's own length is the only one served
+    budget_ms: int
+
+
+def embedding_call(body: Mapping) -> EmbeddingCall:
+    """``input`` is a string or a list of strings; token-id arrays are refused (the mesh tokenizes)."""
+    given = _given(body, EMBEDDING_FIELDS)
+    texts = given.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise BadRequest("input: a string or a non-empty list of strings (token arrays are not supported)", "input")
+    encoding = given.get("encoding_format", "float")
+    if encoding not in ENCODING_FORMATS:
+        raise BadRequest(f"encoding_format: one of {', '.join(ENCODING_FORMATS)}", "encoding_format")
+    _typed(given, "user", str, "")
+    extension = given.get("nlpmesh") or {}
+    if not isinstance(extension, dict) or set(extension) - {"budget_ms"}:
+        raise BadRequest("nlpmesh: only budget_ms applies to embeddings", "nlpmesh")
+    return EmbeddingCall(tuple(texts), _typed(given, "model", str, ""), encoding,
+                         _bounded_int(given, "dimensions", 1, 1 << 16, None),
+                         _bounded_int(extension, "budget_ms", 1, 2**31, 0, "nlpmesh."))
+
+
+def embeddings(call: EmbeddingCall, response) -> dict:
+    """OpenAI's embeddings list from the gateway's EmbedResponse."""
+    if call.encoding_format == "base64":
+        data = [base64.b64encode(_little_endian_floats(one.values)).decode("ascii") for one in response.embeddings]
+    else:
+        data = [list(one.values) for one in response.embeddings]
+    tokens = response.usage.prompt_tokens
+    return {"object": "list", "model": response.model,
+            "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(data)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _little_endian_floats(values) -> bytes:
+    packed = array.array("f", values)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def _given(body: Mapping, allowed: frozenset[str]) -> dict:
