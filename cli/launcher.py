@@ -60,6 +60,7 @@ from meshkit.tls import CA_FILE, probe_credentials
 from modelfiles.catalogue import load_catalogue
 
 EDGE = "edge"  # the OpenAI-compatible HTTP edge: checked by its /healthz, not grpc.health.v1
+EMBEDDING = "embedding"  # the embedding replicas: left out when the catalogue has no embedding model
 
 
 def free_port() -> int:
@@ -239,6 +240,8 @@ class LocalMesh:
             raise ValueError(f"--scale: no service {', '.join(sorted(unknown))} in docker-compose.yml")
         instances = {}
         for service in self.services:
+            if service.name == EMBEDDING and not load_catalogue().embedding_ids:
+                continue  # a catalogue without an embedding model: no embedding process, Embed is NOT_FOUND
             count = self.scale.get(service.name, 1)
             if not 1 <= count <= MAX_REPLICAS:
                 raise ValueError(f"--scale {service.name}={count}: between 1 and {MAX_REPLICAS} replicas")
@@ -246,6 +249,10 @@ class LocalMesh:
                      else [name for names in self.model_instances.values() for name in names])
             instances.update(dict.fromkeys(names, service))
         return instances
+
+    def embedding_environment(self, service: str) -> dict[str, str]:
+        """The gateway of a mesh without embedding processes reaches none (Embed answers NOT_FOUND)."""
+        return {"NLPMESH_GATEWAY_EMBEDDING_ADDR": ""} if service == "gateway" and EMBEDDING not in self.ports else {}
 
     def replicas(self, service: str) -> list[str]:
         """The process names of ``service``'s replicas (``inference``, ``inference-2``, ...)."""
@@ -341,7 +348,8 @@ class LocalMesh:
         auth_env = self.gateway_auth_env() if service.name == "gateway" else {}
         env = {**os.environ, **local_environment(service, self.ports, redis_url, self.metrics_ports, instance),
                **model_environment(service.name, instance, self.model_instances, self.ports),
-               **self.tls_environment(), **auth_env, **self.extra_env, "PYTHONUNBUFFERED": "1",
+               **self.tls_environment(), **auth_env, **self.embedding_environment(service.name), **self.extra_env,
+               "PYTHONUNBUFFERED": "1",
                TRACE_DIR_ENV: str(self.trace_dir or ""), LAUNCHER_PID_ENV: str(os.getpid())}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")

@@ -75,6 +75,9 @@ MEANINGS: dict[str, dict[str, str]] = {
         "downstream_health_timeout_s": "The deadline of each of those health checks.",
         "downstream_health_failures": "Failed checks in a row that turn the generation path NOT_SERVING.",
     },
+    "EmbeddingSettings": {
+        "home": "Where the unpacked embedding model is found (`models/<id>`).",
+    },
     "CacheSettings": {
         "key_prefix": "Redis keys of the prompt cache start with this; the gateway must use the same.",
         "ttl_s": "How long a stored answer lives in Redis.",
@@ -148,6 +151,7 @@ def settings_classes() -> list[tuple[str, type]]:
     from gateway.settings import GatewaySettings
     from meshkit.settings import ServiceSettings
     from services.cache.settings import CacheSettings
+    from services.embedding.settings import EmbeddingSettings
     from services.inference.settings import InferenceSettings
     from services.openai_edge.settings import EdgeSettings
     from services.template.settings import TemplateSettings
@@ -155,7 +159,7 @@ def settings_classes() -> list[tuple[str, type]]:
 
     return [("Every service", ServiceSettings), ("gateway", GatewaySettings), ("template", TemplateSettings),
             ("tokenizer", TokenizerSettings), ("cache", CacheSettings), ("inference", InferenceSettings),
-            ("edge", EdgeSettings)]
+            ("edge", EdgeSettings), ("embedding", EmbeddingSettings)]
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -314,6 +318,7 @@ SECTION_INTRO = {
     "edge": "`services/openai_edge/settings.py` (`EdgeSettings`): the OpenAI-compatible HTTP edge (docs/openai.md). "
             "Of the shared settings it uses host, port, grace_s, log_level, log_format, metrics_port, event_loop and "
             "the TLS ones.",
+    "embedding": "`services/embedding/settings.py` (`EmbeddingSettings`): the embedding replicas (docs/embeddings.md).",
 }
 
 
