@@ -174,8 +174,8 @@ def send_garbage(port: int, payload: bytes) -> None:
 
 def test_garbage_on_every_port_leaves_every_process_up(chaos_mesh, gateway):
     pids = {name: process.pid for name, process in chaos_mesh.processes.items()}
-    ports = {**{f"{n} grpc": chaos_mesh.ports[n] for n in SERVICES},
-             **{f"{n} metrics": chaos_mesh.metrics_ports[n] for n in (*SERVICES, "edge")},
+    ports = {**{f"{n} grpc": chaos_mesh.ports[n] for n in (*SERVICES, "embedding")},
+             **{f"{n} metrics": chaos_mesh.metrics_ports[n] for n in (*SERVICES, "edge", "embedding")},
              "edge http": chaos_mesh.ports["edge"]}
     payloads = garbage_payloads(seed=10)
     started = time.monotonic()

@@ -76,7 +76,7 @@ def test_a_sigkilled_launcher_takes_its_children_with_it_and_down_twice_is_fine(
     try:
         mesh.up()
         children = list(mesh.state()["pids"].values())
-        assert len(running(children)) == 7  # six services (the OpenAI edge among them) and the private Redis
+        assert len(running(children)) == 8  # seven services (the OpenAI edge and embedding among them), Redis
         mesh.process.kill()
         mesh.process.wait()
         started = time.monotonic()
@@ -158,7 +158,7 @@ def test_a_detached_mesh_outlives_the_cli_and_down_stops_it_all(home):
         state = mesh.state()
         assert mesh.health() == "SERVING"
         processes = [state["launcher"]["pid"], *state["pids"].values()]
-        assert len(running(processes)) == 8  # the launcher, six services (the OpenAI edge among them), Redis
+        assert len(running(processes)) == 9  # the launcher, seven services (edge and embedding among them), Redis
 
         stopped = mesh.cli("down")
         assert stopped.returncode == 0, stopped.stdout

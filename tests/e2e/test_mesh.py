@@ -228,7 +228,7 @@ def test_with_redis_stopped_the_request_is_still_answered(own_mesh, disposable_r
 def test_services_drain_and_exit_cleanly_on_sigterm(own_mesh):
     own_mesh.stop()
     codes = {name: process.returncode for name, process in own_mesh.processes.items()}
-    assert sorted(codes) == ["cache", "edge", "gateway", "inference", "template", "tokenizer"]
+    assert sorted(codes) == ["cache", "edge", "embedding", "gateway", "inference", "template", "tokenizer"]
     assert all(code == 0 for code in codes.values()), codes
 
 

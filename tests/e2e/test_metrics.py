@@ -95,8 +95,9 @@ def served(mesh, gateway):
 
 
 def test_the_launcher_gives_every_service_its_own_metrics_port(mesh):
-    assert sorted(mesh.metrics_ports) == sorted((*SERVICES, "edge"))  # the OpenAI edge's: nlpmesh_edge_*
-    assert len(set(mesh.metrics_ports.values())) == len(SERVICES) + 1
+    # The OpenAI edge's (nlpmesh_edge_*) and the embedding replica's (nlpmesh_embedding_*) too.
+    assert sorted(mesh.metrics_ports) == sorted((*SERVICES, "edge", "embedding"))
+    assert len(set(mesh.metrics_ports.values())) == len(SERVICES) + 2
     assert not set(mesh.metrics_ports.values()) & set(mesh.ports.values())
 
 

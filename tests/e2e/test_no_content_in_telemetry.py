@@ -14,11 +14,12 @@ from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from cli.launcher import LocalMesh
+from tests.e2e.embeddings import embed_when_ready
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
-SERVICES = ("gateway", "template", "tokenizer", "cache", "inference")
+SERVICES = ("gateway", "template", "tokenizer", "cache", "inference", "embedding")
 # The most a service writes: JSON lines at DEBUG.
 VERBOSE = {f"NLPMESH_{name.upper()}_{key}": value for name in SERVICES
            for key, value in (("LOG_FORMAT", "json"), ("LOG_LEVEL", "DEBUG"))}
@@ -76,7 +77,13 @@ def send_everything(stub: gateway_pb2_grpc.GatewayStub) -> list[grpc.RpcError]:
     wait_until(lambda: stub.Generate(by_template, timeout=120, metadata=metadata).cache_hit, 30, 0.1,
                what="a cache hit on the template request")
     assert [c for c in stub.GenerateStream(by_template, timeout=120, metadata=metadata) if c.done][0].cache_hit
-    errors = []
+    # Embed: texts are content as prompts are; one over the model's token limit is refused naming texts[1].
+    embed = gateway_pb2.EmbedRequest(texts=[f"Find {CANARY}.", f"{CANARY} " * 300])
+    embed_when_ready(stub, gateway_pb2.EmbedRequest(texts=[f"Find {CANARY}."]), metadata)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Embed(embed, timeout=60, metadata=metadata)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    errors = [("an Embed text over the token limit", "texts[1]", refused.value)]
     for what, request, field in FAILING:
         for method in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
             with pytest.raises(grpc.RpcError) as raised:
@@ -108,9 +115,9 @@ def test_the_canary_reaches_no_log_span_metric_or_error(verbose_mesh):
     access = [record for record in records
               if record["logger"] == "nlpmesh.access" and record["request_id"].startswith("canary-run-")]
     statuses = [line["status"] for line in access]
-    assert statuses.count("INVALID_ARGUMENT") == 2 * len(FAILING) and statuses.count("OK") >= 5, statuses
+    assert statuses.count("INVALID_ARGUMENT") == 2 * len(FAILING) + 1 and statuses.count("OK") >= 6, statuses
     assert {line["template"] for line in access} == {"-", "finance_question"}
-    for name in ("template", "tokenizer", "inference"):
+    for name in ("template", "tokenizer", "inference", "embedding"):
         assert '"logger": "nlpmesh.calls"' in logs[name], name
     assert set(spans) == {f"{name}.jsonl" for name in SERVICES}
     assert '"nlpmesh.template.id":"finance_question"' in spans["template.jsonl"]

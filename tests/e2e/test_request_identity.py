@@ -13,7 +13,7 @@ from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
-SERVICES = ("gateway", "template", "tokenizer", "cache", "inference")
+SERVICES = ("gateway", "template", "tokenizer", "cache", "inference", "embedding")
 JSON_LOGS = {f"NLPMESH_{name.upper()}_LOG_FORMAT": "json" for name in SERVICES}
 JSON_LOGS |= {f"NLPMESH_{name.upper()}_LOG_LEVEL": "DEBUG" for name in ("gateway", "inference")}
 KEYS = {"ts", "level", "logger", "message", "request_id", "trace_id"}

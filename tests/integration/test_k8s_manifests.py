@@ -321,7 +321,8 @@ def test_the_objects_of_the_base(objects):
         *[("HorizontalPodAutoscaler", s) for s in MODEL_DEPLOYMENTS],
         *[("NetworkPolicy", p) for p in ("default-deny-ingress", "gateway-grpc-from-anywhere", "edge-http-from-anywhere",
                                          "template-grpc-from-gateway", "tokenizer-grpc-from-gateway",
-                                         "cache-grpc-from-gateway", "inference-grpc-from-gateway",
+                                         "cache-grpc-from-gateway", "embedding-grpc-from-gateway",
+                                         "inference-grpc-from-gateway",
                                          "redis-from-its-users", "metrics-from-monitoring")],
     ])
     # No Secret is committed: the base refers to them, the README says how to make them.

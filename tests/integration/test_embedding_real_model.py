@@ -1,0 +1,57 @@
+"""The embedding service's encoder on the real all-MiniLM-L6-v2 folder (make setup unpacks it), against
+sentence-transformers on the same folder: vectors within cosine 0.999, a text's vector the same alone or in a
+batch of others (padding does not leak), and the token limit the folder declares."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meshkit.settings import default_home
+from services.embedding.encoder import SentenceEncoder, TextTooLong
+
+pytestmark = [pytest.mark.model]
+
+FOLDER = default_home() / "models" / "minilm"
+TEXTS = [
+    "Where is my order 48213? It was due last Tuesday.",
+    "hello",
+    "The patient reports mild chest pain after exercise; no history of cardiac events. " * 4,
+    "Was ist ein Anleihe-Kupon? Erklären Sie es einfach.",
+    "¿Dónde está mi pedido?",
+    "A bond pays a fixed coupon until it matures; its price moves against interest rates.",
+    "🙂 emoji and symbols: €, ©, ∑",
+    "x",
+] * 5  # 40 texts: more than one forward of 32
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    if not (FOLDER / "modules.json").is_file():
+        pytest.fail(f"{FOLDER} is missing: run `make setup` (python -m modelfiles convert --model minilm)")
+    return SentenceEncoder(FOLDER, max_batch_texts=32)
+
+
+def test_vectors_match_sentence_transformers(encoder):
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(FOLDER), device="cpu").encode(TEXTS, batch_size=32)
+    ours = encoder.embed(encoder.tokenize(TEXTS)).numpy()
+    cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+    assert ours.shape == (len(TEXTS), 384)
+    assert cosine.min() >= 0.999, cosine.min()
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # the folder's Normalize module
+
+
+def test_a_text_embeds_the_same_alone_and_beside_longer_ones(encoder):
+    ids = encoder.tokenize(TEXTS[:8])
+    together = encoder.embed(ids).numpy()
+    for index, one in enumerate(ids):
+        alone = encoder.embed([one]).numpy()[0]
+        assert float(alone @ together[index]) >= 0.99999, index
+
+
+def test_the_token_limit_is_the_folders_and_names_each_text_over_it(encoder):
+    assert encoder.max_tokens == 256  # sentence_bert_config.json max_seq_length
+    with pytest.raises(TextTooLong) as over:
+        encoder.tokenize(["fine", "word " * 300, "ok", "word " * 255])
+    assert [index for index, _ in over.value.over] == [1, 3] and over.value.over[0][1] == 302
