@@ -167,7 +167,7 @@ class Settings:
     inference_timeout_s = 1.0
 
 
-def route(settings=Settings()) -> EmbeddingRoute:
+def route(settings: type = Settings) -> EmbeddingRoute:
     return EmbeddingRoute(None, catalogue(GENERATIVE + EMBEDDING), settings)
 
 
@@ -202,7 +202,7 @@ def test_the_gateway_resolves_the_embedding_model_by_id_or_name():
         embedding_addr = ""
 
     with pytest.raises(NotFound, match="no embedding model"):
-        route(Off()).model_id("")
+        route(Off).model_id("")
 
 
 def test_the_replicas_bytes_become_the_gateways_response_unchanged():
