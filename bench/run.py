@@ -25,6 +25,7 @@ from bench import (
     cache_hits,
     coalescing,
     edge,
+    embeddings,
     engine_speed,
     external_engine,
     generation,
@@ -162,6 +163,8 @@ def table(results: dict) -> str:
         lines += [""] + guided.lines(results["guided"])
     if "edge" in results:
         lines += [""] + edge.lines(results["edge"])
+    if "embeddings" in results:
+        lines += [""] + embeddings.lines(results["embeddings"])
     return "\n".join(lines)
 
 
@@ -198,7 +201,9 @@ def main() -> int:
                              "engine (bench/engine_speed.py), models (bench/models.py: every model of --model "
                              "through one mesh), serving (bench/serving.py: a burst and Poisson arrivals with "
                              "deadlines, against generate), edge (bench/edge.py: a cache hit through the OpenAI edge "
-                             "vs through gRPC), routing (bench/routing.py: 2 inference replicas), "
+                             "vs through gRPC), embeddings (bench/embeddings.py: Embed through the mesh vs "
+                             "sentence-transformers in process, batch 1 and 32), "
+                             "routing (bench/routing.py: 2 inference replicas), "
                              "coalescing (bench/coalescing.py: identical requests at once, 1 and 2 gateways) or "
                              "external (bench/external_engine.py: llama.cpp's server behind the adapter vs called "
                              "directly) or guided (bench/guided.py: guided decoding against free decoding, in "
@@ -239,7 +244,7 @@ def write_results(results: dict, name: str) -> Path:
 
 
 # The parts measured on one mesh serving the default model (models: every model of --model).
-OWN_MESH_PARTS = ("cache", "generation", "engine", "models", "serving", "edge")
+OWN_MESH_PARTS = ("cache", "generation", "engine", "models", "serving", "edge", "embeddings")
 
 
 def _bench_one_mesh(args, results: dict) -> None:
@@ -261,6 +266,8 @@ def _bench_one_mesh(args, results: dict) -> None:
             results["serving"] = serving.bench(mesh)
         if args.only in (None, "edge"):
             results["edge"] = edge.bench(mesh, args.rounds, args.per_round)
+        if args.only in (None, "embeddings"):
+            results["embeddings"] = embeddings.bench(mesh, args.rounds, args.per_round)
     finally:
         mesh.stop()
 

@@ -13,6 +13,7 @@ import grpc
 from nlpmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 
 from meshkit import span_names
+from meshkit.cpu_features import read_cpu_features
 from meshkit.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing.provider import tracer
@@ -68,14 +69,15 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         loop = asyncio.get_running_loop()
         worker = torch_worker()
         self._encoder = await loop.run_in_executor(worker, SentenceEncoder, files.path, self._model.max_tokens,
-                                                   settings.max_batch_texts, settings.threads)
+                                                   settings.max_batch_texts, settings.threads, settings.precision)
         await loop.run_in_executor(worker, self._encoder.embed, self._encoder.tokenize(["warm-up"]))
         self._queue = EmbeddingQueue(self._encoder.embed, worker, settings.max_batch_texts,
                                      settings.max_queued_texts, _tracer)
         self._queue.start()
         self._revision = files.revision
-        log.info("embedding model %s ready: %d dimensions, at most %d tokens a text", self._model.id,
-                 self._encoder.dimensions, self._encoder.max_tokens)
+        log.info("embedding model %s ready: %d dimensions, at most %d tokens a text, %s on %d threads (%s)",
+                 self._model.id, self._encoder.dimensions, self._encoder.max_tokens, self._encoder.precision,
+                 self._encoder.threads, read_cpu_features().summary())
 
     async def close(self) -> None:
         if self._queue is not None:

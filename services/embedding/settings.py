@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -20,3 +21,6 @@ class EmbeddingSettings(ServiceSettings, service="embedding"):
     max_texts: int = Field(default=256, ge=1)
     # torch's threads for the forward; 0 = one per core this process may use.
     threads: int = Field(default=0, ge=0)
+    # The weights' precision: float32, bfloat16, or auto (bfloat16 where the CPU has AMX-BF16 or AVX-512 BF16,
+    # float32 elsewhere); the start's log line says which.
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -47,9 +47,9 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from meshkit.cpu_features import read_cpu_features
 from meshkit.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from services.inference import metrics
-from services.inference.cpu_features import read_cpu_features
 from services.inference.decode_step import DecodeStep, decode_step_for
 from services.inference.families import Family, family_of
 from services.inference.generation_types import Delta, Finished, FinishReason, GenerationRequest

@@ -1,7 +1,7 @@
 """The start-up checks: what this CPU's kernels keep bit for bit, on the model's own layer shapes.
 
 Machines differ: an AVX2-only CPU and one with AVX-512 BF16/VNNI and AMX run
-different code inside the same torch call (services/inference/cpu_features.py).
+different code inside the same torch call (meshkit/cpu_features.py).
 So the engine takes nothing on trust. At start, on random inputs:
 
 - ``check_row_independence``: the decode kernels give a row the same bits alone
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from meshkit.cpu_features import CpuFeatures
 from services.inference.attention import prefill_attention
-from services.inference.cpu_features import CpuFeatures
 from services.inference.decode_linear import DECODE_KERNELS, DecodeLinear, layers_by_shape
 from services.inference.families import attention_windows
 from services.inference.kernel_plan import KernelPlan, kernel_plan

@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from meshkit.cpu_features import read_cpu_features
 from meshkit.sampling import Sampling
 from meshkit.server import StartRefused
 from modelfiles.architectures import UnsupportedArchitecture, check_engine_supports
 from modelfiles.catalogue import CatalogueError, CatalogueModel, load_catalogue
 from modelfiles.convert import ModelFiles, ModelNotConverted, default_model_id, load_model_files
-from services.inference.cpu_features import read_cpu_features
 from services.inference.device import describe, resolve_device
 from services.inference.engine import Engine
 from services.inference.generation_types import GenerationRequest

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from meshkit.cpu_features import CpuFeatures
 from services.inference.attention import use_tiled_attention
-from services.inference.cpu_features import CpuFeatures
 from services.inference.decode_linear import DECODE_KERNELS, DecodeLinear, layers_by_shape
 from services.inference.kernel_checks import RowDependence, check_row_independence
 from services.inference.kernel_plan import ATTRIBUTE, KernelPlan

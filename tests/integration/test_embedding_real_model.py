@@ -1,5 +1,5 @@
 """The embedding service's encoder on the real all-MiniLM-L6-v2 folder (make setup unpacks it), against
-sentence-transformers on the same folder: vectors within cosine 0.999, a text's vector the same alone or in a
+sentence-transformers on the same folder, in float32 and bfloat16: vectors within cosine 0.999, a text's vector the same alone or in a
 batch of others (padding does not leak), and the token limit the folder declares."""
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ TEXTS = [
 ] * 5  # 40 texts: more than one forward of 32
 
 
-@pytest.fixture(scope="module")
-def encoder():
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def encoder(request):
+    """Both precisions on every machine (bfloat16 runs emulated, slower, where the CPU lacks it: still right)."""
     if not (FOLDER / "modules.json").is_file():
         pytest.fail(f"{FOLDER} is missing: run `make setup` (python -m modelfiles convert --model minilm)")
-    return SentenceEncoder(FOLDER, max_batch_texts=32)
+    return SentenceEncoder(FOLDER, max_batch_texts=32, precision=request.param)
 
 
 def test_vectors_match_sentence_transformers(encoder):
@@ -47,7 +48,19 @@ def test_a_text_embeds_the_same_alone_and_beside_longer_ones(encoder):
     together = encoder.embed(ids).numpy()
     for index, one in enumerate(ids):
         alone = encoder.embed([one]).numpy()[0]
-        assert float(alone @ together[index]) >= 0.99999, index
+        assert float(alone @ together[index]) >= (0.99999 if encoder.precision == "float32" else 0.9999), index
+
+
+def test_auto_takes_bfloat16_only_where_the_cpu_multiplies_it():
+    from meshkit.cpu_features import CpuFeatures
+    from services.embedding.encoder import resolve_precision
+
+    assert resolve_precision("auto", CpuFeatures("AVX2", frozenset({"avx2"}))) == "float32"
+    assert resolve_precision("auto", CpuFeatures("AVX512", frozenset({"avx512f", "amx_bf16"}))) == "bfloat16"
+    assert resolve_precision("auto", CpuFeatures("AVX512", frozenset({"avx512f", "avx512_bf16"}))) == "bfloat16"
+    assert resolve_precision("float32", CpuFeatures("AVX512", frozenset({"amx_bf16"}))) == "float32"
+    with pytest.raises(ValueError):
+        resolve_precision("int8", CpuFeatures("AVX2", frozenset()))
 
 
 def test_the_token_limit_is_the_folders_and_names_each_text_over_it(encoder):

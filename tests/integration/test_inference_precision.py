@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from meshkit.cpu_features import read_cpu_features
 from meshkit.settings import default_home
 from modelfiles.catalogue import DEFAULT_MODELS_FILE, load_catalogue
 from modelfiles.convert import load_model_files
 from services.inference.attention import tiled_sdpa_attention
-from services.inference.cpu_features import read_cpu_features
 from services.inference.decode_linear import DecodeLinear
 from services.inference.kernel_checks import (
     RowDependence,

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from meshkit.cpu_features import read_cpu_features
 from meshkit.sampling import Sampling
 from meshkit.settings import default_home
 from modelfiles.catalogue import DEFAULT_MODELS_FILE, load_catalogue
 from modelfiles.convert import load_model_files
-from services.inference.cpu_features import read_cpu_features
 from services.inference.engine import Engine, EngineOptions, eos_token_ids
 from services.inference.families import family_of
 from services.inference.generation_types import Delta, FinishReason, GenerationRequest

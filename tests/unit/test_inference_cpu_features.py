@@ -1,5 +1,5 @@
-"""services/inference/cpu_features.py: reading the CPU flags the kernels depend on."""
-from services.inference.cpu_features import CpuFeatures, parse_flags, read_cpu_features
+"""meshkit/cpu_features.py: reading the CPU flags the kernels depend on."""
+from meshkit.cpu_features import CpuFeatures, parse_flags, read_cpu_features
 
 INTEL_AMX = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -1,4 +1,5 @@
-"""What the CPU offers the inference kernels: torch's dispatch level and the relevant /proc/cpuinfo flags.
+"""What the CPU offers the model kernels (the inference engine's and the embedding replica's): torch's dispatch
+level and the relevant /proc/cpuinfo flags.
 
 Which kernel torch and its libraries (MKL, oneDNN) pick for a matrix multiply
 depends on these, and so may the rounding of a row's result: an AVX2-only
