@@ -58,6 +58,7 @@ from meshkit.server import LAUNCHER_PID_ENV, PORT_IN_USE_EXIT
 from meshkit.settings import TLS_DIR_ENV, TRACE_DIR_ENV, default_home
 from meshkit.tls import CA_FILE, probe_credentials
 from modelfiles.catalogue import load_catalogue
+from modelfiles.convert import converted_revision
 
 EDGE = "edge"  # the OpenAI-compatible HTTP edge: checked by its /healthz, not grpc.health.v1
 EMBEDDING = "embedding"  # the embedding replicas: left out when the catalogue has no embedding model
@@ -240,8 +241,8 @@ class LocalMesh:
             raise ValueError(f"--scale: no service {', '.join(sorted(unknown))} in docker-compose.yml")
         instances = {}
         for service in self.services:
-            if service.name == EMBEDDING and not load_catalogue().embedding_ids:
-                continue  # a catalogue without an embedding model: no embedding process, Embed is NOT_FOUND
+            if service.name == EMBEDDING and self.embedding_model is None:
+                continue  # no embedding model to serve here: no embedding process, Embed answers NOT_FOUND
             count = self.scale.get(service.name, 1)
             if not 1 <= count <= MAX_REPLICAS:
                 raise ValueError(f"--scale {service.name}={count}: between 1 and {MAX_REPLICAS} replicas")
@@ -249,6 +250,13 @@ class LocalMesh:
                      else [name for names in self.model_instances.values() for name in names])
             instances.update(dict.fromkeys(names, service))
         return instances
+
+    @property
+    def embedding_model(self) -> str | None:
+        """The catalogue's embedding model when it is unpacked here (make setup), else None."""
+        ids = load_catalogue().embedding_ids
+        home = Path({**os.environ, **self.extra_env}.get("NLPMESH_HOME") or default_home())
+        return ids[0] if ids and converted_revision(home, ids[0]) is not None else None
 
     def embedding_environment(self, service: str) -> dict[str, str]:
         """The gateway of a mesh without embedding processes reaches none (Embed answers NOT_FOUND)."""
@@ -275,6 +283,9 @@ class LocalMesh:
             report = init_certs(self.tls_dir)
             self.progress(f"tls: certificates in {self.tls_dir}" + (f" (made {', '.join(report.made)})"
                                                                     if report.made else ""))
+        if EMBEDDING not in instances and load_catalogue().embedding_ids:
+            self.progress(f"embedding: {load_catalogue().embedding_ids[0]} is not unpacked (make setup): no embedding "
+                          "replica, Embed answers NOT_FOUND")
         self._start_redis()
         for name, service in instances.items():
             self._spawn(service, self.redis_url_for(service.name), instance=name)

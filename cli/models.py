@@ -8,6 +8,7 @@ from meshkit.settings import default_home
 from modelfiles.architectures import UnsupportedArchitecture, check_convertible, engine_supports
 from modelfiles.catalogue import Catalogue, CatalogueError, CatalogueModel, load_catalogue
 from modelfiles.convert import ModelNotConverted, converted_revision, load_model_files
+from modelfiles.embedding import max_seq_length
 from modelfiles.sources import SourceError, inspect, locate, revision
 
 COLUMNS = ("ID", "SOURCE", "REVISION", "ARCHITECTURE", "CONTEXT", "CONVERTED", "PRECISION")
@@ -26,6 +27,8 @@ def model_row(model: CatalogueModel, home: Path) -> ModelRow:
         tokenizer = "yes" if converted_revision(home, model.files_id) is not None else "no"
         return ModelRow((model.id, where, "-", f"external: {model.external.served_model}",
                          str(model.context_length or "-"), f"tokenizer of {model.files_id}: {tokenizer}", "-"), None)
+    if model.task == "embedding":
+        return _embedding_row(model, home)
     precision = "auto (chosen at start)" if "auto" in model.precisions else "/".join(model.precisions)
     try:
         files = locate(model)
@@ -40,6 +43,24 @@ def model_row(model: CatalogueModel, home: Path) -> ModelRow:
     context = model.context_length or facts.context_length
     return ModelRow((model.id, model.source.describe(), current, facts.architecture + engine,
                      str(context) if context else "-", state, precision), None)
+
+
+def _embedding_row(model: CatalogueModel, home: Path) -> ModelRow:
+    """An embedding model (services/embedding): unpacked, not converted; its context is its token limit per text."""
+    precision = "auto (chosen at start)"
+    try:
+        current = revision(locate(model), None)
+    except SourceError as error:
+        return ModelRow((model.id, model.source.describe(), "-", "embedding", "-", "no", precision), str(error))
+    converted = converted_revision(home, model.id)
+    state = "yes" if converted == current else "no" if converted is None else f"stale ({converted})"
+    architecture, limit = "embedding", model.max_tokens
+    if converted is not None:
+        folder = load_model_files(home, model.id)
+        architecture = f"embedding: {folder.architecture}"
+        limit = limit or max_seq_length(folder.path)
+    return ModelRow((model.id, model.source.describe(), current, architecture, str(limit or "-"), state, precision),
+                    None)
 
 
 def models_table(catalogue: Catalogue, home: Path) -> tuple[int, str]:

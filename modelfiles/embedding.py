@@ -56,6 +56,15 @@ def ensure_unpacked(home: Path, model: CatalogueModel, progress: Callable[[str],
     return load_model_files(home, model.id)
 
 
+def max_seq_length(folder: Path) -> int | None:
+    """The token limit a sentence-transformers folder declares (sentence_bert_config.json), if it does."""
+    config = folder / "sentence_bert_config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get("max_seq_length")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _unzip(model_id: str, archive: Path, out: Path) -> None:
     if not zipfile.is_zipfile(archive):
         raise SourceError(f"model {model_id}: {archive} is not a zip file")

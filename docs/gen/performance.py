@@ -83,6 +83,14 @@ def headline(results: dict) -> list[tuple[str, str]]:
                      f"{tok_s['guided_over_free_c1']:.3f}x and {tok_s['guided_over_free_c8']:.3f}x"))
         rows.append(("guided decoding's first token over a free one's (p50), grammar cache cold and warm",
                      f"{extra['guided_cold']:+.1f} and {extra['guided_warm']:+.1f} ms"))
+    embeddings = results.get("embeddings")
+    if embeddings:
+        for size, mesh_name in (("1 text", "mesh_b1"), ("32 texts", "mesh_b32")):
+            row = embeddings[mesh_name]
+            rows.append((f"Embed through the gateway, {size} a call, against sentence-transformers in process "
+                         f"(the replica in {embeddings['precision']})",
+                         f"{row['texts_per_s']:.0f} texts/s, {row['ratio_to_st']:.2f}x (its float32), "
+                         f"{row['ratio_to_st_bf16']:.2f}x (its bfloat16); p50 {row['p50_ms']:.1f} ms"))
     return rows
 
 

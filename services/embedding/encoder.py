@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from meshkit.cpu_features import CpuFeatures, read_cpu_features
+from modelfiles.embedding import max_seq_length
 
 _POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 
@@ -53,14 +54,6 @@ def read_pooling(folder: Path) -> Pooling:
         raise ValueError(f"{folder}: pooling {sorted(k for k, on in config.items() if on is True)} is not one of "
                          f"mean, cls or max")
     return Pooling(modes[0], any(kind.endswith(".Normalize") for kind in types))
-
-
-def max_seq_length(folder: Path) -> int | None:
-    config = folder / "sentence_bert_config.json"
-    if not config.is_file():
-        return None
-    value = json.loads(config.read_text()).get("max_seq_length")
-    return value if isinstance(value, int) and value > 0 else None
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
