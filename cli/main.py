@@ -17,7 +17,7 @@ from cli import invalidate, keys, logs, models, redis_acl, run_state
 from cli.ask import ask, build_question, response_format_from, timing_table
 from cli.certs import DEFAULT_NAMESPACE, init_certs, rotate_certs
 from cli.connect import GatewayAccess
-from cli.launcher import EDGE, LocalMesh, check_health, check_http_health
+from cli.launcher import EDGE, EMBEDDING, LocalMesh, check_health, check_http_health
 from cli.restarts import RestartPolicy
 from cli.topology import REPO_ROOT
 from cli.traces import default_trace_dir, show_budgets, show_trace
@@ -324,6 +324,8 @@ def cmd_demo(args) -> int:
         for model in mesh.model_instances:
             if _demo_model(mesh, model, args.max_new_tokens) != 0:
                 return 1
+        if _demo_embeddings(mesh) != 0:
+            return 1
         _say("stopping the mesh")
     return 0
 
@@ -365,6 +367,37 @@ def _demo_structured(mesh: LocalMesh, model: str, max_new_tokens: int) -> int:
         _say(f"model {model}: support_answer's answer is not JSON (finish={result.finish_reason})")
         return 1
     _say(f"structured: intent={fields.get('intent')!r} order_id={fields.get('order_id')!r}\n")
+    return 0
+
+
+# Which of these a support message is nearest to, by its embedding (Embed, the embedding replicas).
+DEMO_INTENTS = ("Where is my parcel? Track a delivery.", "I want my money back for a double charge.",
+                "How do I reset my password?")
+
+
+def _demo_embeddings(mesh: LocalMesh) -> int:
+    """The support message and three intents embedded in one Embed call; the nearest intent by cosine."""
+    if EMBEDDING not in mesh.ports:
+        _say("no embedding replica in this mesh (the embedding model is not unpacked: make setup)")
+        return 0
+    _say(f"Embed (the embedding replicas, all-MiniLM-L6-v2): which intent is nearest?\n> {DEMO_SUPPORT}")
+    deadline = time.monotonic() + 60
+    with mesh.gateway_access().client(timeout_s=30) as client:
+        while True:
+            try:
+                result = client.embed([DEMO_SUPPORT, *DEMO_INTENTS])
+                break
+            except NlpmeshError as error:  # UNAVAILABLE until the gateway learnt the model
+                if error.code.name != "UNAVAILABLE" or time.monotonic() > deadline:
+                    _say(f"embeddings: {error.code.name}: {error.message}")
+                    return 1
+                time.sleep(0.5)
+    message, *intents = result.vectors
+    scores = [sum(a * b for a, b in zip(message, intent)) for intent in intents]  # unit vectors: the cosine
+    for intent, score in sorted(zip(DEMO_INTENTS, scores), key=lambda pair: -pair[1]):
+        print(f"  {score:.3f}  {intent}")
+    hops = ", ".join(f"{t.hop} {t.elapsed_ms:.2f} ms" for t in result.timings)
+    _say(f"{len(result.vectors)} vectors of {result.dimensions} from model {result.model} ({hops})\n")
     return 0
 
 
