@@ -56,14 +56,14 @@ NETNS=""; [ "${NLPMESH_SMOKE_NETNS:-1}" = 1 ] && NETNS=nlpmesh-smoke
 # One inference service per catalogue model (docker-compose.yml); the default model's is scaled.
 SCALED=inference-smollm2
 OTHER_MODEL=gemma3
-HEALTHY_SERVICES=(redis template tokenizer cache "$SCALED" "inference-$OTHER_MODEL" gateway edge)
+HEALTHY_SERVICES=(redis template tokenizer cache embedding "$SCALED" "inference-$OTHER_MODEL" gateway edge)
 INFERENCE_REPLICAS="${NLPMESH_SMOKE_INFERENCE_REPLICAS:-2}"
 [[ "$INFERENCE_REPLICAS" =~ ^[1-4]$ ]] || { echo "NLPMESH_SMOKE_INFERENCE_REPLICAS: 1 to 4, not $INFERENCE_REPLICAS" >&2; exit 2; }
 REPLICA_QUESTIONS="${NLPMESH_SMOKE_REPLICA_QUESTIONS:-10}"
 [[ "$REPLICA_QUESTIONS" =~ ^[0-9]+$ ]] && ((REPLICA_QUESTIONS >= 2 && REPLICA_QUESTIONS <= 20)) \
   || { echo "NLPMESH_SMOKE_REPLICA_QUESTIONS: 2 to 20, not $REPLICA_QUESTIONS" >&2; exit 2; }
-# one /metrics per container: gateway, template, tokenizer, cache, inference-gemma3, edge, each default-model replica
-METRICS_TARGETS=$((6 + INFERENCE_REPLICAS))
+# one /metrics per container: gateway, template, tokenizer, cache, embedding, inference-gemma3, edge, each default-model replica
+METRICS_TARGETS=$((7 + INFERENCE_REPLICAS))
 QUESTION="What are the applications of real-time AI in the financial industry?"  # cli/main.py DEMO_QUESTION
 STARTED=$SECONDS
 
