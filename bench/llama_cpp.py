@@ -52,6 +52,9 @@ class LlamaCpp(WorkerProcess):
     def first_token_ms(self, prompt: list[int]) -> float:
         return self.ask(op="first_token_ms", prompt=prompt)
 
+    def serve_load(self, requests: list[dict], max_new_tokens: int, limit_s: float) -> dict:
+        return self.ask(op="serve_load", requests=requests, max_new_tokens=max_new_tokens, limit_s=limit_s)
+
 
 def _arrivals(llama, prompt: list[int], max_new_tokens: int) -> list[float]:
     """Greedy generation from ``prompt`` (token ids, the same vocabulary as the engine's tokenizer),
@@ -73,14 +76,55 @@ def _decode_tok_s(llama, request: dict) -> float:
     return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
+def serve_load(llama, requests: list[dict], max_new_tokens: int, limit_s: float) -> dict:
+    """llama.cpp as a server that answers one request at a time, first come first (llama-cpp-python's server
+    runs one generation at a time): each request's first token, gaps and end counted from its arrival
+    (``at``, seconds from the start), ``max_new_tokens`` greedy tokens each (fewer where it ends). A request
+    not started within ``limit_s`` is None."""
+    start = time.perf_counter()
+    results: list[dict | None] = [None] * len(requests)
+    for index, request in enumerate(requests):
+        wait = request["at"] - (time.perf_counter() - start)
+        if wait > 0:
+            time.sleep(wait)
+        if time.perf_counter() - start >= limit_s:
+            break
+        arrival = start + request["at"]
+        begun = time.perf_counter()
+        times = [begun + at for at in _arrivals(llama, request["prompt"], max_new_tokens)]
+        results[index] = {"ttft_s": times[0] - arrival, "e2e_s": times[-1] - arrival, "tokens": len(times),
+                          "gaps_s": [b - a for a, b in zip(times, times[1:])]}
+    return {"requests": results, "seconds": time.perf_counter() - start}
+
+
+def turn_off_repacking() -> None:
+    """llama-cpp-python 0.3.36 repacks q4_1 weights for AMX where the CPU has it, and its batched prefill then
+    crashes (SIGSEGV in llama_decode) on any prompt of more than a token or two; without the repack it runs.
+    Neither ``Llama`` nor its server has an option for it (llama.cpp's own server has --no-repack), so the
+    model's default parameters are changed before a model loads."""
+    import llama_cpp.llama_cpp as bindings
+
+    defaults = bindings.llama_model_default_params
+
+    def without_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repack
+
+
 def _serve(threads: int, model: str) -> None:
     from llama_cpp import Llama
 
+    turn_off_repacking()
     llama = Llama(model_path=str(gguf_path(model)), n_threads=threads, n_threads_batch=threads, n_ctx=2048,
                   n_batch=512, verbose=False)
     serve({
         "decode_tok_s": lambda request: _decode_tok_s(llama, request),
         "first_token_ms": lambda request: _arrivals(llama, request["prompt"], 1)[0] * 1000,
+        "serve_load": lambda request: serve_load(llama, request["requests"], request["max_new_tokens"],
+                                                 request["limit_s"]),
     })
 
 

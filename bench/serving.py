@@ -17,7 +17,8 @@ It follows vLLM's ``benchmark_serving`` and the goodput of the DistServe and Sar
   the share, and the rate, of requests answered OK within their deadline;
 - the same burst and the same arrivals (same times, prompts of the same token lengths, same deadlines) on
   transformers' ``generate`` in a process of its own, batching the requests that have arrived whenever
-  it is free (bench/hf_generate.py ``serve_load``).
+  it is free (bench/hf_generate.py ``serve_load``), and, where llama-cpp-python is installed, on llama.cpp
+  with the model's own GGUF, one request at a time as its server runs them (bench/llama_cpp.py ``serve_load``).
 
 Every loop is bounded in count and time, and traffic goes to loopback only. The JSON goes into the bench
 results; the plot of goodput and TTFT p99 against the offered rate goes to docs/img/serving.png.
@@ -39,8 +40,10 @@ from google.protobuf import struct_pb2
 from nlpmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from transformers import AutoTokenizer
 
+from bench import llama_cpp
 from bench.generation import LONG_TEXT, chat_ids, question
 from bench.hf_generate import HfGenerate
+from bench.llama_cpp import LlamaCpp
 from cli.launcher import LocalMesh
 from meshkit.percentile import percentile
 from meshkit.settings import default_home
@@ -266,8 +269,9 @@ def hf_tokens(tokenizer, plan: list[tuple[float, Request]]) -> list[dict]:
     return out
 
 
-def hf_outcomes(hf: HfGenerate, tokenizer, plan, deadlines: dict[str, float], max_new_tokens: int,
+def hf_outcomes(hf: HfGenerate | LlamaCpp, tokenizer, plan, deadlines: dict[str, float], max_new_tokens: int,
                 limit_s: float) -> tuple[list[Outcome], float]:
+    """A baseline's outcomes for ``plan``: transformers' generate, or llama.cpp (the same token ids)."""
     answer = hf.serve_load(hf_tokens(tokenizer, plan), max_new_tokens, limit_s)
     outcomes = []
     for (_, request), row in zip(plan, answer["requests"]):
@@ -288,6 +292,11 @@ def bench(mesh: LocalMesh, requests_per_rate: int = 32, rate_limit_s: float = 45
     tokenizer = AutoTokenizer.from_pretrained(load_model_files(default_home(), model).path)
     say(f"serving: transformers' generate in a process of its own ({settings.dtype}), as the baseline")
     hf = HfGenerate(settings.dtype, settings.threads, model)
+    llama = None
+    if llama_cpp.available(model):
+        say("serving: llama.cpp in a process of its own (its GGUF, one request at a time), as a baseline")
+        llama = LlamaCpp(settings.threads, model)
+    baselines = {"hf_generate": hf, **({"llama_cpp": llama} if llama else {})}
     try:
         with mesh.gateway_access().channel() as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -300,8 +309,9 @@ def bench(mesh: LocalMesh, requests_per_rate: int = 32, rate_limit_s: float = 45
             say(f"serving: a burst of {BURST_STREAMS} streams of {BURST_NEW_TOKENS} tokens, {burst_rounds} rounds")
             mesh_burst = burst(stub, burst_rounds)
             hf_burst_plan = [(0.0, Request("chat", stream, None)) for stream in range(BURST_STREAMS)]
-            hf_burst, hf_elapsed = hf_outcomes(hf, tokenizer, hf_burst_plan, {"chat": BURST_DEADLINE_S},
-                                               BURST_NEW_TOKENS, 600)
+            baseline_bursts = {name: burst_figures(*hf_outcomes(engine, tokenizer, hf_burst_plan,
+                                                                {"chat": BURST_DEADLINE_S}, BURST_NEW_TOKENS, 600))
+                               for name, engine in baselines.items()}
             say(f"serving: capacity: {CAPACITY_CALLERS} callers in a closed loop for {capacity_s:.0f} s")
             capacity = capacity_rps(stub, deadlines, capacity_s)
             say(f"serving: capacity {capacity:.2f} req/s")
@@ -312,19 +322,22 @@ def bench(mesh: LocalMesh, requests_per_rate: int = 32, rate_limit_s: float = 45
                 say(f"serving: {rate:.2f} req/s ({fraction}x capacity), {len(plan)} requests: the mesh")
                 outcomes, elapsed = run_arrivals(stub, plan, deadlines, NEW_TOKENS, rate_limit_s)
                 row = {"fraction_of_capacity": fraction, "rate_req_s": rate, "mesh": summarise(outcomes, elapsed)}
-                say("serving: ... generate, the same arrivals")
-                outcomes, elapsed = hf_outcomes(hf, tokenizer, plan[:len(outcomes)], deadlines, NEW_TOKENS,
-                                                rate_limit_s + 60)
-                row["hf_generate"] = summarise(outcomes, elapsed)
-                say(f"serving: goodput {100 * row['mesh']['goodput_share']:.0f}% (mesh) vs "
-                    f"{100 * row['hf_generate']['goodput_share']:.0f}% (generate)")
+                sent = plan[:row["mesh"]["requests"]]
+                for name, engine in baselines.items():
+                    say(f"serving: ... {name}, the same arrivals")
+                    row[name] = summarise(*hf_outcomes(engine, tokenizer, sent, deadlines, NEW_TOKENS,
+                                                       rate_limit_s + 60))
+                say("serving: goodput " + ", ".join(f"{100 * row[name]['goodput_share']:.0f}% ({name})"
+                                                    for name in ("mesh", *baselines)))
                 rates.append(row)
     finally:
         hf.close()
+        if llama is not None:
+            llama.close()
     peak = max(row["mesh"]["goodput_req_s"] for row in rates)
     result = {
         "model": model, "slack": SLACK, "alone_s": alone, "deadlines_s": deadlines, "capacity_req_s": capacity,
-        "burst": mesh_burst, "burst_hf_generate": burst_figures(hf_burst, hf_elapsed), "rates": rates,
+        "burst": mesh_burst, **{f"burst_{name}": figures for name, figures in baseline_bursts.items()}, "rates": rates,
         "goodput_at_1_5x_over_peak": next(row["mesh"]["goodput_req_s"] for row in rates
                                           if row["fraction_of_capacity"] == 1.5) / peak if peak else 0.0,
     }
@@ -343,7 +356,10 @@ def write_plot(result: dict, path: Path) -> None:
     rates = result["rates"]
     offered = [row["rate_req_s"] for row in rates]
     figure, (goodput, ttft) = pyplot.subplots(1, 2, figsize=(10, 4))
-    for name, label in (("mesh", "nlpmesh (gateway)"), ("hf_generate", "transformers generate")):
+    for name, label in (("mesh", "nlpmesh (gateway)"), ("hf_generate", "transformers generate"),
+                        ("llama_cpp", "llama.cpp, one at a time")):
+        if name not in rates[0]:
+            continue
         goodput.plot(offered, [100 * row[name]["goodput_share"] for row in rates], marker="o", label=label)
         ttft.plot(offered, [row[name]["ttft"].get("p99_ms", float("nan")) / 1000 for row in rates], marker="o",
                   label=label)
@@ -367,18 +383,20 @@ def lines(result: dict) -> list[str]:
            f"{b['tok_s']:.0f} tok/s, "
            f"first tokens {b['ttft_first_ms']:.0f}..{b['ttft_last_ms']:.0f} ms ({b['ttft_last_over_first']:.1f}x), "
            f"inter-token p99 {b['inter_token_p99_over_p50']:.1f}x p50; generate: "
-           f"{result['burst_hf_generate']['tok_s']:.0f} tok/s",
+           f"{result['burst_hf_generate']['tok_s']:.0f} tok/s"
+           + (f"; llama.cpp: {result['burst_llama_cpp']['tok_s']:.0f} tok/s" if "burst_llama_cpp" in result else ""),
            f"capacity {result['capacity_req_s']:.2f} req/s; goodput at 1.5x: "
            f"{100 * result['goodput_at_1_5x_over_peak']:.0f}% of peak",
            f"{'rate':>8}{'x cap':>7}{'good %':>8}{'good/s':>8}{'tok/s':>8}{'TTFT p50/p99 ms':>18}{'ITL p99':>9}"
-           f"{'E2E p99':>9}   generate good %"]
+           f"{'E2E p99':>9}   generate good %" + ("   llama.cpp good %" if "llama_cpp" in result["rates"][0] else "")]
     for row in result["rates"]:
         mesh = row["mesh"]
         out.append(f"{row['rate_req_s']:>8.2f}{row['fraction_of_capacity']:>7.2f}{100 * mesh['goodput_share']:>8.0f}"
                    f"{mesh['goodput_req_s']:>8.2f}{mesh['throughput_tok_s']:>8.0f}"
                    f"{mesh['ttft'].get('p50_ms', 0):>9.0f}/{mesh['ttft'].get('p99_ms', 0):<8.0f}"
                    f"{mesh['inter_token'].get('p99_ms', 0):>9.0f}{mesh['e2e'].get('p99_ms', 0):>9.0f}"
-                   f"   {100 * row['hf_generate']['goodput_share']:.0f}")
+                   f"   {100 * row['hf_generate']['goodput_share']:>15.0f}"
+                   + (f"   {100 * row['llama_cpp']['goodput_share']:>16.0f}" if "llama_cpp" in row else ""))
     return out
 
 

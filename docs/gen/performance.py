@@ -99,8 +99,10 @@ def serving_rows(serving: dict | None) -> list[tuple[str, str]]:
     if not serving:
         return []
     burst, baseline = serving["burst"], serving["burst_hf_generate"]
+    llama = serving.get("burst_llama_cpp")
+    also = f"; llama.cpp, one at a time: {llama['tok_s']:.0f} tok/s" if llama else ""
     rows = [("a burst of 8 streams of 64 tokens through the gateway, tok/s in all, submission to last token",
-             f"{burst['tok_s']:.0f} tok/s (transformers' `generate`, batched: {baseline['tok_s']:.0f} tok/s)"),
+             f"{burst['tok_s']:.0f} tok/s (transformers' `generate`, batched: {baseline['tok_s']:.0f} tok/s{also})"),
             ("... its first tokens, earliest to latest; inter-token p99",
              f"{burst['ttft_first_ms']:.0f} to {burst['ttft_last_ms']:.0f} ms ({burst['ttft_last_over_first']:.1f}x); "
              f"{burst['inter_token_p99_ms']:.0f} ms ({burst['inter_token_p99_over_p50']:.1f}x p50)")]
@@ -110,7 +112,9 @@ def serving_rows(serving: dict | None) -> list[tuple[str, str]]:
         rows.append((f"Poisson arrivals at {row['fraction_of_capacity']:g}x capacity ({row['rate_req_s']:.2f} req/s, "
                      "mixed prompts): goodput; TTFT p50 / p90 / p99",
                      f"{100 * mesh['goodput_share']:.0f}% within deadline ({mesh['goodput_req_s']:.2f} req/s; "
-                     f"`generate` {100 * hf['goodput_share']:.0f}%); "
+                     f"`generate` {100 * hf['goodput_share']:.0f}%"
+                     + (f", llama.cpp {100 * row['llama_cpp']['goodput_share']:.0f}%" if "llama_cpp" in row else "")
+                     + "); "
                      f"{ttft.get('p50_ms', 0):.0f} / {ttft.get('p90_ms', 0):.0f} / {ttft.get('p99_ms', 0):.0f} ms"))
     rows.append(("goodput at 1.5x capacity, against the peak", f"{100 * serving['goodput_at_1_5x_over_peak']:.0f}%"))
     return rows

@@ -41,7 +41,7 @@ def prompts(tokenizer) -> list[list[int]]:
                                                tokenize=True, return_dict=False)) for text in texts]
 
 
-@pytest.fixture(scope="module", params=CATALOGUE.models, ids=CATALOGUE.ids)
+@pytest.fixture(scope="module", params=[CATALOGUE.get(model_id) for model_id in CATALOGUE.ids], ids=CATALOGUE.ids)
 def engine(request):
     model, tokenizer = load_model(load_model_files(default_home(), request.param.id), "auto",
                                   allowed=request.param.precisions)
