@@ -40,7 +40,12 @@ _EMBEDDING_FIELDS = {"name", "task", "source", "max_tokens"}
 ENGINE_SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty",
                           "frequency_penalty")
 _ENDPOINT_FIELDS = {"urls", "model", "token_file", "token_env", "ca_file", "prompt", "max_in_flight",
-                    "sampling_fields"}
+                    "sampling_fields", "response_format"}
+# How an engine takes a request's response_format (guided decoding) on /v1/completions: "refuse" (the default:
+# INVALID_ARGUMENT), vLLM's ``structured_outputs``, SGLang's ``json_schema``/``regex``, llama.cpp's server's
+# ``json_schema`` (and a GBNF ``grammar`` for choices), or everything as a GBNF ``grammar``
+# (llama-cpp-python's server, which takes nothing else).
+RESPONSE_FORMAT_PASSING = ("refuse", "vllm", "sglang", "llama.cpp", "gbnf")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
@@ -99,6 +104,7 @@ class ExternalEngine:
     prompt: str = "token_ids"
     max_in_flight: int = 64  # requests the adapter sends at once; beyond, RESOURCE_EXHAUSTED
     sampling_fields: tuple[str, ...] = ENGINE_SAMPLING_FIELDS  # what it honours; the rest is refused
+    response_format: str = "refuse"  # RESPONSE_FORMAT_PASSING: how guided decoding reaches it, if at all
 
     def token(self) -> str | None:
         """The bearer token, or None; a named file or variable that is missing or empty is an error."""
@@ -307,7 +313,7 @@ def _external_entry(where: _Where, body: dict) -> CatalogueModel:
 def _endpoint(where: _Where, kind: str, body: object) -> ExternalEngine:
     if not isinstance(body, dict):
         raise where.error("endpoint", "must be a table: urls, model, and optionally token_file or token_env, "
-                                      "ca_file, prompt, max_in_flight, sampling_fields")
+                                      "ca_file, prompt, max_in_flight, sampling_fields, response_format")
     unknown = sorted(set(body) - _ENDPOINT_FIELDS)
     if unknown:
         fields = ", ".join(sorted(_ENDPOINT_FIELDS))
@@ -335,6 +341,10 @@ def _endpoint(where: _Where, kind: str, body: object) -> ExternalEngine:
     in_flight = body.get("max_in_flight", 64)
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or not 1 <= in_flight <= 100_000:
         raise where.error("endpoint.max_in_flight", "must be a whole number in [1, 100000]")
+    passing = body.get("response_format", "refuse")
+    if passing not in RESPONSE_FORMAT_PASSING:
+        raise where.error("endpoint.response_format",
+                          f"{passing!r}: expected one of {', '.join(RESPONSE_FORMAT_PASSING)}")
     fields = body.get("sampling_fields", list(ENGINE_SAMPLING_FIELDS))
     if not isinstance(fields, list) or any(field not in ENGINE_SAMPLING_FIELDS for field in fields):
         raise where.error("endpoint.sampling_fields", f"must be a list of {', '.join(ENGINE_SAMPLING_FIELDS)}")
@@ -342,7 +352,7 @@ def _endpoint(where: _Where, kind: str, body: object) -> ExternalEngine:
         kind=kind, urls=tuple(url.rstrip("/") for url in urls), served_model=served,
         token_file=_optional_path(where, body, "token_file"), token_env=token_env,
         ca_file=_optional_path(where, body, "ca_file"), prompt=prompt, max_in_flight=in_flight,
-        sampling_fields=tuple(fields),
+        sampling_fields=tuple(fields), response_format=passing,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from meshkit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from meshkit.response_format import CHOICE, JSON_SCHEMA, REGEX, ResponseFormat
 from meshkit.sampling import Sampling
 from modelfiles.catalogue import ENGINE_SAMPLING_FIELDS, ExternalEngine
 from services.inference.external.engine import (
@@ -20,6 +21,7 @@ from services.inference.external.engine import (
     EngineUnavailable,
     completion_body,
     error_for_status,
+    guided_fields,
     unhonoured,
 )
 from services.inference.external.load import requests_held
@@ -71,6 +73,34 @@ def test_fields_the_engine_cannot_honour_are_named_and_unset_ones_pass():
     assert [v.field for v in found] == ["sampling.repetition_penalty", "sampling.logprobs"]
     body = completion_body("served", [5], Sampling(max_new_tokens=2, presence_penalty=0.5, frequency_penalty=-1.0))
     assert (body["presence_penalty"], body["frequency_penalty"]) == (0.5, -1.0)
+
+
+SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+
+
+def test_guided_decoding_reaches_each_kind_of_engine_in_its_own_fields():
+    shaped, pattern = ResponseFormat(JSON_SCHEMA, SCHEMA), ResponseFormat(REGEX, "[0-9]+")
+    chosen = ResponseFormat(CHOICE, ('yes "sir"', "no\\n"))
+    assert guided_fields("vllm", shaped) == {"structured_outputs": {"json": json.loads(SCHEMA)}}
+    assert guided_fields("vllm", pattern) == {"structured_outputs": {"regex": "[0-9]+"}}
+    assert guided_fields("vllm", chosen) == {"structured_outputs": {"choice": ['yes "sir"', "no\\n"]}}
+    assert guided_fields("sglang", shaped) == {"json_schema": SCHEMA}
+    assert guided_fields("sglang", chosen) == {"regex": '(yes\\ "sir"|no\\\\n)'}
+    assert guided_fields("llama.cpp", shaped) == {"json_schema": json.loads(SCHEMA)}
+    assert guided_fields("llama.cpp", chosen) == {"grammar": 'root ::= "yes \\"sir\\"" | "no\\\\n"'}
+    assert guided_fields("refuse", shaped) == {} and guided_fields("vllm", None) == {}
+    body = completion_body("served", [5], Sampling(max_new_tokens=2, response_format=shaped), "vllm")
+    assert body["structured_outputs"] == {"json": json.loads(SCHEMA)}
+
+
+def test_a_response_format_the_engine_cannot_take_is_refused_naming_it():
+    pattern = Sampling(response_format=ResponseFormat(REGEX, "[0-9]+"))
+    shaped = Sampling(response_format=ResponseFormat(JSON_SCHEMA, SCHEMA))
+    assert [v.field for v in unhonoured(shaped, ENGINE_SAMPLING_FIELDS)] == ["response_format"]  # refuse
+    for passing in ("llama.cpp", "gbnf"):
+        assert [v.field for v in unhonoured(pattern, ENGINE_SAMPLING_FIELDS, passing)] == ["response_format.regex"]
+        assert unhonoured(shaped, ENGINE_SAMPLING_FIELDS, passing) == []
+    assert unhonoured(pattern, ENGINE_SAMPLING_FIELDS, "vllm") == []
 
 
 def test_a_stream_becomes_deltas_then_finished_with_the_engines_usage():

@@ -35,7 +35,7 @@ def test_an_external_entry_reads_its_endpoint_and_shares_its_tokenizer_entry_sou
     assert external.urls == ("http://vllm-0:8000", "https://vllm-1:8000")
     assert external.served_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert external.ca_file == Path("/etc/nlpmesh/certs/fleet-ca.pem")
-    assert (external.prompt, external.max_in_flight) == ("token_ids", 32)
+    assert (external.prompt, external.max_in_flight, external.response_format) == ("token_ids", 32, "refuse")
     assert smollm2.external is None
 
 
@@ -67,6 +67,7 @@ def test_the_token_comes_from_its_variable_or_file_and_an_empty_one_is_refused(m
     (("max_in_flight = 32", 'prompt = "chat"'), "endpoint.prompt", "token_ids"),
     (("max_in_flight = 32", 'sampling_fields = ["logprobs"]'), "endpoint.sampling_fields", "list of"),
     (("max_in_flight = 32", "retries = 3"), "endpoint.retries", "unknown field"),
+    (("max_in_flight = 32", 'response_format = "outlines"'), "endpoint.response_format", "expected one of"),
     (('engine = "openai"', 'engine = "openai"\nprecisions = ["int4"]'), "precisions", "unknown field"),
 ])
 def test_a_wrong_external_entry_is_refused_naming_the_entry_and_field(change, field, problem):

@@ -9,8 +9,10 @@ caller or a log: only its HTTP status.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +31,7 @@ from meshkit.errors import (
     Unavailable,
     _pack,
 )
+from meshkit.response_format import CHOICE, JSON_SCHEMA, REGEX, ResponseFormat
 from meshkit.sampling import Sampling
 from modelfiles.catalogue import ENGINE_SAMPLING_FIELDS, ExternalEngine
 from services.inference.generation_types import Delta, Finished, FinishReason
@@ -56,20 +59,67 @@ class EngineUnavailable(Unavailable):
         return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]
 
 
-def unhonoured(sampling: Sampling, honoured: Sequence[str]) -> list[FieldViolation]:
+def unhonoured(sampling: Sampling, honoured: Sequence[str], passing: str = "refuse") -> list[FieldViolation]:
     """The sampling fields a request sets (away from their defaults) that the engine cannot honour:
-    those its entry does not list, and repetition_penalty, logprobs and response_format, which the adapter never
-    passes on."""
+    those its entry does not list, repetition_penalty and logprobs, which the adapter never passes on, and a
+    response_format the entry's ``passing`` (its endpoint's response_format) cannot carry."""
     unset = Sampling()
     found = [FieldViolation(f"sampling.{name}", "this model's engine does not support it; leave it unset")
              for name in (*ENGINE_SAMPLING_FIELDS, "repetition_penalty", "logprobs")
              if name not in honoured and getattr(sampling, name) != getattr(unset, name)]
-    if sampling.response_format is not None:
+    wanted = sampling.response_format
+    if wanted is not None and passing == "refuse":
         found.append(FieldViolation("response_format", "guided decoding is not passed on to this model's engine"))
+    elif wanted is not None and wanted.kind == REGEX and passing in ("llama.cpp", "gbnf"):
+        found.append(FieldViolation(wanted.field, "this model's engine takes no regular expression (llama.cpp's "
+                                                  "grammars); use json_schema or choice"))
     return found
 
 
-def completion_body(served_model: str, prompt: list[int] | str, sampling: Sampling) -> dict:
+def guided_fields(passing: str, wanted: ResponseFormat | None) -> dict:
+    """The /v1/completions fields that carry ``wanted`` to an engine of kind ``passing`` (unhonoured has
+    refused what it cannot carry)."""
+    if wanted is None or passing == "refuse":
+        return {}
+    if passing == "vllm":  # vLLM >= 0.11: StructuredOutputsParams
+        key = {JSON_SCHEMA: "json", REGEX: "regex", CHOICE: "choice"}[wanted.kind]
+        value = json.loads(wanted.value) if wanted.kind == JSON_SCHEMA else wanted.value
+        return {"structured_outputs": {key: list(value) if wanted.kind == CHOICE else value}}
+    if passing == "sglang":  # json_schema as JSON text; a choice as a regex of its alternatives
+        if wanted.kind == JSON_SCHEMA:
+            return {"json_schema": wanted.value}
+        return {"regex": wanted.value if wanted.kind == REGEX else "(" + "|".join(map(re.escape, wanted.value)) + ")"}
+    if wanted.kind == CHOICE:
+        return {"grammar": choice_gbnf(wanted.value)}
+    if passing == "llama.cpp":  # llama.cpp's server converts the schema itself
+        return {"json_schema": json.loads(wanted.value)}
+    return {"grammar": json_schema_gbnf(wanted.value)}
+
+
+def choice_gbnf(choices: Sequence[str]) -> str:
+    """A GBNF grammar whose only sentences are ``choices``."""
+    def literal(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+    return "root ::= " + " | ".join(literal(choice) for choice in choices)
+
+
+def json_schema_gbnf(schema: str) -> str:
+    """llama.cpp's own JSON Schema to GBNF conversion (llama-cpp-python's ``llama_grammar``), for an engine that
+    takes nothing but a grammar; the adapter checks at start that it is installed (``check_passing``)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema)
+
+
+def check_passing(passing: str) -> None:
+    """RuntimeError (the adapter does not start) when ``passing`` needs a converter that is not installed."""
+    if passing == "gbnf" and importlib.util.find_spec("llama_cpp") is None:
+        raise RuntimeError("endpoint.response_format = \"gbnf\" converts JSON Schemas with llama-cpp-python's "
+                           "llama_grammar: install llama-cpp-python beside the adapter, or use \"refuse\"")
+
+
+def completion_body(served_model: str, prompt: list[int] | str, sampling: Sampling, passing: str = "refuse") -> dict:
     """The /v1/completions request for a resolved request (max_new_tokens and top_p filled in)."""
     body: dict = {"model": served_model, "prompt": prompt, "stream": True, "max_tokens": sampling.max_new_tokens,
                   "temperature": sampling.temperature, "top_p": sampling.top_p or 1.0,
@@ -83,6 +133,7 @@ def completion_body(served_model: str, prompt: list[int] | str, sampling: Sampli
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(sampling, name):
             body[name] = getattr(sampling, name)
+    body.update(guided_fields(passing, sampling.response_format))
     return body
 
 

@@ -28,7 +28,7 @@ from meshkit.wire import InferenceLoad
 from modelfiles.catalogue import CatalogueModel, load_catalogue
 from modelfiles.convert import load_model_files
 from services.inference.chunks import chunk_to_pb
-from services.inference.external.engine import EngineClient, completion_body, unhonoured
+from services.inference.external.engine import EngineClient, check_passing, completion_body, unhonoured
 from services.inference.external.load import EngineLoad
 from services.inference.external.settings import AdapterSettings
 from services.inference.generation_types import Delta, Finished, GenerationRequest
@@ -124,7 +124,8 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
             prompt_token_ids=list(request.prompt_token_ids), sampling=Sampling.from_pb(request.sampling),
             request_id=request_id_from(context.invocation_metadata()), tenant=request.tenant,
             trace_context=otel_context.get_current() if trace.get_current_span().is_recording() else None)
-        violations = unhonoured(generation.sampling, self.entry.external.sampling_fields)
+        violations = unhonoured(generation.sampling, self.entry.external.sampling_fields,
+                                self.entry.external.response_format)
         if violations:
             raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
         resolved = resolve_request(generation, self._limits)
@@ -134,7 +135,8 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
                                     retry_after_s=self._settings.retry_after_s, reason="ENGINE_AT_CAPACITY")
         ids = resolved.prompt_token_ids
         prompt = ids if self._decode is None else await asyncio.to_thread(self._decode, ids, False)
-        body = completion_body(self.entry.external.served_model, prompt, resolved.sampling)
+        body = completion_body(self.entry.external.served_model, prompt, resolved.sampling,
+                               self.entry.external.response_format)
         self.in_flight += 1
         timer, spans = GenerationTimer(), job_spans(resolved, self.entry.id)
         engine_span = _tracer.start_span(names.INFERENCE_ENGINE, context=resolved.trace_context)
@@ -203,7 +205,10 @@ def _model_ids(response) -> set[str]:
 def build_spec(settings: AdapterSettings) -> ServiceSpec:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request, with the engine's URL: not needed
     catalogue = load_catalogue()
-    servicer = AdapterServicer(settings, catalogue.get(settings.model or catalogue.ids[0]))
+    entry = catalogue.get(settings.model or catalogue.ids[0])
+    if entry.external is not None:
+        check_passing(entry.external.response_format)
+    servicer = AdapterServicer(settings, entry)
 
     def register(server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
