@@ -218,8 +218,9 @@ def test_bad_bodies_and_headers_are_refused_before_the_gateway(http, fake):
 
 
 def test_unknown_routes_and_methods_answer_in_openai_error_json(http):
-    assert http.get("/v1/embeddings").json()["error"]["type"] == "not_found_error"
+    assert http.get("/v1/images/generations").json()["error"]["type"] == "not_found_error"
     assert http.get("/v1/chat/completions").status_code == 405
+    assert http.get("/v1/embeddings").status_code == 405  # served, by POST
 
 
 def events(reply) -> list:
