@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from meshkit.cpu_features import CpuFeatures, read_cpu_features
 from modelfiles.embedding import max_seq_length
@@ -75,6 +76,7 @@ class SentenceEncoder:
         self.folder = folder
         self.pooling = read_pooling(folder)
         self.precision = resolve_precision(precision, read_cpu_features())
+        hf_logging.disable_progress_bar()  # its bars on stderr would break a JSON log's lines
         self._tokenizer = AutoTokenizer.from_pretrained(folder)
         self._model = AutoModel.from_pretrained(folder, dtype=getattr(torch, self.precision)).eval()
         position_limit = getattr(self._model.config, "max_position_embeddings", 512)

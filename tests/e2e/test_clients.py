@@ -108,7 +108,9 @@ def test_the_python_client_answers_the_finance_question_over_tls_with_a_key(laun
         deltas = list(stream)
         counted = client.count_tokens(FINANCE)
         templates = {t.id for t in client.list_templates()}
-        (model,) = client.list_models()
+        models = client.list_models()
+    (model,) = [m for m in models if m.task == "generation"]
+    assert [m.id for m in models if m.task == "embedding"] == ["minilm"]
     assert answer.text.strip() and answer.usage.completion_tokens > 0
     assert len(deltas) > 1 and "".join(deltas) == stream.result.text == answer.text
     assert answer.request_id == "py-finance-1" and len(stream.result.request_id) == 32
