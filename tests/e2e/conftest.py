@@ -1,5 +1,7 @@
-"""The whole mesh as real processes: five gRPC services, a private Redis, the real model."""
+"""The whole mesh as real processes: the gRPC services, the edge, a private Redis, the real models."""
 from __future__ import annotations
+
+import signal
 
 import grpc
 import pytest
@@ -9,6 +11,7 @@ from cli.launcher import LocalMesh
 from tests.budget_policy import ENV as BUDGETS_ENV
 from tests.budget_policy import roomy_budgets
 from tests.conftest import running_redis_server
+from tests.launched import Launched, own_home
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +66,15 @@ def own_mesh(tmp_path, disposable_redis_server):
 def gateway(mesh):
     with grpc.insecure_channel(mesh.gateway_address) as channel:
         yield gateway_pb2_grpc.GatewayStub(channel)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """A mesh of the module's own from `nlpmesh up` (TLS, API keys), in a home of its own; SIGTERM ends it."""
+    mesh = Launched(own_home(tmp_path_factory.mktemp("home")))
+    try:
+        yield mesh.up()
+        mesh.process.send_signal(signal.SIGTERM)
+        mesh.process.wait(timeout=60)
+    finally:
+        mesh.kill_everything()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from nlpmesh_client import (
 from cli.main import DEMO_QUESTION
 from cli.topology import REPO_ROOT
 from meshkit.tls import CA_FILE
-from tests.launched import Launched, own_home
+from tests.launched import Launched
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -36,17 +35,6 @@ NODE = shutil.which("node")
 NODE_CLIENT = REPO_ROOT / "clients" / "node"
 FINANCE = Template("finance_question", {"question": DEMO_QUESTION})
 SHORT = Sampling(max_new_tokens=24)  # the Node client's MAX_NEW_TOKENS: both ask the very same thing
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    mesh = Launched(own_home(tmp_path_factory.mktemp("home")))
-    try:
-        yield mesh.up()
-        mesh.process.send_signal(signal.SIGTERM)
-        mesh.process.wait(timeout=60)
-    finally:
-        mesh.kill_everything()
 
 
 class Access:

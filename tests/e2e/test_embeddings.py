@@ -5,7 +5,6 @@ embedding replica; concurrent callers sharing forwards."""
 from __future__ import annotations
 
 import json
-import signal
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,6 @@ from meshkit.settings import default_home
 from tests.e2e.embeddings import embed_when_ready
 from tests.e2e.test_clients import Access, new_key
 from tests.e2e.test_openai_edge import edge
-from tests.launched import Launched, own_home
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -30,17 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 TEXTS = ["Where is my order 48213? It was due last Tuesday.", "hello",
          "The patient reports mild chest pain after exercise; no history of cardiac events.",
          "Was ist ein Anleihe-Kupon? Erklären Sie es einfach.", "¿Dónde está mi pedido?"]
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    mesh = Launched(own_home(tmp_path_factory.mktemp("home")))
-    try:
-        yield mesh.up()
-        mesh.process.send_signal(signal.SIGTERM)
-        mesh.process.wait(timeout=60)
-    finally:
-        mesh.kill_everything()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ input refused by name, and a client that goes away cancelling the generation in 
 from __future__ import annotations
 
 import json
-import signal
 import ssl
 import time
 import urllib.request
@@ -19,23 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from cli.main import DEMO_QUESTION
 from meshkit.tls import CA_FILE
 from tests.e2e.test_clients import new_key
-from tests.launched import Launched, own_home
+from tests.launched import Launched
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 FINANCE = {"template": {"id": "finance_question", "variables": {"question": DEMO_QUESTION}}}
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    mesh = Launched(own_home(tmp_path_factory.mktemp("home")))
-    try:
-        yield mesh.up()
-        mesh.process.send_signal(signal.SIGTERM)
-        mesh.process.wait(timeout=60)
-    finally:
-        mesh.kill_everything()
 
 
 def ca_file(mesh: Launched) -> Path:
