@@ -283,9 +283,10 @@ class LocalMesh:
             report = init_certs(self.tls_dir)
             self.progress(f"tls: certificates in {self.tls_dir}" + (f" (made {', '.join(report.made)})"
                                                                     if report.made else ""))
-        if EMBEDDING not in instances and load_catalogue().embedding_ids:
-            self.progress(f"embedding: {load_catalogue().embedding_ids[0]} is not unpacked (make setup): no embedding "
-                          "replica, Embed answers NOT_FOUND")
+        embedding_ids = load_catalogue().embedding_ids
+        if EMBEDDING not in instances and embedding_ids:
+            self.progress(f"embedding: {embedding_ids[0]} is not unpacked (make setup): no embedding replica, "
+                          "Embed answers NOT_FOUND")
         self._start_redis()
         for name, service in instances.items():
             self._spawn(service, self.redis_url_for(service.name), instance=name)

@@ -17,7 +17,8 @@ from nlpmesh.gateway.v1 import gateway_pb2
 from gateway.downstream import Downstream
 from gateway.hop import Hop
 from gateway.scope import RequestScope
-from meshkit.errors import FieldViolation, InvalidArgument, MeshError, NotFound, Unavailable
+from meshkit.embed_texts import check_texts
+from meshkit.errors import MeshError, NotFound, Unavailable
 from modelfiles.catalogue import Catalogue
 
 log = logging.getLogger("nlpmesh.gateway.embedding")
@@ -78,16 +79,7 @@ class EmbeddingRoute:
 
     def check_texts(self, texts) -> None:
         """INVALID_ARGUMENT, naming each bad ``texts[i]``, before any hop."""
-        limit, chars = self._settings.embed_max_texts, self._settings.embed_max_text_chars
-        if not texts:
-            raise InvalidArgument.for_field("texts", "give at least one text")
-        if len(texts) > limit:
-            raise InvalidArgument.for_field("texts", f"{len(texts)} texts; at most {limit} per request")
-        bad = [FieldViolation(f"texts[{i}]", "is empty") if not text else
-               FieldViolation(f"texts[{i}]", f"{len(text)} characters; at most {chars}")
-               for i, text in enumerate(texts) if not text or len(text) > chars]
-        if bad:
-            raise InvalidArgument(f"{len(bad)} text(s) refused, first {bad[0].field}: {bad[0].description}", bad)
+        check_texts(texts, self._settings.embed_max_texts, self._settings.embed_max_text_chars)
 
     async def embed(self, texts: list[str], model_id: str, scope: RequestScope) -> Embedded:
         with scope.hop(Hop.EMBEDDING) as call:
@@ -114,7 +106,7 @@ class EmbeddingRoute:
 
 def _as_gateway_response(reply: embedding_pb2.EmbedResponse) -> gateway_pb2.EmbedResponse:
     """The replica's vectors, model and dimensions as the gateway's response, without unpacking the floats:
-    fields 1-3 of the two messages have the same numbers and types (tests/unit/test_embedding_wire.py), so
+    fields 1-3 of the two messages have the same numbers and types (tests/unit/test_embedding_units.py), so
     the bytes parse as they are; the replica's prompt_tokens (4) goes into usage instead."""
     tokens = reply.prompt_tokens
     reply.ClearField("prompt_tokens")

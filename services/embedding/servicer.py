@@ -14,6 +14,7 @@ from nlpmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 
 from meshkit import span_names
 from meshkit.cpu_features import read_cpu_features
+from meshkit.embed_texts import check_texts
 from meshkit.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
 from meshkit.tracing.provider import tracer
@@ -28,18 +29,6 @@ SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].ful
 log = logging.getLogger("nlpmesh.embedding")
 _tracer = tracer("embedding")
 _INLINE_TOKENIZE_CHARS = 8192  # requests up to this many characters are tokenized on the event loop (~2 ms)
-
-
-def check_texts(texts, max_texts: int) -> None:
-    """INVALID_ARGUMENT for no texts, too many, or an empty one (each named ``texts[i]``)."""
-    if not texts:
-        raise InvalidArgument.for_field("texts", "give at least one text")
-    if len(texts) > max_texts:
-        raise InvalidArgument.for_field("texts", f"{len(texts)} texts; at most {max_texts} per request")
-    empty = [index for index, text in enumerate(texts) if not text]
-    if empty:
-        raise InvalidArgument(f"{len(empty)} empty text(s), first texts[{empty[0]}]",
-                              [FieldViolation(f"texts[{index}]", "is empty") for index in empty])
 
 
 def served_model(settings: EmbeddingSettings) -> CatalogueModel:

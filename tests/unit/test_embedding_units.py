@@ -239,3 +239,15 @@ def test_the_edge_packs_base64_as_little_endian_float32():
     listed = mapping.embeddings(mapping.embedding_call({"input": "x"}), response)
     assert listed["data"][0]["embedding"] == pytest.approx([0.5, -2.0, 1e-3])
     assert listed["usage"] == {"prompt_tokens": 4, "total_tokens": 4} and listed["object"] == "list"
+
+
+def test_the_replica_checks_the_same_texts_without_a_character_limit():
+    from meshkit.embed_texts import check_texts
+
+    check_texts(["x" * 100_000], max_texts=2)  # the replica holds texts to tokens, not characters
+    with pytest.raises(InvalidArgument) as empty:
+        check_texts(["fine", ""], max_texts=2)
+    with pytest.raises(InvalidArgument) as many:
+        check_texts(["a", "b", "c"], max_texts=2)
+    assert [(v.field, v.description) for v in empty.value.violations] == [("texts[1]", "is empty")]
+    assert [v.field for v in many.value.violations] == ["texts"]
