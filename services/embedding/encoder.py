@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from meshkit.cpu_features import CpuFeatures, read_cpu_features
 from modelfiles.embedding import max_seq_length
+from services.embedding.bert import BertStack
 
 _POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 
@@ -85,6 +86,9 @@ class SentenceEncoder:
         self.max_batch_texts = max_batch_texts
         self._pad_id = self._tokenizer.pad_token_id or 0
         self._token_types = "token_type_ids" in self._tokenizer.model_input_names
+        # A BERT encoder runs without transformers' wrappers (services/embedding/bert.py); any other, its forward.
+        self._stack = BertStack(self._model) if BertStack.supports(self._model) else None
+        self.forward_path = "BertStack" if self._stack is not None else f"{type(self._model).__name__}.forward"
         self.threads = threads or len(os.sched_getaffinity(0))
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -114,8 +118,12 @@ class SentenceEncoder:
         for row, one in enumerate(ids):
             input_ids[row, :len(one)] = torch.tensor(one, dtype=torch.long)
             mask[row, :len(one)] = 1
-        extra = {"token_type_ids": torch.zeros_like(input_ids)} if self._token_types else {}
-        hidden = self._model(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state.float()
+        if self._stack is not None:
+            padded = any(len(one) != longest for one in ids)
+            hidden = self._stack(input_ids, mask if padded else None).float()
+        else:
+            extra = {"token_type_ids": torch.zeros_like(input_ids)} if self._token_types else {}
+            hidden = self._model(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state.float()
         if self.pooling.mode == "cls":
             pooled = hidden[:, 0]
         elif self.pooling.mode == "max":

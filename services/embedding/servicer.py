@@ -64,9 +64,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                                      settings.max_queued_texts, _tracer)
         self._queue.start()
         self._revision = files.revision
-        log.info("embedding model %s ready: %d dimensions, at most %d tokens a text, %s on %d threads (%s)",
-                 self._model.id, self._encoder.dimensions, self._encoder.max_tokens, self._encoder.precision,
-                 self._encoder.threads, read_cpu_features().summary())
+        log.info("embedding model %s ready: %d dimensions, at most %d tokens a text, %s through %s on %d threads "
+                 "(%s)", self._model.id, self._encoder.dimensions, self._encoder.max_tokens, self._encoder.precision,
+                 self._encoder.forward_path, self._encoder.threads, read_cpu_features().summary())
 
     async def close(self) -> None:
         if self._queue is not None:

@@ -1,12 +1,15 @@
 """The embedding service's encoder on the real all-MiniLM-L6-v2 folder (make setup unpacks it), against
 sentence-transformers on the same folder, in float32 and bfloat16: vectors within cosine 0.999, a text's vector the same alone or in a
-batch of others (padding does not leak), and the token limit the folder declares."""
+batch of others (padding does not leak), the lean BERT forward (services/embedding/bert.py) equal to the model's own,
+and the token limit the folder declares."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from meshkit.settings import default_home
+from services.embedding.bert import BertStack
 from services.embedding.encoder import SentenceEncoder, TextTooLong
 
 pytestmark = [pytest.mark.model]
@@ -49,6 +52,29 @@ def test_a_text_embeds_the_same_alone_and_beside_longer_ones(encoder):
     for index, one in enumerate(ids):
         alone = encoder.embed([one]).numpy()[0]
         assert float(alone @ together[index]) >= (0.99999 if encoder.precision == "float32" else 0.9999), index
+
+
+def test_the_bert_stack_gives_the_models_own_hidden_states(encoder):
+    """BertStack (the path the encoder takes for this folder) against BertModel.forward, on a padded batch and on
+    one text alone (no mask): within the precision's rounding at every text token."""
+    assert encoder.forward_path == "BertStack"
+    model = encoder._model
+    ids = encoder.tokenize(TEXTS[:8])
+    longest = max(len(one) for one in ids)
+    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
+    mask = torch.zeros(len(ids), longest, dtype=torch.long)
+    for row, one in enumerate(ids):
+        input_ids[row, :len(one)], mask[row, :len(one)] = torch.tensor(one), 1
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if encoder.precision == "float32" else {"atol": 2e-2, "rtol": 2e-2}
+    with torch.inference_mode():
+        theirs = model(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(input_ids))
+        ours = BertStack(model)(input_ids, mask)
+        words = mask.bool()
+        torch.testing.assert_close(ours[words].float(), theirs.last_hidden_state[words].float(), **tolerance)
+        alone = torch.tensor([ids[0]])
+        theirs_alone = model(input_ids=alone, attention_mask=torch.ones_like(alone),
+                             token_type_ids=torch.zeros_like(alone)).last_hidden_state
+        torch.testing.assert_close(BertStack(model)(alone, None).float(), theirs_alone.float(), **tolerance)
 
 
 def test_auto_takes_bfloat16_only_where_the_cpu_multiplies_it():
