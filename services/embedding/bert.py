@@ -27,7 +27,6 @@ class BertStack:
     def __init__(self, model: nn.Module):
         if not self.supports(model):
             raise ValueError(f"{type(model).__name__} is not a BERT encoder BertStack runs")
-        self._model = model
         self._embeddings = model.embeddings
         self._layers = list(model.encoder.layer)
         # Query, key and value of each layer in one weight: one multiply where the layer makes three.
