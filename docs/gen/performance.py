@@ -29,7 +29,7 @@ FILL = ("No bench results are committed yet: `make bench`, then `.venv/bin/pytho
 
 def headline(results: dict) -> list[tuple[str, str]]:
     """(figure, value) for what a newcomer asks first; each only where the run measured it."""
-    rows = serving_rows(results.get("serving"))
+    rows = serving_rows(results.get("serving")) + coalescing_rows(results.get("coalescing"))
     hits = results.get("cache_hits", {})
     if "cache_hit_c1[default]" in hits:
         row = hits["cache_hit_c1[default]"]
@@ -118,6 +118,17 @@ def serving_rows(serving: dict | None) -> list[tuple[str, str]]:
                      f"{ttft.get('p50_ms', 0):.0f} / {ttft.get('p90_ms', 0):.0f} / {ttft.get('p99_ms', 0):.0f} ms"))
     rows.append(("goodput at 1.5x capacity, against the peak", f"{100 * serving['goodput_at_1_5x_over_peak']:.0f}%"))
     return rows
+
+
+def coalescing_rows(coalescing: dict | None) -> list[tuple[str, str]]:
+    """Identical requests at once (bench/coalescing.py): the generations they cost, the slowest against the leader."""
+    one, two = (coalescing or {}).get("one_gateway"), (coalescing or {}).get("two_gateways")
+    if not one or not two:
+        return []
+    return [(f"{one['requests']} identical requests at once, through one gateway and through two sharing Redis: "
+             "generations; slowest answer against the leader's",
+             f"{one['generations']:g} and {two['generations']:g}; "
+             f"{one['slowest_to_leader']:.3f}x and {two['slowest_to_leader']:.3f}x")]
 
 
 def headline_table(results: dict | None, link: str) -> str:

@@ -78,6 +78,15 @@ def bench_results() -> dict:
             "cache_hit_targets": {"multi_endpoint": _latency(0.844, ratio_to_single_p50=1.01),
                                   "single_endpoint": _latency(0.836)},
         },
+        "coalescing": {
+            "max_new_tokens": 32, "goal_ratio": 1.2,
+            **{name: {"requests": 50, "gateways": gateways, "generations": 1.0,
+                      "roles": {"leader": 1, "coalesced": 49}, "answered": _latency(leader * 0.99),
+                      "leader_ms": leader, "slowest_to_leader": slowest, "p99_to_leader": slowest,
+                      "goal_met": True}
+               for name, gateways, leader, slowest in (("one_gateway", 1, 506.4, 1.0008),
+                                                       ("two_gateways", 2, 523.0, 1.0226))},
+        },
     }
 
 
@@ -95,6 +104,8 @@ def test_the_headline_names_each_figure_the_run_measured():
     assert rows["the engine against llama.cpp, 1 stream"] == "0.71x"
     assert rows["the same, 270 tokens in this replica's prefix tier (p50)"] == "105 ms, 0.18x cold"
     assert "362 against 424 ms" in rows["time to first token, 2 replicas, prefix-affine against round_robin (p50)"]
+    assert rows["50 identical requests at once, through one gateway and through two sharing Redis: generations; "
+                "slowest answer against the leader's"] == "1 and 1; 1.001x and 1.023x"
 
 
 def test_every_model_of_the_run_has_its_rows_in_the_headline_and_the_table():
