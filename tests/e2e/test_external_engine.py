@@ -18,6 +18,7 @@ import time
 import grpc
 import httpx
 import jsonschema
+import psutil
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -197,6 +198,23 @@ def test_the_second_call_is_a_cache_hit(stub):
     second = wait_until(lambda: (reply := stub.Generate(request, timeout=120)).cache_hit and reply, 30, 0.2,
                         what="the answer cached")
     assert second.text == first.text and second.model == "llamacpp"
+
+
+def _adapter_connections(mesh, llama) -> set[int]:
+    """The local ports of the adapter's open connections to the server."""
+    adapter = psutil.Process(mesh.processes["inference-llamacpp"].pid)
+    return {c.laddr.port for c in adapter.net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == llama.port and c.status == psutil.CONN_ESTABLISHED}
+
+
+def test_calls_one_after_another_reuse_one_kept_alive_connection(stub, mesh, llama):
+    stub.Generate(ask("What is a bond?", 4), timeout=120)
+    kept = _adapter_connections(mesh, llama)
+    assert kept, "the adapter holds no connection to the server after a call"
+    for question in ("What is a share?", "What is a fund?", "What is a swap?"):
+        stub.Generate(ask(question, 4), timeout=120)
+    # A connection per request would leave only the last one open, on a port of its own.
+    assert _adapter_connections(mesh, llama) == kept
 
 
 def test_the_adapter_traces_and_counts_as_the_built_in_inference_does(stub, mesh):

@@ -240,13 +240,16 @@ class EngineClient:
 
     async def _items(self, response: httpx.Response, prompt_tokens: int, stop: Sequence[str]
                      ) -> AsyncIterator[Delta | Finished]:
-        completion_tokens, usage, finish = 0, None, None
+        completion_tokens, usage, finish, done = 0, None, None, False
         async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, ": ping" comments, event names
+            if done or not line.startswith("data:"):
+                continue  # blank separators, ": ping" comments, event names; after [DONE], the body's end
             data = line[5:].strip()
             if data == "[DONE]":
-                break
+                # Read on to the end of the body: a connection whose response was left unread is closed,
+                # not kept alive, and the next request would open a new one.
+                done = True
+                continue
             try:
                 chunk = json.loads(data)
             except ValueError:

@@ -39,6 +39,7 @@ from services.inference.validation import RequestLimits, resolve_request
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 log = logging.getLogger("nlpmesh.inference.openai")
 _tracer = tracer("inference")
+INLINE_DECODE_TOKENS = 512  # a prompt's ids decoded to text in the event loop up to this many
 
 
 class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -134,7 +135,7 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise ResourceExhausted(f"the inference engine's adapter holds its {self.capacity} requests",
                                     retry_after_s=self._settings.retry_after_s, reason="ENGINE_AT_CAPACITY")
         ids = resolved.prompt_token_ids
-        prompt = ids if self._decode is None else await asyncio.to_thread(self._decode, ids, False)
+        prompt = ids if self._decode is None else await self._prompt_text(ids)
         body = completion_body(self.entry.external.served_model, prompt, resolved.sampling,
                                self.entry.external.response_format)
         self.in_flight += 1
@@ -174,6 +175,13 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.ModelInfoResponse(
             model=self.entry.id, revision=self._revision, context_length=self._limits.context_length,
             default_max_new_tokens=self._limits.default_max_new_tokens, engine=self.entry.external.kind)
+
+    async def _prompt_text(self, ids: list[int]) -> str:
+        """The prompt as text for an engine that takes text: in the event loop for a short prompt (its decode
+        costs about what handing it to a thread and back would), on a worker thread for a long one."""
+        if len(ids) <= INLINE_DECODE_TOKENS:
+            return self._decode(ids, False)
+        return await asyncio.to_thread(self._decode, ids, False)
 
     def _load_report(self) -> tuple[tuple[str, str], ...]:
         """x-nlpmesh-inference-load, read by the gateway's admission control."""
