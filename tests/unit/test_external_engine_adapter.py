@@ -1,16 +1,20 @@
 """The external-engine adapter's mapping (services/inference/external): the /v1/completions request it sends, the
 streamed answer it reads, the engine's errors as gRPC statuses without the engine's text, replica choice, and
-the engine's load from its /metrics. The engine here is an in-process httpx transport; the real one
-(llama.cpp's server) is in tests/e2e/test_external_engine.py."""
+the engine's load from its /metrics. The engine here is a small aiohttp server on loopback, answering as each
+test says; the real one (llama.cpp's server) is in tests/e2e/test_external_engine.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from google.rpc import error_details_pb2
 
+from cli.launcher import free_port
 from meshkit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from meshkit.response_format import CHOICE, JSON_SCHEMA, REGEX, ResponseFormat
 from meshkit.sampling import Sampling
@@ -34,22 +38,56 @@ def engine(*urls: str, **fields) -> ExternalEngine:
     return ExternalEngine("openai", urls or ("http://a:1",), "served", **fields)
 
 
-def client_for(handler, external: ExternalEngine | None = None) -> EngineClient:
-    return EngineClient(external or engine(), connect_timeout_s=1, read_timeout_s=1, replica_down_s=60,
-                        max_connections=4, retry_after_s=2.0, transport=httpx.MockTransport(handler))
+def client_for(external: ExternalEngine, *, read_timeout_s: float = 1.0, connect_timeout_s: float = 1.0,
+               max_connections: int = 4) -> EngineClient:
+    """In a running event loop (the client's session belongs to it)."""
+    return EngineClient(external, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+                        replica_down_s=60, max_connections=max_connections, retry_after_s=2.0)
 
 
 def sse(*chunks: dict | str) -> bytes:
     return "".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n" for c in chunks).encode()
 
 
-def run(client: EngineClient, body: dict | None = None, ids=(1, 2, 3)) -> list:
-    async def collect():
-        try:
-            return [item async for item in client.generate(body or {"stop": []}, list(ids))]
-        finally:
-            await client.close()
-    return asyncio.run(collect())
+def streamed(body: bytes, status: int = 200, **headers) -> web.Response:
+    return web.Response(status=status, body=body, content_type="text/event-stream", headers=headers)
+
+
+@contextlib.asynccontextmanager
+async def engines(*handlers):
+    """A loopback HTTP server per handler (an aiohttp web handler, for every path); their base URLs."""
+    servers = []
+    for handler in handlers:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", handler)
+        servers.append(TestServer(app, host="127.0.0.1"))
+        await servers[-1].start_server()
+    try:
+        yield [f"http://127.0.0.1:{server.port}" for server in servers]
+    finally:
+        for server in servers:
+            await server.close()
+
+
+def closed_url() -> str:
+    """A loopback port nothing listens on: connecting is refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def items(client: EngineClient, body: dict | None = None, ids=(1, 2, 3)) -> list:
+    return [item async for item in client.generate(body or {"stop": []}, list(ids))]
+
+
+def answer(handler, body: dict | None = None, **options) -> list:
+    """What the client makes of one request to an engine answering with ``handler``."""
+    async def scenario():
+        async with engines(handler) as (url,):
+            client = client_for(engine(url), **options)
+            try:
+                return await items(client, body)
+            finally:
+                await client.close()
+    return asyncio.run(scenario())
 
 
 def test_the_request_carries_token_ids_and_every_sampling_field_set():
@@ -104,38 +142,64 @@ def test_a_response_format_the_engine_cannot_take_is_refused_naming_it():
 
 
 def test_a_stream_becomes_deltas_then_finished_with_the_engines_usage():
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url == "http://a:1/v1/completions"
-        assert json.loads(request.content) == {"stop": []}  # the body as given
-        return httpx.Response(200, content=b": ping\n\n" + sse(
+    async def handler(request: web.Request) -> web.Response:
+        assert (request.method, request.path) == ("POST", "/v1/completions")
+        assert await request.json() == {"stop": []}  # the body as given
+        return streamed(b": ping\n\n" + sse(
             {"choices": [{"text": "Hel", "finish_reason": None}]},
             {"choices": [{"text": "lo", "finish_reason": None}]},
             {"choices": [{"text": "", "finish_reason": "length"}]},
             {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}, "[DONE]"))
-    assert run(client_for(handler)) == [Delta("Hel"), Delta("lo"), Finished(FinishReason.LENGTH, 3, 2)]
+    assert answer(handler) == [Delta("Hel"), Delta("lo"), Finished(FinishReason.LENGTH, 3, 2)]
 
 
 def test_a_stop_sequence_the_engine_names_is_a_stop_sequence_finish():
-    def handler(request):
-        return httpx.Response(200, content=sse(
-            {"choices": [{"text": "a", "finish_reason": "stop", "stop_reason": "##"}]}, "[DONE]"))
-    assert run(client_for(handler), {"stop": ["##"]})[-1] == Finished(FinishReason.STOP_SEQUENCE, 3, 1)
+    async def handler(request):
+        return streamed(sse({"choices": [{"text": "a", "finish_reason": "stop", "stop_reason": "##"}]}, "[DONE]"))
+    assert answer(handler, {"stop": ["##"]})[-1] == Finished(FinishReason.STOP_SEQUENCE, 3, 1)
+
+
+def test_requests_one_after_another_share_one_kept_alive_connection():
+    peers = []
+
+    async def handler(request):
+        peers.append(request.transport.get_extra_info("peername"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})  # chunked, as engines send
+        await response.prepare(request)
+        await response.write(sse({"choices": [{"text": "a", "finish_reason": "stop"}]}, "[DONE]"))
+        await asyncio.sleep(0.05)  # the body's end comes a moment after [DONE]
+        await response.write_eof()
+        return response
+
+    async def scenario():
+        async with engines(handler) as (url,):
+            client = client_for(engine(url))
+            try:
+                for _ in range(3):
+                    assert (await items(client))[-1].finish_reason == FinishReason.STOP
+            finally:
+                await client.close()
+    asyncio.run(scenario())
+    assert len(peers) == 3 and len(set(peers)) == 1  # a connection per request would come from a new port
 
 
 @pytest.mark.parametrize("body", [sse({"choices": [{"text": "a", "finish_reason": None}]}),  # no finish
                                   sse({"error": {"message": SECRET_PROMPT}}),
-                                  b"data: {not json\n\n"])
+                                  b"data: {not json\n\n",
+                                  b"data: \xff\xfe\n\n"])
 def test_a_broken_or_failing_stream_is_unavailable_without_the_engines_text(body):
+    async def handler(request):
+        return streamed(body)
     with pytest.raises(Unavailable) as failed:
-        run(client_for(lambda request: httpx.Response(200, content=body)))
+        answer(handler)
     assert SECRET_PROMPT not in failed.value.message
 
 
 def test_429_is_resource_exhausted_with_retry_info_from_retry_after_and_no_engine_text():
-    def handler(request):
-        return httpx.Response(429, headers={"Retry-After": "7"}, json={"error": SECRET_PROMPT})
+    async def handler(request):
+        return web.json_response({"error": SECRET_PROMPT}, status=429, headers={"Retry-After": "7"})
     with pytest.raises(ResourceExhausted) as refused:
-        run(client_for(handler))
+        answer(handler)
     assert refused.value.retry_after_s == 7.0 and SECRET_PROMPT not in refused.value.message
     assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in refused.value.details())
 
@@ -156,48 +220,95 @@ def test_each_http_status_maps_to_its_grpc_error(status, retry_after, kind, retr
 
 
 def test_a_silent_engine_is_deadline_exceeded_naming_the_engine_hop():
-    def handler(request):
-        raise httpx.ReadTimeout("slow", request=request)
+    async def handler(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(5)  # headers sent, then nothing
+        return response
     with pytest.raises(DeadlineExceeded) as late:
-        run(client_for(handler))
+        answer(handler, read_timeout_s=0.2)
     assert late.value.hop == ENGINE_HOP
 
 
+def test_a_broken_connection_mid_stream_is_unavailable_and_the_replica_is_skipped():
+    async def handler(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse({"choices": [{"text": "a", "finish_reason": None}]}))
+        request.transport.close()  # the server goes away mid-answer
+        return response
+
+    async def scenario():
+        async with engines(handler) as (url,):
+            client = client_for(engine(url))
+            try:
+                with pytest.raises(Unavailable, match="broke off"):
+                    await items(client)
+                return client.order([1, 2, 3])
+            finally:
+                await client.close()
+    assert asyncio.run(scenario())  # still listed, last: skipped for a while
+
+
 def test_a_full_connection_pool_is_resource_exhausted_and_the_replica_stays_up():
-    def handler(request):
-        raise httpx.PoolTimeout("busy", request=request)
-    client = client_for(handler, engine("http://a:1", "http://b:1"))
-    order = client.order([1, 2, 3])
-    with pytest.raises(ResourceExhausted) as refused:
-        run(client)
-    assert refused.value.retry_after_s == 2.0 and client.order([1, 2, 3]) == order
+    async def handler(request):
+        await asyncio.sleep(0.5)  # holds the one connection past the other's wait
+        return streamed(sse({"choices": [{"text": "x", "finish_reason": "stop"}]}, "[DONE]"))
+
+    async def scenario():
+        async with engines(handler, handler) as urls:
+            client = client_for(engine(*urls), connect_timeout_s=0.2, max_connections=1)
+            order = client.order([1, 2, 3])
+            holding = asyncio.create_task(items(client))
+            await asyncio.sleep(0.05)
+            try:
+                with pytest.raises(ResourceExhausted) as refused:
+                    await items(client)
+                assert refused.value.retry_after_s == 2.0 and client.order([1, 2, 3]) == order
+                assert (await holding)[-1].finish_reason == FinishReason.STOP
+            finally:
+                await client.close()
+    asyncio.run(scenario())
 
 
 def test_an_unreachable_replica_is_skipped_for_the_next_and_all_unreachable_is_unavailable():
-    tried = []
+    served = []
 
-    def handler(request):
-        tried.append(str(request.url.host))
-        if request.url.host == "a":
-            raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200, content=sse({"choices": [{"text": "x", "finish_reason": "stop"}]}, "[DONE]"))
-    client = client_for(handler, engine("http://a:1", "http://b:1"))
-    order = client.order([1, 2, 3])
-    assert run(client)[-1].finish_reason == FinishReason.STOP
-    assert tried == (["a", "b"] if order[0] == "http://a:1" else ["b"])
+    async def handler(request):
+        served.append(request.path)
+        return streamed(sse({"choices": [{"text": "x", "finish_reason": "stop"}]}, "[DONE]"))
 
-    def down(request):
-        raise httpx.ConnectError("refused", request=request)
-    with pytest.raises(Unavailable, match="2 tried"):
-        run(client_for(down, engine("http://a:1", "http://b:1")))
+    async def scenario():
+        async with engines(handler) as (reachable,):
+            unreachable = closed_url()
+            client = client_for(engine(unreachable, reachable))
+            try:
+                first = client.order([1, 2, 3])[0]
+                assert (await items(client))[-1].finish_reason == FinishReason.STOP
+                assert served == ["/v1/completions"]
+                # The unreachable one, when it came first, is now skipped: tried last.
+                assert client.order([1, 2, 3]) == [reachable, unreachable] or first == reachable
+            finally:
+                await client.close()
+            down = client_for(engine(closed_url(), closed_url()))
+            try:
+                with pytest.raises(Unavailable, match="2 tried"):
+                    await items(down)
+            finally:
+                await down.close()
+    asyncio.run(scenario())
 
 
 def test_one_prefix_goes_to_one_replica_and_prefixes_spread_over_replicas():
-    client = client_for(lambda request: httpx.Response(200), engine(*(f"http://r{i}:1" for i in range(4))))
-    shared = list(range(100, 164))
-    assert {client.order(shared + [i])[0] for i in range(20)} == {client.order(shared)[0]}
-    assert len({client.order([i, i + 1])[0] for i in range(64)}) == 4
-    asyncio.run(client.close())
+    async def scenario():
+        client = client_for(engine(*(f"http://r{i}:1" for i in range(4))))
+        shared = list(range(100, 164))
+        try:
+            assert {client.order(shared + [i])[0] for i in range(20)} == {client.order(shared)[0]}
+            assert len({client.order([i, i + 1])[0] for i in range(64)}) == 4
+        finally:
+            await client.close()
+    asyncio.run(scenario())
 
 
 def test_the_engines_load_is_read_from_vllm_metrics_and_absent_elsewhere():
@@ -210,23 +321,25 @@ def test_the_engines_load_is_read_from_vllm_metrics_and_absent_elsewhere():
 def test_the_load_poller_reads_each_replicas_metrics_and_stops_asking_one_without_them():
     from services.inference.external.load import EngineLoad
 
-    asked = []
+    asked = {"vllm": 0, "plain": 0}
 
-    def handler(request):
-        asked.append(request.url.host)
-        if request.url.host == "vllm":
-            return httpx.Response(200, text="vllm:num_requests_running 4.0\nvllm:num_requests_waiting 1.0\n")
-        return httpx.Response(404)
+    async def vllm(request):
+        asked["vllm"] += 1
+        return web.Response(text="vllm:num_requests_running 4.0\nvllm:num_requests_waiting 1.0\n")
+
+    async def plain(request):
+        asked["plain"] += 1
+        return web.Response(status=404)
 
     async def two_polls():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-            load = EngineLoad(http, ("http://vllm:1", "http://plain:1"), poll_s=0.01)
+        async with engines(vllm, plain) as urls, aiohttp.ClientSession() as http:
+            load = EngineLoad(http, tuple(urls), poll_s=0.01)
             task = asyncio.create_task(load.run())
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
             task.cancel()
             return load.engine_held
     assert asyncio.run(two_polls()) == 5
-    assert asked.count("plain") == 1 and asked.count("vllm") > 1
+    assert asked["plain"] == 1 and asked["vllm"] > 1
 
 
 def test_the_docs_page_lists_every_setting_of_the_adapters_own():

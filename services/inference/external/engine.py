@@ -1,6 +1,6 @@
 """An OpenAI-compatible engine over HTTP: the request it is sent, its streamed answer, its errors as the mesh's.
 
-One ``httpx.AsyncClient`` per engine holds the kept-alive connections to all its replicas. A request goes
+One aiohttp session per engine holds the kept-alive connections to all its replicas. A request goes
 to the replica its prompt's first tokens pick (rendezvous hashing, so a prefix goes where its KV is
 cached), and to the next one if that one cannot be reached; a replica that could not be reached is
 skipped for a while. Nothing the engine writes in an error (which could quote a prompt) reaches a
@@ -8,6 +8,7 @@ caller or a log: only its HTTP status.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import json
@@ -18,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
@@ -178,26 +179,31 @@ class _Replica:
 
 
 class EngineClient:
-    """The engine's replicas behind one pooled HTTP client."""
+    """The engine's replicas behind one pooled HTTP client (an aiohttp session: its connections kept alive).
+
+    Made in the event loop that uses it. At most ``max_connections`` requests are in flight at once; one that
+    finds them all busy for ``connect_timeout_s`` is refused (this adapter's limit, not a replica's fault).
+    """
 
     def __init__(self, engine: ExternalEngine, *, connect_timeout_s: float, read_timeout_s: float,
-                 replica_down_s: float, max_connections: int, retry_after_s: float,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 replica_down_s: float, max_connections: int, retry_after_s: float):
         self.engine = engine
         self._replicas = [_Replica(url) for url in engine.urls]
         self._down_s = replica_down_s
         self._retry_after_s = retry_after_s
+        self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
+        self._slots = asyncio.Semaphore(max_connections)
         token = engine.token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.AsyncClient(
-            headers=headers, verify=_ssl_context(engine), transport=transport,
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+        # No limit in the connector: the slots bound the generations, and /metrics and /v1/models polls
+        # never wait behind them.
+        self.http = aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(limit=0, ssl=_ssl_context(engine)),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s))
 
     async def close(self) -> None:
-        await self.http.aclose()
+        await self.http.close()
 
     def order(self, prompt_token_ids: Sequence[int]) -> list[str]:
         """The replicas to try for this prompt, best first: rendezvous hashing on its first tokens, the ones
@@ -212,58 +218,73 @@ class EngineClient:
             if replica.url == url:
                 replica.down_until = time.monotonic() + self._down_s
 
+    async def _slot(self) -> None:
+        if self._slots.locked():  # every slot busy: wait a while for one
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise ResourceExhausted("the adapter's connections to the inference engine are all in use",
+                                        retry_after_s=self._retry_after_s, reason="ENGINE_AT_CAPACITY") from None
+        else:
+            await self._slots.acquire()
+
     async def generate(self, body: dict, prompt_token_ids: Sequence[int]) -> AsyncIterator[Delta | Finished]:
         """The engine's answer, as it streams. Leaving the iteration early (the caller cancelled, the deadline
         passed) closes the HTTP response, and with it the engine's generation."""
-        for url in self.order(prompt_token_ids):
-            try:
-                async with self.http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                    if response.status_code != 200:
-                        raise error_for_status(response.status_code, response.headers.get("retry-after"),
-                                               self._retry_after_s)
-                    async for item in self._items(response, len(prompt_token_ids), body.get("stop") or ()):
-                        yield item
-                    return
-            except httpx.PoolTimeout:  # every kept connection busy: this adapter's limit, not the replica's fault
-                raise ResourceExhausted("the adapter's connections to the inference engine are all in use",
-                                        retry_after_s=self._retry_after_s, reason="ENGINE_AT_CAPACITY") from None
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                log.warning("inference engine replica %s unreachable; trying the next", url)
-                self._mark_down(url)
-            except httpx.ReadTimeout:
-                raise DeadlineExceeded(f"the inference engine sent nothing for {self._read_timeout_s:g} s",
-                                       hop=ENGINE_HOP) from None
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
-                self._mark_down(url)
-                raise Unavailable("the inference engine's stream broke off") from error
-        raise Unavailable(f"no replica of the inference engine can be reached ({len(self._replicas)} tried)")
+        await self._slot()
+        try:
+            for url in self.order(prompt_token_ids):
+                try:
+                    async with self.http.post(f"{url}/v1/completions", json=body) as response:
+                        if response.status != 200:
+                            raise error_for_status(response.status, response.headers.get("Retry-After"),
+                                                   self._retry_after_s)
+                        async for item in self._items(response, len(prompt_token_ids), body.get("stop") or ()):
+                            yield item
+                        return
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                    log.warning("inference engine replica %s unreachable; trying the next", url)
+                    self._mark_down(url)
+                except aiohttp.SocketTimeoutError:
+                    raise DeadlineExceeded(f"the inference engine sent nothing for {self._read_timeout_s:g} s",
+                                           hop=ENGINE_HOP) from None
+                except aiohttp.ClientError as error:  # the connection broke or closed mid-answer
+                    self._mark_down(url)
+                    raise Unavailable("the inference engine's stream broke off") from error
+            raise Unavailable(f"no replica of the inference engine can be reached ({len(self._replicas)} tried)")
+        finally:
+            self._slots.release()
 
-    async def _items(self, response: httpx.Response, prompt_tokens: int, stop: Sequence[str]
+    async def _items(self, response: aiohttp.ClientResponse, prompt_tokens: int, stop: Sequence[str]
                      ) -> AsyncIterator[Delta | Finished]:
         completion_tokens, usage, finish, done = 0, None, None, False
-        async for line in response.aiter_lines():
-            if done or not line.startswith("data:"):
-                continue  # blank separators, ": ping" comments, event names; after [DONE], the body's end
-            data = line[5:].strip()
-            if data == "[DONE]":
-                # Read on to the end of the body: a connection whose response was left unread is closed,
-                # not kept alive, and the next request would open a new one.
-                done = True
-                continue
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise Unavailable("the inference engine sent a stream the adapter cannot read") from None
-            if not isinstance(chunk, dict) or "error" in chunk:
-                raise Unavailable("the inference engine reported an error mid-stream")
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or ():
-                text = choice.get("text") or ""
-                if text:
-                    completion_tokens += 1
-                    yield Delta(text)
-                if choice.get("finish_reason"):
-                    finish = _finish_reason(choice, stop)
+        try:
+            async for raw in response.content:  # line by line
+                if done or not raw.startswith(b"data:"):
+                    continue  # blank separators, ": ping" comments, event names; after [DONE], the body's end
+                data = raw[5:].strip()
+                if data == b"[DONE]":
+                    # Read on to the end of the body: a connection whose response was left unread is closed,
+                    # not kept alive, and the next request would open a new one.
+                    done = True
+                    continue
+                try:
+                    chunk = json.loads(data)
+                except ValueError:  # not JSON, or not UTF-8
+                    raise Unavailable("the inference engine sent a stream the adapter cannot read") from None
+                if not isinstance(chunk, dict) or "error" in chunk:
+                    raise Unavailable("the inference engine reported an error mid-stream")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    text = choice.get("text") or ""
+                    if text:
+                        completion_tokens += 1
+                        yield Delta(text)
+                    if choice.get("finish_reason"):
+                        finish = _finish_reason(choice, stop)
+        except ValueError:  # a line longer than the reader takes
+            raise Unavailable("the inference engine sent a stream the adapter cannot read") from None
         if finish is None:
             raise Unavailable("the inference engine's stream ended without a finish")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):

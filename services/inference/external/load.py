@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger("nlpmesh.inference.openai")
@@ -28,7 +28,7 @@ def requests_held(metrics_text: str) -> int | None:
 class EngineLoad:
     """Polls each replica's /metrics; ``engine_held`` is the sum over the replicas that report, or None."""
 
-    def __init__(self, http: httpx.AsyncClient, urls: tuple[str, ...], poll_s: float):
+    def __init__(self, http: aiohttp.ClientSession, urls: tuple[str, ...], poll_s: float):
         self._http = http
         self._urls = urls
         self._poll_s = poll_s
@@ -48,14 +48,17 @@ class EngineLoad:
 
     async def _poll(self, url: str) -> None:
         try:
-            response = await self._http.get(f"{url}/metrics", timeout=self._poll_s or 1.0)
-        except httpx.HTTPError:
-            self._held.pop(url, None)  # unreachable: its load is unknown, not zero
+            async with self._http.get(f"{url}/metrics",
+                                      timeout=aiohttp.ClientTimeout(total=self._poll_s or 1.0)) as response:
+                status = response.status
+                text = await response.text() if status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+            self._held.pop(url, None)  # unreachable or unreadable: its load is unknown, not zero
             return
-        held = requests_held(response.text) if response.status_code == 200 else None
+        held = requests_held(text) if status == 200 else None
         if held is None:
             self._held.pop(url, None)
-            if response.status_code in (200, 404):
+            if status in (200, 404):
                 log.info("inference engine %s has no load metrics: the adapter counts its own requests", url)
                 self._silent.add(url)
             return

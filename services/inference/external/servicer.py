@@ -12,8 +12,8 @@ import json
 import logging
 import uuid
 
+import aiohttp
 import grpc
-import httpx
 from nlpmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -95,13 +95,15 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
         while True:
             for url in external.urls:
                 try:
-                    response = await self.client.http.get(f"{url}/v1/models")
-                except httpx.HTTPError as error:  # not reachable yet: wait and ask again
+                    async with self.client.http.get(f"{url}/v1/models") as response:
+                        status = response.status
+                        listed = _model_ids(await response.read()) if status == 200 else set()
+                except (aiohttp.ClientError, TimeoutError) as error:  # not reachable yet: wait and ask again
                     problem = f"unreachable ({type(error).__name__})"
                 else:
-                    if response.status_code != 200:
-                        problem = f"answered /v1/models with HTTP {response.status_code}"
-                    elif external.served_model in _model_ids(response):
+                    if status != 200:
+                        problem = f"answered /v1/models with HTTP {status}"
+                    elif external.served_model in listed:
                         log.info("inference engine %s serves %s", url, external.served_model)
                         return
                     else:
@@ -203,15 +205,15 @@ def _text_decoder(folder):
     return lambda ids, skip_special_tokens=False: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def _model_ids(response) -> set[str]:
+def _model_ids(body: bytes) -> set[str]:
+    """The model ids a /v1/models answer lists."""
     try:
-        return {str(model.get("id")) for model in response.json().get("data", ())}
+        return {str(model.get("id")) for model in json.loads(body).get("data", ())}
     except (ValueError, AttributeError):
         return set()
 
 
 def build_spec(settings: AdapterSettings) -> ServiceSpec:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request, with the engine's URL: not needed
     catalogue = load_catalogue()
     entry = catalogue.get(settings.model or catalogue.ids[0])
     if entry.external is not None:

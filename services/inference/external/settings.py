@@ -16,12 +16,13 @@ class AdapterSettings(ServiceSettings, service="inference"):
     max_new_tokens_limit: int = Field(default=2048, ge=1)
     max_stop_sequences: int = Field(default=4, ge=0)
     max_stop_chars: int = Field(default=64, ge=1)
-    # Opening a connection to the engine; past it the replica is skipped for replica_down_s.
+    # Opening a connection to the engine; past it the replica is skipped for replica_down_s. Also how long
+    # a request waits for one of the max_connections before RESOURCE_EXHAUSTED.
     connect_timeout_s: float = Field(default=5.0, gt=0)
     replica_down_s: float = Field(default=5.0, ge=0)
     # The engine sending nothing this long (no token, no end): DEADLINE_EXCEEDED naming the engine hop.
     read_timeout_s: float = Field(default=60.0, gt=0)
-    # Kept-alive connections per engine (one pool for all its replicas).
+    # Requests to the engine at once, each on a kept-alive connection of its one pool (for all its replicas).
     max_connections: int = Field(default=256, ge=1)
     # How often the engine's /metrics is read for its load (vLLM's num_requests_running/waiting); 0 = never.
     load_poll_s: float = Field(default=1.0, ge=0)
