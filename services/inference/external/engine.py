@@ -219,15 +219,13 @@ class EngineClient:
                 replica.down_until = time.monotonic() + self._down_s
 
     async def _slot(self) -> None:
-        if self._slots.locked():  # every slot busy: wait a while for one
-            try:
-                async with asyncio.timeout(self._connect_timeout_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise ResourceExhausted("the adapter's connections to the inference engine are all in use",
-                                        retry_after_s=self._retry_after_s, reason="ENGINE_AT_CAPACITY") from None
-        else:
-            await self._slots.acquire()
+        """One of the ``max_connections`` slots, waiting ``connect_timeout_s`` at most when all are busy."""
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ResourceExhausted("the adapter's connections to the inference engine are all in use",
+                                    retry_after_s=self._retry_after_s, reason="ENGINE_AT_CAPACITY") from None
 
     async def generate(self, body: dict, prompt_token_ids: Sequence[int]) -> AsyncIterator[Delta | Finished]:
         """The engine's answer, as it streams. Leaving the iteration early (the caller cancelled, the deadline
