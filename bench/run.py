@@ -52,7 +52,7 @@ def say(line: str) -> None:
 GATEWAY_VARIANTS = {
     "default": {},
     "redis_tier_only": {"NLPMESH_GATEWAY_NEAR_CACHE_BYTES": "0"},
-    "uvloop": {"NLPMESH_GATEWAY_EVENT_LOOP": "uvloop"},
+    "asyncio_loop": {"NLPMESH_GATEWAY_EVENT_LOOP": "asyncio"},
     "tracing_off": {"OTEL_SDK_DISABLED": "true", "NLPMESH_TRACE_DIR": ""},
 }
 

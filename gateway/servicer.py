@@ -28,7 +28,7 @@ from gateway.tenant import Tenant
 from gateway.timings import HopTiming, server_timing
 from meshkit.errors import Unavailable
 from meshkit.request_log import bind_request_id, request_id_from
-from meshkit.server import rpc_method
+from meshkit.server import initial_metadata_meanwhile, rpc_method
 from meshkit.tracing.propagation import trace_id_hex
 from meshkit.tracing.server_span import request_span
 from meshkit.wire import REQUEST_ID_HEADER, SERVER_TIMING_TRAILER
@@ -64,8 +64,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         prompt_request = self._prompt_request(request)
         self._check_scope(tenant, prompt_request.template_id, prompt_request.model)
         async with self._scope(context, tenant, "Generate", prompt_request.template_id, prompt_request.budget_ms,
-                         started) as scope:
-            await _send_request_id(context, scope.request_id)
+                               started) as scope, _request_id_sent(context, scope.request_id):
             trace_id = trace_id_hex(scope.span)
             parts: list[str] = []
             logprobs: list = []
@@ -91,10 +90,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         prompt_request = self._prompt_request(request)
         self._check_scope(tenant, prompt_request.template_id, prompt_request.model)
         async with self._scope(context, tenant, "GenerateStream", prompt_request.template_id, prompt_request.budget_ms,
-                         started) as scope:
-            await _send_request_id(context, scope.request_id)
+                               started) as scope, _request_id_sent(context, scope.request_id) as sent:
             trace_id = trace_id_hex(scope.span)
             async for event in self.answerer.stream(prompt_request, scope):
+                await sent  # the headers before the first message
                 if isinstance(event, TokenDelta):
                     yield gateway_pb2.GenerateChunk(delta=event.text, token_logprobs=_logprobs_to_pb(event.logprobs))
                 elif isinstance(event, Outcome):
@@ -114,8 +113,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         template_id = prompt.id if isinstance(prompt, TemplateCall) else None
         access_log.note(model=request.model, **_template_fields(prompt))
         self._check_scope(tenant, template_id, request.model)
-        async with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope:
-            await _send_request_id(context, scope.request_id)
+        async with self._scope(context, tenant, "CountTokens", template_id, 0, started) as scope, \
+                _request_id_sent(context, scope.request_id):
             count, model = await self.answerer.count_tokens(prompt, request.model, scope)
             access_log.note(model=model, prompt_tokens=count)
             return gateway_pb2.CountTokensResponse(prompt_tokens=count, model=model)
@@ -123,27 +122,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc_method
     async def ListTemplates(self, request, context):
         scope = self._tenant(context).scope
-        await _send_request_id(context, request_id_from(context.invocation_metadata()))
-        await self._templates.refresh()
-        return gateway_pb2.ListTemplatesResponse(
-            templates=[_template_info(t) for t in self._templates.entries if scope.allows_template(t.id)]
-        )
+        async with _request_id_sent(context, request_id_from(context.invocation_metadata())):
+            await self._templates.refresh()
+            return gateway_pb2.ListTemplatesResponse(
+                templates=[_template_info(t) for t in self._templates.entries if scope.allows_template(t.id)]
+            )
 
     @rpc_method
     async def ListModels(self, request, context):
         scope = self._tenant(context).scope
-        await _send_request_id(context, request_id_from(context.invocation_metadata()))
-        if self._models is None:
-            raise Unavailable("the gateway is starting")
-        listed = [gateway_pb2.ModelInfo(id=m.id, revision=m.revision, context_length=m.context_length,
-                                        engine=m.engine, ready=m.ready, default=m.default, task="generation")
-                  for m in self._models.listing() if scope.allows_model(m.id)]
-        embedding = self._embeddings.model if self._embeddings is not None else None
-        if embedding is not None and scope.allows_model(embedding.id):
-            listed.append(gateway_pb2.ModelInfo(id=embedding.id, revision=embedding.revision,
-                                                context_length=embedding.max_tokens, engine="builtin", ready=True,
-                                                default=True, task="embedding"))
-        return gateway_pb2.ListModelsResponse(models=listed)
+        async with _request_id_sent(context, request_id_from(context.invocation_metadata())):
+            if self._models is None:
+                raise Unavailable("the gateway is starting")
+            listed = [gateway_pb2.ModelInfo(id=m.id, revision=m.revision, context_length=m.context_length,
+                                            engine=m.engine, ready=m.ready, default=m.default, task="generation")
+                      for m in self._models.listing() if scope.allows_model(m.id)]
+            embedding = self._embeddings.model if self._embeddings is not None else None
+            if embedding is not None and scope.allows_model(embedding.id):
+                listed.append(gateway_pb2.ModelInfo(id=embedding.id, revision=embedding.revision,
+                                                    context_length=embedding.max_tokens, engine="builtin", ready=True,
+                                                    default=True, task="embedding"))
+            return gateway_pb2.ListModelsResponse(models=listed)
 
     @rpc_method
     async def Embed(self, request, context):
@@ -155,8 +154,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._embeddings.check_texts(request.texts)
         model_id = self._embeddings.model_id(request.model)
         tenant.scope.check_model(model_id)
-        async with self._scope(context, tenant, "Embed", None, request.budget_ms, started) as scope:
-            await _send_request_id(context, scope.request_id)
+        async with self._scope(context, tenant, "Embed", None, request.budget_ms, started) as scope, \
+                _request_id_sent(context, scope.request_id):
             embedded = await self._embeddings.embed(list(request.texts), model_id, scope)
             timings = scope.finish()
             access_log.note(model=embedded.model, prompt_tokens=embedded.prompt_tokens)
@@ -221,9 +220,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield scope
 
 
-async def _send_request_id(context, request_id: str) -> None:
+def _request_id_sent(context, request_id: str):
+    """The request id, sent in the initial metadata while the request's hops start (``await`` the block's
+    value before a stream's message)."""
     access_log.note(request_id=request_id)
-    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+    return initial_metadata_meanwhile(context, ((REQUEST_ID_HEADER, request_id),))
 
 
 def _template_fields(prompt) -> dict[str, str]:

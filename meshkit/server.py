@@ -263,3 +263,25 @@ async def _statuses(context, handler):
     except Exception:
         log.exception("bug in %s", handler.__qualname__)
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+@contextlib.asynccontextmanager
+async def initial_metadata_meanwhile(context, metadata):
+    """Sends a served call's initial metadata while the handler goes on with its work.
+
+    ``context.send_initial_metadata`` waits until gRPC has written the headers; a handler with a hop or an
+    engine to start need not wait for that before starting it. The block yields the send: a streaming
+    handler awaits it before each message it yields (done, that costs nothing). Leaving the block waits
+    for the send too, so neither a unary answer nor an error's status can race the headers; a send that
+    failed (the caller went away) raises there, unless the block is already leaving with an error of its own.
+    """
+    sending = asyncio.ensure_future(context.send_initial_metadata(metadata))
+    try:
+        yield sending
+    except BaseException:
+        if not sending.done():
+            await asyncio.wait([sending])
+        if not sending.cancelled():
+            sending.exception()  # retrieved: the block's own error is the one that goes on
+        raise
+    await sending

@@ -1,5 +1,7 @@
-"""The shared runtime: the error table, rich details, settings precedence."""
+"""The shared runtime: the error table, rich details, settings precedence, initial metadata beside the work."""
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 import pytest
@@ -9,6 +11,7 @@ from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from meshkit import errors
+from meshkit.server import initial_metadata_meanwhile
 from meshkit.settings import ServiceSettings
 
 
@@ -200,3 +203,65 @@ def test_a_missing_config_file_is_an_error_not_a_silent_default(monkeypatch, tmp
     monkeypatch.setenv("NLPMESH_CONFIG", str(tmp_path / "absent.toml"))
     with pytest.raises(FileNotFoundError):
         DemoSettings.load()
+
+
+class HeadersContext:
+    """A served call's context whose header write takes a while and says when it began and ended."""
+
+    def __init__(self, events: list[str], fails: bool = False):
+        self._events, self._fails = events, fails
+
+    async def send_initial_metadata(self, metadata):
+        self._events.append("headers begun")
+        await asyncio.sleep(0.05)
+        if self._fails:
+            self._events.append("headers failed")
+            raise RuntimeError("the caller went away")
+        self._events.append("headers sent")
+
+
+def test_initial_metadata_goes_out_while_the_handler_works_and_before_the_block_ends():
+    events: list[str] = []
+
+    async def handler():
+        async with initial_metadata_meanwhile(HeadersContext(events), (("x-request-id", "r1"),)):
+            await asyncio.sleep(0)
+            events.append("hop started")
+        events.append("answered")
+
+    asyncio.run(handler())
+    assert events == ["headers begun", "hop started", "headers sent", "answered"]
+
+
+def test_a_stream_awaits_the_headers_before_its_first_message():
+    events: list[str] = []
+
+    async def handler():
+        async with initial_metadata_meanwhile(HeadersContext(events), ()) as sent:
+            events.append("hop started")
+            await sent
+            events.append("first message")
+
+    asyncio.run(handler())
+    assert events == ["hop started", "headers begun", "headers sent", "first message"]
+
+
+def test_a_failed_header_write_raises_when_the_block_ends():
+    async def handler():
+        async with initial_metadata_meanwhile(HeadersContext([], fails=True), ()):
+            pass
+
+    with pytest.raises(RuntimeError, match="went away"):
+        asyncio.run(handler())
+
+
+def test_the_handlers_own_error_wins_over_a_failed_header_write_which_it_still_waits_for():
+    events: list[str] = []
+
+    async def handler():
+        async with initial_metadata_meanwhile(HeadersContext(events, fails=True), ()):
+            raise errors.NotFound("no such template")
+
+    with pytest.raises(errors.NotFound):
+        asyncio.run(handler())
+    assert events == ["headers begun", "headers failed"]  # the write ended before the error went on

@@ -22,7 +22,7 @@ from meshkit import span_names as names
 from meshkit.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from meshkit.request_log import request_id_from
 from meshkit.sampling import Sampling
-from meshkit.server import ServiceSpec, rpc_method
+from meshkit.server import ServiceSpec, initial_metadata_meanwhile, rpc_method
 from meshkit.tracing.provider import tracer
 from meshkit.wire import InferenceLoad
 from modelfiles.catalogue import CatalogueModel, load_catalogue
@@ -145,19 +145,21 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine_span = _tracer.start_span(names.INFERENCE_ENGINE, context=resolved.trace_context)
         last: Finished | BaseException | None = None
         try:
-            await context.send_initial_metadata(self._load_report())
-            spans.admitted()
-            stream = client.generate(body, ids)
-            try:
-                async for item in stream:
-                    timer.seen(item)
-                    if isinstance(item, Delta):
-                        spans.stepped(False)
-                    else:
-                        last = item
-                    yield chunk_to_pb(item)
-            finally:
-                await stream.aclose()  # the HTTP response closes: the engine stops generating
+            # The load report goes out while the engine's request does.
+            async with initial_metadata_meanwhile(context, self._load_report()) as sent:
+                spans.admitted()
+                stream = client.generate(body, ids)
+                try:
+                    async for item in stream:
+                        timer.seen(item)
+                        if isinstance(item, Delta):
+                            spans.stepped(False)
+                        else:
+                            last = item
+                        await sent
+                        yield chunk_to_pb(item)
+                finally:
+                    await stream.aclose()  # the HTTP response closes: the engine stops generating
         except BaseException as error:
             last = error
             raise
