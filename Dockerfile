@@ -15,6 +15,8 @@ ARG TORCH_INDEX_URL=
 ARG TORCH_FIND_LINKS=
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# gRPC's socket I/O on the thread that polls its completion queue (meshkit/grpc_io.py: the same value).
+ENV GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener
 COPY deploy/ca-certificates/ /usr/local/share/ca-certificates/nlpmesh/
 RUN if ls /usr/local/share/ca-certificates/nlpmesh/*.crt >/dev/null 2>&1; then \
       update-ca-certificates && pip config --global set global.cert /etc/ssl/certs/ca-certificates.crt; \

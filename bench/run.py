@@ -53,6 +53,7 @@ GATEWAY_VARIANTS = {
     "default": {},
     "redis_tier_only": {"NLPMESH_GATEWAY_NEAR_CACHE_BYTES": "0"},
     "asyncio_loop": {"NLPMESH_GATEWAY_EVENT_LOOP": "asyncio"},
+    "grpc_default_io": {"GRPC_EXPERIMENTS": ""},  # gRPC's EventEngine I/O, not the mesh's (meshkit/grpc_io.py)
     "tracing_off": {"OTEL_SDK_DISABLED": "true", "NLPMESH_TRACE_DIR": ""},
 }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from cli.certs import init_certs
 from cli.launcher import LocalMesh, check_health, free_port
 from cli.topology import REPO_ROOT, local_environment
+from meshkit.grpc_io import with_mesh_grpc_io
 from meshkit.settings import TRACE_DIR_ENV
 from meshkit.tls import CA_FILE
 
@@ -31,6 +32,7 @@ def spawn_gateway(mesh: LocalMesh, env: dict[str, str], timeout_s: float = 60.0,
                                                         mesh.redis_url_for(gateway.name)),
                    **mesh.tls_environment(), TRACE_DIR_ENV: str(mesh.trace_dir or ""), **mesh.gateway_auth_env(), **env}
     variant_env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
+    with_mesh_grpc_io(variant_env)  # as the launcher starts the mesh's own, unless the variant names its own
     if source != REPO_ROOT:
         variant_env["PYTHONPATH"] = os.pathsep.join((str(source), str(source / "gen")))
     process = subprocess.Popen([sys.executable, "-m", _gateway_module(source)], cwd=source, env=variant_env,

@@ -52,6 +52,7 @@ from cli.topology import (
     replica_names,
 )
 from gateway.health_names import model_health_name
+from meshkit.grpc_io import with_mesh_grpc_io
 from meshkit.ports import port_in_use
 from meshkit.redis_connect import redact_url
 from meshkit.server import LAUNCHER_PID_ENV, PORT_IN_USE_EXIT
@@ -365,6 +366,7 @@ class LocalMesh:
                TRACE_DIR_ENV: str(self.trace_dir or ""), LAUNCHER_PID_ENV: str(os.getpid())}
         # Spans reach the files within 0.2 s, so `nlpmesh trace --last` sees the request just made.
         env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
+        with_mesh_grpc_io(env)  # read by gRPC at import: set before the process starts
         command = [sys.executable if part == "python" else part for part in service.command]
         self.processes[instance] = process = subprocess.Popen(
             die_with_this_thread(command), cwd=REPO_ROOT, env=env, stdout=self._log_file(instance, restarted),

@@ -29,6 +29,7 @@ from meshkit.call_log import CallLogInterceptor
 from meshkit.content_capture import warn_if_capturing
 from meshkit.errors import INTERNAL_MESSAGE, MeshError, to_status
 from meshkit.faults import DelayInterceptor
+from meshkit.grpc_io import describe_grpc_io
 from meshkit.ports import PortInUse, port_in_use
 from meshkit.request_decoding import RequestDecodingInterceptor
 from meshkit.request_log import LogFormat, log_handler, served_call_scope
@@ -154,8 +155,8 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     """Runs one service until SIGTERM or SIGINT, then drains and exits."""
     server, port, health_servicer = await create_server(spec, settings)
     metrics.start_metrics_server(settings)
-    log.info("%s listening on %s:%d, %s (NOT_SERVING until ready)", spec.name, settings.host, port,
-             TlsConfig.from_settings(settings).describe())
+    log.info("%s listening on %s:%d, %s, %s (NOT_SERVING until ready)", spec.name, settings.host, port,
+             TlsConfig.from_settings(settings).describe(), describe_grpc_io())
     warn_if_capturing(spec.name, settings.capture_content)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

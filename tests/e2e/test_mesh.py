@@ -276,3 +276,18 @@ def test_a_request_whose_first_token_cannot_come_by_its_deadline_is_refused_by_t
     assert "waited in the queue" in error.details()
     assert refused_after == refused_before + 1
     assert prefilled_after - prefilled_before < 900  # the running stream's tokens only, none of the long prompt's
+
+
+def test_every_process_runs_on_the_mesh_grpc_io_and_says_so_in_its_first_lines(mesh):
+    # gRPC reads GRPC_EXPERIMENTS at import: the launcher must put it in each process's environment,
+    # and each service names it when it starts listening (meshkit/grpc_io.py).
+    from meshkit.grpc_io import GRPC_EXPERIMENTS_ENV, MESH_GRPC_EXPERIMENTS
+
+    assert mesh.processes
+    for name, process in mesh.processes.items():
+        environment = psutil.Process(process.pid).environ()
+        assert environment.get(GRPC_EXPERIMENTS_ENV) == MESH_GRPC_EXPERIMENTS, name
+        if name == "edge":  # the OpenAI edge is an HTTP server: it has no gRPC listening line
+            continue
+        listening = [line for line in mesh.log_path(name).read_text().splitlines() if " listening on " in line]
+        assert listening and f"GRPC_EXPERIMENTS={MESH_GRPC_EXPERIMENTS}" in listening[0], name
