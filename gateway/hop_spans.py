@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from meshkit import span_names as names
 from meshkit.tracing.server_span import set_when_it_ends
+from meshkit.tracing.stand_in import start_span_later
 
 
 def hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, budget_ms: float, *,
@@ -60,15 +61,16 @@ class HopSpanScope:
 
 
 def _start_hop_span(tracer: trace.Tracer, hop: str, parent: trace.Span, start_ns: int | None = None) -> trace.Span:
-    return tracer.start_span(names.HOP_SPAN_PREFIX + hop, context=trace.set_span_in_context(parent),
-                             kind=SpanKind.CLIENT, attributes={names.HOP: hop}, start_time=start_ns)
+    # Its SDK span is made once the hop is over and the request has gone on (meshkit/tracing/stand_in.py).
+    return start_span_later(tracer, names.HOP_SPAN_PREFIX + hop, trace.set_span_in_context(parent),
+                            SpanKind.CLIENT, {names.HOP: hop}, start_ns)
 
 
 def record_measured_hop(tracer: trace.Tracer, hop: str, parent: trace.Span, start_ns: int, end_ns: int,
                         elapsed_ms: float, budget_ms: float, over_budget: bool) -> None:
     """A span for a hop timed after the fact (the time to first token, inside the inference hop)."""
-    span = tracer.start_span(names.HOP_SPAN_PREFIX + hop, context=trace.set_span_in_context(parent),
-                             start_time=start_ns, attributes={names.HOP: hop})
+    span = start_span_later(tracer, names.HOP_SPAN_PREFIX + hop, trace.set_span_in_context(parent),
+                            attributes={names.HOP: hop}, start_ns=start_ns)
     record_hop(span, elapsed_ms, budget_ms, over_budget)
     span.end(end_time=end_ns)
 

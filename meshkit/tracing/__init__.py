@@ -9,7 +9,10 @@
 - ``propagation``: W3C trace context in gRPC metadata, in (``extract_context``)
   and out (``outgoing_metadata``, ``current_metadata``).
 - ``server_span``: the interceptor that runs each served call in a SERVER span
-  (``server_interceptors``, ``ServerSpan``) and ``request_span`` for handlers.
+  (``server_interceptors``) and ``request_span`` for handlers.
+- ``stand_in``: spans whose SDK span is made once the request has gone on
+  (``start_span_later``, ``span_later``, ``StandInSpan``): the served calls' spans, the
+  gateway's hop spans, the tokenizer's and the inference adapter's.
 
 Span and attribute names live in ``meshkit.span_names``. The gateway's hop
 spans are the gateway's own: ``gateway/hop_spans.py``.

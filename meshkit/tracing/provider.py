@@ -61,7 +61,7 @@ class ChosenIds(IdGenerator):
     """Random ids, except while ``chosen`` holds ids picked earlier: then those.
 
     The tracing interceptor picks a served call's ids when the call starts and
-    makes its SDK span, with those ids, only after the reply (``ServerSpan``).
+    makes its SDK span, with those ids, only after the reply (``StandInSpan``).
     """
 
     def __init__(self):

@@ -14,10 +14,8 @@ import time
 from opentelemetry import trace
 
 from meshkit import span_names as names
-from meshkit.tracing.provider import tracer
+from meshkit.tracing.stand_in import start_span_later, tracer_now
 from services.inference.generation_types import Finished, GenerationRequest
-
-_tracer = tracer("inference")
 
 
 class JobSpans:
@@ -68,7 +66,10 @@ class JobSpans:
         span.end()
 
     def _start(self, name: str, start_ns: int) -> trace.Span:
-        return _tracer.start_span(name, context=self._parent, start_time=start_ns, attributes=self._attributes)
+        # The adapter's spans are made off the stream's path (meshkit/tracing/stand_in.py); the built-in
+        # engine's, on its worker thread, at once.
+        return start_span_later(tracer_now("inference"), name, self._parent, attributes=self._attributes,
+                                start_ns=start_ns)
 
 
 class _NoSpans:

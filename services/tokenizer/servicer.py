@@ -14,16 +14,13 @@ from nlpmesh.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from meshkit import span_names
 from meshkit.errors import NotFound, ResourceExhausted, Unavailable
 from meshkit.server import ServiceSpec, rpc_method
-from meshkit.tracing.provider import tracer
+from meshkit.tracing.stand_in import span_later, tracer_now
 from modelfiles.catalogue import load_catalogue
 from modelfiles.convert import converted_revision, load_model_files
 from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
 from services.tokenizer.settings import TokenizerSettings
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
-
-_tracer = tracer("tokenizer")
-
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     """``load`` gives the tokenizers served, the default (for a request without a model) first."""
@@ -44,7 +41,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     @rpc_method
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
         tokenizer = self._serving(request.model)
-        with _tracer.start_as_current_span(span_names.TOKENIZER_ENCODE) as span:
+        with span_later(tracer_now("tokenizer"), span_names.TOKENIZER_ENCODE) as span:
             ids = await _within_limit(tokenizer, tokenizer.encode_chat, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
@@ -52,7 +49,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     @rpc_method
     async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
         tokenizer = self._serving(request.model)
-        with _tracer.start_as_current_span(span_names.TOKENIZER_COUNT) as span:
+        with span_later(tracer_now("tokenizer"), span_names.TOKENIZER_COUNT) as span:
             count = await _within_limit(tokenizer, tokenizer.count_chat, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, count)
         return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)

@@ -1,6 +1,8 @@
 """Where spans go: the span files the CLI reads, the OTLP switch, the launcher's trace folder."""
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,8 @@ from meshkit import span_names as names
 from meshkit.settings import ServiceSettings
 from meshkit.tracing.propagation import outgoing_metadata
 from meshkit.tracing.provider import ChosenIds, _otlp_wanted
-from meshkit.tracing.server_span import ServerSpan
 from meshkit.tracing.span_file import read_spans, span_file_exporter
+from meshkit.tracing.stand_in import StandInSpan, span_later, start_span_later
 
 
 def test_span_files_hold_one_json_line_per_span_in_the_form_the_cli_reads(tmp_path):
@@ -172,7 +174,7 @@ def test_chosen_ids_are_random_except_inside_chosen():
 
 def test_a_server_span_is_exported_when_it_ends_with_the_ids_and_start_it_had_from_the_first():
     tracer, exporter = _chosen_ids_tracer()
-    server = ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
+    server = StandInSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN), SpanKind.SERVER)
     assert server.is_recording() and exporter.get_finished_spans() == ()
     with tracer.start_as_current_span("child", context=trace.set_span_in_context(server)):
         pass
@@ -190,8 +192,54 @@ def test_a_server_span_is_exported_when_it_ends_with_the_ids_and_start_it_had_fr
 
 def test_a_server_span_the_sampler_drops_records_nothing_and_its_children_see_it_unsampled():
     tracer, exporter = _chosen_ids_tracer(ALWAYS_OFF)
-    server = ServerSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN))
+    server = StandInSpan(tracer, "served", trace.set_span_in_context(trace.INVALID_SPAN), SpanKind.SERVER)
     assert not server.is_recording() and not server.get_span_context().trace_flags.sampled
     assert dict(outgoing_metadata(server))["traceparent"].endswith("-02")  # random id, not sampled
     server.end()
     assert exporter.get_finished_spans() == ()
+
+
+def test_a_stand_in_ended_in_an_event_loop_is_made_on_its_next_turn_dated_when_it_ended():
+    tracer, exporter = _chosen_ids_tracer()
+    request = tracer.start_span("request")
+
+    async def scenario():
+        hop = start_span_later(tracer, "hop tokenizer", trace.set_span_in_context(request), SpanKind.CLIENT,
+                               {names.HOP: "tokenizer"})
+        assert isinstance(hop, StandInSpan) and hop.get_span_context().trace_id == request.get_span_context().trace_id
+        hop.set_attribute(names.ELAPSED_MS, 1.5)
+        hop.end()
+        ended_by = time.time_ns()
+        made_before = exporter.get_finished_spans()  # still on the request's path
+        await asyncio.sleep(0.01)
+        return hop.get_span_context(), ended_by, made_before
+
+    context, ended_by, made_before = asyncio.run(scenario())
+    assert made_before == ()
+    (made,) = exporter.get_finished_spans()
+    assert made.context == context and made.parent.span_id == request.get_span_context().span_id
+    assert made.kind == SpanKind.CLIENT and made.attributes[names.HOP] == "tokenizer"
+    assert made.attributes[names.ELAPSED_MS] == 1.5 and made.end_time <= ended_by
+
+
+def test_a_tracer_that_does_not_take_chosen_ids_gets_its_own_span_at_once():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # random ids only: no stand-in can promise its ids
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = start_span_later(provider.get_tracer("test"), "hop", trace.set_span_in_context(trace.INVALID_SPAN))
+    assert not isinstance(span, StandInSpan)
+    span.end()
+    assert [s.name for s in exporter.get_finished_spans()] == ["hop"]
+
+
+def test_an_error_leaving_a_span_later_block_is_on_its_span_as_on_an_sdk_span():
+    tracer, exporter = _chosen_ids_tracer()
+    with pytest.raises(ValueError), tracer.start_as_current_span("sdk"):
+        raise ValueError("bad")
+    with pytest.raises(ValueError), span_later(tracer, "stand-in") as span:
+        assert trace.get_current_span() is span
+        raise ValueError("bad")
+    sdk, stand_in = exporter.get_finished_spans()
+    assert stand_in.status.status_code == sdk.status.status_code == StatusCode.ERROR
+    assert stand_in.status.description == sdk.status.description
+    assert [e.name for e in stand_in.events] == [e.name for e in sdk.events] == ["exception"]

@@ -23,7 +23,7 @@ from meshkit.errors import InvalidArgument, NotFound, ResourceExhausted, Unavail
 from meshkit.request_log import request_id_from
 from meshkit.sampling import Sampling
 from meshkit.server import ServiceSpec, initial_metadata_meanwhile, rpc_method
-from meshkit.tracing.provider import tracer
+from meshkit.tracing.stand_in import start_span_later, tracer_now
 from meshkit.wire import InferenceLoad
 from modelfiles.catalogue import CatalogueModel, load_catalogue
 from modelfiles.convert import load_model_files
@@ -38,7 +38,6 @@ from services.inference.validation import RequestLimits, resolve_request
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 log = logging.getLogger("nlpmesh.inference.openai")
-_tracer = tracer("inference")
 INLINE_DECODE_TOKENS = 512  # a prompt's ids decoded to text in the event loop up to this many
 
 
@@ -142,7 +141,7 @@ class AdapterServicer(inference_pb2_grpc.InferenceServiceServicer):
                                self.entry.external.response_format)
         self.in_flight += 1
         timer, spans = GenerationTimer(), job_spans(resolved, self.entry.id)
-        engine_span = _tracer.start_span(names.INFERENCE_ENGINE, context=resolved.trace_context)
+        engine_span = start_span_later(tracer_now("inference"), names.INFERENCE_ENGINE, resolved.trace_context)
         last: Finished | BaseException | None = None
         try:
             # The load report goes out while the engine's request does.
