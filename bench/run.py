@@ -55,6 +55,7 @@ GATEWAY_VARIANTS = {
     "asyncio_loop": {"NLPMESH_GATEWAY_EVENT_LOOP": "asyncio"},
     "grpc_default_io": {"GRPC_EXPERIMENTS": ""},  # gRPC's EventEngine I/O, not the mesh's (meshkit/grpc_io.py)
     "tracing_off": {"OTEL_SDK_DISABLED": "true", "NLPMESH_TRACE_DIR": ""},
+    "traces_sampled": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
 }
 
 

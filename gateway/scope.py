@@ -102,8 +102,10 @@ class RequestScope:
                 succeeded: bool = True) -> HopTiming:
         timing = HopTiming(hop, (ended - begun) * 1000.0, self.budget.budget_for(budgeted_as(hop)))
         self.hops.append(timing)
+        request = self.span.get_span_context()
+        # An exemplar names a trace only where the trace is kept: under a sampler, most requests' are not.
         hop_metrics.observe_hop(hop, timing.elapsed_ms, timing.budget_ms, timing.over_budget,
-                                self.span.get_span_context().trace_id)
+                                request.trace_id if request.trace_flags.sampled else 0)
         if span is not None:
             record_hop(span, timing.elapsed_ms, timing.budget_ms, timing.over_budget)
         if succeeded:

@@ -1,9 +1,15 @@
 """The gateway's hop metrics and the /metrics endpoint (values read from the default registry)."""
 import urllib.request
+from types import SimpleNamespace
 
+from opentelemetry import trace
 from prometheus_client import REGISTRY
+from prometheus_client.openmetrics.exposition import generate_latest
 
+from gateway.budgets import BudgetPolicy, ObservedLatency, RequestBudget
+from gateway.hop import Hop
 from gateway.hop_metrics import observe_hop
+from gateway.scope import RequestScope
 from meshkit.metrics import start_metrics_server
 from meshkit.settings import ServiceSettings
 from tests.conftest import free_port
@@ -56,3 +62,22 @@ def test_the_metrics_endpoint_serves_the_registry_over_http():
 
 def test_metrics_port_zero_opens_no_endpoint():
     assert start_metrics_server(ServiceSettings(metrics_port=0)) is None
+
+
+def test_a_hop_exemplar_names_the_requests_trace_only_where_the_trace_is_sampled():
+    # Under OTEL_TRACES_SAMPLER=parentbased_traceidratio most traces are not kept: an exemplar naming
+    # one of those would send an SRE to a trace that does not exist.
+    def scope(trace_id: int, flags: trace.TraceFlags) -> RequestScope:
+        span = trace.NonRecordingSpan(trace.SpanContext(trace_id, 0x1234, is_remote=False, trace_flags=flags))
+        observed = ObservedLatency()
+        budget = RequestBudget(BudgetPolicy(1000.0, {str(h): 100.0 for h in Hop}), observed, None, 0)
+        return RequestScope(SimpleNamespace(id="tenant"), "request", budget, span, trace.NoOpTracer(), observed,
+                            None)
+
+    kept, dropped = 0x5EED0000000000000000000000000001, 0x5EED0000000000000000000000000002
+    for trace_id, flags in ((kept, trace.TraceFlags(trace.TraceFlags.SAMPLED)), (dropped, trace.TraceFlags(0))):
+        with scope(trace_id, flags).hop(Hop.TOKENIZER):
+            pass
+        exposition = generate_latest(REGISTRY).decode()
+        named = format(trace_id, "032x") in exposition
+        assert named == (trace_id == kept)
