@@ -6,13 +6,15 @@ EventEngine endpoints, the default, a socket is read and written on an EventEngi
 each event crosses one thread more before the loop sees it. Every hop of a request is a few such
 events on both sides, on machines where the mesh shares its cores with an engine. gRPC 1.85 still
 has its earlier path as an experiment that can be turned off: with the EventEngine client and
-listener off, the thread that polls the completion queue does the socket I/O itself. The bench's
-external part (what the mesh adds to a first token) and docs/performance.md show what it is worth.
+listener off, the thread that polls the completion queue does the socket I/O itself. The cache
+bench's ``grpc_default_io`` gateway, beside the mesh's in the same run, shows what it is worth for one
+hop (docs/performance.md).
 
 gRPC reads ``GRPC_EXPERIMENTS`` once, when it is imported, so the value goes in a process's
 environment before it starts: the launcher sets it for every process it starts, and the image
 (Dockerfile) for compose and Kubernetes. An operator's own ``GRPC_EXPERIMENTS`` is kept as it is
-(``GRPC_EXPERIMENTS=`` gives gRPC's defaults back). Each service names the value in its first log line.
+(``GRPC_EXPERIMENTS=`` gives gRPC's defaults back). Each service names the value in its
+``listening on`` log line.
 """
 from __future__ import annotations
 
@@ -31,6 +33,6 @@ def with_mesh_grpc_io(env: MutableMapping[str, str]) -> MutableMapping[str, str]
 
 
 def describe_grpc_io(env: Mapping[str, str] = os.environ) -> str:
-    """What this process's gRPC was started with, for its first log line."""
+    """What this process's gRPC was started with, for its ``listening on`` log line."""
     chosen = env.get(GRPC_EXPERIMENTS_ENV, "").strip()
     return f"GRPC_EXPERIMENTS={chosen}" if chosen else "gRPC's default experiments"

@@ -22,6 +22,7 @@ from services.tokenizer.settings import TokenizerSettings
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 
+
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     """``load`` gives the tokenizers served, the default (for a request without a model) first."""
 
