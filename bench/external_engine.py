@@ -14,7 +14,9 @@ call at a time, ``TTFT_CALLS`` calls a path (2 new tokens each, each path first 
 a path give too few first tokens for a p50 of a few milliseconds. The same again, ``INSTANT_CALLS`` calls a
 path, with bench/instant_engine.py behind a second adapter (catalogue entry ``instant``): an engine that
 answers at once, so what the mesh adds is measured without llama.cpp's prefill and decode on the same two
-cores as the mesh's processes.
+cores as the mesh's processes. Both times a fourth path takes its turns beside the other three:
+bench/bare_gateway.py, a gateway that makes the same two hops (the mesh's tokenizer, then the model's adapter)
+and nothing else, so that what three Python gRPC hops cost on this machine is set beside what the gateway adds.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from bench.stats import summary_ms
 from cli.launcher import LocalMesh, free_port
 from cli.processes import die_with_this_thread
 from cli.topology import REPO_ROOT
+from meshkit.grpc_io import with_mesh_grpc_io
 from meshkit.settings import default_home
 from modelfiles.catalogue import MODELS_FILE_ENV, load_catalogue
 from modelfiles.convert import default_model_id, gguf_path, load_model_files
@@ -107,6 +110,22 @@ def _started(what: str, port: int, log: Path, wait_s: float, arguments: list[str
             time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"{what} did not start: {log}")
+
+
+def _start_bare_gateway(port: int, log: Path, tokenizer: str, inference: dict[str, str]) -> subprocess.Popen:
+    """bench/bare_gateway.py on ``port``, once it answers, on the mesh's gRPC I/O setting (as every mesh process)."""
+    routes = [f"--inference={model}={address}" for model, address in inference.items()]
+    process = subprocess.Popen(
+        die_with_this_thread([sys.executable, "-m", "bench.bare_gateway", "--port", str(port),
+                              "--tokenizer", tokenizer, *routes]),
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=with_mesh_grpc_io(dict(os.environ)))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        except grpc.FutureTimeoutError:
+            process.kill()
+            raise RuntimeError(f"the bare gateway did not start: {log}") from None
+    return process
 
 
 def _together(streams: int, one) -> list[Stream]:
@@ -201,12 +220,13 @@ def _decode_tok_s(streams: list[Stream]) -> float:
     return sum(s.tokens - 1 for s in streams) / window
 
 
-def _ttft_alone(stub, adapter_stub, client: httpx.Client, port: int, tokenizer, calls: int = TTFT_CALLS,
+def _ttft_alone(stub, adapter_stub, bare_stub, client: httpx.Client, port: int, tokenizer, calls: int = TTFT_CALLS,
                 model: str = EXTERNAL, served: str = SERVED) -> dict:
-    """One call at a time, each path first in turn, ``calls`` a path: each path's TTFT, and what the gateway
-    and the adapter add to direct HTTP (the difference of p50s, and the p50 of the differences within each
-    turn)."""
+    """One call at a time, each path first in turn, ``calls`` a path: each path's TTFT, and what the gateway,
+    the adapter and the bare gateway (bench/bare_gateway.py) add to direct HTTP (the difference of p50s, and
+    the p50 of the differences within each turn)."""
     paths = {"gateway": _through_gateway(stub, 2, model), "adapter": _adapter(adapter_stub, tokenizer, 2, model),
+             "bare_gateway": _through_gateway(bare_stub, 2, model),
              "direct_http": _direct(client, port, tokenizer, 2, served)}
     for one in paths.values():  # warm every path's connection
         one(0)
@@ -217,7 +237,7 @@ def _ttft_alone(stub, adapter_stub, client: httpx.Client, port: int, tokenizer, 
             stream = paths[name](turn)
             seconds[name].append(stream.first - stream.started)
     result: dict = {name: summary_ms(values) for name, values in seconds.items()}
-    for name in ("gateway", "adapter"):
+    for name in ("gateway", "adapter", "bare_gateway"):
         differences = [ours - direct for ours, direct in zip(seconds[name], seconds["direct_http"])]
         result[f"{name}_added_p50_ms"] = result[name]["p50_ms"] - result["direct_http"]["p50_ms"]
         result[f"{name}_added_paired_p50_ms"] = summary_ms(differences)["p50_ms"]
@@ -245,7 +265,7 @@ def _hits_ms(stub, model: str) -> list[float]:
 
 def bench(rounds: int, max_new_tokens: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="nlpmesh-bench-external-"))
-    port, instant_port = free_port(), free_port()
+    port, instant_port, bare_port = free_port(), free_port(), free_port()
     server = _start_server(port, run_dir / "llama-server.log")
     instant = _start_instant_engine(instant_port, run_dir / "instant-engine.log")
     catalogue = run_dir / "models.toml"
@@ -255,15 +275,19 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
     builtin = default_model_id()
     mesh = LocalMesh(run_dir / "mesh", free_ports=True, progress=say, models=(builtin, EXTERNAL, INSTANT),
                      extra_env={MODELS_FILE_ENV: str(catalogue)})
+    bare = None
     try:
         mesh.start()
+        adapters = {model: mesh.address(mesh.model_instances[model][0]) for model in (EXTERNAL, INSTANT)}
+        bare = _start_bare_gateway(bare_port, run_dir / "bare-gateway.log", mesh.address("tokenizer"), adapters)
         tokenizer = AutoTokenizer.from_pretrained(load_model_files(default_home(), builtin).path)
         result: dict = {"max_new_tokens": max_new_tokens, "engine": "llama-cpp-python server (CPU, 2 threads)"}
         adapter_address = mesh.address(mesh.model_instances[EXTERNAL][0])
         with grpc.insecure_channel(mesh.gateway_address) as channel, httpx.Client() as client, \
                 grpc.insecure_channel(adapter_address) as adapter_channel, \
-                grpc.insecure_channel(mesh.address(mesh.model_instances[INSTANT][0])) as instant_channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
+                grpc.insecure_channel(mesh.address(mesh.model_instances[INSTANT][0])) as instant_channel, \
+                grpc.insecure_channel(f"127.0.0.1:{bare_port}") as bare_channel:
+            stub, bare_stub = gateway_pb2_grpc.GatewayStub(channel), gateway_pb2_grpc.GatewayStub(bare_channel)
             paths = {"gateway": _through_gateway(stub, max_new_tokens),
                      "adapter": _adapter(inference_pb2_grpc.InferenceServiceStub(adapter_channel), tokenizer,
                                          max_new_tokens),
@@ -287,11 +311,11 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
                 row["adapter_decode_ratio_p50"] = row["adapter"]["decode_tok_s"]["p50"] / direct["decode_tok_s"]["p50"]
                 result[f"{streams}_streams"] = row
             result["ttft_alone"] = _ttft_alone(stub, inference_pb2_grpc.InferenceServiceStub(adapter_channel),
-                                               client, port, tokenizer)
+                                               bare_stub, client, port, tokenizer)
             say(f"time to first token with an engine that answers at once, {INSTANT_CALLS} calls a path")
             result["ttft_alone_instant_engine"] = _ttft_alone(
-                stub, inference_pb2_grpc.InferenceServiceStub(instant_channel), client, instant_port, tokenizer,
-                INSTANT_CALLS, INSTANT, SERVED_INSTANT)
+                stub, inference_pb2_grpc.InferenceServiceStub(instant_channel), bare_stub, client, instant_port,
+                tokenizer, INSTANT_CALLS, INSTANT, SERVED_INSTANT)
             result["cache_hit"] = {EXTERNAL: summary_ms(_hits_ms(stub, EXTERNAL)),
                                    builtin: summary_ms(_hits_ms(stub, builtin))}
             result["cache_hit"]["ratio_external_to_builtin_p50"] = (
@@ -299,7 +323,7 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
         return result
     finally:
         mesh.stop()
-        for process in (server, instant):
+        for process in (server, instant, *([bare] if bare is not None else [])):
             process.kill()
             process.wait(10)
         if previous is None:
@@ -329,6 +353,11 @@ def lines(result: dict) -> list[str]:
         out.append(f"  the gateway adds {alone['gateway_added_p50_ms']:.1f} ms (p50 of paired differences "
                    f"{alone['gateway_added_paired_p50_ms']:.1f} ms; goal <= 3 ms), the adapter alone "
                    f"{alone['adapter_added_p50_ms']:.1f} ms ({alone['adapter_added_paired_p50_ms']:.1f} ms)")
+        if "bare_gateway" in alone:  # runs before 2026-12-06 had no bare gateway
+            own_ms = alone["gateway"]["p50_ms"] - alone["bare_gateway"]["p50_ms"]
+            out.append(f"  a gateway of the two hops alone (bench/bare_gateway.py) adds "
+                       f"{alone['bare_gateway_added_p50_ms']:.1f} ms ({alone['bare_gateway_added_paired_p50_ms']:.1f} "
+                       f"ms): the gateway's own work is {own_ms:.1f} ms of what it adds")
     hits = result["cache_hit"]
     models = ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in hits.items() if isinstance(v, dict))
     out.append(f"cache hit p50: {models} (external/built-in {hits['ratio_external_to_builtin_p50']:.2f}x)")
