@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,35 +98,44 @@ def _start_instant_engine(port: int, log: Path) -> subprocess.Popen:
                     ["-m", "bench.instant_engine", "--port", str(port), "--model", SERVED_INSTANT])
 
 
-def _started(what: str, port: int, log: Path, wait_s: float, arguments: list[str]) -> subprocess.Popen:
-    """``python ARGUMENTS``, once its /v1/models answers on ``port`` (RuntimeError after ``wait_s``)."""
+def _http_answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _started(what: str, port: int, log: Path, wait_s: float, arguments: list[str],
+             answers: Callable[[int], bool] = _http_answers, env: dict[str, str] | None = None
+             ) -> subprocess.Popen:
+    """``python ARGUMENTS``, once ``answers(port)`` (default: its /v1/models answers), RuntimeError after
+    ``wait_s``."""
     process = subprocess.Popen(die_with_this_thread([sys.executable, *arguments]),
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
+        if answers(port):
+            return process
+        time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"{what} did not start: {log}")
 
 
-def _start_bare_gateway(port: int, log: Path, tokenizer: str, inference: dict[str, str]) -> subprocess.Popen:
-    """bench/bare_gateway.py on ``port``, once it answers, on the mesh's gRPC I/O setting (as every mesh process)."""
-    routes = [f"--inference={model}={address}" for model, address in inference.items()]
-    process = subprocess.Popen(
-        die_with_this_thread([sys.executable, "-m", "bench.bare_gateway", "--port", str(port),
-                              "--tokenizer", tokenizer, *routes]),
-        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=with_mesh_grpc_io(dict(os.environ)))
+def _grpc_answers(port: int) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
-            grpc.channel_ready_future(channel).result(timeout=30)
+            grpc.channel_ready_future(channel).result(timeout=2)
         except grpc.FutureTimeoutError:
-            process.kill()
-            raise RuntimeError(f"the bare gateway did not start: {log}") from None
-    return process
+            return False
+    return True
+
+
+def _start_bare_gateway(port: int, log: Path, tokenizer: str, inference: dict[str, str]) -> subprocess.Popen:
+    """bench/bare_gateway.py on ``port``, on the mesh's gRPC I/O setting (as every mesh process)."""
+    routes = [f"--inference={model}={address}" for model, address in inference.items()]
+    return _started("the bare gateway", port, log, 30,
+                    ["-m", "bench.bare_gateway", "--port", str(port), "--tokenizer", tokenizer, *routes],
+                    _grpc_answers, with_mesh_grpc_io(dict(os.environ)))
 
 
 def _together(streams: int, one) -> list[Stream]:
@@ -268,6 +278,7 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
     port, instant_port, bare_port = free_port(), free_port(), free_port()
     server = _start_server(port, run_dir / "llama-server.log")
     instant = _start_instant_engine(instant_port, run_dir / "instant-engine.log")
+    processes = [server, instant]
     catalogue = run_dir / "models.toml"
     catalogue.write_text(_catalogue(port, instant_port))
     previous = os.environ.get(MODELS_FILE_ENV)
@@ -275,11 +286,11 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
     builtin = default_model_id()
     mesh = LocalMesh(run_dir / "mesh", free_ports=True, progress=say, models=(builtin, EXTERNAL, INSTANT),
                      extra_env={MODELS_FILE_ENV: str(catalogue)})
-    bare = None
     try:
         mesh.start()
         adapters = {model: mesh.address(mesh.model_instances[model][0]) for model in (EXTERNAL, INSTANT)}
-        bare = _start_bare_gateway(bare_port, run_dir / "bare-gateway.log", mesh.address("tokenizer"), adapters)
+        processes.append(
+            _start_bare_gateway(bare_port, run_dir / "bare-gateway.log", mesh.address("tokenizer"), adapters))
         tokenizer = AutoTokenizer.from_pretrained(load_model_files(default_home(), builtin).path)
         result: dict = {"max_new_tokens": max_new_tokens, "engine": "llama-cpp-python server (CPU, 2 threads)"}
         adapter_address = mesh.address(mesh.model_instances[EXTERNAL][0])
@@ -323,7 +334,7 @@ def bench(rounds: int, max_new_tokens: int) -> dict:
         return result
     finally:
         mesh.stop()
-        for process in (server, instant, *([bare] if bare is not None else [])):
+        for process in processes:
             process.kill()
             process.wait(10)
         if previous is None:
