@@ -61,11 +61,25 @@ class ChatTokenizer:
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The prompt ids the model is fed: the chat template with the generation prompt."""
         self._check_messages(messages)
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
         with self._lock:
-            ids = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
-            )
+            return self._encoded(messages)
+
+    def encode_chat_if_idle(self, messages: Sequence[ChatMessage]) -> list[int] | None:
+        """``encode_chat(messages)``, or None at once while another thread is encoding (its caller does not
+        wait for the tokenizer there)."""
+        self._check_messages(messages)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._encoded(messages)
+        finally:
+            self._lock.release()
+
+    def _encoded(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        ids = self._tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False
+        )
         if len(ids) >= self.context_length:
             raise InvalidArgument.for_field(
                 "prompt",
@@ -73,9 +87,6 @@ class ChatTokenizer:
                 "so that it can generate at least one",
             )
         return list(ids)
-
-    def count_chat(self, messages: Sequence[ChatMessage]) -> int:
-        return len(self.encode_chat(messages))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         vocabulary = len(self._tokenizer)

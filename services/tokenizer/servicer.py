@@ -6,6 +6,9 @@ own tokenizer and chat template, by catalogue id; a request without a model gets
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -20,6 +23,16 @@ from modelfiles.convert import converted_revision, load_model_files
 from services.tokenizer.chat_tokenizer import ChatMessage, ChatTokenizer
 from services.tokenizer.settings import TokenizerSettings
 
+log = logging.getLogger("nlpmesh.tokenizer")
+
+# A chat of at most this many characters (all messages' content) is encoded in the event loop, where its
+# model's template passed the warm-up's probe (``_renders_quickly``): a short chat's encode is short, and
+# the hand-off to a worker thread and back would be a good part of it; a longer one would hold up the loop.
+INLINE_CHAT_CHARS = 2048
+INLINE_PROBE_TURNS = 15
+# The probe's encode may take at most this share of the render limit.
+INLINE_PROBE_SHARE = 0.05
+
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 
 
@@ -29,21 +42,24 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, load: Callable[[], Sequence[ChatTokenizer]]):
         self._load = load
         self._tokenizers: dict[str, ChatTokenizer] = {}
+        # The models whose short chats are encoded in the event loop (``_encoded``).
+        self._inline: set[str] = set()
 
     async def warm_up(self) -> None:
         # Loading reads files and builds the Rust tokenizers: keep it off the event loop.
         tokenizers = await asyncio.to_thread(self._load)
         for tokenizer in tokenizers:
-            # One encode compiles the chat template and starts the worker thread,
-            # so the first caller does not pay for either.
-            await asyncio.to_thread(tokenizer.encode_chat, [ChatMessage("user", "warm-up")])
+            # The probe compiles the chat template and starts the worker thread, so the first caller
+            # does not pay for either, and says whether the template is quick enough for the event loop.
+            if await _renders_quickly(tokenizer):
+                self._inline.add(tokenizer.name)
         self._tokenizers = {tokenizer.name: tokenizer for tokenizer in tokenizers}
 
     @rpc_method
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
         tokenizer = self._serving(request.model)
         with span_later(tracer_now("tokenizer"), span_names.TOKENIZER_ENCODE) as span:
-            ids = await _within_limit(tokenizer, tokenizer.encode_chat, _messages_from_pb(request))
+            ids = await self._encoded(tokenizer, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
 
@@ -51,7 +67,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
         tokenizer = self._serving(request.model)
         with span_later(tracer_now("tokenizer"), span_names.TOKENIZER_COUNT) as span:
-            count = await _within_limit(tokenizer, tokenizer.count_chat, _messages_from_pb(request))
+            count = len(await self._encoded(tokenizer, _messages_from_pb(request)))
             span.set_attribute(span_names.TOKEN_COUNT, count)
         return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)
 
@@ -60,6 +76,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         tokenizer = self._serving(request.model)
         text = await asyncio.to_thread(tokenizer.decode, list(request.token_ids), request.skip_special_tokens)
         return tokenizer_pb2.DecodeResponse(text=text)
+
+    async def _encoded(self, tokenizer: ChatTokenizer, messages: list[ChatMessage]) -> list[int]:
+        """The chat's ids: in the event loop for a chat of at most INLINE_CHAT_CHARS characters, where the
+        model's template passed its probe and no other call is encoding; else on a worker thread, under the
+        render limit."""
+        if tokenizer.name in self._inline and sum(len(m.content) for m in messages) <= INLINE_CHAT_CHARS:
+            ids = tokenizer.encode_chat_if_idle(messages)
+            if ids is not None:
+                return ids
+        return await _within_limit(tokenizer, tokenizer.encode_chat, messages)
 
     def _serving(self, model: str) -> ChatTokenizer:
         """The tokenizer of ``model`` (empty: the default); NotFound naming the models served."""
@@ -71,6 +97,35 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         if tokenizer is None:
             raise NotFound(f"no model {model!r}; this tokenizer serves {', '.join(self._tokenizers)}")
         return tokenizer
+
+
+async def _renders_quickly(tokenizer: ChatTokenizer) -> bool:
+    """Whether a chat of INLINE_CHAT_CHARS characters (alternating user and assistant turns) encodes within
+    INLINE_PROBE_SHARE of the render limit, the second time (the first compiles the template and starts the
+    worker thread). A template that does not, or fails on it, is logged, and its chats all go to a worker
+    thread under the limit. The model's template is read once, at load, so one probe holds for the
+    process's life."""
+    turns = 2 * (INLINE_PROBE_TURNS // 2) + 1  # odd: the chat ends on the user's turn
+    content = ("probe " * INLINE_CHAT_CHARS)[:INLINE_CHAT_CHARS // turns]
+    chat = [ChatMessage("user" if turn % 2 == 0 else "assistant", content) for turn in range(turns)]
+    most_ms = tokenizer.limits.render_timeout_ms * INLINE_PROBE_SHARE
+    took_ms = math.inf
+    try:
+        for _ in range(2):
+            started = time.perf_counter()
+            await _within_limit(tokenizer, tokenizer.encode_chat, chat)
+            took_ms = (time.perf_counter() - started) * 1000
+    except ResourceExhausted:
+        pass  # past the render limit
+    except Exception as error:  # the template's own refusal included; its text is the model's, not a caller's
+        log.warning("%s: the chat template failed its probe (%s); every chat is encoded on a worker thread",
+                    tokenizer.name, type(error).__name__)
+        return False
+    if took_ms > most_ms:
+        log.warning("%s: the chat template took more than %.0f ms for a chat of %d characters; every chat is "
+                    "encoded on a worker thread", tokenizer.name, most_ms, INLINE_CHAT_CHARS)
+        return False
+    return True
 
 
 async def _within_limit(tokenizer: ChatTokenizer, work, messages: list[ChatMessage]):

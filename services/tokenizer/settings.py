@@ -19,7 +19,8 @@ class TokenizerSettings(ServiceSettings, service="tokenizer"):
     max_messages: int = Field(default=_LIMITS.max_messages, gt=0)
     max_message_chars: int = Field(default=_LIMITS.max_message_chars, gt=0)
     max_chat_chars: int = Field(default=_LIMITS.max_chat_chars, gt=0)
-    # The chat template's render and encode; past it, RESOURCE_EXHAUSTED (servicer.py says why a deadline).
+    # The chat template's render and encode; past it, RESOURCE_EXHAUSTED (servicer.py says why a deadline, and
+    # which short chats are encoded in the event loop instead).
     render_timeout_ms: float = Field(default=_LIMITS.render_timeout_ms, gt=0)
 
     @property

@@ -1,5 +1,6 @@
 """The tokenizer service over a real in-process channel, on the real tokenizer files."""
 import asyncio
+import threading
 
 import grpc
 from google.rpc import error_details_pb2
@@ -145,33 +146,76 @@ def test_each_model_is_encoded_with_its_own_tokenizer_and_chat_template(inproces
 SLOW_CHAT_TEMPLATE = "{% for i in range(100000) %}{% for j in range(5) %}{{ i }}{% endfor %}{% endfor %}"
 
 
-def test_a_chat_template_over_the_time_limit_is_resource_exhausted(inprocess_server):
+def serving(inprocess_server, tokenizers, scenario):
+    """``scenario(stub)`` against an in-process tokenizer service of ``tokenizers``, warmed up."""
+    from meshkit.server import ServiceSpec
+    from services.tokenizer.servicer import SERVICE_NAME, TokenizerServicer
+
+    servicer = TokenizerServicer(lambda: tokenizers)
+    spec = ServiceSpec(name="tokenizer", service_names=(SERVICE_NAME,), warm_up=servicer.warm_up,
+                       register=lambda server: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
+                           servicer, server))
+
+    async def main():
+        async with inprocess_server(spec, TokenizerSettings()) as running:
+            return await scenario(tokenizer_pb2_grpc.TokenizerServiceStub(running.channel))
+
+    return asyncio.run(main())
+
+
+def default_tokenizer(limits=None):
+    """The default model's ChatTokenizer and the transformers tokenizer inside it."""
     from transformers import AutoTokenizer
 
-    from meshkit.server import ServiceSpec
     from meshkit.settings import default_home
     from modelfiles.convert import load_model_files
     from services.tokenizer.chat_tokenizer import ChatLimits, ChatTokenizer
-    from services.tokenizer.servicer import SERVICE_NAME, TokenizerServicer
 
     files = load_model_files(default_home())
     hf_tokenizer = AutoTokenizer.from_pretrained(files.path)
-    slow = ChatTokenizer(files.model_id, hf_tokenizer, 2048, ChatLimits(render_timeout_ms=100))
-    servicer = TokenizerServicer(lambda: [slow])
+    return ChatTokenizer(files.model_id, hf_tokenizer, 8192, limits or ChatLimits()), hf_tokenizer
 
-    async def scenario(stub, running):
-        hf_tokenizer.chat_template = SLOW_CHAT_TEMPLATE  # after the warm-up's encode
+
+def test_a_chat_template_over_the_time_limit_is_resource_exhausted(inprocess_server, caplog):
+    from services.tokenizer.chat_tokenizer import ChatLimits
+
+    slow, hf_tokenizer = default_tokenizer(ChatLimits(render_timeout_ms=100))
+    hf_tokenizer.chat_template = SLOW_CHAT_TEMPLATE
+
+    async def scenario(stub):
         return await outcome(stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=10))
 
-    settings = TokenizerSettings()
-
-    async def main():
-        spec = ServiceSpec(name="tokenizer", service_names=(SERVICE_NAME,), warm_up=servicer.warm_up,
-                           register=lambda server: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-                               servicer, server))
-        async with inprocess_server(spec, settings) as running:
-            return await scenario(tokenizer_pb2_grpc.TokenizerServiceStub(running.channel), running)
-
-    error = asyncio.run(main())
+    error = serving(inprocess_server, [slow], scenario)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "100 ms limit" in error.details()
+    # The warm-up's probe saw the template past its share of the limit: even this short chat went to a
+    # worker thread, under the limit, rather than holding up the event loop for seconds.
+    assert "the chat template took more than 5 ms" in caplog.text
+
+
+def test_a_short_chat_is_encoded_in_the_event_loop_and_a_long_one_on_a_worker_thread(inprocess_server):
+    from services.tokenizer.servicer import INLINE_CHAT_CHARS
+
+    tokenizer, hf_tokenizer = default_tokenizer()
+    threads: list[int] = []
+    encode = hf_tokenizer.apply_chat_template
+
+    def noting_the_thread(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return encode(*args, **kwargs)
+
+    hf_tokenizer.apply_chat_template = noting_the_thread
+    long = [tokenizer_pb2.Message(role="user", content="lorem ipsum " * (INLINE_CHAT_CHARS // 12 + 1))]
+
+    async def scenario(stub):
+        del threads[:]  # the warm-up's
+        loop_thread = threading.get_ident()
+        short_ids = (await stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=10)).token_ids
+        long_ids = (await stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(messages=long), timeout=10)).token_ids
+        counted = (await stub.CountChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=10)).count
+        return loop_thread, list(short_ids), list(long_ids), counted
+
+    loop_thread, short_ids, long_ids, counted = serving(inprocess_server, [tokenizer], scenario)
+    assert threads[0] == loop_thread and threads[2] == loop_thread  # EncodeChat and CountChat, short
+    assert threads[1] != loop_thread
+    assert counted == len(short_ids) > 0 and len(long_ids) > INLINE_CHAT_CHARS // 12

@@ -1,5 +1,6 @@
 """The chat tokenizer on the real SmolLM2 tokenizer files (no weights needed)."""
 import copy
+import threading
 
 import pytest
 from jinja2.exceptions import SecurityError
@@ -47,8 +48,24 @@ def test_encode_is_the_models_chat_template_with_the_generation_prompt(chat_toke
     assert chat_tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-def test_count_is_the_length_of_encode(chat_tokenizer):
-    assert chat_tokenizer.count_chat(CHAT) == len(chat_tokenizer.encode_chat(CHAT))
+def test_encode_if_idle_does_not_wait_for_another_threads_encode(chat_tokenizer):
+    expected = chat_tokenizer.encode_chat(CHAT)
+    holder_has_it, done = threading.Event(), threading.Event()
+
+    def hold():  # another thread mid-encode holds the tokenizer
+        with chat_tokenizer._lock:
+            holder_has_it.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holder_has_it.wait(10)
+        assert chat_tokenizer.encode_chat_if_idle(CHAT) is None
+    finally:
+        done.set()
+        holder.join(10)
+    assert chat_tokenizer.encode_chat_if_idle(CHAT) == expected
 
 
 def test_decode_round_trips_the_prompt(chat_tokenizer):
@@ -78,7 +95,7 @@ def test_a_bad_role_is_named_by_its_index(chat_tokenizer):
 
 def test_an_empty_chat_is_rejected(chat_tokenizer):
     with pytest.raises(InvalidArgument) as raised:
-        chat_tokenizer.count_chat([])
+        chat_tokenizer.encode_chat([])
     assert field_of(raised) == ["chat.messages"]
 
 
