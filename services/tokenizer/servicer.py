@@ -100,15 +100,17 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
 
 async def _renders_quickly(tokenizer: ChatTokenizer) -> bool:
-    """Whether a chat of INLINE_CHAT_CHARS characters (alternating user and assistant turns) encodes within
-    INLINE_PROBE_SHARE of the render limit, the second time (the first compiles the template and starts the
-    worker thread). A template that does not, or fails on it, is logged, and its chats all go to a worker
-    thread under the limit. The model's template is read once, at load, so one probe holds for the
-    process's life."""
-    turns = 2 * (INLINE_PROBE_TURNS // 2) + 1  # odd: the chat ends on the user's turn
-    content = ("probe " * INLINE_CHAT_CHARS)[:INLINE_CHAT_CHARS // turns]
-    chat = [ChatMessage("user" if turn % 2 == 0 else "assistant", content) for turn in range(turns)]
-    most_ms = tokenizer.limits.render_timeout_ms * INLINE_PROBE_SHARE
+    """Whether a chat of INLINE_CHAT_CHARS characters (alternating user and assistant turns, within the chat
+    limits) encodes within INLINE_PROBE_SHARE of the render limit, the second time (the first compiles the
+    template and starts the worker thread). A template that does not, or fails on it, is logged, and its
+    chats all go to a worker thread under the limit. The model's template is read once, at load, so one
+    probe holds for the process's life."""
+    limits = tokenizer.limits  # the probe keeps within them, as a caller's chat must
+    turns = min(INLINE_PROBE_TURNS, limits.max_messages)
+    turns -= 1 - turns % 2  # odd: the chat ends on the user's turn
+    each = min(min(INLINE_CHAT_CHARS, limits.max_chat_chars) // turns, limits.max_message_chars)
+    chat = [ChatMessage("user" if turn % 2 == 0 else "assistant", ("probe " * each)[:each]) for turn in range(turns)]
+    most_ms = limits.render_timeout_ms * INLINE_PROBE_SHARE
     took_ms = math.inf
     try:
         for _ in range(2):
@@ -123,7 +125,7 @@ async def _renders_quickly(tokenizer: ChatTokenizer) -> bool:
         return False
     if took_ms > most_ms:
         log.warning("%s: the chat template took more than %.0f ms for a chat of %d characters; every chat is "
-                    "encoded on a worker thread", tokenizer.name, most_ms, INLINE_CHAT_CHARS)
+                    "encoded on a worker thread", tokenizer.name, most_ms, each * turns)
         return False
     return True
 

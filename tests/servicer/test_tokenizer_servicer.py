@@ -176,6 +176,19 @@ def default_tokenizer(limits=None):
     return ChatTokenizer(files.model_id, hf_tokenizer, 8192, limits or ChatLimits()), hf_tokenizer
 
 
+def noting_threads(hf_tokenizer) -> list[int]:
+    """The threads ``hf_tokenizer`` applies its chat template on, in order, from now on."""
+    threads: list[int] = []
+    encode = hf_tokenizer.apply_chat_template
+
+    def noting_the_thread(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return encode(*args, **kwargs)
+
+    hf_tokenizer.apply_chat_template = noting_the_thread
+    return threads
+
+
 def test_a_chat_template_over_the_time_limit_is_resource_exhausted(inprocess_server, caplog):
     from services.tokenizer.chat_tokenizer import ChatLimits
 
@@ -197,14 +210,7 @@ def test_a_short_chat_is_encoded_in_the_event_loop_and_a_long_one_on_a_worker_th
     from services.tokenizer.servicer import INLINE_CHAT_CHARS
 
     tokenizer, hf_tokenizer = default_tokenizer()
-    threads: list[int] = []
-    encode = hf_tokenizer.apply_chat_template
-
-    def noting_the_thread(*args, **kwargs):
-        threads.append(threading.get_ident())
-        return encode(*args, **kwargs)
-
-    hf_tokenizer.apply_chat_template = noting_the_thread
+    threads = noting_threads(hf_tokenizer)
     long = [tokenizer_pb2.Message(role="user", content="lorem ipsum " * (INLINE_CHAT_CHARS // 12 + 1))]
 
     async def scenario(stub):
@@ -219,3 +225,19 @@ def test_a_short_chat_is_encoded_in_the_event_loop_and_a_long_one_on_a_worker_th
     assert threads[0] == loop_thread and threads[2] == loop_thread  # EncodeChat and CountChat, short
     assert threads[1] != loop_thread
     assert counted == len(short_ids) > 0 and len(long_ids) > INLINE_CHAT_CHARS // 12
+
+
+def test_the_warm_up_probe_keeps_within_tight_chat_limits(inprocess_server, caplog):
+    from services.tokenizer.chat_tokenizer import ChatLimits
+
+    tokenizer, hf_tokenizer = default_tokenizer(ChatLimits(max_messages=2, max_message_chars=40))
+    threads = noting_threads(hf_tokenizer)
+
+    async def scenario(stub):
+        del threads[:]
+        await stub.EncodeChat(tokenizer_pb2.EncodeChatRequest(messages=CHAT), timeout=10)
+        return threading.get_ident()
+
+    loop_thread = serving(inprocess_server, [tokenizer], scenario)
+    assert threads == [loop_thread]
+    assert "probe" not in caplog.text
