@@ -133,19 +133,30 @@ class ChatTokenizer:
 
 
 def with_added_tokens_read_once(tokenizer: Any) -> Any:
-    """``tokenizer`` with its added-token tables read once, at load.
+    """``tokenizer`` with its added-token tables read once, at load, and the control tokens of each chat
+    template found once, on its first call.
 
     transformers rebuilds ``added_tokens_decoder`` from the Rust tokenizer on every access, and a chat
     template call with ``sanitize_control_tokens`` reads it twice (to find the control tokens a caller's
     text must not forge, and to encode). For Gemma's thousands of added tokens that rebuild was most of
     a call's time. The tables do not change after load (this service adds no tokens), so each access
-    gets a copy of the ones read here.
+    gets a copy of the ones read here. The control tokens are found by going through every added token
+    (``_get_control_tokens``), on every call: for Gemma, most of what was left of a call's time. They
+    follow from the tables and the template alone, so they are kept by template.
     """
     decoder, encoder = dict(tokenizer.added_tokens_decoder), dict(tokenizer.added_tokens_encoder)
     loaded = type(tokenizer)
+    control_tokens: dict[str, tuple[str, ...]] = {}  # by chat template: the model's one or few
+
+    def control_tokens_found_once(self, chat_template: str) -> tuple[str, ...]:
+        if chat_template not in control_tokens:
+            control_tokens[chat_template] = loaded._get_control_tokens(self, chat_template)
+        return control_tokens[chat_template]
+
     fixed = type(loaded.__name__, (loaded,), {
         "added_tokens_decoder": property(lambda self: dict(decoder)),
         "added_tokens_encoder": property(lambda self: dict(encoder)),
+        "_get_control_tokens": control_tokens_found_once,
         "__doc__": loaded.__doc__,
     })
     tokenizer.__class__ = fixed
