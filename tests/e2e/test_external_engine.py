@@ -148,6 +148,10 @@ def test_one_gateway_serves_the_built_in_and_the_external_model(stub):
 
 
 def test_the_answer_streams_and_greedy_answers_are_equal(stub):
+    # llama.cpp prefills a prompt it has not seen whole, and one it has up to its last token from the KV it
+    # kept; the two can round apart at a near tie (this answer did on an AVX2-only CPU, the server called directly
+    # too). So the prompt is seen once first, and the two calls compared both reuse its KV alike.
+    stub.Generate(ask("Name three uses of AI in finance.", 32), timeout=120)
     chunks = list(stub.GenerateStream(ask("Name three uses of AI in finance.", 32), timeout=120))
     deltas = [chunk.delta for chunk in chunks if chunk.delta]
     assert len(deltas) > 3, "the answer came in one piece, not streamed"
