@@ -42,7 +42,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, load: Callable[[], Sequence[ChatTokenizer]]):
         self._load = load
         self._tokenizers: dict[str, ChatTokenizer] = {}
-        # The models whose short chats are encoded in the event loop (``_encoded``).
+        # The models whose short chats are encoded in the event loop (``_chat_ids``).
         self._inline: set[str] = set()
 
     async def warm_up(self) -> None:
@@ -59,7 +59,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def EncodeChat(self, request, context) -> tokenizer_pb2.EncodeResponse:
         tokenizer = self._serving(request.model)
         with span_later(tracer_now("tokenizer"), span_names.TOKENIZER_ENCODE) as span:
-            ids = await self._encoded(tokenizer, _messages_from_pb(request))
+            ids = await self._chat_ids(tokenizer, _messages_from_pb(request))
             span.set_attribute(span_names.TOKEN_COUNT, len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids, model=tokenizer.name)
 
@@ -67,7 +67,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def CountChat(self, request, context) -> tokenizer_pb2.CountResponse:
         tokenizer = self._serving(request.model)
         with span_later(tracer_now("tokenizer"), span_names.TOKENIZER_COUNT) as span:
-            count = len(await self._encoded(tokenizer, _messages_from_pb(request)))
+            count = len(await self._chat_ids(tokenizer, _messages_from_pb(request)))
             span.set_attribute(span_names.TOKEN_COUNT, count)
         return tokenizer_pb2.CountResponse(count=count, model=tokenizer.name)
 
@@ -77,7 +77,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         text = await asyncio.to_thread(tokenizer.decode, list(request.token_ids), request.skip_special_tokens)
         return tokenizer_pb2.DecodeResponse(text=text)
 
-    async def _encoded(self, tokenizer: ChatTokenizer, messages: list[ChatMessage]) -> list[int]:
+    async def _chat_ids(self, tokenizer: ChatTokenizer, messages: list[ChatMessage]) -> list[int]:
         """The chat's ids: in the event loop for a chat of at most INLINE_CHAT_CHARS characters, where the
         model's template passed its probe and no other call is encoding; else on a worker thread, under the
         render limit."""
